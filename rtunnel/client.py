@@ -1,0 +1,277 @@
+"""The client end: one session across reconnects, and the tunnels' targets.
+
+ClientService (with our jittered exponential backoff) keeps a link up; every
+new link first tries to resume the session, so a dropped link does not break
+the tunnelled connections.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+from OpenSSL import SSL
+from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel.config import ClientConfig, TunnelSpec
+from rtunnel.link import ControlLink
+from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
+from rtunnel.tls import PinnedCertificateCreator, format_fingerprint
+from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
+
+FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
+FATAL_BIND_CODES = {"not_permitted", "bad_address"}
+BIND_RETRY_DELAY = 5.0
+
+
+def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = random.random) -> Callable[[int], float]:
+    """Exponential backoff from `initial` doubling to `maximum`, +-20% jitter."""
+
+    def delay(attempt: int) -> float:
+        base = min(initial * 2 ** min(max(attempt - 1, 0), 60), maximum)
+        return base * (0.8 + 0.4 * rng())
+
+    return delay
+
+
+def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
+    if failure.check(error.ConnectionRefusedError):
+        return ResetCode.REFUSED, "connection refused"
+    if failure.check(error.TimeoutError, defer.TimeoutError):
+        return ResetCode.TIMEOUT, "timed out"
+    if failure.check(error.DNSLookupError):
+        return ResetCode.UNREACHABLE, "host name not found"
+    return ResetCode.UNREACHABLE, failure.getErrorMessage()
+
+
+class TunnelClient:
+    """The client's side of its session (the mux Session's delegate)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: ClientConfig,
+        on_fatal: Callable[[str], None],
+        tls_creator: Any = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.on_fatal = on_fatal
+        self.tls_creator = tls_creator
+        self.tunnels: dict[int, TunnelSpec] = {t.tunnel_id: t for t in config.tunnels}
+        self.session: Session | None = None
+        self.session_id: str | None = None
+        self.session_secret: str | None = None
+        self.link: ClientLink | None = None
+        self.bound: dict[int, tuple[str, int]] = {}
+        self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
+        self.failed = False
+        self._connecting: dict[int, defer.Deferred[Any]] = {}
+
+    def link_factory(self) -> Factory:
+        return Factory.forProtocol(lambda: ClientLink(self))
+
+    def when_bound(self) -> defer.Deferred[dict[int, tuple[str, int]]]:
+        """Fires with {tunnel id: (host, port)} once every tunnel is bound."""
+        d: defer.Deferred[dict[int, tuple[str, int]]] = defer.Deferred()
+        self.bound_waiters.append(d)
+        self._check_all_bound()
+        return d
+
+    def fatal(self, message: str) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        self.log.critical("{message}", message=message)
+        self.on_fatal(message)
+
+    # ------------------------------------------------------------ handshake
+
+    def hello(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "protocol": "rtunnel",
+            "versions": list(PROTOCOL_VERSIONS),
+            "token": self.config.token,
+            "max_frame": self.config.session.max_frame,
+        }
+        if self.session is not None:
+            body["resume"] = {"session": self.session_id, "secret": self.session_secret}
+        return body
+
+    def welcome(self, link: ClientLink, body: dict[str, Any]) -> None:
+        session_id, secret = body.get("session"), body.get("secret")
+        peer_max = body.get("max_frame", wire.DEFAULT_MAX_FRAME)
+        if not isinstance(session_id, str) or not isinstance(secret, str):
+            raise ProtocolViolation("WELCOME lacks session and secret")
+        if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
+            raise ProtocolViolation(f"WELCOME max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
+        self.link = link
+        if body.get("resumed") and self.session is not None and session_id == self.session_id:
+            self.log.info(
+                "link restored; session resumed with {n} open streams", n=len(self.session.streams)
+            )
+            link.start_session(self.session, True, peer_max)
+            return
+        if self.session is not None:
+            self.log.warn(
+                "the server did not resume the session (it restarted or the grace ran "
+                "out); closing {n} tunnelled connections and binding again",
+                n=len(self.session.streams),
+            )
+            self._abandon_session()
+        self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
+        self.session_id, self.session_secret = session_id, secret
+        self.bound.clear()
+        link.start_session(self.session, False, peer_max)
+        for spec in self.tunnels.values():
+            self._send_bind(spec)
+
+    def _abandon_session(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            for stream in list(session.streams.values()):
+                stream.reset(ResetCode.EXPIRED, "session expired", send=False)
+
+    def _send_bind(self, spec: TunnelSpec) -> None:
+        if self.session is None:
+            return
+        self.session.send_json(
+            FrameType.BIND, {"tunnel": spec.tunnel_id, "host": spec.bind_host, "port": spec.bind_port}
+        )
+
+    def link_lost(self, link: ClientLink, reason: Failure) -> None:
+        if self.link is link:
+            self.link = None
+        if link.session is None and not link.handshake_done:
+            self._explain_failed_handshake(reason)
+
+    def _explain_failed_handshake(self, reason: Failure) -> None:
+        creator = self.tls_creator
+        if isinstance(creator, PinnedCertificateCreator) and creator.mismatch is not None:
+            self.fatal(
+                f"the server's certificate has fingerprint {format_fingerprint(creator.mismatch)} "
+                f"but --fingerprint is {format_fingerprint(creator.fingerprint)}: you may be "
+                "talking to another machine. Check the fingerprint the server printed; if the "
+                "server's key was replaced on purpose, pass its new fingerprint."
+            )
+        elif reason.check(SSL.Error):
+            self.fatal(
+                f"TLS with the server failed: {reason.getErrorMessage()}. Check --ca / "
+                "--fingerprint and that the server's certificate names the host you connect to."
+            )
+        else:
+            self.log.warn(
+                "link to the server closed before the handshake finished: {why}",
+                why=reason.getErrorMessage(),
+            )
+
+    # ------------------------------------------------------------ delegate
+
+    def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None:
+        spec = self.tunnels.get(tunnel_id)
+        if spec is None:
+            stream.reset(ResetCode.REFUSED, f"no tunnel {tunnel_id} on this client")
+            return
+        endpoint = HostnameEndpoint(
+            self.reactor, spec.target_host, spec.target_port, timeout=self.config.connect_timeout
+        )
+        d = connectProtocol(endpoint, StreamProtocol(stream))
+        self._connecting[stream.id] = d
+
+        def connected(proto: object) -> None:
+            self._connecting.pop(stream.id, None)
+
+        def failed(failure: Failure) -> None:
+            self._connecting.pop(stream.id, None)
+            if failure.check(defer.CancelledError):
+                return
+            code, why = _reset_code_for(failure)
+            self.log.warn(
+                "target {host}:{port} failed for a visitor from {src}: {why}",
+                host=spec.target_host, port=spec.target_port, src=info.get("src"), why=why,
+            )
+            stream.local_failed(code, f"target {spec.target_host}:{spec.target_port}: {why}")
+
+        d.addCallbacks(connected, failed)
+
+    def stream_closed(self, session: Session, stream: Stream) -> None:
+        pending = self._connecting.pop(stream.id, None)
+        if pending is not None:
+            pending.cancel()
+
+    def control_frame(self, session: Session, frame: Frame) -> None:
+        if frame.type is FrameType.BOUND:
+            body = wire.decode_json(frame)
+            spec = self.tunnels.get(body.get("tunnel", -1))
+            port = body.get("port")
+            if spec is None or not isinstance(port, int):
+                raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
+            self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
+            self.log.info(
+                "tunnel ready: {server}:{port} -> {target}",
+                server=self.config.server_host, port=port,
+                target=f"{spec.target_host}:{spec.target_port}",
+            )
+            self._check_all_bound()
+        elif frame.type is FrameType.BIND_FAILED:
+            body = wire.decode_json(frame)
+            spec = self.tunnels.get(body.get("tunnel", -1))
+            message = str(body.get("message", "no reason given"))
+            code = str(body.get("code", ""))
+            if spec is None:
+                raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
+            text = f"the server refused to open port {spec.bind_port}: {message}"
+            if code in FATAL_BIND_CODES:
+                self.fatal(text)
+            else:
+                self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY)
+                self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec)
+        elif frame.type is FrameType.GOAWAY:
+            code, reason = wire.decode_coded(frame)
+            self.log.info("server says goodbye ({reason}); will reconnect", reason=reason)
+        else:
+            raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
+
+    def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
+        if session is self.session and spec.tunnel_id not in self.bound:
+            self._send_bind(spec)
+
+    def _check_all_bound(self) -> None:
+        if self.tunnels and len(self.bound) == len(self.tunnels):
+            waiters, self.bound_waiters = self.bound_waiters, []
+            for d in waiters:
+                d.callback(dict(self.bound))
+
+
+class ClientLink(ControlLink):
+    def __init__(self, client: TunnelClient) -> None:
+        super().__init__(client.reactor, client.config.keepalive)
+        self.client = client
+        self.handshake_done = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.send(wire.encode_json(FrameType.HELLO, self.client.hello()))
+
+    def handshake_frame(self, frame: Frame) -> None:
+        if frame.type is not FrameType.WELCOME:
+            raise ProtocolViolation(f"expected WELCOME, got {frame.type.name}")
+        self.handshake_done = True
+        self.client.welcome(self, wire.decode_json(frame))
+
+    def error_received(self, code: int, reason: str) -> None:
+        if code in FATAL_ERRORS:
+            self.handshake_done = True  # explained here, not as a TLS failure
+            self.client.fatal(f"the server refused us: {reason}")
+        else:
+            super().error_received(code, reason)
+
+    def link_lost(self, session: Session | None, reason: Failure) -> None:
+        self.client.link_lost(self, reason)

@@ -1,0 +1,141 @@
+"""Typed, already-validated configuration of the two ends.
+
+Options are parsed and checked at the edge (rtunnel.tap); the core receives
+these frozen values and never re-validates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rtunnel import DEFAULT_CONTROL_PORT
+from rtunnel.errors import ConfigError
+from rtunnel.link import Keepalive
+from rtunnel.mux import SessionSettings
+
+
+def parse_port(text: str, what: str, allow_zero: bool = False) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise ConfigError(f"{what}: {text!r} is not a port number") from None
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        low = 0 if allow_zero else 1
+        raise ConfigError(f"{what}: port {port} is outside {low}-65535")
+    return port
+
+
+def parse_host_port(
+    text: str, what: str, default_host: str | None, default_port: int | None = None,
+    allow_zero: bool = False,
+) -> tuple[str, int]:
+    """Parse `PORT`, `HOST:PORT`, `[V6]:PORT` (and `HOST` when a default port exists)."""
+    text = text.strip()
+    host: str | None
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ConfigError(f"{what}: {text!r} has '[' without ']'")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{what}: expected ':PORT' after ']' in {text!r}")
+        port_text = rest[1:] or None
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ConfigError(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:3000")
+    elif text.isdigit():
+        host, port_text = None, text
+    else:
+        host, port_text = text, None
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(f"{what}: {text!r} has no port")
+        port = default_port
+    else:
+        port = parse_port(port_text, what, allow_zero)
+    host = host or default_host
+    if not host:
+        raise ConfigError(f"{what}: {text!r} has no host")
+    return host, port
+
+
+def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """`1024-65535,80` -> ((1024, 65535), (80, 80))."""
+    ranges = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        low, _, high = part.partition("-")
+        lo = parse_port(low, "--allow-ports")
+        hi = parse_port(high, "--allow-ports") if high else lo
+        if hi < lo:
+            raise ConfigError(f"--allow-ports: range {part!r} is backwards")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise ConfigError("--allow-ports: no ports given")
+    return tuple(ranges)
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One forwarded port: server bind_host:bind_port -> client target."""
+
+    tunnel_id: int
+    bind_host: str
+    bind_port: int
+    target_host: str
+    target_port: int
+
+    def describe(self, server_host: str) -> str:
+        return f"{server_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str
+    state_dir: Path
+    token: str | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    allow_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)
+    allow_port_zero: bool = True
+    resume_grace: float = 120.0
+    handshake_timeout: float = 10.0
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    session: SessionSettings = field(default_factory=SessionSettings)
+    public_host: str = "0.0.0.0"
+
+    def port_allowed(self, port: int) -> bool:
+        if port == 0:
+            return self.allow_port_zero
+        return any(lo <= port <= hi for lo, hi in self.allow_ports)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    server_host: str
+    server_port: int
+    tunnels: tuple[TunnelSpec, ...]
+    token: str
+    fingerprint: str | None = None
+    ca_file: Path | None = None
+    keepalive: Keepalive = field(default_factory=Keepalive)
+    session: SessionSettings = field(default_factory=SessionSettings)
+    initial_retry_delay: float = 0.5
+    max_retry_delay: float = 30.0
+    connect_timeout: float = 10.0
+
+
+__all__ = [
+    "DEFAULT_CONTROL_PORT",
+    "ClientConfig",
+    "ServerConfig",
+    "TunnelSpec",
+    "parse_host_port",
+    "parse_port",
+    "parse_port_ranges",
+]

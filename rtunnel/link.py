@@ -1,0 +1,177 @@
+"""One control connection (a *link*): framing, keepalive, handshake hook.
+
+A link carries one Session after its handshake. The server and client ends
+subclass ControlLink and implement `handshake_frame` and `link_lost`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtunnel import wire
+from rtunnel.mux import ProtocolViolation, Session, set_nodelay
+from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Ping every `interval` seconds; the link is dead after `dead_after`
+    seconds without any frame from the peer."""
+
+    interval: float = 10.0
+    dead_after: float = 30.0
+
+
+class ControlLink(Protocol):
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, keepalive: Keepalive) -> None:
+        self.clock = clock
+        self.keepalive = keepalive
+        self.decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME)
+        self.session: Session | None = None
+        self.srtt = 0.1
+        self.closing = False
+        self.connected_at = clock.seconds()
+        self._last_received = self.connected_at
+        self._ping_call: IDelayedCall | None = None
+        self._dead_call: IDelayedCall | None = None
+        self._ping_seq = 0
+        self._ping_sent_at: float | None = None
+        self._rtt_sampled = False
+
+    # ------------------------------------------------------------ Twisted
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self._last_received = self.clock.seconds()
+        try:
+            for frame in self.decoder.feed(data):
+                if self.closing:
+                    return
+                self.frame_received(frame)
+        except (FrameError, struct.error) as e:
+            self.close_with_error(ErrorCode.PROTOCOL_ERROR, str(e))
+        except ProtocolViolation as e:
+            self.close_with_error(e.code, str(e))
+        except Exception:
+            self.log.failure("internal error while handling a frame; closing the link")
+            self.close_with_error(ErrorCode.INTERNAL, "internal error in the peer")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.closing = True
+        self._stop_keepalive()
+        session, self.session = self.session, None
+        if session is not None and session.link is self:
+            session.detach()
+        self.link_lost(session, reason)
+
+    # ------------------------------------------------------------ frames
+
+    def frame_received(self, frame: Frame) -> None:
+        if frame.type is FrameType.PING:
+            self._ping_received(frame)
+        elif frame.type is FrameType.ERROR:
+            code, reason = wire.decode_coded(frame)
+            self.error_received(code, reason)
+            self.closing = True
+            self.transport.loseConnection()
+        elif self.session is not None:
+            self.session.frame_received(frame)
+        else:
+            self.handshake_frame(frame)
+
+    def handshake_frame(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def error_received(self, code: int, reason: str) -> None:
+        self.log.error("peer closed the link: {reason} (code {code})", reason=reason, code=code)
+
+    def link_lost(self, session: Session | None, reason: Failure) -> None:
+        pass
+
+    def send(self, frame: bytes) -> None:
+        self.transport.write(frame)
+
+    def close_with_error(self, code: ErrorCode, reason: str) -> None:
+        """Tell the peer why, then close. Ends this link only."""
+        if self.closing:
+            return
+        self.log.warn(
+            "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason
+        )
+        self.closing = True
+        self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abortConnection()
+
+    def peer_description(self) -> str:
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "peer"
+
+    # ------------------------------------------------------------ session
+
+    def start_session(self, session: Session, resuming: bool, peer_max_frame: int) -> None:
+        """Handshake done: carry `session` from now on, start keepalive."""
+        self.session = session
+        self.decoder.max_frame = session.settings.max_frame
+        session.attach(self, resuming, peer_max_frame)
+        self._schedule_ping(0)
+        self._dead_call = self.clock.callLater(self.keepalive.dead_after, self._check_dead)
+
+    # ------------------------------------------------------------ keepalive
+
+    def _schedule_ping(self, delay: float) -> None:
+        self._ping_call = self.clock.callLater(delay, self._send_ping)
+
+    def _send_ping(self) -> None:
+        self._ping_seq += 1
+        self._ping_sent_at = self.clock.seconds()
+        self.send(wire.encode_ping(self._ping_seq))
+        self._schedule_ping(self.keepalive.interval)
+
+    def _ping_received(self, frame: Frame) -> None:
+        opaque = wire.decode_u64(frame)
+        if not frame.flags & wire.FLAG_PONG:
+            self.send(wire.encode_ping(opaque, pong=True))
+        elif opaque == self._ping_seq and self._ping_sent_at is not None:
+            rtt = max(self.clock.seconds() - self._ping_sent_at, 1e-4)
+            self.srtt = rtt if not self._rtt_sampled else 0.875 * self.srtt + 0.125 * rtt
+            self._rtt_sampled = True
+            self._ping_sent_at = None
+
+    def _check_dead(self) -> None:
+        silent = self.clock.seconds() - self._last_received
+        remaining = self.keepalive.dead_after - silent
+        if remaining > 0:
+            self._dead_call = self.clock.callLater(remaining, self._check_dead)
+            return
+        self._dead_call = None
+        self.log.warn(
+            "link to {peer} is dead: nothing received for {silent:.1f} s",
+            peer=self.peer_description(),
+            silent=silent,
+        )
+        self.abort()
+
+    def _stop_keepalive(self) -> None:
+        for call in (self._ping_call, self._dead_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._ping_call = self._dead_call = None

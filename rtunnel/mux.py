@@ -1,0 +1,709 @@
+"""The multiplexer: one Session type used by both ends.
+
+A Session outlives the links (TLS connections) it runs over. It owns the
+streams (one per tunnelled TCP connection), their credit-based flow control,
+the log of reliable frames kept for replay, and the resume procedure of
+docs/protocol.md. It knows its link and the local sockets only through
+Twisted interfaces, so it runs on memory transports with a fake clock.
+
+Backpressure, end to end:
+
+* a stream stops reading its local socket when it has no credit, when the
+  link's transport asks the session to pause, or when there is no link;
+* a stream grants credit only for bytes handed to its local socket while
+  that socket is not asking it to pause.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+from typing import Any, Callable, Protocol as TypingProtocol
+
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from rtunnel import wire
+from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol; the link is closed with this reason."""
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SessionSettings:
+    """Tunable limits of one session (plain attributes; see docs)."""
+
+    def __init__(
+        self,
+        initial_window: int = 256 * 1024,
+        max_stream_window: int = 16 * 1024 * 1024,
+        session_window_budget: int = 64 * 1024 * 1024,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        max_streams: int = 4096,
+        idle_window_reset: float = 30.0,
+        ack_every: int = 32,
+        ack_delay: float = 1.0,
+    ) -> None:
+        self.initial_window = initial_window
+        self.max_stream_window = max_stream_window
+        self.session_window_budget = session_window_budget
+        self.max_frame = max_frame
+        self.max_streams = max_streams
+        self.idle_window_reset = idle_window_reset
+        self.ack_every = ack_every
+        self.ack_delay = ack_delay
+
+
+class SendState(enum.Enum):
+    OPEN = "open"  # reading the local socket
+    FIN_SENT = "fin-sent"  # local EOF seen; FIN queued, bytes may still be unsent
+    DONE = "done"  # peer consumed every byte up to the FIN
+
+
+class RecvState(enum.Enum):
+    OPEN = "open"
+    FIN_RECEIVED = "fin-received"  # final offset known, bytes still arriving
+    DONE = "done"  # every byte delivered, local socket half-closed
+
+
+class SessionDelegate(TypingProtocol):
+    """What an end (server or client) does with session events."""
+
+    def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None: ...
+
+    def control_frame(self, session: Session, frame: Frame) -> None: ...
+
+    def stream_closed(self, session: Session, stream: Stream) -> None: ...
+
+
+@implementer(IPushProducer)
+class Stream:
+    """One tunnelled TCP connection, both directions.
+
+    The stream is the producer registered on its local transport (so a slow
+    local reader pauses it, which withholds credit) and it pauses that
+    transport's reading when it cannot send.
+    """
+
+    log = Logger()
+
+    def __init__(self, session: Session, stream_id: int, tunnel_id: int) -> None:
+        self.session = session
+        self.id = stream_id
+        self.tunnel_id = tunnel_id
+        settings = session.settings
+        # send direction
+        self.send_state = SendState.OPEN
+        self.sent = 0  # bytes put on a link (offset of the next byte)
+        self.read_total = 0  # bytes read from the local socket
+        self.peer_consumed = 0  # acknowledged; start of the resend buffer
+        self.send_limit = settings.initial_window
+        self._unacked: collections.deque[bytes] = collections.deque()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._reading = True
+        # receive direction
+        self.recv_state = RecvState.OPEN
+        self.received = 0
+        self.final_offset: int | None = None
+        self.window = settings.initial_window
+        self.recv_limit = settings.initial_window
+        self.reported = 0  # consumed offset last sent in WINDOW
+        self._last_grant: float | None = None
+        self._last_data = session.clock.seconds()
+        self._early: list[bytes] = []  # received before the local socket exists
+        self._local_paused = False
+        self.local: ITransport | None = None
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Stream {self.id} send={self.send_state.value} recv={self.recv_state.value}>"
+
+    # ------------------------------------------------------------ local side
+
+    def attach_local(self, transport: ITransport) -> None:
+        """Connect the stream to its local socket (visitor or target)."""
+        self.local = transport
+        transport.registerProducer(self, True)
+        early, self._early = self._early, []
+        for chunk in early:
+            transport.write(chunk)
+        self._reading = True
+        self._finish_receive_if_done()
+        self._grant_credit()
+        self.update_reading()
+
+    def local_data(self, data: bytes) -> None:
+        if self.closed or self.send_state is not SendState.OPEN:
+            return
+        self.read_total += len(data)
+        self._pending.append(data)
+        self.flush()
+        self.update_reading()
+
+    def local_eof(self) -> None:
+        """The local socket half-closed its sending side."""
+        if self.closed or self.send_state is not SendState.OPEN:
+            return
+        self.send_state = SendState.FIN_SENT
+        self.session.send_reliable(FrameType.FIN, self.id, wire.encode_fin(self.id, self.read_total))
+        self.update_reading()
+        self._maybe_forget()
+
+    def local_lost(self, reason: Failure) -> None:
+        """The local socket is gone; reset the stream unless it had finished."""
+        self.local = None
+        if self.closed:
+            return
+        if self.send_state is not SendState.OPEN and self.recv_state is RecvState.DONE:
+            return
+        self.reset(ResetCode.ABORTED, f"local connection lost: {reason.getErrorMessage()}")
+
+    def local_failed(self, code: ResetCode, reason: str) -> None:
+        """The local socket could not be opened (e.g. target refused)."""
+        self.reset(code, reason)
+
+    # IPushProducer, called by the local transport about its write buffer
+    def pauseProducing(self) -> None:
+        self._local_paused = True
+
+    def resumeProducing(self) -> None:
+        self._local_paused = False
+        self._grant_credit()
+
+    def stopProducing(self) -> None:
+        self._local_paused = True
+
+    # ------------------------------------------------------------ send path
+
+    def flush(self) -> None:
+        """Send pending bytes within the peer's credit, if a link is usable."""
+        session = self.session
+        if not session.can_send:
+            return
+        max_frame = session.peer_max_frame
+        pending = self._pending
+        while pending:
+            credit = self.send_limit - self.sent
+            if credit <= 0:
+                break
+            chunk = pending[0]
+            if len(chunk) > credit or len(chunk) > max_frame:
+                n = min(credit, max_frame)
+                chunk, rest = chunk[:n], chunk[n:]
+                pending[0] = rest
+            else:
+                pending.popleft()
+            self._unacked.append(chunk)
+            self.sent += len(chunk)
+            session.write(wire.header(FrameType.DATA, self.id, len(chunk)) + chunk)
+
+    def update_reading(self) -> None:
+        """Pause or resume reading the local socket to match what we can send."""
+        should_read = (
+            self.send_state is SendState.OPEN
+            and self.session.can_read
+            and not self._pending
+            and self.sent < self.send_limit
+        )
+        local = self.local
+        if local is None or should_read == self._reading:
+            return
+        self._reading = should_read
+        if should_read:
+            local.resumeProducing()  # type: ignore[attr-defined]
+        else:
+            local.pauseProducing()  # type: ignore[attr-defined]
+
+    def window_received(self, consumed: int, window: int) -> None:
+        if consumed > self.sent or consumed < self.peer_consumed:
+            raise ProtocolViolation(
+                f"stream {self.id}: WINDOW acknowledges offset {consumed}, but "
+                f"{self.peer_consumed}..{self.sent} is the valid range"
+            )
+        self._drop_acked(consumed)
+        self.send_limit = max(self.send_limit, consumed + window)
+        self.flush()
+        self.update_reading()
+        self._maybe_forget()
+
+    def _drop_acked(self, offset: int) -> None:
+        unacked = self._unacked
+        drop = offset - self.peer_consumed
+        while drop > 0 and unacked:
+            head = unacked[0]
+            if len(head) <= drop:
+                unacked.popleft()
+                drop -= len(head)
+            else:
+                unacked[0] = head[drop:]
+                drop = 0
+        self.peer_consumed = offset
+
+    @property
+    def buffered_out(self) -> int:
+        """Bytes held for this stream's send direction (unacked + pending)."""
+        return sum(map(len, self._unacked)) + sum(map(len, self._pending))
+
+    # ------------------------------------------------------------ receive path
+
+    def data_received(self, data: bytes) -> None:
+        n = len(data)
+        if self.received + n > self.recv_limit:
+            raise ProtocolViolation(
+                f"stream {self.id}: {self.received + n} bytes received but only "
+                f"{self.recv_limit} were granted",
+                ErrorCode.FLOW_CONTROL,
+            )
+        if self.final_offset is not None and self.received + n > self.final_offset:
+            raise ProtocolViolation(f"stream {self.id}: data after FIN at {self.final_offset}")
+        self.received += n
+        now = self.session.clock.seconds()
+        if now - self._last_data > self.session.settings.idle_window_reset:
+            self._shrink_window()
+        self._last_data = now
+        if self.local is None:
+            self._early.append(data)
+            return
+        self.local.write(data)
+        self._finish_receive_if_done()
+        self._grant_credit()
+
+    def fin_received(self, final_offset: int) -> None:
+        if self.final_offset is not None or final_offset < self.received:
+            raise ProtocolViolation(f"stream {self.id}: invalid FIN at offset {final_offset}")
+        self.final_offset = final_offset
+        self.recv_state = RecvState.FIN_RECEIVED
+        self._finish_receive_if_done()
+
+    def _finish_receive_if_done(self) -> None:
+        if (
+            self.recv_state is RecvState.FIN_RECEIVED
+            and self.received == self.final_offset
+            and self.local is not None
+        ):
+            self.recv_state = RecvState.DONE
+            self.local.loseWriteConnection()  # type: ignore[attr-defined]
+            self._grant_credit(force=True)
+            self._maybe_forget()
+
+    def _grant_credit(self, force: bool = False) -> None:
+        """Tell the peer what we consumed, if worth a frame and not paused."""
+        session = self.session
+        if self._local_paused or self.local is None or self.closed:
+            return
+        unreported = self.received - self.reported
+        if unreported <= 0 or not session.can_send:
+            return
+        if not force and unreported < self.window // 4:
+            return
+        now = session.clock.seconds()
+        if self._last_grant is not None and now - self._last_grant < 2 * session.srtt:
+            self._grow_window()
+        self._last_grant = now
+        self.reported = self.received
+        self.recv_limit = max(self.recv_limit, self.received + self.window)
+        session.write(wire.encode_window(self.id, self.received, self.recv_limit - self.received))
+
+    def _grow_window(self) -> None:
+        settings = self.session.settings
+        extra = min(self.window, settings.max_stream_window - self.window)
+        if extra > 0 and self.session.reserve_window(extra):
+            self.window += extra
+
+    def _shrink_window(self) -> None:
+        initial = self.session.settings.initial_window
+        if self.window > initial:
+            self.session.release_window(self.window - initial)
+            self.window = initial
+
+    # ------------------------------------------------------------ ending
+
+    def reset(self, code: ResetCode, reason: str, send: bool = True) -> None:
+        """Abort both directions; tell the peer unless it told us."""
+        if self.closed:
+            return
+        if send:
+            self.session.send_reliable(
+                FrameType.RST, self.id, wire.encode_coded(FrameType.RST, self.id, code, reason)
+            )
+        self._close()
+        if self.local is not None:
+            self.local.abortConnection()  # type: ignore[attr-defined]
+
+    def _maybe_forget(self) -> None:
+        if (
+            self.send_state is SendState.FIN_SENT
+            and not self._pending
+            and self.peer_consumed == self.read_total
+        ):
+            self.send_state = SendState.DONE
+        if self.send_state is SendState.DONE and self.recv_state is RecvState.DONE:
+            self._close()
+
+    def _close(self) -> None:
+        self.closed = True
+        self._unacked.clear()
+        self._pending.clear()
+        self._early.clear()
+        self._shrink_window()
+        self.session.forget(self)
+
+    # ------------------------------------------------------------ resume
+
+    def resume_entry(self) -> wire.ResumeEntry:
+        return wire.ResumeEntry(self.id, self.received, self.recv_limit)
+
+    def resume_from(self, received: int, limit: int) -> None:
+        """Re-send everything the peer has not received (after a resume)."""
+        if received > self.sent or received < self.peer_consumed:
+            raise ProtocolViolation(
+                f"stream {self.id}: RESUME says {received} bytes received, but "
+                f"{self.peer_consumed}..{self.sent} is the valid range"
+            )
+        self._drop_acked(received)
+        self.send_limit = max(self.send_limit, limit)
+        self.reported = min(self.reported, self.received)
+        self._resend()
+
+    def resume_unknown_to_peer(self, open_replayed: bool) -> None:
+        if open_replayed:
+            self._resend()
+        else:
+            # The peer finished this stream and forgot it: all was received.
+            self._drop_acked(self.sent)
+            self._maybe_forget()
+
+    def _resend(self) -> None:
+        session = self.session
+        max_frame = session.peer_max_frame
+        for chunk in self._unacked:
+            for i in range(0, len(chunk), max_frame):
+                piece = chunk[i : i + max_frame]
+                session.write(wire.header(FrameType.DATA, self.id, len(piece)) + piece)
+
+
+class Link(TypingProtocol):
+    """What a session needs of the connection it runs over."""
+
+    transport: Any
+    srtt: float
+
+    def close_with_error(self, code: ErrorCode, reason: str) -> None: ...
+
+
+@implementer(IPushProducer)
+class Session:
+    """The logical conversation between one client and the server.
+
+    It lives across links: `attach` gives it a link, `detach` takes it away
+    (streams keep their state and stop reading their local sockets).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        delegate: SessionDelegate,
+        is_server: bool,
+        settings: SessionSettings | None = None,
+    ) -> None:
+        self.clock = clock
+        self.delegate = delegate
+        self.is_server = is_server
+        self.settings = settings or SessionSettings()
+        self.streams: dict[int, Stream] = {}
+        self.link: Link | None = None
+        self.peer_max_frame = wire.DEFAULT_MAX_FRAME
+        self._next_stream_id = 2 if is_server else 1
+        self._highest_peer_stream = 0
+        self._paused = False
+        self._resuming = False
+        self._window_reserved = 0
+        # reliable frames: outbox holds (index, type, stream id, bytes)
+        self._reliable_sent = 0
+        self._outbox: collections.deque[tuple[int, FrameType, int, bytes]] = collections.deque()
+        self._reliable_received = 0
+        self._reliable_reported = 0
+        self._ack_timer: IDelayedCall | None = None
+        self.goaway_received = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # ------------------------------------------------------------ link state
+
+    @property
+    def can_send(self) -> bool:
+        return self.link is not None and not self._resuming
+
+    @property
+    def can_read(self) -> bool:
+        return self.link is not None and not self._resuming and not self._paused
+
+    @property
+    def srtt(self) -> float:
+        return self.link.srtt if self.link is not None else 0.1
+
+    def attach(self, link: Link, resuming: bool, peer_max_frame: int) -> None:
+        """Run over `link`. When `resuming`, wait for the peer's RESUME first."""
+        self.link = link
+        self.peer_max_frame = peer_max_frame
+        self._resuming = resuming
+        self._paused = False
+        link.transport.registerProducer(self, True)
+        if resuming:
+            self.write(wire.encode_resume(self.resume_state()))
+        else:
+            self._update_all()
+
+    def detach(self) -> None:
+        """The link is gone; keep everything, stop reading local sockets."""
+        self.link = None
+        self._cancel_ack_timer()
+        self._update_all()
+
+    def resume_state(self) -> wire.ResumeState:
+        entries = tuple(s.resume_entry() for s in self.streams.values())
+        return wire.ResumeState(self._reliable_received, entries)
+
+    def _update_all(self) -> None:
+        for stream in list(self.streams.values()):
+            if self.can_send:
+                stream.flush()
+                stream._grant_credit()
+            stream.update_reading()
+
+    # IPushProducer, called by the link's transport
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._update_all()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._update_all()
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, frame: bytes) -> None:
+        if self.link is not None:
+            self.bytes_out += len(frame)
+            self.link.transport.write(frame)
+
+    def send_reliable(self, ftype: FrameType, stream_id: int, frame: bytes) -> None:
+        """Send a frame that must survive a link drop (kept until ACKed)."""
+        self._outbox.append((self._reliable_sent, ftype, stream_id, frame))
+        self._reliable_sent += 1
+        if self.can_send:
+            self.write(frame)
+
+    def send_json(self, ftype: FrameType, obj: dict[str, Any]) -> None:
+        self.send_reliable(ftype, 0, wire.encode_json(ftype, obj))
+
+    # ------------------------------------------------------------ streams
+
+    def open_stream(self, tunnel_id: int, info: dict[str, Any]) -> Stream:
+        """Open a stream towards the peer (server: a visitor arrived)."""
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        stream = Stream(self, stream_id, tunnel_id)
+        self.streams[stream_id] = stream
+        self.send_reliable(FrameType.OPEN, stream_id, wire.encode_open(stream_id, tunnel_id, info))
+        return stream
+
+    def forget(self, stream: Stream) -> None:
+        if self.streams.pop(stream.id, None) is not None:
+            self.delegate.stream_closed(self, stream)
+
+    def reserve_window(self, extra: int) -> bool:
+        if self._window_reserved + extra > self.settings.session_window_budget:
+            return False
+        self._window_reserved += extra
+        return True
+
+    def release_window(self, amount: int) -> None:
+        self._window_reserved -= amount
+
+    def reset_all(self, code: ResetCode, reason: str) -> None:
+        for stream in list(self.streams.values()):
+            stream.reset(code, reason)
+
+    # ------------------------------------------------------------ reading
+
+    def frame_received(self, frame: Frame) -> None:
+        """Handle one frame from the link. Raises ProtocolViolation."""
+        ftype = frame.type
+        if self._resuming and ftype is not FrameType.RESUME:
+            raise ProtocolViolation(f"expected RESUME, got {ftype.name}")
+        if ftype is FrameType.DATA:
+            stream = self._stream_for(frame)
+            if stream is not None:
+                self.bytes_in += len(frame.body)
+                stream.data_received(frame.body)
+            return
+        if ftype is FrameType.WINDOW:
+            stream = self._stream_for(frame)
+            if stream is not None:
+                stream.window_received(*wire.decode_window(frame))
+            return
+        if ftype in wire.RELIABLE:
+            self._count_reliable()
+        if ftype is FrameType.OPEN:
+            self._open_received(frame)
+        elif ftype is FrameType.FIN:
+            stream = self._stream_for(frame)
+            if stream is not None:
+                stream.fin_received(wire.decode_u64(frame))
+        elif ftype is FrameType.RST:
+            stream = self._stream_for(frame)
+            if stream is not None:
+                code, reason = wire.decode_coded(frame)
+                self.log.debug("stream {id} reset by peer: {reason}", id=stream.id, reason=reason)
+                stream.reset(ResetCode.ABORTED, reason, send=False)
+        elif ftype is FrameType.ACK:
+            self._ack_received(wire.decode_u64(frame))
+        elif ftype is FrameType.RESUME:
+            self._resume_received(frame)
+        elif ftype is FrameType.GOAWAY:
+            self.goaway_received = True
+            self.delegate.control_frame(self, frame)
+        elif ftype in (FrameType.HELLO, FrameType.WELCOME):
+            raise ProtocolViolation(f"{ftype.name} after the handshake")
+        else:
+            self.delegate.control_frame(self, frame)
+
+    def _stream_for(self, frame: Frame) -> Stream | None:
+        stream = self.streams.get(frame.stream_id)
+        if stream is not None:
+            return stream
+        mine = (frame.stream_id % 2 == 0) == self.is_server
+        highest = self._next_stream_id - 2 if mine else self._highest_peer_stream
+        if frame.stream_id > highest:
+            raise ProtocolViolation(f"{frame.type.name} for stream {frame.stream_id}, never opened")
+        return None  # a stream already finished or reset: ignore
+
+    def _open_received(self, frame: Frame) -> None:
+        stream_id = frame.stream_id
+        if self.is_server or stream_id % 2 != 0:
+            raise ProtocolViolation(f"OPEN for stream {stream_id} from the wrong side")
+        if stream_id <= self._highest_peer_stream:
+            raise ProtocolViolation(f"OPEN reuses stream id {stream_id}")
+        if len(self.streams) >= self.settings.max_streams:
+            raise ProtocolViolation(
+                f"more than {self.settings.max_streams} streams open", ErrorCode.LIMIT_EXCEEDED
+            )
+        self._highest_peer_stream = stream_id
+        tunnel_id, info = wire.decode_open(frame)
+        stream = Stream(self, stream_id, tunnel_id)
+        self.streams[stream_id] = stream
+        self.delegate.stream_opened(self, stream, tunnel_id, info)
+
+    # ------------------------------------------------------------ reliability
+
+    def _count_reliable(self) -> None:
+        self._reliable_received += 1
+        if self._reliable_received - self._reliable_reported >= self.settings.ack_every:
+            self._send_ack()
+        elif self._ack_timer is None:
+            self._ack_timer = self.clock.callLater(self.settings.ack_delay, self._send_ack)
+
+    def _send_ack(self) -> None:
+        self._cancel_ack_timer()
+        if self.can_send and self._reliable_received > self._reliable_reported:
+            self._reliable_reported = self._reliable_received
+            self.write(wire.encode_ack(self._reliable_received))
+
+    def _cancel_ack_timer(self) -> None:
+        if self._ack_timer is not None:
+            if self._ack_timer.active():
+                self._ack_timer.cancel()
+            self._ack_timer = None
+
+    def _ack_received(self, received: int) -> None:
+        if received > self._reliable_sent:
+            raise ProtocolViolation(
+                f"ACK of {received} reliable frames, only {self._reliable_sent} sent"
+            )
+        outbox = self._outbox
+        while outbox and outbox[0][0] < received:
+            outbox.popleft()
+
+    def _resume_received(self, frame: Frame) -> None:
+        if not self._resuming:
+            raise ProtocolViolation("RESUME when no resume was negotiated")
+        state = wire.decode_resume(frame)
+        self._ack_received(state.reliable_received)
+        self._resuming = False
+        self._reliable_reported = self._reliable_received
+        replayed_opens = set()
+        for _, ftype, stream_id, data in self._outbox:
+            if ftype is FrameType.OPEN:
+                replayed_opens.add(stream_id)
+            self.write(data)
+        listed = {entry.stream_id: entry for entry in state.streams}
+        for stream in list(self.streams.values()):
+            entry = listed.get(stream.id)
+            if entry is not None:
+                stream.resume_from(entry.received, entry.limit)
+            else:
+                stream.resume_unknown_to_peer(stream.id in replayed_opens)
+        self._update_all()
+        self.log.info(
+            "session resumed: {streams} streams, {replayed} frames replayed",
+            streams=len(self.streams),
+            replayed=len(self._outbox),
+        )
+
+
+class StreamProtocol(Protocol):
+    """A local TCP connection (visitor or target) bound to one Stream."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def connectionMade(self) -> None:
+        set_nodelay(self.transport)
+        self.stream.attach_local(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.stream.local_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.stream.local_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.stream.local_lost(reason)
+
+
+IHalfCloseableProtocol.implementedBy(StreamProtocol) or implementer(IHalfCloseableProtocol)(
+    StreamProtocol
+)
+
+
+def set_nodelay(transport: Any) -> None:
+    """Turn off Nagle's algorithm where the transport allows it."""
+    setter: Callable[[bool], None] | None = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass

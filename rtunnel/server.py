@@ -1,0 +1,429 @@
+"""The server end: accepts client links, owns public listeners and sessions.
+
+A ServerSession lives as long as its client's session: across link drops it
+keeps its listeners and visitors (detached, paused) for the resume grace,
+then expires. Ports belong to credentials, so the rightful owner always gets
+its port back at once and nobody else can take it meanwhile.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import hashlib
+import hmac
+import secrets
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel.config import ServerConfig
+from rtunnel.link import ControlLink
+from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
+from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
+
+DEFAULT_CREDENTIAL = "default"
+
+
+class SessionState(enum.Enum):
+    CONNECTED = "connected"
+    DETACHED = "detached"
+    EXPIRED = "expired"
+
+
+def _address(addr: IAddress) -> list[Any]:
+    return [getattr(addr, "host", "?"), getattr(addr, "port", 0)]
+
+
+class PublicListener(Factory):
+    """A bound public port. Each visitor becomes a stream of the owner's
+    session; while the owner is detached, visitors wait (paused)."""
+
+    log = Logger()
+
+    def __init__(self, owner: ServerSession, tunnel_id: int, host: str) -> None:
+        self.owner: ServerSession | None = owner
+        self.tunnel_id = tunnel_id
+        self.host = host
+        self.port: IListeningPort | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        assert self.port is not None
+        return (self.host, self.port.getHost().port)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        owner = self.owner
+        if owner is None or owner.state is SessionState.EXPIRED:
+            return None
+        session = owner.session
+        if len(session.streams) >= session.settings.max_streams:
+            self.log.warn(
+                "refusing visitor {visitor}: session has {n} streams, the maximum",
+                visitor=_address(addr),
+                n=len(session.streams),
+            )
+            return None
+        info = {"src": _address(addr), "dst": [self.host, self.port.getHost().port if self.port else 0]}
+        stream = session.open_stream(self.tunnel_id, info)
+        return StreamProtocol(stream)
+
+
+class ServerSession:
+    """The server's side of one client session (the mux Session's delegate)."""
+
+    log = Logger()
+
+    def __init__(self, server: TunnelServer, credential: str) -> None:
+        self.server = server
+        self.credential = credential
+        self.id = secrets.token_hex(16)
+        self.secret = secrets.token_hex(32)
+        self.session = Session(server.reactor, self, is_server=True, settings=server.config.session)
+        self.tunnels: dict[int, PublicListener] = {}
+        self.link: ServerLink | None = None
+        self.state = SessionState.CONNECTED
+        self._grace_call: IDelayedCall | None = None
+
+    # ------------------------------------------------------------ links
+
+    def attach_link(self, link: ServerLink, resumed: bool, peer_max_frame: int) -> None:
+        old = self.link
+        if old is not None:
+            old.session = None
+            self.session.detach()
+            old.abort()
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self._grace_call = None
+        self.link = link
+        self.state = SessionState.CONNECTED
+        link.start_session(self.session, resumed, peer_max_frame)
+
+    def link_lost(self, link: ServerLink) -> None:
+        if self.link is not link or self.state is SessionState.EXPIRED:
+            return
+        self.link = None
+        self.state = SessionState.DETACHED
+        grace = self.server.config.resume_grace
+        self.log.info(
+            "session {id} detached; keeping its {n} streams for {grace:.0f} s",
+            id=self.id[:8],
+            n=len(self.session.streams),
+            grace=grace,
+        )
+        self._grace_call = self.server.reactor.callLater(grace, self.expire, "resume grace ran out")
+
+    def expire(self, why: str, abort_link: bool = True) -> None:
+        """End the session for good: reset streams, free ports, forget it."""
+        if self.state is SessionState.EXPIRED:
+            return
+        self.log.info("session {id} expired: {why}", id=self.id[:8], why=why)
+        self.state = SessionState.EXPIRED
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self.session.reset_all(ResetCode.EXPIRED, why)
+        for listener in list(self.tunnels.values()):
+            self.server.release(listener)
+        self.tunnels.clear()
+        self.server.sessions.pop(self.id, None)
+        if self.link is not None:
+            link, self.link = self.link, None
+            link.session = None
+            if abort_link:
+                link.abort()
+
+    # ------------------------------------------------------------ delegate
+
+    def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None:
+        raise ProtocolViolation("clients may not open streams in protocol version 1")
+
+    def stream_closed(self, session: Session, stream: Stream) -> None:
+        self.server.stream_closed()
+
+    def control_frame(self, session: Session, frame: Frame) -> None:
+        if frame.type is FrameType.BIND:
+            self._bind(wire.decode_json(frame))
+        elif frame.type is FrameType.UNBIND:
+            body = wire.decode_json(frame)
+            listener = self.tunnels.pop(_int(body, "tunnel"), None)
+            if listener is not None:
+                self.server.release(listener)
+        elif frame.type is FrameType.GOAWAY:
+            pass  # the client is leaving; its streams drain
+        else:
+            raise ProtocolViolation(f"unexpected {frame.type.name} from a client")
+
+    def _bind(self, body: dict[str, Any]) -> None:
+        tunnel_id = _int(body, "tunnel")
+        host = body.get("host") or self.server.config.public_host
+        port = _int(body, "port")
+        if not isinstance(host, str) or not 0 <= port <= 65535:
+            raise ProtocolViolation("BIND needs a host string and a port 0-65535")
+        if tunnel_id in self.tunnels:
+            raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
+        try:
+            listener = self.server.bind(self, tunnel_id, host, port)
+        except BindRefused as refusal:
+            self.log.warn(
+                "refused to bind {host}:{port} for {cred}: {why}",
+                host=host, port=port, cred=self.credential, why=refusal.message,
+            )
+            self.session.send_json(
+                FrameType.BIND_FAILED,
+                {"tunnel": tunnel_id, "code": refusal.code, "message": refusal.message},
+            )
+            return
+        self.tunnels[tunnel_id] = listener
+        bound_port = listener.key[1]
+        self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8])
+        self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
+
+
+def _int(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > wire.MAX_U32:
+        raise ProtocolViolation(f"field {key!r} must be an integer 0..{wire.MAX_U32}")
+    return value
+
+
+class BindRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TunnelServer:
+    """Every session and public listener of one server process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: ServerConfig, token: str) -> None:
+        self.reactor = reactor
+        self.config = config
+        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self.sessions: dict[str, ServerSession] = {}
+        self.listeners: dict[tuple[str, int], PublicListener] = {}
+        self.links: set[ServerLink] = set()
+        self.shutting_down = False
+        self._drained: defer.Deferred[None] | None = None
+
+    def link_factory(self) -> Factory:
+        return Factory.forProtocol(lambda: ServerLink(self))
+
+    # ------------------------------------------------------------ auth
+
+    def authenticate(self, token: object) -> str | None:
+        """The credential a token proves, compared in constant time."""
+        if not isinstance(token, str):
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        return DEFAULT_CREDENTIAL if hmac.compare_digest(digest, self._token_digest) else None
+
+    def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
+        """The session to resume, if the request proves it; else a new one."""
+        if isinstance(resume, dict):
+            existing = self.sessions.get(str(resume.get("session", "")))
+            secret = resume.get("secret")
+            if (
+                existing is not None
+                and existing.credential == credential
+                and isinstance(secret, str)
+                and hmac.compare_digest(secret.encode(), existing.secret.encode())
+            ):
+                return existing, True
+            self.log.info("resume of an unknown or expired session refused; starting a new one")
+        session = ServerSession(self, credential)
+        self.sessions[session.id] = session
+        return session, False
+
+    # ------------------------------------------------------------ ports
+
+    def bind(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> PublicListener:
+        if self.shutting_down:
+            raise BindRefused("shutdown", "the server is shutting down; try again shortly")
+        if not self.config.port_allowed(port):
+            raise BindRefused(
+                "not_permitted",
+                f"port {port} is not permitted on this server (allowed: "
+                f"{_ranges(self.config.allow_ports)}); choose a port in that range",
+            )
+        held = self.listeners.get((host, port)) if port else None
+        if held is not None and held.owner is not None:
+            previous = held.owner
+            if previous.credential != owner.credential:
+                raise BindRefused(
+                    "in_use", f"port {port} on {host} is held by another client; choose another port"
+                )
+            # The rightful owner is back (e.g. restarted): hand the port over.
+            previous.tunnels.pop(held.tunnel_id, None)
+            held.owner, held.tunnel_id = owner, tunnel_id
+            self.log.info("port {port} handed back to its owner's new session", port=port)
+            if not previous.tunnels and previous.state is not SessionState.CONNECTED:
+                previous.expire("its owner started a new session")
+            return held
+        listener = PublicListener(owner, tunnel_id, host)
+        try:
+            listener.port = self.reactor.listenTCP(port, listener, interface=host)
+        except error.CannotListenError as e:
+            code = getattr(e.socketError, "errno", None)
+            if code == errno.EACCES:
+                raise BindRefused(
+                    "not_permitted",
+                    f"the server process may not bind {host}:{port} (permission denied); "
+                    "choose a port above 1023",
+                ) from None
+            if code == errno.EADDRNOTAVAIL:
+                raise BindRefused("bad_address", f"{host} is not an address of the server") from None
+            raise BindRefused(
+                "in_use",
+                f"port {port} on {host} is already in use by another program on the "
+                "server; choose another port (or -f 0 to let the server pick one)",
+            ) from None
+        self.listeners[listener.key] = listener
+        return listener
+
+    def release(self, listener: PublicListener) -> None:
+        listener.owner = None
+        if listener.port is not None:
+            self.listeners.pop(listener.key, None)
+            listener.port.stopListening()
+
+    # ------------------------------------------------------------ shutdown
+
+    def stream_closed(self) -> None:
+        if self._drained is not None and not any(s.session.streams for s in self.sessions.values()):
+            d, self._drained = self._drained, None
+            d.callback(None)
+
+    def shutdown(self, drain_timeout: float = 5.0) -> defer.Deferred[None]:
+        """GOAWAY to every client, close listeners, let streams drain, close."""
+        self.shutting_down = True
+        for link in list(self.links):
+            if link.session is not None:
+                link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down"))
+        stops = [
+            defer.maybeDeferred(listener.port.stopListening)
+            for listener in self.listeners.values()
+            if listener.port is not None
+        ]
+        self.listeners.clear()
+        drained: defer.Deferred[None] = defer.Deferred()
+        if any(s.session.streams for s in self.sessions.values()):
+            self._drained = drained
+            timeout = self.reactor.callLater(drain_timeout, lambda: drained.called or drained.callback(None))
+            drained.addBoth(lambda r: timeout.active() and timeout.cancel() or r)
+        else:
+            drained.callback(None)
+
+        def close_all(_: object) -> defer.Deferred[Any]:
+            self._drained = None
+            closing = [link.closed for link in list(self.links)]
+            for session in list(self.sessions.values()):
+                session.expire("server shutting down", abort_link=False)
+            for link in list(self.links):
+                link.closing = True
+                link.transport.loseConnection()
+            return defer.gatherResults(closing + stops)
+
+        return drained.addCallback(close_all).addCallback(lambda _: None)
+
+
+def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
+
+
+class ServerLink(ControlLink):
+    """One client connection: handshake, then carries that client's session."""
+
+    def __init__(self, server: TunnelServer) -> None:
+        super().__init__(server.reactor, server.config.keepalive)
+        self.server = server
+        self.owner: ServerSession | None = None
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self._handshake_call: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.server.links.add(self)
+        self._handshake_call = self.clock.callLater(
+            self.server.config.handshake_timeout, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        self._handshake_call = None
+        self.log.info(
+            "dropping {peer}: no handshake within {t:.0f} s",
+            peer=self.peer_description(),
+            t=self.server.config.handshake_timeout,
+        )
+        self.abort()
+
+    def handshake_frame(self, frame: Frame) -> None:
+        if frame.type is not FrameType.HELLO:
+            raise ProtocolViolation(f"expected HELLO, got {frame.type.name}")
+        hello = wire.decode_json(frame)
+        if hello.get("protocol") != "rtunnel":
+            raise ProtocolViolation("this is an rtunnel server; the client is not an rtunnel client")
+        offered = hello.get("versions")
+        if not isinstance(offered, list) or not set(offered) & set(PROTOCOL_VERSIONS):
+            self.close_with_error(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"the server speaks protocol versions {list(PROTOCOL_VERSIONS)} but the client "
+                f"offered {offered}; upgrade the older of the two",
+            )
+            return
+        if self.server.shutting_down:
+            self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
+            return
+        credential = self.server.authenticate(hello.get("token"))
+        if credential is None:
+            self.log.warn("authentication failed from {peer}: wrong token", peer=self.peer_description())
+            self.close_with_error(
+                ErrorCode.AUTH_FAILED,
+                "wrong token: pass the token the server printed (its state dir's 'token' "
+                "file) with --token or RTUNNEL_TOKEN",
+            )
+            return
+        peer_max = hello.get("max_frame", wire.DEFAULT_MAX_FRAME)
+        if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
+            raise ProtocolViolation(f"max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+        owner, resumed = self.server.session_for(credential, hello.get("resume"))
+        self.owner = owner
+        self.send(
+            wire.encode_json(
+                FrameType.WELCOME,
+                {
+                    "version": max(set(offered) & set(PROTOCOL_VERSIONS)),
+                    "session": owner.id,
+                    "secret": owner.secret,
+                    "resumed": resumed,
+                    "max_frame": self.server.config.session.max_frame,
+                },
+            )
+        )
+        self.log.info(
+            "{what} session {id} for {cred} from {peer}",
+            what="resumed" if resumed else "new",
+            id=owner.id[:8],
+            cred=credential,
+            peer=self.peer_description(),
+        )
+        owner.attach_link(self, resumed, min(peer_max, wire.MAX_U32))
+
+    def link_lost(self, session: Session | None, reason: Failure) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self.server.links.discard(self)
+        if self.owner is not None:
+            self.owner.link_lost(self)
+        self.closed.callback(None)

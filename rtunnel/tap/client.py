@@ -1,0 +1,173 @@
+"""`twistd rtunnel-client`: options and the client service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.application.internet import ClientService
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from rtunnel import DEFAULT_CONTROL_PORT
+from rtunnel.client import TunnelClient, retry_policy
+from rtunnel.config import ClientConfig, TunnelSpec, parse_host_port
+from rtunnel.errors import RtunnelError
+from rtunnel.tap import exit_process, keepalive_from
+from rtunnel.tls import PinnedCertificateCreator, ca_creator, parse_fingerprint
+
+
+class Options(usage.Options):
+    synopsis = "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] --fingerprint FP"
+    longdesc = (
+        "Make ports on the rtunnel server reach services on this machine. Each -f "
+        "(port opened on the server; 0 lets the server pick) pairs with the -t that "
+        "follows it (local target, default host localhost)."
+    )
+    optParameters = [
+        ["connect", "c", None, "Server control address HOST[:PORT] (default port 19050)."],
+        ["token", None, None, "Token from the server (default: $RTUNNEL_TOKEN)."],
+        ["fingerprint", None, None, "SHA-256 fingerprint of the server's certificate (printed by the server)."],
+        ["ca", None, None, "PEM CA file: verify the server's certificate and host name against it instead of a fingerprint."],
+        ["max-retry-delay", None, 30.0, "Longest wait between reconnection attempts, in seconds.", float],
+        ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
+        ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
+        ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwards: list[str] = []
+        self.targets: list[str] = []
+
+    def opt_forward(self, value: str) -> None:
+        """[BIND:]PORT to open on the server (repeatable; 0 = server picks)."""
+        self.forwards.append(value)
+
+    def opt_to(self, value: str) -> None:
+        """[HOST:]PORT of the local target for the preceding -f (repeatable)."""
+        self.targets.append(value)
+
+    opt_f = opt_forward
+    opt_t = opt_to
+
+    def postOptions(self) -> None:
+        if not self["connect"]:
+            raise usage.UsageError("-c/--connect HOST[:PORT] is required: the rtunnel server to use")
+        if not self.forwards or len(self.forwards) != len(self.targets):
+            raise usage.UsageError(
+                "give -f/--forward and -t/--to in pairs, e.g. -f 4000 -t 3000 "
+                f"(got {len(self.forwards)} -f and {len(self.targets)} -t)"
+            )
+        token = self["token"] or os.environ.get("RTUNNEL_TOKEN")
+        if not token:
+            raise usage.UsageError(
+                "no token: pass --token or set RTUNNEL_TOKEN (the server printed it on its "
+                "first start; it is in the server's state dir, file 'token')"
+            )
+        if self["fingerprint"] and self["ca"]:
+            raise usage.UsageError("give --fingerprint or --ca, not both")
+        if not self["fingerprint"] and not self["ca"]:
+            raise usage.UsageError(
+                "the client needs to know the server's identity: pass --fingerprint "
+                "sha256:... (the server prints it when it starts; or on the server run "
+                "'openssl x509 -in ~/.local/state/rtunnel/server.crt -outform DER | "
+                "sha256sum') or --ca FILE if the server has a CA-signed certificate"
+            )
+        try:
+            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
+            tunnels = []
+            for i, (forward, target) in enumerate(zip(self.forwards, self.targets), start=1):
+                bind_host, bind_port = parse_host_port(forward, "-f/--forward", "0.0.0.0", allow_zero=True)
+                target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
+                tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
+            fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
+        except RtunnelError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["max-retry-delay"] < 0.5:
+            raise usage.UsageError("--max-retry-delay must be at least 0.5 seconds")
+        self.config = ClientConfig(
+            server_host=host,
+            server_port=port,
+            tunnels=tuple(tunnels),
+            token=token,
+            fingerprint=fingerprint,
+            ca_file=Path(self["ca"]) if self["ca"] else None,
+            keepalive=keepalive_from(self),
+            max_retry_delay=self["max-retry-delay"],
+            connect_timeout=self["connect-timeout"],
+        )
+
+
+class _ReportingEndpoint:
+    """Wraps the server endpoint to log each failed attempt in one line."""
+
+    log = Logger()
+
+    def __init__(self, endpoint: Any, where: str) -> None:
+        self._endpoint = endpoint
+        self._where = where
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        def failed(failure: Failure) -> Failure:
+            self.log.warn(
+                "cannot reach the rtunnel server at {where}: {why}; retrying",
+                where=self._where,
+                why=failure.getErrorMessage(),
+            )
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+    def __repr__(self) -> str:
+        return self._where
+
+
+class ClientMainService(service.MultiService):
+    """Keeps a link to the server up with ClientService; stops on fatal errors."""
+
+    def __init__(self, config: ClientConfig, reactor: Any = None, exit_on_fatal: bool = True) -> None:
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor
+        self.reactor = reactor
+        self.config = config
+        self.exit_on_fatal = exit_on_fatal
+        self.fatal_error: str | None = None
+        if config.fingerprint is not None:
+            creator: Any = PinnedCertificateCreator(config.fingerprint)
+        else:
+            assert config.ca_file is not None
+            creator = ca_creator(config.server_host, config.ca_file)
+        self.client = TunnelClient(reactor, config, self._fatal, creator)
+        endpoint = wrapClientTLS(
+            creator,
+            HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
+        )
+        self.connector = ClientService(
+            _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}"),
+            self.client.link_factory(),
+            retryPolicy=retry_policy(config.initial_retry_delay, config.max_retry_delay),
+            clock=reactor,
+        )
+        self.connector.setServiceParent(self)
+
+    def _fatal(self, message: str) -> None:
+        self.fatal_error = message
+        d = defer.maybeDeferred(self.connector.stopService)
+        if self.exit_on_fatal:
+            d.addBoth(lambda _: exit_process(self.reactor, 2))
+
+
+def makeService(options: Options) -> service.IService:
+    try:
+        return ClientMainService(options.config)
+    except RtunnelError as e:
+        raise usage.UsageError(str(e)) from None

@@ -1,0 +1,305 @@
+"""Frame codec: bytes <-> frames. Pure, no I/O, no Twisted.
+
+Every size limit of the wire format is enforced here: a frame longer than the
+receiver's maximum is rejected from its header alone, before its body is
+buffered. See docs/protocol.md for the format.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+HEADER = struct.Struct(">BBII")
+HEADER_SIZE = HEADER.size
+U16 = struct.Struct(">H")
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+WINDOW_BODY = struct.Struct(">QI")
+RESUME_HEAD = struct.Struct(">QI")
+RESUME_ENTRY = struct.Struct(">IQQ")
+
+HANDSHAKE_MAX_FRAME = 65536
+DEFAULT_MAX_FRAME = 1 << 20
+MIN_MAX_FRAME = 16384
+MAX_U32 = (1 << 32) - 1
+MAX_U64 = (1 << 64) - 1
+
+FLAG_PONG = 0x01
+
+
+class FrameType(enum.IntEnum):
+    DATA = 0
+    WINDOW = 1
+    OPEN = 2
+    FIN = 3
+    RST = 4
+    PING = 5
+    ACK = 6
+    HELLO = 7
+    WELCOME = 8
+    RESUME = 9
+    BIND = 10
+    BOUND = 11
+    BIND_FAILED = 12
+    GOAWAY = 13
+    ERROR = 14
+    UNBIND = 15
+
+
+#: Frames kept until the peer acknowledges them, and replayed on resume.
+RELIABLE = frozenset(
+    {
+        FrameType.OPEN,
+        FrameType.FIN,
+        FrameType.RST,
+        FrameType.BIND,
+        FrameType.BOUND,
+        FrameType.BIND_FAILED,
+        FrameType.UNBIND,
+    }
+)
+
+#: Frames that belong to a stream (id != 0); all others use stream 0.
+STREAM_FRAMES = frozenset(
+    {FrameType.DATA, FrameType.WINDOW, FrameType.OPEN, FrameType.FIN, FrameType.RST}
+)
+
+#: Frames whose body is a JSON object.
+JSON_FRAMES = frozenset(
+    {
+        FrameType.HELLO,
+        FrameType.WELCOME,
+        FrameType.BIND,
+        FrameType.BOUND,
+        FrameType.BIND_FAILED,
+        FrameType.UNBIND,
+    }
+)
+
+
+class ErrorCode(enum.IntEnum):
+    """Codes of ERROR and GOAWAY frames."""
+
+    PROTOCOL_ERROR = 1
+    UNSUPPORTED_VERSION = 2
+    AUTH_FAILED = 3
+    LIMIT_EXCEEDED = 4
+    INTERNAL = 5
+    FLOW_CONTROL = 6
+    SHUTDOWN = 7
+
+
+class ResetCode(enum.IntEnum):
+    """Codes of RST frames."""
+
+    REFUSED = 1
+    UNREACHABLE = 2
+    TIMEOUT = 3
+    ABORTED = 4
+    EXPIRED = 5
+    LIMIT = 6
+    SHUTDOWN = 7
+
+
+class FrameError(Exception):
+    """The byte stream is not valid rtunnel framing; the link must end."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame. `body` is the raw body (bytes or a memoryview)."""
+
+    type: FrameType
+    flags: int
+    stream_id: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeEntry:
+    stream_id: int
+    received: int
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeState:
+    reliable_received: int
+    streams: tuple[ResumeEntry, ...]
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def encode(ftype: FrameType, stream_id: int, body: bytes = b"", flags: int = 0) -> bytes:
+    """Return one whole frame (header and body in one bytes object)."""
+    return HEADER.pack(ftype, flags, stream_id, len(body)) + body
+
+
+def header(ftype: FrameType, stream_id: int, length: int, flags: int = 0) -> bytes:
+    return HEADER.pack(ftype, flags, stream_id, length)
+
+
+def encode_json(ftype: FrameType, obj: dict[str, Any]) -> bytes:
+    return encode(ftype, 0, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def encode_window(stream_id: int, consumed: int, window: int) -> bytes:
+    return encode(FrameType.WINDOW, stream_id, WINDOW_BODY.pack(consumed, window))
+
+
+def encode_open(stream_id: int, tunnel_id: int, info: dict[str, Any]) -> bytes:
+    body = U32.pack(tunnel_id) + json.dumps(info, separators=(",", ":")).encode()
+    return encode(FrameType.OPEN, stream_id, body)
+
+
+def encode_fin(stream_id: int, final_offset: int) -> bytes:
+    return encode(FrameType.FIN, stream_id, U64.pack(final_offset))
+
+
+def encode_coded(ftype: FrameType, stream_id: int, code: int, reason: str) -> bytes:
+    """RST, GOAWAY and ERROR: a u16 code and a UTF-8 reason."""
+    return encode(ftype, stream_id, U16.pack(code) + reason.encode()[:1024])
+
+
+def encode_ping(opaque: int, pong: bool = False) -> bytes:
+    return encode(FrameType.PING, 0, U64.pack(opaque), FLAG_PONG if pong else 0)
+
+
+def encode_ack(received: int) -> bytes:
+    return encode(FrameType.ACK, 0, U64.pack(received))
+
+
+def encode_resume(state: ResumeState) -> bytes:
+    parts = [RESUME_HEAD.pack(state.reliable_received, len(state.streams))]
+    parts.extend(RESUME_ENTRY.pack(e.stream_id, e.received, e.limit) for e in state.streams)
+    return encode(FrameType.RESUME, 0, b"".join(parts))
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def decode_json(frame: Frame) -> dict[str, Any]:
+    try:
+        obj = json.loads(bytes(frame.body).decode())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FrameError(f"{frame.type.name} body is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise FrameError(f"{frame.type.name} body must be a JSON object")
+    return obj
+
+
+def decode_window(frame: Frame) -> tuple[int, int]:
+    return WINDOW_BODY.unpack(frame.body)
+
+
+def decode_open(frame: Frame) -> tuple[int, dict[str, Any]]:
+    (tunnel_id,) = U32.unpack_from(frame.body)
+    info = decode_json(Frame(frame.type, 0, 0, bytes(frame.body[4:])))
+    return tunnel_id, info
+
+
+def decode_u64(frame: Frame) -> int:
+    return U64.unpack(frame.body)[0]
+
+
+def decode_coded(frame: Frame) -> tuple[int, str]:
+    (code,) = U16.unpack_from(frame.body)
+    return code, bytes(frame.body[2:]).decode("utf-8", "replace")
+
+
+def decode_resume(frame: Frame) -> ResumeState:
+    body = frame.body
+    received, count = RESUME_HEAD.unpack_from(body)
+    if len(body) != RESUME_HEAD.size + count * RESUME_ENTRY.size:
+        raise FrameError(f"RESUME body says {count} streams but has {len(body)} bytes")
+    entries = tuple(
+        ResumeEntry(*RESUME_ENTRY.unpack_from(body, RESUME_HEAD.size + i * RESUME_ENTRY.size))
+        for i in range(count)
+    )
+    return ResumeState(received, entries)
+
+
+#: Exact or minimum body sizes, checked by the decoder for every frame.
+_EXACT_SIZE = {
+    FrameType.WINDOW: WINDOW_BODY.size,
+    FrameType.FIN: U64.size,
+    FrameType.PING: U64.size,
+    FrameType.ACK: U64.size,
+}
+_MIN_SIZE = {
+    FrameType.DATA: 1,
+    FrameType.OPEN: U32.size + 2,
+    FrameType.RST: U16.size,
+    FrameType.GOAWAY: U16.size,
+    FrameType.ERROR: U16.size,
+    FrameType.RESUME: RESUME_HEAD.size,
+    FrameType.HELLO: 2,
+    FrameType.WELCOME: 2,
+    FrameType.BIND: 2,
+    FrameType.BOUND: 2,
+    FrameType.BIND_FAILED: 2,
+    FrameType.UNBIND: 2,
+}
+
+
+def check_frame(ftype: FrameType, flags: int, stream_id: int, length: int) -> None:
+    """Raise FrameError if a header is invalid for its type (size, flags, id)."""
+    if flags and not (ftype is FrameType.PING and flags == FLAG_PONG):
+        raise FrameError(f"{ftype.name} frame has unknown flags 0x{flags:02x}")
+    if (ftype in STREAM_FRAMES) != (stream_id != 0):
+        where = "a stream id" if ftype in STREAM_FRAMES else "stream id 0"
+        raise FrameError(f"{ftype.name} frame must carry {where}, got {stream_id}")
+    exact = _EXACT_SIZE.get(ftype)
+    if exact is not None and length != exact:
+        raise FrameError(f"{ftype.name} body must be {exact} bytes, got {length}")
+    minimum = _MIN_SIZE.get(ftype, 0)
+    if length < minimum:
+        raise FrameError(f"{ftype.name} body must be at least {minimum} bytes, got {length}")
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get frames.
+
+    The maximum body size may be raised after the handshake with
+    `max_frame`. A header announcing a longer body raises FrameError at once.
+    """
+
+    def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> Iterator[Frame]:
+        """Yield every complete frame in the bytes received so far."""
+        buf = self._buffer
+        buf += data
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= HEADER_SIZE:
+                raw_type, flags, stream_id, length = HEADER.unpack_from(buf, pos)
+                try:
+                    ftype = FrameType(raw_type)
+                except ValueError:
+                    raise FrameError(f"unknown frame type {raw_type}") from None
+                if length > self.max_frame:
+                    raise FrameError(
+                        f"{ftype.name} frame of {length} bytes exceeds the maximum "
+                        f"of {self.max_frame}"
+                    )
+                check_frame(ftype, flags, stream_id, length)
+                if end - pos - HEADER_SIZE < length:
+                    break
+                start = pos + HEADER_SIZE
+                pos = start + length
+                yield Frame(ftype, flags, stream_id, bytes(buf[start:pos]))
+        finally:
+            del buf[:pos]
