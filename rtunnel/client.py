@@ -8,11 +8,12 @@ the tunnelled connections.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -49,6 +50,18 @@ def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
     return ResetCode.UNREACHABLE, failure.getErrorMessage()
 
 
+class _TargetFactory(Factory):
+    """Connects one stream to its local target (quietly: one per visitor)."""
+
+    noisy = False
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+
+    def buildProtocol(self, addr: object) -> StreamProtocol:
+        return StreamProtocol(self.stream)
+
+
 class TunnelClient:
     """The client's side of its session (the mux Session's delegate)."""
 
@@ -74,9 +87,12 @@ class TunnelClient:
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
         self.failed = False
         self._connecting: dict[int, defer.Deferred[Any]] = {}
+        self._bind_retries: list[Any] = []
 
     def link_factory(self) -> Factory:
-        return Factory.forProtocol(lambda: ClientLink(self))
+        factory = Factory.forProtocol(lambda: ClientLink(self))
+        factory.noisy = False
+        return factory
 
     def when_bound(self) -> defer.Deferred[dict[int, tuple[str, int]]]:
         """Fires with {tunnel id: (host, port)} once every tunnel is bound."""
@@ -133,11 +149,18 @@ class TunnelClient:
         for spec in self.tunnels.values():
             self._send_bind(spec)
 
+    def shutdown(self) -> None:
+        """The client is stopping: close every tunnelled connection."""
+        self._abandon_session()
+
     def _abandon_session(self) -> None:
         session, self.session = self.session, None
+        for call in self._bind_retries:
+            if call.active():
+                call.cancel()
+        self._bind_retries.clear()
         if session is not None:
-            for stream in list(session.streams.values()):
-                stream.reset(ResetCode.EXPIRED, "session expired", send=False)
+            session.close(ResetCode.EXPIRED, "session abandoned")
 
     def _send_bind(self, spec: TunnelSpec) -> None:
         if self.session is None:
@@ -182,7 +205,7 @@ class TunnelClient:
         endpoint = HostnameEndpoint(
             self.reactor, spec.target_host, spec.target_port, timeout=self.config.connect_timeout
         )
-        d = connectProtocol(endpoint, StreamProtocol(stream))
+        d = endpoint.connect(_TargetFactory(stream))
         self._connecting[stream.id] = d
 
         def connected(proto: object) -> None:
@@ -232,7 +255,10 @@ class TunnelClient:
                 self.fatal(text)
             else:
                 self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY)
-                self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec)
+                self._bind_retries = [c for c in self._bind_retries if c.active()]
+                self._bind_retries.append(
+                    self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec)
+                )
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason)

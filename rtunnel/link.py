@@ -84,8 +84,7 @@ class ControlLink(Protocol):
         elif frame.type is FrameType.ERROR:
             code, reason = wire.decode_coded(frame)
             self.error_received(code, reason)
-            self.closing = True
-            self.transport.loseConnection()
+            self.lose()
         elif self.session is not None:
             self.session.frame_received(frame)
         else:
@@ -110,8 +109,16 @@ class ControlLink(Protocol):
         self.log.warn(
             "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason
         )
-        self.closing = True
         self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
+        self.lose()
+
+    def lose(self) -> None:
+        """Close cleanly. The session lets go of the link first: TLS does not
+        finish closing while a producer is registered."""
+        self.closing = True
+        session = self.session
+        if session is not None and session.link is self:
+            session.detach()
         self.transport.loseConnection()
 
     def abort(self) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import collections
 import enum
-from typing import Any, Callable, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -57,6 +59,7 @@ class SessionSettings:
         idle_window_reset: float = 30.0,
         ack_every: int = 32,
         ack_delay: float = 1.0,
+        credit_delay: float = 0.02,
     ) -> None:
         self.initial_window = initial_window
         self.max_stream_window = max_stream_window
@@ -66,6 +69,7 @@ class SessionSettings:
         self.idle_window_reset = idle_window_reset
         self.ack_every = ack_every
         self.ack_delay = ack_delay
+        self.credit_delay = credit_delay
 
 
 class SendState(enum.Enum):
@@ -182,7 +186,7 @@ class Stream:
 
     def resumeProducing(self) -> None:
         self._local_paused = False
-        self._grant_credit()
+        self._grant_credit(force=True)
 
     def stopProducing(self) -> None:
         self._local_paused = True
@@ -309,6 +313,7 @@ class Stream:
         if unreported <= 0 or not session.can_send:
             return
         if not force and unreported < self.window // 4:
+            session.grant_later(self)
             return
         now = session.clock.seconds()
         if self._last_grant is not None and now - self._last_grant < 2 * session.srtt:
@@ -440,6 +445,8 @@ class Session:
         self._reliable_received = 0
         self._reliable_reported = 0
         self._ack_timer: IDelayedCall | None = None
+        self._credit_timer: IDelayedCall | None = None
+        self._credit_due: set[Stream] = set()
         self.goaway_received = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -472,9 +479,30 @@ class Session:
 
     def detach(self) -> None:
         """The link is gone; keep everything, stop reading local sockets."""
-        self.link = None
-        self._cancel_ack_timer()
+        link, self.link = self.link, None
+        if link is not None:
+            link.transport.unregisterProducer()
+        self._cancel_timers()
         self._update_all()
+
+    def close(self, code: ResetCode, reason: str) -> None:
+        """End the session for good: reset every stream, stop every timer."""
+        self.reset_all(code, reason)
+        self.detach()
+        self._outbox.clear()
+
+    def grant_later(self, stream: Stream) -> None:
+        """Return a stream's small leftover credit soon, not never: the peer
+        keeps unacknowledged bytes for resend until we do."""
+        self._credit_due.add(stream)
+        if self._credit_timer is None:
+            self._credit_timer = self.clock.callLater(self.settings.credit_delay, self._grant_due)
+
+    def _grant_due(self) -> None:
+        self._credit_timer = None
+        due, self._credit_due = self._credit_due, set()
+        for stream in due:
+            stream._grant_credit(force=True)
 
     def resume_state(self) -> wire.ResumeState:
         entries = tuple(s.resume_entry() for s in self.streams.values())
@@ -624,16 +652,19 @@ class Session:
             self._ack_timer = self.clock.callLater(self.settings.ack_delay, self._send_ack)
 
     def _send_ack(self) -> None:
-        self._cancel_ack_timer()
+        timer, self._ack_timer = self._ack_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.can_send and self._reliable_received > self._reliable_reported:
             self._reliable_reported = self._reliable_received
             self.write(wire.encode_ack(self._reliable_received))
 
-    def _cancel_ack_timer(self) -> None:
-        if self._ack_timer is not None:
-            if self._ack_timer.active():
-                self._ack_timer.cancel()
-            self._ack_timer = None
+    def _cancel_timers(self) -> None:
+        for timer in (self._ack_timer, self._credit_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._ack_timer = self._credit_timer = None
+        self._credit_due.clear()
 
     def _ack_received(self, received: int) -> None:
         if received > self._reliable_sent:
@@ -671,6 +702,7 @@ class Session:
         )
 
 
+@implementer(IHalfCloseableProtocol)
 class StreamProtocol(Protocol):
     """A local TCP connection (visitor or target) bound to one Stream."""
 
@@ -694,9 +726,6 @@ class StreamProtocol(Protocol):
         self.stream.local_lost(reason)
 
 
-IHalfCloseableProtocol.implementedBy(StreamProtocol) or implementer(IHalfCloseableProtocol)(
-    StreamProtocol
-)
 
 
 def set_nodelay(transport: Any) -> None:

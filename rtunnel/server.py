@@ -45,6 +45,7 @@ class PublicListener(Factory):
     session; while the owner is detached, visitors wait (paused)."""
 
     log = Logger()
+    noisy = False
 
     def __init__(self, owner: ServerSession, tunnel_id: int, host: str) -> None:
         self.owner: ServerSession | None = owner
@@ -127,7 +128,7 @@ class ServerSession:
         self.state = SessionState.EXPIRED
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
-        self.session.reset_all(ResetCode.EXPIRED, why)
+        self.session.close(ResetCode.EXPIRED, why)
         for listener in list(self.tunnels.values()):
             self.server.release(listener)
         self.tunnels.clear()
@@ -215,7 +216,9 @@ class TunnelServer:
         self._drained: defer.Deferred[None] | None = None
 
     def link_factory(self) -> Factory:
-        return Factory.forProtocol(lambda: ServerLink(self))
+        factory = Factory.forProtocol(lambda: ServerLink(self))
+        factory.noisy = False
+        return factory
 
     # ------------------------------------------------------------ auth
 
@@ -289,16 +292,24 @@ class TunnelServer:
         self.listeners[listener.key] = listener
         return listener
 
-    def release(self, listener: PublicListener) -> None:
+    def release(self, listener: PublicListener) -> defer.Deferred[None]:
+        """Close a public port (once) and forget who owned it."""
         listener.owner = None
-        if listener.port is not None:
-            self.listeners.pop(listener.key, None)
-            listener.port.stopListening()
+        port, listener.port = listener.port, None
+        if port is None:
+            return defer.succeed(None)
+        self.listeners.pop((listener.host, port.getHost().port), None)
+        return defer.maybeDeferred(port.stopListening)
 
     # ------------------------------------------------------------ shutdown
 
+    def _streams_to_drain(self) -> bool:
+        return any(
+            s.session.streams for s in self.sessions.values() if s.state is SessionState.CONNECTED
+        )
+
     def stream_closed(self) -> None:
-        if self._drained is not None and not any(s.session.streams for s in self.sessions.values()):
+        if self._drained is not None and not self._streams_to_drain():
             d, self._drained = self._drained, None
             d.callback(None)
 
@@ -308,14 +319,9 @@ class TunnelServer:
         for link in list(self.links):
             if link.session is not None:
                 link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down"))
-        stops = [
-            defer.maybeDeferred(listener.port.stopListening)
-            for listener in self.listeners.values()
-            if listener.port is not None
-        ]
-        self.listeners.clear()
+        stops = [self.release(listener) for listener in list(self.listeners.values())]
         drained: defer.Deferred[None] = defer.Deferred()
-        if any(s.session.streams for s in self.sessions.values()):
+        if self._streams_to_drain():
             self._drained = drained
             timeout = self.reactor.callLater(drain_timeout, lambda: drained.called or drained.callback(None))
             drained.addBoth(lambda r: timeout.active() and timeout.cancel() or r)
@@ -328,8 +334,7 @@ class TunnelServer:
             for session in list(self.sessions.values()):
                 session.expire("server shutting down", abort_link=False)
             for link in list(self.links):
-                link.closing = True
-                link.transport.loseConnection()
+                link.lose()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)

@@ -93,7 +93,7 @@ def _make_self_signed() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     hostname = socket.getfqdn() or "localhost"
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rtunnel server " + hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     alt = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     if hostname != "localhost":
         alt.insert(0, x509.DNSName(hostname))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import enum
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
@@ -29,6 +30,7 @@ MAX_U32 = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
 
 FLAG_PONG = 0x01
+MAX_REASON = 1024  # bytes of UTF-8 in an RST/GOAWAY/ERROR reason
 
 
 class FrameType(enum.IntEnum):
@@ -163,7 +165,15 @@ def encode_fin(stream_id: int, final_offset: int) -> bytes:
 
 def encode_coded(ftype: FrameType, stream_id: int, code: int, reason: str) -> bytes:
     """RST, GOAWAY and ERROR: a u16 code and a UTF-8 reason."""
-    return encode(ftype, stream_id, U16.pack(code) + reason.encode()[:1024])
+    return encode(ftype, stream_id, U16.pack(code) + _truncate_utf8(reason, MAX_REASON))
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8, never cutting a character in half."""
+    data = text.encode()
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode()
 
 
 def encode_ping(opaque: int, pong: bool = False) -> bytes:
@@ -186,7 +196,7 @@ def encode_resume(state: ResumeState) -> bytes:
 def decode_json(frame: Frame) -> dict[str, Any]:
     try:
         obj = json.loads(bytes(frame.body).decode())
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FrameError(f"{frame.type.name} body is not valid UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise FrameError(f"{frame.type.name} body must be a JSON object")

@@ -82,7 +82,7 @@ class Options(usage.Options):
         try:
             host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
             tunnels = []
-            for i, (forward, target) in enumerate(zip(self.forwards, self.targets), start=1):
+            for i, (forward, target) in enumerate(zip(self.forwards, self.targets, strict=True), start=1):
                 bind_host, bind_port = parse_host_port(forward, "-f/--forward", "0.0.0.0", allow_zero=True)
                 target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
                 tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
@@ -141,6 +141,7 @@ class ClientMainService(service.MultiService):
         self.config = config
         self.exit_on_fatal = exit_on_fatal
         self.fatal_error: str | None = None
+        self._fatal_waiters: list[defer.Deferred[str]] = []
         if config.fingerprint is not None:
             creator: Any = PinnedCertificateCreator(config.fingerprint)
         else:
@@ -162,8 +163,29 @@ class ClientMainService(service.MultiService):
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
         d = defer.maybeDeferred(self.connector.stopService)
+        waiters, self._fatal_waiters = self._fatal_waiters, []
+        for waiter in waiters:
+            waiter.callback(message)
         if self.exit_on_fatal:
             d.addBoth(lambda _: exit_process(self.reactor, 2))
+
+    def when_fatal(self) -> defer.Deferred[str]:
+        """Fires with the message of the first fatal error."""
+        d: defer.Deferred[str] = defer.Deferred()
+        if self.fatal_error is not None:
+            d.callback(self.fatal_error)
+        else:
+            self._fatal_waiters.append(d)
+        return d
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Disconnect, then close every tunnelled connection still open."""
+        link = self.client.link
+        if link is not None and link.session is not None:
+            link.session.detach()  # TLS cannot close while the session produces
+        d = defer.maybeDeferred(super().stopService)
+        d.addCallback(lambda _: self.client.shutdown())
+        return d
 
 
 def makeService(options: Options) -> service.IService:

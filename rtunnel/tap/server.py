@@ -142,7 +142,7 @@ class ServerService(service.Service):
             listen=config.listen,
             port=getattr(address, "port", DEFAULT_CONTROL_PORT),
             fp=format_fingerprint(identity.fingerprint),
-            created=" (new key and certificate in %s)" % config.state_dir if identity.created else "",
+            created=f" (new key and certificate in {config.state_dir})" if identity.created else "",
             host=host,
             token=token_arg,
         )

@@ -1,0 +1,1339 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of three paths to one local service on 127.0.0.1.
+
+* direct  -- the client tool connects straight to the service port;
+* ssh -R  -- through a private sshd started here (default cipher and
+  aes128-gcm; for the small-request tests also ``ssh -tt``, best of both);
+* rtunnel -- ``rtunnel_server`` + ``rtunnel_client`` from the venv.
+
+Every figure is reported with its ratio to direct and to ssh -R (default
+cipher).  The benchmark asserts nothing: a missing tool, or an rtunnel that
+is not installed, gives "n/a" cells.  Results go to
+``benchmarks/results/<date>.json`` and a markdown table on stdout.
+
+Standard library only.  See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import datetime
+import getpass
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LOOP = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
+AES = "aes128-gcm@openssh.com"
+
+# key, label, unit, better ("hi" or "lo")
+METRICS = [
+    ("bulk1_up", "bulk, 1 stream, visitor->service", "MB/s", "hi"),
+    ("bulk1_down", "bulk, 1 stream, service->visitor", "MB/s", "hi"),
+    ("bulk8_up", "bulk, 8 streams, visitor->service", "MB/s", "hi"),
+    ("bulk8_down", "bulk, 8 streams, service->visitor", "MB/s", "hi"),
+    ("cpu_srv_up", "CPU server side, 1 stream up", "s/GB", "lo"),
+    ("cpu_cli_up", "CPU client side, 1 stream up", "s/GB", "lo"),
+    ("cpu_srv_down", "CPU server side, 1 stream down", "s/GB", "lo"),
+    ("cpu_cli_down", "CPU client side, 1 stream down", "s/GB", "lo"),
+    ("http1k_rps", "HTTP 1 KiB, keep-alive", "req/s", "hi"),
+    ("http1k_p50", "HTTP 1 KiB, keep-alive, p50", "ms", "lo"),
+    ("http1k_p99", "HTTP 1 KiB, keep-alive, p99", "ms", "lo"),
+    ("http1m_rps", "HTTP 1 MiB, keep-alive", "req/s", "hi"),
+    ("http1m_p50", "HTTP 1 MiB, keep-alive, p50", "ms", "lo"),
+    ("http1m_p99", "HTTP 1 MiB, keep-alive, p99", "ms", "lo"),
+    ("conn_rate", "new connections (Connection: close)", "conn/s", "hi"),
+    ("conn_p50", "new connections, p50", "ms", "lo"),
+    ("conn_p99", "new connections, p99", "ms", "lo"),
+    ("rtt_mean", "64 B ping-pong round trip, mean", "us", "lo"),
+    ("rtt_p50", "64 B ping-pong round trip, p50", "us", "lo"),
+    ("rtt_p99", "64 B ping-pong round trip, p99", "us", "lo"),
+    ("rss_srv_base", "RSS server side, tunnel idle", "KB", "lo"),
+    ("rss_cli_base", "RSS client side, tunnel idle", "KB", "lo"),
+    ("rss_srv_conn", "RSS server side per idle connection", "KB/conn", "lo"),
+    ("rss_cli_conn", "RSS client side per idle connection", "KB/conn", "lo"),
+    ("wan_up", "bulk, 1 stream, 50 ms RTT, visitor->service", "MB/s", "hi"),
+    ("wan_down", "bulk, 1 stream, 50 ms RTT, service->visitor", "MB/s", "hi"),
+]
+METRIC_KEYS = [m[0] for m in METRICS]
+
+# Small-request groups: for ssh the better of -N and -tt is reported,
+# chosen per group by the first key (higher rate, or lower mean round trip).
+SMALL_GROUPS = [
+    (("http1k_rps", "http1k_p50", "http1k_p99"), "hi"),
+    (("http1m_rps", "http1m_p50", "http1m_p99"), "hi"),
+    (("conn_rate", "conn_p50", "conn_p99"), "hi"),
+    (("rtt_mean", "rtt_p50", "rtt_p99"), "lo"),
+]
+
+# Paths as reported, in table order; "ssh" is the reference.
+PATH_LABELS = {
+    "direct": "direct",
+    "ssh": "ssh -R",
+    "ssh-aes": "ssh -R aes128-gcm",
+    "rtunnel": "rtunnel",
+}
+
+
+class BenchError(Exception):
+    """A measurement could not be taken (reported, never fatal)."""
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# /proc helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOP, 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> bool:
+    """True when some socket of this network namespace listens on port."""
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "0A":
+                if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # fields after "comm)": state ppid pgrp ... utime(11) stime(12)
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children[int(fields[1])].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    ticks = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / CLK_TCK
+
+
+def rss_kb(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def raise_nofile(want: int = 16384) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every long-running process the benchmark starts; all stopped at end."""
+
+    def __init__(self, logdir: Path) -> None:
+        self.logdir = logdir
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}
+        self.count = 0
+
+    def start(self, name, cmd, cwd=None, stdin=subprocess.DEVNULL):
+        self.count += 1
+        path = self.logdir / f"{self.count:03d}-{name}.log"
+        with open(path, "wb") as out:
+            proc = subprocess.Popen(
+                [str(c) for c in cmd],
+                cwd=cwd,
+                stdin=stdin,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        self.logs[proc.pid] = path
+        return proc
+
+    def tail(self, proc, lines: int = 6) -> str:
+        try:
+            text = self.logs[proc.pid].read_text(errors="replace")
+        except (KeyError, OSError):
+            return ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def stop(self, proc, grace: float = 3.0) -> None:
+        if proc not in self.procs:
+            return
+        self.procs.remove(proc)
+        # sshd's per-connection children call setsid(): find them by ppid
+        # while the parent still lives, then signal each by pid.
+        kids = descendants(proc.pid) if proc.poll() is None else []
+        if proc.stdin:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        for pid in [proc.pid, *kids]:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except OSError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + grace
+        for pid in kids:
+            while _stat_fields(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for pid in [proc.pid, *kids]:
+            if _stat_fields(pid) is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, procs=(), what="") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return
+        for proc, procs_obj in procs:
+            if proc.poll() is not None:
+                raise BenchError(f"{what}: process exited with {proc.returncode}: {procs_obj.tail(proc)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def run_tool(cmd, timeout: float) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(
+            [str(c) for c in cmd],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise BenchError(f"{Path(cmd[0]).name} timed out after {timeout:.0f} s") from e
+
+
+# --------------------------------------------------------------------------
+# helper services run as subprocesses of this script
+
+
+def serve_echo(port: int) -> None:
+    """Echo server (epoll, TCP_NODELAY) for ping-pong and idle connections."""
+    raise_nofile()
+    sel = selectors.DefaultSelector()
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind((LOOP, port))
+    lsock.listen(4096)
+    lsock.setblocking(False)
+    sel.register(lsock, selectors.EVENT_READ, None)
+    pending: dict[socket.socket, bytearray] = {}
+
+    def close(c):
+        sel.unregister(c)
+        pending.pop(c, None)
+        c.close()
+
+    while True:
+        for key, events in sel.select():
+            if key.data is None:
+                try:
+                    c, _ = lsock.accept()
+                except OSError:
+                    continue
+                c.setblocking(False)
+                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pending[c] = bytearray()
+                sel.register(c, selectors.EVENT_READ, "c")
+                continue
+            c = key.fileobj
+            buf = pending[c]
+            if events & selectors.EVENT_READ:
+                try:
+                    data = c.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    data = None
+                except OSError:
+                    data = b""
+                if data == b"":
+                    close(c)
+                    continue
+                if data:
+                    buf += data
+            if buf:
+                try:
+                    del buf[: c.send(buf)]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    close(c)
+                    continue
+            want = selectors.EVENT_WRITE if buf else selectors.EVENT_READ
+            if key.events != want:
+                sel.modify(c, want, "c")
+
+
+def serve_delay(listen_port: int, target_port: int, delay: float) -> None:
+    """TCP proxy holding every chunk `delay` seconds in each direction."""
+    limit = 256 * 1024 * 1024  # ample buffering per direction
+
+    async def pump(reader, writer):
+        loop = asyncio.get_running_loop()
+        queue: collections.deque = collections.deque()
+        ready = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        held = [0]
+
+        async def read_side():
+            while True:
+                await room.wait()
+                try:
+                    data = await reader.read(1 << 18)
+                except OSError:
+                    data = b""
+                queue.append((loop.time() + delay, data))
+                held[0] += len(data)
+                if held[0] > limit:
+                    room.clear()
+                ready.set()
+                if not data:
+                    return
+
+        async def write_side():
+            while True:
+                while not queue:
+                    ready.clear()
+                    await ready.wait()
+                due, data = queue.popleft()
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                if not data:
+                    if writer.can_write_eof():
+                        writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+                held[0] -= len(data)
+                if held[0] <= limit:
+                    room.set()
+
+        tasks = [asyncio.ensure_future(read_side()), asyncio.ensure_future(write_side())]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def handle(creader, cwriter):
+        try:
+            ureader, uwriter = await asyncio.open_connection(LOOP, target_port, limit=1 << 20)
+        except OSError:
+            cwriter.close()
+            return
+        for w in (cwriter, uwriter):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        tasks = [
+            asyncio.ensure_future(pump(creader, uwriter)),
+            asyncio.ensure_future(pump(ureader, cwriter)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                if t.exception() is not None:
+                    break
+            else:
+                await asyncio.gather(*tasks)
+        except Exception:
+            pass
+        finally:
+            for t in tasks:
+                t.cancel()
+            cwriter.close()
+            uwriter.close()
+
+    async def main():
+        server = await asyncio.start_server(handle, LOOP, listen_port, limit=1 << 20, reuse_address=True)
+        async with server:
+            await server.serve_forever()
+
+    raise_nofile()
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------
+# tunnels
+
+
+class Tunnel:
+    def __init__(self, bench, pub_port, procs=None, server_pids=None, client_pids=None):
+        self.bench = bench
+        self.pub_port = pub_port
+        self.procs = procs if procs is not None else []  # stopped in this order
+        self.server_pids = server_pids or (lambda: [])
+        self.client_pids = client_pids or (lambda: [])
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.bench.procs.stop(proc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class DirectPath:
+    name = "direct"
+    has_procs = False
+
+    def __init__(self, bench):
+        self.b = bench
+
+    def unavailable(self):
+        return None
+
+    def open(self, service_port: int, wan: bool = False) -> Tunnel:
+        if not wan:
+            return Tunnel(self.b, service_port)
+        proxy, port = self.b.start_delay_proxy(service_port)
+        return Tunnel(self.b, port, [proxy])
+
+
+class SshPath:
+    has_procs = True
+
+    def __init__(self, bench, name, cipher=None, tty=False):
+        self.b = bench
+        self.name = name
+        self.cipher = cipher
+        self.tty = tty
+
+    def unavailable(self):
+        missing = [t for t in ("sshd", "ssh", "ssh-keygen") if not self.b.tools[t]]
+        if missing:
+            return "missing " + ", ".join(missing)
+        if not os.path.isdir("/run/sshd"):
+            try:
+                os.makedirs("/run/sshd", mode=0o755)
+            except OSError as e:
+                return f"sshd needs /run/sshd: {e}"
+        try:
+            self.b.ssh_keys()
+        except BenchError as e:
+            return str(e)
+        return None
+
+    def open(self, service_port: int, wan: bool = False) -> Tunnel:
+        d = self.b.ssh_keys()
+        sshd_port = free_port()
+        conf = d / f"sshd_config.{sshd_port}"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"Port {sshd_port}",
+                    f"ListenAddress {LOOP}",
+                    f"HostKey {d / 'host_key'}",
+                    f"PidFile {d / f'sshd.{sshd_port}.pid'}",
+                    f"AuthorizedKeysFile {d / 'authorized_keys'}",
+                    "UsePAM no",
+                    "PermitRootLogin yes",
+                    "StrictModes no",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "AllowTcpForwarding yes",
+                    "X11Forwarding no",
+                    "PrintMotd no",
+                    "PrintLastLog no",
+                    "UseDNS no",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        procs = self.b.procs
+        sshd = procs.start("sshd", [self.b.tools["sshd"], "-D", "-e", "-f", conf], cwd=d)
+        stop = [sshd]
+        tunnel = Tunnel(self.b, 0, stop)
+        try:
+            wait_for(lambda: listening(sshd_port), 10, [(sshd, procs)], "sshd")
+            connect = sshd_port
+            if wan:
+                proxy, connect = self.b.start_delay_proxy(sshd_port)
+                stop.insert(0, proxy)
+            pub = free_port()
+            cmd = [
+                self.b.tools["ssh"],
+                "-F", "/dev/null",
+                "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "BatchMode=yes",
+                "-o", "IdentitiesOnly=yes",
+                "-o", "ExitOnForwardFailure=yes",
+                "-o", "LogLevel=ERROR",
+                "-i", d / "client_key",
+                "-p", connect,
+                "-R", f"{pub}:{LOOP}:{service_port}",
+            ]  # fmt: skip
+            if self.cipher:
+                cmd += ["-c", self.cipher]
+            user = f"{getpass.getuser()}@{LOOP}"
+            if self.tty:
+                cmd += ["-tt", user, "sleep", "3600"]
+                ssh = procs.start("ssh-tt", cmd, cwd=d, stdin=subprocess.PIPE)
+            else:
+                cmd += ["-N", user]
+                ssh = procs.start("ssh", cmd, cwd=d)
+            stop.insert(0, ssh)
+            wait_for(lambda: listening(pub), 15, [(ssh, procs), (sshd, procs)], "ssh -R")
+            time.sleep(0.2)
+        except BaseException:
+            tunnel.close()
+            raise
+        tunnel.pub_port = pub
+        # the sshd listener itself is not part of the connection
+        tunnel.server_pids = lambda: descendants(sshd.pid)
+        tunnel.client_pids = lambda: [ssh.pid, *descendants(ssh.pid)]
+        return tunnel
+
+
+class RtunnelPath:
+    name = "rtunnel"
+    has_procs = True
+
+    def __init__(self, bench):
+        self.b = bench
+        self.server = self.b.venv_tool("rtunnel_server")
+        self.client = self.b.venv_tool("rtunnel_client")
+        self.token = secrets.token_hex(16)
+        self.state = None
+
+    def unavailable(self):
+        if not self.server or not self.client:
+            return "rtunnel_server/rtunnel_client not installed"
+        return None
+
+    def open(self, service_port: int, wan: bool = False) -> Tunnel:
+        procs = self.b.procs
+        if self.state is None:
+            self.state = self.b.tmp / "rtunnel-state"
+            self.state.mkdir()
+        crt = self.state / "server.crt"
+        ctrl = free_port()
+        srv_cwd = Path(tempfile.mkdtemp(prefix="srv-", dir=self.b.tmp))
+        cli_cwd = Path(tempfile.mkdtemp(prefix="cli-", dir=self.b.tmp))
+        server = procs.start(
+            "rtunnel-server",
+            [
+                self.server,
+                "--port", ctrl,
+                "--interface", LOOP,
+                "--state-dir", self.state,
+                "--token", self.token,
+            ],
+            cwd=srv_cwd,
+        )  # fmt: skip
+        stop = [server]
+        tunnel = Tunnel(self.b, 0, stop)
+        try:
+            fp: list[str] = []
+
+            def server_ready():
+                if not listening(ctrl):
+                    return False
+                try:
+                    fp[:] = [cert_fingerprint(crt)]
+                except (OSError, ValueError):
+                    return False
+                return True
+
+            wait_for(server_ready, 15, [(server, procs)], "rtunnel_server")
+            connect = ctrl
+            if wan:
+                proxy, connect = self.b.start_delay_proxy(ctrl)
+                stop.insert(0, proxy)
+            pub = free_port()
+            client = procs.start(
+                "rtunnel-client",
+                [
+                    self.client,
+                    "-c", f"{LOOP}:{connect}",
+                    "-f", pub,
+                    "-t", f"{LOOP}:{service_port}",
+                    "--token", self.token,
+                    "--fingerprint", fp[0],
+                ],
+                cwd=cli_cwd,
+            )  # fmt: skip
+            stop.insert(0, client)
+            wait_for(
+                lambda: listening(pub),
+                15,
+                [(client, procs), (server, procs)],
+                "rtunnel_client -f",
+            )
+            time.sleep(0.5)
+        except BaseException:
+            tunnel.close()
+            raise
+        tunnel.pub_port = pub
+        tunnel.server_pids = lambda: [server.pid, *descendants(server.pid)]
+        tunnel.client_pids = lambda: [client.pid, *descendants(client.pid)]
+        return tunnel
+
+
+def cert_fingerprint(path: Path) -> str:
+    text = path.read_text()
+    m = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", text, re.S)
+    if not m:
+        raise ValueError("no certificate yet")
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(m.group(0))).hexdigest()
+
+
+# --------------------------------------------------------------------------
+# parsing
+
+
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
+
+
+def parse_duration_ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if not m:
+        raise ValueError(f"bad duration {text!r}")
+    return float(m.group(1)) * _UNITS_MS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict:
+    res: dict = {}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not m:
+        raise BenchError("wrk: no Requests/sec in output: " + out.strip()[-300:])
+    res["rps"] = float(m.group(1))
+    dist = re.search(r"Latency Distribution\s*\n((?:\s+\d+%\s+\S+\s*\n)+)", out)
+    if dist:
+        for pct, val in re.findall(r"(\d+)%\s+(\S+)", dist.group(1)):
+            res[f"p{pct}_ms"] = parse_duration_ms(val)
+    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+\w*B) read", out)
+    if m:
+        res["requests"] = int(m.group(1))
+        res["duration_ms"] = parse_duration_ms(m.group(2))
+        res["read"] = m.group(3)
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["socket_errors"] = dict(
+            zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True)
+        )
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        res["non_2xx"] = int(m.group(1))
+    return res
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    k = (len(sorted_values) - 1) * p / 100
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+# --------------------------------------------------------------------------
+# the benchmark
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.bulk_secs = 2 if args.quick else 5
+        self.wrk_secs = 2 if args.quick else 5
+        self.wan_secs = 4 if args.quick else 8
+        self.rtt_rounds, self.rtt_warmup = 2000, 100
+        self.idle_conns = 2000
+        self.delay = 0.025
+        self.tmp = Path(tempfile.mkdtemp(prefix="rtunnel-bench-"))
+        os.chmod(self.tmp, 0o755)  # nginx workers may run as another user
+        self.procs = Procs(self.tmp)
+        self.tools = {
+            name: shutil.which(name, path=SBIN_PATH)
+            for name in ("iperf3", "wrk", "nginx", "ssh", "ssh-keygen")
+        }
+        # sshd must be started by absolute path (it re-executes itself)
+        self.tools["sshd"] = shutil.which("sshd", path=SBIN_PATH)
+        self._ssh_dir: Path | None = None
+        self.echo_port = self.iperf_port = self.nginx_port = None
+        self.results: dict[str, dict] = {}
+        self.raw: dict[str, dict] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.notes: dict[str, list[str]] = {}
+
+    # -- tools and services -------------------------------------------------
+
+    @staticmethod
+    def venv_tool(name: str) -> str | None:
+        cand = Path(sys.executable).parent / name
+        if cand.is_file() and os.access(cand, os.X_OK):
+            return str(cand)
+        return shutil.which(name)
+
+    def ssh_keys(self) -> Path:
+        if self._ssh_dir is None:
+            d = self.tmp / "ssh"
+            d.mkdir()
+            for key in ("host_key", "client_key"):
+                cp = run_tool(
+                    [self.tools["ssh-keygen"], "-q", "-t", "ed25519", "-N", "",
+                     "-C", "rtunnel-bench", "-f", d / key],
+                    30,
+                )  # fmt: skip
+                if cp.returncode:
+                    raise BenchError(f"ssh-keygen failed: {cp.stderr.strip()}")
+            (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+            os.chmod(d / "authorized_keys", 0o600)
+            self._ssh_dir = d
+        return self._ssh_dir
+
+    def start_helper(self, name, args, port):
+        proc = self.procs.start(name, [sys.executable, Path(__file__).resolve(), *args])
+        wait_for(lambda: listening(port), 10, [(proc, self.procs)], name)
+        return proc
+
+    def start_delay_proxy(self, target_port: int):
+        port = free_port()
+        proc = self.start_helper("delay-proxy", ["--serve-delay", f"{port}:{target_port}:{self.delay}"], port)
+        return proc, port
+
+    def start_services(self) -> None:
+        self.echo_port = free_port()
+        self.start_helper("echo", ["--serve-echo", str(self.echo_port)], self.echo_port)
+        if self.tools["iperf3"]:
+            self.iperf_port = free_port()  # server started afresh for each run
+        if self.tools["nginx"]:
+            try:
+                self.nginx_port = self.start_nginx()
+            except BenchError as e:
+                self.errors.setdefault("setup", []).append(str(e))
+
+    def start_nginx(self) -> int:
+        d = self.tmp / "nginx"
+        www = d / "www"
+        www.mkdir(parents=True)
+        for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (d / "tmp" / sub).mkdir(parents=True)
+        (www / "1k.bin").write_bytes(os.urandom(1024))
+        (www / "1m.bin").write_bytes(os.urandom(1024 * 1024))
+        for p in [d, www, *www.iterdir()]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        port = free_port()
+        user = "user root;" if os.geteuid() == 0 else ""
+        (d / "nginx.conf").write_text(
+            f"""daemon off;
+{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+worker_rlimit_nofile 16384;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_timeout 65;
+    keepalive_requests 10000000;
+    default_type application/octet-stream;
+    client_body_temp_path {d}/tmp/client;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    server {{
+        listen {LOOP}:{port} backlog=4096;
+        root {www};
+    }}
+}}
+"""
+        )
+        proc = self.procs.start(
+            "nginx",
+            [self.tools["nginx"], "-p", d, "-c", d / "nginx.conf", "-e", d / "error.log"],
+            cwd=d,
+        )
+        wait_for(lambda: listening(port), 10, [(proc, self.procs)], "nginx")
+        return port
+
+    # -- measurements ---------------------------------------------------------
+
+    def iperf(self, port: int, secs: int, parallel: int = 1, reverse: bool = False):
+        server = self.procs.start(
+            "iperf3-server",
+            [self.tools["iperf3"], "-s", "-1", "-B", LOOP, "-p", self.iperf_port],
+            cwd=self.tmp,
+        )
+        try:
+            wait_for(lambda: listening(self.iperf_port), 10, [(server, self.procs)], "iperf3 -s")
+            cmd = [self.tools["iperf3"], "-c", LOOP, "-p", port, "-t", secs, "-J",
+                   "--connect-timeout", "5000"]  # fmt: skip
+            if parallel > 1:
+                cmd += ["-P", parallel]
+            if reverse:
+                cmd.append("-R")
+            cp = run_tool(cmd, secs + 40)
+            try:
+                data = json.loads(cp.stdout)
+            except ValueError:
+                raise BenchError(
+                    f"iperf3 exit {cp.returncode}: {(cp.stdout + cp.stderr).strip()[-300:]}"
+                ) from None
+            if data.get("error"):
+                raise BenchError(f"iperf3: {data['error']}")
+            summary = data["end"]["sum_received"]
+            return {
+                "MBps": summary["bits_per_second"] / 8e6,
+                "bytes": summary["bytes"],
+                "seconds": summary["seconds"],
+                "retransmits": data["end"].get("sum_sent", {}).get("retransmits"),
+            }
+        finally:
+            self.procs.stop(server)
+
+    def wrk(self, port: int, path: str, close: bool = False) -> dict:
+        cmd = [self.tools["wrk"], "-t2", "-c32", f"-d{self.wrk_secs}s", "--latency",
+               "--timeout", "10s"]  # fmt: skip
+        if close:
+            cmd += ["-H", "Connection: close"]
+        cmd.append(f"http://{LOOP}:{port}/{path}")
+        cp = run_tool(cmd, self.wrk_secs + 40)
+        if cp.returncode:
+            raise BenchError(f"wrk exit {cp.returncode}: {cp.stderr.strip()[-300:]}")
+        return parse_wrk(cp.stdout)
+
+    def attempt(self, path_name: str, what: str, fn) -> None:
+        try:
+            fn()
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BenchError as e:
+            self.fail(path_name, f"{what}: {e}")
+        except Exception as e:  # a harness bug: report it, go on
+            self.fail(path_name, f"{what}: {type(e).__name__}: {e}")
+            if self.args.verbose:
+                traceback.print_exc()
+
+    def fail(self, path_name: str, msg: str) -> None:
+        log(f"  [{path_name}] n/a: {msg}")
+        self.errors.setdefault(path_name, []).append(msg)
+
+    def put(self, path_name: str, key: str, value, raw=None) -> None:
+        self.results[path_name][key] = value
+        if raw is not None:
+            self.raw[path_name][key] = raw
+
+    def test_bulk(self, path) -> None:
+        if not self.tools["iperf3"]:
+            raise BenchError("iperf3 not installed")
+        with path.open(self.iperf_port) as t:
+            for streams in (1, 8):
+                for direction in ("up", "down"):
+
+                    def one(streams=streams, direction=direction):
+                        srv0 = cpu_seconds(t.server_pids())
+                        cli0 = cpu_seconds(t.client_pids())
+                        r = self.iperf(t.pub_port, self.bulk_secs, streams, direction == "down")
+                        srv1 = cpu_seconds(t.server_pids())
+                        cli1 = cpu_seconds(t.client_pids())
+                        self.put(path.name, f"bulk{streams}_{direction}", r["MBps"], r)
+                        log(f"  [{path.name}] bulk {streams}x {direction}: "
+                            f"{r['MBps']:.1f} MB/s")  # fmt: skip
+                        if streams == 1 and path.has_procs and r["bytes"]:
+                            gb = r["bytes"] / 1e9
+                            self.put(path.name, f"cpu_srv_{direction}", (srv1 - srv0) / gb)
+                            self.put(path.name, f"cpu_cli_{direction}", (cli1 - cli0) / gb)
+
+                    self.attempt(path.name, f"bulk {streams}x {direction}", one)
+
+    def test_http(self, path) -> None:
+        if not self.tools["wrk"]:
+            raise BenchError("wrk not installed")
+        if not self.nginx_port:
+            raise BenchError("nginx not available")
+        with path.open(self.nginx_port) as t:
+            conn = http.client.HTTPConnection(LOOP, t.pub_port, timeout=10)
+            try:
+                conn.request("GET", "/1k.bin")
+                resp = conn.getresponse()
+                body = resp.read()
+            except OSError as e:
+                raise BenchError(f"GET /1k.bin through the path: {e}") from e
+            finally:
+                conn.close()
+            if resp.status != 200 or len(body) != 1024:
+                raise BenchError(f"GET /1k.bin: {resp.status}, {len(body)} bytes")
+            for prefix, url, close in (
+                ("http1k", "1k.bin", False),
+                ("http1m", "1m.bin", False),
+                ("conn", "1k.bin", True),
+            ):
+
+                def one(prefix=prefix, url=url, close=close):
+                    r = self.wrk(t.pub_port, url, close)
+                    rate = "conn_rate" if prefix == "conn" else f"{prefix}_rps"
+                    self.put(path.name, rate, r["rps"], r)
+                    self.put(path.name, f"{prefix}_p50", r.get("p50_ms"))
+                    self.put(path.name, f"{prefix}_p99", r.get("p99_ms"))
+                    errs = sum(r.get("socket_errors", {}).values()) + r.get("non_2xx", 0)
+                    log(f"  [{path.name}] wrk {prefix}: {r['rps']:.0f}/s "
+                        f"p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms"
+                        + (f" ({errs} errors)" if errs else ""))  # fmt: skip
+
+                self.attempt(path.name, f"wrk {prefix}", one)
+
+    def test_rtt(self, path) -> None:
+        with path.open(self.echo_port) as t:
+            s = socket.create_connection((LOOP, t.pub_port), timeout=10)
+            try:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                msg = os.urandom(64)
+                buf = bytearray(64)
+                view = memoryview(buf)
+                times = []
+                for i in range(self.rtt_warmup + self.rtt_rounds):
+                    t0 = time.perf_counter_ns()
+                    s.sendall(msg)
+                    got = 0
+                    while got < 64:
+                        n = s.recv_into(view[got:])
+                        if not n:
+                            raise BenchError("echo connection closed")
+                        got += n
+                    t1 = time.perf_counter_ns()
+                    if i >= self.rtt_warmup:
+                        times.append((t1 - t0) / 1000)
+                if bytes(buf) != msg:
+                    raise BenchError("echo returned other bytes")
+            finally:
+                s.close()
+        times.sort()
+        raw = {
+            "rounds": len(times),
+            "min_us": times[0],
+            "mean_us": sum(times) / len(times),
+            "max_us": times[-1],
+        }
+        self.put(path.name, "rtt_mean", raw["mean_us"], raw)
+        self.put(path.name, "rtt_p50", percentile(times, 50))
+        self.put(path.name, "rtt_p99", percentile(times, 99))
+        log(f"  [{path.name}] rtt p50 {percentile(times, 50):.0f} us "
+            f"p99 {percentile(times, 99):.0f} us")  # fmt: skip
+
+    def test_memory(self, path) -> None:
+        if not path.has_procs:
+            return
+        n = self.idle_conns
+        socks: list[socket.socket] = []
+        with path.open(self.echo_port) as t:
+            try:
+                time.sleep(0.5)
+                srv0, cli0 = rss_kb(t.server_pids()), rss_kb(t.client_pids())
+                deadline = time.monotonic() + 120
+                while len(socks) < n:
+                    if time.monotonic() > deadline:
+                        raise BenchError(f"only {len(socks)}/{n} connections in 120 s")
+                    batch = []
+                    for _ in range(min(100, n - len(socks))):
+                        s = socket.create_connection((LOOP, t.pub_port), timeout=15)
+                        batch.append(s)
+                        s.sendall(b"x")
+                    for s in batch:
+                        if s.recv(1) != b"x":
+                            raise BenchError("idle connection not echoed")
+                    socks.extend(batch)
+                time.sleep(1.0)
+                srv1, cli1 = rss_kb(t.server_pids()), rss_kb(t.client_pids())
+            except OSError as e:
+                raise BenchError(f"after {len(socks)} connections: {e}") from e
+            finally:
+                for s in socks:
+                    s.close()
+        raw = {"connections": n, "server_kb": [srv0, srv1], "client_kb": [cli0, cli1]}
+        self.put(path.name, "rss_srv_base", srv0, raw)
+        self.put(path.name, "rss_cli_base", cli0)
+        self.put(path.name, "rss_srv_conn", (srv1 - srv0) / n)
+        self.put(path.name, "rss_cli_conn", (cli1 - cli0) / n)
+        log(f"  [{path.name}] rss server {srv0}->{srv1} KB, client {cli0}->{cli1} KB "
+            f"for {n} connections")  # fmt: skip
+
+    def test_wan(self, path) -> None:
+        if not self.tools["iperf3"]:
+            raise BenchError("iperf3 not installed")
+        with path.open(self.iperf_port, wan=True) as t:
+            for direction in ("up", "down"):
+
+                def one(direction=direction):
+                    r = self.iperf(t.pub_port, self.wan_secs, 1, direction == "down")
+                    self.put(path.name, f"wan_{direction}", r["MBps"], r)
+                    log(f"  [{path.name}] 50 ms RTT {direction}: {r['MBps']:.1f} MB/s")
+
+                self.attempt(path.name, f"50 ms RTT {direction}", one)
+
+    # -- orchestration ----------------------------------------------------------
+
+    def plan(self, only: set[str]):
+        paths = []
+        if "direct" in only:
+            paths.append((DirectPath(self), "all"))
+        if "ssh" in only:
+            paths += [
+                (SshPath(self, "ssh"), "all"),
+                (SshPath(self, "ssh-tt", tty=True), "small"),
+                (SshPath(self, "ssh-aes", cipher=AES), "all"),
+                (SshPath(self, "ssh-aes-tt", cipher=AES, tty=True), "small"),
+            ]
+        if "rtunnel" in only:
+            paths.append((RtunnelPath(self), "all"))
+        return paths
+
+    def run(self, only: set[str]) -> None:
+        self.start_services()
+        for path, which in self.plan(only):
+            self.results[path.name] = {}
+            self.raw[path.name] = {}
+            reason = path.unavailable()
+            if reason:
+                self.fail(path.name, reason)
+                continue
+            log(f"[{path.name}]")
+            tests = [("http", self.test_http), ("rtt", self.test_rtt)]
+            if which == "all":
+                tests = [
+                    ("bulk", self.test_bulk),
+                    *tests,
+                    ("memory", self.test_memory),
+                    ("50 ms RTT", self.test_wan),
+                ]
+            for what, test in tests:
+                self.attempt(path.name, what, lambda test=test, path=path: test(path))
+        self.merge_tty()
+
+    def merge_tty(self) -> None:
+        """ssh: for small requests, keep the better of -N and -tt."""
+        for base in ("ssh", "ssh-aes"):
+            tty = f"{base}-tt"
+            if base not in self.results:
+                continue
+            a, b = self.results[base], self.results.get(tty, {})
+            for keys, better in SMALL_GROUPS:
+                va, vb = a.get(keys[0]), b.get(keys[0])
+                use_tty = vb is not None and (va is None or (vb > va if better == "hi" else vb < va))
+                variant = "-tt" if use_tty else "-N"
+                if va is None and vb is None:
+                    continue
+                self.notes.setdefault(base, []).append(f"{keys[0]}: {variant}")
+                if use_tty:
+                    for k in keys:
+                        a[k] = b.get(k)
+
+    # -- report ---------------------------------------------------------------
+
+    def report(self) -> dict:
+        direct = self.results.get("direct", {})
+        ssh = self.results.get("ssh", {})
+        paths = {}
+        for name, label in PATH_LABELS.items():
+            if name not in self.results:
+                continue
+            vals = self.results[name]
+            metrics = {}
+            for key in METRIC_KEYS:
+                v = vals.get(key)
+                metrics[key] = {
+                    "value": v,
+                    "vs_direct": ratio(v, direct.get(key)),
+                    "vs_ssh": ratio(v, ssh.get(key)),
+                }
+            paths[name] = {"label": label, "metrics": metrics}
+        return {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "quick": self.quick,
+            "settings": {
+                "bulk_seconds": self.bulk_secs,
+                "wrk": f"-t2 -c32 -d{self.wrk_secs}s --latency",
+                "wan_seconds": self.wan_secs,
+                "wan_rtt_ms": self.delay * 2000,
+                "rtt_rounds": self.rtt_rounds,
+                "rtt_warmup": self.rtt_warmup,
+                "idle_connections": self.idle_conns,
+                "ssh_cipher_default": "OpenSSH default",
+                "ssh_cipher_aes": AES,
+            },
+            "system": system_info(self.tools),
+            "metrics": [{"key": k, "label": lab, "unit": u, "better": b} for k, lab, u, b in METRICS],
+            "paths": paths,
+            "ssh_small_request_variant": self.notes,
+            "raw": self.raw,
+            "errors": self.errors,
+        }
+
+
+def ratio(v, ref):
+    if v is None or ref is None or ref == 0:
+        return None
+    return v / ref
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def fmt_ratio(r) -> str:
+    return "n/a" if r is None else f"{r:.2f}x"
+
+
+def table(report: dict) -> str:
+    paths = report["paths"]
+    header = ["metric", "unit", "better"]
+    cols = []  # (path, field)
+    for name in paths:
+        label = paths[name]["label"]
+        header.append(label)
+        cols.append((name, "value"))
+        if name != "direct":
+            header.append("/direct")
+            cols.append((name, "vs_direct"))
+        if name != "ssh":
+            header.append("/ssh")
+            cols.append((name, "vs_ssh"))
+    rows = [header]
+    for key, label, unit, better in METRICS:
+        row = [label, unit, "higher" if better == "hi" else "lower"]
+        for name, field in cols:
+            v = paths[name]["metrics"][key][field]
+            row.append(fmt(v) if field == "value" else fmt_ratio(v))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            lines.append(
+                "|" + "|".join(
+                    "-" * (w + 2) if j < 3 else "-" * (w + 1) + ":"
+                    for j, w in enumerate(widths)
+                ) + "|"
+            )  # fmt: skip
+    out = "\n".join(lines)
+    notes = []
+    for base, picks in report["ssh_small_request_variant"].items():
+        notes.append(f"{PATH_LABELS[base]}: small requests best of -N/-tt ("
+                     + ", ".join(picks) + ")")  # fmt: skip
+    for name, errs in report["errors"].items():
+        for e in errs:
+            notes.append(f"{name}: {e}")
+    if notes:
+        out += "\n\n" + "\n".join(f"* {n}" for n in notes)
+    return out
+
+
+def system_info(tools) -> dict:
+    def first_line(cmd):
+        try:
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        text = (cp.stdout + cp.stderr).strip()
+        return text.splitlines()[0] if text else None
+
+    info = {
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    if tools.get("ssh"):
+        info["ssh"] = first_line([tools["ssh"], "-V"])
+    if tools.get("iperf3"):
+        info["iperf3"] = first_line([tools["iperf3"], "--version"])
+    if tools.get("nginx"):
+        info["nginx"] = first_line([tools["nginx"], "-v"])
+    if tools.get("wrk"):
+        info["wrk"] = first_line([tools["wrk"], "--version"])
+    try:
+        from importlib.metadata import version
+
+        info["rtunnel"] = version("rtunnel")
+    except Exception:
+        info["rtunnel"] = None
+    git = shutil.which("git")
+    if git:
+        cp = subprocess.run(
+            [git, "-C", str(HERE), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+        )
+        info["commit"] = cp.stdout.strip() or None
+    return info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Benchmark direct vs ssh -R vs rtunnel on 127.0.0.1.")
+    ap.add_argument(
+        "--only",
+        default="direct,ssh,rtunnel",
+        help="comma-separated subset of direct,ssh,rtunnel (default: all)",
+    )
+    ap.add_argument("--quick", action="store_true", help="shorter runs, for development")
+    ap.add_argument("--out", help="JSON output path (default benchmarks/results/<date>.json)")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
+    ap.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--serve-delay", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.serve_echo:
+        serve_echo(args.serve_echo)
+        return 0
+    if args.serve_delay:
+        listen, target, delay = args.serve_delay.split(":")
+        serve_delay(int(listen), int(target), float(delay))
+        return 0
+
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    unknown = only - {"direct", "ssh", "rtunnel"}
+    if unknown:
+        ap.error(f"--only: unknown path(s) {', '.join(sorted(unknown))}")
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    raise_nofile()
+
+    bench = Bench(args)
+    started = time.monotonic()
+    try:
+        bench.run(only)
+    finally:
+        bench.procs.stop_all()
+        if args.keep_tmp:
+            log(f"configs and logs kept in {bench.tmp}")
+        else:
+            shutil.rmtree(bench.tmp, ignore_errors=True)
+
+    report = bench.report()
+    report["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    if args.out:
+        out = Path(args.out)
+    else:
+        stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+        out = HERE / "results" / f"{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(table(report))
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
