@@ -7,13 +7,14 @@ the tunnelled connections.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +49,17 @@ def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
     if failure.check(error.DNSLookupError):
         return ResetCode.UNREACHABLE, "host name not found"
     return ResetCode.UNREACHABLE, failure.getErrorMessage()
+
+
+def target_endpoint(reactor: Any, spec: TunnelSpec, timeout: float) -> Any:
+    """An endpoint for a tunnel's target. IP literals skip name resolution
+    (HostnameEndpoint resolves in a thread, for every connection)."""
+    try:
+        address = ipaddress.ip_address(spec.target_host)
+    except ValueError:
+        return HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout)
+    kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
+    return kind(reactor, spec.target_host, spec.target_port, timeout=timeout)
 
 
 class _TargetFactory(Factory):
@@ -202,10 +214,7 @@ class TunnelClient:
         if spec is None:
             stream.reset(ResetCode.REFUSED, f"no tunnel {tunnel_id} on this client")
             return
-        endpoint = HostnameEndpoint(
-            self.reactor, spec.target_host, spec.target_port, timeout=self.config.connect_timeout
-        )
-        d = endpoint.connect(_TargetFactory(stream))
+        d = target_endpoint(self.reactor, spec, self.config.connect_timeout).connect(_TargetFactory(stream))
         self._connecting[stream.id] = d
 
         def connected(proto: object) -> None:
