@@ -307,8 +307,10 @@ class Stream:
     def _grant_credit(self, force: bool = False) -> None:
         """Tell the peer what we consumed, if worth a frame and not paused."""
         session = self.session
-        if self._local_paused or self.local is None or self.closed:
+        if self.local is None or self.closed:
             return
+        if self._local_paused and self.recv_state is not RecvState.DONE:
+            return  # credit waits for the consumer; the final ack does not
         unreported = self.received - self.reported
         if unreported <= 0 or not session.can_send:
             return
@@ -381,8 +383,8 @@ class Stream:
             )
         self._drop_acked(received)
         self.send_limit = max(self.send_limit, limit)
-        self.reported = min(self.reported, self.received)
         self._resend()
+        self._maybe_forget()
 
     def resume_unknown_to_peer(self, open_replayed: bool) -> None:
         if open_replayed:
