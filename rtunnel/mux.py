@@ -300,6 +300,9 @@ class Stream:
             and self.local is not None
         ):
             self.recv_state = RecvState.DONE
+            # A transport that paused its producer resumes it when its buffer
+            # drains instead of shutting down: let go of it first.
+            self.local.unregisterProducer()
             self.local.loseWriteConnection()  # type: ignore[attr-defined]
             self._grant_credit(force=True)
             self._maybe_forget()
@@ -397,7 +400,7 @@ class Stream:
     def _resend(self) -> None:
         session = self.session
         max_frame = session.peer_max_frame
-        for chunk in self._unacked:
+        for chunk in list(self._unacked):
             for i in range(0, len(chunk), max_frame):
                 piece = chunk[i : i + max_frame]
                 session.write(wire.header(FrameType.DATA, self.id, len(piece)) + piece)
@@ -519,8 +522,10 @@ class Session:
 
     # IPushProducer, called by the link's transport
     def pauseProducing(self) -> None:
+        # Called from inside our own writes: only stop reading, never write.
         self._paused = True
-        self._update_all()
+        for stream in list(self.streams.values()):
+            stream.update_reading()
 
     def resumeProducing(self) -> None:
         self._paused = False
