@@ -95,6 +95,7 @@ class TunnelClient:
         self.session_id: str | None = None
         self.session_secret: str | None = None
         self.link: ClientLink | None = None
+        self.links: set[ClientLink] = set()  # every live link, handshaking or not
         self.bound: dict[int, tuple[str, int]] = {}
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
         self.failed = False
@@ -290,10 +291,32 @@ class ClientLink(ControlLink):
         super().__init__(client.reactor, client.config.keepalive)
         self.client = client
         self.handshake_done = False
+        self._handshake_call: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.client.links.add(self)
         self.send(wire.encode_json(FrameType.HELLO, self.client.hello()))
+        # TLS + WELCOME must arrive in time, or this attempt is abandoned
+        self._handshake_call = self.clock.callLater(self.keepalive.dead_after, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._handshake_call = None
+        self.log.warn(
+            "no answer from the server within {t:.0f} s of connecting; retrying",
+            t=self.keepalive.dead_after,
+        )
+        self.handshake_done = True  # explained here
+        self.abort()
+
+    def start_session(self, session: Session, resuming: bool, peer_max_frame: int) -> None:
+        self._cancel_handshake_timer()
+        super().start_session(session, resuming, peer_max_frame)
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
 
     def handshake_frame(self, frame: Frame) -> None:
         if frame.type is not FrameType.WELCOME:
@@ -309,4 +332,6 @@ class ClientLink(ControlLink):
             super().error_received(code, reason)
 
     def link_lost(self, session: Session | None, reason: Failure) -> None:
+        self._cancel_handshake_timer()
+        self.client.links.discard(self)
         self.client.link_lost(self, reason)

@@ -363,6 +363,10 @@ class Stream:
             self.send_state = SendState.DONE
         if self.send_state is SendState.DONE and self.recv_state is RecvState.DONE:
             self._close()
+            if self.local is not None:
+                # both halves are shut down; Twisted does not close the
+                # socket by itself for a half-closeable protocol
+                self.local.loseConnection()
 
     def _close(self) -> None:
         self.closed = True

@@ -180,9 +180,11 @@ class ClientMainService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """Disconnect, then close every tunnelled connection still open."""
-        link = self.client.link
-        if link is not None and link.session is not None:
-            link.session.detach()  # TLS cannot close while the session produces
+        for link in list(self.client.links):
+            if not link.handshake_done:
+                link.abort()  # TLS cannot close cleanly mid-handshake
+            elif link.session is not None:
+                link.session.detach()  # TLS cannot close while the session produces
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
         return d
