@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.protocol import Factory
@@ -197,7 +198,7 @@ class TunnelClient:
                 "talking to another machine. Check the fingerprint the server printed; if the "
                 "server's key was replaced on purpose, pass its new fingerprint."
             )
-        elif reason.check(SSL.Error):
+        elif reason.check(SSL.Error, VerificationError):
             self.fatal(
                 f"TLS with the server failed: {reason.getErrorMessage()}. Check --ca / "
                 "--fingerprint and that the server's certificate names the host you connect to."

@@ -99,6 +99,7 @@ class ServerConfig:
     listen: str
     state_dir: Path
     token: str | None = None
+    extra_clients: tuple[tuple[str, str], ...] = ()  # (credential name, token)
     cert: Path | None = None
     key: Path | None = None
     allow_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)

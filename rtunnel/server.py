@@ -208,7 +208,9 @@ class TunnelServer:
     def __init__(self, reactor: Any, config: ServerConfig, token: str) -> None:
         self.reactor = reactor
         self.config = config
-        self._token_digest = hashlib.sha256(token.encode()).digest()
+        self._credentials = {DEFAULT_CREDENTIAL: _digest(token)}
+        for name, extra in config.extra_clients:
+            self._credentials[name] = _digest(extra)
         self.sessions: dict[str, ServerSession] = {}
         self.listeners: dict[tuple[str, int], PublicListener] = {}
         self.links: set[ServerLink] = set()
@@ -226,8 +228,12 @@ class TunnelServer:
         """The credential a token proves, compared in constant time."""
         if not isinstance(token, str):
             return None
-        digest = hashlib.sha256(token.encode()).digest()
-        return DEFAULT_CREDENTIAL if hmac.compare_digest(digest, self._token_digest) else None
+        digest = _digest(token)
+        found = None
+        for name, expected in self._credentials.items():  # no early exit: constant time
+            if hmac.compare_digest(digest, expected):
+                found = name
+        return found
 
     def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
@@ -338,6 +344,10 @@ class TunnelServer:
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:

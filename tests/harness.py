@@ -195,7 +195,7 @@ class Tunnel:
     @defer.inlineCallbacks
     def start_server(self, **overrides: Any) -> Any:
         config = ServerConfig(
-            listen="tcp:0:interface=127.0.0.1",
+            listen=overrides.pop("listen", "tcp:0:interface=127.0.0.1"),
             state_dir=self.state_dir,
             token=TOKEN,
             handshake_timeout=5.0,
@@ -227,7 +227,7 @@ class Tunnel:
             server_port=self.control_port,
             tunnels=tunnels,
             token=TOKEN,
-            fingerprint=self.fingerprint,
+            fingerprint=overrides.pop("fingerprint") if "fingerprint" in overrides else self.fingerprint,
             initial_retry_delay=0.1,
             max_retry_delay=0.5,
             keepalive=Keepalive(interval=10, dead_after=30),

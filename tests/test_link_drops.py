@@ -840,3 +840,55 @@ class LinkDropTests(unittest.TestCase):
                 "attempt into the blackhole (no WELCOME ever) was never abandoned"
             )
         print(f"\nresumed {time.monotonic() - healed:.2f} s after the path healed")
+
+
+class OwnershipTests(unittest.TestCase):
+    """Ports belong to credentials; a server restart means a fresh session."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_other_credential_cannot_take_a_held_or_just_lost_port(self):
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(extra_clients=(("bob", "bob-token"),))
+        _, target = listen_target(self, Echo)
+        wanted = free_port()
+        owner = tunnel.start_client(tunnel.client_config([(wanted, target)]))
+        yield with_timeout(owner.client.when_bound(), 10)
+        intruder = tunnel.start_client(tunnel.client_config([(wanted, target)], token="bob-token"))
+        yield sleep(1.0)
+        self.assertEqual(intruder.client.bound, {}, "another credential took a held port")
+        self.assertIsNone(intruder.fatal_error)  # in_use is retried, not fatal
+        yield intruder.stopService()
+        # The owner's link drops: the port stays reserved for the grace period.
+        yield owner.stopService()
+        yield wait_until(
+            lambda: all(
+                s.state is SessionState.DETACHED
+                for s in tunnel.server.sessions.values()
+                if s.credential == "default"
+            )
+        )
+        late = tunnel.start_client(tunnel.client_config([(wanted, target)], token="bob-token"))
+        yield sleep(1.0)
+        self.assertEqual(late.client.bound, {}, "another credential took a just-lost port")
+        self.assertIn((("127.0.0.1", wanted)), tunnel.server.listeners)
+        yield late.stopService()
+
+    @defer.inlineCallbacks
+    def test_server_restart_gives_a_fresh_session_and_the_ports_back(self):
+        control = free_port()
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(listen=f"tcp:{control}:interface=127.0.0.1")
+        _, target = listen_target(self, Echo)
+        wanted = free_port()
+        service = tunnel.start_client(tunnel.client_config([(wanted, target)]))
+        yield with_timeout(service.client.when_bound(), 10)
+        first_session = service.client.session_id
+        yield tunnel.stop_server()
+        yield tunnel.start_server(listen=f"tcp:{control}:interface=127.0.0.1")
+        yield wait_until(
+            lambda: service.client.session_id != first_session and service.client.bound, 15
+        )
+        reply, reason = yield with_timeout(visit(wanted, Visitor(b"after restart")), 10)
+        self.assertEqual(reply, b"after restart")

@@ -49,6 +49,18 @@ class Options(usage.Options):
         ["max-streams", None, 4096, "Maximum open tunnelled connections per session.", int],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra_clients: list[tuple[str, str]] = []
+
+    def opt_client(self, value: str) -> None:
+        """NAME=TOKEN: another client credential with its own token (repeatable).
+        Ports belong to the credential that bound them."""
+        name, sep, token = value.partition("=")
+        if not sep or not name or not token or name == "default":
+            raise usage.UsageError(f"--client {value!r}: expected NAME=TOKEN (NAME not 'default')")
+        self.extra_clients.append((name, token))
+
     def postOptions(self) -> None:
         if not 0 < self["port"] < 65536:
             raise usage.UsageError(f"--port {self['port']} is not a port number (1-65535)")
@@ -71,6 +83,7 @@ class Options(usage.Options):
             listen=listen,
             state_dir=Path(os.path.expanduser(self["state-dir"])),
             token=token,
+            extra_clients=tuple(self.extra_clients),
             cert=Path(self["cert"]) if self["cert"] else None,
             key=Path(self["key"]) if self["key"] else None,
             allow_ports=allow,
