@@ -142,6 +142,7 @@ class TunnelClient:
             raise ProtocolViolation("WELCOME lacks session and secret")
         if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
             raise ProtocolViolation(f"WELCOME max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
+        peer_max = min(peer_max, wire.MAX_U32)
         self.link = link
         if body.get("resumed") and self.session is not None and session_id == self.session_id:
             self.log.info(
@@ -155,7 +156,7 @@ class TunnelClient:
                 "out); closing {n} tunnelled connections and binding again",
                 n=len(self.session.streams),
             )
-            self._abandon_session()
+            self.abandon_session()
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = session_id, secret
         self.bound.clear()
@@ -165,9 +166,18 @@ class TunnelClient:
 
     def shutdown(self) -> None:
         """The client is stopping: close every tunnelled connection."""
-        self._abandon_session()
+        self.abandon_session()
 
-    def _abandon_session(self) -> None:
+    def say_goodbye(self) -> None:
+        """Before a clean stop: reset our streams and tell the server we are
+        leaving, while the link is still up, so it frees our ports at once."""
+        session, link = self.session, self.link
+        if session is None or link is None or link.session is not session:
+            return
+        session.reset_all(ResetCode.SHUTDOWN, "client stopped")
+        link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client stopped"))
+
+    def abandon_session(self) -> None:
         session, self.session = self.session, None
         for call in self._bind_retries:
             if call.active():
@@ -331,6 +341,10 @@ class ClientLink(ControlLink):
             self.client.fatal(f"the server refused us: {reason}")
         else:
             super().error_received(code, reason)
+
+    def session_failed(self) -> None:
+        if self.session is not None:
+            self.client.abandon_session()
 
     def link_lost(self, session: Session | None, reason: Failure) -> None:
         self._cancel_handshake_timer()

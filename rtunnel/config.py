@@ -6,6 +6,7 @@ these frozen values and never re-validates them.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def parse_host_port(
     if not host:
         raise ConfigError(f"{what}: {text!r} has no host")
     return host, port
+
+
+def check_ip(host: str, what: str) -> None:
+    """Bind addresses must be IP literals (the server never resolves names)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{what}: {host!r} is not an IP address (e.g. 0.0.0.0, 127.0.0.1, [::])") from None
 
 
 def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:

@@ -80,10 +80,14 @@ class ControlLink(Protocol):
 
     def frame_received(self, frame: Frame) -> None:
         if frame.type is FrameType.PING:
+            if self.session is None:
+                raise ProtocolViolation("PING before the handshake")
             self._ping_received(frame)
         elif frame.type is FrameType.ERROR:
             code, reason = wire.decode_coded(frame)
+            reason = reason[:300].encode("unicode_escape").decode()
             self.error_received(code, reason)
+            self.session_failed()
             self.lose()
         elif self.session is not None:
             self.session.frame_received(frame)
@@ -110,7 +114,12 @@ class ControlLink(Protocol):
             "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason
         )
         self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
+        self.session_failed()
         self.lose()
+
+    def session_failed(self) -> None:
+        """An ERROR ends the session too (both sides forget it): resuming
+        into the state that caused the error would only repeat it."""
 
     def lose(self) -> None:
         """Close cleanly. The session lets go of the link first: TLS does not

@@ -46,6 +46,10 @@ class ProtocolViolation(Exception):
         self.code = code
 
 
+class StreamIdsExhausted(Exception):
+    """No stream id is left in this session (after 2**31 streams)."""
+
+
 class SessionSettings:
     """Tunable limits of one session (plain attributes; see docs)."""
 
@@ -239,10 +243,16 @@ class Stream:
                 f"{self.peer_consumed}..{self.sent} is the valid range"
             )
         self._drop_acked(consumed)
-        self.send_limit = max(self.send_limit, consumed + window)
+        self._raise_limit(consumed + window)
         self.flush()
         self.update_reading()
         self._maybe_forget()
+
+    def _raise_limit(self, limit: int) -> None:
+        """Take the peer's credit, but never hold more than our own cap of
+        unacknowledged bytes, whatever window the peer grants."""
+        cap = self.peer_consumed + self.session.settings.max_stream_window
+        self.send_limit = max(self.send_limit, min(limit, cap))
 
     def _drop_acked(self, offset: int) -> None:
         unacked = self._unacked
@@ -389,7 +399,7 @@ class Stream:
                 f"{self.peer_consumed}..{self.sent} is the valid range"
             )
         self._drop_acked(received)
-        self.send_limit = max(self.send_limit, limit)
+        self._raise_limit(limit)
         self._resend()
         self._maybe_forget()
 
@@ -560,11 +570,18 @@ class Session:
     def open_stream(self, tunnel_id: int, info: dict[str, Any]) -> Stream:
         """Open a stream towards the peer (server: a visitor arrived)."""
         stream_id = self._next_stream_id
+        if stream_id > wire.MAX_U32:
+            raise StreamIdsExhausted("this session has used every stream id; a new session is needed")
         self._next_stream_id += 2
         stream = Stream(self, stream_id, tunnel_id)
         self.streams[stream_id] = stream
         self.send_reliable(FrameType.OPEN, stream_id, wire.encode_open(stream_id, tunnel_id, info))
         return stream
+
+    @property
+    def queued_reliable(self) -> int:
+        """Reliable frames kept until the peer acknowledges them."""
+        return len(self._outbox)
 
     def forget(self, stream: Stream) -> None:
         if self.streams.pop(stream.id, None) is not None:
@@ -643,14 +660,13 @@ class Session:
             raise ProtocolViolation(f"OPEN for stream {stream_id} from the wrong side")
         if stream_id <= self._highest_peer_stream:
             raise ProtocolViolation(f"OPEN reuses stream id {stream_id}")
-        if len(self.streams) >= self.settings.max_streams:
-            raise ProtocolViolation(
-                f"more than {self.settings.max_streams} streams open", ErrorCode.LIMIT_EXCEEDED
-            )
-        self._highest_peer_stream = stream_id
         tunnel_id, info = wire.decode_open(frame)
+        self._highest_peer_stream = stream_id
         stream = Stream(self, stream_id, tunnel_id)
         self.streams[stream_id] = stream
+        if len(self.streams) > self.settings.max_streams:
+            stream.reset(ResetCode.LIMIT, f"more than {self.settings.max_streams} connections open")
+            return
         self.delegate.stream_opened(self, stream, tunnel_id, info)
 
     # ------------------------------------------------------------ reliability

@@ -12,6 +12,7 @@ import enum
 import errno
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from typing import Any
 
@@ -24,7 +25,7 @@ from twisted.python.failure import Failure
 from rtunnel import PROTOCOL_VERSIONS, wire
 from rtunnel.config import ServerConfig
 from rtunnel.link import ControlLink
-from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
+from rtunnel.mux import ProtocolViolation, Session, Stream, StreamIdsExhausted, StreamProtocol
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 DEFAULT_CREDENTIAL = "default"
@@ -70,8 +71,16 @@ class PublicListener(Factory):
                 n=len(session.streams),
             )
             return None
+        if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
+            self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr))
+            return None
         info = {"src": _address(addr), "dst": [self.host, self.port.getHost().port if self.port else 0]}
-        stream = session.open_stream(self.tunnel_id, info)
+        try:
+            stream = session.open_stream(self.tunnel_id, info)
+        except StreamIdsExhausted as e:
+            self.log.warn("refusing visitor: {why}", why=str(e))
+            owner.expire(str(e))
+            return None
         return StreamProtocol(stream)
 
 
@@ -89,6 +98,7 @@ class ServerSession:
         self.tunnels: dict[int, PublicListener] = {}
         self.link: ServerLink | None = None
         self.state = SessionState.CONNECTED
+        self.leaving = False
         self._grace_call: IDelayedCall | None = None
 
     # ------------------------------------------------------------ links
@@ -110,6 +120,9 @@ class ServerSession:
         if self.link is not link or self.state is SessionState.EXPIRED:
             return
         self.link = None
+        if self.leaving:
+            self.expire("the client stopped")
+            return
         self.state = SessionState.DETACHED
         grace = self.server.config.resume_grace
         self.log.info(
@@ -156,7 +169,7 @@ class ServerSession:
             if listener is not None:
                 self.server.release(listener)
         elif frame.type is FrameType.GOAWAY:
-            pass  # the client is leaving; its streams drain
+            self.leaving = True  # the client is stopping: no resume will come
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from a client")
 
@@ -168,6 +181,13 @@ class ServerSession:
             raise ProtocolViolation("BIND needs a host string and a port 0-65535")
         if tunnel_id in self.tunnels:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
+        if not _is_ip(host):
+            self.session.send_json(
+                FrameType.BIND_FAILED,
+                {"tunnel": tunnel_id, "code": "bad_address",
+                 "message": f"bind address {host[:100]!r} is not an IP address; use e.g. 0.0.0.0 or ::"},
+            )
+            return
         try:
             listener = self.server.bind(self, tunnel_id, host, port)
         except BindRefused as refusal:
@@ -184,6 +204,14 @@ class ServerSession:
         bound_port = listener.key[1]
         self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8])
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _int(body: dict[str, Any], key: str) -> int:
@@ -387,6 +415,8 @@ class ServerLink(ControlLink):
         if hello.get("protocol") != "rtunnel":
             raise ProtocolViolation("this is an rtunnel server; the client is not an rtunnel client")
         offered = hello.get("versions")
+        if isinstance(offered, list):
+            offered = [v for v in offered if isinstance(v, int) and not isinstance(v, bool)][:16]
         if not isinstance(offered, list) or not set(offered) & set(PROTOCOL_VERSIONS):
             self.close_with_error(
                 ErrorCode.UNSUPPORTED_VERSION,
@@ -434,6 +464,10 @@ class ServerLink(ControlLink):
             peer=self.peer_description(),
         )
         owner.attach_link(self, resumed, min(peer_max, wire.MAX_U32))
+
+    def session_failed(self) -> None:
+        if self.owner is not None:
+            self.owner.expire("protocol error")
 
     def link_lost(self, session: Session | None, reason: Failure) -> None:
         if self._handshake_call is not None and self._handshake_call.active():

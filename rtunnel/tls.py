@@ -136,9 +136,15 @@ def load_server_identity(
     key_pem = _read(key_path, "private key")
     try:
         fingerprint = fingerprint_of_pem(cert_pem)
-        crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
-    except (ValueError, crypto.Error) as e:
+        cert_public = x509.load_pem_x509_certificate(cert_pem).public_key()
+        key_public = serialization.load_pem_private_key(key_pem, None).public_key()
+    except (ValueError, TypeError) as e:
         raise ConfigError(f"{cert_path} / {key_path} is not a PEM certificate and key: {e}") from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert_public.public_bytes(serialization.Encoding.DER, spki) != key_public.public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise ConfigError(f"the key {key_path} does not belong to the certificate {cert_path}")
     return ServerIdentity(cert_pem, key_pem, fingerprint, created)
 
 

@@ -860,7 +860,9 @@ class OwnershipTests(unittest.TestCase):
         self.assertEqual(intruder.client.bound, {}, "another credential took a held port")
         self.assertIsNone(intruder.fatal_error)  # in_use is retried, not fatal
         yield intruder.stopService()
-        # The owner's link drops: the port stays reserved for the grace period.
+        # The owner's link drops (no goodbye, as in a crash): the port stays
+        # reserved for the grace period.
+        self.patch(owner.client, "say_goodbye", lambda: None)
         yield owner.stopService()
         yield wait_until(
             lambda: all(
@@ -892,3 +894,14 @@ class OwnershipTests(unittest.TestCase):
         )
         reply, reason = yield with_timeout(visit(wanted, Visitor(b"after restart")), 10)
         self.assertEqual(reply, b"after restart")
+
+    @defer.inlineCallbacks
+    def test_clean_client_stop_frees_its_session_and_ports_at_once(self):
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        wanted = free_port()
+        service = tunnel.start_client(tunnel.client_config([(wanted, target)]))
+        yield with_timeout(service.client.when_bound(), 10)
+        yield service.stopService()
+        yield wait_until(lambda: not tunnel.server.sessions and not tunnel.server.listeners, 5)

@@ -138,3 +138,17 @@ class KeyMaterialTests(unittest.SynchronousTestCase):
         with self.assertRaises(StateDirError) as caught:
             load_or_create_token(blocker / "state")
         self.assertIn("choose another --state-dir", str(caught.exception))
+
+
+class CertificateMismatchTests(unittest.SynchronousTestCase):
+    def test_key_of_another_certificate_is_refused_at_start(self):
+        from rtunnel.errors import ConfigError
+
+        first, second = Path(self.mktemp()), Path(self.mktemp())
+        first.mkdir()
+        second.mkdir()
+        _, cert, _ = make_ca_and_server(first, "localhost")
+        _, _, other_key = make_ca_and_server(second, "localhost")
+        with self.assertRaises(ConfigError) as caught:
+            load_server_identity(Path(self.mktemp()), cert, other_key)
+        self.assertIn("does not belong to the certificate", str(caught.exception))

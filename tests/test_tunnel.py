@@ -209,3 +209,30 @@ class ConfigTests(unittest.SynchronousTestCase):
         self.assertRaises(ConfigError, parse_host_port, "::1:3000", "t", "localhost")
         self.assertRaises(ConfigError, parse_host_port, "h:99999", "t", "localhost")
         self.assertRaises(ConfigError, parse_host_port, "0", "t", "localhost")
+
+
+class ClientOptionTests(unittest.SynchronousTestCase):
+    def parse(self, *argv: str):
+        from rtunnel.tap.client import Options
+
+        options = Options()
+        options.parseOptions(["-c", "srv", "--token", "t", "--fingerprint", "ab" * 32, *argv])
+        return options.config
+
+    def test_pairs_of_forward_and_target_make_tunnels(self):
+        config = self.parse("-f", "4000", "-t", "3000", "-f", "[::]:0", "-t", "[::1]:22")
+        self.assertEqual(
+            [(t.bind_host, t.bind_port, t.target_host, t.target_port) for t in config.tunnels],
+            [("0.0.0.0", 4000, "localhost", 3000), ("::", 0, "::1", 22)],
+        )
+        self.assertEqual((config.server_host, config.server_port), ("srv", 19050))
+
+    def test_bad_forward_options_are_usage_errors(self):
+        from twisted.python.usage import UsageError
+
+        for argv in (
+            ("-f", "4000"),
+            ("-f", "4000", "-t", "3000", "-f", "4000", "-t", "3001"),
+            ("-f", "myhost:4000", "-t", "3000"),
+        ):
+            self.assertRaises(UsageError, self.parse, *argv)

@@ -16,8 +16,8 @@ from twisted.python.failure import Failure
 
 from rtunnel import DEFAULT_CONTROL_PORT
 from rtunnel.client import TunnelClient, retry_policy
-from rtunnel.config import ClientConfig, TunnelSpec, parse_host_port
-from rtunnel.errors import RtunnelError
+from rtunnel.config import ClientConfig, TunnelSpec, check_ip, parse_host_port
+from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import PinnedCertificateCreator, ca_creator, parse_fingerprint
 
@@ -84,6 +84,9 @@ class Options(usage.Options):
             tunnels = []
             for i, (forward, target) in enumerate(zip(self.forwards, self.targets, strict=True), start=1):
                 bind_host, bind_port = parse_host_port(forward, "-f/--forward", "0.0.0.0", allow_zero=True)
+                check_ip(bind_host, "-f/--forward")
+                if bind_port and any((t.bind_host, t.bind_port) == (bind_host, bind_port) for t in tunnels):
+                    raise ConfigError(f"-f/--forward {forward} is given twice")
                 target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
                 tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
@@ -180,6 +183,7 @@ class ClientMainService(service.MultiService):
 
     def stopService(self) -> defer.Deferred[None]:
         """Disconnect, then close every tunnelled connection still open."""
+        self.client.say_goodbye()
         for link in list(self.client.links):
             if not link.handshake_done:
                 link.abort()  # TLS cannot close cleanly mid-handshake
