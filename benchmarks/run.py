@@ -79,6 +79,22 @@ METRICS = [
 ]
 METRIC_KEYS = [m[0] for m in METRICS]
 
+# Scaling: nginx 1 KiB keep-alive through each path with this many concurrent
+# connections (wrk -c N, -t2 or -t1 for one connection), each run bounded by
+# the wrk duration.  For ssh the better of -N and -tt is kept at each level.
+SCALE_LEVELS = (1, 10, 100, 1000)
+SCALE_PATHS = ("direct", "ssh", "ssh-tt", "rtunnel")
+
+# --tests names of the measurements
+TEST_NAMES = {
+    "bulk": "bulk",
+    "http": "http",
+    "rtt": "rtt",
+    "memory": "memory",
+    "50 ms RTT": "wan",
+    "scaling": "scale",
+}
+
 # Small-request groups: for ssh the better of -N and -tt is reported,
 # chosen per group by the first key (higher rate, or lower mean round trip).
 SMALL_GROUPS = [
@@ -755,6 +771,9 @@ class Bench:
         self.raw: dict[str, dict] = {}
         self.errors: dict[str, list[str]] = {}
         self.notes: dict[str, list[str]] = {}
+        self.scale_levels: tuple[int, ...] = tuple(args.scale_levels)
+        self.tests = set(args.tests)
+        self.scale: dict[str, dict[int, dict]] = {}
 
     # -- tools and services -------------------------------------------------
 
@@ -886,9 +905,10 @@ http {{
         finally:
             self.procs.stop(server)
 
-    def wrk(self, port: int, path: str, close: bool = False) -> dict:
-        cmd = [self.tools["wrk"], "-t2", "-c32", f"-d{self.wrk_secs}s", "--latency",
-               "--timeout", "10s"]  # fmt: skip
+    def wrk(self, port: int, path: str, close: bool = False, conns: int = 32) -> dict:
+        threads = min(2, conns)
+        cmd = [self.tools["wrk"], f"-t{threads}", f"-c{conns}", f"-d{self.wrk_secs}s",
+               "--latency", "--timeout", "10s"]  # fmt: skip
         if close:
             cmd += ["-H", "Connection: close"]
         cmd.append(f"http://{LOOP}:{port}/{path}")
@@ -1065,6 +1085,35 @@ http {{
 
                 self.attempt(path.name, f"50 ms RTT {direction}", one)
 
+    def test_scale(self, path) -> None:
+        """nginx 1 KiB keep-alive with 1, 10, 100, 1000 concurrent connections."""
+        if not self.tools["wrk"]:
+            raise BenchError("wrk not installed")
+        if not self.nginx_port:
+            raise BenchError("nginx not available")
+        results = self.scale.setdefault(path.name, {})
+        with path.open(self.nginx_port) as t:
+            for conns in self.scale_levels:
+
+                def one(conns=conns):
+                    srv0, cli0 = cpu_seconds(t.server_pids()), cpu_seconds(t.client_pids())
+                    t0 = time.monotonic()
+                    r = self.wrk(t.pub_port, "1k.bin", conns=conns)
+                    wall = time.monotonic() - t0
+                    srv1, cli1 = cpu_seconds(t.server_pids()), cpu_seconds(t.client_pids())
+                    errs = sum(r.get("socket_errors", {}).values()) + r.get("non_2xx", 0)
+                    r["errors"] = errs
+                    if path.has_procs:
+                        # share of one core used by each tunnel end during the run
+                        r["cpu_srv_core"] = (srv1 - srv0) / wall
+                        r["cpu_cli_core"] = (cli1 - cli0) / wall
+                    results[conns] = r
+                    log(f"  [{path.name}] scale c={conns}: {r['rps']:.0f}/s "
+                        f"p50 {r.get('p50_ms')} ms p99 {r.get('p99_ms')} ms"
+                        + (f" ({errs} errors)" if errs else ""))  # fmt: skip
+
+                self.attempt(path.name, f"scale c={conns}", one)
+
     # -- orchestration ----------------------------------------------------------
 
     def plan(self, only: set[str]):
@@ -1100,9 +1149,29 @@ http {{
                     ("memory", self.test_memory),
                     ("50 ms RTT", self.test_wan),
                 ]
+            if path.name in SCALE_PATHS and self.scale_levels:
+                tests.append(("scaling", self.test_scale))
+            tests = [(w, t) for w, t in tests if TEST_NAMES[w] in self.tests]
+            if not tests:
+                continue
             for what, test in tests:
                 self.attempt(path.name, what, lambda test=test, path=path: test(path))
         self.merge_tty()
+        self.merge_scale_tty()
+
+    def merge_scale_tty(self) -> None:
+        """ssh scaling: at each level keep the better of -N and -tt."""
+        a, b = self.scale.get("ssh"), self.scale.pop("ssh-tt", None)
+        if a is None or b is None:
+            if b is not None:
+                self.scale["ssh"] = b
+            return
+        for conns in self.scale_levels:
+            va, vb = a.get(conns), b.get(conns)
+            if vb is not None and (va is None or vb["rps"] > va["rps"]):
+                a[conns] = dict(vb, variant="-tt")
+            elif va is not None:
+                va["variant"] = "-N"
 
     def merge_tty(self) -> None:
         """ssh: for small requests, keep the better of -N and -tt."""
@@ -1145,6 +1214,8 @@ http {{
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "quick": self.quick,
             "settings": {
+                "scaling": f"wrk -t2 (-t1 for 1) -c N -d{self.wrk_secs}s --latency, "
+                f"nginx /1k.bin keep-alive, N in {list(self.scale_levels)}",
                 "bulk_seconds": self.bulk_secs,
                 "wrk": f"-t2 -c32 -d{self.wrk_secs}s --latency",
                 "wan_seconds": self.wan_secs,
@@ -1159,9 +1230,38 @@ http {{
             "metrics": [{"key": k, "label": lab, "unit": u, "better": b} for k, lab, u, b in METRICS],
             "paths": paths,
             "ssh_small_request_variant": self.notes,
+            "scaling": self.scale_report(),
             "raw": self.raw,
             "errors": self.errors,
         }
+
+    def scale_report(self) -> dict:
+        direct, ssh = self.scale.get("direct", {}), self.scale.get("ssh", {})
+        paths = {}
+        for name in PATH_LABELS:
+            if name not in self.scale:
+                continue
+            levels = {}
+            for conns in self.scale_levels:
+                r = self.scale[name].get(conns)
+                if r is None:
+                    levels[str(conns)] = None
+                    continue
+                d, s = direct.get(conns, {}), ssh.get(conns, {})
+                levels[str(conns)] = {
+                    "rps": r["rps"],
+                    "p50_ms": r.get("p50_ms"),
+                    "p99_ms": r.get("p99_ms"),
+                    "errors": r.get("errors", 0),
+                    "rps_vs_direct": ratio(r["rps"], d.get("rps")),
+                    "rps_vs_ssh": ratio(r["rps"], s.get("rps")),
+                    "p99_vs_ssh": ratio(r.get("p99_ms"), s.get("p99_ms")),
+                    "cpu_srv_core": r.get("cpu_srv_core"),
+                    "cpu_cli_core": r.get("cpu_cli_core"),
+                    "ssh_variant": r.get("variant"),
+                }
+            paths[name] = {"label": PATH_LABELS[name], "levels": levels}
+        return {"levels": list(self.scale_levels), "paths": paths}
 
 
 def ratio(v, ref):
@@ -1223,6 +1323,9 @@ def table(report: dict) -> str:
                 ) + "|"
             )  # fmt: skip
     out = "\n".join(lines)
+    scale = scale_table(report.get("scaling") or {})
+    if scale:
+        out += "\n\n" + scale
     notes = []
     for base, picks in report["ssh_small_request_variant"].items():
         notes.append(f"{PATH_LABELS[base]}: small requests best of -N/-tt ("
@@ -1233,6 +1336,43 @@ def table(report: dict) -> str:
     if notes:
         out += "\n\n" + "\n".join(f"* {n}" for n in notes)
     return out
+
+
+def scale_table(scaling: dict) -> str:
+    """Markdown table: one row per (path, connections)."""
+    paths = scaling.get("paths") or {}
+    if not paths:
+        return ""
+    header = ["scaling, 1 KiB keep-alive", "conns", "req/s", "/direct", "/ssh",
+              "p50 ms", "p99 ms", "p99 /ssh", "errors", "CPU srv", "CPU cli"]  # fmt: skip
+    rows = [header]
+    for name, entry in paths.items():
+        for conns, r in entry["levels"].items():
+            label = entry["label"]
+            if r is None:
+                rows.append([label, conns] + ["n/a"] * (len(header) - 2))
+                continue
+            if r.get("ssh_variant"):
+                label += f" ({r['ssh_variant']})"
+            rows.append([
+                label, conns, fmt(r["rps"]),
+                "" if name == "direct" else fmt_ratio(r["rps_vs_direct"]),
+                "" if name == "ssh" else fmt_ratio(r["rps_vs_ssh"]),
+                fmt(r["p50_ms"]), fmt(r["p99_ms"]),
+                "" if name == "ssh" else fmt_ratio(r["p99_vs_ssh"]),
+                str(r["errors"]),
+                "" if r.get("cpu_srv_core") is None else f"{r['cpu_srv_core']:.0%}",
+                "" if r.get("cpu_cli_core") is None else f"{r['cpu_cli_core']:.0%}",
+            ])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
+                                        for j, w in enumerate(widths)) + "|")  # fmt: skip
+    return "\n".join(lines)
 
 
 def system_info(tools) -> dict:
@@ -1249,6 +1389,28 @@ def system_info(tools) -> dict:
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
     }
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
+        info["cpu_model"] = m.group(1) if m else None
+    except OSError:
+        pass
+    try:
+        info["loadavg_at_end"] = " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        pass
+    # the tunnel's libraries, as the venv's rtunnel sees them
+    probe = (
+        "import twisted, OpenSSL; from OpenSSL import SSL; "
+        "print(twisted.__version__, OpenSSL.__version__, "
+        "SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(), sep='|')"
+    )
+    try:
+        cp = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        twisted_v, pyopenssl_v, openssl_v = cp.stdout.strip().split("|")
+        info.update(twisted=twisted_v, pyopenssl=pyopenssl_v, openssl_pyopenssl=openssl_v)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
     if tools.get("ssh"):
         info["ssh"] = first_line([tools["ssh"], "-V"])
     if tools.get("iperf3"):
@@ -1282,8 +1444,22 @@ def main(argv=None) -> int:
         help="comma-separated subset of direct,ssh,rtunnel (default: all)",
     )
     ap.add_argument("--quick", action="store_true", help="shorter runs, for development")
+    ap.add_argument(
+        "--tests",
+        type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+        default=list(TEST_NAMES.values()),
+        help="comma-separated subset of " + ",".join(TEST_NAMES.values()) + " (default: all)",
+    )
     ap.add_argument("--out", help="JSON output path (default benchmarks/results/<date>.json)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    ap.add_argument(
+        "--scale",
+        dest="scale_levels",
+        type=lambda text: [int(x) for x in text.split(",") if x.strip()],
+        default=list(SCALE_LEVELS),
+        help="concurrent connections for the scaling test, comma-separated "
+        "(default 1,10,100,1000; empty to skip)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     ap.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--serve-delay", help=argparse.SUPPRESS)
@@ -1301,6 +1477,9 @@ def main(argv=None) -> int:
     unknown = only - {"direct", "ssh", "rtunnel"}
     if unknown:
         ap.error(f"--only: unknown path(s) {', '.join(sorted(unknown))}")
+    unknown = set(args.tests) - set(TEST_NAMES.values())
+    if unknown:
+        ap.error(f"--tests: unknown test(s) {', '.join(sorted(unknown))}")
 
     def on_signal(signum, frame):
         raise SystemExit(128 + signum)
@@ -1312,6 +1491,10 @@ def main(argv=None) -> int:
     bench = Bench(args)
     started = time.monotonic()
     try:
+        loadavg_start = " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        loadavg_start = None
+    try:
         bench.run(only)
     finally:
         bench.procs.stop_all()
@@ -1322,6 +1505,7 @@ def main(argv=None) -> int:
 
     report = bench.report()
     report["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    report["system"]["loadavg_at_start"] = loadavg_start
     if args.out:
         out = Path(args.out)
     else:
