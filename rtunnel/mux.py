@@ -198,9 +198,14 @@ class Stream:
     # ------------------------------------------------------------ send path
 
     def flush(self) -> None:
-        """Send pending bytes within the peer's credit, if a link is usable."""
+        """Send pending bytes within the peer's credit, if the link takes them.
+
+        While the link's transport asks us to pause, bytes wait here (at most
+        one read per stream) and the stream asks to be flushed on resume."""
         session = self.session
-        if not session.can_send:
+        if not session.can_read:
+            if self._pending:
+                session.wait_for_link(self)
             return
         max_frame = session.peer_max_frame
         pending = self._pending
@@ -228,6 +233,8 @@ class Stream:
             and self.sent < self.send_limit
         )
         local = self.local
+        if not should_read and self.session.link_paused:
+            self.session.wait_for_link(self)
         if local is None or should_read == self._reading:
             return
         self._reading = should_read
@@ -466,6 +473,7 @@ class Session:
         self._ack_timer: IDelayedCall | None = None
         self._credit_timer: IDelayedCall | None = None
         self._credit_due: set[Stream] = set()
+        self._link_waiters: dict[int, Stream] = {}
         self.goaway_received = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -535,15 +543,27 @@ class Session:
             stream.update_reading()
 
     # IPushProducer, called by the link's transport
+    @property
+    def link_paused(self) -> bool:
+        return self._paused and self.link is not None and not self._resuming
+
+    def wait_for_link(self, stream: Stream) -> None:
+        """`stream` has bytes or reading held back by a paused link."""
+        self._link_waiters[stream.id] = stream
+
     def pauseProducing(self) -> None:
-        # Called from inside our own writes: only stop reading, never write.
+        # Called from inside our own writes: never write here. Streams stop
+        # reading lazily: each one that reads while the link is paused holds
+        # that read and pauses its socket (no epoll change for idle streams).
         self._paused = True
-        for stream in list(self.streams.values()):
-            stream.update_reading()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        self._update_all()
+        waiters, self._link_waiters = self._link_waiters, {}
+        for stream in waiters.values():  # oldest first; re-blocked ones go last
+            if not stream.closed:
+                stream.flush()
+                stream.update_reading()
 
     def stopProducing(self) -> None:
         self._paused = True

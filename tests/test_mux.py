@@ -441,32 +441,42 @@ class ResetTests(MuxTestCase):
 
 
 class LinkBackpressureTests(MuxTestCase):
-    def test_link_pause_pauses_every_local_reader(self):
+    def test_link_pause_stops_each_reader_at_its_next_read(self):
+        """A paused link costs idle streams nothing; a stream that reads
+        holds that read, pauses its socket, and sends it on resume."""
         pair = Pair()
         ends = [pair.open() for _ in range(3)]
         pair.server.pauseProducing()  # the link's write buffer is full
         for server_end, client_end in ends:
-            self.assertEqual(server_end.transport.producerState, "paused")
+            self.assertEqual(server_end.transport.producerState, "producing")
             self.assertEqual(client_end.transport.producerState, "producing")
         ends[0][0].send(b"waiting")
         pair.pump()
-        self.assertEqual(ends[0][1].received, b"")
+        self.assertEqual(ends[0][1].received, b"")  # held while the link is paused
+        self.assertEqual(ends[0][0].transport.producerState, "paused")
+        self.assertEqual(ends[1][0].transport.producerState, "producing")
         pair.server.resumeProducing()
         for server_end, _ in ends:
             self.assertEqual(server_end.transport.producerState, "producing")
         pair.pump()
         self.assertEqual(ends[0][1].received, b"waiting")
 
-    def test_client_link_pause_pauses_client_readers(self):
+    def test_client_link_pause_holds_client_reads(self):
         pair = Pair()
         ends = [pair.open() for _ in range(2)]
         pair.client.pauseProducing()
         for server_end, client_end in ends:
+            client_end.send(b"reply")
+        pair.pump()
+        for server_end, client_end in ends:
             self.assertEqual(client_end.transport.producerState, "paused")
             self.assertEqual(server_end.transport.producerState, "producing")
+            self.assertEqual(server_end.received, b"")
         pair.client.resumeProducing()
-        for _, client_end in ends:
+        pair.pump()
+        for server_end, client_end in ends:
             self.assertEqual(client_end.transport.producerState, "producing")
+            self.assertEqual(server_end.received, b"reply")
 
     def test_session_is_the_link_transports_producer(self):
         pair = Pair()
