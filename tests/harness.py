@@ -38,18 +38,11 @@ def pattern(seed: int, size: int) -> bytes:
 # ---------------------------------------------------------------- targets
 
 
-@implementer(IHalfCloseableProtocol)
-class Echo(Protocol):
-    """Echoes everything; half-closes after the peer half-closes."""
+class Target(Protocol):
+    """A local service: its factory tracks open connections and close reasons."""
 
     def connectionMade(self) -> None:
         self.factory.connections.append(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseWriteConnection()
 
     def writeConnectionLost(self) -> None:
         pass
@@ -60,11 +53,22 @@ class Echo(Protocol):
 
 
 @implementer(IHalfCloseableProtocol)
-class HashReply(Protocol):
+class Echo(Target):
+    """Echoes everything; half-closes after the peer half-closes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseWriteConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class HashReply(Target):
     """Reads until EOF, then answers with the SHA-256 of what it read."""
 
     def connectionMade(self) -> None:
-        self.factory.connections.append(self)
+        super().connectionMade()
         self.hash = hashlib.sha256()
         self.count = 0
 
@@ -76,25 +80,14 @@ class HashReply(Protocol):
         self.transport.write(f"{self.count} {self.hash.hexdigest()}".encode())
         self.transport.loseWriteConnection()
 
-    def writeConnectionLost(self) -> None:
-        pass
 
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.factory.connections.remove(self)
-        self.factory.lost.append(reason)
-
-
-class Source(Protocol):
+class Source(Target):
     """Sends `factory.size` bytes of pattern(seed) at once, then closes."""
 
     def connectionMade(self) -> None:
-        self.factory.connections.append(self)
+        super().connectionMade()
         self.transport.write(pattern(self.factory.seed, self.factory.size))
         self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.factory.connections.remove(self)
-        self.factory.lost.append(reason)
 
 
 class TargetFactory(Factory):
