@@ -24,7 +24,7 @@ from rtunnel import PROTOCOL_VERSIONS, wire
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.link import ControlLink
 from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
-from rtunnel.tls import PinnedCertificateCreator, format_fingerprint
+from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
@@ -201,7 +201,17 @@ class TunnelClient:
 
     def _explain_failed_handshake(self, reason: Failure) -> None:
         creator = self.tls_creator
-        if isinstance(creator, PinnedCertificateCreator) and creator.mismatch is not None:
+        if isinstance(creator, TrustOnFirstUseCreator) and creator.store_error is not None:
+            self.fatal(creator.store_error)
+        elif isinstance(creator, TrustOnFirstUseCreator) and creator.mismatch is not None:
+            assert creator.fingerprint is not None
+            self.fatal(
+                f"the certificate of {creator.key} has CHANGED: stored "
+                f"{format_fingerprint(creator.fingerprint)}, now {format_fingerprint(creator.mismatch)}. "
+                "Someone may be intercepting, or the server's key was replaced. If you trust the "
+                f"new key, remove the line for {creator.key} from {creator.path}."
+            )
+        elif isinstance(creator, PinnedCertificateCreator) and creator.mismatch is not None:
             self.fatal(
                 f"the server's certificate has fingerprint {format_fingerprint(creator.mismatch)} "
                 f"but --fingerprint is {format_fingerprint(creator.fingerprint)}: you may be "

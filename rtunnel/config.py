@@ -109,6 +109,8 @@ class ServerConfig:
     state_dir: Path
     token: str | None = None
     extra_clients: tuple[tuple[str, str], ...] = ()  # (credential name, token)
+    clients_file: Path | None = None  # TOML file of per-client tokens and policy (rtunnel.auth)
+    bind_default: tuple[str, ...] = ("0.0.0.0", "::")  # bind list of clients-file clients without one
     cert: Path | None = None
     key: Path | None = None
     allow_ports: tuple[tuple[int, int], ...] = ((1024, 65535),)

@@ -1,5 +1,7 @@
 """Console scripts: `rtunnel_server` and `rtunnel_client` run the twistd
-plugins in the foreground with no pid file, so they share every option."""
+plugins in the foreground with no pid file, so they share every option.
+`rtunnel_server add-client NAME --ports …` is a plain command (not twistd)
+that adds a client to the clients file and prints its token once."""
 
 from __future__ import annotations
 
@@ -14,6 +16,10 @@ def _run(plugin: str) -> None:
 
 
 def server_main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "add-client":
+        from rtunnel.tap.server import add_client_main
+
+        sys.exit(add_client_main(sys.argv[2:]))
     _run("rtunnel-server")
 
 

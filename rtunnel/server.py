@@ -22,13 +22,23 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel import PROTOCOL_VERSIONS, auth, wire
+from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
+from rtunnel.errors import ConfigError
 from rtunnel.link import ControlLink
-from rtunnel.mux import ProtocolViolation, Session, Stream, StreamIdsExhausted, StreamProtocol
+from rtunnel.mux import (
+    ProtocolViolation,
+    Session,
+    SessionSettings,
+    Stream,
+    StreamIdsExhausted,
+    StreamProtocol,
+)
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 DEFAULT_CREDENTIAL = "default"
+PICK_PORT_ATTEMPTS = 256  # ports tried in a client's ranges for "-f 0"
 
 
 class SessionState(enum.Enum):
@@ -94,7 +104,9 @@ class ServerSession:
         self.credential = credential
         self.id = secrets.token_hex(16)
         self.secret = secrets.token_hex(32)
-        self.session = Session(server.reactor, self, is_server=True, settings=server.config.session)
+        self.session = Session(
+            server.reactor, self, is_server=True, settings=server.settings_for(credential)
+        )
         self.tunnels: dict[int, PublicListener] = {}
         self.link: ServerLink | None = None
         self.state = SessionState.CONNECTED
@@ -229,16 +241,30 @@ class BindRefused(Exception):
 
 
 class TunnelServer:
-    """Every session and public listener of one server process."""
+    """Every session and public listener of one server process.
+
+    Credentials: the server's token ("default"), each `--client NAME=TOKEN`
+    (these two follow the server-wide --allow-ports, any bind address), and
+    the clients of the clients file (rtunnel.auth), each with its own policy.
+    """
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: ServerConfig, token: str) -> None:
+    def __init__(
+        self, reactor: Any, config: ServerConfig, token: str | None,
+        clients: dict[str, ClientPolicy] | None = None,
+    ) -> None:
         self.reactor = reactor
         self.config = config
-        self._credentials = {DEFAULT_CREDENTIAL: _digest(token)}
+        self._credentials: dict[str, bytes] = {}
+        if token:
+            self._credentials[DEFAULT_CREDENTIAL] = _digest(token)
         for name, extra in config.extra_clients:
             self._credentials[name] = _digest(extra)
+        self.clients: dict[str, ClientPolicy] = {}
+        if clients:
+            self.check_clients(clients)
+            self.clients = dict(clients)
         self.sessions: dict[str, ServerSession] = {}
         self.listeners: dict[tuple[str, int], PublicListener] = {}
         self.links: set[ServerLink] = set()
@@ -261,7 +287,67 @@ class TunnelServer:
         for name, expected in self._credentials.items():  # no early exit: constant time
             if hmac.compare_digest(digest, expected):
                 found = name
+        policy = auth.authenticate(self.clients, token)  # also compares against every client
+        if policy is not None:
+            found = policy.name
         return found
+
+    def policy_for(self, credential: str) -> ClientPolicy | None:
+        """The clients-file policy of a credential; None for the server's
+        --token and --client credentials (server-wide --allow-ports)."""
+        return self.clients.get(credential)
+
+    def settings_for(self, credential: str) -> SessionSettings:
+        """Session settings for a new session: a per-client copy whose
+        max_streams is the client's own."""
+        base = self.config.session
+        policy = self.policy_for(credential)
+        if policy is None:
+            return base
+        return _settings_with(base, policy.max_streams)
+
+    def check_clients(self, clients: dict[str, ClientPolicy]) -> None:
+        clash = sorted(set(clients) & set(self._credentials))
+        if clash:
+            raise ConfigError(
+                f"{self.config.clients_file}: client {clash[0]!r} is also given with --client or "
+                "is reserved; use another name"
+            )
+
+    def set_clients(self, clients: dict[str, ClientPolicy]) -> dict[str, list[str]]:
+        """Replace the clients-file policies (SIGHUP). Sessions of removed
+        clients (or of clients whose token changed) end and free their
+        ports; other sessions stay, and their new binds follow the new
+        policy. Raises ConfigError (changing nothing) if the set clashes."""
+        self.check_clients(clients)
+        old, self.clients = self.clients, dict(clients)
+        removed = sorted(set(old) - set(clients))
+        added = sorted(set(clients) - set(old))
+        rekeyed = sorted(n for n in set(old) & set(clients) if old[n].token_sha256 != clients[n].token_sha256)
+        changed = sorted(
+            n for n in set(old) & set(clients) if old[n] != clients[n] and n not in rekeyed
+        )
+        for session in list(self.sessions.values()):
+            if session.credential in removed:
+                session.expire("client removed from the clients file")
+            elif session.credential in rekeyed:
+                session.expire("client's token changed in the clients file")
+            elif session.credential in changed:
+                policy = clients[session.credential]
+                session.session.settings.max_streams = policy.max_streams
+                outside = [
+                    f"{listener.host}:{listener.key[1]}"
+                    for listener in session.tunnels.values()
+                    if listener.port is not None
+                    and not (policy.permits_port(listener.key[1]) and policy.permits_address(listener.host))
+                ]
+                if outside:
+                    self.log.warn(
+                        "client {name}'s new policy does not cover its open port(s) {ports}; they "
+                        "stay open until its session ends (remove the client to close them now)",
+                        name=session.credential, ports=", ".join(outside),
+                    )
+        return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
     def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
@@ -285,12 +371,33 @@ class TunnelServer:
     def bind(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> PublicListener:
         if self.shutting_down:
             raise BindRefused("shutdown", "the server is shutting down; try again shortly")
-        if not self.config.port_allowed(port):
-            raise BindRefused(
-                "not_permitted",
-                f"port {port} is not permitted on this server (allowed: "
-                f"{_ranges(self.config.allow_ports)}); choose a port in that range",
-            )
+        policy = self.policy_for(owner.credential)
+        if policy is None:
+            if not self.config.port_allowed(port):
+                raise BindRefused(
+                    "not_permitted",
+                    f"port {port} is not permitted on this server (allowed: "
+                    f"{_ranges(self.config.allow_ports)}); choose a port in that range",
+                )
+        else:
+            if port and not policy.permits_port(port):
+                raise BindRefused(
+                    "not_permitted",
+                    f"port {port} is not permitted for client {policy.name} (allowed: "
+                    f"{policy.describe_ports()}); choose a port in that range",
+                )
+            if not policy.permits_address(host):
+                raise BindRefused(
+                    "not_permitted",
+                    f"bind address {host} is not permitted for client {policy.name} (allowed: "
+                    f"{', '.join(policy.bind)})",
+                )
+            if len(owner.tunnels) >= policy.max_tunnels:
+                raise BindRefused(
+                    "limit",
+                    f"client {policy.name} may have at most {policy.max_tunnels} tunnels per "
+                    "session; close one first",
+                )
         held = self.listeners.get((host, port)) if port else None
         if held is not None and held.owner is not None:
             previous = held.owner
@@ -306,8 +413,37 @@ class TunnelServer:
                 previous.expire("its owner started a new session")
             return held
         listener = PublicListener(owner, tunnel_id, host)
+        if port == 0 and policy is not None:
+            listener.port = self._listen_in_ranges(listener, policy, host)
+        else:
+            listener.port = self._listen(listener, host, port)
+        self.listeners[listener.key] = listener
+        return listener
+
+    def _listen_in_ranges(self, listener: PublicListener, policy: ClientPolicy, host: str) -> IListeningPort:
+        """`-f 0` for a clients-file client: a free port in its own ranges."""
+        tried = 0
+        for lo, hi in policy.ports:
+            for candidate in range(lo, hi + 1):
+                if (host, candidate) in self.listeners:
+                    continue
+                if tried >= PICK_PORT_ATTEMPTS:
+                    break
+                tried += 1
+                try:
+                    return self._listen(listener, host, candidate)
+                except BindRefused as refusal:
+                    if refusal.code != "in_use":
+                        raise
+        raise BindRefused(
+            "in_use",
+            f"no free port for client {policy.name} in {policy.describe_ports()} on {host}; "
+            "close a tunnel or ask for more ports",
+        )
+
+    def _listen(self, listener: PublicListener, host: str, port: int) -> IListeningPort:
         try:
-            listener.port = self.reactor.listenTCP(port, listener, interface=host)
+            return self.reactor.listenTCP(port, listener, interface=host)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
             if code == errno.EACCES:
@@ -323,8 +459,6 @@ class TunnelServer:
                 f"port {port} on {host} is already in use by another program on the "
                 "server; choose another port (or -f 0 to let the server pick one)",
             ) from None
-        self.listeners[listener.key] = listener
-        return listener
 
     def release(self, listener: PublicListener) -> defer.Deferred[None]:
         """Close a public port (once) and forget who owned it."""
@@ -376,6 +510,14 @@ class TunnelServer:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def _settings_with(base: SessionSettings, max_streams: int) -> SessionSettings:
+    """A new SessionSettings: `base`'s fields, with its own max_streams."""
+    settings = SessionSettings()
+    settings.__dict__.update(vars(base))
+    settings.max_streams = max_streams
+    return settings
 
 
 def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:

@@ -2,8 +2,10 @@
 
 The server's identity is a P-256 key and a self-signed certificate made on
 first start in the state directory. Clients check it either by its pinned
-SHA-256 fingerprint (hex of the SHA-256 of the DER certificate) or by a CA
-and the hostname (service_identity).
+SHA-256 fingerprint (hex of the SHA-256 of the DER certificate), by a CA
+and the hostname (service_identity), or by trust on first use: the
+fingerprint seen on the first connection is stored in a known-servers file
+and pinned from then on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from rtunnel.errors import ConfigError, StateDirError
@@ -52,13 +56,18 @@ def format_fingerprint(fp: str) -> str:
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def parse_fingerprint(text: str) -> str:
-    """Normalise a fingerprint: any case, optional colons, optional `sha256:`."""
+def _normalise_fingerprint(text: str) -> str | None:
     value = text.strip().lower()
     if value.startswith("sha256:"):
         value = value[len("sha256:") :]
     value = value.replace(":", "")
-    if not _HEX64.fullmatch(value):
+    return value if _HEX64.fullmatch(value) else None
+
+
+def parse_fingerprint(text: str) -> str:
+    """Normalise a fingerprint: any case, optional colons, optional `sha256:`."""
+    value = _normalise_fingerprint(text)
+    if value is None:
         raise ConfigError(
             f"--fingerprint {text!r} is not a SHA-256 fingerprint: expected 64 hex "
             "digits (colons and a 'sha256:' prefix are allowed). The server prints "
@@ -171,6 +180,10 @@ def server_context(identity: ServerIdentity) -> ssl.CertificateOptions:
     )
 
 
+def _leaf_fingerprint(cert: crypto.X509) -> str:
+    return hashlib.sha256(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)).hexdigest()
+
+
 @implementer(IOpenSSLClientConnectionCreator)
 class PinnedCertificateCreator:
     """Client TLS that accepts exactly one server certificate, by fingerprint.
@@ -190,8 +203,7 @@ class PinnedCertificateCreator:
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
             return True
-        der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-        seen = hashlib.sha256(der).hexdigest()
+        seen = _leaf_fingerprint(cert)
         if secrets.compare_digest(seen, self.fingerprint):
             self.mismatch = None
             return True
@@ -211,3 +223,189 @@ def ca_creator(hostname: str, ca_file: Path) -> IOpenSSLClientConnectionCreator:
     return ssl.optionsForClientTLS(
         hostname, trustRoot=authority, extraCertificateOptions={"raiseMinimumTo": MIN_TLS}
     )
+
+
+# ---------------------------------------------------------------- trust on first use
+
+DEFAULT_KNOWN_SERVERS = "~/.config/rtunnel/known_servers"
+KNOWN_SERVERS_HEADER = (
+    "# rtunnel known servers (rtunnel_client --trust-on-first-use): one line per server,\n"
+    "# HOST:PORT sha256:FINGERPRINT. Remove a server's line to trust a new key for it.\n"
+)
+
+
+class KnownServersError(ConfigError):
+    """The known-servers file cannot be read, parsed or written."""
+
+
+def server_key(host: str, port: int) -> str:
+    """How a server is named in the known-servers file: `host:port`, IPv6 in brackets."""
+    host = host.lower()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _parse_server_key(text: str) -> str | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            return None
+        host = host[1:-1]
+    elif ":" in host or "]" in host:
+        return None
+    return server_key(host, int(port))
+
+
+def parse_known_servers(text: str, path: Path) -> dict[str, str]:
+    """`{HOST:PORT: fingerprint hex}` from the file's text; `#` comments and
+    blank lines are ignored; a malformed or repeated server is an error that
+    names the line."""
+    known: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        key = _parse_server_key(fields[0]) if len(fields) == 2 else None
+        fingerprint = _normalise_fingerprint(fields[1]) if key is not None else None
+        if key is None or fingerprint is None:
+            raise KnownServersError(
+                f"{path} line {number}: expected 'HOST:PORT sha256:<64 hex digits>', got "
+                f"{line!r}. Fix or delete that line."
+            )
+        if key in known:
+            raise KnownServersError(
+                f"{path} line {number}: {key} is already on line {lines[key]}. Keep one of the two lines."
+            )
+        known[key], lines[key] = fingerprint, number
+    return known
+
+
+def _read_known_servers_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        return ""  # not there (yet): storing the first server says why if it cannot be
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise KnownServersError(
+            f"cannot read the known-servers file {path}: {why}. Fix it or choose another --known-servers FILE."
+        ) from None
+
+
+def load_known_servers(path: Path) -> dict[str, str]:
+    """The known-servers file as `{HOST:PORT: fingerprint hex}` ({} if absent)."""
+    return parse_known_servers(_read_known_servers_text(path), path)
+
+
+def store_known_server(path: Path, key: str, fingerprint: str) -> None:
+    """Record (or replace) `key`'s fingerprint, atomically: a temporary file
+    in the same directory, mode 0600, renamed over the old one. The parent
+    directory is created 0700 if missing. Other lines are kept as they are."""
+    text = _read_known_servers_text(path)
+    parse_known_servers(text, path)  # never rewrite a file we cannot read back
+    kept = [line for line in text.splitlines() if _line_key(line) != key]
+    if not text:
+        kept = KNOWN_SERVERS_HEADER.splitlines()
+    kept.append(f"{key} {format_fingerprint(fingerprint)}")
+    data = ("\n".join(kept) + "\n").encode("utf-8")
+    tmp: str | None = None
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except FileExistsError:
+            raise NotADirectoryError(0, f"{path.parent} is not a directory") from None
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise KnownServersError(
+            f"cannot write the known-servers file {path}: {e.strerror or e}. Fix the permissions "
+            "or choose another --known-servers FILE."
+        ) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _line_key(line: str) -> str | None:
+    fields = line.split()
+    if not fields or fields[0].startswith("#"):
+        return None
+    return _parse_server_key(fields[0])
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class TrustOnFirstUseCreator:
+    """Client TLS that learns the server's certificate on first use.
+
+    A server already in the known-servers file is pinned exactly like
+    --fingerprint. On the first connection to a server not in it, the
+    certificate's fingerprint is stored (and only then trusted): `learned` is
+    that fingerprint. If storing fails the handshake is refused and
+    `store_error` says why. A certificate other than the stored one is
+    refused and remembered in `mismatch`, as with PinnedCertificateCreator.
+    """
+
+    log = Logger()
+
+    def __init__(self, host: str, port: int, known_servers: Path) -> None:
+        self.key = server_key(host, port)
+        self.path = known_servers
+        self.fingerprint: str | None = load_known_servers(known_servers).get(self.key)
+        self.mismatch: str | None = None
+        self.learned: str | None = None
+        self.store_error: str | None = None
+        options = ssl.CertificateOptions(raiseMinimumTo=MIN_TLS)
+        self._context = options.getContext()
+        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+
+    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+        if depth != 0:
+            return True
+        seen = _leaf_fingerprint(cert)
+        if self.fingerprint is None and not self._learn(seen):
+            return False
+        assert self.fingerprint is not None
+        if secrets.compare_digest(seen, self.fingerprint):
+            self.mismatch = None
+            return True
+        self.mismatch = seen
+        return False
+
+    def _learn(self, seen: str) -> bool:
+        """First use: store `seen` (unless another client just did), then pin it."""
+        try:
+            stored = load_known_servers(self.path).get(self.key)
+            if stored is None:
+                store_known_server(self.path, self.key, seen)
+        except KnownServersError as e:
+            self.store_error = (
+                f"first connection to {self.key}, but its certificate {format_fingerprint(seen)} "
+                f"cannot be recorded, so it is not trusted: {e}"
+            )
+            return False
+        self.store_error = None
+        if stored is not None:
+            self.fingerprint = stored
+            return True
+        self.fingerprint = self.learned = seen
+        self.log.warn(
+            "first connection to {key}: trusting certificate {fp} (stored in {path}); compare it "
+            "with the fingerprint the server printed",
+            key=self.key, fp=format_fingerprint(seen), path=str(self.path),
+        )
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self._context, None)

@@ -465,7 +465,7 @@ class LinkBackpressureTests(MuxTestCase):
         pair = Pair()
         ends = [pair.open() for _ in range(2)]
         pair.client.pauseProducing()
-        for server_end, client_end in ends:
+        for _server_end, client_end in ends:
             client_end.send(b"reply")
         pair.pump()
         for server_end, client_end in ends:

@@ -19,11 +19,21 @@ from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec, check_ip, parse_host_port
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.tap import exit_process, keepalive_from
-from rtunnel.tls import PinnedCertificateCreator, ca_creator, parse_fingerprint
+from rtunnel.tls import (
+    DEFAULT_KNOWN_SERVERS,
+    PinnedCertificateCreator,
+    TrustOnFirstUseCreator,
+    ca_creator,
+    load_known_servers,
+    parse_fingerprint,
+)
 
 
 class Options(usage.Options):
-    synopsis = "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] --fingerprint FP"
+    synopsis = (
+        "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] "
+        "(--fingerprint FP | --ca FILE | --trust-on-first-use)"
+    )
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
@@ -38,6 +48,17 @@ class Options(usage.Options):
         ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
+        [
+            "known-servers", None, None,
+            f"With --trust-on-first-use: the file of known servers' fingerprints (default {DEFAULT_KNOWN_SERVERS}).",
+        ],
+    ]
+    optFlags = [
+        [
+            "trust-on-first-use", None,
+            "Instead of --fingerprint/--ca: trust the server's certificate on the first connection, "
+            "store its fingerprint in --known-servers and pin it from then on (like ssh's known_hosts).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -70,15 +91,29 @@ class Options(usage.Options):
                 "no token: pass --token or set RTUNNEL_TOKEN (the server printed it on its "
                 "first start; it is in the server's state dir, file 'token')"
             )
-        if self["fingerprint"] and self["ca"]:
-            raise usage.UsageError("give --fingerprint or --ca, not both")
-        if not self["fingerprint"] and not self["ca"]:
+        given = [o for o in ("fingerprint", "ca", "trust-on-first-use") if self[o]]
+        if len(given) > 1:
+            raise usage.UsageError(
+                f"give one of --fingerprint, --ca and --trust-on-first-use, not {' and '.join('--' + o for o in given)}"
+            )
+        if not given:
             raise usage.UsageError(
                 "the client needs to know the server's identity: pass --fingerprint "
                 "sha256:... (the server prints it when it starts; or on the server run "
                 "'openssl x509 -in ~/.local/state/rtunnel/server.crt -outform DER | "
-                "sha256sum') or --ca FILE if the server has a CA-signed certificate"
+                "sha256sum'), or --ca FILE if the server has a CA-signed certificate, or "
+                "--trust-on-first-use to trust the certificate seen on the first connection "
+                f"and pin it from then on (stored in --known-servers, default {DEFAULT_KNOWN_SERVERS})"
             )
+        if self["known-servers"] and not self["trust-on-first-use"]:
+            raise usage.UsageError("--known-servers is used only with --trust-on-first-use")
+        self.known_servers: Path | None = None
+        if self["trust-on-first-use"]:
+            self.known_servers = Path(os.path.expanduser(self["known-servers"] or DEFAULT_KNOWN_SERVERS)).absolute()
+            try:
+                load_known_servers(self.known_servers)  # a malformed file is an error now, not later
+            except RtunnelError as e:
+                raise usage.UsageError(str(e)) from None
         try:
             host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
             tunnels = []
@@ -132,9 +167,19 @@ class _ReportingEndpoint:
 
 
 class ClientMainService(service.MultiService):
-    """Keeps a link to the server up with ClientService; stops on fatal errors."""
+    """Keeps a link to the server up with ClientService; stops on fatal errors.
 
-    def __init__(self, config: ClientConfig, reactor: Any = None, exit_on_fatal: bool = True) -> None:
+    With `known_servers` (and neither a fingerprint nor a CA in `config`) the
+    server's certificate is trusted on first use and recorded in that file.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        reactor: Any = None,
+        exit_on_fatal: bool = True,
+        known_servers: Path | None = None,
+    ) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -145,8 +190,12 @@ class ClientMainService(service.MultiService):
         self.exit_on_fatal = exit_on_fatal
         self.fatal_error: str | None = None
         self._fatal_waiters: list[defer.Deferred[str]] = []
+        if known_servers is not None and (config.fingerprint is not None or config.ca_file is not None):
+            raise ConfigError("give one of --fingerprint, --ca and --trust-on-first-use")
         if config.fingerprint is not None:
             creator: Any = PinnedCertificateCreator(config.fingerprint)
+        elif known_servers is not None:
+            creator = TrustOnFirstUseCreator(config.server_host, config.server_port, known_servers)
         else:
             assert config.ca_file is not None
             creator = ca_creator(config.server_host, config.ca_file)
@@ -196,6 +245,6 @@ class ClientMainService(service.MultiService):
 
 def makeService(options: Options) -> service.IService:
     try:
-        return ClientMainService(options.config)
+        return ClientMainService(options.config, known_servers=getattr(options, "known_servers", None))
     except RtunnelError as e:
         raise usage.UsageError(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from rtunnel import DEFAULT_CONTROL_PORT
-from rtunnel.config import ServerConfig, parse_port_ranges
-from rtunnel.errors import RtunnelError
+from rtunnel import DEFAULT_CONTROL_PORT, auth
+from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
+from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.tap import exit_process, keepalive_from
@@ -46,7 +47,9 @@ class Options(usage.Options):
         ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete TLS and authenticate.", float],
         ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
         ["dead-after", None, 30.0, "Seconds of silence after which a client link is declared dead.", float],
-        ["max-streams", None, 4096, "Maximum open tunnelled connections per session.", int],
+        ["max-streams", None, 4096, "Maximum open tunnelled connections per session (clients-file clients: their max_streams).", int],
+        ["clients", None, None, "TOML file of clients, each with its own token hash, ports, bind addresses and limits (see 'rtunnel_server add-client'); SIGHUP reloads it."],
+        ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
     ]
 
     def __init__(self) -> None:
@@ -79,11 +82,22 @@ class Options(usage.Options):
             iface = self["interface"].replace(":", r"\:")
             listen = f"tcp:{self['port']}" + (f":interface={iface}" if iface else "")
         token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or None
+        bind_default = tuple(a.strip() for a in self["bind-default"].split(",") if a.strip())
+        if not bind_default:
+            raise usage.UsageError("--bind-default: give at least one IP address")
+        try:
+            for address in bind_default:
+                check_ip(address, "--bind-default")
+        except RtunnelError as e:
+            raise usage.UsageError(str(e)) from None
+        clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
         self.config = ServerConfig(
             listen=listen,
             state_dir=Path(os.path.expanduser(self["state-dir"])),
             token=token,
             extra_clients=tuple(self.extra_clients),
+            clients_file=clients_file,
+            bind_default=bind_default,
             cert=Path(self["cert"]) if self["cert"] else None,
             key=Path(self["key"]) if self["key"] else None,
             allow_ports=allow,
@@ -109,13 +123,71 @@ class ServerService(service.Service):
         self.server: TunnelServer | None = None
         self.port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
+        self._previous_sighup: Any = None
+        self._sighup_installed = False
 
     def startService(self) -> None:
         super().startService()
+        if self.config.clients_file is not None:
+            self._install_sighup()
         d = defer.maybeDeferred(self._start)
         d.addCallbacks(self.ready.callback, self._failed)
 
+    # ------------------------------------------------------------ clients file
+
+    def _install_sighup(self) -> None:
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
+            )
+        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
+            self.log.warn("cannot reload the clients file on SIGHUP: {why}", why=str(e))
+            return
+        self._sighup_installed = True
+
+    def _restore_sighup(self) -> None:
+        if self._sighup_installed:
+            self._sighup_installed = False
+            try:
+                signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+
+    def load_clients(self) -> dict[str, auth.ClientPolicy]:
+        assert self.config.clients_file is not None
+        return auth.load_clients(
+            self.config.clients_file,
+            default_bind=self.config.bind_default,
+            default_max_streams=self.config.session.max_streams,
+        )
+
+    def reload(self) -> None:
+        """Re-read the clients file (SIGHUP). A file that fails validation
+        changes nothing: the previous clients stay, the error is logged."""
+        if self.server is None or self.config.clients_file is None:
+            return
+        try:
+            clients = self.load_clients()
+            changes = self.server.set_clients(clients)
+        except ConfigError as e:
+            self.log.error(
+                "reloading the clients file failed; keeping the previous clients: {why}", why=str(e)
+            )
+            return
+        except Exception:
+            self.log.failure("reloading the clients file failed; keeping the previous clients")
+            return
+        self.log.info(
+            "reloaded {file}: {n} clients (added: {added}; removed: {removed}; changed: {changed})",
+            file=str(self.config.clients_file),
+            n=len(clients),
+            added=", ".join(changes["added"]) or "none",
+            removed=", ".join(changes["removed"]) or "none",
+            changed=", ".join(changes["changed"]) or "none",
+        )
+
     def _failed(self, failure: Any) -> None:
+        self._restore_sighup()
         if failure.check(RtunnelError):
             self.log.critical("cannot start: {why}", why=failure.getErrorMessage())
         elif failure.check(Exception):
@@ -132,11 +204,15 @@ class ServerService(service.Service):
     def _start(self) -> Any:
         config = self.config
         identity = load_server_identity(config.state_dir, config.cert, config.key)
+        clients = self.load_clients() if config.clients_file is not None else None
+        token: str | None
         if config.token:
             token, token_created = config.token, False
+        elif clients is not None:
+            token, token_created = None, False  # credentials come from the clients file
         else:
             token, token_created = load_or_create_token(config.state_dir)
-        self.server = TunnelServer(self.reactor, config, token)
+        self.server = TunnelServer(self.reactor, config, token, clients)
         endpoint = serverFromString(self.reactor, config.listen)
         factory = TLSMemoryBIOFactory(server_context(identity), False, self.server.link_factory())
         self.port = yield endpoint.listen(factory)
@@ -144,6 +220,8 @@ class ServerService(service.Service):
         host = socket.getfqdn()
         if token_created:
             token_arg = token
+        elif clients is not None and not config.token:
+            token_arg = "TOKEN"
         elif config.token:
             token_arg = "$RTUNNEL_TOKEN"
         else:
@@ -159,16 +237,113 @@ class ServerService(service.Service):
             host=host,
             token=token_arg,
         )
+        if clients is not None:
+            self.log.info(
+                "{n} client(s) from {file} ({names}); add one with 'rtunnel_server add-client NAME "
+                "--ports 4000-4099 --clients {file}' (it prints the client's token), then "
+                "'kill -HUP {pid}' to reload",
+                n=len(clients),
+                file=str(config.clients_file),
+                names=", ".join(sorted(clients)) or "none yet",
+                pid=os.getpid(),
+            )
         return self.port
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._restore_sighup()
         waits = []
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
         if self.server is not None:
             waits.append(self.server.shutdown())
         return defer.gatherResults(waits).addCallback(lambda _: None)
+
+
+def add_client_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="rtunnel_server add-client",
+        description=(
+            "Add a client (or replace its token and policy) in the clients file and print its "
+            "new token once; only the token's SHA-256 is stored. Start the server with "
+            "--clients FILE; a running server reloads the file on SIGHUP."
+        ),
+    )
+    parser.add_argument("name", metavar="NAME", help="the client's name (letters, digits, '_', '-')")
+    parser.add_argument("--ports", required=True, help="ports the client may open, e.g. 4000-4099,5432")
+    parser.add_argument(
+        "--bind", action="append", default=[], metavar="ADDR",
+        help="an address the client may bind (repeatable; default: the server's --bind-default)",
+    )
+    parser.add_argument("--clients", metavar="FILE", help="the clients file (default: STATE_DIR/clients.toml)")
+    parser.add_argument("-s", "--state-dir", default=DEFAULT_STATE_DIR, help="the server's state directory")
+    parser.add_argument("--max-tunnels", type=int, metavar="N", help="most tunnels per session (default 16)")
+    parser.add_argument(
+        "--max-streams", type=int, metavar="N",
+        help="most open tunnelled connections per session (default: the server's --max-streams)",
+    )
+    parser.add_argument(
+        "--server", metavar="HOST[:PORT]",
+        help="where clients reach this server, for the printed command (default: this host, port 19050)",
+    )
+    return parser
+
+
+def add_client_main(argv: list[str], out: Any = None) -> int:
+    """`rtunnel_server add-client NAME --ports 4000-4099 …` (argv: the words
+    after add-client). Prints the new token once; returns the exit status."""
+    import sys
+
+    out = out or sys.stdout
+    parser = add_client_parser()
+    args = parser.parse_args(argv)
+    try:
+        ports = parse_port_ranges(args.ports)
+    except RtunnelError as e:
+        parser.error(str(e).replace("--allow-ports", "--ports"))
+    bind = []
+    for value in args.bind:
+        for address in value.split(","):
+            if address.strip():
+                try:
+                    check_ip(address.strip(), "--bind")
+                except RtunnelError as e:
+                    parser.error(str(e))
+                bind.append(address.strip())
+    for key in ("max_tunnels", "max_streams"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")
+    state_dir = Path(os.path.expanduser(args.state_dir))
+    clients_file = Path(os.path.expanduser(args.clients)) if args.clients else state_dir / "clients.toml"
+    try:
+        token = auth.add_client(
+            clients_file, args.name, ports, bind=bind or None,
+            max_tunnels=args.max_tunnels, max_streams=args.max_streams,
+        )
+    except RtunnelError as e:
+        print(f"rtunnel_server add-client: {e}", file=sys.stderr)
+        return 1
+    server = args.server or f"{socket.getfqdn()}:{DEFAULT_CONTROL_PORT}"
+    fingerprint = "FINGERPRINT"
+    try:
+        from rtunnel.tls import fingerprint_of_pem
+
+        fingerprint = format_fingerprint(fingerprint_of_pem((state_dir / "server.crt").read_bytes()))
+    except Exception:  # no certificate yet (the first start makes it), or --cert elsewhere
+        pass
+    print(
+        f"Client {args.name!r} written to {clients_file} (ports {auth.format_ranges(ports)}).\n"
+        "Its token, shown only this once (the file keeps only its SHA-256):\n\n"
+        f"    {token}\n\n"
+        "Run on the client machine:\n"
+        f"    rtunnel_client -c {server} -f {ports[0][0]} -t 3000 --token {token} --fingerprint {fingerprint}\n\n"
+        f"The server must run with --clients {clients_file}; a running one picks the change up "
+        "on SIGHUP (kill -HUP <server pid>).",
+        file=out,
+    )
+    return 0
 
 
 def makeService(options: Options) -> service.IService:

@@ -1,0 +1,391 @@
+"""Per-client credentials and port policy, from a TOML clients file.
+
+    [clients.alice]
+    token_sha256 = "…"          # hex SHA-256 of the token (never the token)
+    ports = ["4000-4099", 5432]
+    bind = ["0.0.0.0"]          # default: the server's --bind-default
+    max_tunnels = 16
+    max_streams = 1024
+
+`load_clients` validates the whole file or raises ConfigError naming the
+file, the client, the key and what is wrong. `add_client` makes a token,
+writes only its hash (atomically, mode 0600) and returns the token.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import ipaddress
+import os
+import re
+import secrets
+import tempfile
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtunnel.errors import ConfigError, StateDirError
+
+DEFAULT_BIND: tuple[str, ...] = ("0.0.0.0", "::")
+DEFAULT_MAX_TUNNELS = 16
+DEFAULT_MAX_STREAMS = 4096
+RESERVED_NAMES = frozenset({"default"})
+KEYS = ("token_sha256", "ports", "bind", "max_tunnels", "max_streams")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+@dataclass(frozen=True)
+class ClientPolicy:
+    """One client of the clients file: its token's hash and what it may do."""
+
+    name: str
+    token_sha256: str  # 64 lower-case hex digits
+    ports: tuple[tuple[int, int], ...]
+    bind: tuple[str, ...] = DEFAULT_BIND
+    max_tunnels: int = DEFAULT_MAX_TUNNELS
+    max_streams: int = DEFAULT_MAX_STREAMS
+
+    def permits_port(self, port: int) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.ports)
+
+    def permits_address(self, host: str) -> bool:
+        try:
+            wanted = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(ipaddress.ip_address(b) == wanted for b in self.bind)
+
+    def describe_ports(self) -> str:
+        return format_ranges(self.ports)
+
+
+def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
+    return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def authenticate(clients: Mapping[str, ClientPolicy], token: object) -> ClientPolicy | None:
+    """The client whose token hash matches, compared in constant time against
+    every client (no early exit, so timing does not tell which one matched)."""
+    if not isinstance(token, str):
+        return None
+    digest = token_digest(token)
+    found = None
+    for policy in clients.values():
+        if hmac.compare_digest(digest, bytes.fromhex(policy.token_sha256)):
+            found = policy
+    return found
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_port_range(item: object, where: str) -> tuple[int, int]:
+    """`4000`, `"4000"` or `"4000-4099"` -> (lo, hi)."""
+    if isinstance(item, int) and not isinstance(item, bool):
+        lo = hi = item
+    elif isinstance(item, str):
+        low, sep, high = item.strip().partition("-")
+        try:
+            lo = int(low)
+            hi = int(high) if sep else lo
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {item!r} is not a port or a range like \"4000-4099\""
+            ) from None
+    else:
+        raise ConfigError(
+            f"{where}: {item!r} is a {_type(item)}; write a port (5432) or a range (\"4000-4099\")"
+        )
+    for p in (lo, hi):
+        if not 1 <= p <= 65535:
+            raise ConfigError(f"{where}: port {p} in {item!r} is outside 1-65535")
+    if hi < lo:
+        raise ConfigError(f"{where}: range {item!r} is backwards (write low-high)")
+    return lo, hi
+
+
+def _type(value: object) -> str:
+    return {
+        bool: "boolean", int: "integer", float: "number", str: "string", list: "list",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _validate_client(
+    path: Path, name: str, table: object, default_bind: tuple[str, ...],
+    default_max_tunnels: int, default_max_streams: int,
+) -> ClientPolicy:
+    if not _NAME.match(name):
+        raise ConfigError(
+            f"{path}: client name {name!r} must be 1-64 letters, digits, '_' or '-'"
+        )
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"{path}: client name {name!r} is reserved for the server's --token; choose another")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: clients.{name} is a {_type(table)}; it must be a table [clients.{name}]")
+
+    def where(key: str) -> str:
+        return f"{path}: client {name!r}, key {key!r}"
+
+    for key in table:
+        if key not in KEYS:
+            raise ConfigError(f"{where(key)}: unknown key (known keys: {', '.join(KEYS)})")
+    digest = table.get("token_sha256")
+    if digest is None:
+        raise ConfigError(
+            f"{where('token_sha256')}: missing; every client needs the hex SHA-256 of its token "
+            "(rtunnel_server add-client makes one)"
+        )
+    if not isinstance(digest, str):
+        raise ConfigError(f"{where('token_sha256')}: is a {_type(digest)}; it must be a string of 64 hex digits")
+    if not _HEX64.match(digest):
+        raise ConfigError(
+            f"{where('token_sha256')}: {digest[:80]!r} is not 64 hex digits (a SHA-256 digest, "
+            "e.g. from: printf %s TOKEN | sha256sum)"
+        )
+    ports_value = table.get("ports")
+    if ports_value is None:
+        raise ConfigError(f"{where('ports')}: missing; list the ports this client may open, e.g. [\"4000-4099\"]")
+    if not isinstance(ports_value, list):
+        raise ConfigError(f"{where('ports')}: is a {_type(ports_value)}; it must be a list, e.g. [\"4000-4099\", 5432]")
+    if not ports_value:
+        raise ConfigError(f"{where('ports')}: is empty; list at least one port or range")
+    ports = tuple(parse_port_range(item, where("ports")) for item in ports_value)
+    bind_value = table.get("bind")
+    if bind_value is None:
+        bind = tuple(default_bind)
+    else:
+        if not isinstance(bind_value, list) or not bind_value:
+            raise ConfigError(
+                f"{where('bind')}: must be a non-empty list of IP addresses, e.g. [\"0.0.0.0\", \"::\"]"
+            )
+        addresses = []
+        for item in bind_value:
+            if not isinstance(item, str):
+                raise ConfigError(f"{where('bind')}: {item!r} is a {_type(item)}; write IP addresses as strings")
+            try:
+                addresses.append(str(ipaddress.ip_address(item.strip())))
+            except ValueError:
+                raise ConfigError(
+                    f"{where('bind')}: {item!r} is not an IP address (e.g. 0.0.0.0, 127.0.0.1, ::)"
+                ) from None
+        bind = tuple(addresses)
+    limits = {}
+    for key, default in (("max_tunnels", default_max_tunnels), ("max_streams", default_max_streams)):
+        value = table.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where(key)}: is a {_type(value)}; it must be a whole number >= 1")
+        if value < 1:
+            raise ConfigError(f"{where(key)}: {value} must be at least 1")
+        limits[key] = value
+    return ClientPolicy(
+        name=name,
+        token_sha256=digest.lower(),
+        ports=ports,
+        bind=bind,
+        max_tunnels=limits["max_tunnels"],
+        max_streams=limits["max_streams"],
+    )
+
+
+def parse_clients(
+    text: str, path: Path | str, *, default_bind: tuple[str, ...] = DEFAULT_BIND,
+    default_max_tunnels: int = DEFAULT_MAX_TUNNELS, default_max_streams: int = DEFAULT_MAX_STREAMS,
+) -> dict[str, ClientPolicy]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for key in data:
+        if key != "clients":
+            raise ConfigError(
+                f"{path}: unknown top-level key {key!r}; the file holds only [clients.NAME] tables"
+            )
+    clients_table = data.get("clients", {})
+    if not isinstance(clients_table, dict):
+        raise ConfigError(f"{path}: 'clients' is a {_type(clients_table)}; write [clients.NAME] tables")
+    clients: dict[str, ClientPolicy] = {}
+    seen: dict[str, str] = {}
+    for name, table in clients_table.items():
+        policy = _validate_client(
+            path, name, table, default_bind, default_max_tunnels, default_max_streams
+        )
+        if policy.token_sha256 in seen:
+            raise ConfigError(
+                f"{path}: clients {seen[policy.token_sha256]!r} and {name!r} have the same "
+                "token_sha256; give each client its own token"
+            )
+        seen[policy.token_sha256] = name
+        clients[name] = policy
+    return clients
+
+
+def load_clients(
+    path: Path | str, *, default_bind: tuple[str, ...] = DEFAULT_BIND,
+    default_max_tunnels: int = DEFAULT_MAX_TUNNELS, default_max_streams: int = DEFAULT_MAX_STREAMS,
+) -> dict[str, ClientPolicy]:
+    """Read and validate a clients file (ConfigError says what is wrong)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: the clients file does not exist; create it with "
+            f"'rtunnel_server add-client NAME --ports 4000-4099 --clients {path}'"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the clients file: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text (byte {e.start})") from None
+    return parse_clients(
+        text, path, default_bind=default_bind, default_max_tunnels=default_max_tunnels,
+        default_max_streams=default_max_streams,
+    )
+
+
+# ---------------------------------------------------------------- adding
+
+
+def _header(name: str) -> re.Pattern[str]:
+    quoted = re.escape(name)
+    return re.compile(
+        rf"""^\s*\[\s*clients\s*\.\s*(?:{quoted}|"{quoted}"|'{quoted}')\s*\]\s*(?:\#.*)?$"""
+    )
+
+
+_ANY_HEADER = re.compile(r"^\s*\[")
+
+
+def _without_client(text: str, name: str) -> str:
+    """`text` minus the [clients.NAME] table (header to the next header)."""
+    header = _header(name)
+    out: list[str] = []
+    skipping = False
+    for line in text.splitlines(keepends=True):
+        if header.match(line):
+            skipping = True
+            continue
+        if skipping and _ANY_HEADER.match(line):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    return "".join(out)
+
+
+def _toml_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def client_table(policy: ClientPolicy, write_bind: bool = True, write_limits: Iterable[str] = ()) -> str:
+    lines = [f"[clients.{policy.name}]", f"token_sha256 = {_toml_str(policy.token_sha256)}"]
+    ports = ", ".join(str(lo) if lo == hi else _toml_str(f"{lo}-{hi}") for lo, hi in policy.ports)
+    lines.append(f"ports = [{ports}]")
+    if write_bind:
+        lines.append(f"bind = [{', '.join(_toml_str(b) for b in policy.bind)}]")
+    for key in write_limits:
+        lines.append(f"{key} = {getattr(policy, key)}")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same directory, fsync,
+    os.replace; the file is mode 0600 (it holds token hashes)."""
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        raise StateDirError(_cannot_write(path, e)) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise StateDirError(_cannot_write(path, e)) from None
+
+
+def _cannot_write(path: Path, e: OSError) -> str:
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device"
+    return f"cannot write {path}: {why}; free space or choose another path (--clients FILE)"
+
+
+def add_client(
+    path: Path | str,
+    name: str,
+    ports: Iterable[tuple[int, int]],
+    bind: Iterable[str] | None = None,
+    max_tunnels: int | None = None,
+    max_streams: int | None = None,
+) -> str:
+    """Add (or replace) client `name` in the clients file; return its new token.
+
+    Only the token's SHA-256 is written. The rest of the file (other clients,
+    comments) is kept; the result is validated before it replaces the file.
+    """
+    path = Path(path)
+    ports = tuple(ports)
+    if not _NAME.match(name) or name in RESERVED_NAMES:
+        raise ConfigError(
+            f"client name {name!r}: use 1-64 letters, digits, '_' or '-' (and not 'default')"
+        )
+    if not ports:
+        raise ConfigError(f"client {name!r}: give the ports it may open, e.g. --ports 4000-4099")
+    if path.exists():
+        try:
+            existing = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read the clients file: {e}") from None
+        parse_clients(existing, path)  # refuse to touch a file that is already broken
+    else:
+        existing = ""
+    token = secrets.token_urlsafe(24)
+    policy = ClientPolicy(
+        name=name,
+        token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+        ports=ports,
+        bind=tuple(bind) if bind else DEFAULT_BIND,
+        max_tunnels=max_tunnels or DEFAULT_MAX_TUNNELS,
+        max_streams=max_streams or DEFAULT_MAX_STREAMS,
+    )
+    limits = [k for k, v in (("max_tunnels", max_tunnels), ("max_streams", max_streams)) if v is not None]
+    rest = _without_client(existing, name).rstrip("\n")
+    text = (rest + "\n\n" if rest else "") + client_table(policy, write_bind=bool(bind), write_limits=limits)
+    try:
+        parse_clients(text, path)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{path}: cannot add client {name!r} automatically ({e}); edit the file by hand"
+        ) from None
+    write_atomically(path, text)
+    return token
+
+
+__all__ = [
+    "DEFAULT_BIND",
+    "ClientPolicy",
+    "add_client",
+    "authenticate",
+    "load_clients",
+    "parse_clients",
+    "parse_port_range",
+]
