@@ -125,6 +125,8 @@ class Options(usage.Options):
                 target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
                 tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
+            if self["ca"]:
+                ca_creator(host, Path(self["ca"]))  # fail here, as a usage error
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
