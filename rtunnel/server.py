@@ -443,7 +443,7 @@ class TunnelServer:
 
     def _listen(self, listener: PublicListener, host: str, port: int) -> IListeningPort:
         try:
-            return self.reactor.listenTCP(port, listener, interface=host)
+            return self.reactor.listenTCP(port, listener, backlog=1024, interface=host)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
             if code == errno.EACCES:

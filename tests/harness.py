@@ -191,7 +191,7 @@ class Tunnel:
             listen=overrides.pop("listen", "tcp:0:interface=127.0.0.1"),
             state_dir=self.state_dir,
             token=TOKEN,
-            handshake_timeout=5.0,
+            handshake_timeout=overrides.pop("handshake_timeout", 5.0),
             **overrides,
         )
         self.server_service = ServerService(config, reactor)

@@ -80,7 +80,9 @@ class Options(usage.Options):
         listen = self["listen"]
         if listen is None:
             iface = self["interface"].replace(":", r"\:")
-            listen = f"tcp:{self['port']}" + (f":interface={iface}" if iface else "")
+            # a long accept queue: a burst of connections must reach the
+            # server (and its handshake deadline), not sit in SYN cookies
+            listen = f"tcp:{self['port']}:backlog=1024" + (f":interface={iface}" if iface else "")
         token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or None
         bind_default = tuple(a.strip() for a in self["bind-default"].split(",") if a.strip())
         if not bind_default:
