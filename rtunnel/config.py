@@ -119,6 +119,11 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     keepalive: Keepalive = field(default_factory=Keepalive)
     session: SessionSettings = field(default_factory=SessionSettings)
+    # admission control (rtunnel.guard) and per-credential limits; see docs/security.md
+    max_unauthenticated: int = 256  # connections not yet authenticated, at once
+    auth_failure_burst: int = 10  # wrong tokens one address may send at once...
+    auth_failure_refill: float = 6.0  # ...then one more per this many seconds
+    max_sessions_per_client: int = 8  # concurrent sessions of one credential
     public_host: str = "0.0.0.0"
 
     def port_allowed(self, port: int) -> bool:

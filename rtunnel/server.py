@@ -26,6 +26,7 @@ from rtunnel import PROTOCOL_VERSIONS, auth, wire
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
 from rtunnel.errors import ConfigError
+from rtunnel.guard import AdmissionGuard
 from rtunnel.link import ControlLink
 from rtunnel.mux import (
     ProtocolViolation,
@@ -270,6 +271,14 @@ class TunnelServer:
         self.links: set[ServerLink] = set()
         self.shutting_down = False
         self._drained: defer.Deferred[None] | None = None
+        self.guard = AdmissionGuard(
+            reactor,
+            max_unauthenticated=config.max_unauthenticated,
+            failure_burst=config.auth_failure_burst,
+            failure_refill=config.auth_failure_refill,
+        )
+        self._cap_logged_at: float | None = None
+        self._cap_refused_logged = 0
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ServerLink(self))
@@ -349,18 +358,59 @@ class TunnelServer:
                     )
         return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
+    def connection_refused_over_cap(self) -> None:
+        """Log refusals over the unauthenticated cap: the first at once,
+        then at most one summary line every 10 s (a flood must not flood
+        the log too)."""
+        now = self.reactor.seconds()
+        if self._cap_logged_at is not None and now - self._cap_logged_at < 10.0:
+            return
+        self._cap_logged_at = now
+        guard = self.guard
+        self.log.warn(
+            "refusing new control connections: {n} are not authenticated yet, the maximum "
+            "(--max-unauthenticated); {refused} refused since the last report",
+            n=guard.unauthenticated,
+            refused=guard.refused_connections - self._cap_refused_logged,
+            refused_total=guard.refused_connections,
+        )
+        self._cap_refused_logged = guard.refused_connections
+
+    def resumable(self, credential: str, resume: object) -> ServerSession | None:
+        """The existing session `resume` proves it may take over, if any."""
+        if not isinstance(resume, dict):
+            return None
+        existing = self.sessions.get(str(resume.get("session", "")))
+        secret = resume.get("secret")
+        if (
+            existing is not None
+            and existing.credential == credential
+            and isinstance(secret, str)
+            and hmac.compare_digest(secret.encode(), existing.secret.encode())
+        ):
+            return existing
+        return None
+
+    def make_room_for_session(self, credential: str) -> bool:
+        """Before a new session of `credential`: True if it stays within
+        --max-sessions-per-client. At the limit, the oldest *detached*
+        session of the credential (its client restarted rather than
+        resumed) is expired to make room; only connected ones block."""
+        mine = [s for s in self.sessions.values() if s.credential == credential]
+        if len(mine) < self.config.max_sessions_per_client:
+            return True
+        detached = [s for s in mine if s.state is SessionState.DETACHED]
+        if not detached:
+            return False
+        detached[0].expire("its client opened a new session (at --max-sessions-per-client)")
+        return True
+
     def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
+        existing = self.resumable(credential, resume)
+        if existing is not None:
+            return existing, True
         if isinstance(resume, dict):
-            existing = self.sessions.get(str(resume.get("session", "")))
-            secret = resume.get("secret")
-            if (
-                existing is not None
-                and existing.credential == credential
-                and isinstance(secret, str)
-                and hmac.compare_digest(secret.encode(), existing.secret.encode())
-            ):
-                return existing, True
             self.log.info("resume of an unknown or expired session refused; starting a new one")
         session = ServerSession(self, credential)
         self.sessions[session.id] = session
@@ -533,10 +583,16 @@ class ServerLink(ControlLink):
         self.owner: ServerSession | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._handshake_call: IDelayedCall | None = None
+        self._unauthenticated = False  # counted in the server's AdmissionGuard
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.server.links.add(self)
+        if not self.server.guard.admit():
+            self.server.connection_refused_over_cap()
+            self.abort()
+            return
+        self._unauthenticated = True
         self._handshake_call = self.clock.callLater(
             self.server.config.handshake_timeout, self._handshake_expired
         )
@@ -549,6 +605,30 @@ class ServerLink(ControlLink):
             t=self.server.config.handshake_timeout,
         )
         self.abort()
+
+    def _authenticated(self) -> None:
+        if self._unauthenticated:
+            self._unauthenticated = False
+            self.server.guard.release()
+
+    def peer_host(self) -> str:
+        try:
+            return str(self.transport.getPeer().host)
+        except Exception:
+            return "?"
+
+    def refuse(self, code: ErrorCode, reason: str, event: str, **fields: Any) -> None:
+        """Send ERROR `reason` and close, logging the refusal once (with
+        `fields`; close_with_error would log it a second time)."""
+        if self.closing:
+            return
+        self.log.warn(
+            "refused {peer}: {event}: {reason}",
+            peer=self.peer_description(), event=event, reason=reason, code=code.name, **fields,
+        )
+        self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
+        self.session_failed()
+        self.lose()
 
     def handshake_frame(self, frame: Frame) -> None:
         if frame.type is not FrameType.HELLO:
@@ -569,22 +649,44 @@ class ServerLink(ControlLink):
         if self.server.shutting_down:
             self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
             return
+        guard = self.server.guard
+        host = self.peer_host()
+        wait = guard.retry_after(host)
+        if wait is not None:
+            self.refuse(
+                ErrorCode.AUTH_FAILED,
+                f"too many failed attempts from {host}; wait {max(1, round(wait))} s",
+                "rate limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
+            )
+            return
         credential = self.server.authenticate(hello.get("token"))
         if credential is None:
-            self.log.warn("authentication failed from {peer}: wrong token", peer=self.peer_description())
-            self.close_with_error(
+            guard.record_failure(host)
+            self.refuse(
                 ErrorCode.AUTH_FAILED,
                 "wrong token: pass the token the server printed (its state dir's 'token' "
                 "file) with --token or RTUNNEL_TOKEN",
+                "authentication failed", host=host, failures_total=guard.failures,
             )
             return
         peer_max = hello.get("max_frame", wire.DEFAULT_MAX_FRAME)
         if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
             raise ProtocolViolation(f"max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
+        resume = hello.get("resume")
+        if self.server.resumable(credential, resume) is None and not self.server.make_room_for_session(credential):
+            limit = self.server.config.max_sessions_per_client
+            self.refuse(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"client {credential} already has {limit} connected sessions, the most this "
+                "server allows (--max-sessions-per-client); stop one of its other clients",
+                "session limit", credential=credential, limit=limit,
+            )
+            return
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
-        owner, resumed = self.server.session_for(credential, hello.get("resume"))
+        self._authenticated()
+        owner, resumed = self.server.session_for(credential, resume)
         self.owner = owner
         self.send(
             wire.encode_json(
@@ -614,6 +716,7 @@ class ServerLink(ControlLink):
     def link_lost(self, session: Session | None, reason: Failure) -> None:
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
+        self._authenticated()  # no longer waiting to authenticate, either way
         self.server.links.discard(self)
         if self.owner is not None:
             self.owner.link_lost(self)

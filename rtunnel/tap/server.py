@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from rtunnel import DEFAULT_CONTROL_PORT, auth
+from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.mux import SessionSettings
@@ -25,6 +25,8 @@ from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
+MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
+MAX_MAX_FRAME = 16 * 1024 * 1024
 
 
 class Options(usage.Options):
@@ -49,6 +51,11 @@ class Options(usage.Options):
         ["dead-after", None, 30.0, "Seconds of silence after which a client link is declared dead.", float],
         ["max-streams", None, 4096, "Maximum open tunnelled connections per session (clients-file clients: their max_streams).", int],
         ["clients", None, None, "TOML file of clients, each with its own token hash, ports, bind addresses and limits (see 'rtunnel_server add-client'); SIGHUP reloads it."],
+        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; beyond it new ones are closed at once.", int],
+        ["auth-failures", None, 10, "Wrong tokens one source address (IPv6: one /64) may send in a burst before it is rate limited.", int],
+        ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
+        ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
+        ["max-frame", None, 1 << 20, "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
     ]
 
@@ -73,6 +80,15 @@ class Options(usage.Options):
             raise usage.UsageError("--resume-grace must be >= 0 and --handshake-timeout > 0")
         if self["max-streams"] < 1:
             raise usage.UsageError("--max-streams must be at least 1")
+        for name in ("max-unauthenticated", "auth-failures", "max-sessions-per-client"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if not self["auth-failure-window"] > 0:
+            raise usage.UsageError("--auth-failure-window must be more than 0 seconds")
+        if not MIN_MAX_FRAME <= self["max-frame"] <= MAX_MAX_FRAME:
+            raise usage.UsageError(
+                f"--max-frame {self['max-frame']} is outside {MIN_MAX_FRAME}-{MAX_MAX_FRAME} bytes"
+            )
         try:
             allow = parse_port_ranges(self["allow-ports"])
         except RtunnelError as e:
@@ -106,7 +122,11 @@ class Options(usage.Options):
             resume_grace=self["resume-grace"],
             handshake_timeout=self["handshake-timeout"],
             keepalive=keepalive_from(self),
-            session=SessionSettings(max_streams=self["max-streams"]),
+            session=SessionSettings(max_streams=self["max-streams"], max_frame=self["max-frame"]),
+            max_unauthenticated=self["max-unauthenticated"],
+            auth_failure_burst=self["auth-failures"],
+            auth_failure_refill=self["auth-failure-window"],
+            max_sessions_per_client=self["max-sessions-per-client"],
         )
 
 

@@ -1,0 +1,285 @@
+"""Admission control: rtunnel.guard on a task.Clock, and the server's limits
+(unauthenticated cap, sessions per client, --max-frame) end to end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.protocol import Protocol
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from rtunnel import wire
+from rtunnel.guard import AdmissionGuard, address_key
+from rtunnel.server import SessionState
+from rtunnel.tap.server import Options
+from rtunnel.tls import PinnedCertificateCreator
+from rtunnel.wire import ErrorCode, FrameType
+from tests.harness import TOKEN, Tunnel, wait_until, with_timeout
+
+
+class GuardTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.guard = AdmissionGuard(self.clock, max_unauthenticated=3, failure_burst=3, failure_refill=6.0, max_addresses=4)
+
+    def test_unauthenticated_cap(self) -> None:
+        g = self.guard
+        self.assertEqual([g.admit() for _ in range(5)], [True, True, True, False, False])
+        self.assertEqual((g.unauthenticated, g.refused_connections), (3, 2))
+        g.release()
+        self.assertTrue(g.admit())
+        self.assertFalse(g.admit())
+        self.assertEqual(g.refused_connections, 3)
+
+    def test_burst_then_refill(self) -> None:
+        g = self.guard
+        for _ in range(3):
+            self.assertIsNone(g.retry_after("192.0.2.1"))
+            g.record_failure("192.0.2.1")
+        self.assertAlmostEqual(g.retry_after("192.0.2.1"), 6.0)
+        self.assertEqual(g.refused_attempts, 1)
+        self.assertIsNone(g.retry_after("192.0.2.2"), "other addresses are not affected")
+        self.clock.advance(4)
+        self.assertAlmostEqual(g.retry_after("192.0.2.1"), 2.0)
+        self.clock.advance(2)
+        self.assertIsNone(g.retry_after("192.0.2.1"), "one more attempt after 6 s")
+        g.record_failure("192.0.2.1")
+        self.assertAlmostEqual(g.retry_after("192.0.2.1"), 6.0, msg="and only one")
+        self.clock.advance(18)
+        self.assertEqual(g.tracked_addresses, 1)
+        self.assertIsNone(g.retry_after("192.0.2.1"))
+        self.assertEqual(g.tracked_addresses, 0, "a full bucket is forgotten")
+
+    def test_refused_attempts_do_not_drain_further(self) -> None:
+        g = self.guard
+        for _ in range(3):
+            g.record_failure("192.0.2.1")
+        for _ in range(100):
+            g.retry_after("192.0.2.1")
+        self.clock.advance(6)
+        self.assertIsNone(g.retry_after("192.0.2.1"))
+
+    def test_rate_is_bounded_over_time(self) -> None:
+        """An attacker retrying every second for 10 minutes gets burst +
+        600 / refill token checks, no more."""
+        g = self.guard
+        checked = 0
+        for _ in range(600):
+            if g.retry_after("192.0.2.9") is None:
+                checked += 1
+                g.record_failure("192.0.2.9")
+            self.clock.advance(1)
+        self.assertLessEqual(checked, 3 + 600 / 6)
+
+    def test_table_is_bounded(self) -> None:
+        g = self.guard
+        for _ in range(3):
+            g.record_failure("192.0.2.1")
+            self.clock.advance(1)
+        for i in range(10):
+            g.record_failure(f"198.51.100.{i}")
+        self.assertEqual(g.tracked_addresses, 4)
+        # the least recently failing entries went first
+        self.assertIsNone(g.retry_after("192.0.2.1"))
+        self.assertEqual(g.tracked_addresses, 4)
+
+    def test_table_keeps_the_newest(self) -> None:
+        g = AdmissionGuard(self.clock, failure_burst=1, max_addresses=2)
+        g.record_failure("192.0.2.1")
+        g.record_failure("192.0.2.2")
+        g.record_failure("192.0.2.3")
+        self.assertIsNone(g.retry_after("192.0.2.1"), "evicted")
+        self.assertIsNotNone(g.retry_after("192.0.2.2"))
+        self.assertIsNotNone(g.retry_after("192.0.2.3"))
+
+    def test_ipv6_by_prefix(self) -> None:
+        self.assertEqual(address_key("2001:db8::1"), address_key("2001:db8::ffff:1"))
+        self.assertNotEqual(address_key("2001:db8::1"), address_key("2001:db8:0:1::1"))
+        self.assertEqual(address_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(address_key("192.0.2.1"), "192.0.2.1")
+        g = AdmissionGuard(self.clock, failure_burst=1)
+        g.record_failure("2001:db8::1")
+        self.assertIsNotNone(g.retry_after("2001:db8::2"))
+
+    def test_bad_limits(self) -> None:
+        for kwargs in ({"max_unauthenticated": 0}, {"failure_burst": 0}, {"failure_refill": 0}):
+            self.assertRaises(ValueError, AdmissionGuard, self.clock, **kwargs)
+
+
+class OptionTests(unittest.TestCase):
+    def parse(self, *argv: str) -> Any:
+        options = Options()
+        options.parseOptions(list(argv))
+        return options.config
+
+    def test_defaults(self) -> None:
+        config = self.parse()
+        self.assertEqual(config.max_unauthenticated, 256)
+        self.assertEqual((config.auth_failure_burst, config.auth_failure_refill), (10, 6.0))
+        self.assertEqual(config.max_sessions_per_client, 8)
+        self.assertEqual(config.session.max_frame, 1 << 20)
+
+    def test_values(self) -> None:
+        config = self.parse(
+            "--max-unauthenticated", "50", "--auth-failures", "3", "--auth-failure-window", "60",
+            "--max-sessions-per-client", "2", "--max-frame", "65536",
+        )
+        self.assertEqual(config.max_unauthenticated, 50)
+        self.assertEqual((config.auth_failure_burst, config.auth_failure_refill), (3, 60.0))
+        self.assertEqual(config.max_sessions_per_client, 2)
+        self.assertEqual(config.session.max_frame, 65536)
+
+    def test_bad_values(self) -> None:
+        for argv in (
+            ["--max-frame", "16383"], ["--max-frame", str(16 * 1024 * 1024 + 1)],
+            ["--max-unauthenticated", "0"], ["--auth-failures", "0"],
+            ["--auth-failure-window", "0"], ["--max-sessions-per-client", "0"],
+        ):
+            self.assertRaises(usage.UsageError, self.parse, *argv)
+
+
+class Hello(Protocol):
+    """TLS (pinned), then one HELLO; `reply` fires with the first frame."""
+
+    def __init__(self, token: str, resume: dict[str, str] | None = None) -> None:
+        self.hello = {"protocol": "rtunnel", "versions": [1], "token": token, "max_frame": 1 << 20}
+        if resume:
+            self.hello["resume"] = resume
+        self.decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME)
+        self.reply: defer.Deferred[wire.Frame | None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(wire.encode_json(FrameType.HELLO, self.hello))
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if not self.reply.called:
+                self.reply.callback(frame)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if not self.reply.called:
+            self.reply.callback(None)
+
+
+class Raw(Protocol):
+    def __init__(self) -> None:
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.closed.callback(None)
+
+
+class ServerLimitTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def hello(self, tunnel: Tunnel, token: str = TOKEN, resume: Any = None) -> Any:
+        proto = Hello(token, resume)
+        endpoint = wrapClientTLS(
+            PinnedCertificateCreator(tunnel.fingerprint),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.control_port, timeout=5),
+        )
+        yield connectProtocol(endpoint, proto)
+        self.addCleanup(lambda: proto.transport.connected and proto.transport.abortConnection())
+        frame = yield with_timeout(proto.reply, 10)
+        return proto, frame
+
+    @defer.inlineCallbacks
+    def test_sessions_per_client(self) -> Any:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(max_sessions_per_client=1)
+        server = tunnel.server
+        first, frame = yield self.hello(tunnel)
+        self.assertEqual(frame.type, FrameType.WELCOME)
+        welcome = wire.decode_json(frame)
+
+        _, frame = yield self.hello(tunnel)
+        self.assertEqual(frame.type, FrameType.ERROR)
+        code, reason = wire.decode_coded(frame)
+        self.assertEqual(code, ErrorCode.LIMIT_EXCEEDED)
+        self.assertIn("--max-sessions-per-client", reason)
+        self.assertEqual(len(server.sessions), 1)
+
+        # a resume is not a new session
+        resume = {"session": welcome["session"], "secret": welcome["secret"]}
+        second, frame = yield self.hello(tunnel, resume=resume)
+        self.assertEqual(frame.type, FrameType.WELCOME)
+        self.assertTrue(wire.decode_json(frame)["resumed"])
+
+        # a detached session (its client restarted) makes room for a new one
+        second.transport.abortConnection()
+        [session] = server.sessions.values()
+        yield wait_until(lambda: session.state is SessionState.DETACHED, 5)
+        _, frame = yield self.hello(tunnel)
+        self.assertEqual(frame.type, FrameType.WELCOME)
+        self.assertEqual(session.state, SessionState.EXPIRED)
+        self.assertEqual(len(server.sessions), 1)
+        yield wait_until(lambda: server.guard.unauthenticated == 0, 5)
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_cap(self) -> Any:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(max_unauthenticated=3)
+        server = tunnel.server
+        raws = [Raw() for _ in range(5)]
+        for proto in raws:
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.control_port), proto)
+            self.addCleanup(lambda p=proto: p.transport.connected and p.transport.abortConnection())
+        yield with_timeout(defer.gatherResults([p.closed for p in raws[3:]]), 5)
+        self.assertEqual(server.guard.refused_connections, 2)
+        self.assertEqual(server.guard.unauthenticated, 3)
+        self.assertFalse(any(p.closed.called for p in raws[:3]))
+        for proto in raws[:3]:
+            proto.transport.abortConnection()
+        yield wait_until(lambda: server.guard.unauthenticated == 0, 5)
+        _, frame = yield self.hello(tunnel)
+        self.assertEqual(frame.type, FrameType.WELCOME)
+        self.assertEqual(server.guard.unauthenticated, 0)
+
+    @defer.inlineCallbacks
+    def test_wrong_tokens_are_rate_limited(self) -> Any:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(auth_failure_burst=2, auth_failure_refill=60.0)
+        reasons = []
+        for _ in range(4):
+            _, frame = yield self.hello(tunnel, token="wrong")
+            code, reason = wire.decode_coded(frame)
+            self.assertEqual(code, ErrorCode.AUTH_FAILED)
+            reasons.append(reason)
+        self.assertTrue(all(r.startswith("wrong token") for r in reasons[:2]), reasons)
+        self.assertTrue(all("too many failed attempts from 127.0.0.1; wait" in r for r in reasons[2:]), reasons)
+        # while limited, even the right token is not looked at
+        _, frame = yield self.hello(tunnel)
+        self.assertEqual(frame.type, FrameType.ERROR)
+        self.assertEqual(tunnel.server.guard.failures, 2)
+
+    @defer.inlineCallbacks
+    def test_max_frame_is_announced_and_enforced(self) -> Any:
+        from rtunnel.mux import SessionSettings
+
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(session=SessionSettings(max_frame=32768))
+        proto, frame = yield self.hello(tunnel)
+        self.assertEqual(wire.decode_json(frame)["max_frame"], 32768)
+        # a header announcing a longer body ends the link at once
+        proto.transport.write(wire.encode_json(FrameType.BIND, {"tunnel": 1, "port": 0, "pad": "x" * 40000}))
+        yield with_timeout(_closed(proto), 5)
+        yield wait_until(lambda: not tunnel.server.sessions, 5)
+
+
+def _closed(proto: Hello) -> defer.Deferred[None]:
+    d: defer.Deferred[None] = defer.Deferred()
+    original = proto.connectionLost
+
+    def lost(reason: Failure = None) -> None:
+        original(reason)
+        d.callback(None)
+
+    if not proto.transport.connected:
+        return defer.succeed(None)
+    proto.connectionLost = lost  # type: ignore[method-assign]
+    return d
