@@ -2,6 +2,7 @@
 
     [clients.alice]
     token_sha256 = "…"          # hex SHA-256 of the token (never the token)
+    cert_sha256 = "…"           # and/or: hex SHA-256 of its TLS client certificate (DER)
     ports = ["4000-4099", 5432]
     bind = ["0.0.0.0"]          # default: the server's --bind-default
     max_tunnels = 16
@@ -33,7 +34,7 @@ DEFAULT_BIND: tuple[str, ...] = ("0.0.0.0", "::")
 DEFAULT_MAX_TUNNELS = 16
 DEFAULT_MAX_STREAMS = 4096
 RESERVED_NAMES = frozenset({"default"})
-KEYS = ("token_sha256", "ports", "bind", "max_tunnels", "max_streams")
+KEYS = ("token_sha256", "cert_sha256", "ports", "bind", "max_tunnels", "max_streams")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -43,11 +44,12 @@ class ClientPolicy:
     """One client of the clients file: its token's hash and what it may do."""
 
     name: str
-    token_sha256: str  # 64 lower-case hex digits
+    token_sha256: str | None  # 64 lower-case hex digits (None: certificate only)
     ports: tuple[tuple[int, int], ...]
     bind: tuple[str, ...] = DEFAULT_BIND
     max_tunnels: int = DEFAULT_MAX_TUNNELS
     max_streams: int = DEFAULT_MAX_STREAMS
+    cert_sha256: str | None = None  # SHA-256 of the client certificate's DER, lower-case hex
 
     def permits_port(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.ports)
@@ -79,7 +81,33 @@ def authenticate(clients: Mapping[str, ClientPolicy], token: object) -> ClientPo
     digest = token_digest(token)
     found = None
     for policy in clients.values():
+        if policy.token_sha256 is None:
+            hmac.compare_digest(digest, _NO_MATCH)  # same work for every client
+            continue
         if hmac.compare_digest(digest, bytes.fromhex(policy.token_sha256)):
+            found = policy
+    return found
+
+
+_NO_MATCH = b"\x00" * 32
+
+
+def cert_digest(cert_der: bytes) -> str:
+    """The cert_sha256 of a certificate: hex SHA-256 of its DER encoding."""
+    return hashlib.sha256(cert_der).hexdigest()
+
+
+def authenticate_certificate(clients: Mapping[str, ClientPolicy], cert_der: bytes | None) -> ClientPolicy | None:
+    """The client whose cert_sha256 matches the TLS client certificate
+    `cert_der` (None: no certificate), compared against every client."""
+    if not cert_der:
+        return None
+    digest = hashlib.sha256(cert_der).digest()
+    found = None
+    for policy in clients.values():
+        if policy.cert_sha256 is None:
+            continue
+        if hmac.compare_digest(digest, bytes.fromhex(policy.cert_sha256)):
             found = policy
     return found
 
@@ -138,18 +166,26 @@ def _validate_client(
     for key in table:
         if key not in KEYS:
             raise ConfigError(f"{where(key)}: unknown key (known keys: {', '.join(KEYS)})")
-    digest = table.get("token_sha256")
-    if digest is None:
+    digests: dict[str, str | None] = {}
+    for key, how in (
+        ("token_sha256", "printf %s TOKEN | sha256sum"),
+        ("cert_sha256", "openssl x509 -in client.crt -outform DER | sha256sum"),
+    ):
+        value = table.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise ConfigError(f"{where(key)}: is a {_type(value)}; it must be a string of 64 hex digits")
+            if not _HEX64.match(value):
+                raise ConfigError(
+                    f"{where(key)}: {value[:80]!r} is not 64 hex digits (a SHA-256 digest, e.g. from: {how})"
+                )
+            value = value.lower()
+        digests[key] = value
+    if digests["token_sha256"] is None and digests["cert_sha256"] is None:
         raise ConfigError(
             f"{where('token_sha256')}: missing; every client needs the hex SHA-256 of its token "
-            "(rtunnel_server add-client makes one)"
-        )
-    if not isinstance(digest, str):
-        raise ConfigError(f"{where('token_sha256')}: is a {_type(digest)}; it must be a string of 64 hex digits")
-    if not _HEX64.match(digest):
-        raise ConfigError(
-            f"{where('token_sha256')}: {digest[:80]!r} is not 64 hex digits (a SHA-256 digest, "
-            "e.g. from: printf %s TOKEN | sha256sum)"
+            "(rtunnel_server add-client makes one) or cert_sha256, the hex SHA-256 of its TLS "
+            "client certificate (openssl x509 -in client.crt -outform DER | sha256sum)"
         )
     ports_value = table.get("ports")
     if ports_value is None:
@@ -188,7 +224,8 @@ def _validate_client(
         limits[key] = value
     return ClientPolicy(
         name=name,
-        token_sha256=digest.lower(),
+        token_sha256=digests["token_sha256"],
+        cert_sha256=digests["cert_sha256"],
         ports=ports,
         bind=bind,
         max_tunnels=limits["max_tunnels"],
@@ -214,17 +251,21 @@ def parse_clients(
     if not isinstance(clients_table, dict):
         raise ConfigError(f"{path}: 'clients' is a {_type(clients_table)}; write [clients.NAME] tables")
     clients: dict[str, ClientPolicy] = {}
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for name, table in clients_table.items():
         policy = _validate_client(
             path, name, table, default_bind, default_max_tunnels, default_max_streams
         )
-        if policy.token_sha256 in seen:
-            raise ConfigError(
-                f"{path}: clients {seen[policy.token_sha256]!r} and {name!r} have the same "
-                "token_sha256; give each client its own token"
-            )
-        seen[policy.token_sha256] = name
+        for key, what in (("token_sha256", "token"), ("cert_sha256", "certificate")):
+            value = getattr(policy, key)
+            if value is None:
+                continue
+            if (key, value) in seen:
+                raise ConfigError(
+                    f"{path}: clients {seen[key, value]!r} and {name!r} have the same "
+                    f"{key}; give each client its own {what}"
+                )
+            seen[key, value] = name
         clients[name] = policy
     return clients
 
@@ -288,7 +329,11 @@ def _toml_str(value: str) -> str:
 
 
 def client_table(policy: ClientPolicy, write_bind: bool = True, write_limits: Iterable[str] = ()) -> str:
-    lines = [f"[clients.{policy.name}]", f"token_sha256 = {_toml_str(policy.token_sha256)}"]
+    lines = [f"[clients.{policy.name}]"]
+    if policy.token_sha256 is not None:
+        lines.append(f"token_sha256 = {_toml_str(policy.token_sha256)}")
+    if policy.cert_sha256 is not None:
+        lines.append(f"cert_sha256 = {_toml_str(policy.cert_sha256)}")
     ports = ", ".join(str(lo) if lo == hi else _toml_str(f"{lo}-{hi}") for lo, hi in policy.ports)
     lines.append(f"ports = [{ports}]")
     if write_bind:
@@ -385,6 +430,8 @@ __all__ = [
     "ClientPolicy",
     "add_client",
     "authenticate",
+    "authenticate_certificate",
+    "cert_digest",
     "load_clients",
     "parse_clients",
     "parse_port_range",

@@ -16,6 +16,7 @@ import ipaddress
 import secrets
 from typing import Any
 
+from OpenSSL import crypto
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
@@ -287,8 +288,16 @@ class TunnelServer:
 
     # ------------------------------------------------------------ auth
 
-    def authenticate(self, token: object) -> str | None:
-        """The credential a token proves, compared in constant time."""
+    def authenticate(self, token: object, peer_cert_der: bytes | None = None) -> str | None:
+        """The credential a TLS client certificate or a token proves.
+
+        A certificate whose SHA-256 is a clients-file client's cert_sha256
+        authenticates that client, whatever the token; otherwise (no
+        certificate, or one nobody has) the token decides. Both compare in
+        constant time against every candidate."""
+        by_cert = auth.authenticate_certificate(self.clients, peer_cert_der)
+        if by_cert is not None:
+            return by_cert.name
         if not isinstance(token, str):
             return None
         digest = _digest(token)
@@ -332,7 +341,10 @@ class TunnelServer:
         old, self.clients = self.clients, dict(clients)
         removed = sorted(set(old) - set(clients))
         added = sorted(set(clients) - set(old))
-        rekeyed = sorted(n for n in set(old) & set(clients) if old[n].token_sha256 != clients[n].token_sha256)
+        rekeyed = sorted(
+            n for n in set(old) & set(clients)
+            if (old[n].token_sha256, old[n].cert_sha256) != (clients[n].token_sha256, clients[n].cert_sha256)
+        )
         changed = sorted(
             n for n in set(old) & set(clients) if old[n] != clients[n] and n not in rekeyed
         )
@@ -340,7 +352,7 @@ class TunnelServer:
             if session.credential in removed:
                 session.expire("client removed from the clients file")
             elif session.credential in rekeyed:
-                session.expire("client's token changed in the clients file")
+                session.expire("client's token or certificate changed in the clients file")
             elif session.credential in changed:
                 policy = clients[session.credential]
                 session.session.settings.max_streams = policy.max_streams
@@ -617,6 +629,19 @@ class ServerLink(ControlLink):
         except Exception:
             return "?"
 
+    def peer_certificate_der(self) -> bytes | None:
+        """The DER of the TLS client certificate the peer presented, if any."""
+        try:
+            cert = self.transport.getPeerCertificate()
+        except Exception:
+            return None
+        if cert is None:
+            return None
+        try:
+            return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        except crypto.Error:
+            return None
+
     def refuse(self, code: ErrorCode, reason: str, event: str, **fields: Any) -> None:
         """Send ERROR `reason` and close, logging the refusal once (with
         `fields`; close_with_error would log it a second time)."""
@@ -659,13 +684,21 @@ class ServerLink(ControlLink):
                 "rate limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
             )
             return
-        credential = self.server.authenticate(hello.get("token"))
+        peer_cert = self.peer_certificate_der()
+        credential = self.server.authenticate(hello.get("token"), peer_cert)
         if credential is None:
             guard.record_failure(host)
-            self.refuse(
-                ErrorCode.AUTH_FAILED,
+            reason = (
                 "wrong token: pass the token the server printed (its state dir's 'token' "
-                "file) with --token or RTUNNEL_TOKEN",
+                "file) with --token or RTUNNEL_TOKEN"
+            )
+            if peer_cert is not None:
+                reason += (
+                    f"; the client certificate (sha256:{auth.cert_digest(peer_cert)}) is not "
+                    "a cert_sha256 of the server's clients file"
+                )
+            self.refuse(
+                ErrorCode.AUTH_FAILED, reason,
                 "authentication failed", host=host, failures_total=guard.failures,
             )
             return

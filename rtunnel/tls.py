@@ -169,15 +169,79 @@ def load_or_create_token(state_dir: Path) -> tuple[str, bool]:
     return token, True
 
 
+class _ServerOptions(ssl.CertificateOptions):
+    """CertificateOptions that ask for (but never require) a client certificate.
+
+    Any certificate is accepted at the TLS level, self-signed included: it
+    proves possession of its key, and the server trusts it only if its
+    SHA-256 is a client's cert_sha256 in the clients file. A client without
+    a certificate connects exactly as before.
+    """
+
+    def _makeContext(self, *args: object, **kwargs: object) -> SSL.Context:
+        ctx = super()._makeContext(*args, **kwargs)
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)  # not FAIL_IF_NO_PEER_CERT
+        return ctx
+
+
+def _accept_any_certificate(conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
+    return True
+
+
 def server_context(identity: ServerIdentity) -> ssl.CertificateOptions:
-    """TLS 1.2+, Twisted's modern cipher list, no compression, no renegotiation."""
+    """TLS 1.2+, Twisted's modern cipher list, no compression, no renegotiation;
+    a client certificate is requested but optional (see _ServerOptions)."""
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, identity.cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, identity.key_pem)
-    return ssl.CertificateOptions(
+    return _ServerOptions(
         privateKey=key,
         certificate=cert,
         raiseMinimumTo=MIN_TLS,
     )
+
+
+@dataclass(frozen=True)
+class ClientIdentity:
+    """A TLS client certificate and its key (--client-cert / --client-key)."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    cert_path: Path
+    key_path: Path
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_of_pem(self.cert_pem)
+
+    def apply(self, ctx: SSL.Context) -> None:
+        ctx.use_certificate(crypto.load_certificate(crypto.FILETYPE_PEM, self.cert_pem))
+        ctx.use_privatekey(crypto.load_privatekey(crypto.FILETYPE_PEM, self.key_pem))
+        ctx.check_privatekey()
+
+    def private_certificate(self) -> ssl.PrivateCertificate:
+        return ssl.PrivateCertificate.loadPEM(self.key_pem + b"\n" + self.cert_pem)
+
+
+def load_client_identity(cert_path: Path, key_path: Path) -> ClientIdentity:
+    """Read and check --client-cert / --client-key (ConfigError says what is wrong)."""
+    cert_pem = _read(cert_path, "client certificate")
+    key_pem = _read(key_path, "client private key")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise ConfigError(f"--client-cert {cert_path} is not a PEM certificate: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"--client-key {key_path} is not an unencrypted PEM private key: {e}"
+        ) from None
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
+        serialization.Encoding.DER, spki
+    ):
+        raise ConfigError(f"--client-key {key_path} does not belong to --client-cert {cert_path}")
+    return ClientIdentity(cert_pem, key_pem, cert_path, key_path)
 
 
 def _leaf_fingerprint(cert: crypto.X509) -> str:
@@ -193,12 +257,14 @@ class PinnedCertificateCreator:
     what went wrong instead of a bare handshake failure.
     """
 
-    def __init__(self, fingerprint: str) -> None:
+    def __init__(self, fingerprint: str, client_identity: ClientIdentity | None = None) -> None:
         self.fingerprint = fingerprint
         self.mismatch: str | None = None
         options = ssl.CertificateOptions(raiseMinimumTo=MIN_TLS)
         self._context = options.getContext()
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+        if client_identity is not None:
+            client_identity.apply(self._context)
 
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
@@ -214,14 +280,19 @@ class PinnedCertificateCreator:
         return SSL.Connection(self._context, None)
 
 
-def ca_creator(hostname: str, ca_file: Path) -> IOpenSSLClientConnectionCreator:
+def ca_creator(
+    hostname: str, ca_file: Path, client_identity: ClientIdentity | None = None
+) -> IOpenSSLClientConnectionCreator:
     """Client TLS that checks the chain against `ca_file` and the hostname."""
     try:
         authority = ssl.Certificate.loadPEM(_read(ca_file, "CA file"))
     except crypto.Error as e:
         raise ConfigError(f"--ca {ca_file} is not a PEM certificate: {e}") from None
     return ssl.optionsForClientTLS(
-        hostname, trustRoot=authority, extraCertificateOptions={"raiseMinimumTo": MIN_TLS}
+        hostname,
+        trustRoot=authority,
+        clientCertificate=client_identity.private_certificate() if client_identity is not None else None,
+        extraCertificateOptions={"raiseMinimumTo": MIN_TLS},
     )
 
 
@@ -359,7 +430,9 @@ class TrustOnFirstUseCreator:
 
     log = Logger()
 
-    def __init__(self, host: str, port: int, known_servers: Path) -> None:
+    def __init__(
+        self, host: str, port: int, known_servers: Path, client_identity: ClientIdentity | None = None
+    ) -> None:
         self.key = server_key(host, port)
         self.path = known_servers
         self.fingerprint: str | None = load_known_servers(known_servers).get(self.key)
@@ -369,6 +442,8 @@ class TrustOnFirstUseCreator:
         options = ssl.CertificateOptions(raiseMinimumTo=MIN_TLS)
         self._context = options.getContext()
         self._context.set_verify(SSL.VERIFY_PEER, self._verify)
+        if client_identity is not None:
+            client_identity.apply(self._context)
 
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:

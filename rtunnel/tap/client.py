@@ -21,9 +21,11 @@ from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
+    ClientIdentity,
     PinnedCertificateCreator,
     TrustOnFirstUseCreator,
     ca_creator,
+    load_client_identity,
     load_known_servers,
     parse_fingerprint,
 )
@@ -41,7 +43,13 @@ class Options(usage.Options):
     )
     optParameters = [
         ["connect", "c", None, "Server control address HOST[:PORT] (default port 19050)."],
-        ["token", None, None, "Token from the server (default: $RTUNNEL_TOKEN)."],
+        ["token", None, None, "Token from the server (default: $RTUNNEL_TOKEN; optional with --client-cert)."],
+        [
+            "client-cert", None, None,
+            "PEM TLS client certificate to present (with --client-key); the server's clients file "
+            "lists its SHA-256 as cert_sha256.",
+        ],
+        ["client-key", None, None, "PEM private key of --client-cert (unencrypted)."],
         ["fingerprint", None, None, "SHA-256 fingerprint of the server's certificate (printed by the server)."],
         ["ca", None, None, "PEM CA file: verify the server's certificate and host name against it instead of a fingerprint."],
         ["max-retry-delay", None, 30.0, "Longest wait between reconnection attempts, in seconds.", float],
@@ -85,11 +93,22 @@ class Options(usage.Options):
                 "give -f/--forward and -t/--to in pairs, e.g. -f 4000 -t 3000 "
                 f"(got {len(self.forwards)} -f and {len(self.targets)} -t)"
             )
-        token = self["token"] or os.environ.get("RTUNNEL_TOKEN")
-        if not token:
+        if bool(self["client-cert"]) != bool(self["client-key"]):
+            raise usage.UsageError("--client-cert and --client-key go together: give both or neither")
+        self.client_identity: ClientIdentity | None = None
+        if self["client-cert"]:
+            try:
+                self.client_identity = load_client_identity(
+                    Path(self["client-cert"]), Path(self["client-key"])
+                )
+            except RtunnelError as e:
+                raise usage.UsageError(str(e)) from None
+        token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or ""
+        if not token and self.client_identity is None:
             raise usage.UsageError(
                 "no token: pass --token or set RTUNNEL_TOKEN (the server printed it on its "
-                "first start; it is in the server's state dir, file 'token')"
+                "first start; it is in the server's state dir, file 'token'), or present a "
+                "client certificate with --client-cert and --client-key"
             )
         given = [o for o in ("fingerprint", "ca", "trust-on-first-use") if self[o]]
         if len(given) > 1:
@@ -126,7 +145,7 @@ class Options(usage.Options):
                 tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
             if self["ca"]:
-                ca_creator(host, Path(self["ca"]))  # fail here, as a usage error
+                ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
@@ -173,6 +192,7 @@ class ClientMainService(service.MultiService):
 
     With `known_servers` (and neither a fingerprint nor a CA in `config`) the
     server's certificate is trusted on first use and recorded in that file.
+    With `client_identity` the client presents that TLS client certificate.
     """
 
     def __init__(
@@ -181,6 +201,7 @@ class ClientMainService(service.MultiService):
         reactor: Any = None,
         exit_on_fatal: bool = True,
         known_servers: Path | None = None,
+        client_identity: ClientIdentity | None = None,
     ) -> None:
         super().__init__()
         if reactor is None:
@@ -195,12 +216,14 @@ class ClientMainService(service.MultiService):
         if known_servers is not None and (config.fingerprint is not None or config.ca_file is not None):
             raise ConfigError("give one of --fingerprint, --ca and --trust-on-first-use")
         if config.fingerprint is not None:
-            creator: Any = PinnedCertificateCreator(config.fingerprint)
+            creator: Any = PinnedCertificateCreator(config.fingerprint, client_identity)
         elif known_servers is not None:
-            creator = TrustOnFirstUseCreator(config.server_host, config.server_port, known_servers)
+            creator = TrustOnFirstUseCreator(
+                config.server_host, config.server_port, known_servers, client_identity
+            )
         else:
             assert config.ca_file is not None
-            creator = ca_creator(config.server_host, config.ca_file)
+            creator = ca_creator(config.server_host, config.ca_file, client_identity)
         self.client = TunnelClient(reactor, config, self._fatal, creator)
         endpoint = wrapClientTLS(
             creator,
@@ -247,6 +270,10 @@ class ClientMainService(service.MultiService):
 
 def makeService(options: Options) -> service.IService:
     try:
-        return ClientMainService(options.config, known_servers=getattr(options, "known_servers", None))
+        return ClientMainService(
+            options.config,
+            known_servers=getattr(options, "known_servers", None),
+            client_identity=getattr(options, "client_identity", None),
+        )
     except RtunnelError as e:
         raise usage.UsageError(str(e)) from None

@@ -27,6 +27,9 @@ from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_id
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
 MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
 MAX_MAX_FRAME = 16 * 1024 * 1024
+MIN_SESSION_BUFFER = 1024 * 1024
+MIN_MAX_STREAM_WINDOW = 256 * 1024
+_DEFAULT_SESSION = SessionSettings()
 
 
 class Options(usage.Options):
@@ -56,6 +59,8 @@ class Options(usage.Options):
         ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
         ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
         ["max-frame", None, 1 << 20, "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", int],
+        ["session-buffer", None, _DEFAULT_SESSION.session_window_budget, "Most bytes one session may have buffered across its streams' grown flow-control windows (at least 1048576).", int],
+        ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
     ]
 
@@ -88,6 +93,15 @@ class Options(usage.Options):
         if not MIN_MAX_FRAME <= self["max-frame"] <= MAX_MAX_FRAME:
             raise usage.UsageError(
                 f"--max-frame {self['max-frame']} is outside {MIN_MAX_FRAME}-{MAX_MAX_FRAME} bytes"
+            )
+        if self["session-buffer"] < MIN_SESSION_BUFFER:
+            raise usage.UsageError(
+                f"--session-buffer {self['session-buffer']} is below {MIN_SESSION_BUFFER} bytes"
+            )
+        if not MIN_MAX_STREAM_WINDOW <= self["max-stream-window"] <= self["session-buffer"]:
+            raise usage.UsageError(
+                f"--max-stream-window {self['max-stream-window']} is outside "
+                f"{MIN_MAX_STREAM_WINDOW}-{self['session-buffer']} bytes (at most --session-buffer)"
             )
         try:
             allow = parse_port_ranges(self["allow-ports"])
@@ -122,7 +136,12 @@ class Options(usage.Options):
             resume_grace=self["resume-grace"],
             handshake_timeout=self["handshake-timeout"],
             keepalive=keepalive_from(self),
-            session=SessionSettings(max_streams=self["max-streams"], max_frame=self["max-frame"]),
+            session=SessionSettings(
+                max_streams=self["max-streams"],
+                max_frame=self["max-frame"],
+                max_stream_window=self["max-stream-window"],
+                session_window_budget=self["session-buffer"],
+            ),
             max_unauthenticated=self["max-unauthenticated"],
             auth_failure_burst=self["auth-failures"],
             auth_failure_refill=self["auth-failure-window"],
