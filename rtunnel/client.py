@@ -28,7 +28,7 @@ from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
-FATAL_BIND_CODES = {"not_permitted", "bad_address"}
+FATAL_BIND_CODES = {"not_permitted", "bad_address", "limit"}
 BIND_RETRY_DELAY = 5.0
 
 

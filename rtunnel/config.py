@@ -124,6 +124,7 @@ class ServerConfig:
     auth_failure_burst: int = 10  # wrong tokens one address may send at once...
     auth_failure_refill: float = 6.0  # ...then one more per this many seconds
     max_sessions_per_client: int = 8  # concurrent sessions of one credential
+    max_tunnels: int = 64  # tunnels per session, for token credentials
     public_host: str = "0.0.0.0"
 
     def port_allowed(self, port: int) -> bool:

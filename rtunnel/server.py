@@ -435,6 +435,12 @@ class TunnelServer:
             raise BindRefused("shutdown", "the server is shutting down; try again shortly")
         policy = self.policy_for(owner.credential)
         if policy is None:
+            if len(owner.tunnels) >= self.config.max_tunnels:
+                raise BindRefused(
+                    "limit",
+                    f"at most {self.config.max_tunnels} tunnels per session (--max-tunnels); "
+                    "close one first",
+                )
             if not self.config.port_allowed(port):
                 raise BindRefused(
                     "not_permitted",

@@ -283,3 +283,17 @@ def _closed(proto: Hello) -> defer.Deferred[None]:
         return defer.succeed(None)
     proto.connectionLost = lost  # type: ignore[method-assign]
     return d
+
+
+class TunnelLimitTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_token_credential_gets_at_most_max_tunnels(self):
+        from tests.harness import Echo, Tunnel, listen_target, with_timeout
+
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(max_tunnels=2)
+        _, target = listen_target(self, Echo)
+        service = tunnel.start_client(tunnel.client_config([(0, target)] * 3))
+        message = yield with_timeout(service.when_fatal(), 10)
+        self.assertIn("at most 2 tunnels per session", message)
+        self.assertEqual(len(service.client.bound), 2)

@@ -58,6 +58,7 @@ class Options(usage.Options):
         ["auth-failures", None, 10, "Wrong tokens one source address (IPv6: one /64) may send in a burst before it is rate limited.", int],
         ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
         ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
+        ["max-tunnels", None, 64, "Most tunnels (bound ports) per session for token credentials (--token, --client); clients-file clients have their own max_tunnels.", int],
         ["max-frame", None, 1 << 20, "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", int],
         ["session-buffer", None, _DEFAULT_SESSION.session_window_budget, "Most bytes one session may have buffered across its streams' grown flow-control windows (at least 1048576).", int],
         ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
@@ -85,7 +86,7 @@ class Options(usage.Options):
             raise usage.UsageError("--resume-grace must be >= 0 and --handshake-timeout > 0")
         if self["max-streams"] < 1:
             raise usage.UsageError("--max-streams must be at least 1")
-        for name in ("max-unauthenticated", "auth-failures", "max-sessions-per-client"):
+        for name in ("max-unauthenticated", "auth-failures", "max-sessions-per-client", "max-tunnels"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not self["auth-failure-window"] > 0:
@@ -146,6 +147,7 @@ class Options(usage.Options):
             auth_failure_burst=self["auth-failures"],
             auth_failure_refill=self["auth-failure-window"],
             max_sessions_per_client=self["max-sessions-per-client"],
+            max_tunnels=self["max-tunnels"],
         )
 
 
