@@ -18,7 +18,7 @@ the top functions, time by component) go to --out (default
 benchmarks/results/profiles/<date>/).  Needs py-spy (pip install py-spy) and
 root or ptrace rights.  Usage:
 
-  /work/venv/bin/python benchmarks/profile_rtunnel.py [--loads bulk-up,http1k] [--seconds 8]
+  .venv/bin/python benchmarks/profile_rtunnel.py [--loads bulk-up,http1k] [--seconds 8]
 """
 
 from __future__ import annotations

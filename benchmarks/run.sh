@@ -25,15 +25,15 @@ if ((${#need[@]})); then
     fi
 fi
 
-# The project's venv if there is one, else python3.
-python=python3
-cands=()
-[ -n "${VIRTUAL_ENV:-}" ] && cands+=("$VIRTUAL_ENV/bin/python")
-for cand in "${cands[@]}" "$root/.venv/bin/python" "$root/venv/bin/python" /work/venv/bin/python; do
-    if [ -x "$cand" ]; then
-        python="$cand"
-        break
-    fi
-done
+# The project's .venv, made if missing, with the current tree installed
+# (the benchmark runs the installed rtunnel_server / rtunnel_client).
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "creating $venv" >&2
+    python3 -m venv "$venv" >&2
+fi
+echo "installing rtunnel from $root into $venv" >&2
+"$venv/bin/python" -m pip install -q --disable-pip-version-check "$root" >&2
+python="$venv/bin/python"
 
 exec "$python" "$here/run.py" "$@"
