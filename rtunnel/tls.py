@@ -257,7 +257,7 @@ class PinnedCertificateCreator:
     what went wrong instead of a bare handshake failure.
     """
 
-    def __init__(self, fingerprint: str, client_identity: ClientIdentity | None = None) -> None:
+    def __init__(self, fingerprint: str | None, client_identity: ClientIdentity | None = None) -> None:
         self.fingerprint = fingerprint
         self.mismatch: str | None = None
         options = ssl.CertificateOptions(raiseMinimumTo=MIN_TLS)
@@ -269,7 +269,10 @@ class PinnedCertificateCreator:
     def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
         if depth != 0:
             return True
-        seen = _leaf_fingerprint(cert)
+        return self._check_pin(_leaf_fingerprint(cert))
+
+    def _check_pin(self, seen: str) -> bool:
+        assert self.fingerprint is not None
         if secrets.compare_digest(seen, self.fingerprint):
             self.mismatch = None
             return True
@@ -416,8 +419,7 @@ def _line_key(line: str) -> str | None:
     return _parse_server_key(fields[0])
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class TrustOnFirstUseCreator:
+class TrustOnFirstUseCreator(PinnedCertificateCreator):
     """Client TLS that learns the server's certificate on first use.
 
     A server already in the known-servers file is pinned exactly like
@@ -435,28 +437,14 @@ class TrustOnFirstUseCreator:
     ) -> None:
         self.key = server_key(host, port)
         self.path = known_servers
-        self.fingerprint: str | None = load_known_servers(known_servers).get(self.key)
-        self.mismatch: str | None = None
         self.learned: str | None = None
         self.store_error: str | None = None
-        options = ssl.CertificateOptions(raiseMinimumTo=MIN_TLS)
-        self._context = options.getContext()
-        self._context.set_verify(SSL.VERIFY_PEER, self._verify)
-        if client_identity is not None:
-            client_identity.apply(self._context)
+        super().__init__(load_known_servers(known_servers).get(self.key), client_identity)
 
-    def _verify(self, conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int) -> bool:
-        if depth != 0:
-            return True
-        seen = _leaf_fingerprint(cert)
+    def _check_pin(self, seen: str) -> bool:
         if self.fingerprint is None and not self._learn(seen):
             return False
-        assert self.fingerprint is not None
-        if secrets.compare_digest(seen, self.fingerprint):
-            self.mismatch = None
-            return True
-        self.mismatch = seen
-        return False
+        return super()._check_pin(seen)
 
     def _learn(self, seen: str) -> bool:
         """First use: store `seen` (unless another client just did), then pin it."""
@@ -481,6 +469,3 @@ class TrustOnFirstUseCreator:
             key=self.key, fp=format_fingerprint(seen), path=str(self.path),
         )
         return True
-
-    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        return SSL.Connection(self._context, None)
