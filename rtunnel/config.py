@@ -63,12 +63,18 @@ def parse_host_port(
     return host, port
 
 
-def check_ip(host: str, what: str) -> None:
-    """Bind addresses must be IP literals (the server never resolves names)."""
+def is_ip_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ConfigError(f"{what}: {host!r} is not an IP address (e.g. 0.0.0.0, 127.0.0.1, [::])") from None
+        return False
+    return True
+
+
+def check_ip(host: str, what: str) -> None:
+    """Bind addresses must be IP literals (the server never resolves names)."""
+    if not is_ip_literal(host):
+        raise ConfigError(f"{what}: {host!r} is not an IP address (e.g. 0.0.0.0, 127.0.0.1, [::])")
 
 
 def parse_port_ranges(text: str) -> tuple[tuple[int, int], ...]:

@@ -107,12 +107,15 @@ class ControlLink(Protocol):
         self.transport.write(frame)
 
     def close_with_error(self, code: ErrorCode, reason: str) -> None:
-        """Tell the peer why, then close. Ends this link only."""
+        """Log, tell the peer why, then close the link and end its session."""
         if self.closing:
             return
         self.log.warn(
             "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason
         )
+        self.send_error_and_close(code, reason)
+
+    def send_error_and_close(self, code: ErrorCode, reason: str) -> None:
         self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
         self.session_failed()
         self.lose()

@@ -12,7 +12,6 @@ import enum
 import errno
 import hashlib
 import hmac
-import ipaddress
 import secrets
 from typing import Any
 
@@ -25,7 +24,7 @@ from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
 from rtunnel.auth import ClientPolicy
-from rtunnel.config import ServerConfig
+from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.errors import ConfigError
 from rtunnel.guard import AdmissionGuard
 from rtunnel.link import ControlLink
@@ -195,7 +194,7 @@ class ServerSession:
             raise ProtocolViolation("BIND needs a host string and a port 0-65535")
         if tunnel_id in self.tunnels:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
-        if not _is_ip(host):
+        if not is_ip_literal(host):
             self.session.send_json(
                 FrameType.BIND_FAILED,
                 {"tunnel": tunnel_id, "code": "bad_address",
@@ -218,14 +217,6 @@ class ServerSession:
         bound_port = listener.key[1]
         self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8])
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _int(body: dict[str, Any], key: str) -> int:
@@ -649,17 +640,15 @@ class ServerLink(ControlLink):
             return None
 
     def refuse(self, code: ErrorCode, reason: str, event: str, **fields: Any) -> None:
-        """Send ERROR `reason` and close, logging the refusal once (with
-        `fields`; close_with_error would log it a second time)."""
+        """Send ERROR `reason` and close, logging the refusal once, as a
+        refusal with `fields` (instead of close_with_error's line)."""
         if self.closing:
             return
         self.log.warn(
             "refused {peer}: {event}: {reason}",
             peer=self.peer_description(), event=event, reason=reason, code=code.name, **fields,
         )
-        self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
-        self.session_failed()
-        self.lose()
+        self.send_error_and_close(code, reason)
 
     def handshake_frame(self, frame: Frame) -> None:
         if frame.type is not FrameType.HELLO:
