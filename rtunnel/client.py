@@ -281,6 +281,14 @@ class TunnelClient:
             code = str(body.get("code", ""))
             if spec is None:
                 raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
+            if code == "closed":  # the server's administrator closed a bound port
+                public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
+                self.log.warn(
+                    "the server closed port {port}: {message}; it opens again when this "
+                    "client starts a new session (restart it to reopen the port now)",
+                    port=public[1], message=message,
+                )
+                return
             text = f"the server refused to open port {spec.bind_port}: {message}"
             if code in FATAL_BIND_CODES:
                 self.fatal(text)

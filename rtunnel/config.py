@@ -132,6 +132,7 @@ class ServerConfig:
     max_sessions_per_client: int = 8  # concurrent sessions of one credential
     max_tunnels: int = 64  # tunnels per session, for token credentials
     public_host: str = "0.0.0.0"
+    admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

@@ -113,6 +113,11 @@ class ServerSession:
         self.state = SessionState.CONNECTED
         self.leaving = False
         self._grace_call: IDelayedCall | None = None
+        # for the status page (rtunnel.admin): when it began, when it last
+        # changed state, and the address of its current (or last) link
+        self.started_at = server.reactor.seconds()
+        self.state_since = self.started_at
+        self.peer: tuple[str, int] | None = None
 
     # ------------------------------------------------------------ links
 
@@ -126,7 +131,10 @@ class ServerSession:
             self._grace_call.cancel()
         self._grace_call = None
         self.link = link
+        if self.state is not SessionState.CONNECTED or old is not None:
+            self.state_since = self.server.reactor.seconds()
         self.state = SessionState.CONNECTED
+        self.peer = link.peer_address()
         link.start_session(self.session, resumed, peer_max_frame)
 
     def link_lost(self, link: ServerLink) -> None:
@@ -137,6 +145,7 @@ class ServerSession:
             self.expire("the client stopped")
             return
         self.state = SessionState.DETACHED
+        self.state_since = self.server.reactor.seconds()
         grace = self.server.config.resume_grace
         self.log.info(
             "session {id} detached; keeping its {n} streams for {grace:.0f} s",
@@ -164,6 +173,24 @@ class ServerSession:
             link.session = None
             if abort_link:
                 link.abort()
+
+    def close_tunnel(self, tunnel_id: int, why: str) -> bool:
+        """Close one public port of this session and reset its open
+        connections; the client hears BIND_FAILED "closed" and does not
+        rebind it in this session. False if there is no such tunnel."""
+        listener = self.tunnels.pop(tunnel_id, None)
+        if listener is None:
+            return False
+        port = listener.key[1] if listener.port is not None else 0
+        self.server.release(listener)
+        for stream in list(self.session.streams.values()):
+            if stream.tunnel_id == tunnel_id:
+                stream.reset(ResetCode.ABORTED, why)
+        self.session.send_json(
+            FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why}
+        )
+        self.log.info("tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why)
+        return True
 
     # ------------------------------------------------------------ delegate
 
@@ -625,6 +652,14 @@ class ServerLink(ControlLink):
             return str(self.transport.getPeer().host)
         except Exception:
             return "?"
+
+    def peer_address(self) -> tuple[str, int] | None:
+        """The client's (host, port), if the transport knows it."""
+        try:
+            peer = self.transport.getPeer()
+            return (str(peer.host), int(peer.port))
+        except Exception:
+            return None
 
     def peer_certificate_der(self) -> bytes | None:
         """The DER of the TLS client certificate the peer presented, if any."""

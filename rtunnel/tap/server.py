@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
+from rtunnel.admin import AdminServer, admin_endpoint
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.mux import SessionSettings
@@ -63,6 +64,7 @@ class Options(usage.Options):
         ["session-buffer", None, _DEFAULT_SESSION.session_window_budget, "Most bytes one session may have buffered across its streams' grown flow-control windows (at least 1048576).", int],
         ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
+        ["admin", None, None, "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default."],
     ]
 
     def __init__(self) -> None:
@@ -124,6 +126,10 @@ class Options(usage.Options):
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
+        try:
+            admin = admin_endpoint(self["admin"]) if self["admin"] is not None else None
+        except RtunnelError as e:
+            raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
             listen=listen,
             state_dir=Path(os.path.expanduser(self["state-dir"])),
@@ -148,6 +154,7 @@ class Options(usage.Options):
             auth_failure_refill=self["auth-failure-window"],
             max_sessions_per_client=self["max-sessions-per-client"],
             max_tunnels=self["max-tunnels"],
+            admin=admin,
         )
 
 
@@ -168,6 +175,7 @@ class ServerService(service.Service):
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._previous_sighup: Any = None
         self._sighup_installed = False
+        self.admin: AdminServer | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -290,6 +298,9 @@ class ServerService(service.Service):
                 names=", ".join(sorted(clients)) or "none yet",
                 pid=os.getpid(),
             )
+        if config.admin is not None:
+            self.admin = AdminServer(self.reactor, self.server, config.admin, config.state_dir)
+            yield self.admin.listen()
         return self.port
 
     def stopService(self) -> defer.Deferred[None]:
@@ -298,6 +309,8 @@ class ServerService(service.Service):
         waits = []
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
+        if self.admin is not None:
+            waits.append(self.admin.stop())
         if self.server is not None:
             waits.append(self.server.shutdown())
         return defer.gatherResults(waits).addCallback(lambda _: None)
