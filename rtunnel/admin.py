@@ -430,7 +430,9 @@ class AdminServer:
         self._digest = hashlib.sha256(self.token.encode()).digest()
         self.meter = RateMeter()
         self.port: IListeningPort | None = None
-        self._factory = _Connections(_QuietSite(AdminRoot(self)))
+        site = _QuietSite(AdminRoot(self))
+        site.noisy = False
+        self._factory = _Connections(site)
         self._factory.noisy = False
 
     def authorized(self, request: IRequest, allow_query: bool) -> bool:
@@ -468,12 +470,16 @@ class AdminServer:
                 f"cannot listen on the admin endpoint {self.endpoint}: {e}; choose another --admin"
             ) from None
         address = self.port.getHost()
-        host = getattr(address, "host", "127.0.0.1")
-        url = f"http://{_host_port('127.0.0.1' if host in ('0.0.0.0', '::') else host, getattr(address, 'port', 0))}/"
+        host, port = getattr(address, "host", None), getattr(address, "port", None)
+        if host is None or port is None:  # e.g. a Unix socket: no URL to open
+            where, hint = self.endpoint, "send it as the header 'Authorization: Bearer TOKEN'"
+        else:
+            scheme = "https" if self.endpoint.startswith("ssl:") else "http"
+            url = f"{scheme}://{_host_port('127.0.0.1' if host in ('0.0.0.0', '::') else host, port)}/"
+            where, hint = f"{url} ({self.endpoint})", f"open {url}?token=$(cat {self.token_path})"
         self.log.info(
-            "admin status page and API on {url} ({endpoint}); the admin token is in {path}{created}; "
-            "open {url}?token=$(cat {path})",
-            url=url, endpoint=self.endpoint, path=str(self.token_path),
+            "admin status page and API on {where}; the admin token is in {path}{created}; {hint}",
+            where=where, path=str(self.token_path), hint=hint,
             created=" (new)" if self.token_created else "",
         )
         return self.port
