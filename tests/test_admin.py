@@ -6,8 +6,12 @@ from __future__ import annotations
 import html.parser
 import json
 import os
+import re
+import shutil
 import stat
 import tempfile
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
@@ -33,6 +38,7 @@ from tests.harness import (
     wait_until,
     with_timeout,
 )
+from tests.test_processes import TWISTD, Process, _free_port, _plugins_installed
 
 
 class Admin:
@@ -314,3 +320,40 @@ class PageReader(html.parser.HTMLParser):
             a[name] for t, a in self.elements
             if t == tag and name in a and (cls is None or cls in a.get("class", "").split())
         ]
+
+
+class InstalledAdminTests(SynchronousTestCase):
+    """`twistd rtunnel-server --admin PORT` as a user runs it (the installed
+    plugin; `pip install --no-deps .` first, as for tests/test_processes.py)."""
+
+    def test_admin_option_of_the_installed_plugin(self) -> None:
+        reason = _plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        workdir = Path(tempfile.mkdtemp(prefix="rtunnel-admin-process-"))
+        self.addCleanup(shutil.rmtree, workdir, True)
+        state = workdir / "state"
+        port = _free_port()
+        server = Process(
+            self, "server",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(_free_port()),
+             "--interface", "127.0.0.1", "--state-dir", str(state), "--admin", str(port)],
+            workdir,
+        )
+        token_path = state / ADMIN_TOKEN_FILE
+        server.wait_for(
+            re.escape(f"admin status page and API on http://127.0.0.1:{port}/ (tcp:{port}:interface=127.0.0.1); "
+                      f"the admin token is in {token_path} (new); open http://127.0.0.1:{port}/?token=$(cat {token_path})")
+        )
+        self.assertEqual(stat.S_IMODE(token_path.stat().st_mode), 0o600)
+        url = f"http://127.0.0.1:{port}/api/sessions"
+        with self.assertRaises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10)
+        self.assertEqual(refused.exception.code, 401)
+        self.assertIn(str(token_path), json.loads(refused.exception.read())["error"])
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token_path.read_text().strip()}"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            self.assertEqual(json.loads(answer.read())["clients"], [])
+        self.assertNotIn("GET /api/sessions", server.output)  # no access-log line per request
+        server.stop()
+        self.assertNotIn("Traceback", server.output)
