@@ -197,6 +197,19 @@ class AdminTests(unittest.TestCase):
         self.assertGreaterEqual(later["bytes_in"] - session["bytes_in"], len(more))
 
     @defer.inlineCallbacks
+    def test_a_dropped_link_shows_as_detached_since_the_drop(self) -> None:
+        tunnel, admin, ports = yield self.up(initial_retry_delay=60, max_retry_delay=60)
+        before = only_session((yield admin.sessions()))
+        yield sleep(0.2)
+        tunnel.client_service.client.link.transport.abortConnection()
+        yield wait_until(lambda: next(iter(tunnel.server.sessions.values())).state.value == "detached")
+        after = only_session((yield admin.sessions()))
+        self.assertEqual((after["id"], after["state"], after["peer"]), (before["id"], "detached", before["peer"]))
+        self.assertEqual(after["started"], before["started"])
+        self.assertGreater(after["since"], before["since"] + 0.1)
+        self.assertEqual([t["port"] for t in after["tunnels"]], ports)  # kept for the resume grace
+
+    @defer.inlineCallbacks
     def test_disconnect_ends_the_session_and_the_client_starts_a_new_one(self) -> None:
         tunnel, admin, ports = yield self.up(initial_retry_delay=1.5, max_retry_delay=1.5)
         old = next(iter(tunnel.server.sessions.values()))
