@@ -231,6 +231,11 @@ class Unauthorized(resource.Resource):
         request.setResponseCode(401)
         request.setHeader(b"www-authenticate", b'Bearer realm="rtunnel admin"')
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
+            b"frame-ancestors 'none'",
+        )
         text = self.message.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
         return (
             "<!doctype html><meta charset=utf-8><title>rtunnel: admin token needed</title>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,9 @@ def main(reactor: Any, out: str = "docs/status-page.png") -> Any:
     headers = Headers({b"authorization": [f"Bearer {admin.token}".encode()]})
     yield task.deferLater(reactor, 2.0, lambda: None)
     response = yield Agent(reactor).request(b"GET", (url + "api/sessions").encode(), headers)
-    yield readBody(response)  # the first rate sample; the page's request is the second
+    with warnings.catch_warnings():  # Twisted's notice about the transport's abortConnection
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield readBody(response)  # the first rate sample; the page's request is the second
     yield task.deferLater(reactor, 1.5, lambda: None)
 
     browser = Chromium(reactor)
