@@ -472,7 +472,8 @@ class AdminServer:
             self.port = yield endpoint.listen(self._factory)
         except Exception as e:
             raise ConfigError(
-                f"cannot listen on the admin endpoint {self.endpoint}: {e}; choose another --admin"
+                f"cannot listen on the admin endpoint {self.endpoint}: {str(e).rstrip('.')}; "
+                "choose another --admin (or stop the program using it)"
             ) from None
         address = self.port.getHost()
         host, port = getattr(address, "host", None), getattr(address, "port", None)
