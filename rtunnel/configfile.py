@@ -46,7 +46,9 @@ def toml_type(value: object) -> str:
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or the list of choices."""
     choices = sorted(choices)
-    close = difflib.get_close_matches(word.replace("-", "_"), choices, n=1, cutoff=0.6)
+    word = word.replace("-", "_")
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    close = close or [c for c in choices if len(word) >= 3 and (c.startswith(word) or word.startswith(c))][:1]
     if close:
         return f"did you mean {close[0]!r}?"
     return "the known keys are " + ", ".join(choices)
@@ -71,6 +73,8 @@ class ConfigFile:
             m = header.match(line)
             if m:
                 section = m.group(1).strip("\"'")
+                if table is None and key and section == key:
+                    return number  # a [key] table where a value belongs
                 if table is not None and section == table:
                     seen += 1
                     if seen == index and key == "":
@@ -153,8 +157,10 @@ def read_token_file(path: Path, what: str) -> str:
 # ------------------------------------------------------------------ tunnels
 
 
-def parse_tunnel_tables(cf: ConfigFile, value: object) -> list[TunnelSpec]:
-    """The file's [[tunnel]] tables as TunnelSpecs numbered from 1."""
+def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] = ()) -> list[TunnelSpec]:
+    """The file's [[tunnel]] tables as TunnelSpecs numbered from 1.
+    `top_keys` are the file's other keys (to explain one written inside a tunnel)."""
+    top_keys = set(top_keys)
     if isinstance(value, dict):
         raise cf.error(
             "'tunnel' is a single table; write each tunnel as [[tunnel]] (two brackets), "
@@ -171,6 +177,11 @@ def parse_tunnel_tables(cf: ConfigFile, value: object) -> list[TunnelSpec]:
         if not isinstance(entry, dict):
             raise cf.error(f"{name} is {toml_type(entry)}; each tunnel must be a table", "tunnel")
         for key in entry:
+            if key not in TUNNEL_KEYS and key in top_keys:
+                raise cf.error(
+                    f"{name}: {key!r} is not a tunnel setting, but every key after a [[tunnel]] line "
+                    f"belongs to that tunnel; move {key} above the first [[tunnel]]", key, "tunnel", index,
+                )
             if key not in TUNNEL_KEYS:
                 raise cf.error(
                     f"{name}: unknown key {key!r}; {suggest(key, TUNNEL_KEYS)} "

@@ -90,7 +90,7 @@ class Options(FileOptions, usage.Options):
 
     def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
         try:
-            self.file_tunnels = parse_tunnel_tables(cf, value)
+            self.file_tunnels = parse_tunnel_tables(cf, value, self.config_keys())
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
 
@@ -390,16 +390,25 @@ class ClientMainService(service.MultiService):
 
     def _settings_changed(self, fresh: Options) -> list[str]:
         """Settings other than tunnels that differ from the running ones."""
-        names = [
-            f.name for f in fields(ClientConfig)
-            if f.name != "tunnels" and getattr(fresh.config, f.name) != getattr(self.config, f.name)
-        ]
+        names = []
         if self._running_options is not None:
-            for key, value in fresh.opts.items():
-                if self._running_options.get(key) != value and key.replace("-", "_") not in names:
-                    names.append(key.replace("-", "_"))
-        renamed = {"server_host": "server", "server_port": "server", "connect": "server"}
-        return list(dict.fromkeys(renamed.get(n, n) for n in names))
+            names = [
+                key.replace("-", "_") for key, value in fresh.opts.items()
+                if self._running_options.get(key) != value
+            ]
+        explained_by = {
+            "server_host": "connect", "server_port": "connect", "keepalive": "ping_interval",
+            "ca_file": "ca", "token": "token_file",
+        }
+        for f in fields(ClientConfig):
+            new, old = getattr(fresh.config, f.name), getattr(self.config, f.name)
+            same = new == old or (hasattr(new, "__dict__") and type(new) is type(old) and vars(new) == vars(old))
+            if f.name != "tunnels" and not same:
+                if f.name not in names and explained_by.get(f.name) not in names and f.name != "keepalive":
+                    names.append(f.name)
+                elif f.name == "keepalive" and "dead_after" not in names and "ping_interval" not in names:
+                    names.append("keepalive")
+        return list(dict.fromkeys("server" if n == "connect" else n for n in names))
 
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
