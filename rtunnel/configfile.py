@@ -295,7 +295,7 @@ class FileOptions:
     given: set[str] = set()  # long option names given on the command line (set by parseOptions)
 
     def opt_config(self, path: str) -> None:
-        """TOML file of options (keys: the long option names with '_' for '-'); options given on the command line override it."""
+        """TOML file of options (keys: the long option names with '_' for '-'; see docs/configuration.md); options given on the command line override it."""
         # applied by parseOptions, before the rest of the command line
 
     def config_keys(self) -> dict[str, str]:
@@ -391,12 +391,13 @@ class FileOptions:
         if isinstance(dispatch, usage.CoerceParameter):
             values = [value]
             coerce = dispatch.coerce
+            default = self.defaults.get(name)  # type: ignore[attr-defined]
             if coerce is float:
                 ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-                example = f"{key} = 30.0"
+                example = f"{key} = {float(default) if isinstance(default, (int, float)) else 30.0}"
             elif coerce is int:
                 ok, wanted = type(value) is int, "an integer"
-                example = f"{key} = 100"
+                example = f"{key} = {default if type(default) is int else 100}"
             elif coerce is str:
                 ok, wanted = isinstance(value, str), "a string"
                 example = f'{key} = "..."'

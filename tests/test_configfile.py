@@ -3,9 +3,15 @@ flags overriding the file, and the client's SIGHUP reload of its tunnels."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +22,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from rtunnel.config import TunnelSpec
@@ -301,7 +307,7 @@ class InvalidFileTests(FileTestCase):
 
     def test_wrong_type_integer(self) -> None:
         error = self.server_error("max_streams = 1.5\n")
-        self.assertMessage(error, "server.toml line 1: max_streams is a number (1.5); it must be an integer, e.g. max_streams = 100")
+        self.assertMessage(error, "server.toml line 1: max_streams is a number (1.5); it must be an integer, e.g. max_streams = 4096")
 
     def test_wrong_type_boolean(self) -> None:
         error = self.client_error(top('trust_on_first_use = "yes"\n'))
@@ -652,3 +658,126 @@ class ReloadTests(TestCase):
         yield wait_until(lambda: sorted(server_session.tunnels) == [2, 3])
         reply, _ = yield with_timeout(visit(client.bound[3][1], Visitor(b"after resume")), 10)
         self.assertEqual(reply, b"after resume")
+
+
+class ProcessReloadTests(SynchronousTestCase):
+    """`kill -HUP` on a real client process (the installed plugin) started
+    with --config: tunnels added and removed, a transfer on another tunnel
+    untouched."""
+
+    def setUp(self) -> None:
+        from tests import test_processes as tp
+
+        reason = tp._plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.tp = tp
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-config-processes-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    def start_target(self) -> int:
+        target = self.tp._TargetServer()
+        thread = threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            target.shutdown()
+            target.server_close()
+            thread.join(5)
+
+        self.addCleanup(stop)
+        return target.server_address[1]
+
+    def write_config(self, path: Path, control: int, targets: list[int]) -> None:
+        state = self.workdir / "state"
+        tunnels = "".join(f'\n[[tunnel]]\nforward = "127.0.0.1:0"\nto = "127.0.0.1:{t}"\n' for t in targets)
+        path.write_text(
+            f'server = "127.0.0.1:{control}"\ntoken_file = "{state / "token"}"\n'
+            f'fingerprint = "sha256:{self.tp._fingerprint(state / "server.crt")}"\n{tunnels}'
+        )
+
+    def ready_ports(self, client: Any, count: int) -> dict[int, int]:
+        """{target port: public port} once `count` 'tunnel ready' lines are logged."""
+        pattern = r"tunnel ready: \S+:(\d+) -> 127\.0\.0\.1:(\d+)"
+        deadline = time.monotonic() + self.tp.START_TIMEOUT
+        while len(re.findall(pattern, client.output)) < count:
+            client.wait_for(r"tunnel ready", 1)
+            if time.monotonic() > deadline:
+                self.fail(f"fewer than {count} tunnels ready: {client.describe()}")
+            time.sleep(0.05)
+        return {int(t): int(p) for p, t in re.findall(pattern, client.output)}
+
+    def test_sighup_adds_and_removes_tunnels_during_a_transfer(self) -> None:
+        tp = self.tp
+        control = tp._free_port()
+        server = tp.Process(
+            self, "server",
+            [*tp.TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(control),
+             "--interface", "127.0.0.1", "--state-dir", str(self.workdir / "state")],
+            self.workdir,
+        )
+        server.wait_for(r"Run on the client machine")
+        a, b, c = (self.start_target() for _ in range(3))
+        path = self.workdir / "client.toml"
+        self.write_config(path, control, [a, b])
+        client = tp.Process(
+            self, "client", [*tp.TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "--config", str(path)],
+            self.workdir,
+        )
+        ports = self.ready_ports(client, 2)
+
+        running = socket.create_connection(("127.0.0.1", ports[a]), timeout=20)
+        self.addCleanup(running.close)
+        received = bytearray()
+
+        def exchange(chunk: bytes) -> None:
+            running.sendall(chunk)
+            want = len(received) + len(chunk)
+            while len(received) < want:
+                data = running.recv(65536)
+                self.assertTrue(data, "the running transfer was closed")
+                received.extend(data)
+
+        data = pattern(11, 8 * 256 * 1024)
+        chunks = [data[i : i + 256 * 1024] for i in range(0, len(data), 256 * 1024)]
+        while len(received) < len(tp.BANNER):
+            received.extend(running.recv(65536))
+        exchange(chunks[0])
+        exchange(chunks[1])
+
+        self.write_config(path, control, [a, c])  # b's tunnel out, c's in
+        os.kill(client.popen.pid, signal.SIGHUP)
+        exchange(chunks[2])
+        client.wait_for(r"reloaded \S+client\.toml: 2 tunnels \(1 added, 1 removed, 0 changed\)")
+        exchange(chunks[3])
+        ports = self.ready_ports(client, 3)
+        exchange(chunks[4])
+
+        for _ in range(200):  # the removed tunnel's port closes
+            try:
+                socket.create_connection(("127.0.0.1", ports[b]), timeout=5).close()
+            except ConnectionRefusedError:
+                break
+            time.sleep(0.05)
+        else:
+            self.fail(f"port {ports[b]} of the removed tunnel still accepts connections")
+        with socket.create_connection(("127.0.0.1", ports[c]), timeout=20) as visitor:
+            visitor.sendall(b"via c")
+            visitor.shutdown(socket.SHUT_WR)
+            reply = bytearray()
+            while part := visitor.recv(65536):
+                reply.extend(part)
+        self.assertEqual(bytes(reply), tp.BANNER + b"via c")
+
+        for chunk in chunks[5:]:
+            exchange(chunk)
+        running.shutdown(socket.SHUT_WR)
+        while rest := running.recv(65536):
+            received.extend(rest)
+        self.assertEqual(len(received), len(tp.BANNER) + len(data))
+        self.assertTrue(bytes(received) == tp.BANNER + data, "the transfer's bytes differ from what was sent")
+        for text in ("link restored", "did not resume", "cannot reach", "Traceback"):
+            self.assertNotIn(text, client.output)
+        self.assertNotIn("detached", server.output)
+        self.assertEqual(server.output.count("new session"), 1)
+        self.assertEqual(client.popen.poll(), None)
