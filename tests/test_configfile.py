@@ -593,6 +593,8 @@ class ReloadTests(TestCase):
             len(self.logged("reloaded ")), 1, "\n".join(self.logged("reload"))
         )
         self.assertIn("(1 added, 1 removed, 0 changed)", self.logged("reloaded ")[0])
+        [removed] = self.logged("tunnel removed: ")
+        self.assertIn(f":{ports[2]} -> 127.0.0.1:{self.targets[1][1]}; its port is closed, its 1 open", removed)
 
     @defer.inlineCallbacks
     def test_invalid_file_on_reload_changes_nothing(self) -> Any:

@@ -361,8 +361,8 @@ class ClientMainService(service.MultiService):
             port = client.bound.get(spec.tunnel_id, (None, spec.bind_port))[1]
             client.remove_tunnel(spec.tunnel_id)
             self.log.info(
-                "tunnel removed: {server}:{port} -> {target} (its {n} open connections carry on "
-                "until they close)",
+                "tunnel removed: {server}:{port} -> {target}; its port is closed, its {n} open "
+                "connection(s) carry on until they close",
                 server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams,
             )
         for spec in changes.retargeted:
