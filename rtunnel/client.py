@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from OpenSSL import SSL
@@ -102,6 +103,10 @@ class TunnelClient:
         self.failed = False
         self._connecting: dict[int, defer.Deferred[Any]] = {}
         self._bind_retries: list[Any] = []
+        # live tunnel changes (add_tunnel, remove_tunnel): ids are never reused
+        self._next_tunnel_id = max(self.tunnels, default=0) + 1
+        self._unbound: set[int] = set()  # removed ids whose BOUND/BIND_FAILED may still come
+        self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -160,6 +165,7 @@ class TunnelClient:
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = session_id, secret
         self.bound.clear()
+        self._unbound.clear()
         link.start_session(self.session, False, peer_max)
         for spec in self.tunnels.values():
             self._send_bind(spec)
@@ -192,6 +198,40 @@ class TunnelClient:
         self.session.send_json(
             FrameType.BIND, {"tunnel": spec.tunnel_id, "host": spec.bind_host, "port": spec.bind_port}
         )
+
+    # ------------------------------------------------------------ live tunnel changes
+
+    def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:
+        """Add a tunnel to the running client under a fresh id (returned).
+
+        With a session it is bound at once (BIND is reliable: sent while the
+        link is down, it reaches the server on resume); without one, the
+        next session binds it with the others."""
+        spec = replace(spec, tunnel_id=self._next_tunnel_id)
+        self._next_tunnel_id += 1
+        self.tunnels[spec.tunnel_id] = spec
+        self._added_live.add(spec.tunnel_id)
+        self._send_bind(spec)
+        return spec
+
+    def remove_tunnel(self, tunnel_id: int) -> TunnelSpec:
+        """Close a tunnel's port on the server (UNBIND). Its open connections
+        carry on until they close; visitors arriving after it are refused."""
+        spec = self.tunnels.pop(tunnel_id)
+        self.bound.pop(tunnel_id, None)
+        self._added_live.discard(tunnel_id)
+        if self.session is not None:
+            self._unbound.add(tunnel_id)
+            self.session.send_json(FrameType.UNBIND, {"tunnel": tunnel_id})
+        self._check_all_bound()
+        return spec
+
+    def retarget_tunnel(self, spec: TunnelSpec) -> None:
+        """Give a live tunnel a new target (or PROXY setting) under the same
+        id and port: new visitors reach the new target, open ones stay."""
+        if spec.tunnel_id not in self.tunnels:
+            raise KeyError(spec.tunnel_id)
+        self.tunnels[spec.tunnel_id] = spec
 
     def link_lost(self, link: ClientLink, reason: Failure) -> None:
         if self.link is link:
@@ -263,6 +303,8 @@ class TunnelClient:
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is FrameType.BOUND:
             body = wire.decode_json(frame)
+            if body.get("tunnel") in self._unbound:
+                return  # bound before our UNBIND reached the server, which closes it
             spec = self.tunnels.get(body.get("tunnel", -1))
             port = body.get("port")
             if spec is None or not isinstance(port, int):
@@ -279,6 +321,8 @@ class TunnelClient:
             spec = self.tunnels.get(body.get("tunnel", -1))
             message = str(body.get("message", "no reason given"))
             code = str(body.get("code", ""))
+            if spec is None and body.get("tunnel") in self._unbound:
+                return  # refused, and removed since: nothing to do
             if spec is None:
                 raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
             if code == "closed":  # the server's administrator closed a bound port
@@ -290,7 +334,13 @@ class TunnelClient:
                 )
                 return
             text = f"the server refused to open port {spec.bind_port}: {message}"
-            if code in FATAL_BIND_CODES:
+            if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
+                # a tunnel added while running: drop it, keep the others up
+                self.log.error("{text}; tunnel not added", text=text)
+                self.tunnels.pop(spec.tunnel_id, None)
+                self._added_live.discard(spec.tunnel_id)
+                self._check_all_bound()
+            elif code in FATAL_BIND_CODES:
                 self.fatal(text)
             else:
                 self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY)
@@ -305,8 +355,8 @@ class TunnelClient:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
 
     def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
-        if session is self.session and spec.tunnel_id not in self.bound:
-            self._send_bind(spec)
+        if session is self.session and spec.tunnel_id in self.tunnels and spec.tunnel_id not in self.bound:
+            self._send_bind(self.tunnels[spec.tunnel_id])
 
     def _check_all_bound(self) -> None:
         if self.tunnels and len(self.bound) == len(self.tunnels):

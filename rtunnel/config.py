@@ -104,6 +104,7 @@ class TunnelSpec:
     bind_port: int
     target_host: str
     target_port: int
+    proxy_protocol: str = "off"
 
     def describe(self, server_host: str) -> str:
         return f"{server_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"

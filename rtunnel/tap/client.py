@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,13 @@ from twisted.python.failure import Failure
 from rtunnel import DEFAULT_CONTROL_PORT
 from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec, check_ip, parse_host_port
+from rtunnel.configfile import (
+    ConfigFile,
+    FileOptions,
+    parse_tunnel_tables,
+    plan_tunnel_changes,
+    read_token_file,
+)
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import (
@@ -31,11 +40,14 @@ from rtunnel.tls import (
 )
 
 
-class Options(usage.Options):
+class Options(FileOptions, usage.Options):
     synopsis = (
         "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] "
-        "(--fingerprint FP | --ca FILE | --trust-on-first-use)"
+        "(--fingerprint FP | --ca FILE | --trust-on-first-use)  or  --config client.toml [options]"
     )
+    config_aliases = {"server": "connect"}
+    config_tables = ("tunnel",)
+    config_not_keys = FileOptions.config_not_keys | {"forward", "to"}
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
@@ -44,6 +56,7 @@ class Options(usage.Options):
     optParameters = [
         ["connect", "c", None, "Server control address HOST[:PORT] (default port 19050)."],
         ["token", None, None, "Token from the server (default: $RTUNNEL_TOKEN; optional with --client-cert)."],
+        ["token-file", None, None, "File holding the token (instead of --token; '~' is expanded)."],
         [
             "client-cert", None, None,
             "PEM TLS client certificate to present (with --client-key); the server's clients file "
@@ -73,6 +86,35 @@ class Options(usage.Options):
         super().__init__()
         self.forwards: list[str] = []
         self.targets: list[str] = []
+        self.file_tunnels: list[TunnelSpec] = []  # from --config's [[tunnel]] tables
+
+    def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
+        try:
+            self.file_tunnels = parse_tunnel_tables(cf, value, self.config_keys())
+        except RtunnelError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _token(self) -> str:
+        """--token, else --token-file, else the file's token or token_file, else $RTUNNEL_TOKEN."""
+        names = {"token", "token-file"}
+        from_cli = names & getattr(self, "given", set())
+        if len(from_cli) == 2:
+            raise usage.UsageError("give --token or --token-file, not both")
+        if from_cli:  # the command line overrides the file's token and token_file
+            for name in names - from_cli:
+                self.opts[name] = None
+        elif self["token"] and self["token-file"]:
+            raise usage.UsageError(
+                f"{self.config_file.path if self.config_file else 'the config file'}: give token or "
+                "token_file, not both"
+            )
+        if self["token-file"]:
+            origin = "--token-file" if "token-file" in from_cli else self.from_file.get("token-file", "--token-file")
+            try:
+                return read_token_file(Path(os.path.expanduser(self["token-file"])), origin)
+            except RtunnelError as e:
+                raise usage.UsageError(str(e)) from None
+        return self["token"] or os.environ.get("RTUNNEL_TOKEN") or ""
 
     def opt_forward(self, value: str) -> None:
         """[BIND:]PORT to open on the server (repeatable; 0 = server picks)."""
@@ -87,8 +129,16 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if not self["connect"]:
-            raise usage.UsageError("-c/--connect HOST[:PORT] is required: the rtunnel server to use")
-        if not self.forwards or len(self.forwards) != len(self.targets):
+            raise usage.UsageError(
+                "-c/--connect HOST[:PORT] is required: the rtunnel server to use"
+                + (f" (or server = \"HOST:PORT\" in {self.config_file.path})" if self.config_file else "")
+            )
+        if self.config_file and not self.forwards and not self.targets and not self.file_tunnels:
+            raise usage.UsageError(
+                f"{self.config_file.path} has no tunnels: add a [[tunnel]] table with forward = \"4000\" "
+                "and to = \"localhost:3000\" (or give -f and -t)"
+            )
+        if (not self.forwards and not self.file_tunnels) or len(self.forwards) != len(self.targets):
             raise usage.UsageError(
                 "give -f/--forward and -t/--to in pairs, e.g. -f 4000 -t 3000 "
                 f"(got {len(self.forwards)} -f and {len(self.targets)} -t)"
@@ -103,10 +153,10 @@ class Options(usage.Options):
                 )
             except RtunnelError as e:
                 raise usage.UsageError(str(e)) from None
-        token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or ""
+        token = self._token()
         if not token and self.client_identity is None:
             raise usage.UsageError(
-                "no token: pass --token or set RTUNNEL_TOKEN (the server printed it on its "
+                "no token: pass --token or --token-file or set RTUNNEL_TOKEN (the server printed it on its "
                 "first start; it is in the server's state dir, file 'token'), or present a "
                 "client certificate with --client-cert and --client-key"
             )
@@ -135,8 +185,9 @@ class Options(usage.Options):
                 raise usage.UsageError(str(e)) from None
         try:
             host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
-            tunnels = []
-            for i, (forward, target) in enumerate(zip(self.forwards, self.targets, strict=True), start=1):
+            tunnels = list(self.file_tunnels)  # then the command line's -f/-t pairs
+            pairs = zip(self.forwards, self.targets, strict=True)
+            for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
                 bind_host, bind_port = parse_host_port(forward, "-f/--forward", "0.0.0.0", allow_zero=True)
                 check_ip(bind_host, "-f/--forward")
                 if bind_port and any((t.bind_host, t.bind_port) == (bind_host, bind_port) for t in tunnels):
@@ -195,6 +246,8 @@ class ClientMainService(service.MultiService):
     With `client_identity` the client presents that TLS client certificate.
     """
 
+    log = Logger()
+
     def __init__(
         self,
         config: ClientConfig,
@@ -202,8 +255,14 @@ class ClientMainService(service.MultiService):
         exit_on_fatal: bool = True,
         known_servers: Path | None = None,
         client_identity: ClientIdentity | None = None,
+        reload_argv: list[str] | None = None,
     ) -> None:
         super().__init__()
+        # with --config: the arguments to parse again on SIGHUP (reload)
+        self.reload_argv = reload_argv
+        self._running_options: dict[str, Any] | None = None
+        self._previous_sighup: Any = None
+        self._sighup_installed = False
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -237,6 +296,120 @@ class ClientMainService(service.MultiService):
         )
         self.connector.setServiceParent(self)
 
+    # ------------------------------------------------------------ config file
+
+    def startService(self) -> None:
+        super().startService()
+        if self.reload_argv is not None:
+            self._install_sighup()
+
+    def _install_sighup(self) -> None:
+        try:
+            self._previous_sighup = signal.signal(
+                signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
+            )
+        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
+            self.log.warn("cannot reload the config file on SIGHUP: {why}", why=str(e))
+            return
+        self._sighup_installed = True
+
+    def _restore_sighup(self) -> None:
+        if self._sighup_installed:
+            self._sighup_installed = False
+            try:
+                signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+
+    def reload(self) -> None:
+        """Re-read the config file (SIGHUP) with the same command line and
+        apply its tunnels: unchanged ones are not touched, removed ones close
+        their port (open connections carry on), new ones are bound; other
+        changed settings are logged as needing a restart. A file that fails
+        validation changes nothing."""
+        if self.reload_argv is None:
+            return
+        fresh = Options()
+        try:
+            fresh.parseOptions(self.reload_argv)
+        except usage.UsageError as e:
+            self.log.error(
+                "reloading the config file failed; keeping the current tunnels and settings: {why}",
+                why=str(e),
+            )
+            return
+        except Exception:
+            self.log.failure("reloading the config file failed; keeping the current tunnels and settings")
+            return
+        where = str(fresh.config_file.path) if fresh.config_file else "the config file"
+        restart = self._settings_changed(fresh)
+        if restart:
+            self.log.warn(
+                "{file}: changed {names}; these take effect only after a restart (the running "
+                "client keeps its current values)",
+                file=where, names=", ".join(restart),
+            )
+        client = self.client
+        changes = plan_tunnel_changes(client.tunnels.values(), fresh.config.tunnels)
+        server = self.config.server_host
+        for spec in changes.removed:
+            open_streams = 0
+            if client.session is not None:
+                open_streams = sum(
+                    1 for s in client.session.streams.values() if s.tunnel_id == spec.tunnel_id
+                )
+            port = client.bound.get(spec.tunnel_id, (None, spec.bind_port))[1]
+            client.remove_tunnel(spec.tunnel_id)
+            self.log.info(
+                "tunnel removed: {server}:{port} -> {target}; its port is closed, its {n} open "
+                "connection(s) carry on until they close",
+                server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams,
+            )
+        for spec in changes.retargeted:
+            client.retarget_tunnel(spec)
+            self.log.info(
+                "tunnel changed: {server}:{port} -> {target} (proxy_protocol {proxy}) for new visitors",
+                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
+                proxy=spec.proxy_protocol,
+            )
+        for spec in changes.added:
+            spec = client.add_tunnel(spec)
+            self.log.info(
+                "tunnel added: {server}:{port} -> {target}",
+                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
+            )
+        self.log.info(
+            "reloaded {file}: {n} tunnels ({added} added, {removed} removed, {changed} changed)",
+            file=where, n=len(client.tunnels), added=len(changes.added),
+            removed=len(changes.removed), changed=len(changes.retargeted),
+        )
+
+    def running_options(self, options: Options) -> None:
+        """Remember the options the client runs with (to tell a reload what changed)."""
+        self._running_options = dict(options.opts)
+
+    def _settings_changed(self, fresh: Options) -> list[str]:
+        """Settings other than tunnels that differ from the running ones."""
+        names = []
+        if self._running_options is not None:
+            names = [
+                key.replace("-", "_") for key, value in fresh.opts.items()
+                if self._running_options.get(key) != value
+            ]
+        explained_by = {
+            "server_host": "connect", "server_port": "connect", "keepalive": "ping_interval",
+            "ca_file": "ca", "token": "token_file",
+        }
+        for f in fields(ClientConfig):
+            new, old = getattr(fresh.config, f.name), getattr(self.config, f.name)
+            same = new == old or (hasattr(new, "__dict__") and type(new) is type(old) and vars(new) == vars(old))
+            if f.name != "tunnels" and not same:
+                if f.name not in names and explained_by.get(f.name) not in names and f.name != "keepalive":
+                    names.append(f.name)
+                elif f.name == "keepalive" and "dead_after" not in names and "ping_interval" not in names:
+                    names.append("keepalive")
+        return list(dict.fromkeys("server" if n == "connect" else n for n in names))
+
     def _fatal(self, message: str) -> None:
         self.fatal_error = message
         d = defer.maybeDeferred(self.connector.stopService)
@@ -263,6 +436,7 @@ class ClientMainService(service.MultiService):
                 link.abort()  # TLS cannot close cleanly mid-handshake
             elif link.session is not None:
                 link.session.detach()  # TLS cannot close while the session produces
+        self._restore_sighup()
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
         return d
@@ -270,10 +444,13 @@ class ClientMainService(service.MultiService):
 
 def makeService(options: Options) -> service.IService:
     try:
-        return ClientMainService(
+        main = ClientMainService(
             options.config,
             known_servers=getattr(options, "known_servers", None),
             client_identity=getattr(options, "client_identity", None),
+            reload_argv=options.argv if options.config_file is not None else None,
         )
     except RtunnelError as e:
         raise usage.UsageError(str(e)) from None
+    main.running_options(options)
+    return main

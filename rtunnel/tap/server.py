@@ -19,6 +19,7 @@ from twisted.python import usage
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
 from rtunnel.admin import AdminServer, admin_endpoint
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
+from rtunnel.configfile import FileOptions
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
@@ -33,8 +34,8 @@ MIN_MAX_STREAM_WINDOW = 256 * 1024
 _DEFAULT_SESSION = SessionSettings()
 
 
-class Options(usage.Options):
-    synopsis = "[options]"
+class Options(FileOptions, usage.Options):
+    synopsis = "[options]  or  --config server.toml [options]"
     longdesc = (
         "Accept rtunnel clients on the control port and open the public ports they "
         "ask for. On first start it creates a key, a self-signed certificate and a "
