@@ -132,6 +132,7 @@ class ServerConfig:
     max_sessions_per_client: int = 8  # concurrent sessions of one credential
     max_tunnels: int = 64  # tunnels per session, for token credentials
     public_host: str = "0.0.0.0"
+    metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:
@@ -152,6 +153,7 @@ class ClientConfig:
     initial_retry_delay: float = 0.5
     max_retry_delay: float = 30.0
     connect_timeout: float = 10.0
+    metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
 
 
 __all__ = [

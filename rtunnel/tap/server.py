@@ -19,6 +19,7 @@ from twisted.python import usage
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpoint, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.tap import exit_process, keepalive_from
@@ -63,6 +64,7 @@ class Options(usage.Options):
         ["session-buffer", None, _DEFAULT_SESSION.session_window_budget, "Most bytes one session may have buffered across its streams' grown flow-control windows (at least 1048576).", int],
         ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9120:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
     ]
 
     def __init__(self) -> None:
@@ -124,6 +126,10 @@ class Options(usage.Options):
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
+        try:
+            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
+        except RtunnelError as e:
+            raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
             listen=listen,
             state_dir=Path(os.path.expanduser(self["state-dir"])),
@@ -148,6 +154,7 @@ class Options(usage.Options):
             auth_failure_refill=self["auth-failure-window"],
             max_sessions_per_client=self["max-sessions-per-client"],
             max_tunnels=self["max-tunnels"],
+            metrics=metrics,
         )
 
 
@@ -165,6 +172,7 @@ class ServerService(service.Service):
         self.config = config
         self.server: TunnelServer | None = None
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._previous_sighup: Any = None
         self._sighup_installed = False
@@ -259,6 +267,9 @@ class ServerService(service.Service):
         endpoint = serverFromString(self.reactor, config.listen)
         factory = TLSMemoryBIOFactory(server_context(identity), False, self.server.link_factory())
         self.port = yield endpoint.listen(factory)
+        if config.metrics:
+            registry = registry_for(ServerCollector(lambda: self.server))
+            self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
         host = socket.getfqdn()
         if token_created:
@@ -298,6 +309,8 @@ class ServerService(service.Service):
         waits = []
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
+        if self.metrics_port is not None:
+            waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
         if self.server is not None:
             waits.append(self.server.shutdown())
         return defer.gatherResults(waits).addCallback(lambda _: None)
