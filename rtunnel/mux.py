@@ -214,8 +214,6 @@ class Stream:
         while pending:
             credit = self.send_limit - self.sent
             if credit <= 0:
-                if self._blocked_since is None:
-                    self._blocked_since = session.clock.seconds()
                 break
             chunk = pending[0]
             if len(chunk) > credit or len(chunk) > max_frame:
@@ -227,6 +225,10 @@ class Stream:
             self._unacked.append(chunk)
             self.sent += len(chunk)
             session.write(wire.header(FrameType.DATA, self.id, len(chunk)) + chunk)
+        if self.sent >= self.send_limit and self._blocked_since is None and (
+            pending or self.send_state is SendState.OPEN
+        ):
+            self._blocked_since = session.clock.seconds()  # out of credit: flow control holds us
 
     def update_reading(self) -> None:
         """Pause or resume reading the local socket to match what we can send."""
