@@ -174,11 +174,12 @@ class ServerCollector:
         resumes = CounterMetricFamily(
             "rtunnel_resumes", "Sessions resumed over a new link.", labels=["client"]
         )
+        clients = sorted(set(events.sessions_started) | set(events.reconnects) | set(events.resumes))
         for family, counter in (
             (started, events.sessions_started), (reconnects, events.reconnects), (resumes, events.resumes),
         ):
-            for client, n in sorted(counter.items()):
-                family.add_metric([client], n)
+            for client in clients:
+                family.add_metric([client], counter[client])
             yield family
         yield GaugeMetricFamily(
             "rtunnel_tunnels", "Public ports bound for clients now.", value=len(server.listeners)
