@@ -280,9 +280,13 @@ class MetricsTests(unittest.TestCase):
         done = visit(public, visitor)
         self.addCleanup(lambda: done.called or visitor.transport.abortConnection())
         yield wait_until(lambda: bool(self.client().session.streams))
-        yield sleep(1.5)
-        stalled = yield scrape(self.client_metrics)
-        blocked = value(stalled, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
+        blocked = 0.0
+        for _ in range(100):  # the buffers on the way fill up, then the client runs out of credit
+            stalled = yield scrape(self.client_metrics)
+            blocked = value(stalled, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
+            if blocked > 0.5:
+                break
+            yield sleep(0.2)
         self.assertGreater(blocked, 0.5)
         self.assertLess(blocked, 60)
         yield sleep(0.5)
