@@ -310,9 +310,6 @@ class MetricsPage(Resource):
         request.setHeader(b"content-type", content_type.encode())
         return body
 
-    def render_HEAD(self, request: Request) -> bytes:
-        return self.render_GET(request)
-
 
 class _QuietSite(Site):
     """No access log line per scrape."""

@@ -245,7 +245,7 @@ class ClientMainService(service.MultiService):
         self.metrics: MetricsService | None = None
         if config.metrics:
             registry = registry_for(ClientCollector(self.client))
-            self.metrics = MetricsService(reactor, config.metrics, registry, self._fatal)
+            self.metrics = MetricsService(reactor, config.metrics, registry, self.client.fatal)
             self.metrics.setServiceParent(self)
 
     def _fatal(self, message: str) -> None:
