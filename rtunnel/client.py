@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, wire
 from rtunnel.config import ClientConfig, TunnelSpec
+from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
 from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
@@ -107,6 +108,8 @@ class TunnelClient:
         self._next_tunnel_id = max(self.tunnels, default=0) + 1
         self._unbound: set[int] = set()  # removed ids whose BOUND/BIND_FAILED may still come
         self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
+        self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
+        self.traffic = Traffic(visitor_side=False)
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -153,6 +156,7 @@ class TunnelClient:
             self.log.info(
                 "link restored; session resumed with {n} open streams", n=len(self.session.streams)
             )
+            self.events.resumes += 1
             link.start_session(self.session, True, peer_max)
             return
         if self.session is not None:
@@ -164,6 +168,7 @@ class TunnelClient:
             self.abandon_session()
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = session_id, secret
+        self.events.sessions_started += 1
         self.bound.clear()
         self._unbound.clear()
         link.start_session(self.session, False, peer_max)
@@ -236,6 +241,7 @@ class TunnelClient:
     def link_lost(self, link: ClientLink, reason: Failure) -> None:
         if self.link is link:
             self.link = None
+            self.events.links_lost += 1
         if link.session is None and not link.handshake_done:
             self._explain_failed_handshake(reason)
 
@@ -296,6 +302,7 @@ class TunnelClient:
         d.addCallbacks(connected, failed)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
+        self.traffic.fold("", self.tunnel_name(stream.tunnel_id), stream)
         pending = self._connecting.pop(stream.id, None)
         if pending is not None:
             pending.cancel()
@@ -353,6 +360,15 @@ class TunnelClient:
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason)
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
+
+    def tunnel_name(self, tunnel_id: int) -> str:
+        """A tunnel's public "host:port" as the server bound it (the
+        server's label for it too), or as asked for until it is bound."""
+        bound = self.bound.get(tunnel_id)
+        if bound is not None:
+            return tunnel_name(*bound)
+        spec = self.tunnels.get(tunnel_id)
+        return tunnel_name(spec.bind_host, spec.bind_port) if spec is not None else "?"
 
     def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
         if session is self.session and spec.tunnel_id in self.tunnels and spec.tunnel_id not in self.bound:

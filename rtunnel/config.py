@@ -134,6 +134,7 @@ class ServerConfig:
     max_tunnels: int = 64  # tunnels per session, for token credentials
     public_host: str = "0.0.0.0"
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
+    metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:
@@ -154,6 +155,7 @@ class ClientConfig:
     initial_retry_delay: float = 0.5
     max_retry_delay: float = 30.0
     connect_timeout: float = 10.0
+    metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
 
 
 __all__ = [

@@ -123,6 +123,8 @@ class Stream:
         self._unacked: collections.deque[bytes] = collections.deque()
         self._pending: collections.deque[bytes] = collections.deque()
         self._reading = True
+        self.blocked_seconds = 0.0  # with bytes to send and no credit (ended spells)
+        self._blocked_since: float | None = None
         # receive direction
         self.recv_state = RecvState.OPEN
         self.received = 0
@@ -223,6 +225,10 @@ class Stream:
             self._unacked.append(chunk)
             self.sent += len(chunk)
             session.write(wire.header(FrameType.DATA, self.id, len(chunk)) + chunk)
+        if self.sent >= self.send_limit and self._blocked_since is None and (
+            pending or self.send_state is SendState.OPEN
+        ):
+            self._blocked_since = session.clock.seconds()  # out of credit: flow control holds us
 
     def update_reading(self) -> None:
         """Pause or resume reading the local socket to match what we can send."""
@@ -260,6 +266,19 @@ class Stream:
         unacknowledged bytes, whatever window the peer grants."""
         cap = self.peer_consumed + self.session.settings.max_stream_window
         self.send_limit = max(self.send_limit, min(limit, cap))
+        if self._blocked_since is not None and self.send_limit > self.sent:
+            self._end_blocked()
+
+    def _end_blocked(self) -> None:
+        since, self._blocked_since = self._blocked_since, None
+        if since is not None:
+            self.blocked_seconds += self.session.clock.seconds() - since
+
+    def blocked_seconds_at(self, now: float) -> float:
+        """Seconds this stream has spent with bytes to send and no credit
+        from the peer (flow control), up to `now`."""
+        since = self._blocked_since
+        return self.blocked_seconds + (now - since if since is not None else 0.0)
 
     def _drop_acked(self, offset: int) -> None:
         unacked = self._unacked
@@ -387,6 +406,7 @@ class Stream:
 
     def _close(self) -> None:
         self.closed = True
+        self._end_blocked()
         self._unacked.clear()
         self._pending.clear()
         self._early.clear()

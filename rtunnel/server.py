@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig, is_ip_literal
+from rtunnel.counters import ServerEvents, Traffic, tunnel_name
 from rtunnel.errors import ConfigError
 from rtunnel.guard import AdmissionGuard
 from rtunnel.link import ControlLink
@@ -109,6 +110,7 @@ class ServerSession:
             server.reactor, self, is_server=True, settings=server.settings_for(credential)
         )
         self.tunnels: dict[int, PublicListener] = {}
+        self.tunnel_names: dict[int, str] = {}  # tunnel id -> "host:port", kept for the metrics
         self.link: ServerLink | None = None
         self.state = SessionState.CONNECTED
         self.leaving = False
@@ -198,6 +200,7 @@ class ServerSession:
         raise ProtocolViolation("clients may not open streams in protocol version 1")
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
+        self.server.traffic.fold(self.credential, self.tunnel_names.get(stream.tunnel_id, "?"), stream)
         self.server.stream_closed()
 
     def control_frame(self, session: Session, frame: Frame) -> None:
@@ -242,6 +245,7 @@ class ServerSession:
             return
         self.tunnels[tunnel_id] = listener
         bound_port = listener.key[1]
+        self.tunnel_names[tunnel_id] = tunnel_name(host, bound_port)
         self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8])
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
 
@@ -298,6 +302,8 @@ class TunnelServer:
         )
         self._cap_logged_at: float | None = None
         self._cap_refused_logged = 0
+        self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
+        self.traffic = Traffic(visitor_side=True)
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ServerLink(self))
@@ -438,12 +444,15 @@ class TunnelServer:
     def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
         existing = self.resumable(credential, resume)
+        self.events.reconnects[credential] += isinstance(resume, dict)
         if existing is not None:
+            self.events.resumes[credential] += 1
             return existing, True
         if isinstance(resume, dict):
             self.log.info("resume of an unknown or expired session refused; starting a new one")
         session = ServerSession(self, credential)
         self.sessions[session.id] = session
+        self.events.sessions_started[credential] += 1
         return session, False
 
     # ------------------------------------------------------------ ports
@@ -624,6 +633,7 @@ class ServerLink(ControlLink):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.server.links.add(self)
+        self.server.events.links_accepted += 1
         if not self.server.guard.admit():
             self.server.connection_refused_over_cap()
             self.abort()
@@ -635,6 +645,7 @@ class ServerLink(ControlLink):
 
     def _handshake_expired(self) -> None:
         self._handshake_call = None
+        self.server.events.handshakes_expired += 1
         self.log.info(
             "dropping {peer}: no handshake within {t:.0f} s",
             peer=self.peer_description(),

@@ -26,7 +26,9 @@ from rtunnel.configfile import (
     plan_tunnel_changes,
     read_token_file,
 )
+from rtunnel.counters import CountingEndpoint
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.metrics import ClientCollector, MetricsService, parse_metrics_endpoint, registry_for
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
@@ -69,6 +71,7 @@ class Options(FileOptions, usage.Options):
         ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9121:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
         [
             "known-servers", None, None,
             f"With --trust-on-first-use: the file of known servers' fingerprints (default {DEFAULT_KNOWN_SERVERS}).",
@@ -197,6 +200,7 @@ class Options(FileOptions, usage.Options):
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
             if self["ca"]:
                 ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
+            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
@@ -211,6 +215,7 @@ class Options(FileOptions, usage.Options):
             keepalive=keepalive_from(self),
             max_retry_delay=self["max-retry-delay"],
             connect_timeout=self["connect-timeout"],
+            metrics=metrics,
         )
 
 
@@ -288,6 +293,7 @@ class ClientMainService(service.MultiService):
             creator,
             HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
         )
+        endpoint = CountingEndpoint(endpoint, self.client.events)
         self.connector = ClientService(
             _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}"),
             self.client.link_factory(),
@@ -295,6 +301,11 @@ class ClientMainService(service.MultiService):
             clock=reactor,
         )
         self.connector.setServiceParent(self)
+        self.metrics: MetricsService | None = None
+        if config.metrics:
+            registry = registry_for(ClientCollector(self.client))
+            self.metrics = MetricsService(reactor, config.metrics, registry, self.client.fatal)
+            self.metrics.setServiceParent(self)
 
     # ------------------------------------------------------------ config file
 

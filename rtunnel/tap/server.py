@@ -21,6 +21,7 @@ from rtunnel.admin import AdminServer, admin_endpoint
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpoint, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.tap import exit_process, keepalive_from
@@ -66,6 +67,7 @@ class Options(FileOptions, usage.Options):
         ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
         ["admin", None, None, "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9120:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
     ]
 
     def __init__(self) -> None:
@@ -129,6 +131,7 @@ class Options(FileOptions, usage.Options):
         clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
         try:
             admin = admin_endpoint(self["admin"]) if self["admin"] is not None else None
+            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
@@ -156,6 +159,7 @@ class Options(FileOptions, usage.Options):
             max_sessions_per_client=self["max-sessions-per-client"],
             max_tunnels=self["max-tunnels"],
             admin=admin,
+            metrics=metrics,
         )
 
 
@@ -173,6 +177,7 @@ class ServerService(service.Service):
         self.config = config
         self.server: TunnelServer | None = None
         self.port: IListeningPort | None = None
+        self.metrics_port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._previous_sighup: Any = None
         self._sighup_installed = False
@@ -268,6 +273,9 @@ class ServerService(service.Service):
         endpoint = serverFromString(self.reactor, config.listen)
         factory = TLSMemoryBIOFactory(server_context(identity), False, self.server.link_factory())
         self.port = yield endpoint.listen(factory)
+        if config.metrics:
+            registry = registry_for(ServerCollector(lambda: self.server))
+            self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
         host = socket.getfqdn()
         if token_created:
@@ -312,6 +320,8 @@ class ServerService(service.Service):
             waits.append(defer.maybeDeferred(self.port.stopListening))
         if self.admin is not None:
             waits.append(self.admin.stop())
+        if self.metrics_port is not None:
+            waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
         if self.server is not None:
             waits.append(self.server.shutdown())
         return defer.gatherResults(waits).addCallback(lambda _: None)

@@ -1,0 +1,389 @@
+"""Prometheus metrics of a server or a client, served by twisted.web.
+
+Cost design: nothing here runs per frame. The ends keep plain ints (see
+rtunnel.counters); at scrape time a collector walks the live server or
+client (its sessions and open streams, plus the totals folded in when
+streams closed) and builds the metric families. A scrape costs one walk over
+the open streams.
+
+Each process has a CollectorRegistry of its own (never the global one), so
+several servers and clients can run in one process (tests do).
+
+To add metrics, add a method yielding families to a collector and list it
+in its `sections`; see docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from rtunnel.client import TunnelClient
+from rtunnel.counters import StreamTotals, Traffic
+from rtunnel.errors import ConfigError
+from rtunnel.mux import Session
+from rtunnel.server import SessionState, TunnelServer
+
+PATH = b"metrics"
+
+
+def parse_metrics_endpoint(text: str) -> str:
+    """`--metrics`: a Twisted server endpoint string, or a bare port
+    (meaning 127.0.0.1:PORT). Raises ConfigError naming what is wrong."""
+    text = text.strip()
+    if text.isdigit():
+        port = int(text)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--metrics {text}: port {port} is outside 0-65535")
+        text = f"tcp:{port}:interface=127.0.0.1"
+    try:
+        from twisted.internet import reactor
+
+        serverFromString(reactor, text)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"--metrics {text!r} is not a Twisted server endpoint ({e}); give a port (9120, "
+            "on 127.0.0.1) or e.g. tcp:9120:interface=0.0.0.0"
+        ) from None
+    return text
+
+
+# ---------------------------------------------------------------- collectors
+
+
+class _StreamFamilies:
+    """The per-(client, tunnel) stream families, filled from live streams
+    and from the folded totals of closed ones."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.open = GaugeMetricFamily(
+            "rtunnel_streams_open", "Tunnelled connections open now.", labels=labels
+        )
+        self.opened = CounterMetricFamily(
+            "rtunnel_streams_opened", "Tunnelled connections opened.", labels=labels
+        )
+        self.bytes = CounterMetricFamily(
+            "rtunnel_stream_bytes",
+            "Bytes carried by tunnelled connections; direction in: from visitors towards the "
+            "service, out: from the service back to visitors.",
+            labels=[*labels, "direction"],
+            unit="bytes",
+        )
+        self.blocked = CounterMetricFamily(
+            "rtunnel_stream_flow_control_blocked",
+            "Seconds tunnelled connections spent with bytes to send and no flow-control "
+            "credit from the peer (summed over connections).",
+            labels=labels,
+            unit="seconds",
+        )
+
+    def add(self, key: tuple[str, ...], live: StreamTotals, closed: StreamTotals | None) -> None:
+        total = StreamTotals(live.streams, live.bytes_in, live.bytes_out, live.blocked_seconds)
+        if closed is not None:
+            total.streams += closed.streams
+            total.bytes_in += closed.bytes_in
+            total.bytes_out += closed.bytes_out
+            total.blocked_seconds += closed.blocked_seconds
+        values = list(key)
+        self.open.add_metric(values, live.streams)
+        self.opened.add_metric(values, total.streams)
+        self.bytes.add_metric([*values, "in"], total.bytes_in)
+        self.bytes.add_metric([*values, "out"], total.bytes_out)
+        self.blocked.add_metric(values, total.blocked_seconds)
+
+    def families(self) -> list[Metric]:
+        return [self.open, self.opened, self.bytes, self.blocked]
+
+
+def _live_totals(
+    traffic: Traffic, sessions: Iterable[tuple[str, Session, Callable[[int], str]]], now: float
+) -> dict[tuple[str, str], StreamTotals]:
+    """Sum the open streams of `sessions` (client, session, tunnel id ->
+    name) per (client, tunnel)."""
+    live: dict[tuple[str, str], StreamTotals] = {}
+    for client, session, name_of in sessions:
+        for stream in list(session.streams.values()):
+            key = (client, name_of(stream.tunnel_id))
+            totals = live.get(key)
+            if totals is None:
+                totals = live[key] = StreamTotals()
+            bytes_in, bytes_out = traffic.directions(stream)
+            totals.streams += 1
+            totals.bytes_in += bytes_in
+            totals.bytes_out += bytes_out
+            totals.blocked_seconds += stream.blocked_seconds_at(now)
+    return live
+
+
+class ServerCollector:
+    """The metrics of one TunnelServer (`source()` returns it, or None
+    before it exists)."""
+
+    def __init__(self, source: Callable[[], TunnelServer | None]) -> None:
+        self.source = source
+        self.sections: list[Callable[[TunnelServer], Iterable[Metric]]] = [
+            self.sessions,
+            self.streams,
+            self.admission,
+            # `limits` adds its section here: bandwidth-limited seconds and
+            # connections refused, per (client, tunnel)
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.source()
+        if server is None:
+            return
+        for section in self.sections:
+            yield from section(server)
+
+    def sessions(self, server: TunnelServer) -> Iterator[Metric]:
+        states = GaugeMetricFamily(
+            "rtunnel_sessions", "Client sessions by state (detached: link down, within the "
+            "resume grace).", labels=["state"],
+        )
+        counts = {SessionState.CONNECTED: 0, SessionState.DETACHED: 0}
+        for owner in list(server.sessions.values()):
+            if owner.state in counts:
+                counts[owner.state] += 1
+        for state, n in counts.items():
+            states.add_metric([state.value], n)
+        yield states
+        events = server.events
+        started = CounterMetricFamily(
+            "rtunnel_sessions_started", "New sessions (not resumes).", labels=["client"]
+        )
+        reconnects = CounterMetricFamily(
+            "rtunnel_reconnects",
+            "Authenticated handshakes that asked to resume a session (granted or not).",
+            labels=["client"],
+        )
+        resumes = CounterMetricFamily(
+            "rtunnel_resumes", "Sessions resumed over a new link.", labels=["client"]
+        )
+        clients = sorted(set(events.sessions_started) | set(events.reconnects) | set(events.resumes))
+        for family, counter in (
+            (started, events.sessions_started), (reconnects, events.reconnects), (resumes, events.resumes),
+        ):
+            for client in clients:
+                family.add_metric([client], counter[client])
+            yield family
+        yield GaugeMetricFamily(
+            "rtunnel_tunnels", "Public ports bound for clients now.", value=len(server.listeners)
+        )
+
+    def streams(self, server: TunnelServer) -> Iterator[Metric]:
+        live = _live_totals(
+            server.traffic,
+            (
+                (owner.credential, owner.session, lambda tid, o=owner: o.tunnel_names.get(tid, "?"))
+                for owner in list(server.sessions.values())
+            ),
+            server.reactor.seconds(),
+        )
+        families = _StreamFamilies(["client", "tunnel"])
+        closed = server.traffic.closed
+        for key in sorted(set(live) | set(closed)):
+            families.add(key, live.get(key, StreamTotals()), closed.get(key))
+        yield from families.families()
+
+    def admission(self, server: TunnelServer) -> Iterator[Metric]:
+        guard, events = server.guard, server.events
+        yield GaugeMetricFamily(
+            "rtunnel_control_links", "Control connections open now (authenticated or not).",
+            value=len(server.links),
+        )
+        yield GaugeMetricFamily(
+            "rtunnel_unauthenticated_links", "Control connections not authenticated yet.",
+            value=guard.unauthenticated,
+        )
+        yield CounterMetricFamily(
+            "rtunnel_links_accepted", "Control connections accepted.", value=events.links_accepted
+        )
+        yield CounterMetricFamily(
+            "rtunnel_auth_failures", "Handshakes with a wrong token (or unknown certificate).",
+            value=guard.failures,
+        )
+        dropped = CounterMetricFamily(
+            "rtunnel_handshakes_dropped",
+            "Control connections dropped before authenticating; reason deadline: no handshake "
+            "in time, unauthenticated_cap: over --max-unauthenticated, rate_limited: too many "
+            "failures from the address.",
+            labels=["reason"],
+        )
+        dropped.add_metric(["deadline"], events.handshakes_expired)
+        dropped.add_metric(["unauthenticated_cap"], guard.refused_connections)
+        dropped.add_metric(["rate_limited"], guard.refused_attempts)
+        yield dropped
+
+
+class ClientCollector:
+    """The metrics of one TunnelClient."""
+
+    def __init__(self, client: TunnelClient) -> None:
+        self.client = client
+        self.sections: list[Callable[[TunnelClient], Iterable[Metric]]] = [
+            self.link,
+            self.streams,
+            # `limits` adds its section here, if the client gets limits
+        ]
+
+    def collect(self) -> Iterator[Metric]:
+        for section in self.sections:
+            yield from section(self.client)
+
+    def link(self, client: TunnelClient) -> Iterator[Metric]:
+        events = client.events
+        session = client.session
+        up = session is not None and session.link is not None and client.link is not None
+        yield GaugeMetricFamily(
+            "rtunnel_client_link_up", "1 while a link to the server carries the session.",
+            value=int(up),
+        )
+        for name, doc, value in (
+            ("rtunnel_client_connect_attempts", "Attempts to connect to the server (the first "
+             "included).", events.connect_attempts),
+            ("rtunnel_client_links_lost", "Links that carried the session and went down.",
+             events.links_lost),
+            ("rtunnel_client_sessions_started", "New sessions the server gave us.",
+             events.sessions_started),
+            ("rtunnel_client_resumes", "Times the session was resumed over a new link.",
+             events.resumes),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "rtunnel_client_tunnels_bound", "Tunnels the server has bound for us now.",
+            value=len(client.bound),
+        )
+
+    def streams(self, client: TunnelClient) -> Iterator[Metric]:
+        sessions = []
+        if client.session is not None:
+            sessions.append(("", client.session, client.tunnel_name))
+        live = _live_totals(client.traffic, sessions, client.reactor.seconds())
+        families = _StreamFamilies(["tunnel"])
+        closed = client.traffic.closed
+        for key in sorted(set(live) | set(closed)):
+            families.add(key[1:], live.get(key, StreamTotals()), closed.get(key))
+        yield from families.families()
+
+
+def registry_for(collector: Any) -> CollectorRegistry:
+    """A registry of our own with `collector` and the process's figures."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+# ---------------------------------------------------------------- web
+
+
+class MetricsPage(Resource):
+    """GET /metrics: the registry in Prometheus text (or OpenMetrics, if the
+    scraper asks for it). Rendered in the reactor thread, so collectors
+    walk the live objects safely."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: Request) -> bytes:
+        accept = request.getHeader(b"accept")
+        encoder, content_type = choose_encoder(accept.decode("latin-1") if accept else "")
+        body = encoder(self.registry)
+        request.setHeader(b"content-type", content_type.encode())
+        return body
+
+
+class _QuietSite(Site):
+    """No access log line per scrape."""
+
+    noisy = False
+
+    def log(self, request: Request) -> None:
+        pass
+
+
+def metrics_site(registry: CollectorRegistry) -> Site:
+    root = Resource()
+    root.putChild(PATH, MetricsPage(registry))
+    return _QuietSite(root)
+
+
+class MetricsError(ConfigError):
+    """The metrics endpoint could not listen."""
+
+
+log = Logger()
+
+
+@defer.inlineCallbacks
+def listen_metrics(reactor: Any, endpoint: str, registry: CollectorRegistry) -> Any:
+    """Serve `registry` at /metrics on `endpoint`; fires with the port.
+    Fails with MetricsError saying what to change."""
+    try:
+        port = yield serverFromString(reactor, endpoint).listen(metrics_site(registry))
+    except Exception as e:
+        raise MetricsError(
+            f"cannot serve metrics on {endpoint}: {e}; choose another --metrics port or "
+            "stop the program using it"
+        ) from None
+    address = port.getHost()
+    log.info(
+        "metrics at http://{host}:{port}/metrics",
+        host=getattr(address, "host", "?"), port=getattr(address, "port", 0), endpoint=endpoint,
+    )
+    return port
+
+
+class MetricsService(service.Service):
+    """Serves a registry while running; calls `on_failure(message)` if the
+    endpoint cannot listen."""
+
+    def __init__(
+        self, reactor: Any, endpoint: str, registry: CollectorRegistry,
+        on_failure: Callable[[str], None],
+    ) -> None:
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.registry = registry
+        self.on_failure = on_failure
+        self.port: IListeningPort | None = None
+        self.ready: defer.Deferred[IListeningPort | None] = defer.Deferred()  # None: failed
+
+    def startService(self) -> None:
+        super().startService()
+        d = listen_metrics(self.reactor, self.endpoint, self.registry)
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            self.ready.callback(port)
+
+        def failed(failure: Failure) -> None:
+            self.ready.callback(None)
+            self.on_failure(failure.getErrorMessage())
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
