@@ -152,6 +152,7 @@ class ClientConfig:
     initial_retry_delay: float = 0.5
     max_retry_delay: float = 30.0
     connect_timeout: float = 10.0
+    max_retries: int | None = None  # give up after this many failed attempts in a row; None: never
 
 
 __all__ = [

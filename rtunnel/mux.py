@@ -746,6 +746,7 @@ class Session:
             "session resumed: {streams} streams, {replayed} frames replayed",
             streams=len(self.streams),
             replayed=len(self._outbox),
+            event="session_replayed",
         )
 
 

@@ -1,5 +1,6 @@
 """Console scripts: `rtunnel_server` and `rtunnel_client` run the twistd
-plugins in the foreground with no pid file, so they share every option.
+plugins in the foreground with no pid file, so they share every option,
+plus `--log-format json|text` (twistd's --logger, rtunnel.logs).
 `rtunnel_server add-client NAME --ports …` is a plain command (not twistd)
 that adds a client to the clients file and prints its token once."""
 
@@ -11,7 +12,12 @@ import sys
 def _run(plugin: str) -> None:
     from twisted.scripts import twistd
 
-    sys.argv = [sys.argv[0], "--nodaemon", "--pidfile=", plugin, *sys.argv[1:]]
+    from rtunnel.logs import twistd_argv
+
+    try:
+        sys.argv = [sys.argv[0], *twistd_argv(sys.argv[1:], plugin)]
+    except ValueError as e:
+        sys.exit(f"{sys.argv[0]}: {e}")
     twistd.run()
 
 

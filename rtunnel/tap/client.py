@@ -56,6 +56,7 @@ class Options(usage.Options):
         ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
+        ["max-retries", None, None, "Give up and exit with status 3 after this many failed connection attempts in a row (default: never give up; for supervisors that restart the client).", int],
         [
             "known-servers", None, None,
             f"With --trust-on-first-use: the file of known servers' fingerprints (default {DEFAULT_KNOWN_SERVERS}).",
@@ -150,6 +151,8 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
             raise usage.UsageError("--max-retry-delay must be at least 0.5 seconds")
+        if self["max-retries"] is not None and self["max-retries"] < 1:
+            raise usage.UsageError("--max-retries must be at least 1 (leave it out to retry for ever)")
         self.config = ClientConfig(
             server_host=host,
             server_port=port,
@@ -160,6 +163,7 @@ class Options(usage.Options):
             keepalive=keepalive_from(self),
             max_retry_delay=self["max-retry-delay"],
             connect_timeout=self["connect-timeout"],
+            max_retries=self["max-retries"],
         )
 
 
@@ -168,16 +172,22 @@ class _ReportingEndpoint:
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, where: str) -> None:
+    def __init__(self, endpoint: Any, where: str, on_failure: Any = None) -> None:
         self._endpoint = endpoint
         self._where = where
+        self._on_failure = on_failure
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         def failed(failure: Failure) -> Failure:
+            giving_up = False
+            if self._on_failure is not None and not failure.check(defer.CancelledError):
+                giving_up = self._on_failure(failure.getErrorMessage())
             self.log.warn(
-                "cannot reach the rtunnel server at {where}: {why}; retrying",
+                "cannot reach the rtunnel server at {where}: {why}{then}",
                 where=self._where,
                 why=failure.getErrorMessage(),
+                then="" if giving_up else "; retrying",
+                event="connect_failed", server=self._where, reason=failure.getErrorMessage(),
             )
             return failure
 
@@ -225,12 +235,14 @@ class ClientMainService(service.MultiService):
             assert config.ca_file is not None
             creator = ca_creator(config.server_host, config.ca_file, client_identity)
         self.client = TunnelClient(reactor, config, self._fatal, creator)
+        self.client.on_attempt_failed = self._attempt_failed
+        self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
         endpoint = wrapClientTLS(
             creator,
             HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
         )
         self.connector = ClientService(
-            _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}"),
+            _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed),
             self.client.link_factory(),
             retryPolicy=retry_policy(config.initial_retry_delay, config.max_retry_delay),
             clock=reactor,
@@ -244,7 +256,24 @@ class ClientMainService(service.MultiService):
         for waiter in waiters:
             waiter.callback(message)
         if self.exit_on_fatal:
-            d.addBoth(lambda _: exit_process(self.reactor, 2))
+            d.addBoth(lambda _: exit_process(self.reactor, self.exit_code))
+
+    def _attempt_failed(self, why: str) -> bool:
+        """One more attempt in a row without a session. At --max-retries,
+        give up (soon: not inside ClientService's callback); True if so."""
+        limit, failures = self.config.max_retries, self.client.failed_attempts + 1
+        self.client.failed_attempts = failures
+        if limit is None or failures < limit or self.fatal_error is not None or not self.running:
+            return False
+        self.exit_code = 3
+        message = (
+            f"giving up after {failures} failed attempts in a row to connect to the rtunnel "
+            f"server at {self.config.server_host}:{self.config.server_port} (--max-retries "
+            f"{limit}); the last one: {why.rstrip('.')}. Check that the server runs and is "
+            "reachable, or raise --max-retries."
+        )
+        self.reactor.callLater(0, self.client.fatal, message, "gave_up")
+        return True
 
     def when_fatal(self) -> defer.Deferred[str]:
         """Fires with the message of the first fatal error."""

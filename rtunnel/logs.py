@@ -1,0 +1,108 @@
+"""Log output for machines: one JSON object a line.
+
+`json_observer` is a log observer factory for twistd's `--logger` option
+(`twistd --logger rtunnel.logs.json_observer rtunnel-server ...`); the
+console scripts' `--log-format json` passes it for you. Each line holds the
+event's time (ISO 8601, UTC), level, namespace, its stable `event` name (see
+docs/operations.md; null for events that have none, e.g. Twisted's own), the
+rendered text, and its other fields. A field that JSON cannot hold is written
+as its repr(); a log line never fails because of a field.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+
+LOG_FORMATS = ("text", "json")
+JSON_OBSERVER = "rtunnel.logs.json_observer"
+MAX_REPR = 500  # characters kept of a field JSON cannot hold
+
+# fields of events from twisted.python.log (legacy) that the text already holds
+_LEGACY = {"format", "message", "isError", "time", "why", "failure", "system"}
+
+
+def _time(event: dict[str, Any]) -> str | None:
+    when = event.get("log_time")
+    if not isinstance(when, (int, float)):
+        return None
+    moment = datetime.fromtimestamp(when, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` if json can write it as it is, else its (shortened) repr."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)[:MAX_REPR]
+    return value
+
+
+def event_as_json(event: dict[str, Any]) -> str:
+    """One log event as one line of JSON (ending in a newline)."""
+    level = event.get("log_level")
+    record: dict[str, Any] = {
+        "time": _time(event),
+        "level": getattr(level, "name", None),
+        "namespace": event.get("log_namespace"),
+        "event": _jsonable(event.get("event")),
+        "text": formatEvent(event),
+    }
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            record["traceback"] = failure.getTraceback()
+        except Exception:
+            record["traceback"] = repr(failure)[:MAX_REPR]
+    dropped = _LEGACY if event.get("log_namespace") == "log_legacy" else ()
+    fields = {
+        str(key): _jsonable(value)
+        for key, value in event.items()
+        if not str(key).startswith("log_") and key != "event" and key not in dropped
+    }
+    record["fields"] = fields
+    try:
+        return json.dumps(record, allow_nan=False) + "\n"
+    except (TypeError, ValueError, RecursionError):  # e.g. a field's key json cannot hold
+        record["fields"] = {}
+        return json.dumps(record, allow_nan=False, default=repr) + "\n"
+
+
+def json_observer(out: IO[str] | None = None) -> ILogObserver:
+    """A log observer writing one JSON object a line to `out` (default: the
+    standard output as it is now, before twistd redirects it into the log)."""
+    return FileLogObserver(out if out is not None else sys.stdout, event_as_json)
+
+
+def twistd_argv(argv: list[str], plugin: str) -> list[str]:
+    """twistd's arguments for a console script's `argv` (without argv[0]):
+    `--log-format json|text` becomes twistd's `--logger`, placed before the
+    plugin name (twistd's own options must come before it)."""
+    rest: list[str] = []
+    fmt = "text"
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest.extend(argv[i:])
+            break
+        if arg == "--log-format" or arg.startswith("--log-format="):
+            if "=" in arg:
+                fmt = arg.partition("=")[2]
+            elif i + 1 < len(argv):
+                i += 1
+                fmt = argv[i]
+            else:
+                raise ValueError("--log-format needs a value: json or text")
+            if fmt not in LOG_FORMATS:
+                raise ValueError(f"--log-format {fmt!r}: expected json or text")
+        else:
+            rest.append(arg)
+        i += 1
+    logger = [f"--logger={JSON_OBSERVER}"] if fmt == "json" else []
+    return ["--nodaemon", "--pidfile=", *logger, plugin, *rest]
