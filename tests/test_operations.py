@@ -29,7 +29,9 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from rtunnel.errors import ConfigError
 from rtunnel.logs import JSON_OBSERVER, event_as_json, json_observer, twistd_argv
+from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import client as tap_client
 from tests.harness import Tunnel, free_port, wait_until
 from tests.test_processes import (
@@ -468,6 +470,25 @@ class SocketActivationTests(_Processes):
         server = self.start_activated_server(listener, "systemd:domain=INET:name=control")
         listener.close()
         server.wait_for(rf"rtunnel server listening on systemd:domain=INET:name=control \(port {port}\)")
+
+
+class InheritedSocketCheckTests(SynchronousTestCase):
+    """`--listen systemd:…` without the socket says what is missing instead
+    of a bare IndexError (this test process inherited no sockets)."""
+
+    def test_a_socket_that_was_not_passed_is_a_clear_error(self) -> None:
+        for listen in ("systemd:domain=INET:index=0", "systemd:domain=INET6:name=control"):
+            with self.assertRaises(ConfigError) as caught:
+                check_inherited_socket(listen)
+            self.assertIn(f"--listen {listen}: this process did not inherit that socket", str(caught.exception))
+            self.assertIn("FileDescriptorName=", str(caught.exception))
+
+    def test_the_server_refuses_to_start_without_its_socket(self) -> None:
+        from rtunnel.tap import server as tap_server
+
+        with self.assertRaises(usage.UsageError) as caught:
+            tap_server.Options().parseOptions(["--listen", "systemd:domain=INET:index=0"])
+        self.assertIn("did not inherit that socket", str(caught.exception))
 
 
 class PrivilegeDropTests(_Processes):

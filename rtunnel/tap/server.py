@@ -21,6 +21,7 @@ from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
+from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 
@@ -114,6 +115,11 @@ class Options(usage.Options):
             # a long accept queue: a burst of connections must reach the
             # server (and its handshake deadline), not sit in SYN cookies
             listen = f"tcp:{self['port']}:backlog=1024" + (f":interface={iface}" if iface else "")
+        if listen.startswith("systemd:"):
+            try:
+                check_inherited_socket(listen)
+            except RtunnelError as e:
+                raise usage.UsageError(str(e)) from None
         token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or None
         bind_default = tuple(a.strip() for a in self["bind-default"].split(",") if a.strip())
         if not bind_default:
