@@ -491,6 +491,47 @@ class InheritedSocketCheckTests(SynchronousTestCase):
         self.assertIn("did not inherit that socket", str(caught.exception))
 
 
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "contrib" / "systemd"
+
+
+class UnitFileTests(SynchronousTestCase):
+    """contrib/systemd: what docs/operations.md shows, and what systemd accepts."""
+
+    def unit_files(self) -> list[Path]:
+        files = sorted(p for p in UNITS.rglob("*") if p.is_file())
+        self.assertEqual(
+            [str(p.relative_to(UNITS)) for p in files],
+            ["rtunnel-client@.service", "rtunnel-server.service",
+             "rtunnel-server.service.d/socket-activation.conf", "rtunnel-server.socket"],
+        )
+        return files
+
+    def test_the_docs_show_each_unit_file_as_it_is(self) -> None:
+        docs = (ROOT / "docs" / "operations.md").read_text()
+        for path in self.unit_files():
+            self.assertIn(f"```ini\n{path.read_text()}```", docs, f"{path} differs from docs/operations.md")
+
+    def test_systemd_analyze_verify_accepts_the_units(self) -> None:
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise SkipTest("systemd-analyze is not installed (Debian: systemd)")
+        _scripts_or_skip()
+        units = Path(tempfile.mkdtemp(prefix="rtunnel-units-"))
+        self.addCleanup(shutil.rmtree, units, True)
+        for path in self.unit_files():
+            name = str(path.relative_to(UNITS)).replace("@.service", "@web.service")
+            (units / name).parent.mkdir(parents=True, exist_ok=True)
+            # systemd checks that ExecStart's program exists: use this tree's
+            (units / name).write_text(path.read_text().replace("/opt/rtunnel/bin/", f"{BIN}/"))
+        names = ["rtunnel-server.service", "rtunnel-server.socket", "rtunnel-client@web.service"]
+        out = subprocess.run(
+            [analyze, "verify", *names], cwd=units, capture_output=True, timeout=60,
+            env={**os.environ, "SYSTEMD_UNIT_PATH": f"{units}:"},  # trailing ':' keeps the defaults
+        )
+        self.assertEqual((out.returncode, out.stderr.decode(), out.stdout.decode()), (0, "", ""))
+
+
 class PrivilegeDropTests(_Processes):
     """twistd --uid/--gid: the control port is bound as root, then the
     server runs as nobody."""
