@@ -1,8 +1,11 @@
-"""Log output for machines: one JSON object a line.
+"""Log output: one JSON object a line, or twistd's text.
 
-`json_observer` is a log observer factory for twistd's `--logger` option
-(`twistd --logger rtunnel.logs.json_observer rtunnel-server ...`); the
-console scripts' `--log-format json` passes it for you. Each line holds the
+`json_observer` and `text_observer` are log observer factories for twistd's
+`--logger` option (`twistd --logger rtunnel.logs.json_observer
+rtunnel-server ...`); the console scripts' `--log-format json|text` passes
+one for you. Both leave out ClientService's "Scheduling retry" line: the
+client logs each failed attempt, with the wait, in one line of its own.
+Each JSON line holds the
 event's time (ISO 8601, UTC), level, namespace, its stable `event` name (see
 docs/operations.md; null for events that have none, e.g. Twisted's own), the
 rendered text, and its other fields. A field that JSON cannot hold is written
@@ -16,10 +19,18 @@ import sys
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    PredicateResult,
+    formatEvent,
+    textFileLogObserver,
+)
 
 LOG_FORMATS = ("text", "json")
 JSON_OBSERVER = "rtunnel.logs.json_observer"
+TEXT_OBSERVER = "rtunnel.logs.text_observer"
 MAX_REPR = 500  # characters kept of a field JSON cannot hold
 
 # fields of events from twisted.python.log (legacy) that the text already holds
@@ -73,10 +84,27 @@ def event_as_json(event: dict[str, Any]) -> str:
         return json.dumps(record, allow_nan=False, default=repr) + "\n"
 
 
+def _not_a_retry_line(event: dict[str, Any]) -> PredicateResult:
+    """Drop twisted.application.internet.ClientService's "Scheduling retry"
+    event (rtunnel.tap.client logs the attempt and the wait itself)."""
+    namespace = str(event.get("log_namespace", ""))
+    text = str(event.get("log_format", ""))
+    if namespace.endswith(".ClientService") and text.startswith("Scheduling retry"):
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def json_observer(out: IO[str] | None = None) -> ILogObserver:
     """A log observer writing one JSON object a line to `out` (default: the
     standard output as it is now, before twistd redirects it into the log)."""
-    return FileLogObserver(out if out is not None else sys.stdout, event_as_json)
+    observer = FileLogObserver(out if out is not None else sys.stdout, event_as_json)
+    return FilteringLogObserver(observer, [_not_a_retry_line])
+
+
+def text_observer(out: IO[str] | None = None) -> ILogObserver:
+    """twistd's own text format (to `out`, default the standard output)."""
+    observer = textFileLogObserver(out if out is not None else sys.stdout)
+    return FilteringLogObserver(observer, [_not_a_retry_line])
 
 
 def twistd_argv(argv: list[str], plugin: str) -> list[str]:
@@ -104,5 +132,5 @@ def twistd_argv(argv: list[str], plugin: str) -> list[str]:
         else:
             rest.append(arg)
         i += 1
-    logger = [f"--logger={JSON_OBSERVER}"] if fmt == "json" else []
-    return ["--nodaemon", "--pidfile=", *logger, plugin, *rest]
+    logger = JSON_OBSERVER if fmt == "json" else TEXT_OBSERVER
+    return ["--nodaemon", "--pidfile=", f"--logger={logger}", plugin, *rest]

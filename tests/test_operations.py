@@ -30,7 +30,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from rtunnel.errors import ConfigError
-from rtunnel.logs import JSON_OBSERVER, event_as_json, json_observer, twistd_argv
+from rtunnel.logs import (
+    JSON_OBSERVER,
+    TEXT_OBSERVER,
+    event_as_json,
+    json_observer,
+    text_observer,
+    twistd_argv,
+)
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import client as tap_client
 from tests.harness import Tunnel, free_port, wait_until
@@ -195,6 +202,19 @@ class JsonFormatTests(SynchronousTestCase):
         self.assertIn("ValueError: broken", record["traceback"])
         self.assertEqual(record["event"], "internal_error")
 
+    def test_client_services_retry_line_is_left_out_in_both_formats(self) -> None:
+        for factory in (json_observer, text_observer):
+            out = io.StringIO()
+            observer = factory(out)
+            retry = Logger(namespace="twisted.application._client_service.ClientService", observer=observer)
+            retry.info("Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.", attempt=1, endpoint="h", delay=0.5)
+            retry.info("Duplicate ClientService.startService")
+            Logger(namespace="rtunnel.tap.client.ClientMainService", observer=observer).warn("Scheduling retry")
+            lines = out.getvalue().splitlines()
+            self.assertEqual(len(lines), 2, out.getvalue())
+            self.assertIn("Duplicate ClientService.startService", lines[0])
+            self.assertIn("rtunnel.tap.client.ClientMainService", lines[1])
+
     def test_an_event_that_cannot_be_formatted_still_makes_a_line(self) -> None:
         record = json.loads(event_as_json({"log_format": "{missing", "log_level": LogLevel.info}))
         self.assertIn("Unable to format event", record["text"])
@@ -215,10 +235,9 @@ class LogFormatOptionTests(SynchronousTestCase):
         )
 
     def test_text_is_twistds_own_format(self) -> None:
-        self.assertEqual(
-            twistd_argv(["--log-format=text", "-c", "h"], "rtunnel-client"),
-            ["--nodaemon", "--pidfile=", "rtunnel-client", "-c", "h"],
-        )
+        expected = ["--nodaemon", "--pidfile=", f"--logger={TEXT_OBSERVER}", "rtunnel-client", "-c", "h"]
+        self.assertEqual(twistd_argv(["--log-format=text", "-c", "h"], "rtunnel-client"), expected)
+        self.assertEqual(twistd_argv(["-c", "h"], "rtunnel-client"), expected)
 
     def test_an_unknown_format_is_refused(self) -> None:
         with self.assertRaises(ValueError) as caught:
@@ -360,7 +379,13 @@ class MaxRetriesProcessTests(_Processes):
         self.assertEqual(client.wait_exit(timeout=60), 3, client.describe())
         elapsed = time.monotonic() - started
         output = client.output
-        self.assertEqual(len(re.findall(r"cannot reach the rtunnel server", output)), 3, output)
+        # one line per attempt, with the wait before the next (none after the last)
+        attempts = re.findall(rf"cannot reach the rtunnel server at 127\.0\.0\.1:{closed}: .*", output)
+        self.assertEqual(len(attempts), 3, output)
+        for line in attempts[:2]:
+            self.assertRegex(line, r"; retrying in \d+\.\d s$")
+        self.assertNotIn("retrying", attempts[2])
+        self.assertNotIn("Scheduling retry", output)
         self.assertIn(
             f"giving up after 3 failed attempts in a row to connect to the rtunnel server at "
             f"127.0.0.1:{closed} (--max-retries 3)",

@@ -168,7 +168,8 @@ class Options(usage.Options):
 
 
 class _ReportingEndpoint:
-    """Wraps the server endpoint to log each failed attempt in one line."""
+    """Wraps the server endpoint to remember why the last attempt failed
+    (ClientMainService logs it, with the wait before the next one)."""
 
     log = Logger()
 
@@ -176,19 +177,14 @@ class _ReportingEndpoint:
         self._endpoint = endpoint
         self._where = where
         self._on_failure = on_failure
+        self.last_failure: str | None = None
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         def failed(failure: Failure) -> Failure:
-            giving_up = False
-            if self._on_failure is not None and not failure.check(defer.CancelledError):
-                giving_up = self._on_failure(failure.getErrorMessage())
-            self.log.warn(
-                "cannot reach the rtunnel server at {where}: {why}{then}",
-                where=self._where,
-                why=failure.getErrorMessage(),
-                then="" if giving_up else "; retrying",
-                event="connect_failed", server=self._where, reason=failure.getErrorMessage(),
-            )
+            if not failure.check(defer.CancelledError):
+                self.last_failure = failure.getErrorMessage()
+                if self._on_failure is not None:
+                    self._on_failure(self.last_failure)
             return failure
 
         return self._endpoint.connect(factory).addErrback(failed)
@@ -204,6 +200,8 @@ class ClientMainService(service.MultiService):
     server's certificate is trusted on first use and recorded in that file.
     With `client_identity` the client presents that TLS client certificate.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -241,10 +239,13 @@ class ClientMainService(service.MultiService):
             creator,
             HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
         )
+        self._giving_up = False
+        self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
+        self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed)
         self.connector = ClientService(
-            _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed),
+            self._endpoint,
             self.client.link_factory(),
-            retryPolicy=retry_policy(config.initial_retry_delay, config.max_retry_delay),
+            retryPolicy=self._next_attempt_in,
             clock=reactor,
         )
         self.connector.setServiceParent(self)
@@ -258,6 +259,25 @@ class ClientMainService(service.MultiService):
         if self.exit_on_fatal:
             d.addBoth(lambda _: exit_process(self.reactor, self.exit_code))
 
+    def _next_attempt_in(self, attempt: int) -> float:
+        """ClientService's retry policy: the wait before the next attempt,
+        logged in one line with why the last one failed."""
+        delay = self._retry_policy(attempt)
+        why, self._endpoint.last_failure = self._endpoint.last_failure, None
+        where = f"{self.config.server_host}:{self.config.server_port}"
+        if why is not None:
+            self.log.warn(
+                "cannot reach the rtunnel server at {where}: {why}{then}",
+                where=where, why=why, then="" if self._giving_up else f"; retrying in {delay:.1f} s",
+                event="connect_failed", server=where, reason=why, attempt=attempt, delay=delay,
+            )
+        elif not self._giving_up:
+            self.log.info(
+                "reconnecting to the rtunnel server at {where} in {delay:.1f} s",
+                where=where, delay=delay, event="reconnecting", server=where, attempt=attempt,
+            )
+        return delay
+
     def _attempt_failed(self, why: str) -> bool:
         """One more attempt in a row without a session. At --max-retries,
         give up (soon: not inside ClientService's callback); True if so."""
@@ -265,7 +285,7 @@ class ClientMainService(service.MultiService):
         self.client.failed_attempts = failures
         if limit is None or failures < limit or self.fatal_error is not None or not self.running:
             return False
-        self.exit_code = 3
+        self.exit_code, self._giving_up = 3, True
         message = (
             f"giving up after {failures} failed attempts in a row to connect to the rtunnel "
             f"server at {self.config.server_host}:{self.config.server_port} (--max-retries "
