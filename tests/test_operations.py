@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from rtunnel.errors import ConfigError
+from rtunnel.link import Keepalive
 from rtunnel.logs import (
     JSON_OBSERVER,
     TEXT_OBSERVER,
@@ -40,7 +42,7 @@ from rtunnel.logs import (
 )
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import client as tap_client
-from tests.harness import Tunnel, free_port, wait_until
+from tests.harness import Tunnel, free_port, wait_until, with_timeout
 from tests.test_processes import (
     BANNER,
     TWISTD,
@@ -395,8 +397,8 @@ class MaxRetriesProcessTests(_Processes):
         self.assertLess(elapsed, 60)
 
 
-class MaxRetriesResetTests(TestCase):
-    """In process: a session established resets the count."""
+class MaxRetriesInProcessTests(TestCase):
+    """In process: what counts as a failed attempt, and what resets the count."""
 
     timeout = 60
 
@@ -422,6 +424,24 @@ class MaxRetriesResetTests(TestCase):
         yield wait_until(lambda: client.session_id != first and len(client.bound) == 1, 20)
         self.assertIsNone(service.fatal_error)  # ...had the session not reset the count
         self.assertEqual(client.failed_attempts, 0)
+
+    @defer.inlineCallbacks
+    def test_a_server_that_never_answers_the_handshake_counts_as_a_failed_attempt(self) -> None:
+        silent = socket.socket()  # the kernel accepts; nobody ever answers TLS
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        tunnel = Tunnel(self)
+        config = tunnel.client_config(
+            [(0, free_port())], fingerprint=NO_FINGERPRINT, max_retries=2,
+            initial_retry_delay=0.1, max_retry_delay=0.2,
+            keepalive=Keepalive(interval=0.2, dead_after=0.5),
+        )
+        config = replace(config, server_port=silent.getsockname()[1])
+        service = tunnel.start_client(config)
+        message = yield with_timeout(service.when_fatal(), 20)
+        self.assertIn("giving up after 2 failed attempts in a row", message)
+        self.assertEqual(service.exit_code, 3)
 
 
 # ---------------------------------------------------------------- systemd, twistd --uid
