@@ -105,32 +105,3 @@ def text_observer(out: IO[str] | None = None) -> ILogObserver:
     """twistd's own text format (to `out`, default the standard output)."""
     observer = textFileLogObserver(out if out is not None else sys.stdout)
     return FilteringLogObserver(observer, [_not_a_retry_line])
-
-
-def twistd_argv(argv: list[str], plugin: str) -> list[str]:
-    """twistd's arguments for a console script's `argv` (without argv[0]):
-    `--log-format json|text` becomes twistd's `--logger`, placed before the
-    plugin name (twistd's own options must come before it)."""
-    rest: list[str] = []
-    fmt = "text"
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest.extend(argv[i:])
-            break
-        if arg == "--log-format" or arg.startswith("--log-format="):
-            if "=" in arg:
-                fmt = arg.partition("=")[2]
-            elif i + 1 < len(argv):
-                i += 1
-                fmt = argv[i]
-            else:
-                raise ValueError("--log-format needs a value: json or text")
-            if fmt not in LOG_FORMATS:
-                raise ValueError(f"--log-format {fmt!r}: expected json or text")
-        else:
-            rest.append(arg)
-        i += 1
-    logger = JSON_OBSERVER if fmt == "json" else TEXT_OBSERVER
-    return ["--nodaemon", "--pidfile=", f"--logger={logger}", plugin, *rest]

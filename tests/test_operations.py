@@ -38,8 +38,8 @@ from rtunnel.logs import (
     event_as_json,
     json_observer,
     text_observer,
-    twistd_argv,
 )
+from rtunnel.scripts import twistd_argv
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import client as tap_client
 from tests.harness import Tunnel, free_port, wait_until, with_timeout
