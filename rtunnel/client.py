@@ -110,6 +110,8 @@ class TunnelClient:
         self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
         self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=False)
+        self.failed_attempts = 0  # connection attempts in a row that made no session
+        self.on_attempt_failed: Callable[[str], None] | None = None
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -123,11 +125,11 @@ class TunnelClient:
         self._check_all_bound()
         return d
 
-    def fatal(self, message: str) -> None:
+    def fatal(self, message: str, event: str = "fatal") -> None:
         if self.failed:
             return
         self.failed = True
-        self.log.critical("{message}", message=message)
+        self.log.critical("{reason}", event=event, reason=message)
         self.on_fatal(message)
 
     # ------------------------------------------------------------ handshake
@@ -154,7 +156,8 @@ class TunnelClient:
         self.link = link
         if body.get("resumed") and self.session is not None and session_id == self.session_id:
             self.log.info(
-                "link restored; session resumed with {n} open streams", n=len(self.session.streams)
+                "link restored; session resumed with {n} open streams", n=len(self.session.streams),
+                event="session_resumed", session=session_id[:8], streams=len(self.session.streams),
             )
             self.events.resumes += 1
             link.start_session(self.session, True, peer_max)
@@ -164,11 +167,13 @@ class TunnelClient:
                 "the server did not resume the session (it restarted or the grace ran "
                 "out); closing {n} tunnelled connections and binding again",
                 n=len(self.session.streams),
+                event="session_lost", session=(self.session_id or "")[:8], streams=len(self.session.streams),
             )
             self.abandon_session()
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = session_id, secret
         self.events.sessions_started += 1
+        self.log.info("connected to {server}; session {session} started", server=f"{self.config.server_host}:{self.config.server_port}", session=session_id[:8], event="connected")
         self.bound.clear()
         self._unbound.clear()
         link.start_session(self.session, False, peer_max)
@@ -244,6 +249,8 @@ class TunnelClient:
             self.events.links_lost += 1
         if link.session is None and not link.handshake_done:
             self._explain_failed_handshake(reason)
+        if not link.established and self.on_attempt_failed is not None:
+            self.on_attempt_failed(reason.getErrorMessage())
 
     def _explain_failed_handshake(self, reason: Failure) -> None:
         creator = self.tls_creator
@@ -273,6 +280,7 @@ class TunnelClient:
             self.log.warn(
                 "link to the server closed before the handshake finished: {why}",
                 why=reason.getErrorMessage(),
+                event="handshake_failed", reason=reason.getErrorMessage(),
             )
 
     # ------------------------------------------------------------ delegate
@@ -296,6 +304,7 @@ class TunnelClient:
             self.log.warn(
                 "target {host}:{port} failed for a visitor from {src}: {why}",
                 host=spec.target_host, port=spec.target_port, src=info.get("src"), why=why,
+                event="target_failed", tunnel=tunnel_id, stream=stream.id, reason=why,
             )
             stream.local_failed(code, f"target {spec.target_host}:{spec.target_port}: {why}")
 
@@ -321,6 +330,7 @@ class TunnelClient:
                 "tunnel ready: {server}:{port} -> {target}",
                 server=self.config.server_host, port=port,
                 target=f"{spec.target_host}:{spec.target_port}",
+                event="tunnel_ready", tunnel=spec.tunnel_id, host=self.bound[spec.tunnel_id][0],
             )
             self._check_all_bound()
         elif frame.type is FrameType.BIND_FAILED:
@@ -350,14 +360,14 @@ class TunnelClient:
             elif code in FATAL_BIND_CODES:
                 self.fatal(text)
             else:
-                self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY)
+                self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY, event="bind_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
                 self._bind_retries = [c for c in self._bind_retries if c.active()]
                 self._bind_retries.append(
                     self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec)
                 )
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
-            self.log.info("server says goodbye ({reason}); will reconnect", reason=reason)
+            self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
 
@@ -386,6 +396,7 @@ class ClientLink(ControlLink):
         super().__init__(client.reactor, client.config.keepalive)
         self.client = client
         self.handshake_done = False
+        self.established = False  # a session started on this link
         self._handshake_call: Any = None
 
     def connectionMade(self) -> None:
@@ -400,12 +411,14 @@ class ClientLink(ControlLink):
         self.log.warn(
             "no answer from the server within {t:.0f} s of connecting; retrying",
             t=self.keepalive.dead_after,
+            event="handshake_timeout", timeout=self.keepalive.dead_after,
         )
         self.handshake_done = True  # explained here
         self.abort()
 
     def start_session(self, session: Session, resuming: bool, peer_max_frame: int) -> None:
         self._cancel_handshake_timer()
+        self.established, self.client.failed_attempts = True, 0
         super().start_session(session, resuming, peer_max_frame)
 
     def _cancel_handshake_timer(self) -> None:

@@ -156,6 +156,7 @@ class ClientConfig:
     max_retry_delay: float = 30.0
     connect_timeout: float = 10.0
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
+    max_retries: int | None = None  # give up after this many failed attempts in a row; None: never
 
 
 __all__ = [

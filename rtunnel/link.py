@@ -65,7 +65,7 @@ class ControlLink(Protocol):
         except ProtocolViolation as e:
             self.close_with_error(e.code, str(e))
         except Exception:
-            self.log.failure("internal error while handling a frame; closing the link")
+            self.log.failure("internal error while handling a frame; closing the link", event="internal_error", peer=self.peer_description())
             self.close_with_error(ErrorCode.INTERNAL, "internal error in the peer")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
@@ -98,7 +98,7 @@ class ControlLink(Protocol):
         raise NotImplementedError
 
     def error_received(self, code: int, reason: str) -> None:
-        self.log.error("peer closed the link: {reason} (code {code})", reason=reason, code=code)
+        self.log.error("peer closed the link: {reason} (code {code})", reason=reason, code=code, event="peer_error", peer=self.peer_description())
 
     def link_lost(self, session: Session | None, reason: Failure) -> None:
         pass
@@ -111,7 +111,8 @@ class ControlLink(Protocol):
         if self.closing:
             return
         self.log.warn(
-            "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason
+            "closing link to {peer}: {reason}", peer=self.peer_description(), reason=reason,
+            event="link_error", code=code.name,
         )
         self.send_error_and_close(code, reason)
 
@@ -186,6 +187,7 @@ class ControlLink(Protocol):
             "link to {peer} is dead: nothing received for {silent:.1f} s",
             peer=self.peer_description(),
             silent=silent,
+            event="link_dead",
         )
         self.abort()
 

@@ -766,6 +766,7 @@ class Session:
             "session resumed: {streams} streams, {replayed} frames replayed",
             streams=len(self.streams),
             replayed=len(self._outbox),
+            event="session_replayed",
         )
 
 

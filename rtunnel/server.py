@@ -81,16 +81,17 @@ class PublicListener(Factory):
                 "refusing visitor {visitor}: session has {n} streams, the maximum",
                 visitor=_address(addr),
                 n=len(session.streams),
+                event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="max_streams",
             )
             return None
         if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
-            self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr))
+            self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full")
             return None
         info = {"src": _address(addr), "dst": [self.host, self.port.getHost().port if self.port else 0]}
         try:
             stream = session.open_stream(self.tunnel_id, info)
         except StreamIdsExhausted as e:
-            self.log.warn("refusing visitor: {why}", why=str(e))
+            self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason=str(e))
             owner.expire(str(e))
             return None
         return StreamProtocol(stream)
@@ -154,6 +155,7 @@ class ServerSession:
             id=self.id[:8],
             n=len(self.session.streams),
             grace=grace,
+            event="session_detached", session=self.id[:8], credential=self.credential, streams=len(self.session.streams),
         )
         self._grace_call = self.server.reactor.callLater(grace, self.expire, "resume grace ran out")
 
@@ -161,7 +163,7 @@ class ServerSession:
         """End the session for good: reset streams, free ports, forget it."""
         if self.state is SessionState.EXPIRED:
             return
-        self.log.info("session {id} expired: {why}", id=self.id[:8], why=why)
+        self.log.info("session {id} expired: {why}", id=self.id[:8], why=why, event="session_expired", session=self.id[:8], credential=self.credential, reason=why)
         self.state = SessionState.EXPIRED
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
@@ -237,6 +239,7 @@ class ServerSession:
             self.log.warn(
                 "refused to bind {host}:{port} for {cred}: {why}",
                 host=host, port=port, cred=self.credential, why=refusal.message,
+                event="bind_refused", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, code=refusal.code, reason=refusal.message,
             )
             self.session.send_json(
                 FrameType.BIND_FAILED,
@@ -246,7 +249,7 @@ class ServerSession:
         self.tunnels[tunnel_id] = listener
         bound_port = listener.key[1]
         self.tunnel_names[tunnel_id] = tunnel_name(host, bound_port)
-        self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8])
+        self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
 
 
@@ -391,6 +394,7 @@ class TunnelServer:
                         "client {name}'s new policy does not cover its open port(s) {ports}; they "
                         "stay open until its session ends (remove the client to close them now)",
                         name=session.credential, ports=", ".join(outside),
+                        event="policy_mismatch", session=session.id[:8], credential=session.credential,
                     )
         return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
@@ -409,6 +413,7 @@ class TunnelServer:
             n=guard.unauthenticated,
             refused=guard.refused_connections - self._cap_refused_logged,
             refused_total=guard.refused_connections,
+            event="connections_capped",
         )
         self._cap_refused_logged = guard.refused_connections
 
@@ -449,7 +454,7 @@ class TunnelServer:
             self.events.resumes[credential] += 1
             return existing, True
         if isinstance(resume, dict):
-            self.log.info("resume of an unknown or expired session refused; starting a new one")
+            self.log.info("resume of an unknown or expired session refused; starting a new one", event="resume_refused", credential=credential)
         session = ServerSession(self, credential)
         self.sessions[session.id] = session
         self.events.sessions_started[credential] += 1
@@ -503,7 +508,7 @@ class TunnelServer:
             # The rightful owner is back (e.g. restarted): hand the port over.
             previous.tunnels.pop(held.tunnel_id, None)
             held.owner, held.tunnel_id = owner, tunnel_id
-            self.log.info("port {port} handed back to its owner's new session", port=port)
+            self.log.info("port {port} handed back to its owner's new session", port=port, event="port_handed_back", host=host, credential=owner.credential, session=owner.id[:8])
             if not previous.tunnels and previous.state is not SessionState.CONNECTED:
                 previous.expire("its owner started a new session")
             return held
@@ -619,6 +624,10 @@ def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
     return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
 
 
+# the `event` of each ServerLink.refuse, and its words in the log line
+_REFUSALS = {"auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit"}
+
+
 class ServerLink(ControlLink):
     """One client connection: handshake, then carries that client's session."""
 
@@ -650,6 +659,7 @@ class ServerLink(ControlLink):
             "dropping {peer}: no handshake within {t:.0f} s",
             peer=self.peer_description(),
             t=self.server.config.handshake_timeout,
+            event="handshake_timeout", timeout=self.server.config.handshake_timeout,
         )
         self.abort()
 
@@ -691,8 +701,9 @@ class ServerLink(ControlLink):
         if self.closing:
             return
         self.log.warn(
-            "refused {peer}: {event}: {reason}",
+            "refused {peer}: {what}: {reason}",
             peer=self.peer_description(), event=event, reason=reason, code=code.name, **fields,
+            what=_REFUSALS.get(event, event),
         )
         self.send_error_and_close(code, reason)
 
@@ -722,7 +733,7 @@ class ServerLink(ControlLink):
             self.refuse(
                 ErrorCode.AUTH_FAILED,
                 f"too many failed attempts from {host}; wait {max(1, round(wait))} s",
-                "rate limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
+                "rate_limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
             )
             return
         peer_cert = self.peer_certificate_der()
@@ -740,7 +751,7 @@ class ServerLink(ControlLink):
                 )
             self.refuse(
                 ErrorCode.AUTH_FAILED, reason,
-                "authentication failed", host=host, failures_total=guard.failures,
+                "auth_failed", host=host, failures_total=guard.failures,
             )
             return
         peer_max = hello.get("max_frame", wire.DEFAULT_MAX_FRAME)
@@ -753,7 +764,7 @@ class ServerLink(ControlLink):
                 ErrorCode.LIMIT_EXCEEDED,
                 f"client {credential} already has {limit} connected sessions, the most this "
                 "server allows (--max-sessions-per-client); stop one of its other clients",
-                "session limit", credential=credential, limit=limit,
+                "session_limit", credential=credential, limit=limit,
             )
             return
         if self._handshake_call is not None and self._handshake_call.active():
@@ -780,6 +791,7 @@ class ServerLink(ControlLink):
             id=owner.id[:8],
             cred=credential,
             peer=self.peer_description(),
+            event="session_resumed" if resumed else "session_started", session=owner.id[:8], credential=credential,
         )
         owner.attach_link(self, resumed, min(peer_max, wire.MAX_U32))
 

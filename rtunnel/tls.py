@@ -467,5 +467,6 @@ class TrustOnFirstUseCreator(PinnedCertificateCreator):
             "first connection to {key}: trusting certificate {fp} (stored in {path}); compare it "
             "with the fingerprint the server printed",
             key=self.key, fp=format_fingerprint(seen), path=str(self.path),
+            event="server_trusted", fingerprint=format_fingerprint(seen),
         )
         return True

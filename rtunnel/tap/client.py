@@ -72,6 +72,7 @@ class Options(FileOptions, usage.Options):
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9121:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
+        ["max-retries", None, None, "Give up and exit with status 3 after this many failed connection attempts in a row (default: never give up; for supervisors that restart the client).", int],
         [
             "known-servers", None, None,
             f"With --trust-on-first-use: the file of known servers' fingerprints (default {DEFAULT_KNOWN_SERVERS}).",
@@ -205,6 +206,8 @@ class Options(FileOptions, usage.Options):
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
             raise usage.UsageError("--max-retry-delay must be at least 0.5 seconds")
+        if self["max-retries"] is not None and self["max-retries"] < 1:
+            raise usage.UsageError("--max-retries must be at least 1 (leave it out to retry for ever)")
         self.config = ClientConfig(
             server_host=host,
             server_port=port,
@@ -216,25 +219,28 @@ class Options(FileOptions, usage.Options):
             max_retry_delay=self["max-retry-delay"],
             connect_timeout=self["connect-timeout"],
             metrics=metrics,
+            max_retries=self["max-retries"],
         )
 
 
 class _ReportingEndpoint:
-    """Wraps the server endpoint to log each failed attempt in one line."""
+    """Wraps the server endpoint to remember why the last attempt failed
+    (ClientMainService logs it, with the wait before the next one)."""
 
     log = Logger()
 
-    def __init__(self, endpoint: Any, where: str) -> None:
+    def __init__(self, endpoint: Any, where: str, on_failure: Any = None) -> None:
         self._endpoint = endpoint
         self._where = where
+        self._on_failure = on_failure
+        self.last_failure: str | None = None
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         def failed(failure: Failure) -> Failure:
-            self.log.warn(
-                "cannot reach the rtunnel server at {where}: {why}; retrying",
-                where=self._where,
-                why=failure.getErrorMessage(),
-            )
+            if not failure.check(defer.CancelledError):
+                self.last_failure = failure.getErrorMessage()
+                if self._on_failure is not None:
+                    self._on_failure(self.last_failure)
             return failure
 
         return self._endpoint.connect(factory).addErrback(failed)
@@ -289,15 +295,20 @@ class ClientMainService(service.MultiService):
             assert config.ca_file is not None
             creator = ca_creator(config.server_host, config.ca_file, client_identity)
         self.client = TunnelClient(reactor, config, self._fatal, creator)
+        self.client.on_attempt_failed = self._attempt_failed
+        self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
         endpoint = wrapClientTLS(
             creator,
             HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
         )
         endpoint = CountingEndpoint(endpoint, self.client.events)
+        self._giving_up = False
+        self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
+        self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed)
         self.connector = ClientService(
-            _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}"),
+            self._endpoint,
             self.client.link_factory(),
-            retryPolicy=retry_policy(config.initial_retry_delay, config.max_retry_delay),
+            retryPolicy=self._next_attempt_in,
             clock=reactor,
         )
         self.connector.setServiceParent(self)
@@ -428,7 +439,43 @@ class ClientMainService(service.MultiService):
         for waiter in waiters:
             waiter.callback(message)
         if self.exit_on_fatal:
-            d.addBoth(lambda _: exit_process(self.reactor, 2))
+            d.addBoth(lambda _: exit_process(self.reactor, self.exit_code))
+
+    def _next_attempt_in(self, attempt: int) -> float:
+        """ClientService's retry policy: the wait before the next attempt,
+        logged in one line with why the last one failed."""
+        delay = self._retry_policy(attempt)
+        why, self._endpoint.last_failure = self._endpoint.last_failure, None
+        where = f"{self.config.server_host}:{self.config.server_port}"
+        if why is not None:
+            self.log.warn(
+                "cannot reach the rtunnel server at {where}: {why}{then}",
+                where=where, why=why, then="" if self._giving_up else f"; retrying in {delay:.1f} s",
+                event="connect_failed", server=where, reason=why, attempt=attempt, delay=delay,
+            )
+        elif not self._giving_up:
+            self.log.info(
+                "reconnecting to the rtunnel server at {where} in {delay:.1f} s",
+                where=where, delay=delay, event="reconnecting", server=where, attempt=attempt,
+            )
+        return delay
+
+    def _attempt_failed(self, why: str) -> bool:
+        """One more attempt in a row without a session. At --max-retries,
+        give up (soon: not inside ClientService's callback); True if so."""
+        limit, failures = self.config.max_retries, self.client.failed_attempts + 1
+        self.client.failed_attempts = failures
+        if limit is None or failures < limit or self.fatal_error is not None or not self.running:
+            return False
+        self.exit_code, self._giving_up = 3, True
+        message = (
+            f"giving up after {failures} failed attempts in a row to connect to the rtunnel "
+            f"server at {self.config.server_host}:{self.config.server_port} (--max-retries "
+            f"{limit}); the last one: {why.rstrip('.')}. Check that the server runs and is "
+            "reachable, or raise --max-retries."
+        )
+        self.reactor.callLater(0, self.client.fatal, message, "gave_up")
+        return True
 
     def when_fatal(self) -> defer.Deferred[str]:
         """Fires with the message of the first fatal error."""

@@ -24,6 +24,7 @@ from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpoint, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
+from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import exit_process, keepalive_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 
@@ -119,6 +120,11 @@ class Options(FileOptions, usage.Options):
             # a long accept queue: a burst of connections must reach the
             # server (and its handshake deadline), not sit in SYN cookies
             listen = f"tcp:{self['port']}:backlog=1024" + (f":interface={iface}" if iface else "")
+        if listen.startswith("systemd:"):
+            try:
+                check_inherited_socket(listen)
+            except RtunnelError as e:
+                raise usage.UsageError(str(e)) from None
         token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or None
         bind_default = tuple(a.strip() for a in self["bind-default"].split(",") if a.strip())
         if not bind_default:
@@ -182,12 +188,19 @@ class ServerService(service.Service):
         self._previous_sighup: Any = None
         self._sighup_installed = False
         self.admin: AdminServer | None = None
+        self._started_privileged: defer.Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        """twistd calls this before --uid/--gid drop root: read the key
+        material and bind the control port now (a port below 1024 works)."""
+        super().privilegedStartService()
+        self._started_privileged = defer.maybeDeferred(self._start)
 
     def startService(self) -> None:
         super().startService()
         if self.config.clients_file is not None:
             self._install_sighup()
-        d = defer.maybeDeferred(self._start)
+        d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
 
     # ------------------------------------------------------------ clients file
@@ -198,7 +211,7 @@ class ServerService(service.Service):
                 signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
             )
         except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
-            self.log.warn("cannot reload the clients file on SIGHUP: {why}", why=str(e))
+            self.log.warn("cannot reload the clients file on SIGHUP: {why}", why=str(e), event="sighup_unavailable", reason=str(e))
             return
         self._sighup_installed = True
 
@@ -228,11 +241,12 @@ class ServerService(service.Service):
             changes = self.server.set_clients(clients)
         except ConfigError as e:
             self.log.error(
-                "reloading the clients file failed; keeping the previous clients: {why}", why=str(e)
+                "reloading the clients file failed; keeping the previous clients: {why}", why=str(e),
+                event="clients_reload_failed", file=str(self.config.clients_file), reason=str(e),
             )
             return
         except Exception:
-            self.log.failure("reloading the clients file failed; keeping the previous clients")
+            self.log.failure("reloading the clients file failed; keeping the previous clients", event="clients_reload_failed", file=str(self.config.clients_file))
             return
         self.log.info(
             "reloaded {file}: {n} clients (added: {added}; removed: {removed}; changed: {changed})",
@@ -241,18 +255,20 @@ class ServerService(service.Service):
             added=", ".join(changes["added"]) or "none",
             removed=", ".join(changes["removed"]) or "none",
             changed=", ".join(changes["changed"]) or "none",
+            event="clients_reloaded", clients=sorted(clients),
         )
 
     def _failed(self, failure: Any) -> None:
         self._restore_sighup()
         if failure.check(RtunnelError):
-            self.log.critical("cannot start: {why}", why=failure.getErrorMessage())
+            self.log.critical("cannot start: {why}", why=failure.getErrorMessage(), event="start_failed", reason=failure.getErrorMessage())
         elif failure.check(Exception):
             self.log.critical(
                 "cannot listen on {listen}: {why}. Choose another --port/--listen or stop the "
                 "program using it.",
                 listen=self.config.listen,
                 why=failure.getErrorMessage(),
+                event="start_failed", reason=failure.getErrorMessage(),
             )
         self.ready.errback(failure)
         exit_process(self.reactor, 1)
@@ -296,6 +312,7 @@ class ServerService(service.Service):
             created=f" (new key and certificate in {config.state_dir})" if identity.created else "",
             host=host,
             token=token_arg,
+            event="server_listening",
         )
         if clients is not None:
             self.log.info(
@@ -306,6 +323,7 @@ class ServerService(service.Service):
                 file=str(config.clients_file),
                 names=", ".join(sorted(clients)) or "none yet",
                 pid=os.getpid(),
+                event="clients_loaded", clients=sorted(clients),
             )
         if config.admin is not None:
             self.admin = AdminServer(self.reactor, self.server, config.admin, config.state_dir)
