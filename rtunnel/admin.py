@@ -26,6 +26,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 from twisted.web.iweb import IRequest
 
+from rtunnel.addresses import unmap
 from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.server import ServerSession, SessionState, TunnelServer
 
@@ -90,7 +91,7 @@ def _address(addr: IAddress | None) -> str | None:
     host, port = getattr(addr, "host", None), getattr(addr, "port", None)
     if host is None or port is None:
         return None
-    return _host_port(str(host), int(port))
+    return _host_port(unmap(str(host)), int(port))
 
 
 class RateMeter:

@@ -46,7 +46,7 @@ def parse_host_port(
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1:
-        raise ConfigError(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:3000")
+        raise ConfigError(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:3000 (not {text!r})")
     elif text.isdigit():
         host, port_text = None, text
     else:
@@ -57,10 +57,22 @@ def parse_host_port(
         port = default_port
     else:
         port = parse_port(port_text, what, allow_zero)
-    host = host or default_host
     if not host:
-        raise ConfigError(f"{what}: {text!r} has no host")
+        if default_host is None:
+            raise ConfigError(f"{what}: {text!r} has no host")
+        host = default_host
     return host, port
+
+
+# TunnelSpec.bind_host of `-f PORT` (no address): the server picks, `::`
+# (dual stack) if it can, else 0.0.0.0; sent as BIND host "" (docs/protocol.md)
+SERVER_DEFAULT_BIND = ""
+
+
+def check_bind(host: str, what: str) -> None:
+    """A -f/forward bind address: an IP literal, or the server's default."""
+    if host != SERVER_DEFAULT_BIND:
+        check_ip(host, what)
 
 
 def is_ip_literal(host: str) -> bool:
@@ -114,6 +126,7 @@ class TunnelSpec:
 class ServerConfig:
     listen: str
     state_dir: Path
+    listen_fallback: str | None = None  # tried when `listen` (the default ::) fails for want of IPv6
     token: str | None = None
     extra_clients: tuple[tuple[str, str], ...] = ()  # (credential name, token)
     clients_file: Path | None = None  # TOML file of per-client tokens and policy (rtunnel.auth)
@@ -132,7 +145,7 @@ class ServerConfig:
     auth_failure_refill: float = 6.0  # ...then one more per this many seconds
     max_sessions_per_client: int = 8  # concurrent sessions of one credential
     max_tunnels: int = 64  # tunnels per session, for token credentials
-    public_host: str = "0.0.0.0"
+    public_host: str = "::"  # bound for BINDs without a host; 0.0.0.0 when the host has no IPv6
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
 

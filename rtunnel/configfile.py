@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from rtunnel.config import TunnelSpec, check_ip, parse_host_port
+from rtunnel.config import SERVER_DEFAULT_BIND, TunnelSpec, check_bind, parse_host_port
 from rtunnel.errors import ConfigError
 
 PROXY_PROTOCOLS = ("off", "v1", "v2")
@@ -208,9 +208,9 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
         try:
             bind_host, bind_port = parse_host_port(
                 texts["forward"], f"{cf.where('forward', 'tunnel', index)}: {name} forward",
-                "0.0.0.0", allow_zero=True,
+                SERVER_DEFAULT_BIND, allow_zero=True,
             )
-            check_ip(bind_host, f"{cf.where('forward', 'tunnel', index)}: {name} forward")
+            check_bind(bind_host, f"{cf.where('forward', 'tunnel', index)}: {name} forward")
             target_host, target_port = parse_host_port(
                 texts["to"], f"{cf.where('to', 'tunnel', index)}: {name} to", "localhost"
             )

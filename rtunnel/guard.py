@@ -24,6 +24,8 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
+from rtunnel.addresses import unmap
+
 DEFAULT_MAX_UNAUTHENTICATED = 256
 DEFAULT_FAILURE_BURST = 10
 DEFAULT_FAILURE_REFILL = 6.0  # seconds per failure: 10 a minute
@@ -33,12 +35,10 @@ DEFAULT_MAX_ADDRESSES = 10_000
 def address_key(host: str) -> str:
     """The rate-limit key of a peer address: IPv4 as is, IPv6 by /64."""
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(unmap(host.split("%", 1)[0]))
     except ValueError:
         return host
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
 

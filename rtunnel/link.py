@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import wire
+from rtunnel.addresses import format_host_port, host_port
 from rtunnel.mux import ProtocolViolation, Session, set_nodelay
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
 
@@ -140,8 +141,7 @@ class ControlLink(Protocol):
 
     def peer_description(self) -> str:
         try:
-            peer = self.transport.getPeer()
-            return f"{peer.host}:{peer.port}"
+            return format_host_port(*host_port(self.transport.getPeer()))
         except Exception:
             return "peer"
 

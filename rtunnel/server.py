@@ -12,17 +12,20 @@ import enum
 import errno
 import hashlib
 import hmac
+import ipaddress
 import secrets
+import socket
 from typing import Any
 
 from OpenSSL import crypto
-from twisted.internet import defer, error
+from twisted.internet import defer, error, tcp
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
+from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, unmap
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
@@ -50,7 +53,7 @@ class SessionState(enum.Enum):
 
 
 def _address(addr: IAddress) -> list[Any]:
-    return [getattr(addr, "host", "?"), getattr(addr, "port", 0)]
+    return list(host_port(addr))
 
 
 class PublicListener(Factory):
@@ -220,13 +223,13 @@ class ServerSession:
 
     def _bind(self, body: dict[str, Any]) -> None:
         tunnel_id = _int(body, "tunnel")
-        host = body.get("host") or self.server.config.public_host
+        host = body.get("host") or ""  # none: the server's default (TunnelServer.bind_default)
         port = _int(body, "port")
         if not isinstance(host, str) or not 0 <= port <= 65535:
             raise ProtocolViolation("BIND needs a host string and a port 0-65535")
         if tunnel_id in self.tunnels:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
-        if not is_ip_literal(host):
+        if host and not is_ip_literal(host):
             self.session.send_json(
                 FrameType.BIND_FAILED,
                 {"tunnel": tunnel_id, "code": "bad_address",
@@ -234,11 +237,14 @@ class ServerSession:
             )
             return
         try:
-            listener = self.server.bind(self, tunnel_id, host, port)
+            if host:
+                listener = self.server.bind(self, tunnel_id, host, port)
+            else:
+                listener = self.server.bind_default(self, tunnel_id, port)
         except BindRefused as refusal:
             self.log.warn(
                 "refused to bind {host}:{port} for {cred}: {why}",
-                host=host, port=port, cred=self.credential, why=refusal.message,
+                host=host or "the default address", port=port, cred=self.credential, why=refusal.message,
                 event="bind_refused", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, code=refusal.code, reason=refusal.message,
             )
             self.session.send_json(
@@ -247,6 +253,7 @@ class ServerSession:
             )
             return
         self.tunnels[tunnel_id] = listener
+        host = listener.host
         bound_port = listener.key[1]
         self.tunnel_names[tunnel_id] = tunnel_name(host, bound_port)
         self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
@@ -261,10 +268,21 @@ def _int(body: dict[str, Any], key: str) -> int:
 
 
 class BindRefused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, socket_errno: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.socket_errno = socket_errno  # of the failed listen, if that was the cause
+
+
+class _IPv6OnlyPort(tcp.Port):
+    """A listening port on an IPv6 address that never accepts IPv4 visitors
+    (IPV6_V6ONLY), whatever net.ipv6.bindv6only says."""
+
+    def createInternetSocket(self) -> socket.socket:
+        skt = super().createInternetSocket()
+        skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return skt
 
 
 class TunnelServer:
@@ -304,6 +322,7 @@ class TunnelServer:
             failure_refill=config.auth_failure_refill,
         )
         self._cap_logged_at: float | None = None
+        self._no_ipv6_logged = False
         self._cap_refused_logged = 0
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
@@ -462,6 +481,41 @@ class TunnelServer:
 
     # ------------------------------------------------------------ ports
 
+    def bind_default(self, owner: ServerSession, tunnel_id: int, port: int) -> PublicListener:
+        """BIND without a host (`-f 4000`): `::` (config.public_host), on
+        Linux one dual-stack socket for IPv6 and IPv4 visitors, if the
+        credential may bind it; else 0.0.0.0. Without IPv6 on this host,
+        0.0.0.0 too (logged once)."""
+        policy = self.policy_for(owner.credential)
+        candidates = [self.config.public_host]
+        if self.config.public_host != IPV4_ANY:
+            candidates.append(IPV4_ANY)
+        if policy is not None:
+            allowed = [host for host in candidates if policy.permits_address(host)]
+            if not allowed:
+                raise BindRefused(
+                    "not_permitted",
+                    f"client {policy.name} may not bind the default address "
+                    f"({' or '.join(candidates)}); it may bind {', '.join(policy.bind)}: "
+                    f"forward one of them, e.g. -f {format_host_port(policy.bind[0], port)}",
+                )
+            candidates = allowed
+        for host in candidates[:-1]:
+            try:
+                return self.bind(owner, tunnel_id, host, port)
+            except BindRefused as refusal:
+                if refusal.socket_errno not in NO_IPV6_ERRNOS:
+                    raise
+                if not self._no_ipv6_logged:
+                    self._no_ipv6_logged = True
+                    self.log.warn(
+                        "cannot bind public ports on {host} ({why}): this host has no IPv6; "
+                        "binding {fallback} instead (IPv4 only)",
+                        host=host, why=refusal.message, fallback=candidates[-1],
+                        event="ipv6_unavailable", listener="public",
+                    )
+        return self.bind(owner, tunnel_id, candidates[-1], port)
+
     def bind(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> PublicListener:
         if self.shutting_down:
             raise BindRefused("shutdown", "the server is shutting down; try again shortly")
@@ -543,9 +597,18 @@ class TunnelServer:
 
     def _listen(self, listener: PublicListener, host: str, port: int) -> IListeningPort:
         try:
+            if self._ipv6_only(listener, host):
+                listening = _IPv6OnlyPort(port, listener, 1024, host, self.reactor)
+                listening.startListening()
+                return listening
             return self.reactor.listenTCP(port, listener, backlog=1024, interface=host)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
+            if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+                raise BindRefused(
+                    "bad_address", f"this server has no IPv6, so it cannot bind {host}; "
+                    "bind an IPv4 address (e.g. -f 0.0.0.0:PORT)", code,
+                ) from None
             if code == errno.EACCES:
                 raise BindRefused(
                     "not_permitted",
@@ -553,12 +616,23 @@ class TunnelServer:
                     "choose a port above 1023",
                 ) from None
             if code == errno.EADDRNOTAVAIL:
-                raise BindRefused("bad_address", f"{host} is not an address of the server") from None
+                raise BindRefused("bad_address", f"{host} is not an address of the server", code) from None
             raise BindRefused(
                 "in_use",
                 f"port {port} on {host} is already in use by another program on the "
                 "server; choose another port (or -f 0 to let the server pick one)",
             ) from None
+
+    def _ipv6_only(self, listener: PublicListener, host: str) -> bool:
+        """Bind `::` IPv6-only for a client that may bind `::` but not
+        0.0.0.0: on a dual-stack socket IPv4 visitors would reach it too."""
+        policy = self.policy_for(listener.owner.credential) if listener.owner is not None else None
+        if policy is None or policy.permits_address(IPV4_ANY):
+            return False
+        try:
+            return ipaddress.ip_address(host) == ipaddress.IPv6Address("::")
+        except ValueError:
+            return False
 
     def release(self, listener: PublicListener) -> defer.Deferred[None]:
         """Close a public port (once) and forget who owned it."""
@@ -670,7 +744,7 @@ class ServerLink(ControlLink):
 
     def peer_host(self) -> str:
         try:
-            return str(self.transport.getPeer().host)
+            return unmap(str(self.transport.getPeer().host))
         except Exception:
             return "?"
 
@@ -678,7 +752,7 @@ class ServerLink(ControlLink):
         """The client's (host, port), if the transport knows it."""
         try:
             peer = self.transport.getPeer()
-            return (str(peer.host), int(peer.port))
+            return (unmap(str(peer.host)), int(peer.port))
         except Exception:
             return None
 

@@ -127,9 +127,9 @@ class ValidFileTests(FileTestCase):
         self.assertEqual(
             config.tunnels,
             (
-                TunnelSpec(1, "0.0.0.0", 4000, "localhost", 3000, "off"),
+                TunnelSpec(1, "", 4000, "localhost", 3000, "off"),
                 TunnelSpec(2, "127.0.0.1", 0, "db.lan", 5432, "v2"),
-                TunnelSpec(3, "0.0.0.0", 4002, "localhost", 3002, "v1"),
+                TunnelSpec(3, "", 4002, "localhost", 3002, "v1"),
             ),
         )
 
@@ -215,8 +215,8 @@ class FlagsOverrideTests(FileTestCase):
         self.assertEqual(
             options.config.tunnels,
             (
-                TunnelSpec(1, "0.0.0.0", 4000, "localhost", 3000),
-                TunnelSpec(2, "0.0.0.0", 5000, "localhost", 22),
+                TunnelSpec(1, "", 4000, "localhost", 3000),
+                TunnelSpec(2, "", 5000, "localhost", 22),
             ),
         )
 
@@ -239,7 +239,7 @@ class FlagsOverrideTests(FileTestCase):
 
     def test_server_flags_override_the_file(self) -> None:
         options = self.server("port = 19099\nmax_streams = 10\n", "--port", "19100")
-        self.assertEqual(options.config.listen, "tcp:19100:backlog=1024")
+        self.assertEqual(options.config.listen, r"tcp:19100:backlog=1024:interface=\:\:")
         self.assertEqual(options.config.session.max_streams, 10)
 
     def test_without_a_server_key_c_is_required(self) -> None:

@@ -223,7 +223,7 @@ class ClientOptionTests(unittest.SynchronousTestCase):
         config = self.parse("-f", "4000", "-t", "3000", "-f", "[::]:0", "-t", "[::1]:22")
         self.assertEqual(
             [(t.bind_host, t.bind_port, t.target_host, t.target_port) for t in config.tunnels],
-            [("0.0.0.0", 4000, "localhost", 3000), ("::", 0, "::1", 22)],
+            [("", 4000, "localhost", 3000), ("::", 0, "::1", 22)],
         )
         self.assertEqual((config.server_host, config.server_port), ("srv", 19050))
 

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 
 from rtunnel import DEFAULT_CONTROL_PORT
 from rtunnel.client import TunnelClient, retry_policy
-from rtunnel.config import ClientConfig, TunnelSpec, check_ip, parse_host_port
+from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
 from rtunnel.configfile import (
     ConfigFile,
     FileOptions,
@@ -192,8 +192,8 @@ class Options(FileOptions, usage.Options):
             tunnels = list(self.file_tunnels)  # then the command line's -f/-t pairs
             pairs = zip(self.forwards, self.targets, strict=True)
             for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
-                bind_host, bind_port = parse_host_port(forward, "-f/--forward", "0.0.0.0", allow_zero=True)
-                check_ip(bind_host, "-f/--forward")
+                bind_host, bind_port = parse_host_port(forward, "-f/--forward", SERVER_DEFAULT_BIND, allow_zero=True)
+                check_bind(bind_host, "-f/--forward")
                 if bind_port and any((t.bind_host, t.bind_port) == (bind_host, bind_port) for t in tunnels):
                     raise ConfigError(f"-f/--forward {forward} is given twice")
                 target_host, target_port = parse_host_port(target, "-t/--to", "localhost")

@@ -11,12 +11,14 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
+from rtunnel.addresses import DUAL_STACK, IPV4_ANY, ipv6_unavailable
 from rtunnel.admin import AdminServer, admin_endpoint
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
@@ -45,7 +47,7 @@ class Options(FileOptions, usage.Options):
     )
     optParameters = [
         ["port", "p", DEFAULT_CONTROL_PORT, "Control port.", int],
-        ["interface", "i", "", "Address to listen on for clients (default: all IPv4 addresses)."],
+        ["interface", "i", "", "Address to listen on for clients (default: :: -- all IPv6 and, dual stack, IPv4 addresses; 0.0.0.0 on hosts without IPv6)."],
         ["listen", "l", None, "Twisted server endpoint string for the control port; overrides --port/--interface (e.g. tcp:19050:interface=::, systemd:domain=INET:index=0)."],
         ["state-dir", "s", DEFAULT_STATE_DIR, "Directory for the key, certificate and token."],
         ["token", None, None, "Shared secret clients must present (default: $RTUNNEL_TOKEN, else the state dir's 'token' file, made on first start)."],
@@ -115,11 +117,16 @@ class Options(FileOptions, usage.Options):
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         listen = self["listen"]
+        listen_fallback = None
         if listen is None:
-            iface = self["interface"].replace(":", r"\:")
             # a long accept queue: a burst of connections must reach the
             # server (and its handshake deadline), not sit in SYN cookies
-            listen = f"tcp:{self['port']}:backlog=1024" + (f":interface={iface}" if iface else "")
+            listen = f"tcp:{self['port']}:backlog=1024:interface="
+            if self["interface"]:
+                listen += self["interface"].replace(":", r"\:")
+            else:  # dual stack, or IPv4 alone where the host has no IPv6
+                listen += DUAL_STACK.replace(":", r"\:")
+                listen_fallback = f"tcp:{self['port']}:backlog=1024:interface={IPV4_ANY}"
         if listen.startswith("systemd:"):
             try:
                 check_inherited_socket(listen)
@@ -142,6 +149,7 @@ class Options(FileOptions, usage.Options):
             raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
             listen=listen,
+            listen_fallback=listen_fallback,
             state_dir=Path(os.path.expanduser(self["state-dir"])),
             token=token,
             extra_clients=tuple(self.extra_clients),
@@ -288,7 +296,20 @@ class ServerService(service.Service):
         self.server = TunnelServer(self.reactor, config, token, clients)
         endpoint = serverFromString(self.reactor, config.listen)
         factory = TLSMemoryBIOFactory(server_context(identity), False, self.server.link_factory())
-        self.port = yield endpoint.listen(factory)
+        listen = config.listen
+        try:
+            self.port = yield endpoint.listen(factory)
+        except CannotListenError as e:
+            if config.listen_fallback is None or not ipv6_unavailable(e):
+                raise
+            self.log.warn(
+                "cannot listen on {listen} ({why}): this host has no IPv6; listening on "
+                "{fallback} instead (IPv4 only)",
+                listen=listen, why=str(e.socketError), fallback=config.listen_fallback,
+                event="ipv6_unavailable", listener="control",
+            )
+            listen = config.listen_fallback
+            self.port = yield serverFromString(self.reactor, listen).listen(factory)
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
@@ -306,7 +327,7 @@ class ServerService(service.Service):
             "rtunnel server listening on {listen} (port {port}); certificate fingerprint "
             "{fp}{created}\n  Run on the client machine:\n"
             "    rtunnel_client -c {host}:{port} -f 4000 -t 3000 --token {token} --fingerprint {fp}",
-            listen=config.listen,
+            listen=listen,
             port=getattr(address, "port", DEFAULT_CONTROL_PORT),
             fp=format_fingerprint(identity.fingerprint),
             created=f" (new key and certificate in {config.state_dir})" if identity.created else "",

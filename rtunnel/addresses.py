@@ -1,0 +1,51 @@
+"""IP addresses as the rest of rtunnel should see them.
+
+A dual-stack listener (`::` with net.ipv6.bindv6only=0, the Linux default)
+sees an IPv4 peer as `::ffff:a.b.c.d`. Everything that shows, sends or counts
+a peer address (log lines, OPEN's src/dst, the auth rate limiter, PROXY
+headers, the status page) calls `unmap` first, so an IPv4 peer is always
+`a.b.c.d`, whichever socket it came through.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from typing import Any
+
+DUAL_STACK = "::"  # bound by default: every IPv6 and (dual stack) IPv4 address
+IPV4_ANY = "0.0.0.0"  # the fallback on hosts without IPv6
+
+# errnos of binding `::` on a host without IPv6: the kernel has no AF_INET6
+# (booted with ipv6.disable=1), or IPv6 is configured off
+NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+def unmap(host: str) -> str:
+    """`::ffff:a.b.c.d` -> `a.b.c.d`; any other host (IPv4, IPv6, a name,
+    `?`) is returned unchanged."""
+    if not host.startswith("::ffff:") and not host.startswith("::FFFF:"):
+        return host
+    try:
+        mapped = ipaddress.IPv6Address(host).ipv4_mapped
+    except ValueError:
+        return host
+    return str(mapped) if mapped is not None else host
+
+
+def host_port(addr: Any) -> tuple[str, int]:
+    """(host, port) of a Twisted address, IPv4-mapped hosts unmapped;
+    ("?", 0) for addresses without them (e.g. Unix sockets)."""
+    return unmap(str(getattr(addr, "host", "?"))), int(getattr(addr, "port", 0) or 0)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """`a.b.c.d:port`, `[v6]:port`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def ipv6_unavailable(exc: BaseException) -> bool:
+    """True if a failed listen (a CannotListenError or an OSError) failed
+    because this host has no IPv6, not because the port is taken."""
+    err = getattr(exc, "socketError", exc)
+    return getattr(err, "errno", None) in NO_IPV6_ERRNOS
