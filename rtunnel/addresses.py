@@ -39,9 +39,14 @@ def host_port(addr: Any) -> tuple[str, int]:
     return unmap(str(getattr(addr, "host", "?"))), int(getattr(addr, "port", 0) or 0)
 
 
+def bracket(host: str) -> str:
+    """A host as written before `:port`: IPv6 addresses in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def format_host_port(host: str, port: int) -> str:
     """`a.b.c.d:port`, `[v6]:port`."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{bracket(host)}:{port}"
 
 
 def ipv6_unavailable(exc: BaseException) -> bool:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel.addresses import bracket, format_host_port
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
@@ -173,7 +174,7 @@ class TunnelClient:
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = session_id, secret
         self.events.sessions_started += 1
-        self.log.info("connected to {server}; session {session} started", server=f"{self.config.server_host}:{self.config.server_port}", session=session_id[:8], event="connected")
+        self.log.info("connected to {server}; session {session} started", server=format_host_port(self.config.server_host, self.config.server_port), session=session_id[:8], event="connected")
         self.bound.clear()
         self._unbound.clear()
         link.start_session(self.session, False, peer_max)
@@ -328,7 +329,7 @@ class TunnelClient:
             self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
             self.log.info(
                 "tunnel ready: {server}:{port} -> {target}",
-                server=self.config.server_host, port=port,
+                server=bracket(self.config.server_host), port=port,
                 target=f"{spec.target_host}:{spec.target_port}",
                 event="tunnel_ready", tunnel=spec.tunnel_id, host=self.bound[spec.tunnel_id][0],
             )

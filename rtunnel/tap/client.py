@@ -17,6 +17,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from rtunnel import DEFAULT_CONTROL_PORT
+from rtunnel.addresses import bracket, format_host_port
 from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
 from rtunnel.configfile import (
@@ -373,7 +374,7 @@ class ClientMainService(service.MultiService):
             )
         client = self.client
         changes = plan_tunnel_changes(client.tunnels.values(), fresh.config.tunnels)
-        server = self.config.server_host
+        server = bracket(self.config.server_host)
         for spec in changes.removed:
             open_streams = 0
             if client.session is not None:
@@ -446,7 +447,7 @@ class ClientMainService(service.MultiService):
         logged in one line with why the last one failed."""
         delay = self._retry_policy(attempt)
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
-        where = f"{self.config.server_host}:{self.config.server_port}"
+        where = format_host_port(self.config.server_host, self.config.server_port)
         if why is not None:
             self.log.warn(
                 "cannot reach the rtunnel server at {where}: {why}{then}",
@@ -470,7 +471,7 @@ class ClientMainService(service.MultiService):
         self.exit_code, self._giving_up = 3, True
         message = (
             f"giving up after {failures} failed attempts in a row to connect to the rtunnel "
-            f"server at {self.config.server_host}:{self.config.server_port} (--max-retries "
+            f"server at {format_host_port(self.config.server_host, self.config.server_port)} (--max-retries "
             f"{limit}); the last one: {why.rstrip('.')}. Check that the server runs and is "
             "reachable, or raise --max-retries."
         )
