@@ -299,7 +299,7 @@ class JsonLogProcessTests(_Processes):
         [bound] = _named(events, "tunnel_bound")
         self.assertEqual(
             {k: bound["fields"][k] for k in ("session", "credential", "host", "port", "tunnel")},
-            {"session": session, "credential": "default", "host": "0.0.0.0", "port": public, "tunnel": 1},
+            {"session": session, "credential": "default", "host": "::", "port": public, "tunnel": 1},
         )
         [refused] = _named(events, "auth_failed")
         self.assertEqual(refused["level"], "warn")
