@@ -379,7 +379,7 @@ class TunnelClient:
         if bound is not None:
             return tunnel_name(*bound)
         spec = self.tunnels.get(tunnel_id)
-        return tunnel_name(spec.bind_host, spec.bind_port) if spec is not None else "?"
+        return tunnel_name(spec.bind_host or "*", spec.bind_port) if spec is not None else "?"
 
     def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
         if session is self.session and spec.tunnel_id in self.tunnels and spec.tunnel_id not in self.bound:

@@ -243,8 +243,9 @@ class ServerSession:
                 listener = self.server.bind_default(self, tunnel_id, port)
         except BindRefused as refusal:
             self.log.warn(
-                "refused to bind {host}:{port} for {cred}: {why}",
-                host=host or "the default address", port=port, cred=self.credential, why=refusal.message,
+                "refused to bind {address} for {cred}: {why}",
+                address=format_host_port(host, port) if host else f"port {port} (default address)",
+                host=host, port=port, cred=self.credential, why=refusal.message,
                 event="bind_refused", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, code=refusal.code, reason=refusal.message,
             )
             self.session.send_json(
@@ -256,7 +257,7 @@ class ServerSession:
         host = listener.host
         bound_port = listener.key[1]
         self.tunnel_names[tunnel_id] = tunnel_name(host, bound_port)
-        self.log.info("tunnel bound: {host}:{port} for session {id}", host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
+        self.log.info("tunnel bound: {address} for session {id}", address=format_host_port(host, bound_port), host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
 
 
