@@ -24,7 +24,7 @@ NO_IPV6_ERRNOS = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROT
 def unmap(host: str) -> str:
     """`::ffff:a.b.c.d` -> `a.b.c.d`; any other host (IPv4, IPv6, a name,
     `?`) is returned unchanged."""
-    if not host.startswith("::ffff:") and not host.startswith("::FFFF:"):
+    if ":" not in host:
         return host
     try:
         mapped = ipaddress.IPv6Address(host).ipv4_mapped

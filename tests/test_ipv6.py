@@ -145,6 +145,7 @@ class AddressTests(unittest.SynchronousTestCase):
         self.assertEqual(unmap("::ffff:127.0.0.9"), "127.0.0.9")
         self.assertEqual(unmap("::FFFF:10.1.2.3"), "10.1.2.3")
         self.assertEqual(unmap("::ffff:7f00:1"), "127.0.0.1")
+        self.assertEqual(unmap("0:0:0:0:0:ffff:7f00:3"), "127.0.0.3")
         for host in ("::1", "2001:db8::1", "127.0.0.1", "?", "::ffff:nonsense", "example.com"):
             self.assertEqual(unmap(host), host)
 
