@@ -323,8 +323,9 @@ class IPv6TunnelTests(unittest.TestCase):
         self.assertTrue(refusals.events[0]["peer"].startswith("127.0.0.1:"), refusals.events[0]["peer"])
 
     @defer.inlineCallbacks
-    def test_hostname_target_resolving_to_ipv6(self) -> None:
-        """A target named by a host name whose only address is ::1. This
+    def test_host_names_resolving_to_ipv6(self) -> None:
+        """A server (-c) and a target (-t) named by a host name whose only
+        address is ::1. This
         host's /etc/hosts may have no such name, so the reactor's own
         resolver (GAIResolver, in its thread pool) gets a getaddrinfo that
         knows one more name, as an /etc/hosts line would."""
@@ -341,7 +342,9 @@ class IPv6TunnelTests(unittest.TestCase):
         self.addCleanup(reactor.installNameResolver, previous)
         yield self.tunnel.start_server(listen=r"tcp6:0:interface=\:\:1")
         target, target_port = listen_target6(self)
-        service, bound = yield self.start([TunnelSpec(1, "::1", 0, name, target_port)])
+        service, bound = yield self.start([TunnelSpec(1, "::1", 0, name, target_port)], server_host=name)
+        [session] = self.tunnel.server.sessions.values()
+        self.assertEqual(session.peer[0], "::1")
         reply, _ = yield with_timeout(visit_at("::1", bound[1][1], Visitor(b"by name")), 20)
         self.assertEqual(reply, b"by name")
 
