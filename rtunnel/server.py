@@ -501,6 +501,10 @@ class TunnelServer:
                     f"forward one of them, e.g. -f {format_host_port(policy.bind[0], port)}",
                 )
             candidates = allowed
+        for host in candidates:  # the credential's own port (e.g. bound by an older client): hand it back
+            held = self.listeners.get((host, port)) if port else None
+            if held is not None and held.owner is not None and held.owner.credential == owner.credential:
+                return self.bind(owner, tunnel_id, host, port)
         for host in candidates[:-1]:
             try:
                 return self.bind(owner, tunnel_id, host, port)

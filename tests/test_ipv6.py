@@ -296,6 +296,23 @@ class IPv6TunnelTests(unittest.TestCase):
             self.assertEqual(opens[-1]["src"][0], seen_as)
 
     @defer.inlineCallbacks
+    def test_default_address_takes_back_the_credentials_ipv4_port(self) -> None:
+        """A client that bound 0.0.0.0:PORT (an older client, whose default
+        that was) vanishes; its successor asks for PORT at the default
+        address and gets the held 0.0.0.0 socket back at once, not
+        "in use" until the old session's grace runs out."""
+        yield self.tunnel.start_server()
+        target, target_port = listen_target6(self)
+        fixed = free_port()
+        old, _ = yield self.start([TunnelSpec(1, "0.0.0.0", fixed, "::1", target_port)], server_host="127.0.0.1")
+        old.client.link.transport.abortConnection()  # "kill -9": no goodbye
+        yield old.stopService()
+        new, bound = yield self.start([TunnelSpec(1, "", fixed, "::1", target_port)], server_host="127.0.0.1")
+        self.assertEqual(bound[1], ("0.0.0.0", fixed))
+        reply, _ = yield with_timeout(visit_at("127.0.0.1", fixed, Visitor(b"same port")), 20)
+        self.assertEqual(reply, b"same port")
+
+    @defer.inlineCallbacks
     def test_default_control_listener_is_dual_stack_and_unmaps_peers(self) -> None:
         """The server's default listen (::) takes IPv4 clients; a wrong token
         from one counts against 127.0.0.1 and is logged as 127.0.0.1."""
