@@ -48,7 +48,7 @@ class Options(FileOptions, usage.Options):
     optParameters = [
         ["port", "p", DEFAULT_CONTROL_PORT, "Control port.", int],
         ["interface", "i", "", "Address to listen on for clients (default: :: -- all IPv6 and, dual stack, IPv4 addresses; 0.0.0.0 on hosts without IPv6)."],
-        ["listen", "l", None, "Twisted server endpoint string for the control port; overrides --port/--interface (e.g. tcp:19050:interface=::, systemd:domain=INET:index=0)."],
+        ["listen", "l", None, "Twisted server endpoint string for the control port; overrides --port/--interface (e.g. tcp6:19050:interface=\\:\\:1 -- colons escaped -- or systemd:domain=INET:index=0)."],
         ["state-dir", "s", DEFAULT_STATE_DIR, "Directory for the key, certificate and token."],
         ["token", None, None, "Shared secret clients must present (default: $RTUNNEL_TOKEN, else the state dir's 'token' file, made on first start)."],
         ["cert", None, None, "PEM certificate to use instead of the generated one (with --key)."],
