@@ -153,7 +153,7 @@ TOKEN=$(tr -d '[:space:]' <"$WORK/srv/token")
 echo "server certificate: $FINGERPRINT"
 echo "token (from $WORK/srv/token): $TOKEN"
 
-# -f 127.0.0.1:PORT keeps the demo's public port on loopback (plain -f PORT binds 0.0.0.0)
+# -f 127.0.0.1:PORT keeps the demo's public port on loopback (plain -f PORT binds ::, every address)
 say "starting rtunnel_client -c 127.0.0.1:$CONTROL_PORT -f 127.0.0.1:$PUBLIC_PORT -t $TARGET_PORT --token ... --fingerprint $FINGERPRINT"
 (cd "$WORK/client-cwd" && exec "$VENV/bin/rtunnel_client" -c "127.0.0.1:$CONTROL_PORT" \
     -f "127.0.0.1:$PUBLIC_PORT" -t "$TARGET_PORT" --token "$TOKEN" --fingerprint "$FINGERPRINT") \
