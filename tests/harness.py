@@ -164,7 +164,7 @@ def visit(port: int, visitor: Visitor) -> defer.Deferred[tuple[bytes, Failure]]:
     factory = ClientFactory.forProtocol(lambda: visitor)
     factory.noisy = False
 
-    def failed(f: ClientFactory, connector: Any, reason: Failure) -> None:
+    def failed(connector: Any, reason: Failure) -> None:  # an instance attribute: no self
         visitor.done.errback(reason)
 
     factory.clientConnectionFailed = failed  # type: ignore[method-assign]
