@@ -7,7 +7,9 @@ twistd plugins (each has `Options` and `makeService`).
 from __future__ import annotations
 
 import os
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from twisted.logger import Logger
@@ -39,3 +41,36 @@ def exit_process(reactor: Any, code: int) -> None:
         reactor.stop()
     else:
         reactor.callWhenRunning(reactor.stop)
+
+
+class SighupReload:
+    """Calls `reload` in the reactor thread on SIGHUP, from install() until
+    restore() (which puts the previous handler back)."""
+
+    def __init__(self, reactor: Any, reload: Callable[[], None], what: str) -> None:
+        self._reactor = reactor
+        self._reload = reload
+        self._what = what  # "the clients file", "the config file": for the log line
+        self._previous: Any = None
+        self.installed = False
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(
+                signal.SIGHUP, lambda *a: self._reactor.callFromThread(self._reload)
+            )
+        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
+            log.warn(
+                "cannot reload {what} on SIGHUP: {why}",
+                what=self._what, why=str(e), event="sighup_unavailable", reason=str(e),
+            )
+            return
+        self.installed = True
+
+    def restore(self) -> None:
+        if self.installed:
+            self.installed = False
+            try:
+                signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from rtunnel.configfile import (
 from rtunnel.counters import CountingEndpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.metrics import ClientCollector, MetricsService, parse_metrics_endpoint, registry_for
-from rtunnel.tap import exit_process, keepalive_from
+from rtunnel.tap import SighupReload, exit_process, keepalive_from
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
     ClientIdentity,
@@ -273,13 +272,12 @@ class ClientMainService(service.MultiService):
         # with --config: the arguments to parse again on SIGHUP (reload)
         self.reload_argv = reload_argv
         self._running_options: dict[str, Any] | None = None
-        self._previous_sighup: Any = None
-        self._sighup_installed = False
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
             reactor = default_reactor
         self.reactor = reactor
+        self._sighup = SighupReload(reactor, self.reload, "the config file")
         self.config = config
         self.exit_on_fatal = exit_on_fatal
         self.fatal_error: str | None = None
@@ -324,25 +322,7 @@ class ClientMainService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         if self.reload_argv is not None:
-            self._install_sighup()
-
-    def _install_sighup(self) -> None:
-        try:
-            self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
-            )
-        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
-            self.log.warn("cannot reload the config file on SIGHUP: {why}", why=str(e))
-            return
-        self._sighup_installed = True
-
-    def _restore_sighup(self) -> None:
-        if self._sighup_installed:
-            self._sighup_installed = False
-            try:
-                signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
-            except (ValueError, OSError):
-                pass
+            self._sighup.install()
 
     def reload(self) -> None:
         """Re-read the config file (SIGHUP) with the same command line and
@@ -495,7 +475,7 @@ class ClientMainService(service.MultiService):
                 link.abort()  # TLS cannot close cleanly mid-handshake
             elif link.session is not None:
                 link.session.detach()  # TLS cannot close while the session produces
-        self._restore_sighup()
+        self._sighup.restore()
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
         return d

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpo
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
-from rtunnel.tap import exit_process, keepalive_from
+from rtunnel.tap import SighupReload, exit_process, keepalive_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
@@ -193,8 +192,7 @@ class ServerService(service.Service):
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
-        self._previous_sighup: Any = None
-        self._sighup_installed = False
+        self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
 
@@ -207,29 +205,11 @@ class ServerService(service.Service):
     def startService(self) -> None:
         super().startService()
         if self.config.clients_file is not None:
-            self._install_sighup()
+            self._sighup.install()
         d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
 
     # ------------------------------------------------------------ clients file
-
-    def _install_sighup(self) -> None:
-        try:
-            self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda *a: self.reactor.callFromThread(self.reload)
-            )
-        except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
-            self.log.warn("cannot reload the clients file on SIGHUP: {why}", why=str(e), event="sighup_unavailable", reason=str(e))
-            return
-        self._sighup_installed = True
-
-    def _restore_sighup(self) -> None:
-        if self._sighup_installed:
-            self._sighup_installed = False
-            try:
-                signal.signal(signal.SIGHUP, self._previous_sighup or signal.SIG_DFL)
-            except (ValueError, OSError):
-                pass
 
     def load_clients(self) -> dict[str, auth.ClientPolicy]:
         assert self.config.clients_file is not None
@@ -267,7 +247,7 @@ class ServerService(service.Service):
         )
 
     def _failed(self, failure: Any) -> None:
-        self._restore_sighup()
+        self._sighup.restore()
         if failure.check(RtunnelError):
             self.log.critical("cannot start: {why}", why=failure.getErrorMessage(), event="start_failed", reason=failure.getErrorMessage())
         elif failure.check(Exception):
@@ -353,7 +333,7 @@ class ServerService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        self._restore_sighup()
+        self._sighup.restore()
         waits = []
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
