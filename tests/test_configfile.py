@@ -10,7 +10,6 @@ import signal
 import socket
 import tempfile
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -679,15 +678,7 @@ class ProcessReloadTests(SynchronousTestCase):
 
     def start_target(self) -> int:
         target = self.tp._TargetServer()
-        thread = threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            target.shutdown()
-            target.server_close()
-            thread.join(5)
-
-        self.addCleanup(stop)
+        self.tp.serve_in_thread(self, target)
         return target.server_address[1]
 
     def write_config(self, path: Path, control: int, targets: list[int]) -> None:

@@ -535,15 +535,9 @@ class ProcessTests(unittest.SynchronousTestCase):
 
     def test_scripts_on_ipv6_loopback(self) -> None:
         target = _EchoServer6(("::1", 0), _EchoHandler)
-        thread = threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
+        from tests.test_processes import serve_in_thread
 
-        def stop_target() -> None:
-            target.shutdown()
-            target.server_close()
-            thread.join(5)
-
-        self.addCleanup(stop_target)
+        serve_in_thread(self, target)
         state = self.workdir / "state"
         port = self.free_port6()
         server = self.Process(

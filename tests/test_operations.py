@@ -51,6 +51,7 @@ from tests.test_processes import (
     _fingerprint,
     _plugins_installed,
     _TargetServer,
+    serve_in_thread,
 )
 
 BIN = Path(sys.executable).parent
@@ -127,15 +128,7 @@ class _Processes(SynchronousTestCase):
 
     def start_target(self) -> int:
         target = _TargetServer()
-        thread = threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            target.shutdown()
-            target.server_close()
-            thread.join(5)
-
-        self.addCleanup(stop)
+        serve_in_thread(self, target)
         return target.server_address[1]
 
     @property

@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -179,6 +180,19 @@ class _TargetServer(socketserver.ThreadingTCPServer):
         self.eofs: list[int] = []  # bytes echoed, for each visitor whose EOF arrived
 
 
+def serve_in_thread(test: Any, server: socketserver.BaseServer) -> None:
+    """Run a socketserver in a daemon thread until `test`'s cleanup stops it."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    test.addCleanup(stop)
+
+
 class InstalledPluginTests(SynchronousTestCase):
     """rtunnel-server and rtunnel-client as a user runs them."""
 
@@ -221,15 +235,7 @@ class InstalledPluginTests(SynchronousTestCase):
 
     def start_target(self) -> int:
         target = self.target = _TargetServer()
-        thread = threading.Thread(target=target.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            target.shutdown()
-            target.server_close()
-            thread.join(5)
-
-        self.addCleanup(stop)
+        serve_in_thread(self, target)
         return target.server_address[1]
 
     def tunnel_port(self, client: Process) -> int:
