@@ -9,6 +9,7 @@ import ipaddress
 import socket
 import struct
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given
@@ -17,10 +18,12 @@ from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.protocols.haproxy import proxyEndpoint
+from twisted.python import usage
 from twisted.trial import unittest
 
 from rtunnel import proxyproto
 from rtunnel.proxyproto import header, v1_header, v2_header
+from rtunnel.tap.client import Options
 from tests.harness import Tunnel, Visitor, pattern, with_timeout
 
 SIGNATURE = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
@@ -293,3 +296,45 @@ class ThroughTheTunnel(unittest.TestCase):
 
     def test_v2_reaches_the_target_before_the_visitors_bytes(self):
         return self._check("v2")
+
+
+# ---------------------------------------------------------------- the client's option
+
+FP = "sha256:" + "ab" * 32
+
+
+class ClientOption(unittest.TestCase):
+    """--proxy-protocol sets the -f/-t tunnels' header; a config file sets it
+    per [[tunnel]]."""
+
+    def parse(self, *args: str) -> Any:
+        options = Options()
+        options.parseOptions(["-c", "127.0.0.1", "--token", "t", "--fingerprint", FP, *args])
+        return options
+
+    def test_off_by_default(self):
+        options = self.parse("-f", "4000", "-t", "3000")
+        self.assertEqual([t.proxy_protocol for t in options.config.tunnels], ["off"])
+
+    def test_applies_to_every_command_line_tunnel(self):
+        options = self.parse("--proxy-protocol", "v2", "-f", "4000", "-t", "3000", "-f", "4001", "-t", "3001")
+        self.assertEqual([t.proxy_protocol for t in options.config.tunnels], ["v2", "v2"])
+
+    def test_unknown_version_is_a_usage_error(self):
+        e = self.assertRaises(usage.UsageError, self.parse, "--proxy-protocol", "v3", "-f", "4000", "-t", "3000")
+        self.assertEqual(str(e), "--proxy-protocol v3: write off, v1 or v2")
+
+    def test_file_tunnels_keep_their_own_and_top_level_key_is_refused(self):
+        path = Path(self.mktemp())
+        path.write_text(
+            f'server = "127.0.0.1"\nfingerprint = "{FP}"\ntoken = "t"\n'
+            '[[tunnel]]\nforward = "4000"\nto = "3000"\nproxy_protocol = "v1"\n'
+        )
+        options = Options()
+        options.parseOptions(["--config", str(path), "--proxy-protocol", "v2", "-f", "4001", "-t", "3001"])
+        self.assertEqual([t.proxy_protocol for t in options.config.tunnels], ["v1", "v2"])
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", str(path), "--proxy-protocol", "v2"])
+        self.assertIn("--proxy-protocol applies to the -f/-t tunnels of the command line", str(e))
+        path.write_text(f'server = "127.0.0.1"\nfingerprint = "{FP}"\ntoken = "t"\nproxy_protocol = "v2"\n')
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", str(path)])
+        self.assertIn("line 4: proxy_protocol is a setting of each tunnel", str(e))
