@@ -23,7 +23,8 @@ from twisted.internet.protocol import ClientFactory
 from twisted.trial import unittest
 
 from rtunnel.config import TunnelSpec
-from tests.harness import Tunnel, Visitor, sleep, wait_until, with_timeout
+from rtunnel.tap.client import Options
+from tests.harness import TOKEN, Tunnel, Visitor, sleep, wait_until, with_timeout
 
 NGINX = os.environ.get("RTUNNEL_NGINX") or shutil.which("nginx") or "/usr/sbin/nginx"
 LOG_FORMAT = (
@@ -199,3 +200,17 @@ class ProxyProtocolThroughNginx(unittest.TestCase):
         self.check(logged, source, ("::1", ports[1]), "::1")
         source, logged = yield self.request("::1", ("::1", ports[2]), "/v2-ipv6-to-ipv4")
         self.check(logged, source, ("::1", ports[2]), "127.0.0.1")
+
+    @defer.inlineCallbacks
+    def test_command_line_flag_through_nginx(self):
+        options = Options()
+        options.parseOptions([
+            "-c", f"127.0.0.1:{self.tunnel.control_port}", "--token", TOKEN,
+            "--fingerprint", self.tunnel.fingerprint, "--proxy-protocol", "v2",
+            "-f", "0.0.0.0:0", "-t", f"127.0.0.1:{self.port4}",
+        ])
+        service = self.tunnel.start_client(options.config)
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        public = bound[1][1]
+        source, logged = yield self.request("127.0.0.2", ("127.0.0.1", public), "/flag-v2")
+        self.check(logged, source, ("127.0.0.1", public), "127.0.0.1")
