@@ -19,6 +19,8 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+from rtunnel.addresses import unmap
+
 OFF, V1, V2 = "off", "v1", "v2"
 VERSIONS = (OFF, V1, V2)
 
@@ -33,13 +35,6 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress, int]
 
 
-def _unmap(address: IPAddress) -> IPAddress:
-    """`::ffff:a.b.c.d` -> `a.b.c.d`; other addresses unchanged."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def endpoint(value: Any) -> Endpoint | None:
     """An OPEN `src`/`dst` value ([host, port]) as (IP address, port), or
     None if it is not an IP literal and a port in 0-65535. IPv4-mapped
@@ -52,10 +47,10 @@ def endpoint(value: Any) -> Endpoint | None:
     if not 0 <= port <= 65535:
         return None
     try:
-        address = ipaddress.ip_address(host.partition("%")[0])
+        address = ipaddress.ip_address(unmap(host.partition("%")[0]))
     except ValueError:
         return None
-    return _unmap(address), port
+    return address, port
 
 
 def _same_family(src: Endpoint | None, dst: Endpoint | None) -> tuple[Endpoint, Endpoint] | None:

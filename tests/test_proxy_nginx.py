@@ -151,7 +151,7 @@ class ProxyProtocolThroughNginx(unittest.TestCase):
         visitor = SourceVisitor(f"GET {path} HTTP/1.0\r\nHost: tunnel\r\n\r\n".encode(), half_close=False)
         factory = ClientFactory.forProtocol(lambda: visitor)
         factory.noisy = False
-        factory.clientConnectionFailed = lambda f, c, reason: visitor.done.errback(reason)  # type: ignore[method-assign]
+        factory.clientConnectionFailed = lambda connector, reason: visitor.done.errback(reason)  # type: ignore[method-assign]
         reactor.connectTCP(public[0], public[1], factory, bindAddress=(source, 0))
         reply, reason = yield with_timeout(visitor.done, 20)
         reason.trap(error.ConnectionDone)

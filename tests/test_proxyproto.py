@@ -248,7 +248,7 @@ def visit_from(source: str, port: int, visitor: Visitor) -> tuple[defer.Deferred
     127.0.0.1:port; returns (done, connector)."""
     factory = ClientFactory.forProtocol(lambda: visitor)
     factory.noisy = False
-    factory.clientConnectionFailed = lambda f, c, reason: visitor.done.errback(reason)  # type: ignore[method-assign]
+    factory.clientConnectionFailed = lambda connector, reason: visitor.done.errback(reason)  # type: ignore[method-assign]
     connector = reactor.connectTCP("127.0.0.1", port, factory, bindAddress=(source, 0))
     return visitor.done, connector
 
@@ -260,7 +260,7 @@ class ThroughTheTunnel(unittest.TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def _visit(self, version: str, payload: bytes) -> Any:
+    def _visit(self, version: str, payload: bytes, bind_host: str) -> Any:
         inner = Factory.forProtocol(PeerRecorder)
         inner.connections, inner.peers, inner.expect = [], [], len(payload)
         port = yield proxyEndpoint(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")).listen(inner)
@@ -268,9 +268,9 @@ class ThroughTheTunnel(unittest.TestCase):
         tunnel = Tunnel(self)
         yield tunnel.start_server()
         config = tunnel.client_config([(0, port.getHost().port)])
-        # bound to 0.0.0.0: OPEN's dst must still be the address the visitor reached
+        # bound to 0.0.0.0 or ::, OPEN's dst must still be the address the visitor reached
         config = replace(config, tunnels=tuple(
-            replace(t, bind_host="0.0.0.0", proxy_protocol=version) for t in config.tunnels
+            replace(t, bind_host=bind_host, proxy_protocol=version) for t in config.tunnels
         ))
         service = tunnel.start_client(config)
         bound = yield with_timeout(service.client.when_bound(), 10)
@@ -282,9 +282,9 @@ class ThroughTheTunnel(unittest.TestCase):
         return inner.peers, reply, visitor.source, public
 
     @defer.inlineCallbacks
-    def _check(self, version: str) -> Any:
+    def _check(self, version: str, bind_host: str = "0.0.0.0") -> Any:
         payload = pattern(7, 300_000)  # more than the first window: the header is not counted in it
-        peers, reply, source, public = yield self._visit(version, payload)
+        peers, reply, source, public = yield self._visit(version, payload, bind_host)
         self.assertEqual(reply, payload)
         [(peer, host)] = peers
         self.assertEqual(source[0], "127.0.0.2")
@@ -296,6 +296,14 @@ class ThroughTheTunnel(unittest.TestCase):
 
     def test_v2_reaches_the_target_before_the_visitors_bytes(self):
         return self._check("v2")
+
+    def test_ipv4_visitor_of_a_dual_stack_listener_is_sent_as_ipv4(self):
+        try:
+            with socket.socket(socket.AF_INET6) as s:
+                s.bind(("::", 0))
+        except OSError:
+            raise unittest.SkipTest("this host has no IPv6: no dual-stack listener") from None
+        return defer.gatherResults([self._check("v1", "::"), self._check("v2", "::")])
 
 
 # ---------------------------------------------------------------- the client's option
