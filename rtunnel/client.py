@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
 from rtunnel.addresses import bracket, format_host_port
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
@@ -67,15 +67,33 @@ def target_endpoint(reactor: Any, spec: TunnelSpec, timeout: float) -> Any:
 
 
 class _TargetFactory(Factory):
-    """Connects one stream to its local target (quietly: one per visitor)."""
+    """Connects one stream to its local target (quietly: one per visitor).
+    A non-empty `header` (PROXY protocol) is written to the target first."""
 
     noisy = False
 
-    def __init__(self, stream: Stream) -> None:
+    def __init__(self, stream: Stream, header: bytes = b"") -> None:
         self.stream = stream
+        self.header = header
 
     def buildProtocol(self, addr: object) -> StreamProtocol:
+        if self.header:
+            return _ProxyHeaderTarget(self.stream, self.header)
         return StreamProtocol(self.stream)
+
+
+class _ProxyHeaderTarget(StreamProtocol):
+    """A target connection that starts with a PROXY protocol header, written
+    before attach_local flushes the visitor's early bytes. The header is not
+    stream data: it counts against no window or offset."""
+
+    def __init__(self, stream: Stream, header: bytes) -> None:
+        super().__init__(stream)
+        self.header = header
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.header)
+        super().connectionMade()
 
 
 class TunnelClient:
@@ -291,7 +309,8 @@ class TunnelClient:
         if spec is None:
             stream.reset(ResetCode.REFUSED, f"no tunnel {tunnel_id} on this client")
             return
-        d = target_endpoint(self.reactor, spec, self.config.connect_timeout).connect(_TargetFactory(stream))
+        header = proxyproto.header(spec.proxy_protocol, info.get("src"), info.get("dst"))
+        d = target_endpoint(self.reactor, spec, self.config.connect_timeout).connect(_TargetFactory(stream, header))
         self._connecting[stream.id] = d
 
         def connected(proto: object) -> None:

@@ -90,14 +90,53 @@ class PublicListener(Factory):
         if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
             self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full")
             return None
-        info = {"src": _address(addr), "dst": [self.host, self.port.getHost().port if self.port else 0]}
+        return _VisitorConnection(self, _address(addr))
+
+    def open_stream(self, src: list[Any], dst: list[Any]) -> Stream | None:
+        """Send OPEN for a visitor who connected from `src` to `dst` (the
+        address it reached, not the bind address); None if it is refused."""
+        owner = self.owner
+        if owner is None or owner.state is SessionState.EXPIRED:
+            return None
         try:
-            stream = session.open_stream(self.tunnel_id, info)
+            return owner.session.open_stream(self.tunnel_id, {"src": src, "dst": dst})
         except StreamIdsExhausted as e:
             self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason=str(e))
             owner.expire(str(e))
             return None
-        return StreamProtocol(stream)
+
+
+class _VisitorConnection(StreamProtocol):
+    """A visitor's connection. Its stream is opened once the socket exists,
+    so OPEN's `dst` is the address the visitor reached (getHost() of the
+    accepted socket): on a listener bound to 0.0.0.0 or ::, that is the
+    server's real address, which a PROXY protocol header passes on."""
+
+    stream: Stream | None  # type: ignore[assignment]
+
+    def __init__(self, listener: PublicListener, src: list[Any]) -> None:
+        self.listener = listener
+        self.src = src
+        self.stream = None
+
+    def connectionMade(self) -> None:
+        self.stream = self.listener.open_stream(self.src, _address(self.transport.getHost()))
+        if self.stream is None:
+            self.transport.abortConnection()
+            return
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.stream is not None:
+            super().dataReceived(data)
+
+    def readConnectionLost(self) -> None:
+        if self.stream is not None:
+            super().readConnectionLost()
+
+    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        if self.stream is not None:
+            super().connectionLost(reason)
 
 
 class ServerSession:

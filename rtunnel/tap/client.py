@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from rtunnel import DEFAULT_CONTROL_PORT
+from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
 from rtunnel.addresses import bracket, format_host_port
 from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
@@ -49,7 +49,7 @@ class Options(FileOptions, usage.Options):
     )
     config_aliases = {"server": "connect"}
     config_tables = ("tunnel",)
-    config_not_keys = FileOptions.config_not_keys | {"forward", "to"}
+    config_not_keys = FileOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
@@ -72,6 +72,12 @@ class Options(FileOptions, usage.Options):
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9121:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
+        [
+            "proxy-protocol", None, "off",
+            "Send a PROXY protocol header (v1 text or v2 binary) with the visitor's address and port to "
+            "the targets of the -f/-t tunnels: off, v1 or v2 (the target must expect it; in a config "
+            "file, each [[tunnel]] has its own proxy_protocol).",
+        ],
         ["max-retries", None, None, "Give up and exit with status 3 after this many failed connection attempts in a row (default: never give up; for supervisors that restart the client).", int],
         [
             "known-servers", None, None,
@@ -91,6 +97,14 @@ class Options(FileOptions, usage.Options):
         self.forwards: list[str] = []
         self.targets: list[str] = []
         self.file_tunnels: list[TunnelSpec] = []  # from --config's [[tunnel]] tables
+
+    def apply_config_file(self, cf: ConfigFile) -> None:
+        if "proxy_protocol" in cf.data:
+            raise cf.error(
+                "proxy_protocol is a setting of each tunnel: move it into the [[tunnel]] tables "
+                '(proxy_protocol = "v2" under forward and to)', "proxy_protocol",
+            )
+        super().apply_config_file(cf)
 
     def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
         try:
@@ -187,6 +201,14 @@ class Options(FileOptions, usage.Options):
                 load_known_servers(self.known_servers)  # a malformed file is an error now, not later
             except RtunnelError as e:
                 raise usage.UsageError(str(e)) from None
+        proxy = self["proxy-protocol"]
+        if proxy not in proxyproto.VERSIONS:
+            raise usage.UsageError(f"--proxy-protocol {proxy}: write off, v1 or v2")
+        if proxy != proxyproto.OFF and not self.forwards:
+            raise usage.UsageError(
+                "--proxy-protocol applies to the -f/-t tunnels of the command line and there are none; "
+                "set proxy_protocol in each [[tunnel]] of the config file instead"
+            )
         try:
             host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
             tunnels = list(self.file_tunnels)  # then the command line's -f/-t pairs
@@ -197,7 +219,7 @@ class Options(FileOptions, usage.Options):
                 if bind_port and any((t.bind_host, t.bind_port) == (bind_host, bind_port) for t in tunnels):
                     raise ConfigError(f"-f/--forward {forward} is given twice")
                 target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
-                tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port))
+                tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port, proxy))
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
             if self["ca"]:
                 ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
