@@ -14,7 +14,8 @@ by sleeping on the data path:
 
 Fairness: while streams wait, a stream that is not being served joins the
 back of the queue; a woken stream gets at most one quantum before the next
-one's turn (deficit round robin over the client's streams).
+one's turn, and a turn cut short by the bucket goes on first at the next
+wake-up (deficit round robin over the client's streams).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class Pacer:
         self._timer: IDelayedCall | None = None
         self._serving: Stream | None = None
         self._turn_left = 0
+        self._carry: dict[Stream, int] = {}  # what is left of a turn cut short
         self.bytes = 0
         self.held_seconds = 0.0
         self._held_since: float | None = None
@@ -116,11 +118,23 @@ class Pacer:
             return 0
         tokens = self.bucket.available()
         if serving:
+            if tokens <= 0 < self._turn_left:
+                # cut short by the bucket, not by its quantum: it goes on
+                # first at the next wake-up, with what is left of its turn
+                self._carry[stream] = self._turn_left
+                self._enqueue(stream)
+                self._queue.move_to_end(stream, last=False)
+                return 0
             tokens = min(tokens, self._turn_left)
-        if tokens <= 0:
-            self._enqueue(stream)
+            if tokens <= 0:
+                self._enqueue(stream)
+                return 0
+            return min(want, tokens)
+        want = min(want, self.quantum)  # one call never takes the whole bucket
+        if tokens < want:
+            self._enqueue(stream)  # wait for a whole turn rather than send crumbs
             return 0
-        return min(want, tokens)
+        return want
 
     def spend(self, n: int) -> None:
         """Charge `n` bytes (may leave the bucket in debt)."""
@@ -137,8 +151,12 @@ class Pacer:
 
     def forget(self, stream: Stream) -> None:
         """A stream closed: it no longer waits."""
+        self._carry.pop(stream, None)
         if self._queue.pop(stream, 0) is None and not self._queue:
             self._end_held()
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
 
     def _enqueue(self, stream: Stream) -> None:
         self._queue[stream] = None
@@ -162,12 +180,13 @@ class Pacer:
         self._timer = None
         queue = self._queue
         for _ in range(MAX_QUEUE_ROUNDS):
-            if not queue or self.bucket.available() <= 0:
+            # a turn starts only with a whole quantum in the bucket
+            if not queue or self.bucket.available() < self.quantum:
                 break
             stream, _ = queue.popitem(last=False)
             if stream.closed:
                 continue
-            self._serving, self._turn_left = stream, self.quantum
+            self._serving, self._turn_left = stream, self._carry.pop(stream, self.quantum)
             try:
                 getattr(stream, self._wake_method)()
             finally:
@@ -182,6 +201,7 @@ class Pacer:
             self._timer.cancel()
         self._timer = None
         self._queue.clear()
+        self._carry.clear()
         self._end_held()
 
 

@@ -674,6 +674,8 @@ class TunnelServer:
                 session.expire("server shutting down", abort_link=False)
             for link in list(self.links):
                 link.lose()
+            for limiter in self.limiters.values():
+                limiter.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
