@@ -10,7 +10,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.trial import unittest
 
 from rtunnel.auth import parse_clients
@@ -233,6 +233,29 @@ class ConfigurationTests(NearMixin, unittest.TestCase):
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--bandwidth", "-1"])
 
 
+class ReloadTests(unittest.TestCase):
+    def test_a_reload_gives_a_client_new_buckets_and_keeps_its_counts(self):
+        from rtunnel.config import ServerConfig
+        from rtunnel.server import TunnelServer
+
+        def clients(extra: str):
+            text = f'[clients.alice]\ntoken_sha256 = "{HASH}"\nports = [4000]\n{extra}\n'
+            return parse_clients(text, "clients.toml")
+
+        server = TunnelServer(Clock(), ServerConfig(listen="tcp:0", state_dir=None), None, clients(""))
+        before = server.limiter_for("alice")
+        self.assertIsNone(before.to_client)
+        before.visitors_refused = 3
+        server.set_clients(clients("bandwidth_to_client = 500000\nmax_connections_per_tunnel = 2"))
+        after = server.limiter_for("alice")
+        self.assertEqual(after.to_client.rate, 500_000)
+        self.assertIsNone(after.from_client)
+        self.assertEqual(after.limits.max_connections_per_tunnel, 2)
+        self.assertEqual(after.visitors_refused, 3)
+        server.set_clients(clients("bandwidth_to_client = 500000\nmax_connections_per_tunnel = 2"))
+        self.assertIs(server.limiter_for("alice"), after)  # unchanged limits: the same buckets
+
+
 class Sink(Protocol):
     """A target that counts what it receives."""
 
@@ -298,10 +321,19 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         yield wait_until(lambda: first.received and second.received, 10)
         [listener] = tunnel.server.listeners.values()
         self.assertEqual(listener.open_connections, 2)
-        reply, _ = yield visit(public, Visitor(b"three")).addTimeout(10, reactor)
-        self.assertEqual(reply, b"")  # closed at once, before the tunnel
-        self.assertEqual(listener.visitors_refused, 1)
-        self.assertEqual(tunnel.server.limiters["default"].visitors_refused, 1)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        replies = yield defer.gatherResults(
+            [visit(public, Visitor(b"three")).addTimeout(10, reactor) for _ in range(30)]
+        )
+        self.assertEqual({reply for reply, _ in replies}, {b""})  # closed at once, before the tunnel
+        self.assertEqual(listener.visitors_refused, 30)
+        self.assertEqual(tunnel.server.limiters["default"].visitors_refused, 30)
+        self.assertEqual(tunnel.server.limiters["default"].refused_by_tunnel, {f"127.0.0.1:{public}": 30})
+        lines = [e for e in events if e.get("reason") == "max_connections_per_tunnel"]
+        self.assertLessEqual(len(lines), 2)  # not one line per visitor
+        self.assertEqual(lines[0]["count"], 1)
         first.transport.loseConnection()
         yield done[0]
         yield wait_until(lambda: listener.open_connections == 1, 10)
