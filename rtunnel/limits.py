@@ -240,6 +240,15 @@ class ClientLimiter:
             Pacer(clock, limits.from_client, "paced_grant") if limits.from_client else None,
         )
 
+    def carry_counts(self, old: ClientLimiter) -> None:
+        """Keep `old`'s counts (a reload replaced the buckets): refusals,
+        and each direction's bytes and held seconds while it stays limited."""
+        self.visitors_refused, self.refused_by_tunnel = old.visitors_refused, old.refused_by_tunnel
+        for new_pacer, old_pacer in ((self.to_client, old.to_client), (self.from_client, old.from_client)):
+            if new_pacer is not None and old_pacer is not None:
+                new_pacer.bytes = old_pacer.bytes
+                new_pacer.held_seconds = old_pacer.held_seconds
+
     def stop(self) -> None:
         for pacer in (self.to_client, self.from_client):
             if pacer is not None:

@@ -410,7 +410,7 @@ class TunnelServer:
             return
         old.stop()
         new = ClientLimiter.create(self.reactor, self.limits_for(credential))
-        new.visitors_refused, new.refused_by_tunnel = old.visitors_refused, old.refused_by_tunnel
+        new.carry_counts(old)
         self.limiters[credential] = new
         for owner in list(self.sessions.values()):
             if owner.credential == credential:

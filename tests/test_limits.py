@@ -5,6 +5,7 @@ connection limit per tunnel."""
 
 from __future__ import annotations
 
+import random
 import time
 
 from twisted.internet import defer, reactor
@@ -185,6 +186,37 @@ class PacedMuxTests(NearMixin, unittest.TestCase):
         self.assertEqual(client_end.received, payload)
 
 
+    def test_many_short_streams_both_ways_arrive_intact_and_leave_nothing_waiting(self):
+        pair = Pair()
+        up = Pacer(pair.clock, 200_000, "paced_flush")
+        down = Pacer(pair.clock, 200_000, "paced_grant")
+        pair.server.send_pacer, pair.server.recv_pacer = up, down
+        rng = random.Random(7)
+        sizes = [rng.choice([0, 1, 5000, 70_000, 300_000]) for _ in range(24)]
+        streams = []
+        for i, size in enumerate(sizes):
+            server_end, client_end = pair.open()
+            server_end.send(pattern(i, size))
+            client_end.send(pattern(100 + i, size))
+            server_end.shutdown_write()
+            client_end.shutdown_write()
+            streams.append((server_end, client_end))
+            run(pair, 0.05)
+        total = 2 * sum(sizes)
+        for _ in range(100):  # bounded: about (total / rate) s of fake time, twice over
+            if not pair.server.streams and not pair.client.streams:
+                break
+            run(pair, 0.2)
+        for i, ((server_end, client_end), size) in enumerate(zip(streams, sizes, strict=True)):
+            self.assertEqual(client_end.received, pattern(i, size))
+            self.assertEqual(server_end.received, pattern(100 + i, size))
+        self.assertEqual((pair.server.streams, pair.client.streams), ({}, {}))
+        self.assertEqual((up.waiting, down.waiting), (0, 0))
+        self.assertEqual(up.bytes, sum(sizes))
+        self.assertEqual((up._timer, down._timer), (None, None))  # no refill timer left behind
+        self.assertGreater(total, 0)
+
+
 class RefusalLogTests(NearMixin, unittest.TestCase):
     def test_at_most_one_line_a_second_with_the_count(self):
         clock = Clock()
@@ -232,6 +264,14 @@ class ConfigurationTests(NearMixin, unittest.TestCase):
         from twisted.python import usage
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--bandwidth", "-1"])
 
+    def test_server_config_file_keys_and_flags_over_them(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("bandwidth = 1000000\nmax_connections_per_tunnel = 10\n")
+        options = Options()
+        options.parseOptions(["--config", path, "--bandwidth-to-client", "3000"])
+        self.assertEqual(options.config.limits, Limits(3000, MB, 10))
+
 
 class ReloadTests(unittest.TestCase):
     def test_a_reload_gives_a_client_new_buckets_and_keeps_its_counts(self):
@@ -246,8 +286,11 @@ class ReloadTests(unittest.TestCase):
         before = server.limiter_for("alice")
         self.assertIsNone(before.to_client)
         before.visitors_refused = 3
+        server.set_clients(clients("bandwidth_to_client = 400000"))
+        server.limiter_for("alice").to_client.bytes = 1234
         server.set_clients(clients("bandwidth_to_client = 500000\nmax_connections_per_tunnel = 2"))
         after = server.limiter_for("alice")
+        self.assertEqual(after.to_client.bytes, 1234)
         self.assertEqual(after.to_client.rate, 500_000)
         self.assertIsNone(after.from_client)
         self.assertEqual(after.limits.max_connections_per_tunnel, 2)
