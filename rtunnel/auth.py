@@ -7,10 +7,9 @@
     bind = ["0.0.0.0"]          # default: the server's --bind-default
     max_tunnels = 16
     max_streams = 1024
-    bandwidth = 1000000         # bytes/s each way; or per direction:
-    bandwidth_to_client = 1000000    # visitors -> the client's service
-    bandwidth_from_client = 1000000  # the client's service -> visitors
-    max_connections_per_tunnel = 100
+    bandwidth = 1000000         # optional, bytes/s each way; per direction (overrides it):
+    bandwidth_from_client = 250000  # the client's service -> visitors (and bandwidth_to_client)
+    max_connections_per_tunnel = 100  # optional: visitors at once per tunnel
 
 `load_clients` validates the whole file or raises ConfigError naming the
 file, the client, the key and what is wrong. `add_client` makes a token,
@@ -408,6 +407,8 @@ def add_client(
     bind: Iterable[str] | None = None,
     max_tunnels: int | None = None,
     max_streams: int | None = None,
+    bandwidth: int | None = None,
+    max_connections_per_tunnel: int | None = None,
 ) -> str:
     """Add (or replace) client `name` in the clients file; return its new token.
 
@@ -441,7 +442,11 @@ def add_client(
     )
     limits = [k for k, v in (("max_tunnels", max_tunnels), ("max_streams", max_streams)) if v is not None]
     rest = _without_client(existing, name).rstrip("\n")
-    text = (rest + "\n\n" if rest else "") + client_table(policy, write_bind=bool(bind), write_limits=limits)
+    table = client_table(policy, write_bind=bool(bind), write_limits=limits)
+    for key, value in (("bandwidth", bandwidth), ("max_connections_per_tunnel", max_connections_per_tunnel)):
+        if value is not None:
+            table += f"{key} = {value}\n"
+    text = (rest + "\n\n" if rest else "") + table
     try:
         parse_clients(text, path)
     except ConfigError as e:

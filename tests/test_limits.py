@@ -5,6 +5,7 @@ connection limit per tunnel."""
 
 from __future__ import annotations
 
+import io
 import random
 import time
 
@@ -263,6 +264,20 @@ class ConfigurationTests(NearMixin, unittest.TestCase):
         self.assertEqual(options.config.limits, Limits())
         from twisted.python import usage
         self.assertRaises(usage.UsageError, Options().parseOptions, ["--bandwidth", "-1"])
+
+    def test_add_client_writes_the_limits(self):
+        from rtunnel.auth import load_clients
+        from rtunnel.tap.server import add_client_main
+
+        path = self.mktemp()
+        out = io.StringIO()
+        status = add_client_main(
+            ["alice", "--ports", "4000", "--clients", path, "--bandwidth", "1000000",
+             "--max-connections-per-tunnel", "7"], out,
+        )
+        self.assertEqual(status, 0)
+        self.assertEqual(load_clients(path)["alice"].limits(), Limits(MB, MB, 7))
+        self.assertRaises(SystemExit, add_client_main, ["bob", "--ports", "4000", "--clients", path, "--bandwidth", "0"], io.StringIO())
 
     def test_server_config_file_keys_and_flags_over_them(self):
         path = self.mktemp()

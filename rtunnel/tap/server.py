@@ -384,6 +384,14 @@ def add_client_parser() -> Any:
         help="most open tunnelled connections per session (default: the server's --max-streams)",
     )
     parser.add_argument(
+        "--bandwidth", type=int, metavar="BYTES",
+        help="bandwidth limit, bytes per second each way (default: none; see docs/security.md)",
+    )
+    parser.add_argument(
+        "--max-connections-per-tunnel", type=int, metavar="N",
+        help="visitors connected at once per tunnel (default: no limit)",
+    )
+    parser.add_argument(
         "--server", metavar="HOST[:PORT]",
         help="where clients reach this server, for the printed command (default: this host, port 19050)",
     )
@@ -411,7 +419,7 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
                 except RtunnelError as e:
                     parser.error(str(e))
                 bind.append(address.strip())
-    for key in ("max_tunnels", "max_streams"):
+    for key in ("max_tunnels", "max_streams", "bandwidth", "max_connections_per_tunnel"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     state_dir = Path(os.path.expanduser(args.state_dir))
@@ -420,6 +428,7 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
         token = auth.add_client(
             clients_file, args.name, ports, bind=bind or None,
             max_tunnels=args.max_tunnels, max_streams=args.max_streams,
+            bandwidth=args.bandwidth, max_connections_per_tunnel=args.max_connections_per_tunnel,
         )
     except RtunnelError as e:
         print(f"rtunnel_server add-client: {e}", file=sys.stderr)
