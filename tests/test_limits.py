@@ -21,6 +21,7 @@ from rtunnel.limits import BURST_SECONDS, MIN_BURST, Limits, Pacer, RefusalLog, 
 from rtunnel.tap.server import Options
 from tests.harness import Echo, Source, Tunnel, Visitor, listen_target, pattern, sleep, visit, wait_until
 from tests.memory import Pair
+from tests.test_session_fuzz import FUZZ_SETTINGS, ServerSessionMachine, run_state_machine_as_test
 
 MB = 1_000_000
 RATE = MB
@@ -399,3 +400,33 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertEqual(reply, b"four")
         second.transport.loseConnection()
         yield done[1]
+
+
+def tiny_pacer(clock: Clock, wake: str) -> Pacer:
+    pacer = Pacer(clock, 2000, wake)
+    pacer.bucket = TokenBucket(clock, 2000, burst=600)
+    pacer.quantum = 300
+    return pacer
+
+
+class PacedSessionMachine(ServerSessionMachine):
+    """The stateful fuzzer of tests/test_session_fuzz.py on a server session
+    with both directions bandwidth-limited: hostile frames and resumes must
+    still end only in explained closes, with nothing left waiting."""
+
+    def fresh_session(self) -> None:
+        super().fresh_session()
+        # a tiny bucket, so that the fuzzer's few kilobytes are held often
+        self.session.send_pacer = tiny_pacer(self.clock, "paced_flush")
+        self.session.recv_pacer = tiny_pacer(self.clock, "paced_grant")
+
+    def teardown(self) -> None:
+        super().teardown()
+        for pacer in (self.session.send_pacer, self.session.recv_pacer):
+            assert pacer.waiting == 0, f"{pacer.waiting} streams still wait after the session closed"
+            assert pacer._timer is None, "a refill timer is left behind"
+
+
+class PacedFuzzTests(unittest.SynchronousTestCase):
+    def test_paced_server_session(self) -> None:
+        run_state_machine_as_test(PacedSessionMachine, settings=FUZZ_SETTINGS)
