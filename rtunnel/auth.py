@@ -7,6 +7,9 @@
     bind = ["0.0.0.0"]          # default: the server's --bind-default
     max_tunnels = 16
     max_streams = 1024
+    bandwidth = 1000000         # optional, bytes/s each way; per direction (overrides it):
+    bandwidth_from_client = 250000  # the client's service -> visitors (and bandwidth_to_client)
+    max_connections_per_tunnel = 100  # optional: visitors at once per tunnel
 
 `load_clients` validates the whole file or raises ConfigError naming the
 file, the client, the key and what is wrong. `add_client` makes a token,
@@ -29,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtunnel.errors import ConfigError, StateDirError
+from rtunnel.limits import Limits
 
 DEFAULT_BIND: tuple[str, ...] = ("0.0.0.0", "::")
 DEFAULT_MAX_TUNNELS = 16
 DEFAULT_MAX_STREAMS = 4096
 RESERVED_NAMES = frozenset({"default"})
-KEYS = ("token_sha256", "cert_sha256", "ports", "bind", "max_tunnels", "max_streams")
+LIMIT_KEYS = ("bandwidth", "bandwidth_to_client", "bandwidth_from_client", "max_connections_per_tunnel")
+KEYS = ("token_sha256", "cert_sha256", "ports", "bind", "max_tunnels", "max_streams", *LIMIT_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -50,6 +55,13 @@ class ClientPolicy:
     max_tunnels: int = DEFAULT_MAX_TUNNELS
     max_streams: int = DEFAULT_MAX_STREAMS
     cert_sha256: str | None = None  # SHA-256 of the client certificate's DER, lower-case hex
+    # per-client limits (rtunnel.limits), None: unlimited
+    bandwidth_to_client: int | None = None  # bytes/s visitors -> the client's service
+    bandwidth_from_client: int | None = None  # bytes/s the client's service -> visitors
+    max_connections_per_tunnel: int | None = None
+
+    def limits(self) -> Limits:
+        return Limits(self.bandwidth_to_client, self.bandwidth_from_client, self.max_connections_per_tunnel)
 
     def permits_port(self, port: int) -> bool:
         return any(lo <= port <= hi for lo, hi in self.ports)
@@ -222,6 +234,19 @@ def _validate_client(
         if value < 1:
             raise ConfigError(f"{where(key)}: {value} must be at least 1")
         limits[key] = value
+    optional: dict[str, int | None] = {}
+    for key in LIMIT_KEYS:
+        value = table.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            unit = "connections" if key == "max_connections_per_tunnel" else "bytes per second"
+            raise ConfigError(
+                f"{where(key)}: {value!r} is not a whole number >= 1 ({unit}); leave it out for no limit"
+            )
+        optional[key] = value
+    both = optional.pop("bandwidth")
+    for key in ("bandwidth_to_client", "bandwidth_from_client"):
+        if optional[key] is None:
+            optional[key] = both
     return ClientPolicy(
         name=name,
         token_sha256=digests["token_sha256"],
@@ -230,6 +255,7 @@ def _validate_client(
         bind=bind,
         max_tunnels=limits["max_tunnels"],
         max_streams=limits["max_streams"],
+        **optional,  # type: ignore[arg-type]
     )
 
 
@@ -381,6 +407,8 @@ def add_client(
     bind: Iterable[str] | None = None,
     max_tunnels: int | None = None,
     max_streams: int | None = None,
+    bandwidth: int | None = None,
+    max_connections_per_tunnel: int | None = None,
 ) -> str:
     """Add (or replace) client `name` in the clients file; return its new token.
 
@@ -414,7 +442,11 @@ def add_client(
     )
     limits = [k for k, v in (("max_tunnels", max_tunnels), ("max_streams", max_streams)) if v is not None]
     rest = _without_client(existing, name).rstrip("\n")
-    text = (rest + "\n\n" if rest else "") + client_table(policy, write_bind=bool(bind), write_limits=limits)
+    table = client_table(policy, write_bind=bool(bind), write_limits=limits)
+    for key, value in (("bandwidth", bandwidth), ("max_connections_per_tunnel", max_connections_per_tunnel)):
+        if value is not None:
+            table += f"{key} = {value}\n"
+    text = (rest + "\n\n" if rest else "") + table
     try:
         parse_clients(text, path)
     except ConfigError as e:

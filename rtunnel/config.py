@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT
 from rtunnel.errors import ConfigError
+from rtunnel.limits import Limits
 from rtunnel.link import Keepalive
 from rtunnel.mux import SessionSettings
 
@@ -148,6 +149,7 @@ class ServerConfig:
     public_host: str = "::"  # bound for BINDs without a host; 0.0.0.0 when the host has no IPv6
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
+    limits: Limits = field(default_factory=Limits)  # bandwidth and connections, token credentials (rtunnel.limits)
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import (
@@ -36,6 +36,9 @@ from zope.interface import implementer
 
 from rtunnel import wire
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
+
+if TYPE_CHECKING:
+    from rtunnel.limits import Pacer
 
 
 class ProtocolViolation(Exception):
@@ -132,6 +135,7 @@ class Stream:
         self.window = settings.initial_window
         self.recv_limit = settings.initial_window
         self.reported = 0  # consumed offset last sent in WINDOW
+        self.paid_limit = 0  # receive offset paid from the session's recv_pacer (rtunnel.limits)
         self._last_grant: float | None = None
         self._last_data = session.clock.seconds()
         self._early: list[bytes] = []  # received before the local socket exists
@@ -211,10 +215,15 @@ class Stream:
             return
         max_frame = session.peer_max_frame
         pending = self._pending
+        pacer = session.send_pacer
         while pending:
             credit = self.send_limit - self.sent
             if credit <= 0:
                 break
+            if pacer is not None:  # a bandwidth limit: its tokens are credit too
+                credit = pacer.allowance(self, credit)
+                if credit <= 0:
+                    break  # queued; the pacer's refill timer calls paced_flush
             chunk = pending[0]
             if len(chunk) > credit or len(chunk) > max_frame:
                 n = min(credit, max_frame)
@@ -224,11 +233,22 @@ class Stream:
                 pending.popleft()
             self._unacked.append(chunk)
             self.sent += len(chunk)
+            if pacer is not None:
+                pacer.spend(len(chunk))
             session.write(wire.header(FrameType.DATA, self.id, len(chunk)) + chunk)
         if self.sent >= self.send_limit and self._blocked_since is None and (
             pending or self.send_state is SendState.OPEN
         ):
             self._blocked_since = session.clock.seconds()  # out of credit: flow control holds us
+
+    def paced_flush(self) -> None:
+        """The send pacer's turn for this stream (rtunnel.limits)."""
+        self.flush()
+        self.update_reading()
+
+    def paced_grant(self) -> None:
+        """The receive pacer's turn for this stream (rtunnel.limits)."""
+        self._grant_credit(force=True)
 
     def update_reading(self) -> None:
         """Pause or resume reading the local socket to match what we can send."""
@@ -311,6 +331,10 @@ class Stream:
         if self.final_offset is not None and self.received + n > self.final_offset:
             raise ProtocolViolation(f"stream {self.id}: data after FIN at {self.final_offset}")
         self.received += n
+        pacer = self.session.recv_pacer
+        if pacer is not None and self.received > self.paid_limit:
+            pacer.spend(self.received - self.paid_limit)  # e.g. the initial window's bytes
+            self.paid_limit = self.received
         now = self.session.clock.seconds()
         if now - self._last_data > self.session.settings.idle_window_reset:
             self._shrink_window()
@@ -359,9 +383,21 @@ class Stream:
         now = session.clock.seconds()
         if self._last_grant is not None and now - self._last_grant < 2 * session.srtt:
             self._grow_window()
+        limit = self.received + self.window
+        pacer = session.recv_pacer
+        if pacer is not None and self.recv_state is not RecvState.DONE:
+            # a bandwidth limit: new credit is paid from the pacer's tokens
+            wanted = limit if self.final_offset is None else min(limit, self.final_offset)
+            if wanted > self.paid_limit:
+                allowed = pacer.allowance(self, wanted - self.paid_limit)
+                if allowed <= 0:
+                    return  # queued; the pacer's refill timer calls paced_grant
+                pacer.spend(allowed)
+                self.paid_limit += allowed
+            limit = min(limit, self.paid_limit)
         self._last_grant = now
         self.reported = self.received
-        self.recv_limit = max(self.recv_limit, self.received + self.window)
+        self.recv_limit = max(self.recv_limit, limit)
         session.write(wire.encode_window(self.id, self.received, self.recv_limit - self.received))
 
     def _grow_window(self) -> None:
@@ -407,6 +443,12 @@ class Stream:
     def _close(self) -> None:
         self.closed = True
         self._end_blocked()
+        session = self.session
+        if session.send_pacer is not None:
+            session.send_pacer.forget(self)
+        if session.recv_pacer is not None:
+            session.recv_pacer.forget(self)
+            session.recv_pacer.give_back(self.paid_limit - self.received)  # paid, never sent
         self._unacked.clear()
         self._pending.clear()
         self._early.clear()
@@ -497,6 +539,9 @@ class Session:
         self.goaway_received = False
         self.bytes_in = 0
         self.bytes_out = 0
+        # bandwidth limits (rtunnel.limits.Pacer), set by the server per client
+        self.send_pacer: Pacer | None = None
+        self.recv_pacer: Pacer | None = None
 
     # ------------------------------------------------------------ link state
 

@@ -31,6 +31,7 @@ from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
 from rtunnel.errors import ConfigError
 from rtunnel.guard import AdmissionGuard
+from rtunnel.limits import ClientLimiter, Limits, RefusalLog
 from rtunnel.link import ControlLink
 from rtunnel.mux import (
     ProtocolViolation,
@@ -68,6 +69,10 @@ class PublicListener(Factory):
         self.tunnel_id = tunnel_id
         self.host = host
         self.port: IListeningPort | None = None
+        # max_connections_per_tunnel (rtunnel.limits); plain ints for the metrics
+        self.open_connections = 0  # visitors connected now
+        self.visitors_refused = 0  # closed at once: the tunnel had its limit
+        self._refusal_log = RefusalLog(owner.server.reactor)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -90,6 +95,11 @@ class PublicListener(Factory):
         if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
             self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full")
             return None
+        limit = owner.server.limits_for(owner.credential).max_connections_per_tunnel
+        if limit is not None and self.open_connections >= limit:
+            self._refuse_over_limit(owner, limit)
+            return None
+        self.open_connections += 1  # until the connection is lost, opened or refused
         return _VisitorConnection(self, _address(addr))
 
     def open_stream(self, src: list[Any], dst: list[Any]) -> Stream | None:
@@ -104,6 +114,17 @@ class PublicListener(Factory):
             self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason=str(e))
             owner.expire(str(e))
             return None
+
+    def _refuse_over_limit(self, owner: ServerSession, limit: int) -> None:
+        name = owner.tunnel_names.get(self.tunnel_id, "?")
+        self.visitors_refused += 1
+        limiter = owner.server.limiter_for(owner.credential)
+        limiter.visitors_refused += 1
+        limiter.refused_by_tunnel[name] += 1
+        self._refusal_log.refused(
+            tunnel=name, limit=limit, session=owner.id[:8], credential=owner.credential,
+            refused_total=self.visitors_refused,
+        )
 
 
 class _VisitorConnection(StreamProtocol):
@@ -135,6 +156,7 @@ class _VisitorConnection(StreamProtocol):
             super().readConnectionLost()
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+        self.listener.open_connections -= 1
         if self.stream is not None:
             super().connectionLost(reason)
 
@@ -152,6 +174,8 @@ class ServerSession:
         self.session = Session(
             server.reactor, self, is_server=True, settings=server.settings_for(credential)
         )
+        limiter = server.limiter_for(credential)
+        self.session.send_pacer, self.session.recv_pacer = limiter.to_client, limiter.from_client
         self.tunnels: dict[int, PublicListener] = {}
         self.tunnel_names: dict[int, str] = {}  # tunnel id -> "host:port", kept for the metrics
         self.link: ServerLink | None = None
@@ -366,6 +390,7 @@ class TunnelServer:
         self._cap_refused_logged = 0
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
+        self.limiters: dict[str, ClientLimiter] = {}  # per credential (rtunnel.limits), for the metrics
 
     def link_factory(self) -> Factory:
         factory = Factory.forProtocol(lambda: ServerLink(self))
@@ -409,6 +434,39 @@ class TunnelServer:
         if policy is None:
             return base
         return _settings_with(base, policy.max_streams)
+
+    def limits_for(self, credential: str) -> Limits:
+        """The bandwidth and connection limits of a credential: its
+        clients-file entry's, else the server's flags (--bandwidth …)."""
+        policy = self.policy_for(credential)
+        return policy.limits() if policy is not None else self.config.limits
+
+    def limiter_for(self, credential: str) -> ClientLimiter:
+        """The credential's live limiter (its token buckets), shared by all
+        its sessions, made on first use."""
+        limiter = self.limiters.get(credential)
+        if limiter is None:
+            limiter = ClientLimiter.create(self.reactor, self.limits_for(credential))
+            self.limiters[credential] = limiter
+        return limiter
+
+    def _refresh_limiter(self, credential: str) -> None:
+        """After a reload: new buckets if the credential's limits changed;
+        its sessions switch to them and waiting streams go on at once."""
+        old = self.limiters.get(credential)
+        if old is None or old.limits == self.limits_for(credential):
+            return
+        old.stop()
+        new = ClientLimiter.create(self.reactor, self.limits_for(credential))
+        new.carry_counts(old)
+        self.limiters[credential] = new
+        for owner in list(self.sessions.values()):
+            if owner.credential == credential:
+                session = owner.session
+                session.send_pacer, session.recv_pacer = new.to_client, new.from_client
+                for stream in session.streams.values():
+                    stream.paid_limit = max(stream.paid_limit, stream.recv_limit)  # granted before: paid
+                session._update_all()
 
     def check_clients(self, clients: dict[str, ClientPolicy]) -> None:
         clash = sorted(set(clients) & set(self._credentials))
@@ -455,6 +513,8 @@ class TunnelServer:
                         name=session.credential, ports=", ".join(outside),
                         event="policy_mismatch", session=session.id[:8], credential=session.credential,
                     )
+        for credential in list(self.limiters):
+            self._refresh_limiter(credential)
         return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
     def connection_refused_over_cap(self) -> None:
@@ -721,6 +781,8 @@ class TunnelServer:
                 session.expire("server shutting down", abort_link=False)
             for link in list(self.links):
                 link.lose()
+            for limiter in self.limiters.values():
+                limiter.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)

@@ -22,6 +22,7 @@ from rtunnel.admin import AdminServer, admin_endpoint
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.limits import Limits
 from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpoint, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
@@ -69,6 +70,10 @@ class Options(FileOptions, usage.Options):
         ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
         ["admin", None, None, "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default."],
+        ["bandwidth", None, 0, "Bandwidth limit in bytes per second, each direction, per token credential (--token, --client; clients-file clients: their 'bandwidth'). 0: no limit.", int],
+        ["bandwidth-to-client", None, 0, "Like --bandwidth, only for bytes towards the client's service (what visitors send). 0: --bandwidth.", int],
+        ["bandwidth-from-client", None, 0, "Like --bandwidth, only for bytes from the client's service (what visitors receive). 0: --bandwidth.", int],
+        ["max-connections-per-tunnel", None, 0, "Most visitor connections open at once on one tunnel of a token credential (clients-file clients: their max_connections_per_tunnel); beyond it a visitor is closed at once. 0: no limit.", int],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9120:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
     ]
 
@@ -141,6 +146,14 @@ class Options(FileOptions, usage.Options):
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
+        for name in ("bandwidth", "bandwidth-to-client", "bandwidth-from-client", "max-connections-per-tunnel"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} {self[name]} is negative; give a whole number, or 0 for no limit")
+        limits = Limits(
+            to_client=self["bandwidth-to-client"] or self["bandwidth"] or None,
+            from_client=self["bandwidth-from-client"] or self["bandwidth"] or None,
+            max_connections_per_tunnel=self["max-connections-per-tunnel"] or None,
+        )
         try:
             admin = admin_endpoint(self["admin"]) if self["admin"] is not None else None
             metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
@@ -173,6 +186,7 @@ class Options(FileOptions, usage.Options):
             max_tunnels=self["max-tunnels"],
             admin=admin,
             metrics=metrics,
+            limits=limits,
         )
 
 
@@ -371,6 +385,14 @@ def add_client_parser() -> Any:
         help="most open tunnelled connections per session (default: the server's --max-streams)",
     )
     parser.add_argument(
+        "--bandwidth", type=int, metavar="BYTES",
+        help="bandwidth limit, bytes per second each way (default: none; see docs/security.md)",
+    )
+    parser.add_argument(
+        "--max-connections-per-tunnel", type=int, metavar="N",
+        help="visitors connected at once per tunnel (default: no limit)",
+    )
+    parser.add_argument(
         "--server", metavar="HOST[:PORT]",
         help="where clients reach this server, for the printed command (default: this host, port 19050)",
     )
@@ -398,7 +420,7 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
                 except RtunnelError as e:
                     parser.error(str(e))
                 bind.append(address.strip())
-    for key in ("max_tunnels", "max_streams"):
+    for key in ("max_tunnels", "max_streams", "bandwidth", "max_connections_per_tunnel"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be at least 1")
     state_dir = Path(os.path.expanduser(args.state_dir))
@@ -407,6 +429,7 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
         token = auth.add_client(
             clients_file, args.name, ports, bind=bind or None,
             max_tunnels=args.max_tunnels, max_streams=args.max_streams,
+            bandwidth=args.bandwidth, max_connections_per_tunnel=args.max_connections_per_tunnel,
         )
     except RtunnelError as e:
         print(f"rtunnel_server add-client: {e}", file=sys.stderr)
