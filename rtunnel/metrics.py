@@ -139,8 +139,7 @@ class ServerCollector:
             self.sessions,
             self.streams,
             self.admission,
-            # `limits` adds its section here: bandwidth-limited seconds and
-            # connections refused, per (client, tunnel)
+            self.limits,
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -228,6 +227,42 @@ class ServerCollector:
         dropped.add_metric(["unauthenticated_cap"], guard.refused_connections)
         dropped.add_metric(["rate_limited"], guard.refused_attempts)
         yield dropped
+
+    def limits(self, server: TunnelServer) -> Iterator[Metric]:
+        """Per-client limits (rtunnel.limits): the configured rates, the bytes
+        and seconds of each paced direction, and visitors refused by
+        max_connections_per_tunnel. Clients without limits have no series."""
+        rate = GaugeMetricFamily(
+            "rtunnel_bandwidth_limit_bytes_per_second",
+            "Configured bandwidth limit of a client; direction to_client: what visitors send "
+            "towards the client's service, from_client: the service's replies.",
+            labels=["client", "direction"],
+        )
+        paced = CounterMetricFamily(
+            "rtunnel_bandwidth_paced_bytes",
+            "Bytes counted against a client's bandwidth limit.", labels=["client", "direction"],
+        )
+        held = CounterMetricFamily(
+            "rtunnel_bandwidth_held_seconds",
+            "Seconds streams of a client waited for bandwidth tokens (from_client: only the "
+            "time a window grant waited).", labels=["client", "direction"],
+        )
+        refused = CounterMetricFamily(
+            "rtunnel_visitors_refused_connection_limit",
+            "Visitors closed at once because a tunnel had max_connections_per_tunnel open.",
+            labels=["client", "tunnel"],
+        )
+        now = server.reactor.seconds()
+        for client, limiter in sorted(server.limiters.items()):
+            for direction, pacer in (("to_client", limiter.to_client), ("from_client", limiter.from_client)):
+                if pacer is None:
+                    continue
+                rate.add_metric([client, direction], pacer.rate)
+                paced.add_metric([client, direction], pacer.bytes)
+                held.add_metric([client, direction], pacer.held_seconds_at(now))
+            for tunnel, n in sorted(limiter.refused_by_tunnel.items()):
+                refused.add_metric([client, tunnel], n)
+        yield from (rate, paced, held, refused)
 
 
 class ClientCollector:

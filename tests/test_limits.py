@@ -9,6 +9,7 @@ import io
 import random
 import time
 
+from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -18,9 +19,11 @@ from twisted.trial import unittest
 from rtunnel.auth import parse_clients
 from rtunnel.errors import ConfigError
 from rtunnel.limits import BURST_SECONDS, MIN_BURST, Limits, Pacer, RefusalLog, TokenBucket, burst_for
+from rtunnel.metrics import ServerCollector, registry_for
 from rtunnel.tap.server import Options
 from tests.harness import Echo, Source, Tunnel, Visitor, listen_target, pattern, sleep, visit, wait_until
 from tests.memory import Pair
+from tests.test_metrics import parse, value
 from tests.test_session_fuzz import FUZZ_SETTINGS, ServerSessionMachine, run_state_machine_as_test
 
 MB = 1_000_000
@@ -326,6 +329,11 @@ class Sink(Protocol):
         self.received += len(data)
 
 
+def scrape_limits(server):
+    """The server's metrics as Prometheus text, parsed (rtunnel.metrics)."""
+    return parse(generate_latest(registry_for(ServerCollector(lambda: server))).decode())
+
+
 class EndToEndTests(NearMixin, unittest.TestCase):
     timeout = 90
 
@@ -351,6 +359,16 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertNear(rate / MB, 0.1)
         pacer = tunnel.server.limiters["default"].to_client
         self.assertGreater(pacer.held_seconds_at(reactor.seconds()), 4.0)
+        samples = scrape_limits(tunnel.server)
+        self.assertEqual(
+            value(samples, "rtunnel_bandwidth_limit_bytes_per_second", client="default", direction="to_client"), MB
+        )
+        self.assertGreater(
+            value(samples, "rtunnel_bandwidth_paced_bytes_total", client="default", direction="to_client"), 5 * MB
+        )
+        self.assertGreater(
+            value(samples, "rtunnel_bandwidth_held_seconds_total", client="default", direction="to_client"), 4.0
+        )
         visitor.transport.abortConnection()
 
     @defer.inlineCallbacks
@@ -390,6 +408,10 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertEqual(listener.visitors_refused, 30)
         self.assertEqual(tunnel.server.limiters["default"].visitors_refused, 30)
         self.assertEqual(tunnel.server.limiters["default"].refused_by_tunnel, {f"127.0.0.1:{public}": 30})
+        samples = scrape_limits(tunnel.server)
+        self.assertEqual(
+            value(samples, "rtunnel_visitors_refused_connection_limit_total", tunnel=f"127.0.0.1:{public}"), 30
+        )
         lines = [e for e in events if e.get("reason") == "max_connections_per_tunnel"]
         self.assertLessEqual(len(lines), 2)  # not one line per visitor
         self.assertEqual(lines[0]["count"], 1)
