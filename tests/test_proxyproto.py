@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, error, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python import usage
@@ -23,8 +23,19 @@ from twisted.trial import unittest
 
 from rtunnel import proxyproto
 from rtunnel.proxyproto import header, v1_header, v2_header
+from rtunnel.tap import client as tap_client
 from rtunnel.tap.client import Options
-from tests.harness import Tunnel, Visitor, pattern, with_timeout
+from tests.harness import (
+    TOKEN,
+    Echo,
+    Tunnel,
+    Visitor,
+    free_port,
+    listen_target,
+    pattern,
+    wait_until,
+    with_timeout,
+)
 
 SIGNATURE = bytes([0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A])
 
@@ -304,6 +315,82 @@ class ThroughTheTunnel(unittest.TestCase):
         except OSError:
             raise unittest.SkipTest("this host has no IPv6: no dual-stack listener") from None
         return defer.gatherResults([self._check("v1", "::"), self._check("v2", "::")])
+
+
+# ---------------------------------------------------------------- a reload
+
+
+class Conversation(Protocol):
+    """A visitor the test drives: it sends when told, keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: defer.Deferred[None] = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class ReloadChangesTheHeader(unittest.TestCase):
+    """A config file reload that changes only proxy_protocol keeps the
+    tunnel and its port; new visitors get the new header, a connection
+    already open gets none in the middle of its bytes."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def converse(self, port: int) -> Any:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, bindAddress=("127.0.0.2", 0))
+        conversation = yield connectProtocol(endpoint, Conversation())
+        self.addCleanup(lambda: conversation.closed)
+        self.addCleanup(conversation.transport.loseConnection)
+        return conversation
+
+    @defer.inlineCallbacks
+    def test_reload_switches_the_header_for_new_visitors_only(self):
+        _, target = listen_target(self, Echo)  # echoes the header too: the visitor sees it
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        public = free_port()
+        path = Path(self.mktemp())
+
+        def write(version: str) -> None:
+            path.write_text(
+                f'server = "127.0.0.1:{tunnel.control_port}"\ntoken = "{TOKEN}"\n'
+                f'fingerprint = "{tunnel.fingerprint}"\n'
+                f'[[tunnel]]\nforward = "127.0.0.1:{public}"\nto = "127.0.0.1:{target}"\n'
+                f'proxy_protocol = "{version}"\n'
+            )
+
+        write("off")
+        options = Options()
+        options.parseOptions(["--config", str(path)])
+        service = tap_client.ClientMainService(options.config, reactor, exit_on_fatal=False, reload_argv=options.argv)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        yield with_timeout(service.client.when_bound(), 10)
+
+        before = yield self.converse(public)
+        before.transport.write(b"before")
+        yield wait_until(lambda: before.received == b"before")
+        for version in ("v1", "v2"):
+            write(version)
+            service.reload()
+            self.assertEqual(service.client.tunnels[1].proxy_protocol, version)
+            self.assertEqual(service.client.bound[1][1], public)  # the same tunnel, the same port
+            fresh = yield self.converse(public)
+            fresh.transport.write(b"hello")
+            source = fresh.transport.getHost()
+            expected = header(version, [source.host, source.port], ["127.0.0.1", public]) + b"hello"
+            yield wait_until(lambda: len(fresh.received) >= len(expected))  # noqa: B023 (waited for here, in this turn)
+            self.assertEqual(fresh.received, expected)
+            parsed = parse_v1(fresh.received[:-5]) if version == "v1" else parse_v2(fresh.received[:-5])
+            self.assertEqual(parsed[1:3], ("127.0.0.2", "127.0.0.1"))
+        before.transport.write(b" after")
+        yield wait_until(lambda: before.received == b"before after")
 
 
 # ---------------------------------------------------------------- the client's option
