@@ -612,6 +612,11 @@ class RtunnelPath:
         self.client = self.b.venv_tool("rtunnel_client")
         self.token = secrets.token_hex(16)
         self.state = None
+        window = bench.args.rtunnel_window
+        # both ends: the receiver grants the window, the sender caps its resend buffer at it
+        self.window_args = [] if window is None else [
+            "--max-stream-window", window, "--session-buffer", max(4 * window, 64 << 20),
+        ]
 
     def unavailable(self):
         if not self.server or not self.client:
@@ -635,6 +640,7 @@ class RtunnelPath:
                 "--interface", LOOP,
                 "--state-dir", self.state,
                 "--token", self.token,
+                *self.window_args,
             ],
             cwd=srv_cwd,
         )  # fmt: skip
@@ -667,6 +673,7 @@ class RtunnelPath:
                     "-t", f"{LOOP}:{service_port}",
                     "--token", self.token,
                     "--fingerprint", fp[0],
+                    *self.window_args,
                 ],
                 cwd=cli_cwd,
             )  # fmt: skip
@@ -1459,6 +1466,12 @@ def main(argv=None) -> int:
         default=list(SCALE_LEVELS),
         help="concurrent connections for the scaling test, comma-separated "
         "(default 1,10,100,1000; empty to skip)",
+    )
+    ap.add_argument(
+        "--rtunnel-window",
+        type=int,
+        metavar="BYTES",
+        help="rtunnel's --max-stream-window on both ends (default: its own default, 16 MiB)",
     )
     ap.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")
     ap.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)

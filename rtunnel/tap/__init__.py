@@ -15,6 +15,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from rtunnel.link import Keepalive
+from rtunnel.mux import SessionSettings
 
 log = Logger()
 
@@ -26,6 +27,40 @@ def keepalive_from(options: Any) -> Keepalive:
 
         raise usage.UsageError("--dead-after must be greater than --ping-interval > 0")
     return Keepalive(interval=interval, dead_after=dead)
+
+
+MIN_SESSION_BUFFER = 1024 * 1024
+MIN_MAX_STREAM_WINDOW = 256 * 1024
+_DEFAULT_SESSION = SessionSettings()
+
+# the --session-buffer and --max-stream-window options of both ends
+WINDOW_OPTIONS: list[list[Any]] = [
+    [
+        "session-buffer", None, _DEFAULT_SESSION.session_window_budget,
+        "Most bytes one session may have buffered across its streams' grown flow-control "
+        "windows (at least 1048576).", int,
+    ],
+    [
+        "max-stream-window", None, _DEFAULT_SESSION.max_stream_window,
+        "Largest flow-control window of one tunnelled connection, in bytes (262144 to "
+        "--session-buffer); a stream over a path of bandwidth B and round trip T needs B*T.", int,
+    ],
+]
+
+
+def window_settings_from(options: Any) -> dict[str, int]:
+    """Checked --session-buffer and --max-stream-window, as SessionSettings keywords."""
+    from twisted.python import usage
+
+    budget, window = options["session-buffer"], options["max-stream-window"]
+    if budget < MIN_SESSION_BUFFER:
+        raise usage.UsageError(f"--session-buffer {budget} is below {MIN_SESSION_BUFFER} bytes")
+    if not MIN_MAX_STREAM_WINDOW <= window <= budget:
+        raise usage.UsageError(
+            f"--max-stream-window {window} is outside {MIN_MAX_STREAM_WINDOW}-{budget} bytes "
+            "(at most --session-buffer)"
+        )
+    return {"max_stream_window": window, "session_window_budget": budget}
 
 
 def exit_process(reactor: Any, code: int) -> None:

@@ -29,7 +29,8 @@ from rtunnel.configfile import (
 from rtunnel.counters import CountingEndpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.metrics import ClientCollector, MetricsService, parse_metrics_endpoint, registry_for
-from rtunnel.tap import SighupReload, exit_process, keepalive_from
+from rtunnel.mux import SessionSettings
+from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
     ClientIdentity,
@@ -71,6 +72,7 @@ class Options(FileOptions, usage.Options):
         ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
         ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
         ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
+        *WINDOW_OPTIONS,
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9121:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
         [
             "proxy-protocol", None, "off",
@@ -238,6 +240,7 @@ class Options(FileOptions, usage.Options):
             fingerprint=fingerprint,
             ca_file=Path(self["ca"]) if self["ca"] else None,
             keepalive=keepalive_from(self),
+            session=SessionSettings(**window_settings_from(self)),
             max_retry_delay=self["max-retry-delay"],
             connect_timeout=self["connect-timeout"],
             metrics=metrics,

@@ -27,15 +27,12 @@ from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpo
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
-from rtunnel.tap import SighupReload, exit_process, keepalive_from
+from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
 MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
 MAX_MAX_FRAME = 16 * 1024 * 1024
-MIN_SESSION_BUFFER = 1024 * 1024
-MIN_MAX_STREAM_WINDOW = 256 * 1024
-_DEFAULT_SESSION = SessionSettings()
 
 
 class Options(FileOptions, usage.Options):
@@ -66,8 +63,7 @@ class Options(FileOptions, usage.Options):
         ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
         ["max-tunnels", None, 64, "Most tunnels (bound ports) per session for token credentials (--token, --client); clients-file clients have their own max_tunnels.", int],
         ["max-frame", None, 1 << 20, "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", int],
-        ["session-buffer", None, _DEFAULT_SESSION.session_window_budget, "Most bytes one session may have buffered across its streams' grown flow-control windows (at least 1048576).", int],
-        ["max-stream-window", None, _DEFAULT_SESSION.max_stream_window, "Largest flow-control window of one tunnelled connection, in bytes (262144 to --session-buffer).", int],
+        *WINDOW_OPTIONS,
         ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
         ["admin", None, None, "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default."],
         ["bandwidth", None, 0, "Bandwidth limit in bytes per second, each direction, per token credential (--token, --client; clients-file clients: their 'bandwidth'). 0: no limit.", int],
@@ -107,15 +103,7 @@ class Options(FileOptions, usage.Options):
             raise usage.UsageError(
                 f"--max-frame {self['max-frame']} is outside {MIN_MAX_FRAME}-{MAX_MAX_FRAME} bytes"
             )
-        if self["session-buffer"] < MIN_SESSION_BUFFER:
-            raise usage.UsageError(
-                f"--session-buffer {self['session-buffer']} is below {MIN_SESSION_BUFFER} bytes"
-            )
-        if not MIN_MAX_STREAM_WINDOW <= self["max-stream-window"] <= self["session-buffer"]:
-            raise usage.UsageError(
-                f"--max-stream-window {self['max-stream-window']} is outside "
-                f"{MIN_MAX_STREAM_WINDOW}-{self['session-buffer']} bytes (at most --session-buffer)"
-            )
+        windows = window_settings_from(self)
         try:
             allow = parse_port_ranges(self["allow-ports"])
         except RtunnelError as e:
@@ -176,8 +164,7 @@ class Options(FileOptions, usage.Options):
             session=SessionSettings(
                 max_streams=self["max-streams"],
                 max_frame=self["max-frame"],
-                max_stream_window=self["max-stream-window"],
-                session_window_budget=self["session-buffer"],
+                **windows,
             ),
             max_unauthenticated=self["max-unauthenticated"],
             auth_failure_burst=self["auth-failures"],
