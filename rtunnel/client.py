@@ -119,6 +119,9 @@ class TunnelClient:
         self.link: ClientLink | None = None
         self.links: set[ClientLink] = set()  # every live link, handshaking or not
         self.bound: dict[int, tuple[str, int]] = {}
+        # tunnel id -> "host:port" from its BOUND, never popped (ids are never
+        # reused): a removed tunnel's connections keep their metrics label
+        self.tunnel_names: dict[int, str] = {}
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
         self.failed = False
         self._connecting: dict[int, defer.Deferred[Any]] = {}
@@ -346,6 +349,7 @@ class TunnelClient:
             if spec is None or not isinstance(port, int):
                 raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
             self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
+            self.tunnel_names[spec.tunnel_id] = tunnel_name(*self.bound[spec.tunnel_id])
             self.log.info(
                 "tunnel ready: {server}:{port} -> {target}",
                 server=bracket(self.config.server_host), port=port,
@@ -394,9 +398,9 @@ class TunnelClient:
     def tunnel_name(self, tunnel_id: int) -> str:
         """A tunnel's public "host:port" as the server bound it (the
         server's label for it too), or as asked for until it is bound."""
-        bound = self.bound.get(tunnel_id)
-        if bound is not None:
-            return tunnel_name(*bound)
+        name = self.tunnel_names.get(tunnel_id)
+        if name is not None:
+            return name
         spec = self.tunnels.get(tunnel_id)
         return tunnel_name(spec.bind_host or "*", spec.bind_port) if spec is not None else "?"
 

@@ -187,6 +187,7 @@ class ServerSession:
         self.started_at = server.reactor.seconds()
         self.state_since = self.started_at
         self.peer: tuple[str, int] | None = None
+        self._binds_waiting: set[int] = set()  # tunnel ids whose BIND waits for a closing port
 
     # ------------------------------------------------------------ links
 
@@ -277,6 +278,7 @@ class ServerSession:
         elif frame.type is FrameType.UNBIND:
             body = wire.decode_json(frame)
             listener = self.tunnels.pop(_int(body, "tunnel"), None)
+            self._binds_waiting.discard(_int(body, "tunnel"))
             if listener is not None:
                 self.server.release(listener)
         elif frame.type is FrameType.GOAWAY:
@@ -284,13 +286,13 @@ class ServerSession:
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from a client")
 
-    def _bind(self, body: dict[str, Any]) -> None:
+    def _bind(self, body: dict[str, Any], retry: bool = True) -> None:
         tunnel_id = _int(body, "tunnel")
         host = body.get("host") or ""  # none: the server's default (TunnelServer.bind_default)
         port = _int(body, "port")
         if not isinstance(host, str) or not 0 <= port <= 65535:
             raise ProtocolViolation("BIND needs a host string and a port 0-65535")
-        if tunnel_id in self.tunnels:
+        if tunnel_id in self.tunnels or tunnel_id in self._binds_waiting:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
         if host and not is_ip_literal(host):
             self.session.send_json(
@@ -305,6 +307,10 @@ class ServerSession:
             else:
                 listener = self.server.bind_default(self, tunnel_id, port)
         except BindRefused as refusal:
+            closing = self.server.when_port_closed(port) if retry and refusal.code == "in_use" and port else None
+            if closing is not None:  # e.g. UNBIND and BIND of the same port in one reload
+                self._bind_when_closed(closing, body, tunnel_id)
+                return
             self.log.warn(
                 "refused to bind {address} for {cred}: {why}",
                 address=format_host_port(host, port) if host else f"port {port} (default address)",
@@ -323,12 +329,43 @@ class ServerSession:
         self.log.info("tunnel bound: {address} for session {id}", address=format_host_port(host, bound_port), host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
 
+    def _bind_when_closed(self, closing: defer.Deferred[None], body: dict[str, Any], tunnel_id: int) -> None:
+        """Try a BIND once more when the port it wants has closed (a listening
+        socket closes on the reactor's next turn, after stopListening)."""
+        self._binds_waiting.add(tunnel_id)
+
+        def closed(_: object) -> None:
+            if tunnel_id in self._binds_waiting and self.state is not SessionState.EXPIRED:
+                self._binds_waiting.discard(tunnel_id)
+                self._bind(body, retry=False)
+
+        closing.addCallback(closed).addErrback(
+            lambda failure: self.log.failure(
+                "binding tunnel {tunnel} after its port closed failed", failure,
+                tunnel=tunnel_id, event="bind_error", session=self.id[:8],
+            )
+        )
+
 
 def _int(body: dict[str, Any], key: str) -> int:
     value = body.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > wire.MAX_U32:
         raise ProtocolViolation(f"field {key!r} must be an integer 0..{wire.MAX_U32}")
     return value
+
+
+def _dual_stack(listener: PublicListener) -> bool:
+    """True if the listener's socket is on `::` and takes IPv4 visitors too
+    (IPV6_V6ONLY off)."""
+    skt = getattr(listener.port, "socket", None)
+    if skt is None or skt.family != socket.AF_INET6:
+        return False
+    try:
+        if ipaddress.ip_address(listener.host) != ipaddress.IPv6Address("::"):
+            return False
+        return skt.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+    except (ValueError, OSError):
+        return False
 
 
 class BindRefused(Exception):
@@ -376,6 +413,8 @@ class TunnelServer:
             self.clients = dict(clients)
         self.sessions: dict[str, ServerSession] = {}
         self.listeners: dict[tuple[str, int], PublicListener] = {}
+        # (host, port) -> waiters for a released port whose socket is not closed yet
+        self._closing: dict[tuple[str, int], list[defer.Deferred[None]]] = {}
         self.links: set[ServerLink] = set()
         self.shutting_down = False
         self._drained: defer.Deferred[None] | None = None
@@ -504,7 +543,10 @@ class TunnelServer:
                     f"{listener.host}:{listener.key[1]}"
                     for listener in session.tunnels.values()
                     if listener.port is not None
-                    and not (policy.permits_port(listener.key[1]) and policy.permits_address(listener.host))
+                    and (
+                        not (policy.permits_port(listener.key[1]) and policy.permits_address(listener.host))
+                        or (_dual_stack(listener) and not policy.permits_address(IPV4_ANY))
+                    )
                 ]
                 if outside:
                     self.log.warn(
@@ -663,6 +705,18 @@ class TunnelServer:
                 raise BindRefused(
                     "in_use", f"port {port} on {host} is held by another client; choose another port"
                 )
+            if _dual_stack(held) and self._ipv6_only(held, host):
+                # its socket takes IPv4 visitors too, which the owner may no longer
+                # bind (a reload): close it; the BIND is tried again once it is closed
+                previous.tunnels.pop(held.tunnel_id, None)
+                self.release(held)
+                if not previous.tunnels and previous.state is not SessionState.CONNECTED:
+                    previous.expire("its owner started a new session")
+                raise BindRefused(
+                    "in_use",
+                    f"port {port} on {host} is closing (it took IPv4 visitors too, which client "
+                    f"{owner.credential} may no longer bind); try again shortly",
+                )
             # The rightful owner is back (e.g. restarted): hand the port over.
             previous.tunnels.pop(held.tunnel_id, None)
             held.owner, held.tunnel_id = owner, tunnel_id
@@ -744,8 +798,29 @@ class TunnelServer:
         port, listener.port = listener.port, None
         if port is None:
             return defer.succeed(None)
-        self.listeners.pop((listener.host, port.getHost().port), None)
-        return defer.maybeDeferred(port.stopListening)
+        key = (listener.host, port.getHost().port)
+        self.listeners.pop(key, None)
+        self._closing.setdefault(key, [])
+
+        def closed(result: object) -> object:
+            for waiter in self._closing.pop(key, []):
+                waiter.callback(None)
+            return result
+
+        return defer.maybeDeferred(port.stopListening).addBoth(closed)
+
+    def when_port_closed(self, port: int) -> defer.Deferred[None] | None:
+        """Fires once the released public ports on `port` (any address) have
+        closed their sockets; None if none is closing."""
+        keys = [key for key in self._closing if key[1] == port]
+        if not keys:
+            return None
+        waiters = []
+        for key in keys:
+            waiter: defer.Deferred[None] = defer.Deferred()
+            self._closing[key].append(waiter)
+            waiters.append(waiter)
+        return defer.gatherResults(waiters).addCallback(lambda _: None)
 
     # ------------------------------------------------------------ shutdown
 

@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import replace
@@ -34,7 +35,6 @@ from tests.harness import (
     Visitor,
     free_port,
     listen_target,
-    visit,
     wait_until,
     with_timeout,
 )
@@ -253,14 +253,12 @@ class NothingToReloadTests(SynchronousTestCase):
         )
         public = int(client.wait_for(r"tunnel ready: \S+:(\d+) -> ").group(1))
 
-        for process in (server, client):
+        for process, option in ((server, "--clients"), (client, "--config")):
             os.kill(process.popen.pid, signal.SIGHUP)
-            process.wait_for(r"SIGHUP: nothing to reload \(no --clients / --config\)")
+            process.wait_for(rf"SIGHUP: nothing to reload \(no {option}\)")
         time.sleep(0.5)  # a process the signal killed would be gone by now
         self.assertIsNone(server.popen.poll(), server.describe())
         self.assertIsNone(client.popen.poll(), client.describe())
-
-        import socket
 
         with socket.create_connection(("127.0.0.1", public), timeout=20) as visitor:
             visitor.sendall(b"still up")

@@ -80,7 +80,8 @@ def exit_process(reactor: Any, code: int) -> None:
 
 class SighupReload:
     """Calls `reload` in the reactor thread on SIGHUP, from install() until
-    restore() (which puts the previous handler back)."""
+    restore() (which puts the previous handler back). A previous Python
+    handler (e.g. another service's in the same process) is called too."""
 
     def __init__(self, reactor: Any, reload: Callable[[], None], what: str) -> None:
         self._reactor = reactor
@@ -91,9 +92,7 @@ class SighupReload:
 
     def install(self) -> None:
         try:
-            self._previous = signal.signal(
-                signal.SIGHUP, lambda *a: self._reactor.callFromThread(self._reload)
-            )
+            self._previous = signal.signal(signal.SIGHUP, self._handle)
         except (ValueError, OSError, AttributeError) as e:  # not the main thread, or no SIGHUP
             log.warn(
                 "cannot reload {what} on SIGHUP: {why}",
@@ -101,6 +100,11 @@ class SighupReload:
             )
             return
         self.installed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._reload)
+        if callable(self._previous):
+            self._previous(signum, frame)
 
     def restore(self) -> None:
         if self.installed:

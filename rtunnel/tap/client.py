@@ -346,8 +346,7 @@ class ClientMainService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.reload_argv is not None:
-            self._sighup.install()
+        self._sighup.install()  # always: SIGHUP's default action would kill the client
 
     def reload(self) -> None:
         """Re-read the config file (SIGHUP) with the same command line and
@@ -356,6 +355,7 @@ class ClientMainService(service.MultiService):
         changed settings are logged as needing a restart. A file that fails
         validation changes nothing."""
         if self.reload_argv is None:
+            self.log.info("SIGHUP: nothing to reload (no --config)", event="reload_skipped", reason="no --config")
             return
         fresh = Options()
         try:

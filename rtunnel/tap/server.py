@@ -205,8 +205,7 @@ class ServerService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.config.clients_file is not None:
-            self._sighup.install()
+        self._sighup.install()  # always: SIGHUP's default action would kill the server
         d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
 
@@ -223,7 +222,10 @@ class ServerService(service.Service):
     def reload(self) -> None:
         """Re-read the clients file (SIGHUP). A file that fails validation
         changes nothing: the previous clients stay, the error is logged."""
-        if self.server is None or self.config.clients_file is None:
+        if self.config.clients_file is None:
+            self.log.info("SIGHUP: nothing to reload (no --clients)", event="reload_skipped", reason="no --clients")
+            return
+        if self.server is None:
             return
         try:
             clients = self.load_clients()
