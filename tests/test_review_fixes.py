@@ -148,6 +148,22 @@ class SamePortReloadTests(TestCase):
             raise SkipTest(NO_DUAL_STACK)
         return self.rebind(str(self.port), f"[::]:{self.port}", "::1")
 
+    @defer.inlineCallbacks
+    def test_a_tunnel_removed_while_its_bind_waits_is_never_bound(self) -> Any:
+        [public] = yield self.tunnel.connect([(self.port, self.target)])
+        client = self.tunnel.client_service.client
+        spec = client.remove_tunnel(1)
+        added = client.add_tunnel(replace(spec, bind_host="0.0.0.0"))  # waits for the port to close
+        client.remove_tunnel(added.tunnel_id)  # ...and is gone before it has
+        marker = client.add_tunnel(replace(spec, bind_port=0))  # BOUND once the server has read all that
+        yield wait_until(lambda: marker.tunnel_id in client.bound)
+        [session] = self.tunnel.server.sessions.values()
+        yield wait_until(lambda: not session._binds_waiting and not self.tunnel.server._closing)
+        self.assertEqual(sorted(session.tunnels), [marker.tunnel_id])
+        self.assertEqual(list(self.tunnel.server.listeners), [("127.0.0.1", client.bound[marker.tunnel_id][1])])
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", public), timeout=5).close()
+
 
 class DualStackPolicyTests(TestCase):
     """Review item 4: a clients-file reload that takes 0.0.0.0 from a
