@@ -292,7 +292,7 @@ class SessionResource(resource.Resource):
         if session is None:
             return self._missing()
         self.log.info(
-            "admin disconnected session {id} of {cred}", id=session.id[:8], cred=session.credential
+            "admin disconnected session {id} of {cred}", id=session.id[:8], cred=session.credential, event="admin_disconnect", session=session.id[:8], credential=session.credential
         )
         session.expire("disconnected by the server's administrator")
         return 200, {"session": session.id, "client": session.credential, "state": session.state.value}

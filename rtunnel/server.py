@@ -259,7 +259,7 @@ class ServerSession:
         self.session.send_json(
             FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why}
         )
-        self.log.info("tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why)
+        self.log.info("tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why, event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, host=listener.host, reason=why)
         return True
 
     # ------------------------------------------------------------ delegate
