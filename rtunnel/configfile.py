@@ -43,6 +43,14 @@ def toml_type(value: object) -> str:
     return _TOML_TYPES.get(type(value), "a date or time")
 
 
+def _quotable(value: object) -> str:
+    """A number as the string it should have been written as (9119 ->
+    9119, for `admin = "9119"`); "..." for any other value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return "..."
+
+
 def suggest(word: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest choice, or the list of choices."""
     choices = sorted(choices)
@@ -367,6 +375,16 @@ class FileOptions:
                 self.apply_config_table(cf, key, value)
                 continue
             name = keys.get(key)
+            if name is None and key in TUNNEL_KEYS and "tunnel" in self.config_tables:
+                forward, to = (
+                    v if isinstance(v, str) else d
+                    for v, d in ((cf.data.get("forward"), "4000"), (cf.data.get("to"), "127.0.0.1:3000"))
+                )
+                raise cf.error(
+                    f"{key} is a setting of each tunnel: it belongs under [[tunnel]], e.g. "
+                    f'[[tunnel]] forward = "{forward}" to = "{to}" (one [[tunnel]] table per tunnel, '
+                    "each key on its own line, after the top-level keys)", key,
+                )
             if name is None:
                 known = set(keys) | set(self.config_tables)
                 hint = suggest(key, known)
@@ -400,7 +418,7 @@ class FileOptions:
                 example = f"{key} = {default if type(default) is int else 100}"
             elif coerce is str:
                 ok, wanted = isinstance(value, str), "a string"
-                example = f'{key} = "..."'
+                example = f'{key} = "{_quotable(value)}"'
             else:
                 ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
                 wanted, example = "a string or a number", f'{key} = "..."'
@@ -410,7 +428,8 @@ class FileOptions:
             values = value if isinstance(value, list) else [value]
             if not values or not all(isinstance(v, str) for v in values):
                 raise cf.error(
-                    f'{key} is {toml_type(value)}; write a string, or an array of strings, e.g. {key} = ["..."]', key
+                    f"{key} is {toml_type(value)}; write a string, or an array of strings, "
+                    f'e.g. {key} = ["{_quotable(value)}"]', key,
                 )
         for item in values:
             text = repr(item) if isinstance(item, float) else str(item)
