@@ -25,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from rtunnel.config import TunnelSpec
-from rtunnel.configfile import plan_tunnel_changes
+from rtunnel.configfile import FileOptions, plan_tunnel_changes
 from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
 from tests.harness import (
@@ -802,3 +802,28 @@ class ProcessReloadTests(SynchronousTestCase):
         self.assertNotIn("detached", server.output)
         self.assertEqual(server.output.count("new session"), 1)
         self.assertEqual(client.popen.poll(), None)
+
+
+class DocumentedOptionsTests(SynchronousTestCase):
+    """README's "Every option" tables and docs/configuration.md's key lists
+    name every option and file key the programs accept."""
+
+    root = Path(__file__).resolve().parent.parent
+
+    def options(self) -> dict[str, FileOptions]:
+        return {"server": tap_server.Options(), "client": tap_client.Options()}
+
+    def test_readme_tables_list_every_option(self) -> None:
+        readme = (self.root / "README.md").read_text()
+        tables = readme.split("## Every option", 1)[1].split("\n## ", 1)[0]
+        for end, options in self.options().items():
+            section = tables.split(f"### `rtunnel_{end}`", 1)[1].split("\n### ", 1)[0]
+            names = sorted(o.rstrip("=") for o in options.longOpt)  # type: ignore[attr-defined]
+            missing = [n for n in names if n not in ("help", "version") and f"`--{n}" not in section]
+            self.assertEqual(missing, [], f"rtunnel_{end} options missing from README's table")
+
+    def test_configuration_md_names_every_file_key(self) -> None:
+        docs = (self.root / "docs" / "configuration.md").read_text()
+        for end, options in self.options().items():
+            missing = [k for k in options.config_keys() if f"`{k}`" not in docs]
+            self.assertEqual(missing, [], f"{end} file keys missing from docs/configuration.md")
