@@ -23,10 +23,10 @@ from typing import Any
 
 from twisted.python import usage
 
+from rtunnel import proxyproto
 from rtunnel.config import SERVER_DEFAULT_BIND, TunnelSpec, check_bind, parse_host_port
 from rtunnel.errors import ConfigError
 
-PROXY_PROTOCOLS = ("off", "v1", "v2")
 TUNNEL_KEYS = ("forward", "to", "proxy_protocol")
 # keys whose values are file names: '~' is expanded, and a relative name is
 # relative to the directory of the config file (so a reload finds the same file)
@@ -224,8 +224,8 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
             )
         except ConfigError as e:
             raise ConfigError(f"{e} (forward is [BIND:]PORT, to is [HOST:]PORT)") from None
-        proxy = entry.get("proxy_protocol", "off")
-        if not isinstance(proxy, str) or proxy not in PROXY_PROTOCOLS:
+        proxy = entry.get("proxy_protocol", proxyproto.OFF)
+        if not isinstance(proxy, str) or proxy not in proxyproto.VERSIONS:
             shown = repr(proxy) if isinstance(proxy, str) else toml_type(proxy)
             raise cf.error(
                 f'{name}: proxy_protocol is {shown}; write "off" (the default), "v1" or "v2"',
@@ -445,7 +445,6 @@ class FileOptions:
 
 
 __all__ = [
-    "PROXY_PROTOCOLS",
     "ConfigFile",
     "FileOptions",
     "TunnelChanges",

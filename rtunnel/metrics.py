@@ -36,29 +36,9 @@ from rtunnel.counters import StreamTotals, Traffic
 from rtunnel.errors import ConfigError
 from rtunnel.mux import Session
 from rtunnel.server import SessionState, TunnelServer
+from rtunnel.web import QuietSite
 
 PATH = b"metrics"
-
-
-def parse_metrics_endpoint(text: str) -> str:
-    """`--metrics`: a Twisted server endpoint string, or a bare port
-    (meaning 127.0.0.1:PORT). Raises ConfigError naming what is wrong."""
-    text = text.strip()
-    if text.isdigit():
-        port = int(text)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--metrics {text}: port {port} is outside 0-65535")
-        text = f"tcp:{port}:interface=127.0.0.1"
-    try:
-        from twisted.internet import reactor
-
-        serverFromString(reactor, text)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"--metrics {text!r} is not a Twisted server endpoint ({e}); give a port (9120, "
-            "on 127.0.0.1) or e.g. tcp:9120:interface=0.0.0.0"
-        ) from None
-    return text
 
 
 # ---------------------------------------------------------------- collectors
@@ -346,19 +326,10 @@ class MetricsPage(Resource):
         return body
 
 
-class _QuietSite(Site):
-    """No access log line per scrape."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
-
-
 def metrics_site(registry: CollectorRegistry) -> Site:
     root = Resource()
     root.putChild(PATH, MetricsPage(registry))
-    return _QuietSite(root)
+    return QuietSite(root)
 
 
 class MetricsError(ConfigError):

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
-from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, unmap
+from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, known_host_port, unmap
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
@@ -857,8 +857,7 @@ class ServerLink(ControlLink):
     def peer_address(self) -> tuple[str, int] | None:
         """The client's (host, port), if the transport knows it."""
         try:
-            peer = self.transport.getPeer()
-            return (unmap(str(peer.host)), int(peer.port))
+            return known_host_port(self.transport.getPeer())
         except Exception:
             return None
 

@@ -27,8 +27,9 @@ from rtunnel.configfile import (
     read_token_file,
 )
 from rtunnel.counters import CountingEndpoint
+from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
-from rtunnel.metrics import ClientCollector, MetricsService, parse_metrics_endpoint, registry_for
+from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
 from rtunnel.tls import (
@@ -225,7 +226,7 @@ class Options(FileOptions, usage.Options):
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
             if self["ca"]:
                 ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
-            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
+            metrics = local_endpoint(self["metrics"], "--metrics", 9120) if self["metrics"] else None
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
