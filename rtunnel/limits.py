@@ -144,10 +144,10 @@ class Pacer:
             self._turn_left -= n
 
     def give_back(self, n: int) -> None:
-        """Return tokens paid for bytes that will never come."""
+        """Return tokens paid for bytes that will never come. Only the
+        bucket gets them back: `bytes` is a counter and never goes down."""
         if n > 0:
             self.bucket.give_back(n)
-            self.bytes -= n
 
     def forget(self, stream: Stream) -> None:
         """A stream closed: it no longer waits."""

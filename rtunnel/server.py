@@ -466,6 +466,7 @@ class TunnelServer:
                 session.send_pacer, session.recv_pacer = new.to_client, new.from_client
                 for stream in session.streams.values():
                     stream.paid_limit = max(stream.paid_limit, stream.recv_limit)  # granted before: paid
+                    stream.unpaid_upto = stream.paid_limit  # ...but not to the new bucket: no refund
                 session._update_all()
 
     def check_clients(self, clients: dict[str, ClientPolicy]) -> None:
