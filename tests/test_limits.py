@@ -240,14 +240,18 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
         clock = Clock()
         events: list[dict] = []
         refusals = RefusalLog(clock)
-        refusals.log = Logger(observer=events.append)
+        times = []
+        refusals.log = Logger(observer=lambda e: (events.append(e), times.append(clock.seconds())))
         for _ in range(1000):
             refusals.refused(tunnel="127.0.0.1:4000", limit=2)
             clock.advance(0.002)  # 1000 visitors in 2 s
-        self.assertEqual(len(events), 2)
+        clock.advance(1)
+        self.assertEqual(len(events), 3)  # at 0 s, 1 s and 2 s
+        self.assertEqual([round(t, 6) for t in times], [0, 1, 2])
         self.assertEqual(events[0]["count"], 1)
-        self.assertEqual(events[1]["count"], 500)
+        self.assertEqual(sum(e["count"] for e in events), 1000)
         self.assertEqual(events[1]["event"], "visitor_refused")
+        self.assertEqual(events[1]["reason"], "max_connections_per_tunnel")
 
 
     def test_the_end_of_a_burst_is_reported_one_interval_later(self):
