@@ -210,8 +210,10 @@ class ServerCollector:
 
     def limits(self, server: TunnelServer) -> Iterator[Metric]:
         """Per-client limits (rtunnel.limits): the configured rates, the bytes
-        and seconds of each paced direction, and visitors refused by
-        max_connections_per_tunnel. Clients without limits have no series."""
+        and seconds of each paced direction, the configured
+        max_connections_per_tunnel and visitors refused by it (clients
+        without limits have none of these series), and the visitors
+        connected to each tunnel now (what that limit counts)."""
         rate = GaugeMetricFamily(
             "rtunnel_bandwidth_limit_bytes_per_second",
             "Configured bandwidth limit of a client; direction to_client: what visitors send "
@@ -232,8 +234,25 @@ class ServerCollector:
             "Visitors closed at once because a tunnel had max_connections_per_tunnel open.",
             labels=["client", "tunnel"],
         )
+        connection_limit = GaugeMetricFamily(
+            "rtunnel_connection_limit",
+            "Configured max_connections_per_tunnel of a client (visitors connected at once to "
+            "each of its tunnels).", labels=["client"],
+        )
+        connections_open = GaugeMetricFamily(
+            "rtunnel_tunnel_connections_open",
+            "Visitors connected to a tunnel's public port now, as max_connections_per_tunnel "
+            "counts them.", labels=["client", "tunnel"],
+        )
+        for listener in list(server.listeners.values()):
+            owner = listener.owner
+            if owner is not None:
+                name = owner.tunnel_names.get(listener.tunnel_id, "?")
+                connections_open.add_metric([owner.credential, name], listener.open_connections)
         now = server.reactor.seconds()
         for client, limiter in sorted(server.limiters.items()):
+            if limiter.limits.max_connections_per_tunnel is not None:
+                connection_limit.add_metric([client], limiter.limits.max_connections_per_tunnel)
             for direction, pacer in (("to_client", limiter.to_client), ("from_client", limiter.from_client)):
                 if pacer is None:
                     continue
@@ -242,7 +261,7 @@ class ServerCollector:
                 held.add_metric([client, direction], pacer.held_seconds_at(now))
             for tunnel, n in sorted(limiter.refused_by_tunnel.items()):
                 refused.add_metric([client, tunnel], n)
-        yield from (rate, paced, held, refused)
+        yield from (rate, paced, held, connection_limit, connections_open, refused)
 
 
 class ClientCollector:
