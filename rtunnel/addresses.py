@@ -39,6 +39,14 @@ def host_port(addr: Any) -> tuple[str, int]:
     return unmap(str(getattr(addr, "host", "?"))), int(getattr(addr, "port", 0) or 0)
 
 
+def known_host_port(addr: Any) -> tuple[str, int] | None:
+    """(host, port) of a Twisted address as host_port gives it, or None if
+    the address has no host and port (a Unix socket, or no address)."""
+    if getattr(addr, "host", None) is None or getattr(addr, "port", None) is None:
+        return None
+    return host_port(addr)
+
+
 def bracket(host: str) -> str:
     """A host as written before `:port`: IPv6 addresses in brackets."""
     return f"[{host}]" if ":" in host else host

@@ -12,9 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,75 +20,32 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
-from twisted.web import resource, server
+from twisted.web import resource
 from twisted.web.iweb import IRequest
 
-from rtunnel.addresses import unmap
-from rtunnel.errors import ConfigError, StateDirError
+from rtunnel.addresses import format_host_port, known_host_port
+from rtunnel.endpoints import local_endpoint
+from rtunnel.errors import ConfigError
 from rtunnel.server import ServerSession, SessionState, TunnelServer
+from rtunnel.tls import load_or_create_secret
+from rtunnel.web import QuietSite
 
 ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_TOKEN_BYTES = 32  # random bytes of a new admin token
 MIN_RATE_INTERVAL = 0.5  # seconds between the byte samples a rate is computed from
 MAX_STREAMS_LISTED = 100  # per session in /api/sessions (the count is always exact)
 _TOKEN_KEY = "rtunnel-admin-token"
 
 
-def admin_endpoint(value: str) -> str:
-    """The endpoint string for `--admin VALUE`: a bare port means that port
-    on 127.0.0.1; anything else is a Twisted server endpoint string."""
-    value = value.strip()
-    if value.isdigit():
-        port = int(value)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--admin {value}: not a port number (0-65535)")
-        return f"tcp:{port}:interface=127.0.0.1"
-    if not value:
-        raise ConfigError("--admin needs a port (e.g. 9119) or an endpoint (e.g. tcp:9119:interface=127.0.0.1)")
-    return value
-
-
 def load_or_create_admin_token(state_dir: Path) -> tuple[str, bool]:
     """The admin token from `state_dir/admin-token`; made (0600, written
-    atomically: a reader never sees a partial file) if absent or empty."""
-    path = state_dir / ADMIN_TOKEN_FILE
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        token = ""
-    except OSError as e:
-        raise StateDirError(f"cannot read the admin token {path}: {e.strerror}; fix its permissions") from None
-    if token:
-        return token, False
-    token = secrets.token_urlsafe(32)
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, temp = tempfile.mkstemp(dir=state_dir, prefix=".admin-token.")  # mode 0600
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(token + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            os.unlink(temp)
-            raise
-    except OSError as e:
-        raise StateDirError(
-            f"cannot write the admin token {path}: {e.strerror}. Fix the permissions of the "
-            "state directory or choose another --state-dir."
-        ) from None
-    return token, True
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    atomically) if absent or empty. Returns (token, created)."""
+    return load_or_create_secret(state_dir / ADMIN_TOKEN_FILE, "admin token", ADMIN_TOKEN_BYTES)
 
 
 def _address(addr: IAddress | None) -> str | None:
-    host, port = getattr(addr, "host", None), getattr(addr, "port", None)
-    if host is None or port is None:
-        return None
-    return _host_port(unmap(str(host)), int(port))
+    known = known_host_port(addr)
+    return format_host_port(*known) if known is not None else None
 
 
 class RateMeter:
@@ -134,7 +88,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
             "id": tunnel_id,
             "host": listener.host,
             "port": port,
-            "address": _host_port(listener.host, port),
+            "address": format_host_port(listener.host, port),
             "streams": open_per_tunnel.get(tunnel_id, 0),
         })
     streams = []
@@ -157,7 +111,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
         "state": session.state.value,
         "since": session.state_since,
         "started": session.started_at,
-        "peer": _host_port(*session.peer) if session.peer is not None else None,
+        "peer": format_host_port(*session.peer) if session.peer is not None else None,
         "bytes_in": mux.bytes_in,
         "bytes_out": mux.bytes_out,
         "rate_in": round(rate_in, 1),
@@ -292,7 +246,7 @@ class SessionResource(resource.Resource):
         if session is None:
             return self._missing()
         self.log.info(
-            "admin disconnected session {id} of {cred}", id=session.id[:8], cred=session.credential
+            "admin disconnected session {id} of {cred}", id=session.id[:8], cred=session.credential, event="admin_disconnect", session=session.id[:8], credential=session.credential
         )
         session.expire("disconnected by the server's administrator")
         return 200, {"session": session.id, "client": session.credential, "state": session.state.value}
@@ -306,7 +260,7 @@ class SessionResource(resource.Resource):
         if listener is None:
             return 404, {"error": f"session {session.id} has no tunnel {tunnel.decode(errors='replace')[:20]!r}; "
                          "GET /api/sessions lists its tunnels"}
-        address = _host_port(listener.host, listener.port.getHost().port if listener.port else 0)
+        address = format_host_port(listener.host, listener.port.getHost().port if listener.port else 0)
         session.close_tunnel(tunnel_id, "closed by the server's administrator")
         return 200, {"session": session.id, "tunnel": tunnel_id, "address": address, "closed": True}
 
@@ -391,13 +345,6 @@ class AdminRoot(resource.Resource):
         return self.children[path]
 
 
-class _QuietSite(server.Site):
-    """No access-log line per request (the page polls every second)."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
 class _Connections(WrappingFactory):
     """Tracks open HTTP connections, so stopping closes them too."""
 
@@ -436,9 +383,7 @@ class AdminServer:
         self._digest = hashlib.sha256(self.token.encode()).digest()
         self.meter = RateMeter()
         self.port: IListeningPort | None = None
-        site = _QuietSite(AdminRoot(self))
-        site.noisy = False
-        self._factory = _Connections(site)
+        self._factory = _Connections(QuietSite(AdminRoot(self)))
         self._factory.noisy = False
 
     def authorized(self, request: IRequest, allow_query: bool) -> bool:
@@ -462,13 +407,7 @@ class AdminServer:
     @defer.inlineCallbacks
     def listen(self) -> Any:
         """Listen on the admin endpoint; fires with the port."""
-        try:
-            endpoint = serverFromString(self.reactor, self.endpoint)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(
-                f"--admin {self.endpoint!r} is not a server endpoint ({e}); give a port (e.g. 9119) "
-                "or an endpoint string like tcp:9119:interface=127.0.0.1"
-            ) from None
+        endpoint = serverFromString(self.reactor, local_endpoint(self.endpoint, "--admin", 9119))
         try:
             self.port = yield endpoint.listen(self._factory)
         except Exception as e:
@@ -476,13 +415,13 @@ class AdminServer:
                 f"cannot listen on the admin endpoint {self.endpoint}: {str(e).rstrip('.')}; "
                 "choose another --admin (or stop the program using it)"
             ) from None
-        address = self.port.getHost()
-        host, port = getattr(address, "host", None), getattr(address, "port", None)
-        if host is None or port is None:  # e.g. a Unix socket: no URL to open
+        known = known_host_port(self.port.getHost())
+        if known is None:  # e.g. a Unix socket: no URL to open
             where, hint = self.endpoint, "send it as the header 'Authorization: Bearer TOKEN'"
         else:
+            host, port = known
             scheme = "https" if self.endpoint.startswith("ssl:") else "http"
-            url = f"{scheme}://{_host_port('127.0.0.1' if host in ('0.0.0.0', '::') else host, port)}/"
+            url = f"{scheme}://{format_host_port('127.0.0.1' if host in ('0.0.0.0', '::') else host, port)}/"
             where, hint = f"{url} ({self.endpoint})", f"open {url}?token=$(cat {self.token_path})"
         self.log.info(
             "admin status page and API on {where}; the admin token is in {path}{created}; {hint}",

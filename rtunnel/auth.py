@@ -22,16 +22,15 @@ import errno
 import hashlib
 import hmac
 import ipaddress
-import os
 import re
 import secrets
-import tempfile
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from rtunnel.errors import ConfigError, StateDirError
+from rtunnel.files import replace_private
 from rtunnel.limits import Limits
 
 DEFAULT_BIND: tuple[str, ...] = ("0.0.0.0", "::")
@@ -370,26 +369,10 @@ def client_table(policy: ClientPolicy, write_bind: bool = True, write_limits: It
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same directory, fsync,
-    os.replace; the file is mode 0600 (it holds token hashes)."""
-    directory = path.parent
+    """Write `text` to `path` atomically, mode 0600 (it holds token hashes)."""
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        replace_private(path, text.encode("utf-8"))
     except OSError as e:
-        raise StateDirError(_cannot_write(path, e)) from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise StateDirError(_cannot_write(path, e)) from None
 
 

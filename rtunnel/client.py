@@ -371,13 +371,13 @@ class TunnelClient:
                 self.log.warn(
                     "the server closed port {port}: {message}; it opens again when this "
                     "client starts a new session (restart it to reopen the port now)",
-                    port=public[1], message=message,
+                    port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
                 )
                 return
             text = f"the server refused to open port {spec.bind_port}: {message}"
             if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
                 # a tunnel added while running: drop it, keep the others up
-                self.log.error("{text}; tunnel not added", text=text)
+                self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
                 self.tunnels.pop(spec.tunnel_id, None)
                 self._added_live.discard(spec.tunnel_id)
                 self._check_all_bound()

@@ -23,10 +23,10 @@ from typing import Any
 
 from twisted.python import usage
 
+from rtunnel import proxyproto
 from rtunnel.config import SERVER_DEFAULT_BIND, TunnelSpec, check_bind, parse_host_port
 from rtunnel.errors import ConfigError
 
-PROXY_PROTOCOLS = ("off", "v1", "v2")
 TUNNEL_KEYS = ("forward", "to", "proxy_protocol")
 # keys whose values are file names: '~' is expanded, and a relative name is
 # relative to the directory of the config file (so a reload finds the same file)
@@ -41,6 +41,14 @@ _TOML_TYPES = {
 
 def toml_type(value: object) -> str:
     return _TOML_TYPES.get(type(value), "a date or time")
+
+
+def _quotable(value: object) -> str:
+    """A number as the string it should have been written as (9119 ->
+    9119, for `admin = "9119"`); "..." for any other value."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return "..."
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:
@@ -216,8 +224,8 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
             )
         except ConfigError as e:
             raise ConfigError(f"{e} (forward is [BIND:]PORT, to is [HOST:]PORT)") from None
-        proxy = entry.get("proxy_protocol", "off")
-        if not isinstance(proxy, str) or proxy not in PROXY_PROTOCOLS:
+        proxy = entry.get("proxy_protocol", proxyproto.OFF)
+        if not isinstance(proxy, str) or proxy not in proxyproto.VERSIONS:
             shown = repr(proxy) if isinstance(proxy, str) else toml_type(proxy)
             raise cf.error(
                 f'{name}: proxy_protocol is {shown}; write "off" (the default), "v1" or "v2"',
@@ -367,6 +375,16 @@ class FileOptions:
                 self.apply_config_table(cf, key, value)
                 continue
             name = keys.get(key)
+            if name is None and key in TUNNEL_KEYS and "tunnel" in self.config_tables:
+                forward, to = (
+                    v if isinstance(v, str) else d
+                    for v, d in ((cf.data.get("forward"), "4000"), (cf.data.get("to"), "127.0.0.1:3000"))
+                )
+                raise cf.error(
+                    f"{key} is a setting of each tunnel: it belongs under [[tunnel]], e.g. "
+                    f'[[tunnel]] forward = "{forward}" to = "{to}" (one [[tunnel]] table per tunnel, '
+                    "each key on its own line, after the top-level keys)", key,
+                )
             if name is None:
                 known = set(keys) | set(self.config_tables)
                 hint = suggest(key, known)
@@ -400,7 +418,7 @@ class FileOptions:
                 example = f"{key} = {default if type(default) is int else 100}"
             elif coerce is str:
                 ok, wanted = isinstance(value, str), "a string"
-                example = f'{key} = "..."'
+                example = f'{key} = "{_quotable(value)}"'
             else:
                 ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
                 wanted, example = "a string or a number", f'{key} = "..."'
@@ -410,7 +428,8 @@ class FileOptions:
             values = value if isinstance(value, list) else [value]
             if not values or not all(isinstance(v, str) for v in values):
                 raise cf.error(
-                    f'{key} is {toml_type(value)}; write a string, or an array of strings, e.g. {key} = ["..."]', key
+                    f"{key} is {toml_type(value)}; write a string, or an array of strings, "
+                    f'e.g. {key} = ["{_quotable(value)}"]', key,
                 )
         for item in values:
             text = repr(item) if isinstance(item, float) else str(item)
@@ -426,7 +445,6 @@ class FileOptions:
 
 
 __all__ = [
-    "PROXY_PROTOCOLS",
     "ConfigFile",
     "FileOptions",
     "TunnelChanges",

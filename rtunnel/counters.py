@@ -12,12 +12,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtunnel.addresses import format_host_port
 from rtunnel.mux import Stream
 
 
 def tunnel_name(host: str, port: int) -> str:
     """The label of a public port: `host:port`, `[v6]:port`."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_host_port(host, port)
 
 
 @dataclass

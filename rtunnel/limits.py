@@ -144,10 +144,10 @@ class Pacer:
             self._turn_left -= n
 
     def give_back(self, n: int) -> None:
-        """Return tokens paid for bytes that will never come."""
+        """Return tokens paid for bytes that will never come. Only the
+        bucket gets them back: `bytes` is a counter and never goes down."""
         if n > 0:
             self.bucket.give_back(n)
-            self.bytes -= n
 
     def forget(self, stream: Stream) -> None:
         """A stream closed: it no longer waits."""
@@ -255,28 +255,74 @@ class ClientLimiter:
                 pacer.stop()
 
 
+VISITORS_OVER_LIMIT = (
+    "refusing visitors of tunnel {tunnel}: {limit} connections open, the most "
+    "its client may have per tunnel (max_connections_per_tunnel); {count} "
+    "refused since the last report"
+)
+
+
 class RefusalLog:
-    """Logs refused visitors of one tunnel at most once a second, with the
-    number refused since the previous line (a flood must not flood the log)."""
+    """Logs refusals at most once every `interval` seconds, with the number
+    refused since the previous line (a flood must not flood the log): the
+    first at once, the rest of a burst by a one-shot timer `interval` after
+    the previous line, so the last refusals are reported too.
+
+    `message` is the line's format; the count goes in the field
+    `count_field`; `fixed` are fields of every line, and each refused()'s
+    own fields are those of its latest call; `log` is the Logger to use
+    (default: this class's). Call stop() when done: it reports what is
+    left and cancels the timer."""
 
     log = Logger()
-    interval = 1.0
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        message: str = VISITORS_OVER_LIMIT,
+        interval: float = 1.0,
+        count_field: str = "count",
+        log: Logger | None = None,
+        **fixed: Any,
+    ) -> None:
+        if log is not None:
+            self.log = log
         self.clock = clock
+        self.message = message
+        self.interval = interval
+        self.count_field = count_field
+        self.fixed = fixed or {"event": "visitor_refused", "reason": "max_connections_per_tunnel"}
         self._logged_at: float | None = None
         self._unlogged = 0
+        self._fields: dict[str, Any] = {}
+        self._timer: IDelayedCall | None = None
 
     def refused(self, **fields: Any) -> None:
+        """One more refusal; `fields` go in the next line."""
         self._unlogged += 1
+        self._fields = fields
+        if self._timer is not None:
+            return  # the timer reports it
         now = self.clock.seconds()
-        if self._logged_at is not None and now - self._logged_at < self.interval:
-            return
-        self._logged_at = now
+        if self._logged_at is None or now - self._logged_at >= self.interval:
+            self._report()
+        else:
+            self._timer = self.clock.callLater(self._logged_at + self.interval - now, self._flush)
+
+    def stop(self) -> None:
+        """Report what is left now and cancel the timer."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._unlogged:
+            self._report()
+
+    def _flush(self) -> None:
+        self._timer = None
+        if self._unlogged:
+            self._report()
+
+    def _report(self) -> None:
+        self._logged_at = self.clock.seconds()
         count, self._unlogged = self._unlogged, 0
-        self.log.warn(
-            "refusing visitors of tunnel {tunnel}: {limit} connections open, the most "
-            "its client may have per tunnel (max_connections_per_tunnel); {count} "
-            "refused since the last report",
-            count=count, event="visitor_refused", reason="max_connections_per_tunnel", **fields,
-        )
+        self.log.warn(self.message, **{**self.fixed, **self._fields, self.count_field: count})

@@ -36,29 +36,9 @@ from rtunnel.counters import StreamTotals, Traffic
 from rtunnel.errors import ConfigError
 from rtunnel.mux import Session
 from rtunnel.server import SessionState, TunnelServer
+from rtunnel.web import QuietSite
 
 PATH = b"metrics"
-
-
-def parse_metrics_endpoint(text: str) -> str:
-    """`--metrics`: a Twisted server endpoint string, or a bare port
-    (meaning 127.0.0.1:PORT). Raises ConfigError naming what is wrong."""
-    text = text.strip()
-    if text.isdigit():
-        port = int(text)
-        if not 0 <= port <= 65535:
-            raise ConfigError(f"--metrics {text}: port {port} is outside 0-65535")
-        text = f"tcp:{port}:interface=127.0.0.1"
-    try:
-        from twisted.internet import reactor
-
-        serverFromString(reactor, text)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(
-            f"--metrics {text!r} is not a Twisted server endpoint ({e}); give a port (9120, "
-            "on 127.0.0.1) or e.g. tcp:9120:interface=0.0.0.0"
-        ) from None
-    return text
 
 
 # ---------------------------------------------------------------- collectors
@@ -230,8 +210,10 @@ class ServerCollector:
 
     def limits(self, server: TunnelServer) -> Iterator[Metric]:
         """Per-client limits (rtunnel.limits): the configured rates, the bytes
-        and seconds of each paced direction, and visitors refused by
-        max_connections_per_tunnel. Clients without limits have no series."""
+        and seconds of each paced direction, the configured
+        max_connections_per_tunnel and visitors refused by it (clients
+        without limits have none of these series), and the visitors
+        connected to each tunnel now (what that limit counts)."""
         rate = GaugeMetricFamily(
             "rtunnel_bandwidth_limit_bytes_per_second",
             "Configured bandwidth limit of a client; direction to_client: what visitors send "
@@ -252,8 +234,25 @@ class ServerCollector:
             "Visitors closed at once because a tunnel had max_connections_per_tunnel open.",
             labels=["client", "tunnel"],
         )
+        connection_limit = GaugeMetricFamily(
+            "rtunnel_connection_limit",
+            "Configured max_connections_per_tunnel of a client (visitors connected at once to "
+            "each of its tunnels).", labels=["client"],
+        )
+        connections_open = GaugeMetricFamily(
+            "rtunnel_tunnel_connections_open",
+            "Visitors connected to a tunnel's public port now, as max_connections_per_tunnel "
+            "counts them.", labels=["client", "tunnel"],
+        )
+        for listener in list(server.listeners.values()):
+            owner = listener.owner
+            if owner is not None:
+                name = owner.tunnel_names.get(listener.tunnel_id, "?")
+                connections_open.add_metric([owner.credential, name], listener.open_connections)
         now = server.reactor.seconds()
         for client, limiter in sorted(server.limiters.items()):
+            if limiter.limits.max_connections_per_tunnel is not None:
+                connection_limit.add_metric([client], limiter.limits.max_connections_per_tunnel)
             for direction, pacer in (("to_client", limiter.to_client), ("from_client", limiter.from_client)):
                 if pacer is None:
                     continue
@@ -262,7 +261,7 @@ class ServerCollector:
                 held.add_metric([client, direction], pacer.held_seconds_at(now))
             for tunnel, n in sorted(limiter.refused_by_tunnel.items()):
                 refused.add_metric([client, tunnel], n)
-        yield from (rate, paced, held, refused)
+        yield from (rate, paced, held, connection_limit, connections_open, refused)
 
 
 class ClientCollector:
@@ -346,19 +345,10 @@ class MetricsPage(Resource):
         return body
 
 
-class _QuietSite(Site):
-    """No access log line per scrape."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
-
-
 def metrics_site(registry: CollectorRegistry) -> Site:
     root = Resource()
     root.putChild(PATH, MetricsPage(registry))
-    return _QuietSite(root)
+    return QuietSite(root)
 
 
 class MetricsError(ConfigError):

@@ -136,6 +136,7 @@ class Stream:
         self.recv_limit = settings.initial_window
         self.reported = 0  # consumed offset last sent in WINDOW
         self.paid_limit = 0  # receive offset paid from the session's recv_pacer (rtunnel.limits)
+        self.unpaid_upto = 0  # granted before that pacer existed (a reload): not paid, never refunded
         self._last_grant: float | None = None
         self._last_data = session.clock.seconds()
         self._early: list[bytes] = []  # received before the local socket exists
@@ -448,7 +449,8 @@ class Stream:
             session.send_pacer.forget(self)
         if session.recv_pacer is not None:
             session.recv_pacer.forget(self)
-            session.recv_pacer.give_back(self.paid_limit - self.received)  # paid, never sent
+            # paid, never sent (credit granted before this pacer was not paid to it)
+            session.recv_pacer.give_back(self.paid_limit - max(self.received, self.unpaid_upto))
         self._unacked.clear()
         self._pending.clear()
         self._early.clear()

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
-from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, unmap
+from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, known_host_port, unmap
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
@@ -72,7 +72,7 @@ class PublicListener(Factory):
         # max_connections_per_tunnel (rtunnel.limits); plain ints for the metrics
         self.open_connections = 0  # visitors connected now
         self.visitors_refused = 0  # closed at once: the tunnel had its limit
-        self._refusal_log = RefusalLog(owner.server.reactor)
+        self.refusals = RefusalLog(owner.server.reactor)  # stopped by TunnelServer.release
 
     @property
     def key(self) -> tuple[str, int]:
@@ -121,7 +121,7 @@ class PublicListener(Factory):
         limiter = owner.server.limiter_for(owner.credential)
         limiter.visitors_refused += 1
         limiter.refused_by_tunnel[name] += 1
-        self._refusal_log.refused(
+        self.refusals.refused(
             tunnel=name, limit=limit, session=owner.id[:8], credential=owner.credential,
             refused_total=self.visitors_refused,
         )
@@ -260,7 +260,7 @@ class ServerSession:
         self.session.send_json(
             FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why}
         )
-        self.log.info("tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why)
+        self.log.info("tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why, event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, host=listener.host, reason=why)
         return True
 
     # ------------------------------------------------------------ delegate
@@ -424,9 +424,13 @@ class TunnelServer:
             failure_burst=config.auth_failure_burst,
             failure_refill=config.auth_failure_refill,
         )
-        self._cap_logged_at: float | None = None
+        self._cap_refusals = RefusalLog(
+            reactor,
+            "refusing new control connections: {n} are not authenticated yet, the maximum "
+            "(--max-unauthenticated); {refused} refused since the last report",
+            interval=10.0, count_field="refused", log=self.log, event="connections_capped",
+        )
         self._no_ipv6_logged = False
-        self._cap_refused_logged = 0
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
         self.limiters: dict[str, ClientLimiter] = {}  # per credential (rtunnel.limits), for the metrics
@@ -505,6 +509,7 @@ class TunnelServer:
                 session.send_pacer, session.recv_pacer = new.to_client, new.from_client
                 for stream in session.streams.values():
                     stream.paid_limit = max(stream.paid_limit, stream.recv_limit)  # granted before: paid
+                    stream.unpaid_upto = stream.paid_limit  # ...but not to the new bucket: no refund
                 session._update_all()
 
     def check_clients(self, clients: dict[str, ClientPolicy]) -> None:
@@ -561,22 +566,10 @@ class TunnelServer:
 
     def connection_refused_over_cap(self) -> None:
         """Log refusals over the unauthenticated cap: the first at once,
-        then at most one summary line every 10 s (a flood must not flood
-        the log too)."""
-        now = self.reactor.seconds()
-        if self._cap_logged_at is not None and now - self._cap_logged_at < 10.0:
-            return
-        self._cap_logged_at = now
+        then at most one summary line every 10 s, the last one 10 s after
+        the previous line (a flood must not flood the log too)."""
         guard = self.guard
-        self.log.warn(
-            "refusing new control connections: {n} are not authenticated yet, the maximum "
-            "(--max-unauthenticated); {refused} refused since the last report",
-            n=guard.unauthenticated,
-            refused=guard.refused_connections - self._cap_refused_logged,
-            refused_total=guard.refused_connections,
-            event="connections_capped",
-        )
-        self._cap_refused_logged = guard.refused_connections
+        self._cap_refusals.refused(n=guard.unauthenticated, refused_total=guard.refused_connections)
 
     def resumable(self, credential: str, resume: object) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
@@ -795,6 +788,7 @@ class TunnelServer:
     def release(self, listener: PublicListener) -> defer.Deferred[None]:
         """Close a public port (once) and forget who owned it."""
         listener.owner = None
+        listener.refusals.stop()
         port, listener.port = listener.port, None
         if port is None:
             return defer.succeed(None)
@@ -858,6 +852,7 @@ class TunnelServer:
                 link.lose()
             for limiter in self.limiters.values():
                 limiter.stop()
+            self._cap_refusals.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
@@ -932,8 +927,7 @@ class ServerLink(ControlLink):
     def peer_address(self) -> tuple[str, int] | None:
         """The client's (host, port), if the transport knows it."""
         try:
-            peer = self.transport.getPeer()
-            return (unmap(str(peer.host)), int(peer.port))
+            return known_host_port(self.transport.getPeer())
         except Exception:
             return None
 

@@ -8,20 +8,18 @@ from the environment when it is imported, so the lookup is the check).
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import serverFromString
-
+from rtunnel.endpoints import endpoint_error
 from rtunnel.errors import ConfigError
 
 
 def check_inherited_socket(listen: str) -> None:
     """Raise ConfigError unless `listen` (a `systemd:` endpoint string) names
     a socket this process inherited."""
-    try:
-        serverFromString(None, listen)  # only looks the descriptor up; no reactor needed
-    except (IndexError, KeyError, ValueError) as e:
+    error = endpoint_error(listen)  # only looks the descriptor up
+    if error is not None:
         raise ConfigError(
-            f"--listen {listen}: this process did not inherit that socket ({type(e).__name__}: {e}). "
+            f"--listen {listen}: this process did not inherit that socket ({error}). "
             "systemd passes sockets (LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID) when it starts the "
             "service for its .socket unit: start it that way, check the unit's "
             "FileDescriptorName= against name=, or listen with --port/--interface"
-        ) from None
+        )

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,8 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from rtunnel.errors import ConfigError, StateDirError
+from rtunnel.errors import ConfigError
+from rtunnel.files import load_or_create_secret, replace_private, write_private
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 
@@ -74,21 +74,6 @@ def parse_fingerprint(text: str) -> str:
             "it on start; or run: openssl x509 -in server.crt -outform DER | sha256sum"
         )
     return value
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable by its owner only (0600), failing clearly."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(path, 0o600)
-    except OSError as e:
-        raise StateDirError(
-            f"cannot write {path}: {e.strerror}. Free some space or fix the "
-            "permissions, or choose another --state-dir."
-        ) from None
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -159,14 +144,7 @@ def load_server_identity(
 
 def load_or_create_token(state_dir: Path) -> tuple[str, bool]:
     """The server's shared token from `state_dir/token`, made if absent."""
-    path = state_dir / "token"
-    if path.exists():
-        token = _read(path, "token file").decode().strip()
-        if token:
-            return token, False
-    token = secrets.token_urlsafe(24)
-    write_private(path, (token + "\n").encode())
-    return token, True
+    return load_or_create_secret(state_dir / "token", "token", 24)
 
 
 class _ServerOptions(ssl.CertificateOptions):
@@ -385,31 +363,13 @@ def store_known_server(path: Path, key: str, fingerprint: str) -> None:
         kept = KNOWN_SERVERS_HEADER.splitlines()
     kept.append(f"{key} {format_fingerprint(fingerprint)}")
     data = ("\n".join(kept) + "\n").encode("utf-8")
-    tmp: str | None = None
     try:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except FileExistsError:
-            raise NotADirectoryError(0, f"{path.parent} is not a directory") from None
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-        tmp = None
+        replace_private(path, data)
     except OSError as e:
         raise KnownServersError(
             f"cannot write the known-servers file {path}: {e.strerror or e}. Fix the permissions "
             "or choose another --known-servers FILE."
         ) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _line_key(line: str) -> str | None:

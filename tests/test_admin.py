@@ -18,12 +18,14 @@ from typing import Any
 from twisted.internet import defer, error, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
 from twisted.trial import unittest
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
-from rtunnel.admin import ADMIN_TOKEN_FILE, admin_endpoint, load_or_create_admin_token
+from rtunnel.admin import ADMIN_TOKEN_FILE, load_or_create_admin_token
+from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
 from rtunnel.tap.server import Options
 from tests.chromium import Chromium, chromium_missing
@@ -117,15 +119,24 @@ class AdminTests(unittest.TestCase):
         self.assertEqual([p.name for p in state.iterdir()], [ADMIN_TOKEN_FILE])  # no temp file left
 
     def test_admin_option_defaults_to_localhost(self) -> None:
-        self.assertEqual(admin_endpoint("9119"), "tcp:9119:interface=127.0.0.1")
-        self.assertEqual(admin_endpoint("tcp:9119:interface=::1"), "tcp:9119:interface=::1")
-        self.assertRaises(ConfigError, admin_endpoint, "70000")
+        self.assertEqual(local_endpoint("9119", "--admin", 9119), "tcp:9119:interface=127.0.0.1")
+        self.assertEqual(local_endpoint(r"tcp:9119:interface=\:\:1", "--admin", 9119), r"tcp:9119:interface=\:\:1")
+        self.assertRaises(ConfigError, local_endpoint, "70000", "--admin", 9119)
         options = Options()
         options.parseOptions(["--admin", "9119", "--state-dir", tempfile.mkdtemp()])
         self.assertEqual(options.config.admin, "tcp:9119:interface=127.0.0.1")
         options = Options()
         options.parseOptions(["--state-dir", tempfile.mkdtemp()])
         self.assertIsNone(options.config.admin)
+
+    def test_a_bad_admin_endpoint_is_a_usage_error(self) -> None:
+        """Checked while the options are parsed, before anything listens;
+        unescaped IPv6 colons are the usual mistake."""
+        for value in ("tcp:9119:interface=::1", "nosuchtype:1", "70000", ""):
+            with self.assertRaises(usage.UsageError) as caught:
+                Options().parseOptions(["--admin", value, "--state-dir", tempfile.mkdtemp()])
+            self.assertIn("--admin", str(caught.exception))
+            self.assertIn("give a port", str(caught.exception))
 
     @defer.inlineCallbacks
     def test_refused_without_or_with_a_wrong_token(self) -> None:

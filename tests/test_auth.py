@@ -15,7 +15,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory
 from twisted.trial import unittest
 
-from rtunnel import auth
+from rtunnel import auth, files
 from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.tap.server import add_client_main
 from tests.harness import (
@@ -221,16 +221,16 @@ class AddClientTests(unittest.TestCase):
 
     def test_unwritable_is_a_clear_error(self):
         self.path.parent.mkdir()
-        original = auth.os.replace
+        original = files.os.replace
 
         def full(src: str, dst: object) -> None:
             raise OSError(28, "No space left on device")
 
-        self.patch(auth.os, "replace", full)
+        self.patch(files.os, "replace", full)
         e = self.assertRaises(StateDirError, auth.add_client, self.path, "alice", [(1, 1)])
         self.assertIn(f"cannot write {self.path}", str(e))
         self.assertIn("free space or choose another path", str(e))
-        self.patch(auth.os, "replace", original)
+        self.patch(files.os, "replace", original)
         self.assertEqual(os.listdir(self.path.parent), [])  # the temp file is gone
 
     def test_command_prints_the_token_once(self):

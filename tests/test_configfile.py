@@ -25,7 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from rtunnel.config import TunnelSpec
-from rtunnel.configfile import plan_tunnel_changes
+from rtunnel.configfile import FileOptions, plan_tunnel_changes
 from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
 from tests.harness import (
@@ -285,7 +285,19 @@ class InvalidFileTests(FileTestCase):
 
     def test_command_line_only_options_are_unknown_keys(self) -> None:
         self.assertMessage(self.client_error(top('connect = "x"\n')), "line 4: unknown key 'connect'")
-        self.assertMessage(self.client_error(top('forward = "4000"\n')), "line 4: unknown key 'forward'")
+        self.assertMessage(self.server_error('forward = "4000"\n'), "line 1: unknown key 'forward'")
+
+    def test_top_level_forward_or_to_belongs_under_a_tunnel(self) -> None:
+        error = self.client_error(top('forward = "4100"\nto = "localhost:3100"\n'))
+        self.assertMessage(
+            error, "client.toml line 4: forward is a setting of each tunnel: it belongs under [[tunnel]], "
+            'e.g. [[tunnel]] forward = "4100" to = "localhost:3100"',
+        )
+        error = self.client_error(top('to = "localhost:3100"\n'))
+        self.assertMessage(
+            error, "client.toml line 4: to is a setting of each tunnel: it belongs under [[tunnel]], "
+            'e.g. [[tunnel]] forward = "4000" to = "localhost:3100"',
+        )
 
     def test_top_level_key_written_inside_a_tunnel(self) -> None:
         error = self.client_error(MINIMAL + "max_retry_delay = 3\n")
@@ -303,6 +315,14 @@ class InvalidFileTests(FileTestCase):
     def test_wrong_type_string(self) -> None:
         error = self.client_error(MINIMAL.replace('token = "tok"', "token = 1234"))
         self.assertMessage(error, "line 2: token is an integer (1234); it must be a string")
+
+    def test_a_port_number_where_an_endpoint_string_belongs(self) -> None:
+        error = self.server_error("admin = 9119\n")
+        self.assertMessage(error, 'server.toml line 1: admin is an integer (9119); it must be a string, e.g. admin = "9119"')
+        error = self.server_error('state_dir = "/tmp/x"\nmetrics = 9120\n')
+        self.assertMessage(error, 'server.toml line 2: metrics is an integer (9120); it must be a string, e.g. metrics = "9120"')
+        error = self.client_error(top("metrics = 9121\n"))
+        self.assertMessage(error, 'client.toml line 4: metrics is an integer (9121); it must be a string, e.g. metrics = "9121"')
 
     def test_wrong_type_integer(self) -> None:
         error = self.server_error("max_streams = 1.5\n")
@@ -594,6 +614,12 @@ class ReloadTests(TestCase):
         self.assertIn("(1 added, 1 removed, 0 changed)", self.logged("reloaded ")[0])
         [removed] = self.logged("tunnel removed: ")
         self.assertIn(f":{ports[2]} -> 127.0.0.1:{self.targets[1][1]}; its port is closed, its 1 open", removed)
+        events = {e["event"]: e for e in self.events if isinstance(e.get("event"), str)}
+        self.assertEqual((events["tunnel_removed"]["port"], events["tunnel_removed"]["streams"]), (ports[2], 1))
+        self.assertEqual(events["tunnel_added"]["target"], f"127.0.0.1:{self.targets[2][1]}")
+        self.assertEqual(
+            [events["config_reloaded"][k] for k in ("added", "removed", "changed")], [1, 1, 0]
+        )
 
     @defer.inlineCallbacks
     def test_invalid_file_on_reload_changes_nothing(self) -> Any:
@@ -605,6 +631,8 @@ class ReloadTests(TestCase):
         [error] = self.logged("reloading the config file failed")
         self.assertIn("keeping the current tunnels and settings", error)
         self.assertIn("client.toml line 12: [[tunnel]] #2 to: port 0 is outside 1-65535", error)
+        [event] = [e for e in self.events if e.get("event") == "config_reload_failed"]
+        self.assertIn("port 0 is outside 1-65535", event["reason"])
         reply, _ = yield with_timeout(visit(ports[1], Visitor(b"still here")), 10)
         self.assertEqual(reply, b"still here")
 
@@ -774,3 +802,28 @@ class ProcessReloadTests(SynchronousTestCase):
         self.assertNotIn("detached", server.output)
         self.assertEqual(server.output.count("new session"), 1)
         self.assertEqual(client.popen.poll(), None)
+
+
+class DocumentedOptionsTests(SynchronousTestCase):
+    """README's "Every option" tables and docs/configuration.md's key lists
+    name every option and file key the programs accept."""
+
+    root = Path(__file__).resolve().parent.parent
+
+    def options(self) -> dict[str, FileOptions]:
+        return {"server": tap_server.Options(), "client": tap_client.Options()}
+
+    def test_readme_tables_list_every_option(self) -> None:
+        readme = (self.root / "README.md").read_text()
+        tables = readme.split("## Every option", 1)[1].split("\n## ", 1)[0]
+        for end, options in self.options().items():
+            section = tables.split(f"### `rtunnel_{end}`", 1)[1].split("\n### ", 1)[0]
+            names = sorted(o.rstrip("=") for o in options.longOpt)  # type: ignore[attr-defined]
+            missing = [n for n in names if n not in ("help", "version") and f"`--{n}" not in section]
+            self.assertEqual(missing, [], f"rtunnel_{end} options missing from README's table")
+
+    def test_configuration_md_names_every_file_key(self) -> None:
+        docs = (self.root / "docs" / "configuration.md").read_text()
+        for end, options in self.options().items():
+            missing = [k for k in options.config_keys() if f"`{k}`" not in docs]
+            self.assertEqual(missing, [], f"{end} file keys missing from docs/configuration.md")

@@ -179,6 +179,19 @@ class PacedMuxTests(NearMixin, unittest.TestCase):
         self.assertEqual(pacer.waiting, 0)
         self.assertEqual(pacer.bucket.available(), min(pacer.bucket.burst, before + paid_ahead))
 
+    def test_returned_credit_never_lowers_the_paced_bytes(self):
+        # rtunnel_bandwidth_paced_bytes_total is a counter: refunds go to the bucket only
+        pair, pacer = self.paced(to_client=False)
+        server_end, client_end = pair.open()
+        client_end.send(pattern(4, 300_000))
+        run(pair, 0.3)
+        pair.advance(0.2)
+        self.assertGreater(server_end.stream.paid_limit, server_end.stream.received)
+        paced = pacer.bytes
+        server_end.lose()
+        pair.pump()
+        self.assertEqual(pacer.bytes, paced)
+
     def test_paced_streams_survive_a_resume(self):
         pair, pacer = self.paced(to_client=True)
         server_end, client_end = pair.open()
@@ -227,14 +240,70 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
         clock = Clock()
         events: list[dict] = []
         refusals = RefusalLog(clock)
-        refusals.log = Logger(observer=events.append)
+        times = []
+        refusals.log = Logger(observer=lambda e: (events.append(e), times.append(clock.seconds())))
         for _ in range(1000):
             refusals.refused(tunnel="127.0.0.1:4000", limit=2)
             clock.advance(0.002)  # 1000 visitors in 2 s
-        self.assertEqual(len(events), 2)
+        clock.advance(1)
+        self.assertEqual(len(events), 3)  # at 0 s, 1 s and 2 s
+        self.assertEqual([round(t, 6) for t in times], [0, 1, 2])
         self.assertEqual(events[0]["count"], 1)
-        self.assertEqual(events[1]["count"], 500)
+        self.assertEqual(sum(e["count"] for e in events), 1000)
         self.assertEqual(events[1]["event"], "visitor_refused")
+        self.assertEqual(events[1]["reason"], "max_connections_per_tunnel")
+
+
+    def test_the_end_of_a_burst_is_reported_one_interval_later(self):
+        clock = Clock()
+        events: list[dict] = []
+        refusals = RefusalLog(clock)
+        refusals.log = Logger(observer=events.append)
+        for _ in range(5):  # 5 visitors in 0.5 s, then none
+            refusals.refused(tunnel="127.0.0.1:4000", limit=2)
+            clock.advance(0.1)
+        self.assertEqual([e["count"] for e in events], [1])
+        clock.advance(0.5)  # one second after the first line
+        self.assertEqual([e["count"] for e in events], [1, 4])
+        clock.advance(60)
+        self.assertEqual(len(events), 2)  # nothing more to say
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stop_reports_what_is_left_and_leaves_no_timer(self):
+        clock = Clock()
+        events: list[dict] = []
+        refusals = RefusalLog(clock)
+        refusals.log = Logger(observer=events.append)
+        for _ in range(3):
+            refusals.refused(tunnel="127.0.0.1:4000", limit=2)
+        refusals.stop()
+        self.assertEqual([e["count"] for e in events], [1, 2])
+        self.assertEqual(clock.getDelayedCalls(), [])
+        refusals.stop()
+        self.assertEqual(len(events), 2)
+
+    def test_refusals_over_the_unauthenticated_cap_are_reported_after_a_burst(self):
+        from rtunnel.config import ServerConfig
+        from rtunnel.server import TunnelServer
+
+        clock = Clock()
+        server = TunnelServer(clock, ServerConfig(listen="tcp:0", state_dir=None, max_unauthenticated=1), None)
+        events: list[dict] = []
+        observer = events.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.assertTrue(server.guard.admit())
+        for _ in range(5):  # 5 connections over the cap in 1 s, then none
+            self.assertFalse(server.guard.admit())
+            server.connection_refused_over_cap()
+            clock.advance(0.2)
+        capped = [e for e in events if e.get("event") == "connections_capped"]
+        self.assertEqual([e["refused"] for e in capped], [1])
+        clock.advance(10)
+        capped = [e for e in events if e.get("event") == "connections_capped"]
+        self.assertEqual([(e["refused"], e["refused_total"]) for e in capped], [(1, 1), (4, 5)])
+        clock.advance(60)
+        self.assertEqual(len([e for e in events if e.get("event") == "connections_capped"]), 2)
 
 
 class ConfigurationTests(NearMixin, unittest.TestCase):
@@ -318,6 +387,56 @@ class ReloadTests(unittest.TestCase):
         self.assertIs(server.limiter_for("alice"), after)  # unchanged limits: the same buckets
 
 
+    def test_a_reload_that_adds_a_limit_refunds_only_credit_the_new_bucket_was_paid(self):
+        from types import SimpleNamespace
+
+        from rtunnel.config import ServerConfig
+        from rtunnel.server import TunnelServer
+
+        def clients(extra: str):
+            text = f'[clients.alice]\ntoken_sha256 = "{HASH}"\nports = [4000]\n{extra}\n'
+            return parse_clients(text, "clients.toml")
+
+        pair = Pair()
+        server = TunnelServer(pair.clock, ServerConfig(listen="tcp:0", state_dir=None), None, clients(""))
+        server.limiter_for("alice")
+        # the session of alice (only its credential and mux session are used here)
+        server.sessions["s1"] = SimpleNamespace(credential="alice", session=pair.server, tunnels={})
+        self.addCleanup(server.sessions.clear)
+        fresh, _ = pair.open()  # granted its initial window without a limit
+        sending_end, client_end = pair.open()
+        client_end.send(pattern(6, 100_000))
+        pair.pump()
+        self.assertEqual(sending_end.stream.received, 100_000)
+        server.set_clients(clients("bandwidth_from_client = 400000"))
+        pacer = server.limiter_for("alice").from_client
+        self.assertIs(pair.server.recv_pacer, pacer)
+        pacer.bucket.take(pacer.bucket.burst)  # an empty bucket: a refund would show
+        fresh.lose()
+        sending_end.lose()
+        pair.pump()
+        self.assertEqual(pacer.bytes, 0)  # nothing paid, nothing returned
+        self.assertEqual(pacer.bucket.available(), 0)  # no free tokens
+
+        # credit the new bucket did pay for comes back when the stream ends
+        server_end, client_end = pair.open()
+        client_end.send(pattern(7, 400_000))
+        for _ in range(400):  # bounded: 2 s of fake time
+            pair.advance(0.005)
+            stream = server_end.stream
+            if stream.paid_limit > stream.received + 10_000 and stream.received > 300_000:
+                break
+        stream = server_end.stream
+        paid_ahead = stream.paid_limit - stream.received
+        self.assertGreater(paid_ahead, 0)
+        pacer.bucket.take(pacer.bucket.available())
+        paced = pacer.bytes
+        server_end.lose()
+        pair.pump()
+        self.assertEqual(pacer.bytes, paced)
+        self.assertEqual(pacer.bucket.available(), paid_ahead)
+
+
 class Sink(Protocol):
     """A target that counts what it receives."""
 
@@ -369,6 +488,11 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertGreater(
             value(samples, "rtunnel_bandwidth_held_seconds_total", client="default", direction="to_client"), 4.0
         )
+        # no connection limit: no limit series, but the open connections are there
+        self.assertEqual([n for n, _ in samples if n == "rtunnel_connection_limit"], [])
+        self.assertEqual(
+            value(samples, "rtunnel_tunnel_connections_open", client="default", tunnel=f"127.0.0.1:{public}"), 1
+        )
         visitor.transport.abortConnection()
 
     @defer.inlineCallbacks
@@ -412,6 +536,9 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertEqual(
             value(samples, "rtunnel_visitors_refused_connection_limit_total", tunnel=f"127.0.0.1:{public}"), 30
         )
+        tunnel_label = {"client": "default", "tunnel": f"127.0.0.1:{public}"}
+        self.assertEqual(value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 2)
+        self.assertEqual(value(samples, "rtunnel_connection_limit", client="default"), 2)
         lines = [e for e in events if e.get("reason") == "max_connections_per_tunnel"]
         self.assertLessEqual(len(lines), 2)  # not one line per visitor
         self.assertEqual(lines[0]["count"], 1)
@@ -422,6 +549,9 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertEqual(reply, b"four")
         second.transport.loseConnection()
         yield done[1]
+        yield wait_until(lambda: listener.open_connections == 0, 10)
+        samples = scrape_limits(tunnel.server)
+        self.assertEqual(value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 0)
 
 
 def tiny_pacer(clock: Clock, wake: str) -> Pacer:

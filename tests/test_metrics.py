@@ -22,8 +22,8 @@ from twisted.web.client import Agent, readBody
 from zope.interface import implementer
 
 from rtunnel.counters import tunnel_name
+from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
-from rtunnel.metrics import parse_metrics_endpoint
 from rtunnel.server import SessionState
 from rtunnel.tap.client import Options as ClientOptions
 from rtunnel.tap.server import Options as ServerOptions
@@ -362,15 +362,15 @@ class BlockedTimeTests(unittest.TestCase):
 
 class OptionTests(unittest.TestCase):
     def test_a_bare_port_means_loopback(self):
-        self.assertEqual(parse_metrics_endpoint("9120"), "tcp:9120:interface=127.0.0.1")
+        self.assertEqual(local_endpoint("9120", "--metrics", 9120), "tcp:9120:interface=127.0.0.1")
 
     def test_an_endpoint_string_is_kept(self):
-        self.assertEqual(parse_metrics_endpoint(r"tcp:9120:interface=\:\:1"), r"tcp:9120:interface=\:\:1")
+        self.assertEqual(local_endpoint(r"tcp:9120:interface=\:\:1", "--metrics", 9120), r"tcp:9120:interface=\:\:1")
 
     def test_nonsense_is_refused_with_an_example(self):
         for text in ("nosuchtype:1", "tcp:notaport", "70000"):
             with self.assertRaises(ConfigError) as caught:
-                parse_metrics_endpoint(text)
+                local_endpoint(text, "--metrics", 9120)
             self.assertIn("--metrics", str(caught.exception))
 
     def test_server_and_client_options_take_metrics(self):

@@ -27,8 +27,9 @@ from rtunnel.configfile import (
     read_token_file,
 )
 from rtunnel.counters import CountingEndpoint
+from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
-from rtunnel.metrics import ClientCollector, MetricsService, parse_metrics_endpoint, registry_for
+from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
 from rtunnel.tls import (
@@ -225,7 +226,7 @@ class Options(FileOptions, usage.Options):
             fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
             if self["ca"]:
                 ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
-            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
+            metrics = local_endpoint(self["metrics"], "--metrics", 9120) if self["metrics"] else None
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         if self["max-retry-delay"] < 0.5:
@@ -363,11 +364,11 @@ class ClientMainService(service.MultiService):
         except usage.UsageError as e:
             self.log.error(
                 "reloading the config file failed; keeping the current tunnels and settings: {why}",
-                why=str(e),
+                why=str(e), event="config_reload_failed", reason=str(e),
             )
             return
         except Exception:
-            self.log.failure("reloading the config file failed; keeping the current tunnels and settings")
+            self.log.failure("reloading the config file failed; keeping the current tunnels and settings", event="config_reload_failed")
             return
         where = str(fresh.config_file.path) if fresh.config_file else "the config file"
         restart = self._settings_changed(fresh)
@@ -375,7 +376,7 @@ class ClientMainService(service.MultiService):
             self.log.warn(
                 "{file}: changed {names}; these take effect only after a restart (the running "
                 "client keeps its current values)",
-                file=where, names=", ".join(restart),
+                file=where, names=", ".join(restart), event="config_restart_needed", settings=restart,
             )
         client = self.client
         changes = plan_tunnel_changes(client.tunnels.values(), fresh.config.tunnels)
@@ -391,25 +392,25 @@ class ClientMainService(service.MultiService):
             self.log.info(
                 "tunnel removed: {server}:{port} -> {target}; its port is closed, its {n} open "
                 "connection(s) carry on until they close",
-                server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams,
+                server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
             )
         for spec in changes.retargeted:
             client.retarget_tunnel(spec)
             self.log.info(
                 "tunnel changed: {server}:{port} -> {target} (proxy_protocol {proxy}) for new visitors",
                 server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
-                proxy=spec.proxy_protocol,
+                proxy=spec.proxy_protocol, event="tunnel_changed", tunnel=spec.tunnel_id, proxy_protocol=spec.proxy_protocol,
             )
         for spec in changes.added:
             spec = client.add_tunnel(spec)
             self.log.info(
                 "tunnel added: {server}:{port} -> {target}",
-                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
+                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}", event="tunnel_added", tunnel=spec.tunnel_id,
             )
         self.log.info(
             "reloaded {file}: {n} tunnels ({added} added, {removed} removed, {changed} changed)",
             file=where, n=len(client.tunnels), added=len(changes.added),
-            removed=len(changes.removed), changed=len(changes.retargeted),
+            removed=len(changes.removed), changed=len(changes.retargeted), event="config_reloaded",
         )
 
     def running_options(self, options: Options) -> None:

@@ -18,12 +18,13 @@ from twisted.python import usage
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
 from rtunnel.addresses import DUAL_STACK, IPV4_ANY, ipv6_unavailable
-from rtunnel.admin import AdminServer, admin_endpoint
+from rtunnel.admin import AdminServer
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
+from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.limits import Limits
-from rtunnel.metrics import ServerCollector, listen_metrics, parse_metrics_endpoint, registry_for
+from rtunnel.metrics import ServerCollector, listen_metrics, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
@@ -143,8 +144,8 @@ class Options(FileOptions, usage.Options):
             max_connections_per_tunnel=self["max-connections-per-tunnel"] or None,
         )
         try:
-            admin = admin_endpoint(self["admin"]) if self["admin"] is not None else None
-            metrics = parse_metrics_endpoint(self["metrics"]) if self["metrics"] else None
+            admin = local_endpoint(self["admin"], "--admin", 9119) if self["admin"] is not None else None
+            metrics = local_endpoint(self["metrics"], "--metrics", 9120) if self["metrics"] else None
         except RtunnelError as e:
             raise usage.UsageError(str(e)) from None
         self.config = ServerConfig(
