@@ -6,8 +6,10 @@
 #   rtunnel_client  asks the server to open $QUICKSTART_PUBLIC_PORT -> the page
 #   curl http://127.0.0.1:$QUICKSTART_PUBLIC_PORT/ goes through the tunnel.
 #
-# Usage: bash scripts/quickstart.sh [--keep]
-#   --keep   leave the three processes running and print how to stop them
+# Usage: bash scripts/quickstart.sh [--keep] [--config]
+#   --keep     leave the three processes running and print how to stop them
+#   --config   start the client from a config file (client.toml, written in
+#              the temp dir and shown) instead of flags
 # Environment: QUICKSTART_CONTROL_PORT (19050), QUICKSTART_PUBLIC_PORT (4000),
 #   QUICKSTART_TARGET_PORT (3000), PYTHON (python3).
 # Everything is stopped (and the temp dir removed) when the script exits,
@@ -19,12 +21,14 @@ PUBLIC_PORT=${QUICKSTART_PUBLIC_PORT:-4000}
 TARGET_PORT=${QUICKSTART_TARGET_PORT:-3000}
 PYTHON=${PYTHON:-python3}
 KEEP=0
+USE_CONFIG=0
 
 for arg in "$@"; do
     case "$arg" in
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "quickstart: unknown argument '$arg' (only --keep is known)" >&2; exit 64 ;;
+        --config) USE_CONFIG=1 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "quickstart: unknown argument '$arg' (only --keep and --config are known)" >&2; exit 64 ;;
     esac
 done
 
@@ -154,10 +158,26 @@ echo "server certificate: $FINGERPRINT"
 echo "token (from $WORK/srv/token): $TOKEN"
 
 # -f 127.0.0.1:PORT keeps the demo's public port on loopback (plain -f PORT binds ::, every address)
-say "starting rtunnel_client -c 127.0.0.1:$CONTROL_PORT -f 127.0.0.1:$PUBLIC_PORT -t $TARGET_PORT --token ... --fingerprint $FINGERPRINT"
-(cd "$WORK/client-cwd" && exec "$VENV/bin/rtunnel_client" -c "127.0.0.1:$CONTROL_PORT" \
-    -f "127.0.0.1:$PUBLIC_PORT" -t "$TARGET_PORT" --token "$TOKEN" --fingerprint "$FINGERPRINT") \
-    </dev/null >"$WORK/client.log" 2>&1 &
+if [ "$USE_CONFIG" = 1 ]; then
+    cat >"$WORK/client.toml" <<TOML
+server = "127.0.0.1:$CONTROL_PORT"
+fingerprint = "$FINGERPRINT"
+token_file = "$WORK/srv/token"
+
+[[tunnel]]
+forward = "127.0.0.1:$PUBLIC_PORT"
+to = "localhost:$TARGET_PORT"
+TOML
+    say "starting rtunnel_client --config $WORK/client.toml:"
+    cat "$WORK/client.toml"
+    (cd "$WORK/client-cwd" && exec "$VENV/bin/rtunnel_client" --config "$WORK/client.toml") \
+        </dev/null >"$WORK/client.log" 2>&1 &
+else
+    say "starting rtunnel_client -c 127.0.0.1:$CONTROL_PORT -f 127.0.0.1:$PUBLIC_PORT -t $TARGET_PORT --token ... --fingerprint $FINGERPRINT"
+    (cd "$WORK/client-cwd" && exec "$VENV/bin/rtunnel_client" -c "127.0.0.1:$CONTROL_PORT" \
+        -f "127.0.0.1:$PUBLIC_PORT" -t "$TARGET_PORT" --token "$TOKEN" --fingerprint "$FINGERPRINT") \
+        </dev/null >"$WORK/client.log" 2>&1 &
+fi
 CLIENT_PID=$!
 PIDS+=("$CLIENT_PID")
 wait_for 30 "$CLIENT_PID" "tunnel on port $PUBLIC_PORT" port_busy "$PUBLIC_PORT" || {
