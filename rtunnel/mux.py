@@ -826,6 +826,7 @@ class StreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        set_read_size(self.transport)
         self.stream.attach_local(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -851,3 +852,18 @@ def set_nodelay(transport: Any) -> None:
             setter(True)
         except OSError:
             pass
+
+
+#: Bytes read per recv() on the link and the local sockets (Twisted's
+#: default is 64 KiB): fewer syscalls and frames per byte in bulk. Twisted
+#: also pauses a transport's producer once this much waits to be written.
+READ_SIZE = 256 * 1024
+
+
+def set_read_size(transport: Any, size: int = READ_SIZE) -> None:
+    """Read up to `size` bytes at a time from the socket under `transport`
+    (found through wrapping protocols such as TLS)."""
+    while (inner := getattr(transport, "transport", None)) is not None:
+        transport = inner
+    if isinstance(getattr(transport, "bufferSize", None), int):
+        transport.bufferSize = size

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from rtunnel import wire
 from rtunnel.link import ControlLink, Keepalive
-from rtunnel.mux import ProtocolViolation, Session, SessionSettings
+from rtunnel.mux import READ_SIZE, ProtocolViolation, Session, SessionSettings, set_read_size
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 from tests.memory import C2S, S2C, LocalEnd, Pair, RecordingDelegate, pattern
 
@@ -521,6 +521,25 @@ class MemoryControlLink(ControlLink):
 
     def handshake_frame(self, frame: Frame) -> None:
         self.handshake.append(frame)
+
+
+class ReadSizeTests(unittest.SynchronousTestCase):
+    def test_read_size_is_set_on_the_socket_under_a_wrapper(self) -> None:
+        from twisted.internet import tcp
+        from twisted.internet.protocol import Protocol
+        from twisted.protocols.policies import ProtocolWrapper
+
+        socket_transport = tcp.Connection.__new__(tcp.Connection)  # no real socket
+        wrapper = ProtocolWrapper(None, Protocol())  # e.g. TLS over the socket
+        wrapper.transport = socket_transport
+        set_read_size(wrapper)
+        self.assertEqual(socket_transport.bufferSize, READ_SIZE)
+        self.assertNotIn("bufferSize", vars(wrapper))
+
+    def test_transports_without_a_socket_are_left_alone(self) -> None:
+        transport = StringTransport()
+        set_read_size(transport)
+        self.assertFalse(hasattr(transport, "bufferSize"))
 
 
 class KeepaliveTests(unittest.SynchronousTestCase):
