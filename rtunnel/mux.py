@@ -343,7 +343,7 @@ class Stream:
         if self.local is None:
             self._early.append(data)
             return
-        self.local.write(data)
+        write_now(self.local, data)
         self._finish_receive_if_done()
         self._grant_credit()
 
@@ -852,6 +852,29 @@ def set_nodelay(transport: Any) -> None:
             setter(True)
         except OSError:
             pass
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """`transport.write(data)`, but a TCP transport with nothing queued
+    sends at once: its own write() only queues and asks for writability,
+    which costs two epoll_ctl calls and a reactor turn per burst. What is
+    not sent goes through write(), which pauses the producer as usual."""
+    send = getattr(transport, "writeSomeData", None)
+    if (
+        send is None
+        or not transport.connected
+        or transport.disconnecting
+        or getattr(transport, "_writeDisconnecting", True)
+        or getattr(transport, "_tempDataLen", 1)
+        or len(transport.dataBuffer) != transport.offset
+    ):
+        transport.write(data)
+        return
+    sent = send(data)
+    if not isinstance(sent, int):  # lost: let write() and the reactor find out
+        transport.write(data)
+    elif sent < len(data):
+        transport.write(data[sent:])
 
 
 #: Bytes read per recv() on the link and the local sockets (Twisted's
