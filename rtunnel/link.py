@@ -16,7 +16,8 @@ from twisted.python.failure import Failure
 
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
-from rtunnel.mux import ProtocolViolation, Session, set_nodelay, set_read_size
+from rtunnel.mux import ProtocolViolation, Session, set_nodelay
+from rtunnel.transports import set_read_size
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
 
 

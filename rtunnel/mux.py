@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import wire
+from rtunnel.transports import set_read_size, write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 if TYPE_CHECKING:
@@ -852,41 +853,3 @@ def set_nodelay(transport: Any) -> None:
             setter(True)
         except OSError:
             pass
-
-
-def write_now(transport: Any, data: bytes) -> None:
-    """`transport.write(data)`, but a TCP transport with nothing queued
-    sends at once: its own write() only queues and asks for writability,
-    which costs two epoll_ctl calls and a reactor turn per burst. What is
-    not sent goes through write(), which pauses the producer as usual."""
-    send = getattr(transport, "writeSomeData", None)
-    if (
-        send is None
-        or not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_writeDisconnecting", True)
-        or getattr(transport, "_tempDataLen", 1)
-        or len(transport.dataBuffer) != transport.offset
-    ):
-        transport.write(data)
-        return
-    sent = send(data)
-    if not isinstance(sent, int):  # lost: let write() and the reactor find out
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
-
-
-#: Bytes read per recv() on the link and the local sockets (Twisted's
-#: default is 64 KiB): fewer syscalls and frames per byte in bulk. Twisted
-#: also pauses a transport's producer once this much waits to be written.
-READ_SIZE = 256 * 1024
-
-
-def set_read_size(transport: Any, size: int = READ_SIZE) -> None:
-    """Read up to `size` bytes at a time from the socket under `transport`
-    (found through wrapping protocols such as TLS)."""
-    while (inner := getattr(transport, "transport", None)) is not None:
-        transport = inner
-    if isinstance(getattr(transport, "bufferSize", None), int):
-        transport.bufferSize = size
