@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
 from rtunnel.mux import ProtocolViolation, Session, set_nodelay
+from rtunnel.transports import set_read_size
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
 
 
@@ -51,6 +52,7 @@ class ControlLink(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        set_read_size(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.closing:

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import wire
+from rtunnel.transports import set_read_size, write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 if TYPE_CHECKING:
@@ -343,7 +344,7 @@ class Stream:
         if self.local is None:
             self._early.append(data)
             return
-        self.local.write(data)
+        write_now(self.local, data)
         self._finish_receive_if_done()
         self._grant_credit()
 
@@ -826,6 +827,7 @@ class StreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
+        set_read_size(self.transport)
         self.stream.attach_local(self.transport)
 
     def dataReceived(self, data: bytes) -> None:

@@ -310,6 +310,8 @@ class FrameDecoder:
                     break
                 start = pos + HEADER_SIZE
                 pos = start + length
-                yield Frame(ftype, flags, stream_id, bytes(buf[start:pos]))
+                with memoryview(buf) as view:  # one copy of the body, not two
+                    body = bytes(view[start:pos])
+                yield Frame(ftype, flags, stream_id, body)
         finally:
             del buf[:pos]

@@ -42,6 +42,7 @@ from rtunnel.tls import (
     load_known_servers,
     parse_fingerprint,
 )
+from rtunnel.transports import EagerWritesEndpoint
 
 
 class Options(FileOptions, usage.Options):
@@ -324,7 +325,9 @@ class ClientMainService(service.MultiService):
         self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
         endpoint = wrapClientTLS(
             creator,
-            HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10),
+            EagerWritesEndpoint(
+                HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10)
+            ),
         )
         endpoint = CountingEndpoint(endpoint, self.client.events)
         self._giving_up = False

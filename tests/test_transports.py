@@ -1,0 +1,133 @@
+"""rtunnel.transports: eager writes and larger reads on Twisted's TCP
+transports, checked against Twisted's own write buffering."""
+
+from __future__ import annotations
+
+from twisted.internet import tcp
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.trial import unittest
+
+from rtunnel.transports import (
+    READ_SIZE,
+    TLS_RECORD,
+    EagerWrites,
+    EagerWritesFactory,
+    set_read_size,
+    write_now,
+)
+
+
+class ReadSizeTests(unittest.SynchronousTestCase):
+    def test_read_size_is_set_on_the_socket_under_a_wrapper(self) -> None:
+        socket_transport = tcp.Connection.__new__(tcp.Connection)  # no real socket
+        wrapper = ProtocolWrapper(None, Protocol())  # e.g. TLS over the socket
+        wrapper.transport = socket_transport
+        set_read_size(wrapper)
+        self.assertEqual(socket_transport.bufferSize, READ_SIZE)
+        self.assertNotIn("bufferSize", vars(wrapper))
+
+    def test_transports_without_a_socket_are_left_alone(self) -> None:
+        transport = StringTransport()
+        set_read_size(transport)
+        self.assertFalse(hasattr(transport, "bufferSize"))
+
+
+class SocketLike(FileDescriptor):
+    """Twisted's write buffering over a fake socket that takes `room` bytes."""
+
+    def __init__(self, reactor: MemoryReactor, room: int) -> None:
+        super().__init__(reactor)
+        self.connected = 1
+        self.room = room
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int:
+        n = min(len(data), self.room)
+        self.room -= n
+        self.sent.append(bytes(data[:n]))
+        return n
+
+
+class WriteNowTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+
+    def test_sends_at_once_when_nothing_is_queued(self) -> None:
+        transport = SocketLike(self.reactor, room=100)
+        write_now(transport, b"hello")
+        self.assertEqual(transport.sent, [b"hello"])
+        self.assertNotIn(transport, self.reactor.getWriters())
+
+    def test_what_the_socket_does_not_take_is_queued(self) -> None:
+        transport = SocketLike(self.reactor, room=3)
+        write_now(transport, b"hello")
+        self.assertEqual(transport.sent, [b"hel"])
+        self.assertIn(transport, self.reactor.getWriters())
+        transport.room = 100
+        transport.doWrite()
+        self.assertEqual(transport.sent, [b"hel", b"lo"])
+
+    def test_queues_behind_bytes_already_queued(self) -> None:
+        transport = SocketLike(self.reactor, room=100)
+        transport.write(b"first ")
+        write_now(transport, b"second")
+        self.assertEqual(transport.sent, [])
+        transport.doWrite()
+        self.assertEqual(transport.sent, [b"first second"])
+
+    def test_a_half_closed_transport_only_queues(self) -> None:
+        transport = SocketLike(self.reactor, room=100)
+        transport.loseWriteConnection()
+        write_now(transport, b"late")
+        self.assertEqual(transport.sent, [])
+
+    def test_a_full_socket_pauses_the_producer_as_write_does(self) -> None:
+        transport = SocketLike(self.reactor, room=0)
+        transport.bufferSize = 4
+        producer = Pausable()
+        transport.registerProducer(producer, True)
+        write_now(transport, b"hello")
+        self.assertTrue(producer.paused)
+
+    def test_other_transports_get_a_plain_write(self) -> None:
+        transport = StringTransport()
+        write_now(transport, b"hello")
+        self.assertEqual(transport.value(), b"hello")
+
+
+class EagerWritesTests(unittest.SynchronousTestCase):
+    def wrapper_over(self, transport: SocketLike) -> EagerWrites:
+        wrapper = EagerWrites(EagerWritesFactory(None), Protocol())
+        wrapper.makeConnection(transport)
+        return wrapper
+
+    def test_a_short_write_is_sent_at_once(self) -> None:
+        transport = SocketLike(MemoryReactor(), room=10**6)
+        self.wrapper_over(transport).write(b"x" * 100)
+        self.assertEqual(transport.sent, [b"x" * 100])
+
+    def test_a_burst_of_full_records_leaves_in_one_send(self) -> None:
+        transport = SocketLike(MemoryReactor(), room=10**6)
+        wrapper = self.wrapper_over(transport)
+        for _ in range(3):
+            wrapper.write(b"r" * TLS_RECORD)
+        wrapper.write(b"tail")
+        self.assertEqual(transport.sent, [])
+        transport.doWrite()
+        self.assertEqual(transport.sent, [b"r" * (3 * TLS_RECORD) + b"tail"])
+
+
+class Pausable:
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        pass
