@@ -277,3 +277,26 @@ def environ_without_token() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("RTUNNEL_TOKEN", None)
     return env
+
+
+@implementer(IHalfCloseableProtocol)
+class Conversation(Protocol):
+    """A visitor the test drives: it sends when told and keeps what comes back."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.reason: Failure | None = None
+        self.closed: defer.Deferred[bytes] = defer.Deferred()  # fires with all it received
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.reason = reason
+        self.closed.callback(bytes(self.received))

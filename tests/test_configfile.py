@@ -16,13 +16,9 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
-from zope.interface import implementer
 
 from rtunnel.config import TunnelSpec
 from rtunnel.configfile import FileOptions, plan_tunnel_changes
@@ -30,6 +26,7 @@ from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
 from tests.harness import (
     TOKEN,
+    Conversation,
     Echo,
     Tunnel,
     Visitor,
@@ -478,29 +475,6 @@ class PlanTests(SynchronousTestCase):
 
 
 # ---------------------------------------------------------------- SIGHUP reload
-
-
-@implementer(IHalfCloseableProtocol)
-class Conversation(Protocol):
-    """A visitor the test drives: it sends when told and keeps what comes back."""
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.reason: Failure | None = None
-        self.closed: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        self.reason = reason
-        self.closed.callback(None)
 
 
 def converse(port: int) -> defer.Deferred[Conversation]:

@@ -14,12 +14,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.trial import unittest
 from twisted.web.client import Agent, readBody
-from zope.interface import implementer
 
 from rtunnel.counters import tunnel_name
 from rtunnel.endpoints import local_endpoint
@@ -30,6 +27,7 @@ from rtunnel.tap.server import Options as ServerOptions
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     TOKEN,
+    Conversation,
     HashReply,
     Source,
     Tunnel,
@@ -83,27 +81,6 @@ def scrape(port: int) -> Any:
     return parse(body.decode())
 
 
-@implementer(IHalfCloseableProtocol)
-class Uploader(Protocol):
-    """Sends what it is told to, when told to; collects the reply."""
-
-    def __init__(self) -> None:
-        self.reply = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.reply += data
-
-    def readConnectionLost(self) -> None:
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.done.callback(self.reply)
-
-
 class StalledVisitor(Visitor):
     """A visitor that does not read until `read_now` is called."""
 
@@ -142,9 +119,9 @@ class MetricsTests(unittest.TestCase):
         self.assertEqual(value(before, "rtunnel_sessions", state="detached"), 0)
         self.assertEqual(value(before, "rtunnel_tunnels"), 1)
 
-        uploader = Uploader()
+        uploader = Conversation()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", public), uploader)
-        self.addCleanup(lambda: uploader.done.called or uploader.transport.abortConnection())
+        self.addCleanup(lambda: uploader.closed.called or uploader.transport.abortConnection())
         uploader.transport.write(first)
         yield wait_until(lambda: target.connections and target.connections[0].count == len(first))
 
@@ -162,7 +139,7 @@ class MetricsTests(unittest.TestCase):
 
         uploader.transport.write(second)
         uploader.transport.loseWriteConnection()
-        reply = yield with_timeout(uploader.done, 30)
+        reply = yield with_timeout(uploader.closed, 30)
         self.assertTrue(reply.startswith(str(len(first) + len(second)).encode()), reply)
         yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].session.streams)
         yield wait_until(lambda: not self.client().session.streams)
