@@ -89,6 +89,16 @@ def visit_at(host: str, port: int, visitor: Visitor) -> defer.Deferred[tuple[byt
     return visitor.done
 
 
+@defer.inlineCallbacks
+def reaches(host: str, port: int) -> Any:
+    """Whether a visitor to host:port gets its bytes echoed within 10 s."""
+    try:
+        reply, _ = yield with_timeout(visit_at(host, port, Visitor(b"hi")), 10)
+    except Exception:
+        return False
+    return reply == b"hi"
+
+
 def spy_on_opens(service: Any) -> list[dict[str, Any]]:
     """The info (src, dst) of every OPEN the client receives; the client
     goes on handling each as before."""
@@ -450,13 +460,8 @@ class PolicyTests(unittest.TestCase):
         )
         return self.tunnel.start_client(config)
 
-    @defer.inlineCallbacks
-    def reaches(self, host: str) -> Any:
-        try:
-            reply, _ = yield with_timeout(visit_at(host, self.port, Visitor(b"hi")), 10)
-        except Exception:
-            return False
-        return reply == b"hi"
+    def reaches(self, host: str) -> defer.Deferred[bool]:
+        return reaches(host, self.port)
 
     @defer.inlineCallbacks
     def test_ipv4_only_policy_gets_0_0_0_0(self) -> None:

@@ -47,7 +47,6 @@ from tests.test_processes import (
     BANNER,
     TWISTD,
     Process,
-    _clean_env,
     _fingerprint,
     _plugins_installed,
     _TargetServer,
@@ -97,25 +96,6 @@ def _visit(port: int, payload: bytes, timeout: float = 20.0) -> bytes:
     reply = b"".join(chunks)
     assert reply.startswith(BANNER), f"no banner from the target through the tunnel: {reply[:100]!r}"
     return reply[len(BANNER) :]
-
-
-class _ProcessWithFds(Process):
-    """A Process that inherits the descriptors `pass_fds`."""
-
-    def __init__(
-        self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path, pass_fds: tuple[int, ...]
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        cwd = workdir / f"{name}-cwd"
-        cwd.mkdir(exist_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # closed in stop()
-        self.popen = subprocess.Popen(
-            argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds,
-        )
-        test.addCleanup(self.stop)
 
 
 class _Processes(SynchronousTestCase):
@@ -460,7 +440,7 @@ class SocketActivationTests(_Processes):
             "os.execv(sys.argv[2], sys.argv[2:])\n"
         )
         fd = listener.fileno()
-        return _ProcessWithFds(
+        return Process(
             self, "server",
             [sys.executable, "-c", wrapper, str(fd), str(SERVER), "--listen", listen,
              "--state-dir", str(self.state_dir)],

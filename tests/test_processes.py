@@ -96,7 +96,11 @@ def _fingerprint(cert_path: Path) -> str:
 class Process:
     """One child process whose stdout and stderr go to a log file."""
 
-    def __init__(self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path) -> None:
+    def __init__(
+        self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path,
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
+        """Start `argv`; the child inherits the descriptors `pass_fds`."""
         self.name = name
         self.argv = argv
         cwd = workdir / f"{name}-cwd"
@@ -105,7 +109,7 @@ class Process:
         self._log = open(self.log_path, "wb")  # closed in stop()
         self.popen = subprocess.Popen(
             argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds,
         )
         test.addCleanup(self.stop)
 

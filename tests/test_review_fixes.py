@@ -39,7 +39,7 @@ from tests.harness import (
     with_timeout,
 )
 from tests.test_configfile import converse
-from tests.test_ipv6 import NO_DUAL_STACK, visit_at
+from tests.test_ipv6 import NO_DUAL_STACK, reaches, visit_at
 from tests.test_metrics import parse, value
 
 
@@ -201,13 +201,8 @@ class DualStackPolicyTests(TestCase):
         self.assertEqual(bound[1], ("::", self.port))
         return service
 
-    @defer.inlineCallbacks
-    def reaches(self, host: str) -> Any:
-        try:
-            reply, _ = yield with_timeout(visit_at(host, self.port, Visitor(b"hi")), 10)
-        except Exception:
-            return False
-        return reply == b"hi"
+    def reaches(self, host: str) -> defer.Deferred[bool]:
+        return reaches(host, self.port)
 
     @defer.inlineCallbacks
     def test_reload_reports_the_dual_stack_port_as_outside_the_policy(self) -> Any:
