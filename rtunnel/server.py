@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
-from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, known_host_port, unmap
+from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, known_host_port
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig, is_ip_literal
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
@@ -919,10 +919,9 @@ class ServerLink(ControlLink):
             self.server.guard.release()
 
     def peer_host(self) -> str:
-        try:
-            return unmap(str(self.transport.getPeer().host))
-        except Exception:
-            return "?"
+        """The client's host, IPv4-mapped unmapped (what the guard counts); "?" if unknown."""
+        address = self.peer_address()
+        return address[0] if address is not None else "?"
 
     def peer_address(self) -> tuple[str, int] | None:
         """The client's (host, port), if the transport knows it."""
