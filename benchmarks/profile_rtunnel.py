@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     run.raise_nofile()
 
     bench_args = argparse.Namespace(
-        quick=False, verbose=True, scale_levels=[], tests=[], only="rtunnel", keep_tmp=False
+        quick=False, verbose=True, scale_levels=[], tests=[], only="rtunnel", keep_tmp=False,
+        rtunnel_window=None,
     )
     bench = run.Bench(bench_args)
     path = run.RtunnelPath(bench)
