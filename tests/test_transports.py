@@ -12,9 +12,6 @@ from twisted.trial import unittest
 
 from rtunnel.transports import (
     READ_SIZE,
-    TLS_RECORD,
-    EagerWrites,
-    EagerWritesFactory,
     set_read_size,
     write_now,
 )
@@ -96,28 +93,6 @@ class WriteNowTests(unittest.SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"hello")
         self.assertEqual(transport.value(), b"hello")
-
-
-class EagerWritesTests(unittest.SynchronousTestCase):
-    def wrapper_over(self, transport: SocketLike) -> EagerWrites:
-        wrapper = EagerWrites(EagerWritesFactory(None), Protocol())
-        wrapper.makeConnection(transport)
-        return wrapper
-
-    def test_a_short_write_is_sent_at_once(self) -> None:
-        transport = SocketLike(MemoryReactor(), room=10**6)
-        self.wrapper_over(transport).write(b"x" * 100)
-        self.assertEqual(transport.sent, [b"x" * 100])
-
-    def test_a_burst_of_full_records_leaves_in_one_send(self) -> None:
-        transport = SocketLike(MemoryReactor(), room=10**6)
-        wrapper = self.wrapper_over(transport)
-        for _ in range(3):
-            wrapper.write(b"r" * TLS_RECORD)
-        wrapper.write(b"tail")
-        self.assertEqual(transport.sent, [])
-        transport.doWrite()
-        self.assertEqual(transport.sent, [b"r" * (3 * TLS_RECORD) + b"tail"])
 
 
 class Pausable:

@@ -10,7 +10,7 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -42,7 +42,7 @@ from rtunnel.tls import (
     load_known_servers,
     parse_fingerprint,
 )
-from rtunnel.transports import EagerWritesEndpoint
+from rtunnel.tlslink import LinkTLSEndpoint
 
 
 class Options(FileOptions, usage.Options):
@@ -323,11 +323,8 @@ class ClientMainService(service.MultiService):
         self.client = TunnelClient(reactor, config, self._fatal, creator)
         self.client.on_attempt_failed = self._attempt_failed
         self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
-        endpoint = wrapClientTLS(
-            creator,
-            EagerWritesEndpoint(
-                HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10)
-            ),
+        endpoint = LinkTLSEndpoint(
+            creator, HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10), reactor
         )
         endpoint = CountingEndpoint(endpoint, self.client.events)
         self._giving_up = False

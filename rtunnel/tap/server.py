@@ -13,7 +13,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
@@ -30,7 +29,7 @@ from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
-from rtunnel.transports import EagerWritesFactory
+from rtunnel.tlslink import LinkTLSFactory
 
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
 MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
@@ -280,9 +279,7 @@ class ServerService(service.Service):
             token, token_created = load_or_create_token(config.state_dir)
         self.server = TunnelServer(self.reactor, config, token, clients)
         endpoint = serverFromString(self.reactor, config.listen)
-        factory = EagerWritesFactory(
-            TLSMemoryBIOFactory(server_context(identity), False, self.server.link_factory())
-        )
+        factory = LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
         listen = config.listen
         try:
             self.port = yield endpoint.listen(factory)

@@ -1,0 +1,209 @@
+"""TLS for the control link: Twisted's TLS layer with a lean data path.
+
+`twisted.protocols.tls` does the handshake, certificate checks, shutdown and
+errors; this subclass changes only how application bytes move once the
+handshake is done:
+
+* Writes made during one reactor turn (every frame of every stream) are
+  joined, encrypted record by record straight from a memoryview, read back
+  from the memory BIO in 64 KiB pieces and handed to the socket at once
+  (`write_now`). Twisted's own path copies each write twice more, cuts it
+  into 16 KiB copies and makes a `bio_read` and a transport write per
+  record.
+* Reads decrypt every record the socket delivered and pass the plaintext
+  up in one `dataReceived`, not one call per 16 KiB record.
+
+Before the handshake completes, while Twisted holds writes back
+(`_appSendBuffer`), and on every error or shutdown path, the base class
+does the work exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+
+from rtunnel.transports import write_now
+
+#: Plaintext written in one turn that is encrypted and sent without waiting
+#: for the end of the turn.
+FLUSH_AT = 256 * 1024
+
+#: Plaintext asked for per SSL_read: a record holds at most 16 KiB.
+READ_CHUNK = 16 * 1024
+
+#: Ciphertext taken from the memory BIO per bio_read and send(): large
+#: enough for few calls, small enough to stay clear of malloc's mmap
+#: threshold (a fresh mapping and page faults for every buffer).
+CIPHERTEXT_PIECE = 64 * 1024
+
+
+class LinkTLSProtocol(TLSMemoryBIOProtocol):
+    """`TLSMemoryBIOProtocol` with per-turn write batching and batched reads."""
+
+    factory: LinkTLSFactory
+
+    def __init__(self, factory: LinkTLSFactory, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
+        super().__init__(factory, wrappedProtocol, _connectWrapped)
+        self._outgoing: list[bytes] = []
+        self._outgoing_size = 0
+        self._flush_call: IDelayedCall | None = None
+
+    # ------------------------------------------------------------ writing
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting and self._producer is None:
+            return  # as the base class: nothing is written after loseConnection
+        if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
+            self.flush()
+            TLSMemoryBIOProtocol.write(self, data)
+            return
+        self._outgoing.append(data)
+        self._outgoing_size += len(data)
+        if self._outgoing_size >= FLUSH_AT:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.factory.clock.callLater(0, self._flush_at_end_of_turn)
+
+    def writeSequence(self, data: Any) -> None:
+        for chunk in data:
+            self.write(chunk)
+
+    def _flush_at_end_of_turn(self) -> None:
+        self._flush_call = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Encrypt and send every write queued in this turn."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        if not self._outgoing:
+            return
+        outgoing, self._outgoing, self._outgoing_size = self._outgoing, [], 0
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        if self._lostTLSConnection:
+            return
+        if self._appSendBuffer or not self._handshakeDone:
+            TLSMemoryBIOProtocol._write(self, data)
+            return
+        # pyOpenSSL turns on partial writes: each SSL_write takes one record.
+        # The records gather in the memory BIO and leave in one bio_read.
+        tls = self._tlsConnection
+        view = memoryview(data)
+        total = len(data)
+        sent = 0
+        try:
+            while sent < total:
+                sent += tls.send(view[sent:])
+        except WantReadError:
+            # held until the peer's bytes arrive (the base class buffers it)
+            self._send_ciphertext()
+            TLSMemoryBIOProtocol._write(self, data[sent:])
+            return
+        except Error:
+            self._tlsShutdownFinished(Failure())
+            return
+        self._send_ciphertext()
+
+    def _send_ciphertext(self) -> None:
+        """Move the memory BIO's ciphertext to the socket, a piece at a time:
+        each goes out at once while the socket takes it, then queues."""
+        tls = self._tlsConnection
+        while True:
+            try:
+                piece = tls.bio_read(CIPHERTEXT_PIECE)
+            except WantReadError:
+                return
+            write_now(self.transport, piece)
+            if len(piece) < CIPHERTEXT_PIECE:
+                return
+
+    def loseConnection(self) -> None:
+        self.flush()
+        super().loseConnection()
+
+    def unregisterProducer(self) -> None:
+        self.flush()  # the base class may start the TLS shutdown here
+        super().unregisterProducer()
+
+    def abortConnection(self) -> None:
+        self._drop_outgoing()
+        super().abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._drop_outgoing()
+        super().connectionLost(reason)
+
+    def _drop_outgoing(self) -> None:
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
+        self._outgoing, self._outgoing_size = [], 0
+
+    # ------------------------------------------------------------ reading
+
+    def _flushReceiveBIO(self) -> None:
+        """Decrypt every complete record in the receive BIO and deliver the
+        plaintext in one call (the base class delivers each record)."""
+        tls = self._tlsConnection
+        pieces: list[bytes] = []
+        while not self._lostTLSConnection:
+            try:
+                pieces.append(tls.recv(READ_CHUNK))
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                # the peer's close_notify: deliver what came before it, then shut down
+                self._deliver(pieces)
+                pieces = []
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._deliver(pieces)
+                pieces = []
+                self._tlsShutdownFinished(Failure())
+        self._deliver(pieces)
+        # SSL_read may have produced bytes to send (an alert, a key update)
+        self._flushSendBIO()
+
+    def _deliver(self, pieces: list[bytes]) -> None:
+        if pieces and not self._aborted:
+            ProtocolWrapper.dataReceived(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+
+class LinkTLSFactory(TLSMemoryBIOFactory):
+    """A `TLSMemoryBIOFactory` whose connections are `LinkTLSProtocol`s."""
+
+    protocol = LinkTLSProtocol
+
+    def __init__(
+        self,
+        creator: Any,
+        is_client: bool,
+        wrapped: IProtocolFactory,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        super().__init__(creator, is_client, wrapped, clock)
+        self.clock: IReactorTime = clock  # type: ignore[assignment]
+
+
+class LinkTLSEndpoint:
+    """A client endpoint that runs TLS (`LinkTLSProtocol`) over `endpoint`;
+    what `twisted.internet.endpoints.wrapClientTLS` does with Twisted's TLS."""
+
+    def __init__(self, creator: Any, endpoint: Any, clock: IReactorTime | None = None) -> None:
+        self._creator = creator
+        self._endpoint = endpoint
+        self._clock = clock
+
+    def connect(self, factory: IProtocolFactory) -> Any:
+        d = self._endpoint.connect(LinkTLSFactory(self._creator, True, factory, self._clock))
+        return d.addCallback(lambda tls: tls.wrappedProtocol)

@@ -1,0 +1,155 @@
+"""rtunnel.tlslink: the control link's TLS layer, on memory transports.
+
+Two LinkTLSProtocols (a real pyOpenSSL handshake with the server's
+certificate pinned by the client) are joined by twisted.test.iosim; the
+fake clock decides when a reactor turn ends.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial import unittest
+
+from rtunnel.tls import PinnedCertificateCreator, load_server_identity, server_context
+from rtunnel.tlslink import FLUSH_AT, LinkTLSFactory, LinkTLSProtocol
+
+
+class Recorder(Protocol):
+    """Keeps every dataReceived call apart, and how the connection ended."""
+
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.lost: Failure | None = None
+
+    @property
+    def received(self) -> bytes:
+        return b"".join(self.calls)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self.lost = reason
+
+
+class LinkTLSTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        identity = load_server_identity(Path(self.mktemp()).absolute().joinpath("state"))
+        server_factory = LinkTLSFactory(
+            server_context(identity), False, Factory.forProtocol(Recorder), self.clock
+        )
+        client_factory = LinkTLSFactory(
+            PinnedCertificateCreator(identity.fingerprint), True, Factory.forProtocol(Recorder), self.clock
+        )
+        self.client: LinkTLSProtocol
+        self.server: LinkTLSProtocol
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: server_factory.buildProtocol(None),
+            lambda: client_factory.buildProtocol(None),
+            greet=False,
+            clock=self.clock,
+        )
+        # kept here: a wrapper lets go of its protocol when the connection ends
+        self.apps = {id(self.client): self.client.wrappedProtocol, id(self.server): self.server.wrappedProtocol}
+
+    def handshake(self) -> None:
+        self.pump.flush()
+        self.assertTrue(self.client._handshakeDone and self.server._handshakeDone)
+
+    def app(self, side: LinkTLSProtocol) -> Recorder:
+        app = self.apps[id(side)]
+        assert isinstance(app, Recorder)
+        return app
+
+    def test_bytes_arrive_intact_in_order_both_ways(self) -> None:
+        self.handshake()
+        rng = random.Random(7)
+        up = [rng.randbytes(n) for n in (1, 100, 16384, 16385, 300_000, 1 << 20, 5)]
+        down = [rng.randbytes(n) for n in (70_000, 3, 2 * FLUSH_AT + 1)]
+        for chunk in up:
+            self.client.write(chunk)
+        for chunk in down:
+            self.server.write(chunk)
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"".join(up))
+        self.assertEqual(self.app(self.client).received, b"".join(down))
+
+    def test_small_writes_of_one_turn_leave_together_at_its_end(self) -> None:
+        self.handshake()
+        sent_before = len(self.client.transport.stream)
+        frames = [b"frame %d;" % i for i in range(10)]
+        for frame in frames:
+            self.client.write(frame)
+        self.assertEqual(len(self.client.transport.stream), sent_before)  # nothing yet
+        self.clock.advance(0)  # the end of the reactor turn
+        self.assertEqual(len(self.client.transport.stream), sent_before + 1)  # one write
+        self.pump.flush()
+        # and the peer gets them in one call, not one per record or write
+        self.assertEqual(self.app(self.server).calls, [b"".join(frames)])
+
+    def test_a_large_turn_is_sent_without_waiting_for_its_end(self) -> None:
+        self.handshake()
+        sent_before = len(self.client.transport.stream)
+        self.client.write(b"x" * FLUSH_AT)
+        self.assertGreater(len(self.client.transport.stream), sent_before)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_records_read_at_once_are_delivered_in_one_call(self) -> None:
+        self.handshake()
+        payload = random.Random(3).randbytes(5 * 16384 + 10)  # six records
+        self.client.write(payload)
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).calls, [payload])
+
+    def test_writes_before_the_handshake_are_delivered_after_it(self) -> None:
+        self.client.write(b"hello before the handshake")
+        self.server.write(b"and a reply")
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"hello before the handshake")
+        self.assertEqual(self.app(self.client).received, b"and a reply")
+
+    def test_lose_connection_sends_the_turns_writes_first(self) -> None:
+        self.handshake()
+        self.client.write(b"last words")
+        self.client.loseConnection()  # before the turn ends
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"last words")
+        server_lost = self.app(self.server).lost
+        assert server_lost is not None
+        server_lost.trap(ConnectionDone)
+
+    def test_abort_drops_the_turns_writes_and_their_timer(self) -> None:
+        self.handshake()
+        self.client.write(b"never sent")
+        self.client.abortConnection()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"")
+
+    def test_writes_after_lose_connection_are_dropped(self) -> None:
+        self.handshake()
+        self.client.loseConnection()
+        self.client.write(b"too late")
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"")
+
+    def test_a_corrupted_record_ends_the_connection_with_an_error(self) -> None:
+        self.handshake()
+        self.client.write(b"y" * 1000)
+        self.clock.advance(0)
+        record = bytearray(b"".join(self.client.transport.stream))
+        record[-1] ^= 0xFF  # breaks the AEAD tag
+        self.client.transport.stream = [bytes(record)]
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"")
+        lost = self.app(self.server).lost
+        self.assertIsNotNone(lost)
+        self.assertFalse(lost.check(ConnectionDone))
