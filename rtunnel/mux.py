@@ -60,8 +60,8 @@ class SessionSettings:
     def __init__(
         self,
         initial_window: int = 256 * 1024,
-        max_stream_window: int = 16 * 1024 * 1024,
-        session_window_budget: int = 64 * 1024 * 1024,
+        max_stream_window: int = 64 * 1024 * 1024,
+        session_window_budget: int = 128 * 1024 * 1024,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         max_streams: int = 4096,
         idle_window_reset: float = 30.0,
