@@ -114,6 +114,17 @@ class Stream:
     otherwise): an idle stream keeps no buffer, only its counters.
     """
 
+    # one per tunnelled connection: no per-instance __dict__
+    __slots__ = (
+        "session", "id", "tunnel_id",
+        # send direction
+        "send_state", "sent", "read_total", "peer_consumed", "send_limit", "_unacked", "_pending",
+        "_reading", "blocked_seconds", "_blocked_since",
+        # receive direction
+        "recv_state", "received", "final_offset", "window", "recv_limit", "reported", "paid_limit",
+        "unpaid_upto", "_last_grant", "_last_data", "_early", "_local_paused", "local", "closed",
+    )  # fmt: skip
+
     log = Logger()
 
     def __init__(self, session: Session, stream_id: int, tunnel_id: int) -> None:

@@ -98,6 +98,14 @@ class DataTests(MuxTestCase):
             self.assertEqual(stream.buffered_out, 0)
             self.assertEqual((stream._pending, stream._unacked, stream._early), ((), (), ()))
 
+    def test_stream_has_no_instance_dict(self):
+        """Issue #6: Stream uses __slots__ (one per tunnelled connection)."""
+        server_end, client_end = Pair().open()
+        for stream in (server_end.stream, client_end.stream):
+            self.assertFalse(hasattr(stream, "__dict__"))
+            with self.assertRaises(AttributeError):
+                stream.misspelt_field = 1  # type: ignore[attr-defined]
+
     def test_data_frames_respect_the_peer_max_frame(self):
         small = SessionSettings(max_frame=wire.MIN_MAX_FRAME)
         pair = Pair(settings=small)
