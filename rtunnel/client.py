@@ -94,8 +94,9 @@ class _TargetFactory(ClientFactory):
 
     def buildProtocol(self, addr: object) -> StreamProtocol:
         self._settle(None)
-        if self.header:
-            return _ProxyHeaderTarget(self.stream, self.header)
+        header, self.header = self.header, b""  # the connector keeps this factory
+        if header:
+            return _ProxyHeaderTarget(self.stream, header)
         return StreamProtocol(self.stream)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
@@ -113,14 +114,16 @@ class _TargetFactory(ClientFactory):
 class _ProxyHeaderTarget(StreamProtocol):
     """A target connection that starts with a PROXY protocol header, written
     before attach_local flushes the visitor's early bytes. The header is not
-    stream data: it counts against no window or offset."""
+    stream data: it counts against no window or offset, and it is not kept
+    once written."""
 
     def __init__(self, stream: Stream, header: bytes) -> None:
         super().__init__(stream)
         self.header = header
 
     def connectionMade(self) -> None:
-        self.transport.write(self.header)
+        header, self.header = self.header, b""
+        self.transport.write(header)
         super().connectionMade()
 
 

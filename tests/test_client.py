@@ -6,6 +6,8 @@ what a target connection keeps and how an attempt ends."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs
@@ -84,3 +86,13 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
         self.assertEqual([e.get("event") for e in events if e.get("event") == "target_failed"], [])
         self.assertEqual([code for code, _ in self.resets()], [ResetCode.ABORTED])
         self.assertEqual(self.client._connecting, {})
+
+    def test_proxy_header_is_written_first_and_not_kept(self) -> None:
+        self.client.tunnels[1] = replace(TARGET, proxy_protocol="v1")
+        factory, _ = self.open()
+        protocol = factory.buildProtocol(None)  # type: ignore[attr-defined]
+        transport = StringTransport()
+        self.stream.data_received(b"early")
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.value(), b"PROXY TCP4 198.51.100.1 203.0.113.1 5555 4000\r\nearly")
+        self.assertEqual((factory.header, protocol.header), (b"", b""))  # type: ignore[attr-defined]
