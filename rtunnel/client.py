@@ -82,7 +82,11 @@ class _TargetFactory(ClientFactory):
             self._cancel = d.cancel
             d.addErrback(self.connection_failed)
             return
-        connector = reactor.connectTCP(spec.target_host, spec.target_port, self, timeout=timeout)
+        try:
+            connector = reactor.connectTCP(spec.target_host, spec.target_port, self, timeout=timeout)
+        except Exception:  # as TCP4ClientEndpoint.connect: a failed attempt, not a crash
+            self.connection_failed(Failure())
+            return
         if self._settled is not None:
             self._cancel = connector.stopConnecting
 

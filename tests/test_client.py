@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from twisted.internet import error
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -96,3 +96,15 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
         protocol.makeConnection(transport)
         self.assertEqual(transport.value(), b"PROXY TCP4 198.51.100.1 203.0.113.1 5555 4000\r\nearly")
         self.assertEqual((factory.header, protocol.header), (b"", b""))  # type: ignore[attr-defined]
+
+    def test_connect_raising_resets_the_stream(self) -> None:
+        """connectTCP raising (say, a bad IPv6 scope) fails the stream, not
+        the session (what TCP4ClientEndpoint did with it)."""
+        self.client.reactor = RaisingMemoryReactor(connectException=OSError("no such scope"))
+        with capturedLogs():
+            self.client.stream_opened(self.session, self.stream, TARGET.tunnel_id, INFO)
+        self.assertTrue(self.stream.closed)
+        [(code, reason)] = self.resets()
+        self.assertEqual(code, ResetCode.UNREACHABLE)
+        self.assertIn("no such scope", reason)
+        self.assertEqual(self.client._connecting, {})
