@@ -16,8 +16,8 @@ from typing import Any
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -55,44 +55,79 @@ def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
     return ResetCode.UNREACHABLE, failure.getErrorMessage()
 
 
-def target_endpoint(reactor: Any, spec: TunnelSpec, timeout: float) -> Any:
-    """An endpoint for a tunnel's target. IP literals skip name resolution
-    (HostnameEndpoint resolves in a thread, for every connection)."""
-    try:
-        address = ipaddress.ip_address(spec.target_host)
-    except ValueError:
-        return HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout)
-    kind = TCP4ClientEndpoint if address.version == 4 else TCP6ClientEndpoint
-    return kind(reactor, spec.target_host, spec.target_port, timeout=timeout)
-
-
-class _TargetFactory(Factory):
+class _TargetFactory(ClientFactory):
     """Connects one stream to its local target (quietly: one per visitor).
-    A non-empty `header` (PROXY protocol) is written to the target first."""
+    A non-empty `header` (PROXY protocol) is written to the target first.
+    `settled` is called once: with None when connected, else with the
+    failure; then it is let go of, with all it holds."""
 
     noisy = False
 
-    def __init__(self, stream: Stream, header: bytes = b"") -> None:
+    def __init__(self, stream: Stream, header: bytes, settled: Callable[[Failure | None], None]) -> None:
         self.stream = stream
         self.header = header
+        self._settled: Callable[[Failure | None], None] | None = settled
+        self._cancel: Callable[[], None] | None = None
+
+    def connect(self, reactor: Any, spec: TunnelSpec, timeout: float) -> None:
+        """Start connecting to `spec`'s target. An IP literal is connected
+        with connectTCP itself: only the connector (and this factory) stay
+        with the connection, where an endpoint also keeps its wrapping
+        protocol, factory and Deferred. A host name goes through
+        HostnameEndpoint (it resolves in a thread, for every connection)."""
+        try:
+            ipaddress.ip_address(spec.target_host)
+        except ValueError:
+            d = HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout).connect(self)
+            self._cancel = d.cancel
+            d.addErrback(self.connection_failed)
+            return
+        try:
+            connector = reactor.connectTCP(spec.target_host, spec.target_port, self, timeout=timeout)
+        except Exception:  # as TCP4ClientEndpoint.connect: a failed attempt, not a crash
+            self.connection_failed(Failure())
+            return
+        if self._settled is not None:
+            self._cancel = connector.stopConnecting
+
+    def cancel(self) -> None:
+        """Stop an attempt still under way (its stream closed first)."""
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None and self._settled is not None:
+            cancel()
 
     def buildProtocol(self, addr: object) -> StreamProtocol:
-        if self.header:
-            return _ProxyHeaderTarget(self.stream, self.header)
+        self._settle(None)
+        header, self.header = self.header, b""  # the connector keeps this factory
+        if header:
+            return _ProxyHeaderTarget(self.stream, header)
         return StreamProtocol(self.stream)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        self.connection_failed(reason)
+
+    def connection_failed(self, reason: Failure) -> None:
+        self._settle(reason)
+
+    def _settle(self, result: Failure | None) -> None:
+        settled, self._settled, self._cancel = self._settled, None, None
+        if settled is not None:
+            settled(result)
 
 
 class _ProxyHeaderTarget(StreamProtocol):
     """A target connection that starts with a PROXY protocol header, written
     before attach_local flushes the visitor's early bytes. The header is not
-    stream data: it counts against no window or offset."""
+    stream data: it counts against no window or offset, and it is not kept
+    once written."""
 
     def __init__(self, stream: Stream, header: bytes) -> None:
         super().__init__(stream)
         self.header = header
 
     def connectionMade(self) -> None:
-        self.transport.write(self.header)
+        header, self.header = self.header, b""
+        self.transport.write(header)
         super().connectionMade()
 
 
@@ -124,7 +159,7 @@ class TunnelClient:
         self.tunnel_names: dict[int, str] = {}
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
         self.failed = False
-        self._connecting: dict[int, defer.Deferred[Any]] = {}
+        self._connecting: dict[int, _TargetFactory] = {}
         self._bind_retries: list[Any] = []
         # live tunnel changes (add_tunnel, remove_tunnel): ids are never reused
         self._next_tunnel_id = max(self.tunnels, default=0) + 1
@@ -313,16 +348,11 @@ class TunnelClient:
             stream.reset(ResetCode.REFUSED, f"no tunnel {tunnel_id} on this client")
             return
         header = proxyproto.header(spec.proxy_protocol, info.get("src"), info.get("dst"))
-        d = target_endpoint(self.reactor, spec, self.config.connect_timeout).connect(_TargetFactory(stream, header))
-        self._connecting[stream.id] = d
 
-        def connected(proto: object) -> None:
+        def settled(failure: Failure | None) -> None:
             self._connecting.pop(stream.id, None)
-
-        def failed(failure: Failure) -> None:
-            self._connecting.pop(stream.id, None)
-            if failure.check(defer.CancelledError):
-                return
+            if failure is None or stream.closed:
+                return  # connected, or cancelled: the stream is gone
             code, why = _reset_code_for(failure)
             self.log.warn(
                 "target {host}:{port} failed for a visitor from {src}: {why}",
@@ -331,13 +361,14 @@ class TunnelClient:
             )
             stream.local_failed(code, f"target {spec.target_host}:{spec.target_port}: {why}")
 
-        d.addCallbacks(connected, failed)
+        factory = self._connecting[stream.id] = _TargetFactory(stream, header, settled)
+        factory.connect(self.reactor, spec, self.config.connect_timeout)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
         self.traffic.fold("", self.tunnel_name(stream.tunnel_id), stream)
-        pending = self._connecting.pop(stream.id, None)
-        if pending is not None:
-            pending.cancel()
+        connecting = self._connecting.pop(stream.id, None)
+        if connecting is not None:
+            connecting.cancel()
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is FrameType.BOUND:

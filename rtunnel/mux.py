@@ -109,7 +109,21 @@ class Stream:
     The stream is the producer registered on its local transport (so a slow
     local reader pauses it, which withholds credit) and it pauses that
     transport's reading when it cannot send.
+
+    Its byte buffers exist only while they hold bytes (an empty tuple
+    otherwise): an idle stream keeps no buffer, only its counters.
     """
+
+    # one per tunnelled connection: no per-instance __dict__
+    __slots__ = (
+        "session", "id", "tunnel_id",
+        # send direction
+        "send_state", "sent", "read_total", "peer_consumed", "send_limit", "_unacked", "_pending",
+        "_reading", "blocked_seconds", "_blocked_since",
+        # receive direction
+        "recv_state", "received", "final_offset", "window", "recv_limit", "reported", "paid_limit",
+        "unpaid_upto", "_last_grant", "_last_data", "_early", "_local_paused", "local", "closed",
+    )  # fmt: skip
 
     log = Logger()
 
@@ -124,8 +138,8 @@ class Stream:
         self.read_total = 0  # bytes read from the local socket
         self.peer_consumed = 0  # acknowledged; start of the resend buffer
         self.send_limit = settings.initial_window
-        self._unacked: collections.deque[bytes] = collections.deque()
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._unacked: collections.deque[bytes] | tuple[()] = ()  # sent, kept for resend
+        self._pending: list[bytes] | tuple[()] = ()  # read, not sent yet (at most a read or two)
         self._reading = True
         self.blocked_seconds = 0.0  # with bytes to send and no credit (ended spells)
         self._blocked_since: float | None = None
@@ -140,7 +154,7 @@ class Stream:
         self.unpaid_upto = 0  # granted before that pacer existed (a reload): not paid, never refunded
         self._last_grant: float | None = None
         self._last_data = session.clock.seconds()
-        self._early: list[bytes] = []  # received before the local socket exists
+        self._early: list[bytes] | tuple[()] = ()  # received before the local socket exists
         self._local_paused = False
         self.local: ITransport | None = None
         self.closed = False
@@ -154,7 +168,7 @@ class Stream:
         """Connect the stream to its local socket (visitor or target)."""
         self.local = transport
         transport.registerProducer(self, True)
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         for chunk in early:
             transport.write(chunk)
         self._reading = True
@@ -166,7 +180,10 @@ class Stream:
         if self.closed or self.send_state is not SendState.OPEN:
             return
         self.read_total += len(data)
-        self._pending.append(data)
+        if self._pending:
+            self._pending.append(data)
+        else:
+            self._pending = [data]
         self.flush()
         self.update_reading()
 
@@ -232,12 +249,17 @@ class Stream:
                 chunk, rest = chunk[:n], chunk[n:]
                 pending[0] = rest
             else:
-                pending.popleft()
-            self._unacked.append(chunk)
+                del pending[0]
+            unacked = self._unacked
+            if not unacked:
+                unacked = self._unacked = collections.deque()
+            unacked.append(chunk)
             self.sent += len(chunk)
             if pacer is not None:
                 pacer.spend(len(chunk))
             session.write(wire.header(FrameType.DATA, self.id, len(chunk)) + chunk)
+        if not self._pending:
+            self._pending = ()
         if self.sent >= self.send_limit and self._blocked_since is None and (
             pending or self.send_state is SendState.OPEN
         ):
@@ -313,6 +335,8 @@ class Stream:
             else:
                 unacked[0] = head[drop:]
                 drop = 0
+        if not unacked:
+            self._unacked = ()
         self.peer_consumed = offset
 
     @property
@@ -342,7 +366,10 @@ class Stream:
             self._shrink_window()
         self._last_data = now
         if self.local is None:
-            self._early.append(data)
+            if self._early:
+                self._early.append(data)
+            else:
+                self._early = [data]
             return
         write_now(self.local, data)
         self._finish_receive_if_done()
@@ -452,9 +479,7 @@ class Stream:
             session.recv_pacer.forget(self)
             # paid, never sent (credit granted before this pacer was not paid to it)
             session.recv_pacer.give_back(self.paid_limit - max(self.received, self.unpaid_upto))
-        self._unacked.clear()
-        self._pending.clear()
-        self._early.clear()
+        self._unacked = self._pending = self._early = ()
         self._shrink_window()
         self.session.forget(self)
 

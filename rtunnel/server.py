@@ -100,7 +100,7 @@ class PublicListener(Factory):
             self._refuse_over_limit(owner, limit)
             return None
         self.open_connections += 1  # until the connection is lost, opened or refused
-        return _VisitorConnection(self, _address(addr))
+        return _VisitorConnection(self)
 
     def open_stream(self, src: list[Any], dst: list[Any]) -> Stream | None:
         """Send OPEN for a visitor who connected from `src` to `dst` (the
@@ -131,17 +131,18 @@ class _VisitorConnection(StreamProtocol):
     """A visitor's connection. Its stream is opened once the socket exists,
     so OPEN's `dst` is the address the visitor reached (getHost() of the
     accepted socket): on a listener bound to 0.0.0.0 or ::, that is the
-    server's real address, which a PROXY protocol header passes on."""
+    server's real address, which a PROXY protocol header passes on. Both
+    addresses are read from the transport, not kept: they are in OPEN."""
 
     stream: Stream | None  # type: ignore[assignment]
 
-    def __init__(self, listener: PublicListener, src: list[Any]) -> None:
+    def __init__(self, listener: PublicListener) -> None:
         self.listener = listener
-        self.src = src
         self.stream = None
 
     def connectionMade(self) -> None:
-        self.stream = self.listener.open_stream(self.src, _address(self.transport.getHost()))
+        transport = self.transport
+        self.stream = self.listener.open_stream(_address(transport.getPeer()), _address(transport.getHost()))
         if self.stream is None:
             self.transport.abortConnection()
             return

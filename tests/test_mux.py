@@ -80,6 +80,32 @@ class DataTests(MuxTestCase):
         self.assertEqual(pair.data_bytes[C2S, sid], len(up))
         self.assertNoMisuse(server_end, client_end)
 
+    def test_idle_stream_keeps_no_buffers_after_a_transfer(self):
+        """Issue #6: an idle tunnelled connection costs its counters, not
+        empty deques/lists (~1.5 KB a stream)."""
+        pair = Pair()
+        server_end, client_end = pair.open()
+        for end in (server_end, client_end):
+            self.assertEqual((end.stream._pending, end.stream._unacked, end.stream._early), ((), (), ()))
+        server_end.send(pattern(5, 300 * KiB))
+        client_end.send(b"x")
+        pair.pump()
+        pair.advance(1)  # the small leftover credit comes back after the credit delay
+        self.assertEqual(len(client_end.received), 300 * KiB)
+        self.assertEqual(server_end.received, b"x")
+        for end in (server_end, client_end):
+            stream = end.stream
+            self.assertEqual(stream.buffered_out, 0)
+            self.assertEqual((stream._pending, stream._unacked, stream._early), ((), (), ()))
+
+    def test_stream_has_no_instance_dict(self):
+        """Issue #6: Stream uses __slots__ (one per tunnelled connection)."""
+        server_end, client_end = Pair().open()
+        for stream in (server_end.stream, client_end.stream):
+            self.assertFalse(hasattr(stream, "__dict__"))
+            with self.assertRaises(AttributeError):
+                stream.misspelt_field = 1  # type: ignore[attr-defined]
+
     def test_data_frames_respect_the_peer_max_frame(self):
         small = SessionSettings(max_frame=wire.MIN_MAX_FRAME)
         pair = Pair(settings=small)
