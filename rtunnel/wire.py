@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
@@ -111,9 +111,8 @@ class FrameError(Exception):
     """The byte stream is not valid rtunnel framing; the link must end."""
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    """One decoded frame. `body` is the raw body (bytes or a memoryview)."""
+class Frame(NamedTuple):
+    """One decoded frame (a named tuple: made once per frame, cheaply)."""
 
     type: FrameType
     flags: int
@@ -272,6 +271,15 @@ def check_frame(ftype: FrameType, flags: int, stream_id: int, length: int) -> No
         raise FrameError(f"{ftype.name} body must be at least {minimum} bytes, got {length}")
 
 
+#: Per type byte: (type, exact body size or -1, minimum body size, whether it
+#: belongs to a stream); None for a byte that is no frame type. The decoder's
+#: fast check; check_frame says precisely what is wrong.
+_RULES: list[tuple[FrameType, int, int, bool] | None] = [None] * 256
+for _type in FrameType:
+    _RULES[_type] = (_type, _EXACT_SIZE.get(_type, -1), _MIN_SIZE.get(_type, 0), _type in STREAM_FRAMES)
+del _type
+
+
 class FrameDecoder:
     """Incremental decoder: feed bytes, get frames.
 
@@ -288,30 +296,48 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> Iterator[Frame]:
-        """Yield every complete frame in the bytes received so far."""
+        """Yield every complete frame in the bytes received so far.
+
+        Bytes that arrive with nothing buffered are decoded where they are;
+        only an incomplete frame's bytes are kept for the next feed."""
         buf = self._buffer
-        buf += data
+        if buf or type(data) is not bytes:
+            buf += data
+            source: bytes | bytearray = buf
+        else:
+            source = data
+        unpack = HEADER.unpack_from
+        rules = _RULES
         pos = 0
-        end = len(buf)
+        end = len(source)
         try:
             while end - pos >= HEADER_SIZE:
-                raw_type, flags, stream_id, length = HEADER.unpack_from(buf, pos)
-                try:
-                    ftype = FrameType(raw_type)
-                except ValueError:
-                    raise FrameError(f"unknown frame type {raw_type}") from None
-                if length > self.max_frame:
+                raw_type, flags, stream_id, length = unpack(source, pos)
+                rule = rules[raw_type]
+                if rule is None:
+                    raise FrameError(f"unknown frame type {raw_type}")
+                ftype, exact, minimum, on_stream = rule
+                if length > self.max_frame:  # read each time: the handshake raises it
                     raise FrameError(
                         f"{ftype.name} frame of {length} bytes exceeds the maximum "
                         f"of {self.max_frame}"
                     )
-                check_frame(ftype, flags, stream_id, length)
+                if flags or (stream_id != 0) is not on_stream or length < minimum or (
+                    exact >= 0 and length != exact
+                ):
+                    check_frame(ftype, flags, stream_id, length)  # raises unless a PONG
                 if end - pos - HEADER_SIZE < length:
                     break
                 start = pos + HEADER_SIZE
                 pos = start + length
-                with memoryview(buf) as view:  # one copy of the body, not two
-                    body = bytes(view[start:pos])
+                if source is buf:
+                    with memoryview(buf) as view:  # one copy of the body, not two
+                        body = bytes(view[start:pos])
+                else:
+                    body = source[start:pos]
                 yield Frame(ftype, flags, stream_id, body)
         finally:
-            del buf[:pos]
+            if source is buf:
+                del buf[:pos]
+            elif pos < end:
+                buf += memoryview(source)[pos:]

@@ -304,6 +304,19 @@ class SplitTests(SynchronousTestCase):
         self.assertEqual(self._feed_all(decoder, chunks), [frame for _, frame in pairs])
         self.assertEqual(decoder.buffered, 0)
 
+    @SETTINGS
+    @given(frame_sequences, st.data())
+    def test_bodies_are_bytes_whatever_buffer_type_is_fed(
+        self, pairs: list[tuple[bytes, Frame]], data: st.DataObject
+    ) -> None:
+        stream = b"".join(encoded for encoded, _ in pairs)
+        chunks = data.draw(chunked(stream, max_chunk=data.draw(st.sampled_from([5, 64, 4096]))))
+        kinds = [bytes, bytearray]
+        decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        out = self._feed_all(decoder, [data.draw(st.sampled_from(kinds))(c) for c in chunks])
+        self.assertEqual(out, [frame for _, frame in pairs])
+        self.assertTrue(all(type(frame.body) is bytes for frame in out))
+
     @FEW
     @given(st.lists(encoded_frames(), min_size=1, max_size=4))
     def test_frames_fed_one_byte_at_a_time_come_out_identical_and_in_order(
