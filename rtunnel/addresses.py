@@ -10,6 +10,7 @@ headers, the status page) calls `unmap` first, so an IPv4 peer is always
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 from typing import Any
 
@@ -26,11 +27,29 @@ def unmap(host: str) -> str:
     `?`) is returned unchanged."""
     if ":" not in host:
         return host
+    return _unmap_ipv6(host)
+
+
+@functools.lru_cache(maxsize=4096)
+def _unmap_ipv6(host: str) -> str:
+    # cached: every visitor through a dual-stack port asks, mostly for the
+    # same few peers, and parsing an IPv6 address costs microseconds
     try:
         mapped = ipaddress.IPv6Address(host).ipv4_mapped
     except ValueError:
         return host
     return str(mapped) if mapped is not None else host
+
+
+@functools.lru_cache(maxsize=256)
+def is_ip_literal(host: str) -> bool:
+    """True for an IPv4 or IPv6 address, False for a host name (cached:
+    asked for every connection to a target)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def host_port(addr: Any) -> tuple[str, int]:

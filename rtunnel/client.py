@@ -7,7 +7,6 @@ the tunnelled connections.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections.abc import Callable
 from dataclasses import replace
@@ -22,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port
+from rtunnel.addresses import bracket, format_host_port, is_ip_literal
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
@@ -75,9 +74,7 @@ class _TargetFactory(ClientFactory):
         with the connection, where an endpoint also keeps its wrapping
         protocol, factory and Deferred. A host name goes through
         HostnameEndpoint (it resolves in a thread, for every connection)."""
-        try:
-            ipaddress.ip_address(spec.target_host)
-        except ValueError:
+        if not is_ip_literal(spec.target_host):
             d = HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout).connect(self)
             self._cancel = d.cancel
             d.addErrback(self.connection_failed)
