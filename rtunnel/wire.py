@@ -135,6 +135,10 @@ class ResumeState:
 
 # ---------------------------------------------------------------- encoding
 
+#: One encoder for every JSON body (json.dumps with separators builds a new
+#: encoder per call; OPEN is encoded once per tunnelled connection).
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
+
 
 def encode(ftype: FrameType, stream_id: int, body: bytes = b"", flags: int = 0) -> bytes:
     """Return one whole frame (header and body in one bytes object)."""
@@ -146,7 +150,7 @@ def header(ftype: FrameType, stream_id: int, length: int, flags: int = 0) -> byt
 
 
 def encode_json(ftype: FrameType, obj: dict[str, Any]) -> bytes:
-    return encode(ftype, 0, json.dumps(obj, separators=(",", ":")).encode())
+    return encode(ftype, 0, _COMPACT_JSON.encode(obj).encode())
 
 
 def encode_window(stream_id: int, consumed: int, window: int) -> bytes:
@@ -154,7 +158,7 @@ def encode_window(stream_id: int, consumed: int, window: int) -> bytes:
 
 
 def encode_open(stream_id: int, tunnel_id: int, info: dict[str, Any]) -> bytes:
-    body = U32.pack(tunnel_id) + json.dumps(info, separators=(",", ":")).encode()
+    body = U32.pack(tunnel_id) + _COMPACT_JSON.encode(info).encode()
     return encode(FrameType.OPEN, stream_id, body)
 
 
