@@ -27,6 +27,7 @@ from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
 from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
+from rtunnel.transports import write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
@@ -124,7 +125,7 @@ class _ProxyHeaderTarget(StreamProtocol):
 
     def connectionMade(self) -> None:
         header, self.header = self.header, b""
-        self.transport.write(header)
+        write_now(self.transport, header)
         super().connectionMade()
 
 

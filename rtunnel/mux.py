@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import wire
-from rtunnel.transports import set_read_size, write_now
+from rtunnel.transports import close_write_now, set_read_size, write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 if TYPE_CHECKING:
@@ -170,7 +170,7 @@ class Stream:
         transport.registerProducer(self, True)
         early, self._early = self._early, ()
         for chunk in early:
-            transport.write(chunk)
+            write_now(transport, chunk)
         self._reading = True
         self._finish_receive_if_done()
         self._grant_credit()
@@ -392,7 +392,7 @@ class Stream:
             # A transport that paused its producer resumes it when its buffer
             # drains instead of shutting down: let go of it first.
             self.local.unregisterProducer()
-            self.local.loseWriteConnection()  # type: ignore[attr-defined]
+            close_write_now(self.local)
             self._grant_credit(force=True)
             self._maybe_forget()
 

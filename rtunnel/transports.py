@@ -19,25 +19,45 @@ from typing import Any
 READ_SIZE = 256 * 1024
 
 
+def _idle_socket(transport: Any) -> bool:
+    """True for a connected TCP transport (Twisted's FileDescriptor) with
+    nothing queued to write and no close under way."""
+    return (
+        getattr(transport, "writeSomeData", None) is not None
+        and transport.connected
+        and not transport.disconnecting
+        and not getattr(transport, "_writeDisconnecting", True)
+        and not getattr(transport, "_tempDataLen", 1)
+        and len(transport.dataBuffer) == transport.offset
+    )
+
+
 def write_now(transport: Any, data: bytes) -> None:
     """`transport.write(data)`, sending at once if it is a TCP transport
     with nothing queued (other transports just get `write`)."""
-    send = getattr(transport, "writeSomeData", None)
-    if (
-        send is None
-        or not transport.connected
-        or transport.disconnecting
-        or getattr(transport, "_writeDisconnecting", True)
-        or getattr(transport, "_tempDataLen", 1)
-        or len(transport.dataBuffer) != transport.offset
-    ):
+    if not _idle_socket(transport):
         transport.write(data)
         return
-    sent = send(data)
+    sent = transport.writeSomeData(data)
     if not isinstance(sent, int):  # lost: let write() and the reactor find out
         transport.write(data)
     elif sent < len(data):
         transport.write(data[sent:])
+
+
+def close_write_now(transport: Any) -> None:
+    """`transport.loseWriteConnection()`, done at once (shutdown(SHUT_WR)
+    and the protocol's writeConnectionLost) when nothing is queued and no
+    producer is registered: Twisted waits a reactor turn for the socket to
+    be writable, with an epoll_ctl each way and an empty send()."""
+    close = getattr(transport, "_closeWriteConnection", None)
+    if close is None or getattr(transport, "producer", True) is not None or not _idle_socket(transport):
+        transport.loseWriteConnection()
+        return
+    # what FileDescriptor.doWrite does once the queue is empty
+    transport._writeDisconnecting = True
+    transport._writeDisconnected = True
+    close()
 
 
 def set_read_size(transport: Any, size: int = READ_SIZE) -> None:

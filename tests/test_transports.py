@@ -12,9 +12,11 @@ from twisted.trial import unittest
 
 from rtunnel.transports import (
     READ_SIZE,
+    close_write_now,
     set_read_size,
     write_now,
 )
+from tests.memory import LocalTransport
 
 
 class ReadSizeTests(unittest.SynchronousTestCase):
@@ -46,6 +48,11 @@ class SocketLike(FileDescriptor):
         self.room -= n
         self.sent.append(bytes(data[:n]))
         return n
+
+    write_closed_at: int | None = None
+
+    def _closeWriteConnection(self) -> None:  # tcp.Connection's: shutdown(SHUT_WR)
+        self.write_closed_at = len(self.sent)
 
 
 class WriteNowTests(unittest.SynchronousTestCase):
@@ -93,6 +100,42 @@ class WriteNowTests(unittest.SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"hello")
         self.assertEqual(transport.value(), b"hello")
+
+
+class CloseWriteNowTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactor()
+
+    def test_half_closes_at_once_when_nothing_is_queued(self) -> None:
+        transport = SocketLike(self.reactor, room=100)
+        write_now(transport, b"all of it")
+        close_write_now(transport)
+        self.assertEqual(transport.write_closed_at, 1)  # after the one send
+        self.assertNotIn(transport, self.reactor.getWriters())
+        transport.write(b"late")  # as after Twisted's own half-close: dropped
+        self.assertEqual(transport.sent, [b"all of it"])
+
+    def test_waits_for_queued_bytes_as_twisted_does(self) -> None:
+        transport = SocketLike(self.reactor, room=3)
+        write_now(transport, b"hello")
+        close_write_now(transport)
+        self.assertIsNone(transport.write_closed_at)
+        transport.room = 100
+        transport.doWrite()
+        self.assertEqual(transport.sent, [b"hel", b"lo"])
+        self.assertEqual(transport.write_closed_at, 2)
+
+    def test_a_registered_producer_gets_twisteds_own_order(self) -> None:
+        transport = SocketLike(self.reactor, room=100)
+        transport.registerProducer(Pausable(), True)
+        close_write_now(transport)
+        self.assertIsNone(transport.write_closed_at)
+        self.assertIn(transport, self.reactor.getWriters())
+
+    def test_other_transports_get_a_plain_half_close(self) -> None:
+        transport = LocalTransport()  # a StringTransport that can half-close
+        close_write_now(transport)
+        self.assertTrue(transport.write_closed)
 
 
 class Pausable:
