@@ -5,9 +5,10 @@ errors; this subclass changes only how application bytes move once the
 handshake is done:
 
 * Writes made during one reactor turn (every frame of every stream) are
-  joined, encrypted record by record straight from a memoryview, read back
-  from the memory BIO in 64 KiB pieces and handed to the socket at once
-  (`write_now`). Twisted's own path copies each write twice more, cuts it
+  encrypted record by record: small writes joined up to a record, large
+  payloads straight from a memoryview (a frame's header and payload are
+  never joined); the ciphertext is read back from the memory BIO in 64 KiB
+  pieces and handed to the socket at once (`write_now`). Twisted's own path copies each write twice more, cuts it
   into 16 KiB copies and makes a `bio_read` and a transport write per
   record.
 * Reads decrypt every record the socket delivered and pass the plaintext
@@ -20,6 +21,7 @@ does the work exactly as before.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
@@ -34,13 +36,43 @@ from rtunnel.transports import write_now
 #: for the end of the turn.
 FLUSH_AT = 256 * 1024
 
-#: Plaintext asked for per SSL_read: a record holds at most 16 KiB.
-READ_CHUNK = 16 * 1024
+#: Plaintext a TLS record holds at most.
+RECORD_PLAINTEXT = 16 * 1024
+
+#: Plaintext asked for per SSL_read.
+READ_CHUNK = RECORD_PLAINTEXT
 
 #: Ciphertext taken from the memory BIO per bio_read and send(): large
 #: enough for few calls, small enough to stay clear of malloc's mmap
 #: threshold (a fresh mapping and page faults for every buffer).
 CIPHERTEXT_PIECE = 64 * 1024
+
+
+def _segments(pieces: list[bytes]) -> Iterator[bytes | memoryview]:
+    """The bytes of `pieces` in order, as buffers to encrypt: small pieces
+    joined up to a full record, a large piece encrypted where it lies (its
+    head tops up the small pieces before it to a record). A frame's header
+    and its large payload are never copied into one buffer."""
+    gathered: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        if len(piece) < RECORD_PLAINTEXT:
+            gathered.append(piece)
+            size += len(piece)
+            if size >= RECORD_PLAINTEXT:
+                yield b"".join(gathered)
+                gathered, size = [], 0
+            continue
+        view = memoryview(piece)
+        if gathered:
+            head = RECORD_PLAINTEXT - size
+            gathered.append(view[:head])
+            yield b"".join(gathered)
+            gathered, size = [], 0
+            view = view[head:]
+        yield view
+    if gathered:
+        yield b"".join(gathered)
 
 
 class LinkTLSProtocol(TLSMemoryBIOProtocol):
@@ -86,29 +118,30 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
         if not self._outgoing:
             return
         outgoing, self._outgoing, self._outgoing_size = self._outgoing, [], 0
-        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
         if self._lostTLSConnection:
             return
         if self._appSendBuffer or not self._handshakeDone:
-            TLSMemoryBIOProtocol._write(self, data)
+            TLSMemoryBIOProtocol._write(self, b"".join(outgoing))
             return
         # pyOpenSSL turns on partial writes: each SSL_write takes one record.
-        # The records gather in the memory BIO and leave in one bio_read.
+        # The records gather in the memory BIO and leave in 64 KiB bio_reads.
         tls = self._tlsConnection
-        view = memoryview(data)
-        total = len(data)
-        sent = 0
-        try:
-            while sent < total:
-                sent += tls.send(view[sent:])
-        except WantReadError:
-            # held until the peer's bytes arrive (the base class buffers it)
-            self._send_ciphertext()
-            TLSMemoryBIOProtocol._write(self, data[sent:])
-            return
-        except Error:
-            self._tlsShutdownFinished(Failure())
-            return
+        segments = _segments(outgoing)
+        for segment in segments:
+            view = memoryview(segment)
+            total = len(view)
+            sent = 0
+            try:
+                while sent < total:
+                    sent += tls.send(view[sent:])
+            except WantReadError:
+                # held until the peer's bytes arrive (the base class buffers it)
+                self._send_ciphertext()
+                TLSMemoryBIOProtocol._write(self, b"".join([view[sent:], *segments]))
+                return
+            except Error:
+                self._tlsShutdownFinished(Failure())
+                return
         self._send_ciphertext()
 
     def _send_ciphertext(self) -> None:

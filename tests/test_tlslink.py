@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -18,7 +20,7 @@ from twisted.test import iosim
 from twisted.trial import unittest
 
 from rtunnel.tls import PinnedCertificateCreator, load_server_identity, server_context
-from rtunnel.tlslink import FLUSH_AT, LinkTLSFactory, LinkTLSProtocol
+from rtunnel.tlslink import FLUSH_AT, RECORD_PLAINTEXT, LinkTLSFactory, LinkTLSProtocol, _segments
 
 
 class Recorder(Protocol):
@@ -81,6 +83,13 @@ class LinkTLSTests(unittest.TestCase):
         self.pump.flush()
         self.assertEqual(self.app(self.server).received, b"".join(up))
         self.assertEqual(self.app(self.client).received, b"".join(down))
+
+    def test_a_frame_written_as_header_and_payload_arrives_whole(self) -> None:
+        self.handshake()
+        header, payload = b"H" * 9, random.Random(5).randbytes(200_000)
+        self.client.writeSequence((b"small", header, payload, b"tail"))
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received, b"small" + header + payload + b"tail")
 
     def test_small_writes_of_one_turn_leave_together_at_its_end(self) -> None:
         self.handshake()
@@ -153,3 +162,26 @@ class LinkTLSTests(unittest.TestCase):
         lost = self.app(self.server).lost
         self.assertIsNotNone(lost)
         self.assertFalse(lost.check(ConnectionDone))
+
+
+class SegmentTests(unittest.SynchronousTestCase):
+    """How a turn's writes are cut into buffers for SSL_write."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=3 * RECORD_PLAINTEXT), max_size=12))
+    def test_segments_cover_the_pieces_and_copy_no_large_payload(self, sizes: list[int]) -> None:
+        pieces = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        segments = list(_segments(pieces))
+        self.assertEqual(b"".join(segments), b"".join(pieces))
+        for piece in pieces:
+            if len(piece) >= RECORD_PLAINTEXT:
+                # encrypted where it lies, all but a head that tops up a record
+                views = [s for s in segments if isinstance(s, memoryview) and s.obj is piece]
+                self.assertEqual(len(views), 1)
+                self.assertGreater(len(views[0]), len(piece) - RECORD_PLAINTEXT)
+
+    def test_small_writes_are_joined_into_full_records(self) -> None:
+        pieces = [b"h" * 9, b"x" * 1000] * 40  # 40 small frames, 40,360 bytes
+        segments = list(_segments(pieces))
+        self.assertEqual(len(segments), 3)
+        self.assertTrue(all(len(s) >= RECORD_PLAINTEXT for s in segments[:-1]))
