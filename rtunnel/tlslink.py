@@ -56,6 +56,8 @@ def _segments(pieces: list[bytes]) -> Iterator[bytes | memoryview]:
     gathered: list[bytes | memoryview] = []
     size = 0
     for piece in pieces:
+        if not piece:
+            continue
         if len(piece) < RECORD_PLAINTEXT:
             gathered.append(piece)
             size += len(piece)

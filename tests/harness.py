@@ -19,6 +19,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+import rtunnel.tap.server
 from rtunnel.config import ClientConfig, ServerConfig, TunnelSpec
 from rtunnel.link import Keepalive
 from rtunnel.tap.client import ClientMainService
@@ -194,6 +195,10 @@ class Tunnel:
             handshake_timeout=overrides.pop("handshake_timeout", 5.0),
             **overrides,
         )
+        # A server that cannot start calls exit_process, which would end the
+        # whole trial run (os._exit when the reactor shuts down, before the
+        # summary): in tests the failed `ready` is the report.
+        self.test.patch(rtunnel.tap.server, "exit_process", lambda _reactor, _code: None)
         self.server_service = ServerService(config, reactor)
         self.server_service.startService()
         port = yield self.server_service.ready
@@ -266,8 +271,17 @@ def sleep(seconds: float) -> defer.Deferred[None]:
 
 
 def free_port() -> int:
+    """A TCP port free on every address of both families when IPv6 is there
+    (rtunnel binds `::` dual-stack by default), else on 127.0.0.1."""
     import socket
 
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.bind(("::", 0))
+            return s.getsockname()[1]
+    except OSError:
+        pass
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

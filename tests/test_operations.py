@@ -241,7 +241,7 @@ class JsonLogProcessTests(_Processes):
         server.wait_for(r'"event": "server_listening"')
         client = Process(
             self, "client",
-            [str(CLIENT), "--log-format=json", "-c", f"127.0.0.1:{port}", "-f", "0", "-t", str(target),
+            [str(CLIENT), "--log-format=json", "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
              "--token", self.token, "--fingerprint", self.fingerprint],
             self.workdir,
         )
@@ -463,7 +463,7 @@ class SocketActivationTests(_Processes):
         self.assertIn(f"(port {port})", server.output)
         client = Process(
             self, "client",
-            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", str(target),
+            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
              "--token", self.token, "--fingerprint", self.fingerprint],
             self.workdir,
         )
@@ -600,7 +600,7 @@ class PrivilegeDropTests(_Processes):
         self.assertNotIn("0", groups.group(1).split(), status)
         client = Process(
             self, "client",
-            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", str(target),
+            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
              "--token", self.token, "--fingerprint", self.fingerprint],
             self.workdir,
         )

@@ -257,7 +257,7 @@ class NothingToReloadTests(SynchronousTestCase):
         client = tp.Process(
             self, "client",
             [*tp.TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control}",
-             "-f", "0", "-t", str(target.server_address[1]),
+             "-f", "0", "-t", f"127.0.0.1:{target.server_address[1]}",
              "--token", (state / "token").read_text().strip(),
              "--fingerprint", tp._fingerprint(state / "server.crt")],
             self.workdir,

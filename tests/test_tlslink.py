@@ -180,6 +180,11 @@ class SegmentTests(unittest.SynchronousTestCase):
                 self.assertEqual(len(views), 1)
                 self.assertGreater(len(views[0]), len(piece) - RECORD_PLAINTEXT)
 
+    def test_empty_writes_make_no_segment(self) -> None:
+        big = b"x" * RECORD_PLAINTEXT
+        segments = list(_segments([b"", big, b"", b""]))
+        self.assertEqual([len(s) for s in segments], [RECORD_PLAINTEXT])
+
     def test_small_writes_are_joined_into_full_records(self) -> None:
         pieces = [b"h" * 9, b"x" * 1000] * 40  # 40 small frames, 40,360 bytes
         segments = list(_segments(pieces))
