@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import wire
-from rtunnel.transports import close_write_now, queued_bytes, set_read_size, write_now
+from rtunnel.transports import close_write_now, set_read_size, write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 if TYPE_CHECKING:
@@ -397,25 +397,13 @@ class Stream:
             self._maybe_forget()
 
     def _grant_credit(self, force: bool = False) -> None:
-        """Tell the peer what we consumed, if worth a frame.
-
-        A byte is consumed once the local socket has taken it. While the
-        local transport asks us to pause, the bytes still queued in it are
-        not: credit keeps flowing for what the socket drains (on a long
-        path, waiting for the queue to empty would stall the sender for a
-        round trip), and what we hold stays within the window. A transport
-        that cannot tell its queue gets no credit while paused. The final
-        acknowledgement (all received, FIN seen) does not wait."""
+        """Tell the peer what we consumed, if worth a frame and not paused."""
         session = self.session
         if self.local is None or self.closed:
             return
-        consumed = self.received
         if self._local_paused and self.recv_state is not RecvState.DONE:
-            queued = queued_bytes(self.local)
-            if queued is None:
-                return
-            consumed -= queued
-        unreported = consumed - self.reported
+            return  # credit waits for the consumer; the final ack does not
+        unreported = self.received - self.reported
         if unreported <= 0 or not session.can_send:
             return
         if not force and unreported < self.window // 4:
@@ -424,7 +412,7 @@ class Stream:
         now = session.clock.seconds()
         if self._last_grant is not None and now - self._last_grant < 2 * session.srtt:
             self._grow_window()
-        limit = consumed + self.window
+        limit = self.received + self.window
         pacer = session.recv_pacer
         if pacer is not None and self.recv_state is not RecvState.DONE:
             # a bandwidth limit: new credit is paid from the pacer's tokens
@@ -437,9 +425,9 @@ class Stream:
                 self.paid_limit += allowed
             limit = min(limit, self.paid_limit)
         self._last_grant = now
-        self.reported = consumed
+        self.reported = self.received
         self.recv_limit = max(self.recv_limit, limit)
-        session.write(wire.encode_window(self.id, consumed, self.recv_limit - consumed))
+        session.write(wire.encode_window(self.id, self.received, self.recv_limit - self.received))
 
     def _grow_window(self) -> None:
         settings = self.session.settings

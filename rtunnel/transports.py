@@ -60,15 +60,6 @@ def close_write_now(transport: Any) -> None:
     close()
 
 
-def queued_bytes(transport: Any) -> int | None:
-    """Bytes a Twisted TCP transport holds unsent (written, not yet taken by
-    the socket), or None for a transport that cannot tell."""
-    try:
-        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    except (AttributeError, TypeError):
-        return None
-
-
 def set_read_size(transport: Any, size: int = READ_SIZE) -> None:
     """Read up to `size` bytes at a time from the socket under `transport`
     (found through wrapping protocols such as TLS)."""

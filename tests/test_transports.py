@@ -13,7 +13,6 @@ from twisted.trial import unittest
 from rtunnel.transports import (
     READ_SIZE,
     close_write_now,
-    queued_bytes,
     set_read_size,
     write_now,
 )
@@ -101,21 +100,6 @@ class WriteNowTests(unittest.SynchronousTestCase):
         transport = StringTransport()
         write_now(transport, b"hello")
         self.assertEqual(transport.value(), b"hello")
-
-
-class QueuedBytesTests(unittest.SynchronousTestCase):
-    def test_counts_what_the_socket_has_not_taken(self) -> None:
-        transport = SocketLike(MemoryReactor(), room=3)
-        self.assertEqual(queued_bytes(transport), 0)
-        write_now(transport, b"hello")  # 3 sent, 2 queued
-        transport.write(b" world")
-        self.assertEqual(queued_bytes(transport), 8)
-        transport.room = 100
-        transport.doWrite()
-        self.assertEqual(queued_bytes(transport), 0)
-
-    def test_a_transport_that_cannot_tell_says_so(self) -> None:
-        self.assertIsNone(queued_bytes(StringTransport()))
 
 
 class CloseWriteNowTests(unittest.SynchronousTestCase):
