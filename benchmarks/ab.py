@@ -367,18 +367,6 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def markdown(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("| " + " | ".join(cells) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
-                                        for j, w in enumerate(widths)) + "|")  # fmt: skip
-    return "\n".join(lines)
-
-
 def load_table(name: str, results: list[Result], args) -> str:
     load = LOADS[name]
     length = f"{args.rounds} round trips" if name == "rtt" else f"{args.seconds} s"
@@ -412,7 +400,7 @@ def load_table(name: str, results: list[Result], args) -> str:
     rows.append(["median A", *(run.fmt(med["A"][k]) for k in keys)])
     rows.append(["median B", *(run.fmt(med["B"][k]) for k in keys)])
     rows.append(["B/A", *(run.fmt_ratio(run.ratio(med["B"][k], med["A"][k])) for k in keys)])
-    out.append(markdown(rows))
+    out.append(run.markdown_table(rows))
     if args.syscalls:
         out.append(syscall_table(load, results))
     if notes:
@@ -437,7 +425,7 @@ def syscall_table(load: Load, results: list[Result]) -> str:
             seen = max(seen, a or 0.0, b or 0.0)
         if seen >= 0.01:
             rows.append(row)
-    return markdown(rows) if len(rows) > 1 else "(no syscall counts)"
+    return run.markdown_table(rows) if len(rows) > 1 else "(no syscall counts)"
 
 
 # --------------------------------------------------------------------------

@@ -1296,6 +1296,20 @@ def fmt_ratio(r) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
 
 
+def markdown_table(rows: list[list[str]], left: int = 1) -> str:
+    """A markdown table of `rows` (the first is the header): the first
+    `left` columns left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for i, r in enumerate(rows):
+        cells = [c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
+        lines.append("| " + " | ".join(cells) + " |")
+        if i == 0:
+            lines.append("|" + "|".join("-" * (w + 2) if j < left else "-" * (w + 1) + ":"
+                                        for j, w in enumerate(widths)) + "|")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(report: dict) -> str:
     paths = report["paths"]
     header = ["metric", "unit", "better"]
@@ -1317,19 +1331,7 @@ def table(report: dict) -> str:
             v = paths[name]["metrics"][key][field]
             row.append(fmt(v) if field == "value" else fmt_ratio(v))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("| " + " | ".join(cells) + " |")
-        if i == 0:
-            lines.append(
-                "|" + "|".join(
-                    "-" * (w + 2) if j < 3 else "-" * (w + 1) + ":"
-                    for j, w in enumerate(widths)
-                ) + "|"
-            )  # fmt: skip
-    out = "\n".join(lines)
+    out = markdown_table(rows, left=3)
     scale = scale_table(report.get("scaling") or {})
     if scale:
         out += "\n\n" + scale
@@ -1371,15 +1373,7 @@ def scale_table(scaling: dict) -> str:
                 "" if r.get("cpu_srv_core") is None else f"{r['cpu_srv_core']:.0%}",
                 "" if r.get("cpu_cli_core") is None else f"{r['cpu_cli_core']:.0%}",
             ])  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for i, r in enumerate(rows):
-        cells = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("| " + " | ".join(cells) + " |")
-        if i == 0:
-            lines.append("|" + "|".join("-" * (w + 2) if j == 0 else "-" * (w + 1) + ":"
-                                        for j, w in enumerate(widths)) + "|")  # fmt: skip
-    return "\n".join(lines)
+    return markdown_table(rows)
 
 
 def system_info(tools) -> dict:
