@@ -274,13 +274,7 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
         view = memoryview(buf)
 
         def round_trip() -> None:
-            s.sendall(msg)
-            got = 0
-            while got < 64:
-                n = s.recv_into(view[got:])
-                if not n:
-                    raise BenchError("echo connection closed")
-                got += n
+            run.ping_pong(s, msg, view)
 
         for _ in range(RTT_WARMUP):
             round_trip()

@@ -1015,13 +1015,7 @@ http {{
                 times = []
                 for i in range(self.rtt_warmup + self.rtt_rounds):
                     t0 = time.perf_counter_ns()
-                    s.sendall(msg)
-                    got = 0
-                    while got < 64:
-                        n = s.recv_into(view[got:])
-                        if not n:
-                            raise BenchError("echo connection closed")
-                        got += n
+                    ping_pong(s, msg, view)
                     t1 = time.perf_counter_ns()
                     if i >= self.rtt_warmup:
                         times.append((t1 - t0) / 1000)
@@ -1294,6 +1288,17 @@ def fmt(v) -> str:
 
 def fmt_ratio(r) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
+
+
+def ping_pong(s: socket.socket, msg: bytes, view: memoryview) -> None:
+    """Send `msg` on `s` and read as many bytes back into `view`."""
+    s.sendall(msg)
+    got = 0
+    while got < len(msg):
+        n = s.recv_into(view[got:])
+        if not n:
+            raise BenchError("echo connection closed")
+        got += n
 
 
 def markdown_table(rows: list[list[str]], left: int = 1) -> str:
