@@ -32,6 +32,8 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tests.harness import free_port
+
 # twistd, run by this interpreter whatever scripts are on PATH
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 START_TIMEOUT = 30.0  # an interpreter start plus Twisted and cryptography imports
@@ -82,9 +84,8 @@ def _check_plugins() -> str:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free for the scripts' default dual-stack `::` bind too."""
+    return free_port()
 
 
 def _fingerprint(cert_path: Path) -> str:
