@@ -111,6 +111,17 @@ class _Processes(SynchronousTestCase):
         serve_in_thread(self, target)
         return target.server_address[1]
 
+    def start_client(self, port: int, target: int) -> int:
+        """rtunnel_client to the server on `port`, forwarding a port the
+        server picks to `target`; returns that public port once ready."""
+        client = Process(
+            self, "client",
+            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
+             "--token", self.token, "--fingerprint", self.fingerprint],
+            self.workdir,
+        )  # fmt: skip
+        return int(client.wait_for(r"tunnel ready: \S+:(\d+) -> ").group(1))
+
     @property
     def token(self) -> str:
         return (self.state_dir / "token").read_text().strip()
@@ -461,13 +472,7 @@ class SocketActivationTests(_Processes):
         listener.close()  # the server holds the only copy now
         server.wait_for(r"rtunnel server listening on systemd:domain=INET:index=0 \(port (\d+)\)")
         self.assertIn(f"(port {port})", server.output)
-        client = Process(
-            self, "client",
-            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
-             "--token", self.token, "--fingerprint", self.fingerprint],
-            self.workdir,
-        )
-        public = int(client.wait_for(r"tunnel ready: \S+:(\d+) -> ").group(1))
+        public = self.start_client(port, target)
         payload = os.urandom(100_000)
         self.assertEqual(_visit(public, payload), payload)
         # the connection queued before the server started reached it too: it
@@ -598,13 +603,7 @@ class PrivilegeDropTests(_Processes):
         self.assertEqual(uids.group(1).split(), [str(self.nobody.pw_uid)] * 4, status)
         self.assertEqual(gids.group(1).split(), [str(self.nobody.pw_gid)] * 4, status)
         self.assertNotIn("0", groups.group(1).split(), status)
-        client = Process(
-            self, "client",
-            [str(CLIENT), "-c", f"127.0.0.1:{port}", "-f", "0", "-t", f"127.0.0.1:{target}",
-             "--token", self.token, "--fingerprint", self.fingerprint],
-            self.workdir,
-        )
-        public = int(client.wait_for(r"tunnel ready: \S+:(\d+) -> ").group(1))
+        public = self.start_client(port, target)
         self.assertEqual(_visit(public, b"as nobody"), b"as nobody")
         self.assertGreaterEqual(public, 1024)
         self.assertNotIn("Traceback", server.output)
