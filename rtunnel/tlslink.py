@@ -114,13 +114,9 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
 
     def flush(self) -> None:
         """Encrypt and send every write queued in this turn."""
-        call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
-        if not self._outgoing:
-            return
-        outgoing, self._outgoing, self._outgoing_size = self._outgoing, [], 0
-        if self._lostTLSConnection:
+        outgoing = self._outgoing
+        self._drop_outgoing()
+        if not outgoing or self._lostTLSConnection:
             return
         if self._appSendBuffer or not self._handshakeDone:
             TLSMemoryBIOProtocol._write(self, b"".join(outgoing))
@@ -176,6 +172,7 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
         super().connectionLost(reason)
 
     def _drop_outgoing(self) -> None:
+        """Forget the turn's queued writes and the timer that would send them."""
         call, self._flush_call = self._flush_call, None
         if call is not None and call.active():
             call.cancel()
