@@ -6,11 +6,11 @@ these frozen values and never re-validates them.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT
+from rtunnel.addresses import is_ip_literal
 from rtunnel.errors import ConfigError
 from rtunnel.limits import Limits
 from rtunnel.link import Keepalive
@@ -74,14 +74,6 @@ def check_bind(host: str, what: str) -> None:
     """A -f/forward bind address: an IP literal, or the server's default."""
     if host != SERVER_DEFAULT_BIND:
         check_ip(host, what)
-
-
-def is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def check_ip(host: str, what: str) -> None:

@@ -25,9 +25,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
-from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, host_port, known_host_port
+from rtunnel.addresses import (
+    IPV4_ANY,
+    NO_IPV6_ERRNOS,
+    format_host_port,
+    host_port,
+    is_ip_literal,
+    known_host_port,
+)
 from rtunnel.auth import ClientPolicy
-from rtunnel.config import ServerConfig, is_ip_literal
+from rtunnel.config import ServerConfig
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
 from rtunnel.errors import ConfigError
 from rtunnel.guard import AdmissionGuard
