@@ -4,5 +4,5 @@ from setuptools import setup
 # explicitly and must never get an __init__.py.
 setup(
     packages=["rtunnel", "rtunnel.tap", "twisted.plugins"],
-    package_data={"twisted.plugins": ["rtunnel_plugin.py"]},
+    package_data={"twisted.plugins": ["rtunnel_plugin.py"], "rtunnel": ["assets/*"]},
 )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,14 @@ ADMIN_TOKEN_BYTES = 32  # random bytes of a new admin token
 MIN_RATE_INTERVAL = 0.5  # seconds between the byte samples a rate is computed from
 MAX_STREAMS_LISTED = 100  # per session in /api/sessions (the count is always exact)
 _TOKEN_KEY = "rtunnel-admin-token"
+
+
+@cache
+def status_page() -> bytes:
+    """The status page (rtunnel/assets/status.html), with the key under
+    which its script keeps the token in the browser's sessionStorage."""
+    page = files("rtunnel").joinpath("assets/status.html").read_text(encoding="utf-8")
+    return page.replace("__TOKEN_KEY__", _TOKEN_KEY).encode()
 
 
 def load_or_create_admin_token(state_dir: Path) -> tuple[str, bool]:
@@ -322,7 +332,7 @@ class PageResource(resource.Resource):
             b"connect-src 'self'; img-src data:; form-action 'self'; base-uri 'none'; "
             b"frame-ancestors 'none'",
         )
-        return PAGE.encode()
+        return status_page()
 
 
 class AdminRoot(resource.Resource):
@@ -438,164 +448,3 @@ class AdminServer:
         waits.append(self._factory.close_all())
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>rtunnel server status</title>
-<link rel="icon" href="data:,">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body { font: 14px/1.4 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
- header { background: #1d2330; color: #fff; padding: 10px 20px; display: flex; align-items: baseline; gap: 16px; }
- header h1 { font-size: 17px; margin: 0; }
- header .meta { color: #aab; font-size: 12px; }
- main { padding: 14px 20px; }
- .client { background: #fff; border: 1px solid #d8dbe2; border-radius: 6px; margin-bottom: 14px; }
- .client h2 { font-size: 15px; margin: 0; padding: 8px 12px; border-bottom: 1px solid #e4e6eb; }
- .client h2 .count { color: #667; font-weight: normal; font-size: 12px; margin-left: 8px; }
- .session { padding: 8px 12px; border-bottom: 1px solid #eef0f3; }
- .session:last-child { border-bottom: none; }
- .row { display: flex; flex-wrap: wrap; align-items: center; gap: 6px 18px; }
- .state { font-weight: 600; border-radius: 10px; padding: 1px 9px; font-size: 12px; }
- .state.connected { background: #d9f2df; color: #14662b; }
- .state.detached { background: #fdecc8; color: #7a5200; }
- .sid { font-family: ui-monospace, monospace; color: #556; }
- .label { color: #778; font-size: 12px; }
- .num { font-variant-numeric: tabular-nums; }
- table { border-collapse: collapse; margin: 6px 0 2px; font-size: 13px; }
- th, td { text-align: left; padding: 2px 14px 2px 0; }
- th { color: #778; font-weight: normal; font-size: 12px; }
- button { font: inherit; font-size: 12px; padding: 1px 8px; cursor: pointer; border: 1px solid #b9bfca; background: #fff; border-radius: 4px; }
- button.danger { border-color: #d49a9a; color: #8a1f1f; }
- button:hover { background: #f0f1f4; }
- .spacer { flex: 1; }
- .empty { color: #889; padding: 8px 12px; }
- #error { display: none; background: #fbe3e3; color: #8a1f1f; padding: 8px 20px; }
-</style></head>
-<body>
-<header><h1>rtunnel server</h1><span class="meta" id="updated">loading…</span></header>
-<div id="error"></div>
-<main id="clients"></main>
-<script>
-"use strict";
-const KEY = "__TOKEN_KEY__";
-const params = new URLSearchParams(location.search);
-const token = params.get("token") || sessionStorage.getItem(KEY) || "";
-if (token) sessionStorage.setItem(KEY, token);
-
-function el(tag, attrs, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) {
-    if (k === "class") node.className = v;
-    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-    else node.setAttribute(k, v);
-  }
-  for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
-  return node;
-}
-function bytes(n) {
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
-  return (i ? n.toFixed(1) : String(Math.round(n))) + " " + units[i];
-}
-function ago(seconds) {
-  seconds = Math.max(0, Math.round(seconds));
-  if (seconds < 60) return seconds + " s";
-  if (seconds < 3600) return Math.floor(seconds / 60) + " min " + (seconds % 60) + " s";
-  const h = Math.floor(seconds / 3600);
-  return h < 48 ? h + " h " + Math.floor((seconds % 3600) / 60) + " min" : Math.floor(h / 24) + " days";
-}
-function stamp(t) { return new Date(t * 1000).toISOString().replace("T", " ").slice(0, 19) + " UTC"; }
-
-async function api(method, path) {
-  const response = await fetch(path, { method, headers: { "Authorization": "Bearer " + token }, cache: "no-store" });
-  const body = await response.json().catch(() => ({ error: "HTTP " + response.status }));
-  if (!response.ok) throw new Error(body.error || ("HTTP " + response.status));
-  return body;
-}
-async function act(what, path) {
-  if (!confirm(what + "?")) return;
-  try { await api("POST", path); } catch (e) { showError(e.message); }
-  refresh();
-}
-function showError(message) {
-  const box = document.getElementById("error");
-  box.textContent = message || "";
-  box.style.display = message ? "block" : "none";
-}
-
-function renderSession(client, s, now) {
-  const sid = encodeURIComponent(s.id);
-  const head = el("div", { class: "row" },
-    el("span", { class: "state " + s.state, "data-state": s.state }, s.state),
-    el("span", {}, el("span", { class: "label" }, "since "),
-       el("span", { title: stamp(s.since) }, ago(now - s.since) + " ago")),
-    el("span", {}, el("span", { class: "label" }, "from "), el("span", { class: "peer" }, s.peer || "–")),
-    el("span", { class: "num" }, el("span", { class: "label" }, "in "),
-       el("span", { class: "bytes-in", "data-bytes": s.bytes_in }, bytes(s.bytes_in)),
-       el("span", { class: "label" }, " (" + bytes(s.rate_in) + "/s)")),
-    el("span", { class: "num" }, el("span", { class: "label" }, "out "),
-       el("span", { class: "bytes-out", "data-bytes": s.bytes_out }, bytes(s.bytes_out)),
-       el("span", { class: "label" }, " (" + bytes(s.rate_out) + "/s)")),
-    el("span", {}, el("span", { class: "label" }, "streams "), el("span", { class: "num streams-open" }, s.streams_open)),
-    el("span", { class: "spacer" }),
-    el("span", { class: "sid", title: s.id }, s.id.slice(0, 8)),
-    el("button", { class: "danger", onclick: () => act("Disconnect session " + s.id.slice(0, 8) + " of " + client,
-                                                       "/api/sessions/" + sid + "/disconnect") }, "Disconnect"));
-  const node = el("div", { class: "session", "data-session": s.id, "data-state": s.state }, head);
-  if (s.tunnels.length) {
-    const table = el("table", { class: "tunnels" },
-      el("tr", {}, el("th", {}, "tunnel"), el("th", {}, "public address"), el("th", {}, "open streams"), el("th", {}, "")));
-    for (const t of s.tunnels) {
-      table.append(el("tr", { class: "tunnel", "data-port": t.port },
-        el("td", { class: "num" }, "#" + t.id), el("td", { class: "address" }, t.address),
-        el("td", { class: "num" }, t.streams),
-        el("td", {}, el("button", { onclick: () => act("Close port " + t.address, "/api/sessions/" + sid + "/tunnels/" + t.id + "/close") }, "Close"))));
-    }
-    node.append(table);
-  } else {
-    node.append(el("div", { class: "label" }, "no tunnels"));
-  }
-  if (s.streams.length) {
-    const table = el("table", { class: "streams" },
-      el("tr", {}, el("th", {}, "stream"), el("th", {}, "tunnel"), el("th", {}, "visitor"), el("th", {}, "from client"), el("th", {}, "to client")));
-    for (const st of s.streams) {
-      table.append(el("tr", {}, el("td", { class: "num" }, st.id), el("td", { class: "num" }, "#" + st.tunnel),
-        el("td", {}, st.visitor || "–"), el("td", { class: "num" }, bytes(st.bytes_in)), el("td", { class: "num" }, bytes(st.bytes_out))));
-    }
-    if (s.streams_open > s.streams.length) table.append(el("tr", {}, el("td", { colspan: 5, class: "label" }, "… and " + (s.streams_open - s.streams.length) + " more")));
-    node.append(table);
-  }
-  return node;
-}
-
-function render(data) {
-  const root = document.getElementById("clients");
-  root.replaceChildren();
-  if (!data.clients.length) root.append(el("div", { class: "client empty" }, "No clients yet."));
-  for (const c of data.clients) {
-    const connected = c.sessions.filter(s => s.state === "connected").length;
-    const card = el("section", { class: "client", "data-client": c.name },
-      el("h2", {}, el("span", { class: "name" }, c.name),
-         el("span", { class: "count" }, c.sessions.length + " session(s), " + connected + " connected")));
-    if (!c.sessions.length) card.append(el("div", { class: "empty" }, "no session"));
-    for (const s of c.sessions) card.append(renderSession(c.name, s, data.now));
-    root.append(card);
-  }
-  document.getElementById("updated").textContent = "updated " + stamp(data.now);
-}
-
-let busy = false;
-async function refresh() {
-  if (busy) return;
-  busy = true;
-  try { render(await api("GET", "/api/sessions")); showError(""); }
-  catch (e) { showError("cannot load /api/sessions: " + e.message); }
-  finally { busy = false; }
-}
-refresh();
-setInterval(refresh, 1000);
-</script>
-</body></html>
-""".replace("__TOKEN_KEY__", _TOKEN_KEY)

@@ -90,6 +90,7 @@ class WheelInstallTests(TestCase):
         self.assertNotIn("twisted/plugins/__init__.py", names)
         self.assertNotIn("twisted/__init__.py", names)
         self.assertIn("rtunnel/tap/server.py", names)
+        self.assertIn("rtunnel/assets/status.html", names)  # the admin status page
         self.assertFalse([n for n in names if n.startswith("tests/")], "tests must not be packaged")
 
         # 2. a fresh venv without the system's packages
@@ -126,4 +127,10 @@ class WheelInstallTests(TestCase):
         )
         self.assertEqual(where.returncode, 0, where.stderr)
         self.assertTrue(Path(where.stdout.strip()).is_relative_to(venv), where.stdout)
+        page = self.run_cmd(
+            [str(bin_dir / "python"), "-c", "from rtunnel.admin import status_page; print(len(status_page()))"],
+            "load the status page", cwd=elsewhere,
+        )
+        self.assertEqual(page.returncode, 0, page.stderr)
+        self.assertGreater(int(page.stdout), 1000)
 
