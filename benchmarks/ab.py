@@ -37,7 +37,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
-from run import LOOP, BenchError  # noqa: E402
+from procs import (  # noqa: E402
+    LOOP,
+    SBIN_PATH,
+    BenchError,
+    cpu_seconds,
+    free_port,
+    listening,
+    log,
+    raise_nofile,
+    wait_for,
+)
 
 BIN = Path(sys.executable).parent
 RTT_WARMUP = 200
@@ -111,7 +121,7 @@ def cpu_time(pid: int) -> float:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return run.cpu_seconds([pid])
+        return cpu_seconds([pid])
     return total / 1e9
 
 
@@ -228,7 +238,7 @@ class Tunnel:
 def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
     """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service."""
     procs, token = bench.procs, secrets.token_hex(16)
-    ctrl, pub = run.free_port(), run.free_port()
+    ctrl, pub = free_port(), free_port()
     server = procs.start(f"{side.name}-server", [
         *side.env, BIN / "rtunnel_server", "--port", ctrl, "--interface", LOOP,
         "--state-dir", side.state, "--token", token,
@@ -238,7 +248,7 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
         fingerprint: list[str] = []
 
         def server_ready() -> bool:
-            if not run.listening(ctrl):
+            if not listening(ctrl):
                 return False
             try:
                 fingerprint[:] = [run.cert_fingerprint(side.state / "server.crt")]
@@ -246,13 +256,13 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
                 return False
             return True
 
-        run.wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
+        wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
         client = procs.start(f"{side.name}-client", [
             *side.env, BIN / "rtunnel_client", "-c", f"{LOOP}:{ctrl}", "-f", pub,
             "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0],
         ], cwd=side.state)  # fmt: skip
-        run.wait_for(lambda: run.listening(pub), 15, [(client, procs), (server, procs)],
-                     f"{side.name}: rtunnel_client -f")  # fmt: skip
+        wait_for(lambda: listening(pub), 15, [(client, procs), (server, procs)],
+                 f"{side.name}: rtunnel_client -f")  # fmt: skip
         time.sleep(0.5)  # as run.py: let the control link settle
     except BaseException:
         if client is not None:
@@ -473,7 +483,7 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    run.raise_nofile()
+    raise_nofile()
 
     bench = run.Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
                                          rtunnel_window=None))  # fmt: skip
@@ -481,15 +491,15 @@ def main(argv=None) -> int:
     try:
         return measure(bench, base, loads, args)
     except BenchError as e:
-        run.log(f"error: {e}")
+        log(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        run.log("interrupted; stopping every process started")
+        log("interrupted; stopping every process started")
         return 130
     finally:
         bench.procs.stop_all()
         if args.keep_tmp:
-            run.log(f"state dirs and logs kept in {bench.tmp}")
+            log(f"state dirs and logs kept in {bench.tmp}")
         else:
             shutil.rmtree(bench.tmp, ignore_errors=True)
 
@@ -518,10 +528,10 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
 
     perf = None
     if args.syscalls:
-        perf = shutil.which("perf", path=run.SBIN_PATH)
+        perf = shutil.which("perf", path=SBIN_PATH)
         why = perf_unavailable(perf)
         if why:
-            run.log(f"--syscalls: {why}; going on without syscall counts")
+            log(f"--syscalls: {why}; going on without syscall counts")
             args.syscalls, perf = False, None
 
     services: dict[str, int | None] = {}
@@ -530,30 +540,30 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
         load = LOADS[name]
         absent = [t for t in load.tools if not bench.tools.get(t)]
         if absent:
-            run.log(f"skipping {name}: it needs {' and '.join(load.tools)}; not found: {', '.join(absent)}. "
-                    f"Install with `apt-get install {' '.join(absent)}` (benchmarks/run.sh installs "
-                    "them when missing)")  # fmt: skip
+            log(f"skipping {name}: it needs {' and '.join(load.tools)}; not found: {', '.join(absent)}. "
+                f"Install with `apt-get install {' '.join(absent)}` (benchmarks/run.sh installs "
+                "them when missing)")  # fmt: skip
             continue
         try:
             if load.service not in services:
                 if load.service == "echo":
-                    port = run.free_port()
+                    port = free_port()
                     bench.start_helper("echo", ["--serve-echo", str(port)], port)
                 elif load.service == "nginx":
                     port = bench.start_nginx()
                 else:
-                    port = bench.iperf_port = run.free_port()  # iperf3 -s started per run
+                    port = bench.iperf_port = free_port()  # iperf3 -s started per run
                 services[load.service] = port
         except BenchError as e:
             services[load.service] = None
-            run.log(f"skipping {name}: {load.service} did not start: {e}")
+            log(f"skipping {name}: {load.service} did not start: {e}")
         if services[load.service] is not None:
             runnable.append(name)
 
     if not runnable:
-        run.log("no load can run")
+        log("no load can run")
         return 1
-    run.log("\n".join(header))
+    log("\n".join(header))
     tables = []
     for name in runnable:
         results = []
@@ -564,7 +574,7 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
                 what = r.error or ", ".join(
                     f"{h} {run.fmt(r.figures.get(k))}" for k, h in LOADS[name].columns
                 )
-                run.log(f"[{name} {side.name} {i + 1}/{args.repeat}] {what}")
+                log(f"[{name} {side.name} {i + 1}/{args.repeat}] {what}")
         tables.append(load_table(name, results, args))
     print("\n".join(header) + "\n")
     print("\n\n".join(tables))

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from procs import CLK_TCK, LOOP, SBIN_PATH, listening, log, raise_nofile, stat_fields, wait_for  # noqa: E402
 
 LOADS = ("bulk-up", "bulk-down", "http1k", "http1k-1000", "conn")
 
@@ -206,11 +207,11 @@ def summary_markdown(name: str, s: dict, top: int = 12) -> str:
 
 def sched(pid: int) -> dict:
     """CPU time (user, system) and run-queue wait of one process, in seconds."""
-    fields = run._stat_fields(pid) or []
+    fields = stat_fields(pid) or []
     out = {}
     if len(fields) > 12:
-        out["user"] = int(fields[11]) / run.CLK_TCK
-        out["system"] = int(fields[12]) / run.CLK_TCK
+        out["user"] = int(fields[11]) / CLK_TCK
+        out["system"] = int(fields[12]) / CLK_TCK
     try:
         with open(f"/proc/{pid}/schedstat") as f:
             on_cpu, waiting, _ = f.read().split()
@@ -230,10 +231,10 @@ def start_load(bench: run.Bench, load: str, port: int, secs: float) -> subproces
     tools = bench.tools
     if load.startswith("bulk"):
         server = bench.procs.start(
-            "iperf3-server", [tools["iperf3"], "-s", "-1", "-B", run.LOOP, "-p", bench.iperf_port]
+            "iperf3-server", [tools["iperf3"], "-s", "-1", "-B", LOOP, "-p", bench.iperf_port]
         )
-        run.wait_for(lambda: run.listening(bench.iperf_port), 10, [(server, bench.procs)], "iperf3 -s")
-        cmd = [tools["iperf3"], "-c", run.LOOP, "-p", port, "-t", int(secs), "-J"]
+        wait_for(lambda: listening(bench.iperf_port), 10, [(server, bench.procs)], "iperf3 -s")
+        cmd = [tools["iperf3"], "-c", LOOP, "-p", port, "-t", int(secs), "-J"]
         if load == "bulk-down":
             cmd.append("-R")
     else:
@@ -241,7 +242,7 @@ def start_load(bench: run.Bench, load: str, port: int, secs: float) -> subproces
         cmd = [tools["wrk"], "-t2", f"-c{conns}", f"-d{int(secs)}s", "--latency", "--timeout", "10s"]
         if load == "conn":
             cmd += ["-H", "Connection: close"]
-        cmd.append(f"http://{run.LOOP}:{port}/1k.bin")
+        cmd.append(f"http://{LOOP}:{port}/1k.bin")
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
     bad = set(loads) - set(LOADS)
     if bad:
         ap.error(f"unknown load(s): {', '.join(sorted(bad))}")
-    pyspy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{run.SBIN_PATH}")
+    pyspy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{SBIN_PATH}")
     if not pyspy:
         ap.error("py-spy not found: pip install py-spy")
     out = (
@@ -300,7 +301,7 @@ def main(argv=None) -> int:
         else HERE / "results" / "profiles" / datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     )
     out.mkdir(parents=True, exist_ok=True)
-    run.raise_nofile()
+    raise_nofile()
 
     bench_args = argparse.Namespace(
         quick=False, verbose=True, scale_levels=[], tests=[], only="rtunnel", keep_tmp=False,
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
             warm = 2.0
             with path.open(service) as t:
                 srv, cli = t.server_pids()[0], t.client_pids()[0]
-                run.log(f"[{load}] server pid {srv}, client pid {cli}")
+                log(f"[{load}] server pid {srv}, client pid {cli}")
                 proc = start_load(bench, load, t.pub_port, args.seconds + warm + 2)
                 time.sleep(warm)
                 spies = {}
@@ -367,7 +368,7 @@ def main(argv=None) -> int:
                     entry["ends"][end] = s
                     md.append(summary_markdown(f"{load} / rtunnel_{end}", s))
                 report["loads"][load] = entry
-                run.log(f"[{load}] {result}")
+                log(f"[{load}] {result}")
     finally:
         bench.procs.stop_all()
         shutil.rmtree(bench.tmp, ignore_errors=True)
