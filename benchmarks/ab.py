@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from paths import cert_fingerprint  # noqa: E402
 from procs import (  # noqa: E402
     LOOP,
     SBIN_PATH,
@@ -251,7 +252,7 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
             if not listening(ctrl):
                 return False
             try:
-                fingerprint[:] = [run.cert_fingerprint(side.state / "server.crt")]
+                fingerprint[:] = [cert_fingerprint(side.state / "server.crt")]
             except (OSError, ValueError):
                 return False
             return True
@@ -263,7 +264,7 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
         ], cwd=side.state)  # fmt: skip
         wait_for(lambda: listening(pub), 15, [(client, procs), (server, procs)],
                  f"{side.name}: rtunnel_client -f")  # fmt: skip
-        time.sleep(0.5)  # as run.py: let the control link settle
+        time.sleep(0.5)  # as paths.RtunnelPath: let the control link settle
     except BaseException:
         if client is not None:
             procs.stop(client)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile rtunnel_server and rtunnel_client under load with py-spy.
 
-Each load runs through a fresh tunnel (the same set-up as run.py, on
+Each load runs through a fresh tunnel (the same set-up as run.py: paths.RtunnelPath, on
 127.0.0.1): the load is started, after a warm-up both tunnel processes are
 sampled at once with ``py-spy record --idle -f raw`` for a fixed time, then the
 load ends and its throughput is recorded (so the cost of sampling shows).
@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from paths import RtunnelPath  # noqa: E402
 from procs import CLK_TCK, LOOP, SBIN_PATH, listening, log, raise_nofile, stat_fields, wait_for  # noqa: E402
 
 LOADS = ("bulk-up", "bulk-down", "http1k", "http1k-1000", "conn")
@@ -308,7 +309,7 @@ def main(argv=None) -> int:
         rtunnel_window=None,
     )
     bench = run.Bench(bench_args)
-    path = run.RtunnelPath(bench)
+    path = RtunnelPath(bench)
     if path.unavailable():
         ap.error(path.unavailable())
     report = {
