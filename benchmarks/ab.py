@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from measure import percentile, ping_pong  # noqa: E402
 from paths import cert_fingerprint  # noqa: E402
 from procs import (  # noqa: E402
     LOOP,
@@ -285,7 +286,7 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
         view = memoryview(buf)
 
         def round_trip() -> None:
-            run.ping_pong(s, msg, view)
+            ping_pong(s, msg, view)
 
         for _ in range(RTT_WARMUP):
             round_trip()
@@ -306,8 +307,8 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
     times.sort()
     figures = {
         "rate": len(times) / elapsed,
-        "p50": run.percentile(times, 50),
-        "p99": run.percentile(times, 99),
+        "p50": percentile(times, 50),
+        "p99": percentile(times, 99),
     }
     return figures, len(times), note
 

@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import run  # noqa: E402  (benchmarks/run.py)
+from measure import parse_wrk  # noqa: E402
 from paths import RtunnelPath  # noqa: E402
 from procs import CLK_TCK, LOOP, SBIN_PATH, listening, log, raise_nofile, stat_fields, wait_for  # noqa: E402
 
@@ -252,7 +253,7 @@ def load_result(load: str, out: str) -> dict:
         data = json.loads(out)
         s = data["end"]["sum_received"]
         return {"MBps": s["bits_per_second"] / 8e6}
-    r = run.parse_wrk(out)
+    r = parse_wrk(out)
     return {"rps": r["rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms")}
 
 

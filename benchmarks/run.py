@@ -34,6 +34,7 @@ import traceback
 from pathlib import Path
 
 import services
+from measure import parse_wrk, percentile, ping_pong
 from paths import AES, DirectPath, RtunnelPath, SshPath
 from procs import (
     LOOP,
@@ -115,53 +116,6 @@ PATH_LABELS = {
     "ssh-aes": "ssh -R aes128-gcm",
     "rtunnel": "rtunnel",
 }
-
-
-# --------------------------------------------------------------------------
-# parsing
-
-
-_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def parse_duration_ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
-    if not m:
-        raise ValueError(f"bad duration {text!r}")
-    return float(m.group(1)) * _UNITS_MS[m.group(2)]
-
-
-def parse_wrk(out: str) -> dict:
-    res: dict = {}
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
-        raise BenchError("wrk: no Requests/sec in output: " + out.strip()[-300:])
-    res["rps"] = float(m.group(1))
-    dist = re.search(r"Latency Distribution\s*\n((?:\s+\d+%\s+\S+\s*\n)+)", out)
-    if dist:
-        for pct, val in re.findall(r"(\d+)%\s+(\S+)", dist.group(1)):
-            res[f"p{pct}_ms"] = parse_duration_ms(val)
-    m = re.search(r"(\d+) requests in ([\d.]+\w+), ([\d.]+\w*B) read", out)
-    if m:
-        res["requests"] = int(m.group(1))
-        res["duration_ms"] = parse_duration_ms(m.group(2))
-        res["read"] = m.group(3)
-    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    if m:
-        res["socket_errors"] = dict(
-            zip(("connect", "read", "write", "timeout"), map(int, m.groups()), strict=True)
-        )
-    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if m:
-        res["non_2xx"] = int(m.group(1))
-    return res
-
-
-def percentile(sorted_values: list[float], p: float) -> float:
-    k = (len(sorted_values) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
 
 
 # --------------------------------------------------------------------------
@@ -659,17 +613,6 @@ def fmt(v) -> str:
 
 def fmt_ratio(r) -> str:
     return "n/a" if r is None else f"{r:.2f}x"
-
-
-def ping_pong(s: socket.socket, msg: bytes, view: memoryview) -> None:
-    """Send `msg` on `s` and read as many bytes back into `view`."""
-    s.sendall(msg)
-    got = 0
-    while got < len(msg):
-        n = s.recv_into(view[got:])
-        if not n:
-            raise BenchError("echo connection closed")
-        got += n
 
 
 def markdown_table(rows: list[list[str]], left: int = 1) -> str:
