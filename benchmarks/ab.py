@@ -50,6 +50,7 @@ from procs import (  # noqa: E402
     raise_nofile,
     wait_for,
 )
+from report import fmt, fmt_ratio, markdown_table, ratio  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RTT_WARMUP = 200
@@ -398,15 +399,15 @@ def load_table(name: str, results: list[Result], args) -> str:
             notes.append(f"{label}: {r.error}")
             continue
         v = values(r)
-        rows.append([label, *(run.fmt(v.get(k)) for k in keys)])
+        rows.append([label, *(fmt(v.get(k)) for k in keys)])
         if r.note:
             notes.append(f"{label}: {r.note}")
     med = {side: {k: median([values(r).get(k) for r in results if r.side == side and not r.error])
                   for k in keys} for side in "AB"}  # fmt: skip
-    rows.append(["median A", *(run.fmt(med["A"][k]) for k in keys)])
-    rows.append(["median B", *(run.fmt(med["B"][k]) for k in keys)])
-    rows.append(["B/A", *(run.fmt_ratio(run.ratio(med["B"][k], med["A"][k])) for k in keys)])
-    out.append(run.markdown_table(rows))
+    rows.append(["median A", *(fmt(med["A"][k]) for k in keys)])
+    rows.append(["median B", *(fmt(med["B"][k]) for k in keys)])
+    rows.append(["B/A", *(fmt_ratio(ratio(med["B"][k], med["A"][k])) for k in keys)])
+    out.append(markdown_table(rows))
     if args.syscalls:
         out.append(syscall_table(load, results))
     if notes:
@@ -427,11 +428,11 @@ def syscall_table(load: Load, results: list[Result]) -> str:
         for end in ("server", "client"):
             a, b = (median([r.syscalls[end].get(call) for r in results
                             if r.side == side and end in r.syscalls]) for side in "AB")  # fmt: skip
-            row += [run.fmt(a), run.fmt(b), run.fmt_ratio(run.ratio(b, a))]
+            row += [fmt(a), fmt(b), fmt_ratio(ratio(b, a))]
             seen = max(seen, a or 0.0, b or 0.0)
         if seen >= 0.01:
             rows.append(row)
-    return run.markdown_table(rows) if len(rows) > 1 else "(no syscall counts)"
+    return markdown_table(rows) if len(rows) > 1 else "(no syscall counts)"
 
 
 # --------------------------------------------------------------------------
@@ -574,7 +575,7 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
                 r = run_once(bench, side, name, services[LOADS[name].service], perf, args)
                 results.append(r)
                 what = r.error or ", ".join(
-                    f"{h} {run.fmt(r.figures.get(k))}" for k, h in LOADS[name].columns
+                    f"{h} {fmt(r.figures.get(k))}" for k, h in LOADS[name].columns
                 )
                 log(f"[{name} {side.name} {i + 1}/{args.repeat}] {what}")
         tables.append(load_table(name, results, args))
