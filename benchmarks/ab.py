@@ -36,7 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run  # noqa: E402  (benchmarks/run.py)
+from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
 from measure import percentile, ping_pong  # noqa: E402
 from paths import cert_fingerprint  # noqa: E402
 from procs import (  # noqa: E402
@@ -131,7 +131,7 @@ def cpu_time(pid: int) -> float:
 class Meter:
     """CPU time (and with perf, syscalls) of both tunnel ends between start and stop."""
 
-    def __init__(self, bench: run.Bench, server: int, client: int, perf: str | None) -> None:
+    def __init__(self, bench: Bench, server: int, client: int, perf: str | None) -> None:
         self.bench = bench
         self.pids = {"server": server, "client": client}
         self.perf = perf
@@ -198,7 +198,7 @@ def perf_unavailable(perf: str | None) -> str | None:
 # trees and tunnels
 
 
-def rtunnel_origin(bench: run.Bench, env: list[str]) -> Path:
+def rtunnel_origin(bench: Bench, env: list[str]) -> Path:
     """The directory of the rtunnel package a process started with `env` imports."""
     cp = subprocess.run([*env, sys.executable, "-c", "import rtunnel; print(rtunnel.__path__[0])"],
                         cwd=bench.tmp, capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -238,7 +238,7 @@ class Tunnel:
     pub_port: int
 
 
-def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
+def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
     """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service."""
     procs, token = bench.procs, secrets.token_hex(16)
     ctrl, pub = free_port(), free_port()
@@ -279,7 +279,7 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
 # loads: each returns the load's figures, its number of operations and a note
 
 
-def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+def load_rtt(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
     with socket.create_connection((LOOP, port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         msg = os.urandom(64)
@@ -315,7 +315,7 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
 
 
 def load_wrk(close: bool):
-    def load(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
         meter.start()
         r = bench.wrk(port, "1k.bin", close=close)
         if not r.get("requests"):
@@ -328,7 +328,7 @@ def load_wrk(close: bool):
 
 
 def load_iperf(reverse: bool):
-    def load(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
         meter.start()
         r = bench.iperf(port, args.seconds, 1, reverse)
         if not r["bytes"]:
@@ -342,7 +342,7 @@ RUNNERS = {"rtt": load_rtt, "http": load_wrk(False), "close": load_wrk(True),
            "up": load_iperf(False), "down": load_iperf(True)}  # fmt: skip
 
 
-def run_once(bench: run.Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
+def run_once(bench: Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
     """One run of one load through a fresh tunnel of one side; never raises BenchError."""
     result = Result(side.name)
     try:
@@ -488,8 +488,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGHUP, on_signal)
     raise_nofile()
 
-    bench = run.Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
-                                         rtunnel_window=None))  # fmt: skip
+    bench = Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
+                                     rtunnel_window=None))  # fmt: skip
     bench.wrk_secs = args.seconds
     try:
         return measure(bench, base, loads, args)
@@ -507,7 +507,7 @@ def main(argv=None) -> int:
             shutil.rmtree(bench.tmp, ignore_errors=True)
 
 
-def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
+def measure(bench: Bench, base: Path, loads: list[str], args) -> int:
     sides = [Side("A", ["env", f"PYTHONPATH={base}"], bench.tmp / "state-A"),
              Side("B", ["env", "-u", "PYTHONPATH"], bench.tmp / "state-B")]  # fmt: skip
     for side in sides:

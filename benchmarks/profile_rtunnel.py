@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run  # noqa: E402  (benchmarks/run.py)
+from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
 from measure import parse_wrk  # noqa: E402
 from paths import RtunnelPath  # noqa: E402
 from procs import CLK_TCK, LOOP, SBIN_PATH, listening, log, raise_nofile, stat_fields, wait_for  # noqa: E402
@@ -229,7 +229,7 @@ def sched_delta(before: dict, after: dict, wall: float) -> dict:
     return {k: round((after[k] - before[k]) / wall, 3) for k in before if k in after}
 
 
-def start_load(bench: run.Bench, load: str, port: int, secs: float) -> subprocess.Popen:
+def start_load(bench: Bench, load: str, port: int, secs: float) -> subprocess.Popen:
     tools = bench.tools
     if load.startswith("bulk"):
         server = bench.procs.start(
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
         quick=False, verbose=True, scale_levels=[], tests=[], only="rtunnel", keep_tmp=False,
         rtunnel_window=None,
     )
-    bench = run.Bench(bench_args)
+    bench = Bench(bench_args)
     path = RtunnelPath(bench)
     if path.unavailable():
         ap.error(path.unavailable())

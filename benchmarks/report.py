@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from paths import AES
 
 if TYPE_CHECKING:
-    from run import Bench
+    from bench import Bench
 
 HERE = Path(__file__).resolve().parent
 
