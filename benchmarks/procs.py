@@ -28,6 +28,7 @@ class BenchError(Exception):
 
 
 def log(msg: str) -> None:
+    """Progress and errors go to stderr; stdout carries only the report."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -36,6 +37,7 @@ def log(msg: str) -> None:
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 just now (the caller binds it soon after)."""
     with socket.socket() as s:
         s.bind((LOOP, 0))
         return s.getsockname()[1]
@@ -58,6 +60,7 @@ def listening(port: int) -> bool:
 
 
 def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state first), or None once the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
@@ -68,6 +71,7 @@ def stat_fields(pid: int) -> list[str] | None:
 
 
 def descendants(pid: int) -> list[int]:
+    """Every live process below pid, found by parent pid (also those that called setsid())."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -83,6 +87,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes (10 ms ticks)."""
     ticks = 0
     for pid in pids:
         fields = stat_fields(pid)
@@ -92,6 +97,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def rss_kb(pids: list[int]) -> int:
+    """Summed resident set size of these processes, in KB."""
     total = 0
     for pid in pids:
         try:
@@ -105,6 +111,7 @@ def rss_kb(pids: list[int]) -> int:
 
 
 def raise_nofile(want: int = 16384) -> int:
+    """Raise the soft open-file limit towards want (for 1000+ connections); the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
@@ -198,6 +205,7 @@ class Procs:
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, procs=(), what="") -> None:
+    """Poll cond until true; BenchError if timeout passes or one of the (proc, Procs) pairs exits first."""
     deadline = time.monotonic() + timeout
     while True:
         if cond():
@@ -211,6 +219,7 @@ def wait_for(cond: Callable[[], bool], timeout: float, procs=(), what="") -> Non
 
 
 def run_tool(cmd, timeout: float) -> subprocess.CompletedProcess:
+    """Run a measuring tool to its end with captured output; BenchError if it outlives timeout."""
     try:
         return subprocess.run(
             [str(c) for c in cmd],
