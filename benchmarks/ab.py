@@ -36,8 +36,21 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run  # noqa: E402  (benchmarks/run.py)
-from run import LOOP, BenchError  # noqa: E402
+from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
+from measure import percentile, ping_pong  # noqa: E402
+from paths import cert_fingerprint  # noqa: E402
+from procs import (  # noqa: E402
+    LOOP,
+    SBIN_PATH,
+    BenchError,
+    cpu_seconds,
+    free_port,
+    listening,
+    log,
+    raise_nofile,
+    wait_for,
+)
+from report import fmt, fmt_ratio, markdown_table, ratio  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RTT_WARMUP = 200
@@ -111,14 +124,14 @@ def cpu_time(pid: int) -> float:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                 total += int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
-        return run.cpu_seconds([pid])
+        return cpu_seconds([pid])
     return total / 1e9
 
 
 class Meter:
     """CPU time (and with perf, syscalls) of both tunnel ends between start and stop."""
 
-    def __init__(self, bench: run.Bench, server: int, client: int, perf: str | None) -> None:
+    def __init__(self, bench: Bench, server: int, client: int, perf: str | None) -> None:
         self.bench = bench
         self.pids = {"server": server, "client": client}
         self.perf = perf
@@ -185,7 +198,7 @@ def perf_unavailable(perf: str | None) -> str | None:
 # trees and tunnels
 
 
-def rtunnel_origin(bench: run.Bench, env: list[str]) -> Path:
+def rtunnel_origin(bench: Bench, env: list[str]) -> Path:
     """The directory of the rtunnel package a process started with `env` imports."""
     cp = subprocess.run([*env, sys.executable, "-c", "import rtunnel; print(rtunnel.__path__[0])"],
                         cwd=bench.tmp, capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -225,10 +238,10 @@ class Tunnel:
     pub_port: int
 
 
-def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
+def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
     """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service."""
     procs, token = bench.procs, secrets.token_hex(16)
-    ctrl, pub = run.free_port(), run.free_port()
+    ctrl, pub = free_port(), free_port()
     server = procs.start(f"{side.name}-server", [
         *side.env, BIN / "rtunnel_server", "--port", ctrl, "--interface", LOOP,
         "--state-dir", side.state, "--token", token,
@@ -238,22 +251,22 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
         fingerprint: list[str] = []
 
         def server_ready() -> bool:
-            if not run.listening(ctrl):
+            if not listening(ctrl):
                 return False
             try:
-                fingerprint[:] = [run.cert_fingerprint(side.state / "server.crt")]
+                fingerprint[:] = [cert_fingerprint(side.state / "server.crt")]
             except (OSError, ValueError):
                 return False
             return True
 
-        run.wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
+        wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
         client = procs.start(f"{side.name}-client", [
             *side.env, BIN / "rtunnel_client", "-c", f"{LOOP}:{ctrl}", "-f", pub,
             "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0],
         ], cwd=side.state)  # fmt: skip
-        run.wait_for(lambda: run.listening(pub), 15, [(client, procs), (server, procs)],
-                     f"{side.name}: rtunnel_client -f")  # fmt: skip
-        time.sleep(0.5)  # as run.py: let the control link settle
+        wait_for(lambda: listening(pub), 15, [(client, procs), (server, procs)],
+                 f"{side.name}: rtunnel_client -f")  # fmt: skip
+        time.sleep(0.5)  # as paths.RtunnelPath: let the control link settle
     except BaseException:
         if client is not None:
             procs.stop(client)
@@ -266,7 +279,7 @@ def open_tunnel(bench: run.Bench, side: Side, service_port: int) -> Tunnel:
 # loads: each returns the load's figures, its number of operations and a note
 
 
-def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+def load_rtt(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
     with socket.create_connection((LOOP, port), timeout=10) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         msg = os.urandom(64)
@@ -274,7 +287,7 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
         view = memoryview(buf)
 
         def round_trip() -> None:
-            run.ping_pong(s, msg, view)
+            ping_pong(s, msg, view)
 
         for _ in range(RTT_WARMUP):
             round_trip()
@@ -295,14 +308,14 @@ def load_rtt(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, flo
     times.sort()
     figures = {
         "rate": len(times) / elapsed,
-        "p50": run.percentile(times, 50),
-        "p99": run.percentile(times, 99),
+        "p50": percentile(times, 50),
+        "p99": percentile(times, 99),
     }
     return figures, len(times), note
 
 
 def load_wrk(close: bool):
-    def load(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
         meter.start()
         r = bench.wrk(port, "1k.bin", close=close)
         if not r.get("requests"):
@@ -315,7 +328,7 @@ def load_wrk(close: bool):
 
 
 def load_iperf(reverse: bool):
-    def load(bench: run.Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
         meter.start()
         r = bench.iperf(port, args.seconds, 1, reverse)
         if not r["bytes"]:
@@ -329,7 +342,7 @@ RUNNERS = {"rtt": load_rtt, "http": load_wrk(False), "close": load_wrk(True),
            "up": load_iperf(False), "down": load_iperf(True)}  # fmt: skip
 
 
-def run_once(bench: run.Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
+def run_once(bench: Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
     """One run of one load through a fresh tunnel of one side; never raises BenchError."""
     result = Result(side.name)
     try:
@@ -386,15 +399,15 @@ def load_table(name: str, results: list[Result], args) -> str:
             notes.append(f"{label}: {r.error}")
             continue
         v = values(r)
-        rows.append([label, *(run.fmt(v.get(k)) for k in keys)])
+        rows.append([label, *(fmt(v.get(k)) for k in keys)])
         if r.note:
             notes.append(f"{label}: {r.note}")
     med = {side: {k: median([values(r).get(k) for r in results if r.side == side and not r.error])
                   for k in keys} for side in "AB"}  # fmt: skip
-    rows.append(["median A", *(run.fmt(med["A"][k]) for k in keys)])
-    rows.append(["median B", *(run.fmt(med["B"][k]) for k in keys)])
-    rows.append(["B/A", *(run.fmt_ratio(run.ratio(med["B"][k], med["A"][k])) for k in keys)])
-    out.append(run.markdown_table(rows))
+    rows.append(["median A", *(fmt(med["A"][k]) for k in keys)])
+    rows.append(["median B", *(fmt(med["B"][k]) for k in keys)])
+    rows.append(["B/A", *(fmt_ratio(ratio(med["B"][k], med["A"][k])) for k in keys)])
+    out.append(markdown_table(rows))
     if args.syscalls:
         out.append(syscall_table(load, results))
     if notes:
@@ -415,11 +428,11 @@ def syscall_table(load: Load, results: list[Result]) -> str:
         for end in ("server", "client"):
             a, b = (median([r.syscalls[end].get(call) for r in results
                             if r.side == side and end in r.syscalls]) for side in "AB")  # fmt: skip
-            row += [run.fmt(a), run.fmt(b), run.fmt_ratio(run.ratio(b, a))]
+            row += [fmt(a), fmt(b), fmt_ratio(ratio(b, a))]
             seen = max(seen, a or 0.0, b or 0.0)
         if seen >= 0.01:
             rows.append(row)
-    return run.markdown_table(rows) if len(rows) > 1 else "(no syscall counts)"
+    return markdown_table(rows) if len(rows) > 1 else "(no syscall counts)"
 
 
 # --------------------------------------------------------------------------
@@ -473,28 +486,28 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    run.raise_nofile()
+    raise_nofile()
 
-    bench = run.Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
-                                         rtunnel_window=None))  # fmt: skip
+    bench = Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
+                                     rtunnel_window=None))  # fmt: skip
     bench.wrk_secs = args.seconds
     try:
         return measure(bench, base, loads, args)
     except BenchError as e:
-        run.log(f"error: {e}")
+        log(f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        run.log("interrupted; stopping every process started")
+        log("interrupted; stopping every process started")
         return 130
     finally:
         bench.procs.stop_all()
         if args.keep_tmp:
-            run.log(f"state dirs and logs kept in {bench.tmp}")
+            log(f"state dirs and logs kept in {bench.tmp}")
         else:
             shutil.rmtree(bench.tmp, ignore_errors=True)
 
 
-def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
+def measure(bench: Bench, base: Path, loads: list[str], args) -> int:
     sides = [Side("A", ["env", f"PYTHONPATH={base}"], bench.tmp / "state-A"),
              Side("B", ["env", "-u", "PYTHONPATH"], bench.tmp / "state-B")]  # fmt: skip
     for side in sides:
@@ -518,10 +531,10 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
 
     perf = None
     if args.syscalls:
-        perf = shutil.which("perf", path=run.SBIN_PATH)
+        perf = shutil.which("perf", path=SBIN_PATH)
         why = perf_unavailable(perf)
         if why:
-            run.log(f"--syscalls: {why}; going on without syscall counts")
+            log(f"--syscalls: {why}; going on without syscall counts")
             args.syscalls, perf = False, None
 
     services: dict[str, int | None] = {}
@@ -530,30 +543,30 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
         load = LOADS[name]
         absent = [t for t in load.tools if not bench.tools.get(t)]
         if absent:
-            run.log(f"skipping {name}: it needs {' and '.join(load.tools)}; not found: {', '.join(absent)}. "
-                    f"Install with `apt-get install {' '.join(absent)}` (benchmarks/run.sh installs "
-                    "them when missing)")  # fmt: skip
+            log(f"skipping {name}: it needs {' and '.join(load.tools)}; not found: {', '.join(absent)}. "
+                f"Install with `apt-get install {' '.join(absent)}` (benchmarks/run.sh installs "
+                "them when missing)")  # fmt: skip
             continue
         try:
             if load.service not in services:
                 if load.service == "echo":
-                    port = run.free_port()
+                    port = free_port()
                     bench.start_helper("echo", ["--serve-echo", str(port)], port)
                 elif load.service == "nginx":
                     port = bench.start_nginx()
                 else:
-                    port = bench.iperf_port = run.free_port()  # iperf3 -s started per run
+                    port = bench.iperf_port = free_port()  # iperf3 -s started per run
                 services[load.service] = port
         except BenchError as e:
             services[load.service] = None
-            run.log(f"skipping {name}: {load.service} did not start: {e}")
+            log(f"skipping {name}: {load.service} did not start: {e}")
         if services[load.service] is not None:
             runnable.append(name)
 
     if not runnable:
-        run.log("no load can run")
+        log("no load can run")
         return 1
-    run.log("\n".join(header))
+    log("\n".join(header))
     tables = []
     for name in runnable:
         results = []
@@ -562,9 +575,9 @@ def measure(bench: run.Bench, base: Path, loads: list[str], args) -> int:
                 r = run_once(bench, side, name, services[LOADS[name].service], perf, args)
                 results.append(r)
                 what = r.error or ", ".join(
-                    f"{h} {run.fmt(r.figures.get(k))}" for k, h in LOADS[name].columns
+                    f"{h} {fmt(r.figures.get(k))}" for k, h in LOADS[name].columns
                 )
-                run.log(f"[{name} {side.name} {i + 1}/{args.repeat}] {what}")
+                log(f"[{name} {side.name} {i + 1}/{args.repeat}] {what}")
         tables.append(load_table(name, results, args))
     print("\n".join(header) + "\n")
     print("\n\n".join(tables))

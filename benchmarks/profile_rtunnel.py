@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile rtunnel_server and rtunnel_client under load with py-spy.
 
-Each load runs through a fresh tunnel (the same set-up as run.py, on
+Each load runs through a fresh tunnel (the same set-up as run.py: paths.RtunnelPath, on
 127.0.0.1): the load is started, after a warm-up both tunnel processes are
 sampled at once with ``py-spy record --idle -f raw`` for a fixed time, then the
 load ends and its throughput is recorded (so the cost of sampling shows).
@@ -37,7 +37,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run  # noqa: E402  (benchmarks/run.py)
+from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
+from measure import parse_wrk  # noqa: E402
+from paths import RtunnelPath  # noqa: E402
+from procs import CLK_TCK, LOOP, SBIN_PATH, listening, log, raise_nofile, stat_fields, wait_for  # noqa: E402
 
 LOADS = ("bulk-up", "bulk-down", "http1k", "http1k-1000", "conn")
 
@@ -206,11 +209,11 @@ def summary_markdown(name: str, s: dict, top: int = 12) -> str:
 
 def sched(pid: int) -> dict:
     """CPU time (user, system) and run-queue wait of one process, in seconds."""
-    fields = run._stat_fields(pid) or []
+    fields = stat_fields(pid) or []
     out = {}
     if len(fields) > 12:
-        out["user"] = int(fields[11]) / run.CLK_TCK
-        out["system"] = int(fields[12]) / run.CLK_TCK
+        out["user"] = int(fields[11]) / CLK_TCK
+        out["system"] = int(fields[12]) / CLK_TCK
     try:
         with open(f"/proc/{pid}/schedstat") as f:
             on_cpu, waiting, _ = f.read().split()
@@ -226,14 +229,14 @@ def sched_delta(before: dict, after: dict, wall: float) -> dict:
     return {k: round((after[k] - before[k]) / wall, 3) for k in before if k in after}
 
 
-def start_load(bench: run.Bench, load: str, port: int, secs: float) -> subprocess.Popen:
+def start_load(bench: Bench, load: str, port: int, secs: float) -> subprocess.Popen:
     tools = bench.tools
     if load.startswith("bulk"):
         server = bench.procs.start(
-            "iperf3-server", [tools["iperf3"], "-s", "-1", "-B", run.LOOP, "-p", bench.iperf_port]
+            "iperf3-server", [tools["iperf3"], "-s", "-1", "-B", LOOP, "-p", bench.iperf_port]
         )
-        run.wait_for(lambda: run.listening(bench.iperf_port), 10, [(server, bench.procs)], "iperf3 -s")
-        cmd = [tools["iperf3"], "-c", run.LOOP, "-p", port, "-t", int(secs), "-J"]
+        wait_for(lambda: listening(bench.iperf_port), 10, [(server, bench.procs)], "iperf3 -s")
+        cmd = [tools["iperf3"], "-c", LOOP, "-p", port, "-t", int(secs), "-J"]
         if load == "bulk-down":
             cmd.append("-R")
     else:
@@ -241,7 +244,7 @@ def start_load(bench: run.Bench, load: str, port: int, secs: float) -> subproces
         cmd = [tools["wrk"], "-t2", f"-c{conns}", f"-d{int(secs)}s", "--latency", "--timeout", "10s"]
         if load == "conn":
             cmd += ["-H", "Connection: close"]
-        cmd.append(f"http://{run.LOOP}:{port}/1k.bin")
+        cmd.append(f"http://{LOOP}:{port}/1k.bin")
     return subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -250,7 +253,7 @@ def load_result(load: str, out: str) -> dict:
         data = json.loads(out)
         s = data["end"]["sum_received"]
         return {"MBps": s["bits_per_second"] / 8e6}
-    r = run.parse_wrk(out)
+    r = parse_wrk(out)
     return {"rps": r["rps"], "p50_ms": r.get("p50_ms"), "p99_ms": r.get("p99_ms")}
 
 
@@ -291,7 +294,7 @@ def main(argv=None) -> int:
     bad = set(loads) - set(LOADS)
     if bad:
         ap.error(f"unknown load(s): {', '.join(sorted(bad))}")
-    pyspy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{run.SBIN_PATH}")
+    pyspy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{SBIN_PATH}")
     if not pyspy:
         ap.error("py-spy not found: pip install py-spy")
     out = (
@@ -300,14 +303,14 @@ def main(argv=None) -> int:
         else HERE / "results" / "profiles" / datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     )
     out.mkdir(parents=True, exist_ok=True)
-    run.raise_nofile()
+    raise_nofile()
 
     bench_args = argparse.Namespace(
         quick=False, verbose=True, scale_levels=[], tests=[], only="rtunnel", keep_tmp=False,
         rtunnel_window=None,
     )
-    bench = run.Bench(bench_args)
-    path = run.RtunnelPath(bench)
+    bench = Bench(bench_args)
+    path = RtunnelPath(bench)
     if path.unavailable():
         ap.error(path.unavailable())
     report = {
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
             warm = 2.0
             with path.open(service) as t:
                 srv, cli = t.server_pids()[0], t.client_pids()[0]
-                run.log(f"[{load}] server pid {srv}, client pid {cli}")
+                log(f"[{load}] server pid {srv}, client pid {cli}")
                 proc = start_load(bench, load, t.pub_port, args.seconds + warm + 2)
                 time.sleep(warm)
                 spies = {}
@@ -367,7 +370,7 @@ def main(argv=None) -> int:
                     entry["ends"][end] = s
                     md.append(summary_markdown(f"{load} / rtunnel_{end}", s))
                 report["loads"][load] = entry
-                run.log(f"[{load}] {result}")
+                log(f"[{load}] {result}")
     finally:
         bench.procs.stop_all()
         shutil.rmtree(bench.tmp, ignore_errors=True)
