@@ -99,9 +99,10 @@ class Process:
 
     def __init__(
         self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path,
-        pass_fds: tuple[int, ...] = (),
+        pass_fds: tuple[int, ...] = (), extra_env: dict[str, str] | None = None,
     ) -> None:
-        """Start `argv`; the child inherits the descriptors `pass_fds`."""
+        """Start `argv`; the child inherits the descriptors `pass_fds` and
+        our environment (less what would pick another rtunnel) plus `extra_env`."""
         self.name = name
         self.argv = argv
         cwd = workdir / f"{name}-cwd"
@@ -109,7 +110,7 @@ class Process:
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # closed in stop()
         self.popen = subprocess.Popen(
-            argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL,
+            argv, cwd=cwd, env={**_clean_env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds,
         )
         test.addCleanup(self.stop)
