@@ -3,16 +3,19 @@
 A ServerSession lives as long as its client's session: across link drops it
 keeps its listeners and visitors (detached, paused) for the resume grace,
 then expires. Ports belong to credentials, so the rightful owner always gets
-its port back at once and nobody else can take it meanwhile.
+its port back at once and nobody else can take it meanwhile. Among the
+sessions of one credential the newest holds a port; older ones that asked
+for it wait, and the newest of them gets it when the holder lets go
+(TunnelServer.bind, TunnelServer.let_go).
 """
 
 from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import hmac
 import ipaddress
+import itertools
 import secrets
 import socket
 from typing import Any
@@ -412,15 +415,19 @@ class TunnelServer:
         self.config = config
         self._credentials: dict[str, bytes] = {}
         if token:
-            self._credentials[DEFAULT_CREDENTIAL] = _digest(token)
+            self._credentials[DEFAULT_CREDENTIAL] = auth.token_digest(token)
         for name, extra in config.extra_clients:
-            self._credentials[name] = _digest(extra)
+            self._credentials[name] = auth.token_digest(extra)
         self.clients: dict[str, ClientPolicy] = {}
         if clients:
             self.check_clients(clients)
             self.clients = dict(clients)
         self.sessions: dict[str, ServerSession] = {}
         self.listeners: dict[tuple[str, int], PublicListener] = {}
+        # (host, port) -> {session: tunnel id} of older sessions of the holder's
+        # credential waiting for the port (let_go hands it to the newest)
+        self.waiting: dict[tuple[str, int], dict[ServerSession, int]] = {}
+        self.session_serials = itertools.count(1)
         # (host, port) -> waiters for a released port whose socket is not closed yet
         self._closing: dict[tuple[str, int], list[defer.Deferred[None]]] = {}
         self.links: set[ServerLink] = set()
@@ -450,19 +457,23 @@ class TunnelServer:
 
     # ------------------------------------------------------------ auth
 
-    def authenticate(self, token: object, peer_cert_der: bytes | None = None) -> str | None:
+    def authenticate(self, token: str | None, peer_cert_der: bytes | None = None) -> str | None:
         """The credential a TLS client certificate or a token proves.
 
         A certificate whose SHA-256 is a clients-file client's cert_sha256
         authenticates that client, whatever the token; otherwise (no
         certificate, or one nobody has) the token decides. Both compare in
-        constant time against every candidate."""
+        constant time against every candidate. A token that cannot be
+        encoded (wire.decode_hello refuses those first) proves nothing."""
         by_cert = auth.authenticate_certificate(self.clients, peer_cert_der)
         if by_cert is not None:
             return by_cert.name
-        if not isinstance(token, str):
+        if token is None:
             return None
-        digest = _digest(token)
+        try:
+            digest = auth.token_digest(token)
+        except ValueError:
+            return None
         found = None
         for name, expected in self._credentials.items():  # no early exit: constant time
             if hmac.compare_digest(digest, expected):
@@ -579,17 +590,15 @@ class TunnelServer:
         guard = self.guard
         self._cap_refusals.refused(n=guard.unauthenticated, refused_total=guard.refused_connections)
 
-    def resumable(self, credential: str, resume: object) -> ServerSession | None:
+    def resumable(self, credential: str, resume: wire.ResumeRequest | None) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
-        if not isinstance(resume, dict):
+        if resume is None:
             return None
-        existing = self.sessions.get(str(resume.get("session", "")))
-        secret = resume.get("secret")
+        existing = self.sessions.get(resume.session)
         if (
             existing is not None
             and existing.credential == credential
-            and isinstance(secret, str)
-            and hmac.compare_digest(secret.encode(), existing.secret.encode())
+            and hmac.compare_digest(resume.secret.encode(), existing.secret.encode())
         ):
             return existing
         return None
@@ -608,14 +617,14 @@ class TunnelServer:
         detached[0].expire("its client opened a new session (at --max-sessions-per-client)")
         return True
 
-    def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
+    def session_for(self, credential: str, resume: wire.ResumeRequest | None) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
         existing = self.resumable(credential, resume)
-        self.events.reconnects[credential] += isinstance(resume, dict)
+        self.events.reconnects[credential] += resume is not None
         if existing is not None:
             self.events.resumes[credential] += 1
             return existing, True
-        if isinstance(resume, dict):
+        if resume is not None:
             self.log.info("resume of an unknown or expired session refused; starting a new one", event="resume_refused", credential=credential)
         session = ServerSession(self, credential)
         self.sessions[session.id] = session
@@ -866,10 +875,6 @@ class TunnelServer:
         return drained.addCallback(close_all).addCallback(lambda _: None)
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
 def _settings_with(base: SessionSettings, max_streams: int) -> SessionSettings:
     """A new SessionSettings: `base`'s fields, with its own max_streams."""
     settings = SessionSettings()
@@ -883,7 +888,10 @@ def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 # the `event` of each ServerLink.refuse, and its words in the log line
-_REFUSALS = {"auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit"}
+_REFUSALS = {
+    "auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit",
+    "handshake_refused": "invalid handshake",
+}
 
 
 class ServerLink(ControlLink):
@@ -963,25 +971,29 @@ class ServerLink(ControlLink):
         )
         self.send_error_and_close(code, reason)
 
+    def frame_received(self, frame: Frame) -> None:
+        # Before the handshake every frame must be the HELLO: PING and ERROR
+        # too go to handshake_frame, which refuses them (and counts it).
+        if self.session is None:
+            self.handshake_frame(frame)
+        else:
+            super().frame_received(frame)
+
+    def close_with_error(self, code: ErrorCode, reason: str) -> None:
+        """Before authentication every refusal but shutdown counts as a
+        failed authentication of the peer's address: what a peer sends
+        before it is trusted costs it the same as a wrong token."""
+        if self._unauthenticated and code is not ErrorCode.SHUTDOWN:
+            self._refuse_handshake(code, reason)
+        else:
+            super().close_with_error(code, reason)
+
+    def _refuse_handshake(self, code: ErrorCode, reason: str) -> None:
+        guard, host = self.server.guard, self.peer_host()
+        guard.record_failure(host)
+        self.refuse(code, reason, "handshake_refused", host=host, failures_total=guard.failures)
+
     def handshake_frame(self, frame: Frame) -> None:
-        if frame.type is not FrameType.HELLO:
-            raise ProtocolViolation(f"expected HELLO, got {frame.type.name}")
-        hello = wire.decode_json(frame)
-        if hello.get("protocol") != "rtunnel":
-            raise ProtocolViolation("this is an rtunnel server; the client is not an rtunnel client")
-        offered = hello.get("versions")
-        if isinstance(offered, list):
-            offered = [v for v in offered if isinstance(v, int) and not isinstance(v, bool)][:16]
-        if not isinstance(offered, list) or not set(offered) & set(PROTOCOL_VERSIONS):
-            self.close_with_error(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"the server speaks protocol versions {list(PROTOCOL_VERSIONS)} but the client "
-                f"offered {offered}; upgrade the older of the two",
-            )
-            return
-        if self.server.shutting_down:
-            self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
-            return
         guard = self.server.guard
         host = self.peer_host()
         wait = guard.retry_after(host)
@@ -992,8 +1004,22 @@ class ServerLink(ControlLink):
                 "rate_limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
             )
             return
+        if frame.type is not FrameType.HELLO:
+            raise ProtocolViolation(f"expected HELLO, got {frame.type.name}")
+        hello = wire.decode_hello(frame)  # raises HandshakeError: refused and counted
+        common = set(hello.versions) & set(PROTOCOL_VERSIONS)
+        if not common:
+            self.close_with_error(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"the server speaks protocol versions {list(PROTOCOL_VERSIONS)} but the client "
+                f"offered {list(hello.versions)}; upgrade the older of the two",
+            )
+            return
+        if self.server.shutting_down:
+            self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
+            return
         peer_cert = self.peer_certificate_der()
-        credential = self.server.authenticate(hello.get("token"), peer_cert)
+        credential = self.server.authenticate(hello.token, peer_cert)
         if credential is None:
             guard.record_failure(host)
             reason = (
@@ -1010,10 +1036,7 @@ class ServerLink(ControlLink):
                 "auth_failed", host=host, failures_total=guard.failures,
             )
             return
-        peer_max = hello.get("max_frame", wire.DEFAULT_MAX_FRAME)
-        if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
-            raise ProtocolViolation(f"max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
-        resume = hello.get("resume")
+        resume = hello.resume
         if self.server.resumable(credential, resume) is None and not self.server.make_room_for_session(credential):
             limit = self.server.config.max_sessions_per_client
             self.refuse(
@@ -1033,7 +1056,7 @@ class ServerLink(ControlLink):
             wire.encode_json(
                 FrameType.WELCOME,
                 {
-                    "version": max(set(offered) & set(PROTOCOL_VERSIONS)),
+                    "version": max(common),
                     "session": owner.id,
                     "secret": owner.secret,
                     "resumed": resumed,
@@ -1049,7 +1072,7 @@ class ServerLink(ControlLink):
             peer=self.peer_description(),
             event="session_resumed" if resumed else "session_started", session=owner.id[:8], credential=credential,
         )
-        owner.attach_link(self, resumed, min(peer_max, wire.MAX_U32))
+        owner.attach_link(self, resumed, hello.max_frame)
 
     def session_failed(self) -> None:
         if self.owner is not None:
