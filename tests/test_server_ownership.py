@@ -55,9 +55,9 @@ class SameCredentialPortTests(unittest.TestCase):
         return [e for e in self.events if e.get("event") == event]
 
     @defer.inlineCallbacks
-    def start(self, tags: list[bytes]) -> Any:
+    def start(self, tags: list[bytes], **server: Any) -> Any:
         self.tunnel = Tunnel(self)
-        yield self.tunnel.start_server()
+        yield self.tunnel.start_server(**server)
         self.port = free_port()
         self.targets = []
         for tag in tags:
@@ -159,3 +159,27 @@ class SameCredentialPortTests(unittest.TestCase):
         self.assertEqual(reply, b"new:waiting")
         self.assertIs(old_session.state, SessionState.EXPIRED)  # nothing left to it
         self.assertEqual((yield self.answer()), b"new:?")
+
+    @defer.inlineCallbacks
+    def test_when_the_holders_grace_runs_out_the_waiting_session_gets_the_port_and_its_waiting_visitors(self):
+        yield self.start([b"A:", b"B:"], resume_grace=1.0)
+        first = self.client(self.targets[0])
+        yield with_timeout(first.client.when_bound(), 10)
+        second = self.client(self.targets[1])
+        yield with_timeout(second.client.when_bound(), 10)
+        yield wait_until(lambda: self.logged("bind_taken_over"), 5)
+        server = self.tunnel.server
+        holder = server.sessions[second.client.session_id]
+        # the holder crashes: its session is detached and keeps the port for the grace
+        self.patch(second.client, "say_goodbye", lambda: None)
+        yield second.stopService()
+        yield wait_until(lambda: holder.state is SessionState.DETACHED, 5)
+        waiting = visit(self.port, Visitor(b"waited"))
+        yield wait_until(lambda: len(holder.session.streams) == 1, 5)
+        self.assertEqual(first.client.bound, {})
+
+        reply, _ = yield with_timeout(waiting, 10)
+        self.assertEqual(reply, b"A:waited")
+        self.assertIs(holder.state, SessionState.EXPIRED)
+        self.assertEqual(first.client.bound[1][1], self.port)
+        self.assertTrue(self.logged("port_handed_over"))
