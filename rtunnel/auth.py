@@ -81,15 +81,22 @@ def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
 
 
 def token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    """SHA-256 of a token's UTF-8. A token read from the command line keeps
+    its non-UTF-8 bytes as surrogate escapes, which encode back to those
+    bytes; any other lone surrogate raises UnicodeEncodeError (a ValueError)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
 def authenticate(clients: Mapping[str, ClientPolicy], token: object) -> ClientPolicy | None:
     """The client whose token hash matches, compared in constant time against
-    every client (no early exit, so timing does not tell which one matched)."""
+    every client (no early exit, so timing does not tell which one matched).
+    A token that is no string, or no text (a lone surrogate), matches none."""
     if not isinstance(token, str):
         return None
-    digest = token_digest(token)
+    try:
+        digest = token_digest(token)
+    except ValueError:
+        return None
     found = None
     for policy in clients.values():
         if policy.token_sha256 is None:

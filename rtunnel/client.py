@@ -163,6 +163,7 @@ class TunnelClient:
         self._next_tunnel_id = max(self.tunnels, default=0) + 1
         self._unbound: set[int] = set()  # removed ids whose BOUND/BIND_FAILED may still come
         self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
+        self._taken_over: set[int] = set()  # tunnels whose port a newer client of our credential holds
         self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=False)
         self.failed_attempts = 0  # connection attempts in a row that made no session
@@ -231,6 +232,7 @@ class TunnelClient:
         self.log.info("connected to {server}; session {session} started", server=format_host_port(self.config.server_host, self.config.server_port), session=session_id[:8], event="connected")
         self.bound.clear()
         self._unbound.clear()
+        self._taken_over.clear()
         link.start_session(self.session, False, peer_max)
         for spec in self.tunnels.values():
             self._send_bind(spec)
@@ -378,6 +380,7 @@ class TunnelClient:
             if spec is None or not isinstance(port, int):
                 raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
             self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
+            self._taken_over.discard(spec.tunnel_id)
             self.tunnel_names[spec.tunnel_id] = tunnel_name(*self.bound[spec.tunnel_id])
             self.log.info(
                 "tunnel ready: {server}:{port} -> {target}",
@@ -395,6 +398,17 @@ class TunnelClient:
                 return  # refused, and removed since: nothing to do
             if spec is None:
                 raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
+            if code == "taken_over":  # a newer client of our credential holds the port: wait for it
+                public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
+                level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
+                self._taken_over.add(spec.tunnel_id)
+                level(
+                    "port {port} is not ours now: {message}; asking again every {delay:.0f} s",
+                    port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
+                    tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
+                )
+                self._retry_bind_later(session, spec)
+                return
             if code == "closed":  # the server's administrator closed a bound port
                 public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
                 self.log.warn(
@@ -414,10 +428,7 @@ class TunnelClient:
                 self.fatal(text)
             else:
                 self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY, event="bind_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
-                self._bind_retries = [c for c in self._bind_retries if c.active()]
-                self._bind_retries.append(
-                    self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec)
-                )
+                self._retry_bind_later(session, spec)
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)
@@ -432,6 +443,10 @@ class TunnelClient:
             return name
         spec = self.tunnels.get(tunnel_id)
         return tunnel_name(spec.bind_host or "*", spec.bind_port) if spec is not None else "?"
+
+    def _retry_bind_later(self, session: Session, spec: TunnelSpec) -> None:
+        self._bind_retries = [c for c in self._bind_retries if c.active()]
+        self._bind_retries.append(self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec))
 
     def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
         if session is self.session and spec.tunnel_id in self.tunnels and spec.tunnel_id not in self.bound:

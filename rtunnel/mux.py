@@ -455,6 +455,30 @@ class Stream:
         if self.local is not None:
             self.local.abortConnection()  # type: ignore[attr-defined]
 
+    def hand_local_to(self, other: Stream) -> None:
+        """Give this stream's local socket, with what was read from it and
+        not sent, to `other` (a new stream, usually of another session), and
+        reset this one towards its peer without touching the socket.
+
+        Only for a stream none of whose bytes crossed a link either way (a
+        visitor that arrived while its session was detached): the socket's
+        peer has seen nothing, so starting over elsewhere loses nothing."""
+        if self.sent or self.received:
+            raise ValueError(f"stream {self.id} has carried bytes; it cannot change sessions")
+        local, self.local = self.local, None
+        pending, self._pending = self._pending, ()
+        eof = self.send_state is not SendState.OPEN
+        self.reset(ResetCode.ABORTED, "the visitor was handed to the tunnel owner's new session")
+        if local is None:
+            return
+        local.unregisterProducer()
+        local.resumeProducing()  # type: ignore[attr-defined]  # attach_local pauses it again if need be
+        other.attach_local(local)
+        for chunk in pending:
+            other.local_data(chunk)
+        if eof:
+            other.local_eof()
+
     def _maybe_forget(self) -> None:
         if (
             self.send_state is SendState.FIN_SENT

@@ -3,16 +3,19 @@
 A ServerSession lives as long as its client's session: across link drops it
 keeps its listeners and visitors (detached, paused) for the resume grace,
 then expires. Ports belong to credentials, so the rightful owner always gets
-its port back at once and nobody else can take it meanwhile.
+its port back at once and nobody else can take it meanwhile. Among the
+sessions of one credential the newest holds a port; older ones that asked
+for it wait, and the newest of them gets it when the holder lets go
+(TunnelServer.bind, TunnelServer.let_go).
 """
 
 from __future__ import annotations
 
 import enum
 import errno
-import hashlib
 import hmac
 import ipaddress
+import itertools
 import secrets
 import socket
 from typing import Any
@@ -76,6 +79,9 @@ class PublicListener(Factory):
         self.tunnel_id = tunnel_id
         self.host = host
         self.port: IListeningPort | None = None
+        # visitors that arrived while the owner was detached: their OPEN has
+        # crossed no link, so a session taking the port over can take them too
+        self.away: set[_VisitorConnection] = set()
         # max_connections_per_tunnel (rtunnel.limits); plain ints for the metrics
         self.open_connections = 0  # visitors connected now
         self.visitors_refused = 0  # closed at once: the tunnel had its limit
@@ -153,7 +159,29 @@ class _VisitorConnection(StreamProtocol):
         if self.stream is None:
             self.transport.abortConnection()
             return
+        owner = self.listener.owner
+        if owner is not None and owner.state is SessionState.DETACHED:
+            self.listener.away.add(self)
         super().connectionMade()
+
+    def move_to_owner(self) -> None:
+        """Carry on as a stream of the listener's (new) owner: a visitor that
+        arrived while the previous owner was away has sent nothing over any
+        link, so it is opened again there instead of being reset."""
+        old = self.stream
+        if old is None or old.closed:
+            return
+        owner = self.listener.owner
+        if owner is None or len(owner.session.streams) >= owner.session.settings.max_streams:
+            old.reset(ResetCode.LIMIT, "the tunnel's new session has no room for the visitor")
+            return
+        transport = self.transport
+        new = self.listener.open_stream(_address(transport.getPeer()), _address(transport.getHost()))
+        if new is None:
+            old.reset(ResetCode.REFUSED, "the tunnel's new session refused the visitor")
+            return
+        old.hand_local_to(new)
+        self.stream = new
 
     def dataReceived(self, data: bytes) -> None:
         if self.stream is not None:
@@ -165,6 +193,7 @@ class _VisitorConnection(StreamProtocol):
 
     def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
         self.listener.open_connections -= 1
+        self.listener.away.discard(self)
         if self.stream is not None:
             super().connectionLost(reason)
 
@@ -178,6 +207,7 @@ class ServerSession:
         self.server = server
         self.credential = credential
         self.id = secrets.token_hex(16)
+        self.serial = next(server.session_serials)  # creation order: the newest holds a contested port
         self.secret = secrets.token_hex(32)
         self.session = Session(
             server.reactor, self, is_server=True, settings=server.settings_for(credential)
@@ -214,6 +244,8 @@ class ServerSession:
         self.state = SessionState.CONNECTED
         self.peer = link.peer_address()
         link.start_session(self.session, resumed, peer_max_frame)
+        for listener in self.tunnels.values():
+            listener.away.clear()  # their OPENs went out with the resume
 
     def link_lost(self, link: ServerLink) -> None:
         if self.link is not link or self.state is SessionState.EXPIRED:
@@ -242,10 +274,11 @@ class ServerSession:
         self.state = SessionState.EXPIRED
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
-        self.session.close(ResetCode.EXPIRED, why)
-        for listener in list(self.tunnels.values()):
-            self.server.release(listener)
+        self.server.stop_waiting(self)
+        for listener in list(self.tunnels.values()):  # first: visitors who waited for us may be handed on
+            self.server.let_go(listener)
         self.tunnels.clear()
+        self.session.close(ResetCode.EXPIRED, why)
         self.server.sessions.pop(self.id, None)
         if self.link is not None:
             link, self.link = self.link, None
@@ -285,10 +318,12 @@ class ServerSession:
             self._bind(wire.decode_json(frame))
         elif frame.type is FrameType.UNBIND:
             body = wire.decode_json(frame)
-            listener = self.tunnels.pop(_int(body, "tunnel"), None)
-            self._binds_waiting.discard(_int(body, "tunnel"))
+            tunnel_id = _int(body, "tunnel")
+            listener = self.tunnels.pop(tunnel_id, None)
+            self._binds_waiting.discard(tunnel_id)
+            self.server.stop_waiting(self, tunnel_id)
             if listener is not None:
-                self.server.release(listener)
+                self.server.let_go(listener)
         elif frame.type is FrameType.GOAWAY:
             self.leaving = True  # the client is stopping: no resume will come
         else:
@@ -319,6 +354,19 @@ class ServerSession:
             if closing is not None:  # e.g. UNBIND and BIND of the same port in one reload
                 self._bind_when_closed(closing, body, tunnel_id)
                 return
+            if refusal.code == "taken_over":  # a newer session holds it; we wait (and the client asks again)
+                if not refusal.repeated:
+                    self.log.info(
+                        "session {id} waits for {address}: {why}",
+                        id=self.id[:8], address=format_host_port(host, port) if host else f"port {port}",
+                        why=refusal.message, event="bind_waiting", session=self.id[:8],
+                        credential=self.credential, tunnel=tunnel_id, host=host, port=port,
+                    )
+                self.session.send_json(
+                    FrameType.BIND_FAILED,
+                    {"tunnel": tunnel_id, "code": refusal.code, "message": refusal.message},
+                )
+                return
             self.log.warn(
                 "refused to bind {address} for {cred}: {why}",
                 address=format_host_port(host, port) if host else f"port {port} (default address)",
@@ -330,12 +378,32 @@ class ServerSession:
                 {"tunnel": tunnel_id, "code": refusal.code, "message": refusal.message},
             )
             return
+        self.server.stop_waiting(self, tunnel_id)
+        self.took_port(listener, tunnel_id, port)
+
+    def took_port(self, listener: PublicListener, tunnel_id: int, requested_port: int) -> None:
+        """`listener` is ours as tunnel `tunnel_id`: tell the client (BOUND)."""
         self.tunnels[tunnel_id] = listener
         host = listener.host
         bound_port = listener.key[1]
         self.tunnel_names[tunnel_id] = tunnel_name(host, bound_port)
-        self.log.info("tunnel bound: {address} for session {id}", address=format_host_port(host, bound_port), host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=port)
+        self.log.info("tunnel bound: {address} for session {id}", address=format_host_port(host, bound_port), host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, requested_port=requested_port)
         self.session.send_json(FrameType.BOUND, {"tunnel": tunnel_id, "host": host, "port": bound_port})
+
+    def lost_port(self, listener: PublicListener, tunnel_id: int) -> None:
+        """A newer session of our credential took our port: tell the
+        client (BIND_FAILED taken_over) and wait for the port to come back."""
+        host, port = listener.key
+        self.server.wait_for(self, tunnel_id, listener.key)
+        self.session.send_json(
+            FrameType.BIND_FAILED,
+            {
+                "tunnel": tunnel_id, "code": "taken_over",
+                "message": f"port {port} on {host} was taken over by a newer session of client "
+                f"{self.credential} (another client with the same credential started); this client "
+                "keeps asking for it and gets it back when that session lets go of it",
+            },
+        )
 
     def _bind_when_closed(self, closing: defer.Deferred[None], body: dict[str, Any], tunnel_id: int) -> None:
         """Try a BIND once more when the port it wants has closed (a listening
@@ -377,11 +445,14 @@ def _dual_stack(listener: PublicListener) -> bool:
 
 
 class BindRefused(Exception):
-    def __init__(self, code: str, message: str, socket_errno: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, socket_errno: int | None = None, repeated: bool = False,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.socket_errno = socket_errno  # of the failed listen, if that was the cause
+        self.repeated = repeated  # the same refusal as last time (taken_over: a retry while waiting)
 
 
 class _IPv6OnlyPort(tcp.Port):
@@ -412,15 +483,19 @@ class TunnelServer:
         self.config = config
         self._credentials: dict[str, bytes] = {}
         if token:
-            self._credentials[DEFAULT_CREDENTIAL] = _digest(token)
+            self._credentials[DEFAULT_CREDENTIAL] = auth.token_digest(token)
         for name, extra in config.extra_clients:
-            self._credentials[name] = _digest(extra)
+            self._credentials[name] = auth.token_digest(extra)
         self.clients: dict[str, ClientPolicy] = {}
         if clients:
             self.check_clients(clients)
             self.clients = dict(clients)
         self.sessions: dict[str, ServerSession] = {}
         self.listeners: dict[tuple[str, int], PublicListener] = {}
+        # (host, port) -> {session: tunnel id} of older sessions of the holder's
+        # credential waiting for the port (let_go hands it to the newest)
+        self.waiting: dict[tuple[str, int], dict[ServerSession, int]] = {}
+        self.session_serials = itertools.count(1)
         # (host, port) -> waiters for a released port whose socket is not closed yet
         self._closing: dict[tuple[str, int], list[defer.Deferred[None]]] = {}
         self.links: set[ServerLink] = set()
@@ -450,19 +525,23 @@ class TunnelServer:
 
     # ------------------------------------------------------------ auth
 
-    def authenticate(self, token: object, peer_cert_der: bytes | None = None) -> str | None:
+    def authenticate(self, token: str | None, peer_cert_der: bytes | None = None) -> str | None:
         """The credential a TLS client certificate or a token proves.
 
         A certificate whose SHA-256 is a clients-file client's cert_sha256
         authenticates that client, whatever the token; otherwise (no
         certificate, or one nobody has) the token decides. Both compare in
-        constant time against every candidate."""
+        constant time against every candidate. A token that cannot be
+        encoded (wire.decode_hello refuses those first) proves nothing."""
         by_cert = auth.authenticate_certificate(self.clients, peer_cert_der)
         if by_cert is not None:
             return by_cert.name
-        if not isinstance(token, str):
+        if token is None:
             return None
-        digest = _digest(token)
+        try:
+            digest = auth.token_digest(token)
+        except ValueError:
+            return None
         found = None
         for name, expected in self._credentials.items():  # no early exit: constant time
             if hmac.compare_digest(digest, expected):
@@ -579,17 +658,15 @@ class TunnelServer:
         guard = self.guard
         self._cap_refusals.refused(n=guard.unauthenticated, refused_total=guard.refused_connections)
 
-    def resumable(self, credential: str, resume: object) -> ServerSession | None:
+    def resumable(self, credential: str, resume: wire.ResumeRequest | None) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
-        if not isinstance(resume, dict):
+        if resume is None:
             return None
-        existing = self.sessions.get(str(resume.get("session", "")))
-        secret = resume.get("secret")
+        existing = self.sessions.get(resume.session)
         if (
             existing is not None
             and existing.credential == credential
-            and isinstance(secret, str)
-            and hmac.compare_digest(secret.encode(), existing.secret.encode())
+            and hmac.compare_digest(resume.secret.encode(), existing.secret.encode())
         ):
             return existing
         return None
@@ -608,14 +685,14 @@ class TunnelServer:
         detached[0].expire("its client opened a new session (at --max-sessions-per-client)")
         return True
 
-    def session_for(self, credential: str, resume: object) -> tuple[ServerSession, bool]:
+    def session_for(self, credential: str, resume: wire.ResumeRequest | None) -> tuple[ServerSession, bool]:
         """The session to resume, if the request proves it; else a new one."""
         existing = self.resumable(credential, resume)
-        self.events.reconnects[credential] += isinstance(resume, dict)
+        self.events.reconnects[credential] += resume is not None
         if existing is not None:
             self.events.resumes[credential] += 1
             return existing, True
-        if isinstance(resume, dict):
+        if resume is not None:
             self.log.info("resume of an unknown or expired session refused; starting a new one", event="resume_refused", credential=credential)
         session = ServerSession(self, credential)
         self.sessions[session.id] = session
@@ -706,6 +783,16 @@ class TunnelServer:
                 raise BindRefused(
                     "in_use", f"port {port} on {host} is held by another client; choose another port"
                 )
+            if previous.serial > owner.serial:
+                # an older session (its client still runs) asks for the port of a newer one: it waits
+                repeated = not self.wait_for(owner, tunnel_id, held.key)
+                raise BindRefused(
+                    "taken_over",
+                    f"port {port} on {host} is held by a newer session of client {owner.credential} "
+                    "(another client with the same credential); this client gets it when that "
+                    "session lets go of it",
+                    repeated=repeated,
+                )
             if _dual_stack(held) and self._ipv6_only(held, host):
                 # its socket takes IPv4 visitors too, which the owner may no longer
                 # bind (a reload): close it; the BIND is tried again once it is closed
@@ -718,10 +805,12 @@ class TunnelServer:
                     f"port {port} on {host} is closing (it took IPv4 visitors too, which client "
                     f"{owner.credential} may no longer bind); try again shortly",
                 )
-            # The rightful owner is back (e.g. restarted): hand the port over.
-            previous.tunnels.pop(held.tunnel_id, None)
-            held.owner, held.tunnel_id = owner, tunnel_id
-            self.log.info("port {port} handed back to its owner's new session", port=port, event="port_handed_back", host=host, credential=owner.credential, session=owner.id[:8])
+            # The newest session wins (e.g. the owner restarted): hand the port over.
+            old_tunnel = held.tunnel_id if previous.tunnels.pop(held.tunnel_id, None) is not None else None
+            self._hand_over(held, owner, tunnel_id)
+            self.log.info("port {port} handed to a newer session of {credential}", port=port, event="port_handed_back", host=host, credential=owner.credential, session=owner.id[:8], previous=previous.id[:8], previous_state=previous.state.value)
+            if previous is not owner and old_tunnel is not None:
+                previous.lost_port(held, old_tunnel)
             if not previous.tunnels and previous.state is not SessionState.CONNECTED:
                 previous.expire("its owner started a new session")
             return held
@@ -793,9 +882,64 @@ class TunnelServer:
         except ValueError:
             return False
 
+    def _hand_over(self, listener: PublicListener, owner: ServerSession, tunnel_id: int) -> None:
+        """Make `listener` tunnel `tunnel_id` of `owner`. Visitors that came
+        while the previous owner was detached go with the port."""
+        listener.owner, listener.tunnel_id = owner, tunnel_id
+        for visitor in list(listener.away):
+            visitor.move_to_owner()
+        if owner.state is SessionState.CONNECTED:
+            listener.away.clear()
+
+    def wait_for(self, session: ServerSession, tunnel_id: int, key: tuple[str, int]) -> bool:
+        """`session` wants port `key` (as `tunnel_id`), which a newer session
+        of its credential holds. False if it was already waiting so."""
+        waiters = self.waiting.setdefault(key, {})
+        new = waiters.get(session) != tunnel_id
+        waiters[session] = tunnel_id
+        return new
+
+    def stop_waiting(self, session: ServerSession, tunnel_id: int | None = None) -> None:
+        """`session` no longer waits for a port as `tunnel_id` (None: for any)."""
+        for key in [k for k, waiters in self.waiting.items() if session in waiters]:
+            waiters = self.waiting[key]
+            if tunnel_id is None or waiters[session] == tunnel_id:
+                del waiters[session]
+            if not waiters:
+                del self.waiting[key]
+
+    def let_go(self, listener: PublicListener) -> None:
+        """Its owner no longer wants `listener` (its session ended, or it sent
+        UNBIND): hand the port to the newest session of the credential that
+        waits for it, with the visitors that waited for the owner; close it
+        if none does."""
+        key = listener.key if listener.port is not None else None
+        waiters = self.waiting.get(key, {}) if key is not None and not self.shutting_down else {}
+        heirs = [
+            s for s in waiters
+            if s.state is not SessionState.EXPIRED and s is not listener.owner
+            and waiters[s] not in s.tunnels and waiters[s] not in s._binds_waiting
+        ]
+        if not heirs:
+            self.release(listener)
+            return
+        heir = max(heirs, key=lambda s: s.serial)
+        tunnel_id = waiters[heir]
+        self.stop_waiting(heir, tunnel_id)
+        previous = listener.owner
+        self._hand_over(listener, heir, tunnel_id)
+        assert key is not None
+        self.log.info(
+            "port {port} handed over to session {id}, which waited for it", port=key[1], id=heir.id[:8],
+            event="port_handed_over", host=key[0], credential=heir.credential, session=heir.id[:8],
+            previous=previous.id[:8] if previous is not None else None,
+        )
+        heir.took_port(listener, tunnel_id, key[1])
+
     def release(self, listener: PublicListener) -> defer.Deferred[None]:
         """Close a public port (once) and forget who owned it."""
         listener.owner = None
+        listener.away.clear()
         listener.refusals.stop()
         port, listener.port = listener.port, None
         if port is None:
@@ -866,10 +1010,6 @@ class TunnelServer:
         return drained.addCallback(close_all).addCallback(lambda _: None)
 
 
-def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
 def _settings_with(base: SessionSettings, max_streams: int) -> SessionSettings:
     """A new SessionSettings: `base`'s fields, with its own max_streams."""
     settings = SessionSettings()
@@ -883,7 +1023,10 @@ def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
 
 
 # the `event` of each ServerLink.refuse, and its words in the log line
-_REFUSALS = {"auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit"}
+_REFUSALS = {
+    "auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit",
+    "handshake_refused": "invalid handshake",
+}
 
 
 class ServerLink(ControlLink):
@@ -963,25 +1106,29 @@ class ServerLink(ControlLink):
         )
         self.send_error_and_close(code, reason)
 
+    def frame_received(self, frame: Frame) -> None:
+        # Before the handshake every frame must be the HELLO: PING and ERROR
+        # too go to handshake_frame, which refuses them (and counts it).
+        if self.session is None:
+            self.handshake_frame(frame)
+        else:
+            super().frame_received(frame)
+
+    def close_with_error(self, code: ErrorCode, reason: str) -> None:
+        """Before authentication every refusal but shutdown counts as a
+        failed authentication of the peer's address: what a peer sends
+        before it is trusted costs it the same as a wrong token."""
+        if self._unauthenticated and code is not ErrorCode.SHUTDOWN:
+            self._refuse_handshake(code, reason)
+        else:
+            super().close_with_error(code, reason)
+
+    def _refuse_handshake(self, code: ErrorCode, reason: str) -> None:
+        guard, host = self.server.guard, self.peer_host()
+        guard.record_failure(host)
+        self.refuse(code, reason, "handshake_refused", host=host, failures_total=guard.failures)
+
     def handshake_frame(self, frame: Frame) -> None:
-        if frame.type is not FrameType.HELLO:
-            raise ProtocolViolation(f"expected HELLO, got {frame.type.name}")
-        hello = wire.decode_json(frame)
-        if hello.get("protocol") != "rtunnel":
-            raise ProtocolViolation("this is an rtunnel server; the client is not an rtunnel client")
-        offered = hello.get("versions")
-        if isinstance(offered, list):
-            offered = [v for v in offered if isinstance(v, int) and not isinstance(v, bool)][:16]
-        if not isinstance(offered, list) or not set(offered) & set(PROTOCOL_VERSIONS):
-            self.close_with_error(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"the server speaks protocol versions {list(PROTOCOL_VERSIONS)} but the client "
-                f"offered {offered}; upgrade the older of the two",
-            )
-            return
-        if self.server.shutting_down:
-            self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
-            return
         guard = self.server.guard
         host = self.peer_host()
         wait = guard.retry_after(host)
@@ -992,8 +1139,22 @@ class ServerLink(ControlLink):
                 "rate_limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
             )
             return
+        if frame.type is not FrameType.HELLO:
+            raise ProtocolViolation(f"expected HELLO, got {frame.type.name}")
+        hello = wire.decode_hello(frame)  # raises HandshakeError: refused and counted
+        common = set(hello.versions) & set(PROTOCOL_VERSIONS)
+        if not common:
+            self.close_with_error(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"the server speaks protocol versions {list(PROTOCOL_VERSIONS)} but the client "
+                f"offered {list(hello.versions)}; upgrade the older of the two",
+            )
+            return
+        if self.server.shutting_down:
+            self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
+            return
         peer_cert = self.peer_certificate_der()
-        credential = self.server.authenticate(hello.get("token"), peer_cert)
+        credential = self.server.authenticate(hello.token, peer_cert)
         if credential is None:
             guard.record_failure(host)
             reason = (
@@ -1010,10 +1171,7 @@ class ServerLink(ControlLink):
                 "auth_failed", host=host, failures_total=guard.failures,
             )
             return
-        peer_max = hello.get("max_frame", wire.DEFAULT_MAX_FRAME)
-        if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
-            raise ProtocolViolation(f"max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
-        resume = hello.get("resume")
+        resume = hello.resume
         if self.server.resumable(credential, resume) is None and not self.server.make_room_for_session(credential):
             limit = self.server.config.max_sessions_per_client
             self.refuse(
@@ -1033,7 +1191,7 @@ class ServerLink(ControlLink):
             wire.encode_json(
                 FrameType.WELCOME,
                 {
-                    "version": max(set(offered) & set(PROTOCOL_VERSIONS)),
+                    "version": max(common),
                     "session": owner.id,
                     "secret": owner.secret,
                     "resumed": resumed,
@@ -1049,7 +1207,7 @@ class ServerLink(ControlLink):
             peer=self.peer_description(),
             event="session_resumed" if resumed else "session_started", session=owner.id[:8], credential=credential,
         )
-        owner.attach_link(self, resumed, min(peer_max, wire.MAX_U32))
+        owner.attach_link(self, resumed, hello.max_frame)
 
     def session_failed(self) -> None:
         if self.owner is not None:

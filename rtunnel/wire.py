@@ -32,6 +32,14 @@ MAX_U64 = (1 << 64) - 1
 FLAG_PONG = 0x01
 MAX_REASON = 1024  # bytes of UTF-8 in an RST/GOAWAY/ERROR reason
 
+# HELLO's fields (docs/protocol.md "Handshake")
+PROTOCOL_NAME = "rtunnel"
+MAX_TOKEN = 1024  # bytes of UTF-8
+MAX_VERSIONS = 16
+MAX_VERSION = 0xFFFF
+SESSION_ID_HEX = 32  # a session id: 16 random bytes in lower-case hex
+SESSION_SECRET_HEX = 64  # its secret: 32 random bytes in lower-case hex
+
 
 class FrameType(enum.IntEnum):
     DATA = 0
@@ -111,6 +119,11 @@ class FrameError(Exception):
     """The byte stream is not valid rtunnel framing; the link must end."""
 
 
+class HandshakeError(FrameError):
+    """A handshake message with a missing or invalid field; the message
+    names the field and says what it must be."""
+
+
 class Frame(NamedTuple):
     """One decoded frame (a named tuple: made once per frame, cheaply)."""
 
@@ -131,6 +144,34 @@ class ResumeEntry:
 class ResumeState:
     reliable_received: int
     streams: tuple[ResumeEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequest:
+    """HELLO's `resume`: the session the client holds and its secret."""
+
+    session: str
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The client's first message, every field checked (`decode_hello`):
+    whatever a peer sends before it is authenticated reaches the server
+    only as one of these, or as a HandshakeError."""
+
+    versions: tuple[int, ...]
+    token: str | None = None  # None: absent (a TLS client certificate may authenticate)
+    max_frame: int = DEFAULT_MAX_FRAME
+    resume: ResumeRequest | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"protocol": PROTOCOL_NAME, "versions": list(self.versions), "max_frame": self.max_frame}
+        if self.token is not None:
+            body["token"] = self.token
+        if self.resume is not None:
+            body["resume"] = {"session": self.resume.session, "secret": self.resume.secret}
+        return body
 
 
 # ---------------------------------------------------------------- encoding
@@ -204,6 +245,65 @@ def decode_json(frame: Frame) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FrameError(f"{frame.type.name} body must be a JSON object")
     return obj
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _utf8_size(text: str) -> int | None:
+    """Bytes of `text` in UTF-8; None if it cannot be encoded (a lone
+    surrogate, which JSON's \\udXXX escapes can carry)."""
+    try:
+        return len(text.encode())
+    except UnicodeEncodeError:
+        return None
+
+
+def _hex_field(value: object, size: int, name: str) -> str:
+    if not isinstance(value, str) or len(value) != size or not all(c in "0123456789abcdef" for c in value):
+        raise HandshakeError(f"HELLO resume.{name} must be {size} lower-case hex digits, as WELCOME gave it")
+    return value
+
+
+def decode_hello(frame: Frame) -> Hello:
+    """Parse and check every field of a HELLO (docs/protocol.md); raise
+    HandshakeError (or FrameError for a body that is no JSON object) saying
+    which field is wrong and what it must be. Unknown keys are ignored."""
+    body = decode_json(frame)
+    if body.get("protocol") != PROTOCOL_NAME:
+        raise HandshakeError(
+            f"HELLO protocol must be {PROTOCOL_NAME!r}: this is an rtunnel server, and the peer is "
+            "not an rtunnel client"
+        )
+    versions = body.get("versions")
+    if (
+        not isinstance(versions, list)
+        or not 1 <= len(versions) <= MAX_VERSIONS
+        or not all(_is_int(v) and 1 <= v <= MAX_VERSION for v in versions)
+    ):
+        raise HandshakeError(
+            f"HELLO versions must be a list of 1 to {MAX_VERSIONS} protocol versions "
+            f"(integers 1..{MAX_VERSION})"
+        )
+    token = body.get("token")
+    if token is not None:
+        size = _utf8_size(token) if isinstance(token, str) else None
+        if size is None or size > MAX_TOKEN:
+            raise HandshakeError(f"HELLO token must be a string of at most {MAX_TOKEN} bytes of UTF-8")
+    max_frame = body.get("max_frame", DEFAULT_MAX_FRAME)
+    if not _is_int(max_frame) or not MIN_MAX_FRAME <= max_frame <= MAX_U32:
+        raise HandshakeError(f"HELLO max_frame must be an integer from {MIN_MAX_FRAME} to {MAX_U32}")
+    resume = body.get("resume")
+    request = None
+    if resume is not None:
+        if not isinstance(resume, dict):
+            raise HandshakeError("HELLO resume must be an object {\"session\": ..., \"secret\": ...}")
+        request = ResumeRequest(
+            _hex_field(resume.get("session"), SESSION_ID_HEX, "session"),
+            _hex_field(resume.get("secret"), SESSION_SECRET_HEX, "secret"),
+        )
+    return Hello(tuple(versions), token, max_frame, request)
 
 
 def decode_window(frame: Frame) -> tuple[int, int]:

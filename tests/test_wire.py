@@ -657,3 +657,33 @@ class ArbitraryInputTests(SynchronousTestCase):
                 return
             self.assertLessEqual(decoder.buffered, bound)
             self.assertLess(decoder.buffered, HEADER_SIZE + max_frame)
+
+
+class HelloTests(SynchronousTestCase):
+    """HELLO is parsed into a typed wire.Hello; tests/test_handshake_fuzz.py
+    covers each refusal through a real ServerLink."""
+
+    def test_a_hello_round_trips_through_its_json(self) -> None:
+        hello = wire.Hello((1, 2), "tok", 65536, wire.ResumeRequest("ab" * 16, "cd" * 32))
+        self.assertEqual(wire.decode_hello(_hello_frame(hello.to_json())), hello)
+
+    def test_absent_optional_fields_take_their_defaults(self) -> None:
+        hello = wire.decode_hello(_hello_frame({"protocol": "rtunnel", "versions": [1]}))
+        self.assertEqual(hello, wire.Hello((1,), None, wire.DEFAULT_MAX_FRAME, None))
+
+    def test_the_clients_own_hello_is_valid(self) -> None:
+        from rtunnel.client import TunnelClient
+        from rtunnel.config import ClientConfig
+
+        client = TunnelClient(None, ClientConfig("localhost", 1, (), "tok"), lambda _: None)
+        hello = wire.decode_hello(_hello_frame(client.hello()))
+        self.assertEqual((hello.token, hello.resume), ("tok", None))
+
+    def test_a_lone_surrogate_in_the_token_is_a_handshake_error_naming_the_token(self) -> None:
+        body = json.dumps({"protocol": "rtunnel", "versions": [1], "token": "x\ud800"}).encode()
+        e = self.assertRaises(wire.HandshakeError, wire.decode_hello, Frame(FrameType.HELLO, 0, 0, body))
+        self.assertIn("token", str(e))
+
+
+def _hello_frame(body: dict) -> Frame:
+    return Frame(FrameType.HELLO, 0, 0, json.dumps(body).encode())
