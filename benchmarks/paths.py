@@ -176,9 +176,12 @@ class RtunnelPath:
         self.token = secrets.token_hex(16)
         self.state = None
         window = bench.args.rtunnel_window
-        # both ends: the receiver grants the window, the sender caps its resend buffer at it
-        self.window_args = [] if window is None else [
-            "--max-stream-window", window, "--session-buffer", max(4 * window, 64 << 20),
+        # Both ends: the receiver grants the window, the sender caps its resend
+        # buffer at it. --session-buffer 1 GiB: each open connection reserves
+        # 512 KiB of it (docs/security.md "Memory per session"), and the scaling
+        # test holds 1,000 at once; a reservation is a bound, not an allocation.
+        self.window_args = ["--session-buffer", 1 << 30] if window is None else [
+            "--max-stream-window", window, "--session-buffer", max(4 * window, 1 << 30),
         ]
 
     def unavailable(self):

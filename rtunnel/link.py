@@ -107,7 +107,14 @@ class ControlLink(Protocol):
         pass
 
     def send(self, frame: bytes) -> None:
-        self.transport.write(frame)
+        """Write a frame of the link's own (HELLO, PING, PONG, GOAWAY). Once a
+        session runs here it writes them, so a PONG counts against the
+        session's bound on replies to a peer that does not read."""
+        session = self.session
+        if session is not None and session.link is self:
+            session.reply(frame)
+        else:
+            self.transport.write(frame)
 
     def close_with_error(self, code: ErrorCode, reason: str) -> None:
         """Log, tell the peer why, then close the link and end its session."""

@@ -12,6 +12,13 @@ Backpressure, end to end:
   link's transport asks the session to pause, or when there is no link;
 * a stream grants credit only for bytes handed to its local socket while
   that socket is not asking it to pause.
+
+Bounds: every byte a session holds on behalf of its peer counts against one
+budget, `SessionSettings.session_window_budget` (--session-buffer), split
+as docs/security.md ("Memory per session") describes: stream buffers and
+reserved receive windows, reliable frames awaiting ACK, and replies queued
+to a link whose peer does not read. At each share's bound the session stops
+reading (local sockets, or the link) or ends with ERROR; it never grows.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import wire
-from rtunnel.transports import close_write_now, set_read_size, write_now
+from rtunnel.transports import READ_SIZE, close_write_now, set_read_size, write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 if TYPE_CHECKING:
@@ -54,6 +61,15 @@ class StreamIdsExhausted(Exception):
     """No stream id is left in this session (after 2**31 streams)."""
 
 
+class SessionBufferFull(Exception):
+    """A new stream would take the session past its buffer budget."""
+
+
+#: What one reliable frame kept for replay costs beyond its bytes (the
+#: outbox's tuple, ints and bytes header, as measured by sys.getsizeof).
+RELIABLE_ENTRY_OVERHEAD = 192
+
+
 class SessionSettings:
     """Tunable limits of one session (plain attributes; see docs)."""
 
@@ -68,6 +84,7 @@ class SessionSettings:
         ack_every: int = 32,
         ack_delay: float = 1.0,
         credit_delay: float = 0.02,
+        local_buffer: int = READ_SIZE,
     ) -> None:
         self.initial_window = initial_window
         self.max_stream_window = max_stream_window
@@ -78,6 +95,9 @@ class SessionSettings:
         self.ack_every = ack_every
         self.ack_delay = ack_delay
         self.credit_delay = credit_delay
+        #: what a local socket's write buffer holds beyond its stream's window
+        #: before it pauses the stream (Twisted's bufferSize): reserved per stream
+        self.local_buffer = local_buffer
 
 
 class SendState(enum.Enum):
@@ -123,6 +143,7 @@ class Stream:
         # receive direction
         "recv_state", "received", "final_offset", "window", "recv_limit", "reported", "paid_limit",
         "unpaid_upto", "_last_grant", "_last_data", "_early", "_local_paused", "local", "closed",
+        "reserved",
     )  # fmt: skip
 
     log = Logger()
@@ -158,6 +179,7 @@ class Stream:
         self._local_paused = False
         self.local: ITransport | None = None
         self.closed = False
+        self.reserved = 0  # of the session's budget: initial window + local buffer (Session.admit)
 
     def __repr__(self) -> str:
         return f"<Stream {self.id} send={self.send_state.value} recv={self.recv_state.value}>"
@@ -180,6 +202,7 @@ class Stream:
         if self.closed or self.send_state is not SendState.OPEN:
             return
         self.read_total += len(data)
+        self.session.charge_send(len(data))
         if self._pending:
             self._pending.append(data)
         else:
@@ -279,6 +302,7 @@ class Stream:
         should_read = (
             self.send_state is SendState.OPEN
             and self.session.can_read
+            and not self.session.streams_full
             and not self._pending
             and self.sent < self.send_limit
         )
@@ -337,12 +361,15 @@ class Stream:
                 drop = 0
         if not unacked:
             self._unacked = ()
-        self.peer_consumed = offset
+        if offset > self.peer_consumed:
+            released, self.peer_consumed = offset - self.peer_consumed, offset
+            self.session.release_send(released)
 
     @property
     def buffered_out(self) -> int:
-        """Bytes held for this stream's send direction (unacked + pending)."""
-        return sum(map(len, self._unacked)) + sum(map(len, self._pending))
+        """Bytes held for this stream's send direction (unacked + pending):
+        read from the local socket and not yet acknowledged by the peer."""
+        return 0 if self.closed else self.read_total - self.peer_consumed
 
     # ------------------------------------------------------------ receive path
 
@@ -427,7 +454,7 @@ class Stream:
         self._last_grant = now
         self.reported = self.received
         self.recv_limit = max(self.recv_limit, limit)
-        session.write(wire.encode_window(self.id, self.received, self.recv_limit - self.received))
+        session.reply(wire.encode_window(self.id, self.received, self.recv_limit - self.received))
 
     def _grow_window(self) -> None:
         settings = self.session.settings
@@ -494,6 +521,8 @@ class Stream:
                 self.local.loseConnection()
 
     def _close(self) -> None:
+        if self.closed:
+            return
         self.closed = True
         self._end_blocked()
         session = self.session
@@ -505,7 +534,10 @@ class Stream:
             session.recv_pacer.give_back(self.paid_limit - max(self.received, self.unpaid_upto))
         self._unacked = self._pending = self._early = ()
         self._shrink_window()
-        self.session.forget(self)
+        session.release_send(self.read_total - self.peer_consumed)
+        session.release_window(self.reserved)
+        self.reserved = 0
+        session.forget(self)
 
     # ------------------------------------------------------------ resume
 
@@ -538,7 +570,7 @@ class Stream:
         for chunk in list(self._unacked):
             for i in range(0, len(chunk), max_frame):
                 piece = chunk[i : i + max_frame]
-                session.write(wire.header(FrameType.DATA, self.id, len(piece)) + piece)
+                session.write_frame(wire.header(FrameType.DATA, self.id, len(piece)), piece)
 
 
 class Link(TypingProtocol):
@@ -578,7 +610,21 @@ class Session:
         self._highest_peer_stream = 0
         self._paused = False
         self._resuming = False
-        self._window_reserved = 0
+        # The budget (docs/security.md "Memory per session"): counters kept
+        # as bytes move, never summed over streams.
+        budget = self.settings.session_window_budget
+        self.held_send = 0  # read from local sockets, not acknowledged by the peer
+        self.held_windows = 0  # reserved receive windows and local buffers of open streams
+        self.held_reliable = 0  # reliable frames kept until ACKed, with their overhead
+        self.reply_backlog = 0  # written to the link since it last asked us to pause
+        self.streams_full = False  # local sockets are not read until the streams' bytes fall
+        self._admit_limit = budget * 3 // 4  # new streams and grown windows up to here
+        self._streams_high = budget * 7 // 8  # ... and local sockets read up to here
+        self._streams_low = self._streams_high - budget // 16  # ... and again from here
+        self._reliable_limit = budget // 16  # beyond: ERROR (new streams refused from half)
+        self._reply_limit = budget // 16  # beyond: the link is not read until it drains
+        self._link_unread = False  # we paused the link's reading (reply_backlog)
+        self._failing = False  # an ERROR for the budget is on its way
         # reliable frames: outbox holds (index, type, stream id, bytes)
         self._reliable_sent = 0
         self._outbox: collections.deque[tuple[int, FrameType, int, bytes]] = collections.deque()
@@ -624,6 +670,7 @@ class Session:
     def detach(self) -> None:
         """The link is gone; keep everything, stop reading local sockets."""
         link, self.link = self.link, None
+        self.reply_backlog, self._link_unread = 0, False
         if link is not None:
             link.transport.unregisterProducer()
         self._cancel_timers()
@@ -634,6 +681,7 @@ class Session:
         self.reset_all(code, reason)
         self.detach()
         self._outbox.clear()
+        self.held_reliable = 0
 
     def grant_later(self, stream: Stream) -> None:
         """Return a stream's small leftover credit soon, not never: the peer
@@ -676,6 +724,11 @@ class Session:
 
     def resumeProducing(self) -> None:
         self._paused = False
+        self.reply_backlog = 0  # the link's transport has sent everything
+        if self._link_unread:
+            self._link_unread = False
+            if self.link is not None:
+                self.link.transport.resumeProducing()
         waiters, self._link_waiters = self._link_waiters, {}
         for stream in waiters.values():  # oldest first; re-blocked ones go last
             if not stream.closed:
@@ -692,6 +745,28 @@ class Session:
             self.bytes_out += len(frame)
             self.link.transport.write(frame)
 
+    def reply(self, frame: bytes) -> None:
+        """Write a frame the peer caused (PONG, WINDOW, ACK, a reliable
+        frame). While the link's transport is backed up these count as its
+        backlog; past the bound the link is not read until the peer has read
+        what we sent (Session.resumeProducing). Replayed and DATA frames are
+        not counted: flow control and the budget's other shares bound them,
+        and a side that stopped reading for them could deadlock a resume."""
+        link = self.link
+        if link is None:
+            return
+        self.bytes_out += len(frame)
+        if self._paused:
+            self.reply_backlog += len(frame)
+            if self.reply_backlog > self._reply_limit and not self._link_unread:
+                self._link_unread = True
+                link.transport.pauseProducing()
+                self.log.info(
+                    "not reading the link: {n} bytes of replies wait for the peer to read",
+                    n=self.reply_backlog, event="link_backpressure", limit=self._reply_limit,
+                )
+        link.transport.write(frame)
+
     def write_frame(self, header: bytes, body: bytes) -> None:
         """Write a frame as its header and body, without joining them (the
         link's TLS layer encrypts a large body where it lies)."""
@@ -703,8 +778,26 @@ class Session:
         """Send a frame that must survive a link drop (kept until ACKed)."""
         self._outbox.append((self._reliable_sent, ftype, stream_id, frame))
         self._reliable_sent += 1
+        self.held_reliable += len(frame) + RELIABLE_ENTRY_OVERHEAD
         if self.can_send:
-            self.write(frame)
+            self.reply(frame)
+        if self.held_reliable > self._reliable_limit:
+            self._reliable_overflow()
+
+    def _reliable_overflow(self) -> None:
+        """The peer acknowledges too little of what we keep for it: end the
+        session (an rtunnel peer ACKs at least once a second). Without a link
+        nothing new arrives from the peer, and streams are refused long before."""
+        link = self.link
+        if link is None or self._failing:
+            return
+        self._failing = True
+        link.close_with_error(
+            ErrorCode.LIMIT_EXCEEDED,
+            f"{len(self._outbox)} reliable frames ({self.held_reliable} bytes) are waiting for an ACK, "
+            f"more than the {self._reliable_limit} bytes allowed (1/16 of the session buffer); an rtunnel "
+            "peer acknowledges at least once a second (docs/protocol.md), so this one is broken or hostile",
+        )
 
     def send_json(self, ftype: FrameType, obj: dict[str, Any]) -> None:
         self.send_reliable(ftype, 0, wire.encode_json(ftype, obj))
@@ -716,8 +809,11 @@ class Session:
         stream_id = self._next_stream_id
         if stream_id > wire.MAX_U32:
             raise StreamIdsExhausted("this session has used every stream id; a new session is needed")
+        if not self.room_for_stream():
+            raise SessionBufferFull(self.why_full())
         self._next_stream_id += 2
         stream = Stream(self, stream_id, tunnel_id)
+        self.admit(stream)
         self.streams[stream_id] = stream
         self.send_reliable(FrameType.OPEN, stream_id, wire.encode_open(stream_id, tunnel_id, info))
         return stream
@@ -731,14 +827,75 @@ class Session:
         if self.streams.pop(stream.id, None) is not None:
             self.delegate.stream_closed(self, stream)
 
+    # ------------------------------------------------------------ the budget
+
+    @property
+    def held(self) -> int:
+        """Bytes this session holds on behalf of its peer, by the budget's
+        count (reserved windows included; the link's backlog too)."""
+        return self.held_send + self.held_windows + self.held_reliable + self.reply_backlog
+
+    def stream_reservation(self) -> int:
+        """What a new stream reserves: the initial window the peer may fill
+        without a grant, and what its local socket may buffer beyond it."""
+        return self.settings.initial_window + self.settings.local_buffer
+
+    def room_for_stream(self) -> bool:
+        """True if a new stream fits in the budget (its reservation, and the
+        reliable frames its OPEN, FIN and RST will need)."""
+        return (
+            self.held_send + self.held_windows + self.stream_reservation() <= self._admit_limit
+            and self.held_reliable <= self._reliable_limit // 2
+        )
+
+    def why_full(self) -> str:
+        """The sentence for a refused stream."""
+        if self.held_reliable > self._reliable_limit // 2:
+            return (
+                f"the peer has not acknowledged {len(self._outbox)} reliable frames "
+                f"({self.held_reliable} bytes); no new connection until it does"
+            )
+        return (
+            f"the session buffer is full: {len(self.streams)} connections hold "
+            f"{self.held_send + self.held_windows} of the {self._admit_limit} bytes "
+            f"they may use ({self.stream_reservation()} per connection); raise --session-buffer"
+        )
+
+    def admit(self, stream: Stream) -> None:
+        """Reserve a new stream's receive window and local buffer."""
+        stream.reserved = self.stream_reservation()
+        self.held_windows += stream.reserved
+
+    def charge_send(self, n: int) -> None:
+        """`n` bytes were read from a local socket; stop reading every local
+        socket once the streams' bytes reach their bound."""
+        self.held_send += n
+        if not self.streams_full and self.held_send + self.held_windows >= self._streams_high:
+            self.streams_full = True
+            for stream in list(self.streams.values()):
+                stream.update_reading()
+
+    def release_send(self, n: int) -> None:
+        self.held_send -= n
+        if self.streams_full:
+            self._maybe_read_again()
+
+    def _maybe_read_again(self) -> None:
+        if self.held_send + self.held_windows <= self._streams_low:
+            self.streams_full = False
+            for stream in list(self.streams.values()):
+                stream.update_reading()
+
     def reserve_window(self, extra: int) -> bool:
-        if self._window_reserved + extra > self.settings.session_window_budget:
+        if self.held_send + self.held_windows + extra > self._admit_limit:
             return False
-        self._window_reserved += extra
+        self.held_windows += extra
         return True
 
     def release_window(self, amount: int) -> None:
-        self._window_reserved -= amount
+        self.held_windows -= amount
+        if self.streams_full:
+            self._maybe_read_again()
 
     def reset_all(self, code: ResetCode, reason: str) -> None:
         for stream in list(self.streams.values()):
@@ -807,9 +964,15 @@ class Session:
         tunnel_id, info = wire.decode_open(frame)
         self._highest_peer_stream = stream_id
         stream = Stream(self, stream_id, tunnel_id)
+        room = self.room_for_stream()
+        if room:
+            self.admit(stream)
         self.streams[stream_id] = stream
         if len(self.streams) > self.settings.max_streams:
             stream.reset(ResetCode.LIMIT, f"more than {self.settings.max_streams} connections open")
+            return
+        if not room:
+            stream.reset(ResetCode.LIMIT, self.why_full())
             return
         self.delegate.stream_opened(self, stream, tunnel_id, info)
 
@@ -828,7 +991,7 @@ class Session:
             timer.cancel()
         if self.can_send and self._reliable_received > self._reliable_reported:
             self._reliable_reported = self._reliable_received
-            self.write(wire.encode_ack(self._reliable_received))
+            self.reply(wire.encode_ack(self._reliable_received))
 
     def _cancel_timers(self) -> None:
         for timer in (self._ack_timer, self._credit_timer):
@@ -843,8 +1006,10 @@ class Session:
                 f"ACK of {received} reliable frames, only {self._reliable_sent} sent"
             )
         outbox = self._outbox
+        freed = 0
         while outbox and outbox[0][0] < received:
-            outbox.popleft()
+            freed += len(outbox.popleft()[3]) + RELIABLE_ENTRY_OVERHEAD
+        self.held_reliable -= freed
 
     def _resume_received(self, frame: Frame) -> None:
         if not self._resuming:

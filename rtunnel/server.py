@@ -46,6 +46,7 @@ from rtunnel.link import ControlLink
 from rtunnel.mux import (
     ProtocolViolation,
     Session,
+    SessionBufferFull,
     SessionSettings,
     Stream,
     StreamIdsExhausted,
@@ -108,6 +109,9 @@ class PublicListener(Factory):
         if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
             self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full")
             return None
+        if not session.room_for_stream():  # the session's budget (docs/security.md "Memory per session")
+            self.log.warn("refusing visitor {visitor}: {why}", visitor=_address(addr), why=session.why_full(), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full")
+            return None
         limit = owner.server.limits_for(owner.credential).max_connections_per_tunnel
         if limit is not None and self.open_connections >= limit:
             self._refuse_over_limit(owner, limit)
@@ -123,6 +127,9 @@ class PublicListener(Factory):
             return None
         try:
             return owner.session.open_stream(self.tunnel_id, {"src": src, "dst": dst})
+        except SessionBufferFull as e:
+            self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full")
+            return None
         except StreamIdsExhausted as e:
             self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason=str(e))
             owner.expire(str(e))

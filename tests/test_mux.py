@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from rtunnel import wire
+from rtunnel import mux, wire
 from rtunnel.link import ControlLink, Keepalive
 from rtunnel.mux import ProtocolViolation, Session, SessionSettings
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
@@ -249,9 +249,12 @@ class FlowControlTests(MuxTestCase):
         self.assertLessEqual(client_end.stream.window, SessionSettings().max_stream_window)
 
     def test_window_stays_within_the_session_budget(self):
-        budget = 512 * KiB
-        pair = Pair(settings=SessionSettings(session_window_budget=budget))
+        budget = 4 * MiB
+        settings = SessionSettings(session_window_budget=budget)
+        pair = Pair(settings=settings)
         opened = [pair.open() for _ in range(4)]
+        reserved = 4 * (WINDOW + settings.local_buffer)  # each stream's initial window and local buffer
+        self.assertEqual(pair.client.held_windows, reserved)
         for i, (server_end, _) in enumerate(opened):
             server_end.send(pattern(60 + i, 4 * MiB))
         pair.pump()
@@ -259,14 +262,16 @@ class FlowControlTests(MuxTestCase):
             self.assertEqual(client_end.received, pattern(60 + i, 4 * MiB))
         grown = sum(client_end.stream.window - WINDOW for _, client_end in opened)
         self.assertGreater(grown, 0)
-        self.assertLessEqual(grown, budget)
-        self.assertEqual(pair.client._window_reserved, grown)
+        self.assertLessEqual(reserved + grown, budget * 3 // 4)  # what windows may take of it
+        self.assertEqual(pair.client.held_windows, reserved + grown)
         # finished streams give their share back
         for end in pair.all_ends():
             end.shutdown_write()
         pair.pump()
         self.assertEqual(pair.client.streams, {})
-        self.assertEqual(pair.client._window_reserved, 0)
+        self.assertEqual(pair.client.held_windows, 0)
+        self.assertEqual(pair.server.held_windows, 0)
+        self.assertEqual(pair.server.held_send, 0)
 
     def test_idle_stream_falls_back_to_the_initial_window(self):
         pair = Pair()
@@ -278,7 +283,7 @@ class FlowControlTests(MuxTestCase):
         server_end.send(b"after a pause")
         pair.pump()
         self.assertEqual(client_end.stream.window, WINDOW)
-        self.assertEqual(pair.client._window_reserved, 0)
+        self.assertEqual(pair.client.held_windows, client_end.stream.reserved)  # no growth left
         self.assertTrue(client_end.received.endswith(b"after a pause"))
 
     def test_small_leftover_credit_is_returned_after_the_credit_delay(self):
@@ -946,8 +951,9 @@ OPS = st.one_of(
 TIGHT = SessionSettings(
     initial_window=16 * KiB,
     max_stream_window=64 * KiB,
-    session_window_budget=100 * KiB,
+    session_window_budget=200 * KiB,
     max_frame=wire.MIN_MAX_FRAME,
+    local_buffer=4 * KiB,
 )
 RANDOM_RUNS = settings(
     max_examples=40,
@@ -1011,7 +1017,7 @@ class RandomRun:
                     end.lose()
                     if end.stream.closed:  # not a graceful close after both FINs
                         self.reset_by.setdefault(end.stream.id, set()).add(op[1])
-            elif kind == "open":
+            elif kind == "open" and pair.server.room_for_stream():  # else the visitor is refused
                 self.server_ends.append(pair.open_server_end())
             elif kind == "step":
                 partial_steps(pair, 1, op[1], op[2])
@@ -1108,3 +1114,137 @@ class PropertyTests(MuxTestCase):
         run.finish()
         self.assertEqual(run.pair.server.streams, {})
         self.assertEqual(run.pair.client.streams, {})
+
+
+# ---------------------------------------------------------------- bounds
+
+
+class BoundTests(MuxTestCase):
+    """What a session holds for a hostile peer stays within its budget
+    (docs/security.md "Memory per session"): the peer floods, never reads,
+    never acknowledges, never consumes."""
+
+    BUDGET = 4 * MiB
+
+    def settings(self, budget: int = BUDGET) -> SessionSettings:
+        return SessionSettings(session_window_budget=budget)
+
+    def test_reliable_frames_never_acknowledged_end_the_session_at_their_bound(self):
+        for side in ("server", "client"):
+            pair = Pair(settings=self.settings())
+            session = getattr(pair, side)
+            link = pair.server_link if side == "server" else pair.client_link
+            for i in range(20_000):  # e.g. BIND_FAILED for each of a flood of bad BINDs
+                session.send_json(FrameType.BIND_FAILED, {"tunnel": i, "code": "bad_address", "message": "x" * 60})
+                if link.errors:
+                    break
+            # nothing was delivered: the peer never acknowledged a frame
+            [(code, reason)] = link.errors
+            self.assertEqual(code, ErrorCode.LIMIT_EXCEEDED)
+            self.assertIn("waiting for an ACK", reason)
+            limit = self.BUDGET // 16
+            self.assertLessEqual(session.held_reliable, limit + 300)
+            self.assertGreater(session.held_reliable, limit)
+
+    def test_reliable_frames_of_a_peer_that_acknowledges_are_never_a_problem(self):
+        pair = Pair(settings=self.settings(1 * MiB))
+        for i in range(20_000):
+            pair.server.send_json(FrameType.BIND_FAILED, {"tunnel": i, "code": "bad_address", "message": "x" * 60})
+            if i % 100 == 0:
+                pair.advance(1.0)  # the client ACKs every 32 frames, and after a second
+        pair.pump()
+        pair.advance(1.0)
+        self.assertEqual(pair.server_link.errors, [])
+        self.assertEqual(pair.server.held_reliable, 0)
+
+    def test_visitors_are_refused_while_the_client_acknowledges_nothing(self):
+        pair = Pair(settings=self.settings())
+        refusal = None
+        for _ in range(20_000):  # visitors connect and leave; their OPEN and RST wait for an ACK
+            try:
+                end = pair.open_server_end()
+            except mux.SessionBufferFull as e:
+                refusal = str(e)
+                break
+            end.lose()
+        self.assertIsNotNone(refusal)
+        self.assertIn("has not acknowledged", refusal)
+        self.assertLessEqual(pair.server.held_reliable, self.BUDGET // 32 + 600)
+        self.assertEqual(pair.server_link.errors, [])  # refused, not ended: the bound holds
+        pair.pump()  # the client reads and acknowledges: visitors are welcome again
+        self.assertTrue(pair.server.room_for_stream())
+
+    def test_initial_windows_count_against_the_budget(self):
+        """Visitors each send 256 KiB while the client never grants credit:
+        only as many streams as the budget holds are opened."""
+        pair = Pair(settings=self.settings())
+        ends, refused = [], 0
+        for _ in range(40):
+            try:
+                ends.append(pair.open_server_end())
+            except mux.SessionBufferFull:
+                refused += 1
+        for i, end in enumerate(ends):
+            end.send(pattern(300 + i, WINDOW))
+            end.feed()
+        held = sum(end.stream.buffered_out for end in ends)
+        self.assertGreater(refused, 0)
+        self.assertEqual(pair.server.held_send, held)
+        # windows reserved and bytes read stop at 7/8 of the budget (+ one read)
+        self.assertLessEqual(pair.server.held_windows + held, self.BUDGET * 7 // 8 + 16 * KiB)
+        self.assertTrue(pair.server.streams_full)
+
+    def test_send_buffers_stop_reading_at_the_bound_when_the_peer_never_consumes(self):
+        pair = Pair(settings=self.settings())
+        ends = [pair.open_server_end() for _ in range(4)]
+        pair.pump()
+        for end in ends:  # a hostile client grants 64 MiB on every stream and consumes nothing
+            pair.server.frame_received(frame(wire.encode_window(end.stream.id, 0, 64 * MiB)))
+            end.send(pattern(310, 8 * MiB))
+        for _ in range(200):
+            for end in ends:
+                end.feed()
+            pair.server_link.transport.clear()  # sent, never read
+        held = sum(end.stream.buffered_out for end in ends)
+        self.assertLessEqual(held + pair.server.held_windows, self.BUDGET * 7 // 8 + 16 * KiB)  # + one read
+        self.assertTrue(pair.server.streams_full)
+        self.assertFalse(any(end.reading for end in ends))
+        # the client consumes what it got: every stream reads again
+        for end in ends:
+            pair.server.frame_received(frame(wire.encode_window(end.stream.id, end.stream.sent, 64 * MiB)))
+        self.assertFalse(pair.server.streams_full)
+        self.assertTrue(all(end.reading for end in ends))
+
+    def test_a_server_opening_more_streams_than_the_budget_holds_gets_them_reset(self):
+        pair = Pair(settings=SessionSettings(), client_settings=self.settings())
+        for _ in range(40):
+            pair.open_server_end()
+        pair.pump()
+        admitted = len(pair.client.streams)
+        per_stream = WINDOW + SessionSettings().local_buffer
+        self.assertEqual(admitted, (self.BUDGET * 3 // 4) // per_stream)
+        self.assertLessEqual(pair.client.held_windows, self.BUDGET * 3 // 4)
+        resets = [wire.decode_coded(f) for f in pair.frames_of(C2S, FrameType.RST)]
+        self.assertEqual(len(resets), 40 - admitted)
+        self.assertTrue(all(code == ResetCode.LIMIT and "session buffer is full" in why for code, why in resets))
+
+    def test_a_peer_that_floods_pings_and_never_reads_stops_being_read(self):
+        clock = Clock()
+        link = MemoryControlLink(clock, Keepalive(interval=10.0, dead_after=30.0))
+        transport = StringTransport()
+        link.makeConnection(transport)
+        session = Session(clock, RecordingDelegate(), is_server=True, settings=self.settings(1 * MiB))
+        link.start_session(session, False, wire.DEFAULT_MAX_FRAME)
+        session.pauseProducing()  # the transport's buffer is full: the peer does not read
+        ping = wire.encode_ping(7)
+        read = ping * 1000  # one read of the flood
+        for _ in range(100):
+            if transport.producerState == "paused":
+                break
+            link.dataReceived(read)
+        self.assertEqual(transport.producerState, "paused")  # the link is not read any more
+        self.assertLessEqual(session.reply_backlog, 1 * MiB // 16 + len(read))
+        session.resumeProducing()  # the peer read everything we sent
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(session.reply_backlog, 0)
+        self.assertFalse(link.closing)

@@ -47,7 +47,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtunnel import wire
+from rtunnel import mux, wire
 from rtunnel.link import ControlLink, Keepalive
 from rtunnel.mux import ProtocolViolation, Session, SessionSettings, Stream
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
@@ -57,13 +57,14 @@ from tests.memory import LocalEnd
 SETTINGS = dict(
     initial_window=4096,
     max_stream_window=16384,
-    session_window_budget=24576,
+    session_window_budget=65536,  # 48 KiB for windows: 6 streams of 5 KiB, and some growth
     max_frame=wire.MIN_MAX_FRAME,
     max_streams=6,
     ack_every=4,
     ack_delay=1.0,
     credit_delay=0.02,
     idle_window_reset=30.0,
+    local_buffer=1024,
 )
 PEER_MAX_FRAME = wire.MIN_MAX_FRAME
 KEEPALIVE = Keepalive(interval=10.0, dead_after=30.0)
@@ -495,8 +496,8 @@ class SessionMachine(RuleBasedStateMachine):
         """Server: a visitor arrives. Client: the server opens a stream, or we
         bind a tunnel (a reliable frame to acknowledge)."""
         if self.IS_SERVER:
-            if len(self.session.streams) >= SETTINGS["max_streams"]:
-                return
+            if len(self.session.streams) >= SETTINGS["max_streams"] or not self.session.room_for_stream():
+                return  # the visitor is refused
             stream = self.session.open_stream(tunnel, {"src": ["192.0.2.1", 1000], "dst": ["0.0.0.0", 4000]})
             self.ever_opened.add(stream.id)
             self.ends[stream.id] = LocalEnd(stream, chunk=1500)
@@ -638,9 +639,15 @@ class SessionMachine(RuleBasedStateMachine):
             assert stream.received <= stream.recv_limit, f"{stream}: received past the limit"
             assert stream.window <= settings_.max_stream_window
             assert stream.buffered_out >= stream.sent - stream.peer_consumed
-            grown += stream.window - settings_.initial_window
-        assert 0 <= self.session._window_reserved <= settings_.session_window_budget
-        assert self.session._window_reserved == grown, (self.session._window_reserved, grown)
+            grown += stream.window - settings_.initial_window + stream.reserved
+        session = self.session
+        # the budget's counters are what the streams and the outbox hold
+        assert session.held_windows == grown, (session.held_windows, grown)
+        assert session.held_windows <= settings_.session_window_budget * 3 // 4
+        held_send = sum(s.buffered_out for s in session.streams.values())
+        assert session.held_send == held_send, (session.held_send, held_send)
+        outbox = sum(len(entry[3]) + mux.RELIABLE_ENTRY_OVERHEAD for entry in session._outbox)
+        assert session.held_reliable == outbox, (session.held_reliable, outbox)
 
     @invariant()
     def bytes_arrive_intact(self) -> None:

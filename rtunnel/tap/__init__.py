@@ -37,8 +37,9 @@ _DEFAULT_SESSION = SessionSettings()
 WINDOW_OPTIONS: list[list[Any]] = [
     [
         "session-buffer", None, _DEFAULT_SESSION.session_window_budget,
-        "Most bytes one session may have buffered across its streams' grown flow-control "
-        "windows (at least 1048576).", int,
+        "Most bytes one session may hold for its peer: stream buffers, flow-control windows "
+        "(512 KiB reserved per connection), unacknowledged reliable frames, unread replies "
+        "(at least 1048576; see docs/security.md).", int,
     ],
     [
         "max-stream-window", None, _DEFAULT_SESSION.max_stream_window,
