@@ -11,12 +11,15 @@ not in the docs (or the other way round) fails here, with the place.
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, guard, wire
+from rtunnel.client import BIND_RETRY_DELAY
+from rtunnel.config import ClientConfig
 from rtunnel.limits import MAX_KINDS
 from rtunnel.mux import SessionSettings
 from rtunnel.tap import MIN_MAX_STREAM_WINDOW, MIN_SESSION_BUFFER
@@ -25,6 +28,7 @@ from rtunnel.tap import server as tap_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = SessionSettings()
+INITIAL_RETRY_DELAY = {f.name: f.default for f in fields(ClientConfig)}["initial_retry_delay"]
 SERVER = tap_server.Options().defaults
 CLIENT = tap_client.Options().defaults
 UNITS = {"": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "s": 1}
@@ -201,8 +205,22 @@ class ProseNumbersTests(SynchronousTestCase):
             f"control port (default {DEFAULT_CONTROL_PORT})",
         ],
         "docs/reliability.md": [
+            f"`--dead-after` (default {number(SERVER['dead-after'])} s)",
+            f"`--ping-interval` (default {number(SERVER['ping-interval'])} s)",
+            f"`--resume-grace` (default {number(SERVER['resume-grace'])} s)",
+            f"from {number(INITIAL_RETRY_DELAY)} s, doubling to `--max-retry-delay` "
+            f"(default {number(CLIENT['max-retry-delay'])} s)",
             f"({size(SETTINGS.initial_window)} to start, up to {size(SETTINGS.max_stream_window)} with "
             f"autotuning, and the sum of windows is capped per session at {size(SETTINGS.session_window_budget)})",
+        ],
+        "docs/operations.md": [
+            f"backoff from {number(INITIAL_RETRY_DELAY)} s up to `--max-retry-delay` "
+            f"({number(CLIENT['max-retry-delay'])} s)",
+            f"asked again every {number(BIND_RETRY_DELAY)} s",
+        ],
+        "docs/configuration.md": [
+            f"A port still in use is retried every {number(BIND_RETRY_DELAY)} s",
+            f"port {DEFAULT_CONTROL_PORT} by default",
         ],
         "docs/performance.md": [
             f"starts with a **{size(SETTINGS.initial_window)}** window",
