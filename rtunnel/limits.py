@@ -21,6 +21,7 @@ wake-up (deficit round robin over the client's streams).
 from __future__ import annotations
 
 import collections
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -260,69 +261,126 @@ VISITORS_OVER_LIMIT = (
     "its client may have per tunnel (max_connections_per_tunnel); {count} "
     "refused since the last report"
 )
+# appended to a line that stands for more than one refusal (unless its
+# message has the count in it already)
+REPEATED = "; {count} refused like this since the previous line"
+MAX_KINDS = 10_000  # kinds of refusal tracked at once; more share one line
+
+
+@dataclass
+class _Tally:
+    """The refusals of one kind not logged yet, and when the last line was."""
+
+    message: str
+    count_field: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    unlogged: int = 0
+    logged_at: float | None = None
+    timer: IDelayedCall | None = None
 
 
 class RefusalLog:
-    """Logs refusals at most once every `interval` seconds, with the number
-    refused since the previous line (a flood must not flood the log): the
-    first at once, the rest of a burst by a one-shot timer `interval` after
-    the previous line, so the last refusals are reported too.
+    """Log lines for refusals a peer can provoke at will (visitors over a
+    limit, forbidden BINDs, wrong tokens, connections over a cap), so that a
+    flood of refusals cannot flood the log.
 
-    `message` is the line's format; the count goes in the field
-    `count_field`; `fixed` are fields of every line, and each refused()'s
-    own fields are those of its latest call; `log` is the Logger to use
-    (default: this class's). Call stop() when done: it reports what is
-    left and cancels the timer."""
+    Refusals are counted per kind: `key` of refused(), e.g. (reason, session)
+    or (event, source address). The first refusal of a kind is logged at
+    once; after a line, the next one of that kind comes at most `interval`
+    seconds later, with the number refused since the previous line (the
+    field `count_field`, default "count"), by a one-shot timer, so the end of
+    a burst is reported too. A line has the fields of the latest refusal.
+
+    A kind that has nothing left to report and whose last line is older than
+    `interval` is forgotten (it would be logged at once again anyway), so the
+    table holds only kinds refused within about the last `interval` seconds,
+    and at most MAX_KINDS: beyond that new kinds share one tally per message.
+    Call stop() when done: it reports what is left and cancels the timers."""
 
     log = Logger()
 
-    def __init__(
-        self,
-        clock: IReactorTime,
-        message: str = VISITORS_OVER_LIMIT,
-        interval: float = 1.0,
-        count_field: str = "count",
-        log: Logger | None = None,
-        **fixed: Any,
-    ) -> None:
+    def __init__(self, clock: IReactorTime, interval: float = 1.0, log: Logger | None = None) -> None:
         if log is not None:
             self.log = log
         self.clock = clock
-        self.message = message
         self.interval = interval
-        self.count_field = count_field
-        self.fixed = fixed or {"event": "visitor_refused", "reason": "max_connections_per_tunnel"}
-        self._logged_at: float | None = None
-        self._unlogged = 0
-        self._fields: dict[str, Any] = {}
-        self._timer: IDelayedCall | None = None
+        self._tallies: dict[Hashable, _Tally] = {}
+        self._sweep_at = 64
+        self._swept_at = float("-inf")
 
-    def refused(self, **fields: Any) -> None:
-        """One more refusal; `fields` go in the next line."""
-        self._unlogged += 1
-        self._fields = fields
-        if self._timer is not None:
+    def refused(self, key: Hashable, message: str, count_field: str = "count", **fields: Any) -> None:
+        """One more refusal of kind `key`: logged now with `message` (a log
+        format) and `fields`, or counted for the next line of its kind."""
+        tally = self._tally(key, message, count_field)
+        tally.unlogged += 1
+        tally.message, tally.fields = message, fields
+        if tally.timer is not None:
             return  # the timer reports it
         now = self.clock.seconds()
-        if self._logged_at is None or now - self._logged_at >= self.interval:
-            self._report()
+        if tally.logged_at is None or now - tally.logged_at >= self.interval:
+            self._report(tally)
         else:
-            self._timer = self.clock.callLater(self._logged_at + self.interval - now, self._flush)
+            tally.timer = self.clock.callLater(tally.logged_at + self.interval - now, self._flush, tally)
+
+    def flush(self, key: Hashable) -> None:
+        """Report what is left of kind `key` now and forget it (e.g. its
+        tunnel closed)."""
+        tally = self._tallies.pop(key, None)
+        if tally is not None:
+            self._stop(tally)
 
     def stop(self) -> None:
-        """Report what is left now and cancel the timer."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if self._unlogged:
-            self._report()
+        """Report what is left of every kind now and cancel the timers."""
+        tallies, self._tallies = self._tallies, {}
+        for tally in tallies.values():
+            self._stop(tally)
 
-    def _flush(self) -> None:
-        self._timer = None
-        if self._unlogged:
-            self._report()
+    def _tally(self, key: Hashable, message: str, count_field: str) -> _Tally:
+        tally = self._tallies.get(key)
+        if tally is not None:
+            return tally
+        now = self.clock.seconds()
+        full = len(self._tallies) >= MAX_KINDS
+        if len(self._tallies) >= self._sweep_at and (not full or now - self._swept_at >= self.interval):
+            self._sweep(now)
+        if len(self._tallies) >= MAX_KINDS:
+            key = ("more kinds", message)
+            tally = self._tallies.get(key)
+            if tally is not None:
+                return tally
+        tally = self._tallies[key] = _Tally(message, count_field)
+        return tally
 
-    def _report(self) -> None:
-        self._logged_at = self.clock.seconds()
-        count, self._unlogged = self._unlogged, 0
-        self.log.warn(self.message, **{**self.fixed, **self._fields, self.count_field: count})
+    def _sweep(self, now: float) -> None:
+        """Forget the kinds that are idle. The next sweep comes when the
+        table has doubled (or, when it is full, an interval later): a
+        refusal costs O(1) on average."""
+        idle = [
+            key for key, tally in self._tallies.items()
+            if tally.timer is None and (tally.logged_at is None or now - tally.logged_at >= self.interval)
+        ]
+        for key in idle:
+            del self._tallies[key]
+        self._swept_at = now
+        self._sweep_at = min(MAX_KINDS, max(64, 2 * len(self._tallies)))
+
+    def _stop(self, tally: _Tally) -> None:
+        if tally.timer is not None and tally.timer.active():
+            tally.timer.cancel()
+        tally.timer = None
+        if tally.unlogged:
+            self._report(tally)
+
+    def _flush(self, tally: _Tally) -> None:
+        tally.timer = None
+        if tally.unlogged:
+            self._report(tally)
+
+    def _report(self, tally: _Tally) -> None:
+        tally.logged_at = self.clock.seconds()
+        count, tally.unlogged = tally.unlogged, 0
+        message = tally.message
+        placeholder = "{" + tally.count_field + "}"
+        if count > 1 and placeholder not in message:
+            message += REPEATED.replace("{count}", placeholder)
+        self.log.warn(message, **{**tally.fields, tally.count_field: count})

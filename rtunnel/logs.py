@@ -15,6 +15,7 @@ as its repr(); a log line never fails because of a field.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import UTC, datetime
 from typing import IO, Any
@@ -105,3 +106,33 @@ def text_observer(out: IO[str] | None = None) -> ILogObserver:
     """twistd's own text format (to `out`, default the standard output)."""
     observer = textFileLogObserver(out if out is not None else sys.stdout)
     return FilteringLogObserver(observer, [_not_a_retry_line])
+
+
+def twistd_log_file(twistd_options: Any) -> str | None:
+    """The file twistd will log to, from its (parent) options: --logfile,
+    or twistd.log for a daemon without one; None for standard output,
+    syslog or a --logger observer."""
+    if twistd_options is None or twistd_options.get("logger") or twistd_options.get("syslog"):
+        return None
+    name = twistd_options.get("logfile")
+    if name == "-" or (not name and twistd_options.get("nodaemon")):
+        return None
+    return name or "twistd.log"
+
+
+def create_private_log_file(path: str | None) -> bool:
+    """Create `path` empty with mode 0600 if it does not exist yet; True if
+    this made it. twistd opens its log file before it applies a daemon's
+    umask 077, so it would make it with the shell's umask (often 0644); an
+    existing file it keeps, and its rotated files get the same mode. A log
+    holds no secret (docs/security.md) but does hold who connected from
+    where. A file that exists is left as it is; one that cannot be made is
+    left to twistd, which reports why."""
+    if path is None:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

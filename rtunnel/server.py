@@ -40,8 +40,8 @@ from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
 from rtunnel.errors import ConfigError
-from rtunnel.guard import AdmissionGuard
-from rtunnel.limits import ClientLimiter, Limits, RefusalLog
+from rtunnel.guard import AdmissionGuard, address_key
+from rtunnel.limits import VISITORS_OVER_LIMIT, ClientLimiter, Limits, RefusalLog
 from rtunnel.link import ControlLink
 from rtunnel.mux import (
     ProtocolViolation,
@@ -99,18 +99,28 @@ class PublicListener(Factory):
             return None
         session = owner.session
         if len(session.streams) >= session.settings.max_streams:
-            self.log.warn(
-                "refusing visitor {visitor}: session has {n} streams, the maximum",
+            owner.server.refusals.refused(
+                ("max_streams", owner.id),
+                "refusing visitor {visitor}: session {session} has {n} streams, the maximum",
                 visitor=_address(addr),
                 n=len(session.streams),
                 event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="max_streams",
             )
             return None
         if owner.state is SessionState.DETACHED and session.queued_reliable >= 2 * session.settings.max_streams:
-            self.log.warn("refusing visitor {visitor}: too many waiting for the client to come back", visitor=_address(addr), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full")
+            owner.server.refusals.refused(
+                ("detached_queue_full", owner.id),
+                "refusing visitor {visitor}: too many waiting for the client of session {session} to come back",
+                visitor=_address(addr),
+                event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full",
+            )
             return None
         if not session.room_for_stream():  # the session's budget (docs/security.md "Memory per session")
-            self.log.warn("refusing visitor {visitor}: {why}", visitor=_address(addr), why=session.why_full(), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full")
+            owner.server.refusals.refused(
+                ("session_buffer_full", owner.id),
+                "refusing visitor {visitor}: {why}", visitor=_address(addr), why=session.why_full(),
+                event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full",
+            )
             return None
         limit = owner.server.limits_for(owner.credential).max_connections_per_tunnel
         if limit is not None and self.open_connections >= limit:
@@ -128,7 +138,10 @@ class PublicListener(Factory):
         try:
             return owner.session.open_stream(self.tunnel_id, {"src": src, "dst": dst})
         except SessionBufferFull as e:
-            self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full")
+            owner.server.refusals.refused(
+                ("session_buffer_full", owner.id), "refusing visitor: {why}", why=str(e),
+                event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full",
+            )
             return None
         except StreamIdsExhausted as e:
             self.log.warn("refusing visitor: {why}", why=str(e), event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason=str(e))
@@ -142,8 +155,9 @@ class PublicListener(Factory):
         limiter.visitors_refused += 1
         limiter.refused_by_tunnel[name] += 1
         self.refusals.refused(
+            "max_connections_per_tunnel", VISITORS_OVER_LIMIT,
             tunnel=name, limit=limit, session=owner.id[:8], credential=owner.credential,
-            refused_total=self.visitors_refused,
+            refused_total=self.visitors_refused, event="visitor_refused", reason="max_connections_per_tunnel",
         )
 
 
@@ -374,7 +388,8 @@ class ServerSession:
                     {"tunnel": tunnel_id, "code": refusal.code, "message": refusal.message},
                 )
                 return
-            self.log.warn(
+            self.server.refusals.refused(
+                ("bind_refused", self.id, refusal.code),
                 "refused to bind {address} for {cred}: {why}",
                 address=format_host_port(host, port) if host else f"port {port} (default address)",
                 host=host, port=port, cred=self.credential, why=refusal.message,
@@ -514,12 +529,10 @@ class TunnelServer:
             failure_burst=config.auth_failure_burst,
             failure_refill=config.auth_failure_refill,
         )
-        self._cap_refusals = RefusalLog(
-            reactor,
-            "refusing new control connections: {n} are not authenticated yet, the maximum "
-            "(--max-unauthenticated); {refused} refused since the last report",
-            interval=10.0, count_field="refused", log=self.log, event="connections_capped",
-        )
+        # every refusal a peer can provoke is logged through these (a flood of
+        # refusals must not flood the log); over the cap: at most a line in 10 s
+        self.refusals = RefusalLog(reactor, log=self.log)
+        self._cap_refusals = RefusalLog(reactor, interval=10.0, log=self.log)
         self._no_ipv6_logged = False
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
@@ -663,7 +676,13 @@ class TunnelServer:
         then at most one summary line every 10 s, the last one 10 s after
         the previous line (a flood must not flood the log too)."""
         guard = self.guard
-        self._cap_refusals.refused(n=guard.unauthenticated, refused_total=guard.refused_connections)
+        self._cap_refusals.refused(
+            "connections_capped",
+            "refusing new control connections: {n} are not authenticated yet, the maximum "
+            "(--max-unauthenticated); {refused} refused since the last report",
+            count_field="refused", event="connections_capped",
+            n=guard.unauthenticated, refused_total=guard.refused_connections,
+        )
 
     def resumable(self, credential: str, resume: wire.ResumeRequest | None) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
@@ -1012,6 +1031,7 @@ class TunnelServer:
             for limiter in self.limiters.values():
                 limiter.stop()
             self._cap_refusals.stop()
+            self.refusals.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
@@ -1106,7 +1126,8 @@ class ServerLink(ControlLink):
         refusal with `fields` (instead of close_with_error's line)."""
         if self.closing:
             return
-        self.log.warn(
+        self.server.refusals.refused(
+            (event, address_key(self.peer_host())),
             "refused {peer}: {what}: {reason}",
             peer=self.peer_description(), event=event, reason=reason, code=code.name, **fields,
             what=_REFUSALS.get(event, event),

@@ -13,12 +13,22 @@ from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from rtunnel.auth import parse_clients
 from rtunnel.errors import ConfigError
-from rtunnel.limits import BURST_SECONDS, MIN_BURST, Limits, Pacer, RefusalLog, TokenBucket, burst_for
+from rtunnel.limits import (
+    BURST_SECONDS,
+    MAX_KINDS,
+    MIN_BURST,
+    VISITORS_OVER_LIMIT,
+    Limits,
+    Pacer,
+    RefusalLog,
+    TokenBucket,
+    burst_for,
+)
 from rtunnel.metrics import ServerCollector, registry_for
 from rtunnel.tap.server import Options
 from tests.harness import Echo, Source, Tunnel, Visitor, listen_target, pattern, sleep, visit, wait_until
@@ -236,14 +246,27 @@ class PacedMuxTests(NearMixin, unittest.TestCase):
 
 
 class RefusalLogTests(NearMixin, unittest.TestCase):
+    def refusal_log(self, clock: Clock, events: list[dict], times: list[float] | None = None) -> RefusalLog:
+        def observe(event: dict) -> None:
+            events.append(event)
+            if times is not None:
+                times.append(clock.seconds())
+
+        return RefusalLog(clock, log=Logger(observer=observe))
+
+    def refuse(self, refusals: RefusalLog, key: object = "tunnel") -> None:
+        refusals.refused(
+            key, VISITORS_OVER_LIMIT, tunnel="127.0.0.1:4000", limit=2,
+            event="visitor_refused", reason="max_connections_per_tunnel",
+        )
+
     def test_at_most_one_line_a_second_with_the_count(self):
         clock = Clock()
         events: list[dict] = []
-        refusals = RefusalLog(clock)
-        times = []
-        refusals.log = Logger(observer=lambda e: (events.append(e), times.append(clock.seconds())))
+        times: list[float] = []
+        refusals = self.refusal_log(clock, events, times)
         for _ in range(1000):
-            refusals.refused(tunnel="127.0.0.1:4000", limit=2)
+            self.refuse(refusals)
             clock.advance(0.002)  # 1000 visitors in 2 s
         clock.advance(1)
         self.assertEqual(len(events), 3)  # at 0 s, 1 s and 2 s
@@ -253,14 +276,12 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
         self.assertEqual(events[1]["event"], "visitor_refused")
         self.assertEqual(events[1]["reason"], "max_connections_per_tunnel")
 
-
     def test_the_end_of_a_burst_is_reported_one_interval_later(self):
         clock = Clock()
         events: list[dict] = []
-        refusals = RefusalLog(clock)
-        refusals.log = Logger(observer=events.append)
+        refusals = self.refusal_log(clock, events)
         for _ in range(5):  # 5 visitors in 0.5 s, then none
-            refusals.refused(tunnel="127.0.0.1:4000", limit=2)
+            self.refuse(refusals)
             clock.advance(0.1)
         self.assertEqual([e["count"] for e in events], [1])
         clock.advance(0.5)  # one second after the first line
@@ -272,15 +293,51 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
     def test_stop_reports_what_is_left_and_leaves_no_timer(self):
         clock = Clock()
         events: list[dict] = []
-        refusals = RefusalLog(clock)
-        refusals.log = Logger(observer=events.append)
+        refusals = self.refusal_log(clock, events)
         for _ in range(3):
-            refusals.refused(tunnel="127.0.0.1:4000", limit=2)
+            self.refuse(refusals)
         refusals.stop()
         self.assertEqual([e["count"] for e in events], [1, 2])
         self.assertEqual(clock.getDelayedCalls(), [])
         refusals.stop()
         self.assertEqual(len(events), 2)
+
+    def test_each_kind_has_its_own_first_line_and_count(self):
+        clock = Clock()
+        events: list[dict] = []
+        refusals = self.refusal_log(clock, events)
+        for i in range(100):
+            refusals.refused(("bind_refused", "s1"), "refused to bind port {port}", port=i, event="bind_refused")
+            refusals.refused(("bind_refused", "s2"), "refused to bind port {port}", port=i, event="bind_refused")
+        self.assertEqual([(e["count"], e["port"]) for e in events], [(1, 0), (1, 0)])
+        clock.advance(1)
+        self.assertEqual([(e["count"], e["port"]) for e in events[2:]], [(99, 99), (99, 99)])
+        self.assertEqual(
+            formatEvent(events[2]), "refused to bind port 99; 99 refused like this since the previous line"
+        )
+        self.assertEqual(formatEvent(events[0]), "refused to bind port 0")
+
+    def test_idle_kinds_are_forgotten_so_the_table_stays_small(self):
+        clock = Clock()
+        events: list[dict] = []
+        refusals = self.refusal_log(clock, events)
+        for second in range(50):  # 1000 new kinds a second (e.g. as many source addresses)
+            for i in range(1000):
+                refusals.refused((second, i), "refused {peer}", peer=i)
+            clock.advance(1)
+        self.assertEqual(len(events), 50_000)  # each its first line: nothing was repeated
+        self.assertLessEqual(len(refusals._tallies), 2 * 1000 + 64)
+
+    def test_kinds_beyond_the_maximum_share_one_count(self):
+        clock = Clock()
+        events: list[dict] = []
+        refusals = self.refusal_log(clock, events)
+        for i in range(MAX_KINDS + 500):  # all within one interval: none is idle yet
+            refusals.refused(i, "refused {peer}", peer=i)
+        self.assertEqual(len(events), MAX_KINDS + 1)  # the first of the shared kind at once
+        refusals.stop()
+        self.assertEqual(sum(e["count"] for e in events), MAX_KINDS + 500)
+        self.assertLessEqual(len(events), MAX_KINDS + 2)
 
     def test_refusals_over_the_unauthenticated_cap_are_reported_after_a_burst(self):
         from rtunnel.config import ServerConfig

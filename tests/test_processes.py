@@ -300,8 +300,10 @@ class InstalledPluginTests(SynchronousTestCase):
         line = server.wait_for(r"rtunnel_client -c \S+ .*").group(0)
         self.assertIn(f":{port} ", line)
         self.assertIn(f"--fingerprint sha256:{fp}", line)
-        # first start: the token is new, so the command carries it literally
-        self.assertIn(f"--token {self.token}", line)
+        # the token is never logged: the command names the file that holds it
+        self.assertIn(f"--token-file {self.state_dir / 'token'} ", line)
+        self.assertNotIn(self.token, server.output)
+        self.assertIn(f"rtunnel_client -c 127.0.0.1:{port} ", line)  # the address it listens on
         self.assertIn(f"certificate fingerprint sha256:{fp}", server.output)
         self.assertEqual(
             sorted(p.name for p in self.state_dir.iterdir()), ["server.crt", "server.key", "token"]

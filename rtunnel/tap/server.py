@@ -16,13 +16,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
-from rtunnel.addresses import DUAL_STACK, IPV4_ANY, ipv6_unavailable
+from rtunnel.addresses import DUAL_STACK, IPV4_ANY, bracket, format_host_port, ipv6_unavailable
 from rtunnel.admin import AdminServer
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.limits import Limits
+from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ServerCollector, listen_metrics, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
@@ -83,7 +84,8 @@ class Options(FileOptions, usage.Options):
         Ports belong to the credential that bound them."""
         name, sep, token = value.partition("=")
         if not sep or not name or not token or name == "default":
-            raise usage.UsageError(f"--client {value!r}: expected NAME=TOKEN (NAME not 'default')")
+            # the value is not shown: it may well be a token
+            raise usage.UsageError("--client: expected NAME=TOKEN, with a NAME other than 'default'")
         self.extra_clients.append((name, token))
 
     def postOptions(self) -> None:
@@ -298,25 +300,21 @@ class ServerService(service.Service):
             registry = registry_for(ServerCollector(lambda: self.server))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
-        host = socket.getfqdn()
-        if token_created:
-            token_arg = token
-        elif clients is not None and not config.token:
-            token_arg = "TOKEN"
-        elif config.token:
-            token_arg = "$RTUNNEL_TOKEN"
-        else:
-            token_arg = f"$(cat {config.state_dir / 'token'})"
+        port = getattr(address, "port", DEFAULT_CONTROL_PORT)
+        host, host_note = client_host(getattr(address, "host", ""), socket.getfqdn())
+        token_arg, token_note = self._token_instructions(token, token_created, clients is not None)
         self.log.info(
             "rtunnel server listening on {listen} (port {port}); certificate fingerprint "
-            "{fp}{created}\n  Run on the client machine:\n"
-            "    rtunnel_client -c {host}:{port} -f 4000 -t 3000 --token {token} --fingerprint {fp}",
+            "{fp}{created}\n  {token_note}\n  Run on the client machine:\n"
+            "    rtunnel_client -c {host}:{port} -f 4000 -t 3000 {token} --fingerprint {fp}{host_note}",
             listen=listen,
-            port=getattr(address, "port", DEFAULT_CONTROL_PORT),
+            port=port,
             fp=format_fingerprint(identity.fingerprint),
             created=f" (new key and certificate in {config.state_dir})" if identity.created else "",
-            host=host,
+            host=bracket(host),
             token=token_arg,
+            token_note=token_note,
+            host_note=f"\n  {host_note}" if host_note else "",
             event="server_listening",
         )
         if clients is not None:
@@ -335,6 +333,26 @@ class ServerService(service.Service):
             yield self.admin.listen()
         return self.port
 
+    def _token_instructions(self, token: str | None, created: bool, has_clients: bool) -> tuple[str, str]:
+        """The --token argument of the printed client command, and the line
+        saying where that token is: never the token itself (a log file may
+        be read by others, and is kept)."""
+        config = self.config
+        if config.token:
+            if os.environ.get("RTUNNEL_TOKEN") == config.token:
+                return '--token "$RTUNNEL_TOKEN"', "The token clients must present is this server's $RTUNNEL_TOKEN."
+            return "--token TOKEN", "TOKEN: the token given to this server with --token (it is never logged)."
+        if token is None and has_clients:
+            return "--token TOKEN", (
+                "TOKEN: the client's own token, which 'rtunnel_server add-client NAME' printed once."
+            )
+        path = config.state_dir / "token"
+        return f"--token-file {path}", (
+            f"The token clients must present is in {path} ({'new, ' if created else ''}mode 600); it is "
+            "never logged. Copy that file to the client machine (keep it mode 600) for --token-file "
+            "below, or pass what it holds with --token or $RTUNNEL_TOKEN."
+        )
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._sighup.restore()
@@ -348,6 +366,28 @@ class ServerService(service.Service):
         if self.server is not None:
             waits.append(self.server.shutdown())
         return defer.gatherResults(waits).addCallback(lambda _: None)
+
+
+_LOCAL_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback")
+
+
+def client_host(listening: str, fqdn: str) -> tuple[str, str]:
+    """The host for the printed `rtunnel_client -c HOST:PORT`, and a note
+    saying what to replace it with ("" if nothing). A control port bound to
+    one address is reached at that address; on all addresses (:: or
+    0.0.0.0) the server knows only its own name, which may not be the one
+    clients use, or (a host named "localhost") be no use at all."""
+    if listening and listening not in (DUAL_STACK, IPV4_ANY):
+        return listening, ""
+    if fqdn.lower() in _LOCAL_NAMES or not fqdn:
+        return "SERVER", (
+            "SERVER: this server's name or address as the client machine reaches it (this host's "
+            f"own name for itself is {fqdn or 'empty'!r}, which on the client machine means that machine)."
+        )
+    return fqdn, (
+        f"{fqdn} is this host's own name for itself: if the client machine reaches this server "
+        "by another name or address, use that."
+    )
 
 
 def add_client_parser() -> Any:
@@ -384,7 +424,7 @@ def add_client_parser() -> Any:
     )
     parser.add_argument(
         "--server", metavar="HOST[:PORT]",
-        help="where clients reach this server, for the printed command (default: this host, port 19050)",
+        help="where clients reach this server, for the printed command (default: a guess, this host's name and port 19050)",
     )
     return parser
 
@@ -424,21 +464,44 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
     except RtunnelError as e:
         print(f"rtunnel_server add-client: {e}", file=sys.stderr)
         return 1
-    server = args.server or f"{socket.getfqdn()}:{DEFAULT_CONTROL_PORT}"
-    fingerprint = "FINGERPRINT"
+    notes = []
+    if args.server:
+        server = args.server
+    else:
+        host, _ = client_host("", socket.getfqdn())
+        server = format_host_port(host, DEFAULT_CONTROL_PORT)
+        name = "SERVER stands for the server's name or address" if host == "SERVER" else f"{host} is this host's own name"
+        notes.append(
+            f"-c {server}: {name}, {DEFAULT_CONTROL_PORT} the default control port; add-client "
+            "knows neither the server's --port nor the name clients reach it by: correct them, or "
+            "pass --server HOST:PORT to add-client."
+        )
+    forward = str(ports[0][0])
+    if bind and not {IPV4_ANY, DUAL_STACK} & set(bind):  # it may not bind the default address
+        forward = format_host_port(bind[0], ports[0][0])
+    cert = state_dir / "server.crt"
     try:
         from rtunnel.tls import fingerprint_of_pem
 
-        fingerprint = format_fingerprint(fingerprint_of_pem((state_dir / "server.crt").read_bytes()))
-    except Exception:  # no certificate yet (the first start makes it), or --cert elsewhere
-        pass
+        fingerprint = format_fingerprint(fingerprint_of_pem(cert.read_bytes()))
+    except FileNotFoundError:
+        fingerprint = "FINGERPRINT"
+        notes.append(
+            f"FINGERPRINT: there is no server certificate in {state_dir} yet; the server makes one "
+            "on its first start and prints its fingerprint (a server with --cert: "
+            "'openssl x509 -in CERT -outform DER | sha256sum')."
+        )
+    except Exception as e:  # unreadable, or not a certificate
+        fingerprint = "FINGERPRINT"
+        notes.append(f"FINGERPRINT: the server's, as it prints it at start ({cert} cannot be read: {e}).")
     print(
         f"Client {args.name!r} written to {clients_file} (ports {auth.format_ranges(ports)}).\n"
         "Its token, shown only this once (the file keeps only its SHA-256):\n\n"
         f"    {token}\n\n"
         "Run on the client machine:\n"
-        f"    rtunnel_client -c {server} -f {ports[0][0]} -t 3000 --token {token} --fingerprint {fingerprint}\n\n"
-        f"The server must run with --clients {clients_file}; a running one picks the change up "
+        f"    rtunnel_client -c {server} -f {forward} -t 3000 --token {token} --fingerprint {fingerprint}\n"
+        + "".join(f"  {note}\n" for note in notes)
+        + f"\nThe server must run with --clients {clients_file}; a running one picks the change up "
         "on SIGHUP (kill -HUP <server pid>).",
         file=out,
     )
@@ -446,4 +509,6 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
 
 
 def makeService(options: Options) -> service.IService:
+    # twistd calls this before it opens its log file: make that file 0600
+    create_private_log_file(twistd_log_file(options.parent))
     return ServerService(options.config)
