@@ -36,11 +36,13 @@ BIND_RETRY_DELAY = 5.0
 
 
 def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Exponential backoff from `initial` doubling to `maximum`, +-20% jitter."""
+    """Exponential backoff from `initial` doubling to `maximum`, +-20% jitter
+    that never goes above `maximum` (at the cap: 80-100% of it)."""
 
     def delay(attempt: int) -> float:
         base = min(initial * 2 ** min(max(attempt - 1, 0), 60), maximum)
-        return base * (0.8 + 0.4 * rng())
+        low, high = 0.8 * base, min(1.2 * base, maximum)
+        return low + (high - low) * rng()
 
     return delay
 

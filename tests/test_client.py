@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.internet import error
+from twisted.internet import defer, error, reactor
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
 from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rtunnel import wire
-from rtunnel.client import TunnelClient
+from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.mux import Session, Stream, StreamProtocol
 from rtunnel.wire import FrameType, ResetCode
+from tests.harness import Echo, Tunnel, listen_target, sleep
 
 TARGET = TunnelSpec(tunnel_id=1, bind_host="", bind_port=0, target_host="127.0.0.1", target_port=3000)
 INFO = {"src": ["198.51.100.1", 5555], "dst": ["203.0.113.1", 4000]}
@@ -108,3 +109,42 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
         self.assertEqual(code, ResetCode.UNREACHABLE)
         self.assertIn("no such scope", reason)
         self.assertEqual(self.client._connecting, {})
+
+
+class RetryPolicyTests(unittest.SynchronousTestCase):
+    def test_jitter_never_goes_above_the_maximum(self) -> None:
+        """`--max-retry-delay 3` means at most 3 s: the +20% of the jitter
+        stops at the maximum (it waited up to 3.6 s)."""
+        for r in (0.0, 0.5, 0.999999):
+            delay = retry_policy(0.5, 3.0, lambda r=r: r)
+            self.assertLessEqual(max(delay(attempt) for attempt in range(1, 40)), 3.0)
+        self.assertAlmostEqual(retry_policy(0.5, 3.0, lambda: 0.0)(30), 2.4)  # still spread below it
+
+    def test_jitter_spreads_plus_minus_20_percent_below_the_maximum(self) -> None:
+        low, high = retry_policy(1.0, 30.0, lambda: 0.0), retry_policy(1.0, 30.0, lambda: 1.0)
+        self.assertEqual([low(n) for n in (1, 2, 3)], [0.8, 1.6, 3.2])
+        self.assertEqual([round(high(n), 6) for n in (1, 2, 3)], [1.2, 2.4, 4.8])
+
+
+class HandshakeRefusalBackoffTests(unittest.TestCase):
+    """A server that refuses the handshake (here: the credential is at
+    --max-sessions-per-client) is retried with the same exponential backoff
+    as one that refuses the TCP connection, not every initial delay."""
+
+    @defer.inlineCallbacks
+    def test_refused_handshakes_back_off_exponentially(self):  # type: ignore[no-untyped-def]
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(max_sessions_per_client=1)
+        _, target = listen_target(self, Echo)
+        yield tunnel.connect([(0, target)])  # holds the credential's only session
+        second = tunnel.start_client(
+            tunnel.client_config([(0, target)], initial_retry_delay=0.1, max_retry_delay=30.0)
+        )
+        started = reactor.seconds()
+        yield sleep(2.5)
+        attempts = second.client.events.connect_attempts
+        # backoff from 0.1 s (+-20%): attempts at about 0, 0.1, 0.3, 0.7, 1.5 (3.1) s;
+        # a retry every 0.1 s would be about 20
+        self.assertGreaterEqual(attempts, 3)
+        self.assertLessEqual(attempts, 6, f"{attempts} attempts in {reactor.seconds() - started:.1f} s")
+        self.assertEqual(second.client.events.sessions_started, 0)

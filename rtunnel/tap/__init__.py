@@ -6,12 +6,14 @@ twistd plugins (each has `Options` and `makeService`).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet import error
 from twisted.logger import Logger
 
 from rtunnel.link import Keepalive
@@ -63,19 +65,32 @@ def window_settings_from(options: Any) -> dict[str, int]:
     return {"max_stream_window": window, "session_window_budget": budget}
 
 
+_exit_status: list[int] = []  # the status exit_process was asked for, first call wins
+
+
 def exit_process(reactor: Any, code: int) -> None:
-    """Stop the reactor, then leave with `code` (twistd itself always exits 0)."""
+    """Stop the reactor, then leave with `code` (twistd itself exits 0).
 
-    def leave() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    The status is set only as the interpreter exits, after twistd has
+    finished its own shutdown: stopped the services, removed its pidfile
+    (a daemon's supervisor must not find a stale one) and closed its log.
+    """
+    if not _exit_status:
+        _exit_status.append(code)
+        atexit.register(_leave_with_status)
+    try:
+        if reactor.running:
+            reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
+    except error.ReactorNotRunning:
+        pass  # already stopping (a signal, or a second fatal error)
 
-    reactor.addSystemEventTrigger("after", "shutdown", leave)
-    if reactor.running:
-        reactor.stop()
-    else:
-        reactor.callWhenRunning(reactor.stop)
+
+def _leave_with_status() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_status[0])
 
 
 class SighupReload:

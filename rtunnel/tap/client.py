@@ -440,8 +440,14 @@ class ClientMainService(service.MultiService):
         return list(dict.fromkeys("server" if n == "connect" else n for n in names))
 
     def _fatal(self, message: str) -> None:
+        """Retrying cannot help: leave the server as a stopping client does
+        (GOAWAY, so it frees the session and its ports at once), stop
+        connecting, close the tunnelled connections, then (exit_on_fatal)
+        end the process with exit_code."""
         self.fatal_error = message
+        self._leave_server()
         d = defer.maybeDeferred(self.connector.stopService)
+        d.addCallback(lambda _: self.client.shutdown())
         waiters, self._fatal_waiters = self._fatal_waiters, []
         for waiter in waiters:
             waiter.callback(message)
@@ -450,8 +456,14 @@ class ClientMainService(service.MultiService):
 
     def _next_attempt_in(self, attempt: int) -> float:
         """ClientService's retry policy: the wait before the next attempt,
-        logged in one line with why the last one failed."""
-        delay = self._retry_policy(attempt)
+        logged in one line with why the last one failed.
+
+        ClientService counts only failed connects: a link the server closed
+        before a session started (it refused the handshake: session limit,
+        too many unauthenticated connections, shutting down) would restart
+        its count at 1. The backoff goes by the attempts in a row that made
+        no session, whichever way they failed."""
+        delay = self._retry_policy(max(attempt, self.client.failed_attempts))
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
         where = format_host_port(self.config.server_host, self.config.server_port)
         if why is not None:
@@ -493,14 +505,19 @@ class ClientMainService(service.MultiService):
             self._fatal_waiters.append(d)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:
-        """Disconnect, then close every tunnelled connection still open."""
+    def _leave_server(self) -> None:
+        """Tell the server we are leaving (GOAWAY) while the link is up, and
+        ready every link to close: the connector's disconnect then ends it."""
         self.client.say_goodbye()
         for link in list(self.client.links):
             if not link.handshake_done:
                 link.abort()  # TLS cannot close cleanly mid-handshake
             elif link.session is not None:
                 link.session.detach()  # TLS cannot close while the session produces
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Disconnect, then close every tunnelled connection still open."""
+        self._leave_server()
         self._sighup.restore()
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
