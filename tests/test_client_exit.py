@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -125,6 +128,25 @@ class DaemonTests(ClientProcessTestCase):
         assert session is not None, log
         server.wait_for(rf"session {session.group(1)} expired: the client stopped", timeout=10)
 
+    def test_daemon_that_cannot_start_exits_1_with_the_reason_on_stderr_and_no_pidfile(self) -> None:
+        server, port = self.start_server()
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        pidfile = self.workdir / "client.pid"
+        done = subprocess.run(
+            [*TWISTD, f"--pidfile={pidfile}", f"--logfile={self.workdir / 'client.log'}", "rtunnel-client",
+             *self.client_args(port, "-f", "0", "-t", "3000", "--metrics", f"tcp:{busy.getsockname()[1]}:interface=127.0.0.1")],
+            cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        stderr = done.stderr.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, stderr)
+        self.assertIn("cannot serve metrics on", stderr)  # twistd passes on 100 bytes of it
+        time.sleep(0.5)  # the daemon's own exit follows its parent's
+        self.assertFalse(pidfile.exists(), "a stale pidfile is left")
+        self.assertIn("Address already in use", (self.workdir / "client.log").read_text())
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -140,3 +162,47 @@ def _alive(pid: int) -> bool:
         return True
 
 
+
+
+# Two SIGTERMs before the reactor has stopped, delivered for certain: the
+# handler of the first runs between the two os.kill calls
+TWO_SIGTERMS = """
+import os, signal, sys
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from rtunnel.tap import stop_once_on_signals
+globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+stop_once_on_signals(reactor)
+def twice():
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+reactor.callWhenRunning(reactor.callLater, 0.1, twice)
+reactor.run()
+print("reactor stopped")
+"""
+
+
+class SignalTests(ClientProcessTestCase):
+    def test_two_sigterms_stop_the_reactor_once_without_a_traceback(self) -> None:
+        done = subprocess.run(
+            [sys.executable, "-c", TWO_SIGTERMS], env=_clean_env(), cwd=self.workdir,
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+        self.assertIn("reactor stopped", output)
+        self.assertEqual(output.count("Received SIGTERM"), 1, output)
+        self.assertIn("already stopping", output)
+        self.assertNotIn("Traceback", output)
+
+    def test_client_stopped_by_two_quick_sigterms_exits_cleanly(self) -> None:
+        """As `timeout` stops it: two SIGTERMs half a millisecond apart."""
+        server, port = self.start_server()
+        for run in range(3):
+            client = self.start_client(port, "-f", "0", "-t", "3000", name=f"client{run}")
+            client.wait_for("tunnel ready")
+            os.kill(client.popen.pid, signal.SIGTERM)
+            time.sleep(0.0005)
+            os.kill(client.popen.pid, signal.SIGTERM)
+            self.assertIn(client.wait_exit(EXIT_TIMEOUT), (0, -signal.SIGTERM), client.describe())
+            self.assertNotIn("Traceback", client.output)
+            self.assertIn("Server Shut Down.", client.output)

@@ -30,7 +30,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from rtunnel.errors import ConfigError
+from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.link import Keepalive
 from rtunnel.logs import (
     JSON_OBSERVER,
@@ -47,6 +47,7 @@ from tests.test_processes import (
     BANNER,
     TWISTD,
     Process,
+    _clean_env,
     _fingerprint,
     _plugins_installed,
     _TargetServer,
@@ -620,3 +621,113 @@ class DocumentedEventTests(SynchronousTestCase):
         self.assertIn("tunnel_closed", names)  # the pattern still finds events
         missing = sorted(name for name in names if f"| `{name}`" not in docs)
         self.assertEqual(missing, [], "events logged but not in docs/operations.md's tables")
+
+
+class StartFailureTests(SynchronousTestCase):
+    """A server that cannot start says why, where its operator looks, and
+    leaves no pidfile (docs/operations.md "Exit status")."""
+
+    def setUp(self) -> None:
+        reason = _plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-start-failure-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.busy = socket.socket()
+        self.busy.bind(("127.0.0.1", 0))
+        self.busy.listen(1)
+        self.addCleanup(self.busy.close)
+
+    def server_argv(self, *twistd_options: str) -> list[str]:
+        return [
+            *TWISTD, *twistd_options, "rtunnel-server", "--port", str(self.busy.getsockname()[1]),
+            "--interface", "127.0.0.1", "--state-dir", str(self.workdir / "state"),
+        ]
+
+    def test_daemon_that_cannot_listen_exits_1_with_the_reason_on_stderr_and_no_pidfile(self) -> None:
+        pidfile = self.workdir / "server.pid"
+        done = subprocess.run(
+            self.server_argv(f"--pidfile={pidfile}", f"--logfile={self.workdir / 'server.log'}"),
+            cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        stderr = done.stderr.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, stderr)
+        self.assertIn("Address already in use", stderr)
+        time.sleep(0.5)  # the daemon's own exit follows its parent's
+        self.assertFalse(pidfile.exists(), "a stale pidfile is left")
+        log = (self.workdir / "server.log").read_text()
+        self.assertIn("Address already in use. Choose another --port/--listen", log)
+
+    def test_foreground_server_that_cannot_listen_exits_1_without_a_traceback(self) -> None:
+        done = subprocess.run(
+            self.server_argv("--nodaemon", "--pidfile="), cwd=self.workdir, env=_clean_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, output)
+        self.assertIn("Address already in use. Choose another --port/--listen", output)  # one period
+        self.assertNotIn("Traceback", output)
+
+
+class UnreadableStateDirTests(TestCase):
+    """A state directory the server may not read is reported as such, not
+    as a port it cannot listen on."""
+
+    def test_unreadable_state_dir_is_named_as_the_problem(self) -> Any:
+        from rtunnel.tap import server as tap_server
+
+        state_dir = Path(tempfile.mkdtemp(prefix="rtunnel-state-"))
+        self.addCleanup(shutil.rmtree, state_dir, True)
+        tunnel = Tunnel(self)
+        tunnel.state_dir = state_dir
+        d = tunnel.start_server()  # makes the key and certificate
+        d.addCallback(lambda _: tunnel.stop_server())
+        d.addCallback(lambda _: self._start_unreadable(tap_server, state_dir))
+        return d
+
+    def _start_unreadable(self, tap_server: Any, state_dir: Path) -> Any:
+        from twisted.internet import reactor
+        from twisted.logger import globalLogPublisher
+
+        from rtunnel.config import ServerConfig
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(tap_server, "exit_process", lambda _reactor, _code: None)
+        os.chmod(state_dir, 0o700)
+        service = tap_server.ServerService(
+            ServerConfig(listen="tcp:0:interface=127.0.0.1", state_dir=state_dir, token="t"), reactor
+        )
+        with _unprivileged():  # as root, the directory's mode stops no one
+            service.startService()
+        d = self.assertFailure(service.ready, StateDirError)
+
+        def check(_: object) -> None:
+            [failed] = [e for e in events if e.get("event") == "start_failed"]
+            reason = failed["reason"]
+            self.assertIn(str(state_dir), reason)
+            self.assertIn("Permission denied", reason)
+            self.assertIn("--state-dir", reason)
+            self.assertNotIn("listen", reason)
+
+        return d.addCallback(check)
+
+
+class _unprivileged:
+    """Run as the user nobody (effective uid only) inside the block, if root."""
+
+    def __enter__(self) -> None:
+        self.uid = os.geteuid()
+        if self.uid == 0:
+            try:
+                nobody = pwd.getpwnam("nobody")
+            except KeyError:
+                raise SkipTest("no user 'nobody' on this machine") from None
+            os.setegid(nobody.pw_gid)
+            os.seteuid(nobody.pw_uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.uid == 0:
+            os.seteuid(0)
+            os.setegid(0)

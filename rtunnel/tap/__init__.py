@@ -93,6 +93,71 @@ def _leave_with_status() -> None:
     os._exit(_exit_status[0])
 
 
+class StartFailed(Exception):
+    """A service could not start before the reactor ran (the reason is
+    logged already). Raised out of startService so that twistd reports it:
+    it removes its pidfile, and a daemon's parent prints this message on
+    stderr and exits 1."""
+
+
+def fail_start(reactor: Any, reason: str, code: int) -> None:
+    """End a process whose service cannot start. While twistd is still
+    starting the application (the reactor not yet running), raise
+    StartFailed for twistd to report, the process then ending with status
+    1 and no traceback (the reason is logged); later, stop the reactor and
+    exit with `code`."""
+    if reactor.running:
+        exit_process(reactor, code)
+        return
+    previous = sys.excepthook
+
+    def quiet(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        if not isinstance(value, StartFailed):  # its reason is logged: no traceback
+            previous(kind, value, tb)
+
+    sys.excepthook = quiet
+    raise StartFailed(reason)
+
+
+def stop_once_on_signals(reactor: Any) -> None:
+    """Make SIGTERM and SIGINT stop the reactor once.
+
+    The reactor's own handlers call reactor.stop() for every signal; a
+    second one before the reactor has stopped (`timeout` sends two within a
+    millisecond) raised ReactorNotRunning, logged as a critical traceback.
+    Once the reactor runs (it installs its handlers then), each of its own
+    handlers is wrapped so that signals after the first, or after a stop
+    begun another way, are only logged. Calling it again changes nothing.
+    """
+    reactor.callWhenRunning(_wrap_stop_signals, reactor)
+
+
+def _wrap_stop_signals(reactor: Any) -> None:
+    stopping: list[int] = []
+
+    def wrap(previous: Callable[[int, Any], None]) -> Callable[[int, Any], None]:
+        def handle(signum: int, frame: Any) -> None:
+            if stopping:
+                log.info(
+                    "received signal {signal} while stopping; already stopping",
+                    signal=signum, event="signal_ignored",
+                )
+                return
+            stopping.append(signum)
+            previous(signum, frame)
+
+        return handle
+
+    wrapped = False
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(signum)
+        if callable(previous) and getattr(previous, "__self__", None) is reactor:  # the reactor's own
+            signal.signal(signum, wrap(previous))
+            wrapped = True
+    if wrapped:
+        reactor.addSystemEventTrigger("before", "shutdown", stopping.append, 0)
+
+
 class SighupReload:
     """Calls `reload` in the reactor thread on SIGHUP, from install() until
     restore() (which puts the previous handler back). A previous Python

@@ -31,7 +31,15 @@ from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
-from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
+from rtunnel.tap import (
+    WINDOW_OPTIONS,
+    SighupReload,
+    exit_process,
+    fail_start,
+    keepalive_from,
+    stop_once_on_signals,
+    window_settings_from,
+)
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
     ClientIdentity,
@@ -348,6 +356,9 @@ class ClientMainService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         self._sighup.install()  # always: SIGHUP's default action would kill the client
+        stop_once_on_signals(self.reactor)
+        if self.fatal_error is not None and self.exit_on_fatal:  # e.g. the --metrics port is taken
+            fail_start(self.reactor, self.fatal_error, self.exit_code)
 
     def reload(self) -> None:
         """Re-read the config file (SIGHUP) with the same command line and
