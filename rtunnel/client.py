@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port, is_ip_literal
+from rtunnel.addresses import bracket, format_host_port, format_peer, is_ip_literal, public_address
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
@@ -355,11 +355,12 @@ class TunnelClient:
                 return  # connected, or cancelled: the stream is gone
             code, why = _reset_code_for(failure)
             self.log.warn(
-                "target {host}:{port} failed for a visitor from {src}: {why}",
-                host=spec.target_host, port=spec.target_port, src=info.get("src"), why=why,
+                "target {target} failed for a visitor from {visitor}: {why}",
+                target=spec.target, visitor=format_peer(info.get("src")), why=why,
+                host=spec.target_host, port=spec.target_port, src=info.get("src"),
                 event="target_failed", tunnel=tunnel_id, stream=stream.id, reason=why,
             )
-            stream.local_failed(code, f"target {spec.target_host}:{spec.target_port}: {why}")
+            stream.local_failed(code, f"target {spec.target}: {why}")
 
         factory = self._connecting[stream.id] = _TargetFactory(stream, header, settled)
         factory.connect(self.reactor, spec, self.config.connect_timeout)
@@ -381,11 +382,12 @@ class TunnelClient:
                 raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
             self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
             self.tunnel_names[spec.tunnel_id] = tunnel_name(*self.bound[spec.tunnel_id])
+            host = self.bound[spec.tunnel_id][0]
             self.log.info(
-                "tunnel ready: {server}:{port} -> {target}",
+                "tunnel ready: {address} -> {target}",
+                address=public_address(host, port, self.config.server_host), target=spec.target,
                 server=bracket(self.config.server_host), port=port,
-                target=f"{spec.target_host}:{spec.target_port}",
-                event="tunnel_ready", tunnel=spec.tunnel_id, host=self.bound[spec.tunnel_id][0],
+                event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
             )
             self._check_all_bound()
         elif frame.type is FrameType.BIND_FAILED:

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from twisted.internet import defer, error, reactor
 from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor, StringTransport
-from twisted.logger import capturedLogs
+from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -148,3 +148,63 @@ class HandshakeRefusalBackoffTests(unittest.TestCase):
         self.assertGreaterEqual(attempts, 3)
         self.assertLessEqual(attempts, 6, f"{attempts} attempts in {reactor.seconds() - started:.1f} s")
         self.assertEqual(second.client.events.sessions_started, 0)
+
+
+class LogAddressTests(unittest.SynchronousTestCase):
+    """Addresses in the client's log lines are written as a user types them:
+    HOST:PORT, IPv6 in brackets, the address visitors really reach."""
+
+    def client(self, server_host: str, target_host: str = "127.0.0.1", bind_host: str = "") -> TunnelClient:
+        spec = replace(TARGET, bind_host=bind_host, bind_port=4000, target_host=target_host)
+        config = ClientConfig(server_host, 19050, (spec,), token="t")
+        client = TunnelClient(MemoryReactorClock(), config, on_fatal=self.fail)
+        client.session = Session(client.reactor, client, is_server=False)
+        return client
+
+    def bound(self, client: TunnelClient, host: str) -> str:
+        frame = next(iter(wire.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(
+            wire.encode_json(FrameType.BOUND, {"tunnel": 1, "host": host, "port": 4000})
+        )))
+        with capturedLogs() as events:
+            client.control_frame(client.session, frame)  # type: ignore[arg-type]
+        [ready] = [e for e in events if e.get("event") == "tunnel_ready"]
+        return formatEvent(ready)
+
+    def test_tunnel_ready_shows_the_bound_address_not_the_server_host(self) -> None:
+        self.assertEqual(self.bound(self.client("::1", bind_host="127.0.0.1"), "127.0.0.1"),
+                         "tunnel ready: 127.0.0.1:4000 -> 127.0.0.1:3000")
+
+    def test_tunnel_ready_on_every_address_shows_the_server_host(self) -> None:
+        self.assertEqual(self.bound(self.client("tunnel.example.com"), "::"),
+                         "tunnel ready: tunnel.example.com:4000 -> 127.0.0.1:3000")
+        self.assertEqual(self.bound(self.client("2001:db8::5"), "0.0.0.0"),
+                         "tunnel ready: [2001:db8::5]:4000 -> 127.0.0.1:3000")
+
+    def test_ipv6_target_and_visitor_are_bracketed(self) -> None:
+        client = self.client("::1", target_host="::1")
+        session = client.session
+        assert session is not None
+        stream = Stream(session, 2, 1)
+        session.streams[2] = stream
+        with capturedLogs() as events:
+            client.stream_opened(session, stream, 1, {"src": ["2001:db8::7", 41254], "dst": ["::1", 4000]})
+            [(_, _, factory, _, _)] = client.reactor.tcpClients  # type: ignore[attr-defined]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        [failed] = [e for e in events if e.get("event") == "target_failed"]
+        self.assertEqual(
+            formatEvent(failed),
+            "target [::1]:3000 failed for a visitor from [2001:db8::7]:41254: connection refused",
+        )
+
+    def test_visitor_address_is_host_port_not_a_list(self) -> None:
+        client = self.client("server")
+        session = client.session
+        assert session is not None
+        stream = Stream(session, 2, 1)
+        session.streams[2] = stream
+        with capturedLogs() as events:
+            client.stream_opened(session, stream, 1, INFO)
+            [(_, _, factory, _, _)] = client.reactor.tcpClients  # type: ignore[attr-defined]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        [failed] = [e for e in events if e.get("event") == "target_failed"]
+        self.assertIn("for a visitor from 198.51.100.1:5555:", formatEvent(failed))

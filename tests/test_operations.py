@@ -731,3 +731,61 @@ class _unprivileged:
         if self.uid == 0:
             os.seteuid(0)
             os.setegid(0)
+
+
+class OptionErrorTests(SynchronousTestCase):
+    """A bad option is answered with the problem in one line and where the
+    usage is, not 60 lines of usage and twistd's internals."""
+
+    def setUp(self) -> None:
+        _scripts_or_skip()
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-options-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    def run_command(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=60, text=True,
+        )
+
+    def client_args(self, *args: str) -> list[str]:
+        return ["-c", "127.0.0.1", "--token", "t", "--fingerprint", NO_FINGERPRINT, *args]
+
+    def assertOneLineError(self, done: subprocess.CompletedProcess[str], prefix: str, problem: str) -> None:
+        everything = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 1, everything)
+        lines = done.stderr.splitlines()
+        self.assertTrue(lines and lines[0].startswith(prefix), everything)
+        self.assertIn(problem, lines[0])
+        self.assertLessEqual(len(everything.splitlines()), 2, everything)
+        self.assertIn("--help", everything)
+        for internal in ("Usage:", "--nodaemon:", "--pidfile:", "Traceback"):
+            self.assertNotIn(internal, everything)
+
+    def test_console_script_says_the_problem_first_without_the_usage(self) -> None:
+        done = self.run_command([str(CLIENT), *self.client_args("-f", "4000")])
+        self.assertOneLineError(done, "rtunnel_client: ", "give -f/--forward and -t/--to in pairs")
+
+    def test_server_console_script_too(self) -> None:
+        done = self.run_command([str(SERVER), "--port", "x"])
+        self.assertOneLineError(done, "rtunnel_server: ", "--port")
+
+    def test_twistd_with_its_own_options_first_names_the_plugin_not_an_option(self) -> None:
+        done = self.run_command([*TWISTD, "--pidfile=", "--nodaemon", "rtunnel-client", *self.client_args("-f", "4000")])
+        self.assertOneLineError(done, "twistd rtunnel-client: ", "give -f/--forward and -t/--to in pairs")
+
+    def test_a_target_with_two_colons_is_not_called_ipv6(self) -> None:
+        done = self.run_command([str(CLIENT), *self.client_args("-f", "4000", "-t", "bad_host:3000:1")])
+        self.assertOneLineError(done, "rtunnel_client: ", "-t/--to")
+        self.assertNotIn("IPv6", done.stderr)
+        self.assertIn("'bad_host:3000:1'", done.stderr)
+
+    def test_help_lists_log_format(self) -> None:
+        for command in (CLIENT, SERVER):
+            done = self.run_command([str(command), "--help"])
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("--log-format", done.stdout)
+
+    def test_log_format_under_twistd_says_to_use_logger(self) -> None:
+        done = self.run_command([*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", *self.client_args("--log-format", "json")])
+        self.assertOneLineError(done, "twistd rtunnel-client: ", "--logger rtunnel.logs.json_observer")

@@ -15,18 +15,76 @@ from typing import Any
 
 from twisted.internet import error
 from twisted.logger import Logger
+from twisted.python import usage
 
+from rtunnel.configfile import FileOptions
 from rtunnel.link import Keepalive
 from rtunnel.mux import SessionSettings
 
 log = Logger()
 
 
+class _NamedParameter(usage.CoerceParameter):
+    """A typed option whose error names it: "--port 'x' is not a whole
+    number", not "Parameter type enforcement failed: invalid literal for
+    int() with base 10: 'x'"."""
+
+    def dispatch(self, parameterName: str, value: Any) -> None:
+        try:
+            super().dispatch(parameterName, value)
+        except usage.UsageError:
+            if value is None:
+                raise
+            kind = {int: "a whole number", float: "a number"}.get(self.coerce, "valid")
+            raise usage.UsageError(f"--{parameterName} {value!r} is not {kind}") from None
+
+
+class CommandOptions:
+    """Mixed into the plugins' Options (first, before FileOptions).
+
+    On twistd's command line (a console script runs twistd too), a usage
+    error is written as one line on stderr, the problem first, with where
+    the usage is, and the process exits 1: twistd would print the whole
+    usage, then the problem behind its first two words ("rtunnel_client
+    --nodaemon:"). Parsed any other way (a reload, a test), UsageError is
+    raised as usual. It also lists --log-format, which the console scripts
+    take before twistd sees the command line.
+    """
+
+    config_not_keys = FileOptions.config_not_keys | {"log-format"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        dispatch = self._dispatch  # type: ignore[attr-defined]
+        for name, handler in dispatch.items():  # name the option in a type error
+            if type(handler) is usage.CoerceParameter:
+                dispatch[name] = _NamedParameter(self, handler.coerce)
+
+    def opt_log_format(self, value: str) -> None:
+        """json (one JSON object a line) or text (default) -- rtunnel_server and rtunnel_client only; with twistd, give twistd --logger rtunnel.logs.json_observer."""
+        raise usage.UsageError(
+            "--log-format is an option of the rtunnel_server and rtunnel_client commands; with "
+            "twistd, give --logger rtunnel.logs.json_observer (or text_observer) before the plugin name"
+        )
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)  # type: ignore[misc]
+        except usage.UsageError as e:
+            parent = getattr(self, "parent", None)
+            if parent is None or getattr(parent, "subOptions", None) is not self:
+                raise
+            command = os.path.basename(sys.argv[0]) if sys.argv else "twistd"
+            if not command.startswith("rtunnel"):
+                command = f"{command} {parent.subCommand}"
+            sys.stderr.write(f"{command}: {e}\n(see '{command} --help' for every option)\n")
+            sys.stderr.flush()
+            sys.exit(1)
+
+
 def keepalive_from(options: Any) -> Keepalive:
     interval, dead = options["ping-interval"], options["dead-after"]
     if interval <= 0 or dead <= interval:
-        from twisted.python import usage
-
         raise usage.UsageError("--dead-after must be greater than --ping-interval > 0")
     return Keepalive(interval=interval, dead_after=dead)
 
@@ -52,8 +110,6 @@ WINDOW_OPTIONS: list[list[Any]] = [
 
 def window_settings_from(options: Any) -> dict[str, int]:
     """Checked --session-buffer and --max-stream-window, as SessionSettings keywords."""
-    from twisted.python import usage
-
     budget, window = options["session-buffer"], options["max-stream-window"]
     if budget < MIN_SESSION_BUFFER:
         raise usage.UsageError(f"--session-buffer {budget} is below {MIN_SESSION_BUFFER} bytes")

@@ -16,7 +16,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
-from rtunnel.addresses import bracket, format_host_port
+from rtunnel.addresses import bracket, format_host_port, public_address
 from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
 from rtunnel.configfile import (
@@ -33,6 +33,7 @@ from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.tap import (
     WINDOW_OPTIONS,
+    CommandOptions,
     SighupReload,
     exit_process,
     fail_start,
@@ -53,14 +54,14 @@ from rtunnel.tls import (
 from rtunnel.tlslink import LinkTLSEndpoint
 
 
-class Options(FileOptions, usage.Options):
+class Options(CommandOptions, FileOptions, usage.Options):
     synopsis = (
         "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] "
         "(--fingerprint FP | --ca FILE | --trust-on-first-use)  or  --config client.toml [options]"
     )
     config_aliases = {"server": "connect"}
     config_tables = ("tunnel",)
-    config_not_keys = FileOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
+    config_not_keys = CommandOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
@@ -398,25 +399,28 @@ class ClientMainService(service.MultiService):
                 open_streams = sum(
                     1 for s in client.session.streams.values() if s.tunnel_id == spec.tunnel_id
                 )
-            port = client.bound.get(spec.tunnel_id, (None, spec.bind_port))[1]
+            host, port = client.bound.get(spec.tunnel_id, (spec.bind_host, spec.bind_port))
             client.remove_tunnel(spec.tunnel_id)
             self.log.info(
-                "tunnel removed: {server}:{port} -> {target}; its port is closed, its {n} open "
+                "tunnel removed: {address} -> {target}; its port is closed, its {n} open "
                 "connection(s) carry on until they close",
-                server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
+                address=public_address(host, port, self.config.server_host), server=server, port=port,
+                target=spec.target, n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
             )
         for spec in changes.retargeted:
             client.retarget_tunnel(spec)
             self.log.info(
-                "tunnel changed: {server}:{port} -> {target} (proxy_protocol {proxy}) for new visitors",
-                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
+                "tunnel changed: {address} -> {target} (proxy_protocol {proxy}) for new visitors",
+                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                server=server, port=spec.bind_port, target=spec.target,
                 proxy=spec.proxy_protocol, event="tunnel_changed", tunnel=spec.tunnel_id, proxy_protocol=spec.proxy_protocol,
             )
         for spec in changes.added:
             spec = client.add_tunnel(spec)
             self.log.info(
-                "tunnel added: {server}:{port} -> {target}",
-                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}", event="tunnel_added", tunnel=spec.tunnel_id,
+                "tunnel added: {address} -> {target}",
+                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                server=server, port=spec.bind_port, target=spec.target, event="tunnel_added", tunnel=spec.tunnel_id,
             )
         self.log.info(
             "reloaded {file}: {n} tunnels ({added} added, {removed} removed, {changed} changed)",

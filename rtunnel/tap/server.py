@@ -29,6 +29,7 @@ from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import (
     WINDOW_OPTIONS,
+    CommandOptions,
     SighupReload,
     exit_process,
     fail_start,
@@ -44,7 +45,7 @@ MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
 MAX_MAX_FRAME = 16 * 1024 * 1024
 
 
-class Options(FileOptions, usage.Options):
+class Options(CommandOptions, FileOptions, usage.Options):
     synopsis = "[options]  or  --config server.toml [options]"
     longdesc = (
         "Accept rtunnel clients on the control port and open the public ports they "
