@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rtunnel import wire
-from rtunnel.client import TunnelClient, retry_policy
+from rtunnel.client import BIND_RETRY_DELAY, TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.mux import Session, Stream, StreamProtocol
 from rtunnel.wire import FrameType, ResetCode
@@ -208,3 +208,42 @@ class LogAddressTests(unittest.SynchronousTestCase):
             factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
         [failed] = [e for e in events if e.get("event") == "target_failed"]
         self.assertIn("for a visitor from 198.51.100.1:5555:", formatEvent(failed))
+
+
+class BindRefusalTests(unittest.SynchronousTestCase):
+    """Which BIND_FAILED codes end the client (docs/protocol.md)."""
+
+    def setUp(self) -> None:
+        self.fatal: list[str] = []
+        spec = replace(TARGET, bind_port=4000)
+        self.client = TunnelClient(MemoryReactorClock(), ClientConfig("server", 1, (spec,), token="t"), self.fatal.append)
+        self.client.session = Session(self.client.reactor, self.client, is_server=False)
+
+    def refuse(self, code: str) -> list[dict[str, object]]:
+        frame = next(iter(wire.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(
+            wire.encode_json(FrameType.BIND_FAILED, {"tunnel": 1, "code": code, "message": "no"})
+        )))
+        with capturedLogs() as events:
+            self.client.control_frame(self.client.session, frame)  # type: ignore[arg-type]
+        return list(events)
+
+    def binds_sent(self) -> int:
+        session = self.client.session
+        assert session is not None
+        return sum(1 for _, ftype, _, _ in session._outbox if ftype is FrameType.BIND)
+
+    def test_refusals_retrying_cannot_fix_are_fatal(self) -> None:
+        for code in ("not_permitted", "bad_address", "limit"):
+            self.client.failed = False
+            self.refuse(code)
+        self.assertEqual(len(self.fatal), 3)
+
+    def test_an_unknown_code_is_retried_not_fatal(self) -> None:
+        """A newer server may add codes (say, for a port a newer client of
+        the same credential took): the client asks again."""
+        events = self.refuse("taken_over")
+        self.assertEqual(self.fatal, [])
+        self.assertEqual([e.get("event") for e in events], ["bind_failed"])
+        before = self.binds_sent()
+        self.client.reactor.advance(BIND_RETRY_DELAY)  # type: ignore[attr-defined]
+        self.assertEqual(self.binds_sent(), before + 1)
