@@ -372,6 +372,8 @@ class TunnelClient:
             connecting.cancel()
 
     def control_frame(self, session: Session, frame: Frame) -> None:
+        if self.failed:
+            return  # leaving: a BOUND read with the fatal refusal is not "tunnel ready"
         if frame.type is FrameType.BOUND:
             body = wire.decode_json(frame)
             if body.get("tunnel") in self._unbound:

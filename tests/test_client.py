@@ -219,9 +219,9 @@ class BindRefusalTests(unittest.SynchronousTestCase):
         self.client = TunnelClient(MemoryReactorClock(), ClientConfig("server", 1, (spec,), token="t"), self.fatal.append)
         self.client.session = Session(self.client.reactor, self.client, is_server=False)
 
-    def refuse(self, code: str) -> list[dict[str, object]]:
+    def refuse(self, code: str, ftype: FrameType = FrameType.BIND_FAILED) -> list[dict[str, object]]:
         frame = next(iter(wire.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(
-            wire.encode_json(FrameType.BIND_FAILED, {"tunnel": 1, "code": code, "message": "no"})
+            wire.encode_json(ftype, {"tunnel": 1, "code": code, "message": "no", "host": "::", "port": 4000})
         )))
         with capturedLogs() as events:
             self.client.control_frame(self.client.session, frame)  # type: ignore[arg-type]
@@ -247,3 +247,9 @@ class BindRefusalTests(unittest.SynchronousTestCase):
         before = self.binds_sent()
         self.client.reactor.advance(BIND_RETRY_DELAY)  # type: ignore[attr-defined]
         self.assertEqual(self.binds_sent(), before + 1)
+
+    def test_a_bound_read_after_a_fatal_refusal_is_not_announced(self) -> None:
+        self.refuse("limit")
+        events = self.refuse("", FrameType.BOUND)
+        self.assertEqual([e.get("event") for e in events], [])
+        self.assertEqual(self.client.bound, {})
