@@ -156,13 +156,14 @@ class StartFailed(Exception):
     stderr and exits 1."""
 
 
-def fail_start(reactor: Any, reason: str, code: int) -> None:
+def fail_start(reactor: Any, reason: str, code: int, under_twistd: bool) -> None:
     """End a process whose service cannot start. While twistd is still
-    starting the application (the reactor not yet running), raise
+    starting the application (`under_twistd`, the service made by the
+    plugin's makeService, and the reactor not yet running), raise
     StartFailed for twistd to report, the process then ending with status
-    1 and no traceback (the reason is logged); later, stop the reactor and
+    1 and no traceback (the reason is logged); else stop the reactor and
     exit with `code`."""
-    if reactor.running:
+    if not under_twistd or reactor.running:
         exit_process(reactor, code)
         return
     previous = sys.excepthook

@@ -316,6 +316,7 @@ class ClientMainService(service.MultiService):
         self._sighup = SighupReload(reactor, self.reload, "the config file")
         self.config = config
         self.exit_on_fatal = exit_on_fatal
+        self.under_twistd = False  # made by makeService: twistd reports a failed start
         self.fatal_error: str | None = None
         self._fatal_waiters: list[defer.Deferred[str]] = []
         if known_servers is not None and (config.fingerprint is not None or config.ca_file is not None):
@@ -358,8 +359,8 @@ class ClientMainService(service.MultiService):
         super().startService()
         self._sighup.install()  # always: SIGHUP's default action would kill the client
         stop_once_on_signals(self.reactor)
-        if self.fatal_error is not None and self.exit_on_fatal:  # e.g. the --metrics port is taken
-            fail_start(self.reactor, self.fatal_error, self.exit_code)
+        if self.fatal_error is not None and self.exit_on_fatal and self.under_twistd:
+            fail_start(self.reactor, self.fatal_error, self.exit_code, True)  # e.g. the --metrics port is taken
 
     def reload(self) -> None:
         """Re-read the config file (SIGHUP) with the same command line and
@@ -550,4 +551,5 @@ def makeService(options: Options) -> service.IService:
     except RtunnelError as e:
         raise usage.UsageError(str(e)) from None
     main.running_options(options)
+    main.under_twistd = True
     return main

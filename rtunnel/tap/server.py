@@ -207,6 +207,7 @@ class ServerService(service.Service):
         self.admin: AdminServer | None = None
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
         self.start_error: str | None = None  # why the start failed
+        self.under_twistd = False  # made by makeService: twistd reports a failed start
 
     def privilegedStartService(self) -> None:
         """twistd calls this before --uid/--gid drop root: read the key
@@ -220,8 +221,8 @@ class ServerService(service.Service):
         stop_once_on_signals(self.reactor)
         d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
-        if self.start_error is not None:
-            fail_start(self.reactor, self.start_error, 1)
+        if self.start_error is not None and self.under_twistd:
+            fail_start(self.reactor, self.start_error, 1, True)
 
     # ------------------------------------------------------------ clients file
 
@@ -279,7 +280,7 @@ class ServerService(service.Service):
             self.log.failure("cannot start: {why} (a bug)", failure, why=why, event="start_failed", reason=why)
         self.start_error = why
         self.ready.errback(failure)
-        if self.reactor.running:  # else startService reports it to twistd
+        if not self.under_twistd or self.reactor.running:  # else startService reports it to twistd
             exit_process(self.reactor, 1)
 
     @defer.inlineCallbacks
@@ -463,4 +464,6 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
 
 
 def makeService(options: Options) -> service.IService:
-    return ServerService(options.config)
+    server = ServerService(options.config)
+    server.under_twistd = True
+    return server
