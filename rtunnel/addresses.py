@@ -76,6 +76,23 @@ def format_host_port(host: str, port: int) -> str:
     return f"{bracket(host)}:{port}"
 
 
+WILDCARD_HOSTS = frozenset({"", IPV4_ANY, DUAL_STACK})  # bound on every address
+
+
+def public_address(bound_host: str, port: int, server_host: str) -> str:
+    """Where visitors reach a public port, as HOST:PORT: the address it is
+    bound to, or the server's host when it is bound on every address."""
+    return format_host_port(server_host if bound_host in WILDCARD_HOSTS else bound_host, port)
+
+
+def format_peer(value: Any) -> str:
+    """An address as OPEN's src and dst carry it ([host, port]) written as
+    HOST:PORT; anything else (absent, malformed) as "?"."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[1], int):
+        return format_host_port(str(value[0]), value[1])
+    return "?"
+
+
 def ipv6_unavailable(exc: BaseException) -> bool:
     """True if a failed listen (a CannotListenError or an OSError) failed
     because this host has no IPv6, not because the port is taken."""

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port, is_ip_literal
+from rtunnel.addresses import bracket, format_host_port, format_peer, is_ip_literal, public_address
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
@@ -36,11 +36,13 @@ BIND_RETRY_DELAY = 5.0
 
 
 def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Exponential backoff from `initial` doubling to `maximum`, +-20% jitter."""
+    """Exponential backoff from `initial` doubling to `maximum`, +-20% jitter
+    that never goes above `maximum` (at the cap: 80-100% of it)."""
 
     def delay(attempt: int) -> float:
         base = min(initial * 2 ** min(max(attempt - 1, 0), 60), maximum)
-        return base * (0.8 + 0.4 * rng())
+        low, high = 0.8 * base, min(1.2 * base, maximum)
+        return low + (high - low) * rng()
 
     return delay
 
@@ -355,11 +357,12 @@ class TunnelClient:
                 return  # connected, or cancelled: the stream is gone
             code, why = _reset_code_for(failure)
             self.log.warn(
-                "target {host}:{port} failed for a visitor from {src}: {why}",
-                host=spec.target_host, port=spec.target_port, src=info.get("src"), why=why,
+                "target {target} failed for a visitor from {visitor}: {why}",
+                target=spec.target, visitor=format_peer(info.get("src")), why=why,
+                host=spec.target_host, port=spec.target_port, src=info.get("src"),
                 event="target_failed", tunnel=tunnel_id, stream=stream.id, reason=why,
             )
-            stream.local_failed(code, f"target {spec.target_host}:{spec.target_port}: {why}")
+            stream.local_failed(code, f"target {spec.target}: {why}")
 
         factory = self._connecting[stream.id] = _TargetFactory(stream, header, settled)
         factory.connect(self.reactor, spec, self.config.connect_timeout)
@@ -371,6 +374,8 @@ class TunnelClient:
             connecting.cancel()
 
     def control_frame(self, session: Session, frame: Frame) -> None:
+        if self.failed:
+            return  # leaving: a BOUND read with the fatal refusal is not "tunnel ready"
         if frame.type is FrameType.BOUND:
             body = wire.decode_json(frame)
             if body.get("tunnel") in self._unbound:
@@ -382,11 +387,12 @@ class TunnelClient:
             self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
             self._taken_over.discard(spec.tunnel_id)
             self.tunnel_names[spec.tunnel_id] = tunnel_name(*self.bound[spec.tunnel_id])
+            host = self.bound[spec.tunnel_id][0]
             self.log.info(
-                "tunnel ready: {server}:{port} -> {target}",
+                "tunnel ready: {address} -> {target}",
+                address=public_address(host, port, self.config.server_host), target=spec.target,
                 server=bracket(self.config.server_host), port=port,
-                target=f"{spec.target_host}:{spec.target_port}",
-                event="tunnel_ready", tunnel=spec.tunnel_id, host=self.bound[spec.tunnel_id][0],
+                event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
             )
             self._check_all_bound()
         elif frame.type is FrameType.BIND_FAILED:

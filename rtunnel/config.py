@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT
-from rtunnel.addresses import is_ip_literal
+from rtunnel.addresses import format_host_port, is_ip_literal, public_address
 from rtunnel.errors import ConfigError
 from rtunnel.limits import Limits
 from rtunnel.link import Keepalive
@@ -47,7 +47,9 @@ def parse_host_port(
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     elif text.count(":") > 1:
-        raise ConfigError(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:3000 (not {text!r})")
+        if is_ip_literal(text) or is_ip_literal(text.rsplit(":", 1)[0]):  # ::1 or ::1:3000
+            raise ConfigError(f"{what}: write IPv6 addresses in brackets, e.g. [::1]:3000 (not {text!r})")
+        raise ConfigError(f"{what}: {text!r} has more than one ':'; write HOST:PORT or PORT, e.g. localhost:3000")
     elif text.isdigit():
         host, port_text = None, text
     else:
@@ -111,8 +113,13 @@ class TunnelSpec:
     target_port: int
     proxy_protocol: str = "off"
 
+    @property
+    def target(self) -> str:
+        """The target as HOST:PORT (IPv6 in brackets)."""
+        return format_host_port(self.target_host, self.target_port)
+
     def describe(self, server_host: str) -> str:
-        return f"{server_host}:{self.bind_port} -> {self.target_host}:{self.target_port}"
+        return f"{public_address(self.bind_host, self.bind_port, server_host)} -> {self.target}"
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ that adds a client to the clients file and prints its token once."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from rtunnel.logs import JSON_OBSERVER, LOG_FORMATS, TEXT_OBSERVER
@@ -46,7 +47,7 @@ def _run(plugin: str) -> None:
     try:
         sys.argv = [sys.argv[0], *twistd_argv(sys.argv[1:], plugin)]
     except ValueError as e:
-        sys.exit(f"{sys.argv[0]}: {e}")
+        sys.exit(f"{os.path.basename(sys.argv[0])}: {e}\n(see '{os.path.basename(sys.argv[0])} --help' for every option)")
     twistd.run()
 
 

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from rtunnel.errors import ConfigError
+from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.files import load_or_create_secret, replace_private, write_private
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
@@ -120,7 +120,14 @@ def load_server_identity(
     created = False
     if cert_path is None or key_path is None:
         cert_path, key_path = state_dir / "server.crt", state_dir / "server.key"
-        if not cert_path.exists() or not key_path.exists():
+        try:
+            missing = not cert_path.exists() or not key_path.exists()
+        except OSError as e:  # e.g. a directory this user may not enter
+            raise StateDirError(
+                f"cannot read the state directory {state_dir}: {e.strerror or e}. Fix its permissions "
+                "for the user the server runs as, or choose another --state-dir."
+            ) from None
+        if missing:
             cert_pem, key_pem = _make_self_signed()
             write_private(key_path, key_pem)
             write_private(cert_path, cert_pem)

@@ -30,7 +30,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from rtunnel.errors import ConfigError
+from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.link import Keepalive
 from rtunnel.logs import (
     JSON_OBSERVER,
@@ -47,6 +47,7 @@ from tests.test_processes import (
     BANNER,
     TWISTD,
     Process,
+    _clean_env,
     _fingerprint,
     _plugins_installed,
     _TargetServer,
@@ -620,3 +621,171 @@ class DocumentedEventTests(SynchronousTestCase):
         self.assertIn("tunnel_closed", names)  # the pattern still finds events
         missing = sorted(name for name in names if f"| `{name}`" not in docs)
         self.assertEqual(missing, [], "events logged but not in docs/operations.md's tables")
+
+
+class StartFailureTests(SynchronousTestCase):
+    """A server that cannot start says why, where its operator looks, and
+    leaves no pidfile (docs/operations.md "Exit status")."""
+
+    def setUp(self) -> None:
+        reason = _plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-start-failure-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.busy = socket.socket()
+        self.busy.bind(("127.0.0.1", 0))
+        self.busy.listen(1)
+        self.addCleanup(self.busy.close)
+
+    def server_argv(self, *twistd_options: str) -> list[str]:
+        return [
+            *TWISTD, *twistd_options, "rtunnel-server", "--port", str(self.busy.getsockname()[1]),
+            "--interface", "127.0.0.1", "--state-dir", str(self.workdir / "state"),
+        ]
+
+    def test_daemon_that_cannot_listen_exits_1_with_the_reason_on_stderr_and_no_pidfile(self) -> None:
+        pidfile = self.workdir / "server.pid"
+        done = subprocess.run(
+            self.server_argv(f"--pidfile={pidfile}", f"--logfile={self.workdir / 'server.log'}"),
+            cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        stderr = done.stderr.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, stderr)
+        self.assertIn("Address already in use", stderr)
+        time.sleep(0.5)  # the daemon's own exit follows its parent's
+        self.assertFalse(pidfile.exists(), "a stale pidfile is left")
+        log = (self.workdir / "server.log").read_text()
+        self.assertIn("Address already in use. Choose another --port/--listen", log)
+
+    def test_foreground_server_that_cannot_listen_exits_1_without_a_traceback(self) -> None:
+        done = subprocess.run(
+            self.server_argv("--nodaemon", "--pidfile="), cwd=self.workdir, env=_clean_env(),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+        output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
+        self.assertEqual(done.returncode, 1, output)
+        self.assertIn("Address already in use. Choose another --port/--listen", output)  # one period
+        self.assertNotIn("Traceback", output)
+
+
+class UnreadableStateDirTests(TestCase):
+    """A state directory the server may not read is reported as such, not
+    as a port it cannot listen on."""
+
+    def test_unreadable_state_dir_is_named_as_the_problem(self) -> Any:
+        from rtunnel.tap import server as tap_server
+
+        state_dir = Path(tempfile.mkdtemp(prefix="rtunnel-state-"))
+        self.addCleanup(shutil.rmtree, state_dir, True)
+        tunnel = Tunnel(self)
+        tunnel.state_dir = state_dir
+        d = tunnel.start_server()  # makes the key and certificate
+        d.addCallback(lambda _: tunnel.stop_server())
+        d.addCallback(lambda _: self._start_unreadable(tap_server, state_dir))
+        return d
+
+    def _start_unreadable(self, tap_server: Any, state_dir: Path) -> Any:
+        from twisted.internet import reactor
+        from twisted.logger import globalLogPublisher
+
+        from rtunnel.config import ServerConfig
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.patch(tap_server, "exit_process", lambda _reactor, _code: None)
+        os.chmod(state_dir, 0o700)
+        service = tap_server.ServerService(
+            ServerConfig(listen="tcp:0:interface=127.0.0.1", state_dir=state_dir, token="t"), reactor
+        )
+        with _unprivileged():  # as root, the directory's mode stops no one
+            service.startService()
+        d = self.assertFailure(service.ready, StateDirError)
+
+        def check(_: object) -> None:
+            [failed] = [e for e in events if e.get("event") == "start_failed"]
+            reason = failed["reason"]
+            self.assertIn(str(state_dir), reason)
+            self.assertIn("Permission denied", reason)
+            self.assertIn("--state-dir", reason)
+            self.assertNotIn("listen", reason)
+
+        return d.addCallback(check)
+
+
+class _unprivileged:
+    """Run as the user nobody (effective uid only) inside the block, if root."""
+
+    def __enter__(self) -> None:
+        self.uid = os.geteuid()
+        if self.uid == 0:
+            try:
+                nobody = pwd.getpwnam("nobody")
+            except KeyError:
+                raise SkipTest("no user 'nobody' on this machine") from None
+            os.setegid(nobody.pw_gid)
+            os.seteuid(nobody.pw_uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.uid == 0:
+            os.seteuid(0)
+            os.setegid(0)
+
+
+class OptionErrorTests(SynchronousTestCase):
+    """A bad option is answered with the problem in one line and where the
+    usage is, not 60 lines of usage and twistd's internals."""
+
+    def setUp(self) -> None:
+        _scripts_or_skip()
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-options-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    def run_command(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=60, text=True,
+        )
+
+    def client_args(self, *args: str) -> list[str]:
+        return ["-c", "127.0.0.1", "--token", "t", "--fingerprint", NO_FINGERPRINT, *args]
+
+    def assertOneLineError(self, done: subprocess.CompletedProcess[str], prefix: str, problem: str) -> None:
+        everything = done.stdout + done.stderr
+        self.assertEqual(done.returncode, 1, everything)
+        lines = done.stderr.splitlines()
+        self.assertTrue(lines and lines[0].startswith(prefix), everything)
+        self.assertIn(problem, lines[0])
+        self.assertLessEqual(len(everything.splitlines()), 2, everything)
+        self.assertIn("--help", everything)
+        for internal in ("Usage:", "--nodaemon:", "--pidfile:", "Traceback"):
+            self.assertNotIn(internal, everything)
+
+    def test_console_script_says_the_problem_first_without_the_usage(self) -> None:
+        done = self.run_command([str(CLIENT), *self.client_args("-f", "4000")])
+        self.assertOneLineError(done, "rtunnel_client: ", "give -f/--forward and -t/--to in pairs")
+
+    def test_server_console_script_too(self) -> None:
+        done = self.run_command([str(SERVER), "--port", "x"])
+        self.assertOneLineError(done, "rtunnel_server: ", "--port")
+
+    def test_twistd_with_its_own_options_first_names_the_plugin_not_an_option(self) -> None:
+        done = self.run_command([*TWISTD, "--pidfile=", "--nodaemon", "rtunnel-client", *self.client_args("-f", "4000")])
+        self.assertOneLineError(done, "twistd rtunnel-client: ", "give -f/--forward and -t/--to in pairs")
+
+    def test_a_target_with_two_colons_is_not_called_ipv6(self) -> None:
+        done = self.run_command([str(CLIENT), *self.client_args("-f", "4000", "-t", "bad_host:3000:1")])
+        self.assertOneLineError(done, "rtunnel_client: ", "-t/--to")
+        self.assertNotIn("IPv6", done.stderr)
+        self.assertIn("'bad_host:3000:1'", done.stderr)
+
+    def test_help_lists_log_format(self) -> None:
+        for command in (CLIENT, SERVER):
+            done = self.run_command([str(command), "--help"])
+            self.assertEqual(done.returncode, 0, done.stderr)
+            self.assertIn("--log-format", done.stdout)
+
+    def test_log_format_under_twistd_says_to_use_logger(self) -> None:
+        done = self.run_command([*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", *self.client_args("--log-format", "json")])
+        self.assertOneLineError(done, "twistd rtunnel-client: ", "--logger rtunnel.logs.json_observer")

@@ -16,7 +16,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
-from rtunnel.addresses import bracket, format_host_port
+from rtunnel.addresses import bracket, format_host_port, public_address
 from rtunnel.client import TunnelClient, retry_policy
 from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
 from rtunnel.configfile import (
@@ -31,7 +31,16 @@ from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
-from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
+from rtunnel.tap import (
+    WINDOW_OPTIONS,
+    CommandOptions,
+    SighupReload,
+    exit_process,
+    fail_start,
+    keepalive_from,
+    stop_once_on_signals,
+    window_settings_from,
+)
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
     ClientIdentity,
@@ -45,14 +54,14 @@ from rtunnel.tls import (
 from rtunnel.tlslink import LinkTLSEndpoint
 
 
-class Options(FileOptions, usage.Options):
+class Options(CommandOptions, FileOptions, usage.Options):
     synopsis = (
         "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] "
         "(--fingerprint FP | --ca FILE | --trust-on-first-use)  or  --config client.toml [options]"
     )
     config_aliases = {"server": "connect"}
     config_tables = ("tunnel",)
-    config_not_keys = FileOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
+    config_not_keys = CommandOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
@@ -307,6 +316,7 @@ class ClientMainService(service.MultiService):
         self._sighup = SighupReload(reactor, self.reload, "the config file")
         self.config = config
         self.exit_on_fatal = exit_on_fatal
+        self.under_twistd = False  # made by makeService: twistd reports a failed start
         self.fatal_error: str | None = None
         self._fatal_waiters: list[defer.Deferred[str]] = []
         if known_servers is not None and (config.fingerprint is not None or config.ca_file is not None):
@@ -348,6 +358,9 @@ class ClientMainService(service.MultiService):
     def startService(self) -> None:
         super().startService()
         self._sighup.install()  # always: SIGHUP's default action would kill the client
+        stop_once_on_signals(self.reactor)
+        if self.fatal_error is not None and self.exit_on_fatal and self.under_twistd:
+            fail_start(self.reactor, self.fatal_error, self.exit_code, True)  # e.g. the --metrics port is taken
 
     def reload(self) -> None:
         """Re-read the config file (SIGHUP) with the same command line and
@@ -387,25 +400,28 @@ class ClientMainService(service.MultiService):
                 open_streams = sum(
                     1 for s in client.session.streams.values() if s.tunnel_id == spec.tunnel_id
                 )
-            port = client.bound.get(spec.tunnel_id, (None, spec.bind_port))[1]
+            host, port = client.bound.get(spec.tunnel_id, (spec.bind_host, spec.bind_port))
             client.remove_tunnel(spec.tunnel_id)
             self.log.info(
-                "tunnel removed: {server}:{port} -> {target}; its port is closed, its {n} open "
+                "tunnel removed: {address} -> {target}; its port is closed, its {n} open "
                 "connection(s) carry on until they close",
-                server=server, port=port, target=f"{spec.target_host}:{spec.target_port}", n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
+                address=public_address(host, port, self.config.server_host), server=server, port=port,
+                target=spec.target, n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
             )
         for spec in changes.retargeted:
             client.retarget_tunnel(spec)
             self.log.info(
-                "tunnel changed: {server}:{port} -> {target} (proxy_protocol {proxy}) for new visitors",
-                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}",
+                "tunnel changed: {address} -> {target} (proxy_protocol {proxy}) for new visitors",
+                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                server=server, port=spec.bind_port, target=spec.target,
                 proxy=spec.proxy_protocol, event="tunnel_changed", tunnel=spec.tunnel_id, proxy_protocol=spec.proxy_protocol,
             )
         for spec in changes.added:
             spec = client.add_tunnel(spec)
             self.log.info(
-                "tunnel added: {server}:{port} -> {target}",
-                server=server, port=spec.bind_port, target=f"{spec.target_host}:{spec.target_port}", event="tunnel_added", tunnel=spec.tunnel_id,
+                "tunnel added: {address} -> {target}",
+                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                server=server, port=spec.bind_port, target=spec.target, event="tunnel_added", tunnel=spec.tunnel_id,
             )
         self.log.info(
             "reloaded {file}: {n} tunnels ({added} added, {removed} removed, {changed} changed)",
@@ -440,8 +456,14 @@ class ClientMainService(service.MultiService):
         return list(dict.fromkeys("server" if n == "connect" else n for n in names))
 
     def _fatal(self, message: str) -> None:
+        """Retrying cannot help: leave the server as a stopping client does
+        (GOAWAY, so it frees the session and its ports at once), stop
+        connecting, close the tunnelled connections, then (exit_on_fatal)
+        end the process with exit_code."""
         self.fatal_error = message
+        self._leave_server()
         d = defer.maybeDeferred(self.connector.stopService)
+        d.addCallback(lambda _: self.client.shutdown())
         waiters, self._fatal_waiters = self._fatal_waiters, []
         for waiter in waiters:
             waiter.callback(message)
@@ -450,8 +472,14 @@ class ClientMainService(service.MultiService):
 
     def _next_attempt_in(self, attempt: int) -> float:
         """ClientService's retry policy: the wait before the next attempt,
-        logged in one line with why the last one failed."""
-        delay = self._retry_policy(attempt)
+        logged in one line with why the last one failed.
+
+        ClientService counts only failed connects: a link the server closed
+        before a session started (it refused the handshake: session limit,
+        too many unauthenticated connections, shutting down) would restart
+        its count at 1. The backoff goes by the attempts in a row that made
+        no session, whichever way they failed."""
+        delay = self._retry_policy(max(attempt, self.client.failed_attempts))
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
         where = format_host_port(self.config.server_host, self.config.server_port)
         if why is not None:
@@ -493,14 +521,19 @@ class ClientMainService(service.MultiService):
             self._fatal_waiters.append(d)
         return d
 
-    def stopService(self) -> defer.Deferred[None]:
-        """Disconnect, then close every tunnelled connection still open."""
+    def _leave_server(self) -> None:
+        """Tell the server we are leaving (GOAWAY) while the link is up, and
+        ready every link to close: the connector's disconnect then ends it."""
         self.client.say_goodbye()
         for link in list(self.client.links):
             if not link.handshake_done:
                 link.abort()  # TLS cannot close cleanly mid-handshake
             elif link.session is not None:
                 link.session.detach()  # TLS cannot close while the session produces
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Disconnect, then close every tunnelled connection still open."""
+        self._leave_server()
         self._sighup.restore()
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
@@ -518,4 +551,5 @@ def makeService(options: Options) -> service.IService:
     except RtunnelError as e:
         raise usage.UsageError(str(e)) from None
     main.running_options(options)
+    main.under_twistd = True
     return main

@@ -28,7 +28,16 @@ from rtunnel.metrics import ServerCollector, listen_metrics, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
-from rtunnel.tap import WINDOW_OPTIONS, SighupReload, exit_process, keepalive_from, window_settings_from
+from rtunnel.tap import (
+    WINDOW_OPTIONS,
+    CommandOptions,
+    SighupReload,
+    exit_process,
+    fail_start,
+    keepalive_from,
+    stop_once_on_signals,
+    window_settings_from,
+)
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 from rtunnel.tlslink import LinkTLSFactory
 
@@ -37,7 +46,7 @@ MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
 MAX_MAX_FRAME = 16 * 1024 * 1024
 
 
-class Options(FileOptions, usage.Options):
+class Options(CommandOptions, FileOptions, usage.Options):
     synopsis = "[options]  or  --config server.toml [options]"
     longdesc = (
         "Accept rtunnel clients on the control port and open the public ports they "
@@ -199,6 +208,8 @@ class ServerService(service.Service):
         self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
+        self.start_error: str | None = None  # why the start failed
+        self.under_twistd = False  # made by makeService: twistd reports a failed start
 
     def privilegedStartService(self) -> None:
         """twistd calls this before --uid/--gid drop root: read the key
@@ -209,8 +220,11 @@ class ServerService(service.Service):
     def startService(self) -> None:
         super().startService()
         self._sighup.install()  # always: SIGHUP's default action would kill the server
+        stop_once_on_signals(self.reactor)
         d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
+        if self.start_error is not None and self.under_twistd:
+            fail_start(self.reactor, self.start_error, 1, True)
 
     # ------------------------------------------------------------ clients file
 
@@ -254,18 +268,22 @@ class ServerService(service.Service):
 
     def _failed(self, failure: Any) -> None:
         self._sighup.restore()
+        why = failure.getErrorMessage()
         if failure.check(RtunnelError):
-            self.log.critical("cannot start: {why}", why=failure.getErrorMessage(), event="start_failed", reason=failure.getErrorMessage())
-        elif failure.check(Exception):
+            self.log.critical("cannot start: {why}", why=why, event="start_failed", reason=why)
+        elif failure.check(CannotListenError):
+            why = why.rstrip(".")
             self.log.critical(
                 "cannot listen on {listen}: {why}. Choose another --port/--listen or stop the "
                 "program using it.",
-                listen=self.config.listen,
-                why=failure.getErrorMessage(),
-                event="start_failed", reason=failure.getErrorMessage(),
+                listen=self.config.listen, why=why, event="start_failed", reason=why,
             )
+        else:
+            self.log.failure("cannot start: {why} (a bug)", failure, why=why, event="start_failed", reason=why)
+        self.start_error = why
         self.ready.errback(failure)
-        exit_process(self.reactor, 1)
+        if not self.under_twistd or self.reactor.running:  # else startService reports it to twistd
+            exit_process(self.reactor, 1)
 
     @defer.inlineCallbacks
     def _start(self) -> Any:
@@ -511,4 +529,6 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
 def makeService(options: Options) -> service.IService:
     # twistd calls this before it opens its log file: make that file 0600
     create_private_log_file(twistd_log_file(options.parent))
-    return ServerService(options.config)
+    server = ServerService(options.config)
+    server.under_twistd = True
+    return server
