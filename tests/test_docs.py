@@ -177,8 +177,9 @@ class ProseNumbersTests(SynchronousTestCase):
             f"the header's {wire.HEADER_SIZE} bytes are in",
             f"(`--max-frame`, {size(wire.DEFAULT_MAX_FRAME)}; {size(wire.MIN_MAX_FRAME)} to "
             f"{size(tap_server.MAX_MAX_FRAME)})",
-            f"({size(SETTINGS.initial_window)} initial, at most {size(SETTINGS.max_stream_window)}) "
-            f"and a session window budget ({size(SETTINGS.session_window_budget)})",
+            f"| per-stream window | {size(SETTINGS.max_stream_window)} max (256 KiB – session buffer), "
+            f"{size(SETTINGS.initial_window)} initial |",
+            f"`--session-buffer` (default {size(SETTINGS.session_window_budget)}, at least 1 MiB;",
             f"the decoder accepts frames of at most {size(wire.HANDSHAKE_MAX_FRAME)}",
             f"(`--handshake-timeout`, {number(SERVER['handshake-timeout'])} s)",
             f"(`--max-unauthenticated`, {SERVER['max-unauthenticated']})",
@@ -225,7 +226,7 @@ class ProseNumbersTests(SynchronousTestCase):
         "docs/performance.md": [
             f"starts with a **{size(SETTINGS.initial_window)}** window",
             f"at **{size(SETTINGS.max_stream_window)} per stream**",
-            f"capped at **{size(SETTINGS.session_window_budget)}**",
+            f"of its **{size(SETTINGS.session_window_budget)}** `--session-buffer`",
             f"idle for **{number(SETTINGS.idle_window_reset)} s** falls back to {size(SETTINGS.initial_window)}",
         ],
     }
