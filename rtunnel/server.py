@@ -19,7 +19,7 @@ from typing import Any
 
 from OpenSSL import crypto
 from twisted.internet import defer, error, tcp
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,7 +37,7 @@ from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
 from rtunnel.errors import ConfigError
-from rtunnel.guard import AdmissionGuard
+from rtunnel.guard import MOST_HELD, PER_ADDRESS, AdmissionGuard
 from rtunnel.limits import ClientLimiter, Limits, RefusalLog
 from rtunnel.link import ControlLink
 from rtunnel.mux import (
@@ -426,17 +426,35 @@ class TunnelServer:
         self.links: set[ServerLink] = set()
         self.shutting_down = False
         self._drained: defer.Deferred[None] | None = None
-        self.guard = AdmissionGuard(
+        self.guard: AdmissionGuard[ServerLink] = AdmissionGuard(
             reactor,
             max_unauthenticated=config.max_unauthenticated,
+            max_per_address=config.max_unauthenticated_per_address,
             failure_burst=config.auth_failure_burst,
             failure_refill=config.auth_failure_refill,
         )
         self._cap_refusals = RefusalLog(
             reactor,
             "refusing new control connections: {n} are not authenticated yet, the maximum "
-            "(--max-unauthenticated); {refused} refused since the last report",
+            "(--max-unauthenticated), and the newcomer's address {host} holds the most of them; "
+            "{refused} refused since the last report",
             interval=10.0, count_field="refused", log=self.log, event="connections_capped",
+            reason="max_unauthenticated",
+        )
+        self._address_refusals = RefusalLog(
+            reactor,
+            "refusing new control connections from {host}: {n} of its connections are not "
+            "authenticated yet, the most one address may have (--max-unauthenticated-per-address); "
+            "{refused} refused since the last report",
+            interval=10.0, count_field="refused", log=self.log, event="connections_capped",
+            reason="per_address",
+        )
+        self._evictions = RefusalLog(
+            reactor,
+            "{n} control connections are not authenticated yet (--max-unauthenticated): dropped "
+            "the oldest of the address holding the most ({host}, {held}) to make room for a new "
+            "one; {dropped} dropped since the last report",
+            interval=10.0, count_field="dropped", log=self.log, event="connections_evicted",
         )
         self._no_ipv6_logged = False
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
@@ -447,6 +465,12 @@ class TunnelServer:
         factory = Factory.forProtocol(lambda: ServerLink(self))
         factory.noisy = False
         return factory
+
+    def admitting(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """`factory` (the control port's, TLS included) behind the guard: a
+        connection the guard refuses is closed as it is accepted, before any
+        TLS state is made for it, so a flood costs little per connection."""
+        return _AdmittingFactory(self, factory)
 
     # ------------------------------------------------------------ auth
 
@@ -572,12 +596,28 @@ class TunnelServer:
             self._refresh_limiter(credential)
         return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
-    def connection_refused_over_cap(self) -> None:
-        """Log refusals over the unauthenticated cap: the first at once,
-        then at most one summary line every 10 s, the last one 10 s after
-        the previous line (a flood must not flood the log too)."""
+    def connection_refused_over_cap(self, host: str = "?", reason: str = MOST_HELD) -> None:
+        """Log a control connection from `host` refused by the guard: the
+        first at once, then at most one summary line every 10 s per reason,
+        the last one 10 s after the previous line (a flood must not flood
+        the log too)."""
         guard = self.guard
-        self._cap_refusals.refused(n=guard.unauthenticated, refused_total=guard.refused_connections)
+        if reason == PER_ADDRESS:
+            self._address_refusals.refused(
+                host=host, n=guard.waiting_from(host), refused_total=guard.refused_per_address,
+            )
+        else:
+            self._cap_refusals.refused(n=guard.unauthenticated, host=host, refused_total=guard.refused_connections)
+
+    def connection_evicted(self, link: ServerLink) -> None:
+        """Drop `link`, a connection still waiting to authenticate, to make
+        room for a newcomer (the guard chose it and already forgot it)."""
+        host = link.peer_host()
+        self._evictions.refused(
+            n=self.guard.unauthenticated, host=host, held=self.guard.waiting_from(host) + 1,
+            dropped_total=self.guard.evicted,
+        )
+        link.abort()
 
     def resumable(self, credential: str, resume: object) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
@@ -860,7 +900,8 @@ class TunnelServer:
                 link.lose()
             for limiter in self.limiters.values():
                 limiter.stop()
-            self._cap_refusals.stop()
+            for refusals in (self._cap_refusals, self._address_refusals, self._evictions):
+                refusals.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
@@ -882,6 +923,30 @@ def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
     return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
 
 
+class _AdmittingFactory(Factory):
+    """See TunnelServer.admitting."""
+
+    def __init__(self, server: TunnelServer, factory: IProtocolFactory) -> None:
+        self.server = server
+        self.factory = factory
+        self.noisy = False
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        host = host_port(addr)[0]
+        refused = self.server.guard.refuses(host)
+        if refused is not None:
+            self.server.connection_refused_over_cap(host, refused)
+            self.server.events.links_accepted += 1
+            return None
+        return self.factory.buildProtocol(addr)
+
+
 # the `event` of each ServerLink.refuse, and its words in the log line
 _REFUSALS = {"auth_failed": "authentication failed", "rate_limited": "rate limited", "session_limit": "session limit"}
 
@@ -895,17 +960,19 @@ class ServerLink(ControlLink):
         self.owner: ServerSession | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._handshake_call: IDelayedCall | None = None
-        self._unauthenticated = False  # counted in the server's AdmissionGuard
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.server.links.add(self)
         self.server.events.links_accepted += 1
-        if not self.server.guard.admit():
-            self.server.connection_refused_over_cap()
+        host = self.peer_host()
+        admission = self.server.guard.admit(host, self)
+        if not admission.admitted:
+            self.server.connection_refused_over_cap(host, admission.refused or MOST_HELD)
             self.abort()
             return
-        self._unauthenticated = True
+        if admission.evicted is not None:
+            self.server.connection_evicted(admission.evicted)
         self._handshake_call = self.clock.callLater(
             self.server.config.handshake_timeout, self._handshake_expired
         )
@@ -922,9 +989,7 @@ class ServerLink(ControlLink):
         self.abort()
 
     def _authenticated(self) -> None:
-        if self._unauthenticated:
-            self._unauthenticated = False
-            self.server.guard.release()
+        self.server.guard.release(self)  # nothing if it was not (or no longer) counted
 
     def peer_host(self) -> str:
         """The client's host, IPv4-mapped unmapped (what the guard counts); "?" if unknown."""

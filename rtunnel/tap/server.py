@@ -58,7 +58,8 @@ class Options(FileOptions, usage.Options):
         ["dead-after", None, 30.0, "Seconds of silence after which a client link is declared dead.", float],
         ["max-streams", None, 4096, "Maximum open tunnelled connections per session (clients-file clients: their max_streams).", int],
         ["clients", None, None, "TOML file of clients, each with its own token hash, ports, bind addresses and limits (see 'rtunnel_server add-client'); SIGHUP reloads it."],
-        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; beyond it new ones are closed at once.", int],
+        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; at it, the oldest waiting connection of the address holding the most is dropped for a newcomer (or the newcomer, if its address holds the most).", int],
+        ["max-unauthenticated-per-address", None, 32, "Most control connections not yet authenticated at once from one source address (IPv6: one /64); beyond it new ones from that address are closed at once.", int],
         ["auth-failures", None, 10, "Wrong tokens one source address (IPv6: one /64) may send in a burst before it is rate limited.", int],
         ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
         ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
@@ -95,7 +96,10 @@ class Options(FileOptions, usage.Options):
             raise usage.UsageError("--resume-grace must be >= 0 and --handshake-timeout > 0")
         if self["max-streams"] < 1:
             raise usage.UsageError("--max-streams must be at least 1")
-        for name in ("max-unauthenticated", "auth-failures", "max-sessions-per-client", "max-tunnels"):
+        for name in (
+            "max-unauthenticated", "max-unauthenticated-per-address", "auth-failures",
+            "max-sessions-per-client", "max-tunnels",
+        ):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not self["auth-failure-window"] > 0:
@@ -168,6 +172,7 @@ class Options(FileOptions, usage.Options):
                 **windows,
             ),
             max_unauthenticated=self["max-unauthenticated"],
+            max_unauthenticated_per_address=self["max-unauthenticated-per-address"],
             auth_failure_burst=self["auth-failures"],
             auth_failure_refill=self["auth-failure-window"],
             max_sessions_per_client=self["max-sessions-per-client"],
@@ -279,7 +284,9 @@ class ServerService(service.Service):
             token, token_created = load_or_create_token(config.state_dir)
         self.server = TunnelServer(self.reactor, config, token, clients)
         endpoint = serverFromString(self.reactor, config.listen)
-        factory = LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
+        factory = self.server.admitting(
+            LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
+        )
         listen = config.listen
         try:
             self.port = yield endpoint.listen(factory)
