@@ -18,7 +18,7 @@ import socket
 from typing import Any
 
 from OpenSSL import crypto
-from twisted.internet import defer, error, tcp
+from twisted.internet import defer, error
 from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -36,6 +36,7 @@ from rtunnel.addresses import (
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
+from rtunnel.descriptors import DescriptorGate, listen_tcp
 from rtunnel.errors import ConfigError
 from rtunnel.guard import MOST_HELD, PER_ADDRESS, AdmissionGuard
 from rtunnel.limits import ClientLimiter, Limits, RefusalLog
@@ -384,16 +385,6 @@ class BindRefused(Exception):
         self.socket_errno = socket_errno  # of the failed listen, if that was the cause
 
 
-class _IPv6OnlyPort(tcp.Port):
-    """A listening port on an IPv6 address that never accepts IPv4 visitors
-    (IPV6_V6ONLY), whatever net.ipv6.bindv6only says."""
-
-    def createInternetSocket(self) -> socket.socket:
-        skt = super().createInternetSocket()
-        skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        return skt
-
-
 class TunnelServer:
     """Every session and public listener of one server process.
 
@@ -457,6 +448,8 @@ class TunnelServer:
             interval=10.0, count_field="dropped", log=self.log, event="connections_evicted",
         )
         self._no_ipv6_logged = False
+        # visitors never hold the descriptors kept for control connections (rtunnel.descriptors)
+        self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
         self.limiters: dict[str, ClientLimiter] = {}  # per credential (rtunnel.limits), for the metrics
@@ -796,11 +789,9 @@ class TunnelServer:
 
     def _listen(self, listener: PublicListener, host: str, port: int) -> IListeningPort:
         try:
-            if self._ipv6_only(listener, host):
-                listening = _IPv6OnlyPort(port, listener, 1024, host, self.reactor)
-                listening.startListening()
-                return listening
-            return self.reactor.listenTCP(port, listener, backlog=1024, interface=host)
+            # IPv6-only: an IPv6 address that never accepts IPv4 visitors
+            ipv6_only = self._ipv6_only(listener, host)
+            return listen_tcp(self.reactor, port, listener, 1024, host, self.visitor_gate, ipv6_only)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
             if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
@@ -900,7 +891,7 @@ class TunnelServer:
                 link.lose()
             for limiter in self.limiters.values():
                 limiter.stop()
-            for refusals in (self._cap_refusals, self._address_refusals, self._evictions):
+            for refusals in (self._cap_refusals, self._address_refusals, self._evictions, self.visitor_gate):
                 refusals.stop()
             return defer.gatherResults(closing + stops)
 
@@ -930,6 +921,10 @@ class _AdmittingFactory(Factory):
         self.server = server
         self.factory = factory
         self.noisy = False
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.factory, "logPrefix", None)
+        return prefix() if prefix is not None else type(self.factory).__name__
 
     def doStart(self) -> None:
         self.factory.doStart()

@@ -20,6 +20,7 @@ from rtunnel.addresses import DUAL_STACK, IPV4_ANY, ipv6_unavailable
 from rtunnel.admin import AdminServer
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
+from rtunnel.descriptors import DescriptorGate, GatedListening, raise_limit, reserve_for
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.limits import Limits
@@ -201,6 +202,7 @@ class ServerService(service.Service):
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
+        self.control_gate = DescriptorGate(reactor, "control")
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
 
     def privilegedStartService(self) -> None:
@@ -255,6 +257,27 @@ class ServerService(service.Service):
             event="clients_reloaded", clients=sorted(clients),
         )
 
+    def _raise_fd_limit(self) -> None:
+        """Open files: soft limit up to the hard one (the default --max-streams
+        alone is more than the usual 1,024), and say what the server got."""
+        got = raise_limit()
+        reserve = reserve_for(got.soft)
+        self.log.info(
+            "open files: limit {soft} (hard limit {hard}, was {before}); {reserve} of them kept "
+            "for control connections: visitors beyond {visitors} descriptors are refused{why}",
+            soft=got.soft, hard=got.hard, before=got.before, reserve=reserve, visitors=got.soft - reserve,
+            why=f" (raising the limit failed: {got.error})" if got.error else "",
+            event="fd_limit", error=got.error,
+        )
+        streams = self.config.session.max_streams
+        if streams > got.soft - reserve:
+            self.log.warn(
+                "--max-streams {streams} is more than the {visitors} descriptors visitors may use "
+                "(open files limit {soft}); visitors beyond them are refused. Raise the hard limit "
+                "(LimitNOFILE= in systemd, ulimit -Hn) to hold that many",
+                streams=streams, visitors=got.soft - reserve, soft=got.soft, event="fd_limit_low",
+            )
+
     def _failed(self, failure: Any) -> None:
         self._sighup.restore()
         if failure.check(RtunnelError):
@@ -283,7 +306,10 @@ class ServerService(service.Service):
         else:
             token, token_created = load_or_create_token(config.state_dir)
         self.server = TunnelServer(self.reactor, config, token, clients)
-        endpoint = serverFromString(self.reactor, config.listen)
+        self._raise_fd_limit()
+        # control connections may use descriptors visitors may not (rtunnel.descriptors)
+        listening = GatedListening(self.reactor, self.control_gate)
+        endpoint = serverFromString(listening, config.listen)
         factory = self.server.admitting(
             LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
         )
@@ -300,7 +326,7 @@ class ServerService(service.Service):
                 event="ipv6_unavailable", listener="control",
             )
             listen = config.listen_fallback
-            self.port = yield serverFromString(self.reactor, listen).listen(factory)
+            self.port = yield serverFromString(listening, listen).listen(factory)
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
@@ -354,6 +380,7 @@ class ServerService(service.Service):
             waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
         if self.server is not None:
             waits.append(self.server.shutdown())
+        self.control_gate.stop()
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
 
