@@ -141,6 +141,7 @@ class ServerConfig:
     session: SessionSettings = field(default_factory=SessionSettings)
     # admission control (rtunnel.guard) and per-credential limits; see docs/security.md
     max_unauthenticated: int = 256  # connections not yet authenticated, at once
+    max_unauthenticated_per_address: int = 32  # ...of them from one address (IPv6: one /64)
     auth_failure_burst: int = 10  # wrong tokens one address may send at once...
     auth_failure_refill: float = 6.0  # ...then one more per this many seconds
     max_sessions_per_client: int = 8  # concurrent sessions of one credential

@@ -199,12 +199,16 @@ class ServerCollector:
         dropped = CounterMetricFamily(
             "rtunnel_handshakes_dropped",
             "Control connections dropped before authenticating; reason deadline: no handshake "
-            "in time, unauthenticated_cap: over --max-unauthenticated, rate_limited: too many "
-            "failures from the address.",
+            "in time, unauthenticated_cap: at --max-unauthenticated from the address holding the "
+            "most, per_address_cap: over --max-unauthenticated-per-address, evicted: the oldest "
+            "of the address holding the most, dropped at --max-unauthenticated for a newcomer, "
+            "rate_limited: too many failures from the address.",
             labels=["reason"],
         )
         dropped.add_metric(["deadline"], events.handshakes_expired)
         dropped.add_metric(["unauthenticated_cap"], guard.refused_connections)
+        dropped.add_metric(["per_address_cap"], guard.refused_per_address)
+        dropped.add_metric(["evicted"], guard.evicted)
         dropped.add_metric(["rate_limited"], guard.refused_attempts)
         yield dropped
 

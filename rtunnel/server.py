@@ -21,8 +21,8 @@ import socket
 from typing import Any
 
 from OpenSSL import crypto
-from twisted.internet import defer, error, tcp
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,8 +39,9 @@ from rtunnel.addresses import (
 from rtunnel.auth import ClientPolicy
 from rtunnel.config import ServerConfig
 from rtunnel.counters import ServerEvents, Traffic, tunnel_name
+from rtunnel.descriptors import DescriptorGate, listen_tcp
 from rtunnel.errors import ConfigError
-from rtunnel.guard import AdmissionGuard, address_key
+from rtunnel.guard import MOST_HELD, PER_ADDRESS, AdmissionGuard, address_key
 from rtunnel.limits import VISITORS_OVER_LIMIT, ClientLimiter, Limits, RefusalLog
 from rtunnel.link import ControlLink
 from rtunnel.mux import (
@@ -477,16 +478,6 @@ class BindRefused(Exception):
         self.repeated = repeated  # the same refusal as last time (taken_over: a retry while waiting)
 
 
-class _IPv6OnlyPort(tcp.Port):
-    """A listening port on an IPv6 address that never accepts IPv4 visitors
-    (IPV6_V6ONLY), whatever net.ipv6.bindv6only says."""
-
-    def createInternetSocket(self) -> socket.socket:
-        skt = super().createInternetSocket()
-        skt.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        return skt
-
-
 class TunnelServer:
     """Every session and public listener of one server process.
 
@@ -523,17 +514,20 @@ class TunnelServer:
         self.links: set[ServerLink] = set()
         self.shutting_down = False
         self._drained: defer.Deferred[None] | None = None
-        self.guard = AdmissionGuard(
+        self.guard: AdmissionGuard[ServerLink] = AdmissionGuard(
             reactor,
             max_unauthenticated=config.max_unauthenticated,
+            max_per_address=config.max_unauthenticated_per_address,
             failure_burst=config.auth_failure_burst,
             failure_refill=config.auth_failure_refill,
         )
         # every refusal a peer can provoke is logged through these (a flood of
-        # refusals must not flood the log); over the cap: at most a line in 10 s
+        # refusals must not flood the log); the control port's: a line in 10 s
         self.refusals = RefusalLog(reactor, log=self.log)
         self._cap_refusals = RefusalLog(reactor, interval=10.0, log=self.log)
         self._no_ipv6_logged = False
+        # visitors never hold the descriptors kept for control connections (rtunnel.descriptors)
+        self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
         self.limiters: dict[str, ClientLimiter] = {}  # per credential (rtunnel.limits), for the metrics
@@ -542,6 +536,12 @@ class TunnelServer:
         factory = Factory.forProtocol(lambda: ServerLink(self))
         factory.noisy = False
         return factory
+
+    def admitting(self, factory: IProtocolFactory) -> IProtocolFactory:
+        """`factory` (the control port's, TLS included) behind the guard: a
+        connection the guard refuses is closed as it is accepted, before any
+        TLS state is made for it, so a flood costs little per connection."""
+        return _AdmittingFactory(self, factory)
 
     # ------------------------------------------------------------ auth
 
@@ -671,18 +671,45 @@ class TunnelServer:
             self._refresh_limiter(credential)
         return {"added": added, "removed": removed, "changed": changed + rekeyed}
 
-    def connection_refused_over_cap(self) -> None:
-        """Log refusals over the unauthenticated cap: the first at once,
-        then at most one summary line every 10 s, the last one 10 s after
-        the previous line (a flood must not flood the log too)."""
+    def connection_refused_over_cap(self, host: str = "?", reason: str = MOST_HELD) -> None:
+        """Log a control connection from `host` refused by the guard: the
+        first at once, then at most one summary line every 10 s per reason,
+        the last one 10 s after the previous line (a flood must not flood
+        the log too)."""
         guard = self.guard
+        if reason == PER_ADDRESS:
+            self._cap_refusals.refused(
+                ("connections_capped", PER_ADDRESS, address_key(host)),
+                "refusing new control connections from {host}: {n} of its connections are not "
+                "authenticated yet, the most one address may have (--max-unauthenticated-per-address); "
+                "{refused} refused since the last report",
+                count_field="refused", event="connections_capped", reason="per_address",
+                host=host, n=guard.waiting_from(host), refused_total=guard.refused_per_address,
+            )
+        else:
+            self._cap_refusals.refused(
+                ("connections_capped", MOST_HELD),
+                "refusing new control connections: {n} are not authenticated yet, the maximum "
+                "(--max-unauthenticated), and the newcomer's address {host} holds the most of them; "
+                "{refused} refused since the last report",
+                count_field="refused", event="connections_capped", reason="max_unauthenticated",
+                n=guard.unauthenticated, host=host, refused_total=guard.refused_connections,
+            )
+
+    def connection_evicted(self, link: ServerLink) -> None:
+        """Drop `link`, a connection still waiting to authenticate, to make
+        room for a newcomer (the guard chose it and already forgot it)."""
+        host = link.peer_host()
         self._cap_refusals.refused(
-            "connections_capped",
-            "refusing new control connections: {n} are not authenticated yet, the maximum "
-            "(--max-unauthenticated); {refused} refused since the last report",
-            count_field="refused", event="connections_capped",
-            n=guard.unauthenticated, refused_total=guard.refused_connections,
+            ("connections_evicted",),
+            "{n} control connections are not authenticated yet (--max-unauthenticated): dropped "
+            "the oldest of the address holding the most ({host}, {held}) to make room for a new "
+            "one; {dropped} dropped since the last report",
+            count_field="dropped", event="connections_evicted",
+            n=self.guard.unauthenticated, host=host, held=self.guard.waiting_from(host) + 1,
+            dropped_total=self.guard.evicted,
         )
+        link.abort()
 
     def resumable(self, credential: str, resume: wire.ResumeRequest | None) -> ServerSession | None:
         """The existing session `resume` proves it may take over, if any."""
@@ -871,11 +898,9 @@ class TunnelServer:
 
     def _listen(self, listener: PublicListener, host: str, port: int) -> IListeningPort:
         try:
-            if self._ipv6_only(listener, host):
-                listening = _IPv6OnlyPort(port, listener, 1024, host, self.reactor)
-                listening.startListening()
-                return listening
-            return self.reactor.listenTCP(port, listener, backlog=1024, interface=host)
+            # IPv6-only: an IPv6 address that never accepts IPv4 visitors
+            ipv6_only = self._ipv6_only(listener, host)
+            return listen_tcp(self.reactor, port, listener, 1024, host, self.visitor_gate, ipv6_only)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
             if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
@@ -1030,8 +1055,8 @@ class TunnelServer:
                 link.lose()
             for limiter in self.limiters.values():
                 limiter.stop()
-            self._cap_refusals.stop()
-            self.refusals.stop()
+            for refusals in (self._cap_refusals, self.refusals, self.visitor_gate):
+                refusals.stop()
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
@@ -1047,6 +1072,34 @@ def _settings_with(base: SessionSettings, max_streams: int) -> SessionSettings:
 
 def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
     return ",".join(f"{lo}-{hi}" if lo != hi else str(lo) for lo, hi in ranges)
+
+
+class _AdmittingFactory(Factory):
+    """See TunnelServer.admitting."""
+
+    def __init__(self, server: TunnelServer, factory: IProtocolFactory) -> None:
+        self.server = server
+        self.factory = factory
+        self.noisy = False
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.factory, "logPrefix", None)
+        return prefix() if prefix is not None else type(self.factory).__name__
+
+    def doStart(self) -> None:
+        self.factory.doStart()
+
+    def doStop(self) -> None:
+        self.factory.doStop()
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        host = host_port(addr)[0]
+        refused = self.server.guard.refuses(host)
+        if refused is not None:
+            self.server.connection_refused_over_cap(host, refused)
+            self.server.events.links_accepted += 1
+            return None
+        return self.factory.buildProtocol(addr)
 
 
 # the `event` of each ServerLink.refuse, and its words in the log line
@@ -1065,17 +1118,19 @@ class ServerLink(ControlLink):
         self.owner: ServerSession | None = None
         self.closed: defer.Deferred[None] = defer.Deferred()
         self._handshake_call: IDelayedCall | None = None
-        self._unauthenticated = False  # counted in the server's AdmissionGuard
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.server.links.add(self)
         self.server.events.links_accepted += 1
-        if not self.server.guard.admit():
-            self.server.connection_refused_over_cap()
+        host = self.peer_host()
+        admission = self.server.guard.admit(host, self)
+        if not admission.admitted:
+            self.server.connection_refused_over_cap(host, admission.refused or MOST_HELD)
             self.abort()
             return
-        self._unauthenticated = True
+        if admission.evicted is not None:
+            self.server.connection_evicted(admission.evicted)
         self._handshake_call = self.clock.callLater(
             self.server.config.handshake_timeout, self._handshake_expired
         )
@@ -1092,9 +1147,7 @@ class ServerLink(ControlLink):
         self.abort()
 
     def _authenticated(self) -> None:
-        if self._unauthenticated:
-            self._unauthenticated = False
-            self.server.guard.release()
+        self.server.guard.release(self)  # nothing if it was not (or no longer) counted
 
     def peer_host(self) -> str:
         """The client's host, IPv4-mapped unmapped (what the guard counts); "?" if unknown."""
@@ -1146,7 +1199,7 @@ class ServerLink(ControlLink):
         """Before authentication every refusal but shutdown counts as a
         failed authentication of the peer's address: what a peer sends
         before it is trusted costs it the same as a wrong token."""
-        if self._unauthenticated and code is not ErrorCode.SHUTDOWN:
+        if self.owner is None and code is not ErrorCode.SHUTDOWN:  # not authenticated yet
             self._refuse_handshake(code, reason)
         else:
             super().close_with_error(code, reason)

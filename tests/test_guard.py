@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from twisted.internet import defer, reactor, task
@@ -13,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rtunnel import wire
-from rtunnel.guard import AdmissionGuard, address_key
+from rtunnel.guard import MOST_HELD, PER_ADDRESS, AdmissionGuard, address_key
 from rtunnel.server import SessionState
 from rtunnel.tap.server import Options
 from rtunnel.tls import PinnedCertificateCreator
@@ -26,14 +27,98 @@ class GuardTests(unittest.TestCase):
         self.clock = task.Clock()
         self.guard = AdmissionGuard(self.clock, max_unauthenticated=3, failure_burst=3, failure_refill=6.0, max_addresses=4)
 
-    def test_unauthenticated_cap(self) -> None:
+    def test_unauthenticated_cap_refuses_the_newcomer_from_the_address_holding_the_most(self) -> None:
         g = self.guard
-        self.assertEqual([g.admit() for _ in range(5)], [True, True, True, False, False])
-        self.assertEqual((g.unauthenticated, g.refused_connections), (3, 2))
-        g.release()
-        self.assertTrue(g.admit())
-        self.assertFalse(g.admit())
+        admitted = [g.admit("192.0.2.1", i) for i in range(5)]
+        self.assertEqual([a.admitted for a in admitted], [True, True, True, False, False])
+        self.assertEqual([a.refused for a in admitted[3:]], [MOST_HELD, MOST_HELD])
+        self.assertEqual((g.unauthenticated, g.refused_connections, g.evicted), (3, 2, 0))
+        g.release(0)
+        self.assertTrue(g.admit("192.0.2.1", 5).admitted)
+        self.assertFalse(g.admit("192.0.2.1", 6).admitted)
         self.assertEqual(g.refused_connections, 3)
+
+    def test_at_the_cap_a_newcomer_takes_the_slot_of_the_oldest_connection_of_the_busiest_address(self) -> None:
+        g = self.guard
+        for i in range(3):
+            self.assertTrue(g.admit("192.0.2.1", f"flood{i}").admitted)
+        honest = g.admit("198.51.100.7", "honest")
+        self.assertEqual((honest.admitted, honest.evicted), (True, "flood0"))
+        self.assertEqual((g.unauthenticated, g.evicted, g.refused_connections), (3, 1, 0))
+        self.assertEqual((g.waiting_from("192.0.2.1"), g.waiting_from("198.51.100.7")), (2, 1))
+        g.release("flood0")  # the evicted connection closing later changes nothing
+        self.assertEqual(g.unauthenticated, 3)
+        # the flood's next connection finds its address still the busiest: refused
+        self.assertEqual(g.admit("192.0.2.1", "flood3").refused, MOST_HELD)
+        # an address holding as many as the busiest is one of the busiest: refused
+        self.assertEqual(g.admit("198.51.100.7", "second").evicted, "flood1")
+        self.assertEqual(g.admit("198.51.100.7", "third").refused, MOST_HELD)
+        self.assertEqual((g.waiting_from("192.0.2.1"), g.waiting_from("198.51.100.7")), (1, 2))
+
+    def test_among_equally_busy_addresses_the_first_to_get_there_gives_up_its_oldest(self) -> None:
+        g = AdmissionGuard(self.clock, max_unauthenticated=4)
+        for conn, host in [("a1", "192.0.2.1"), ("b1", "192.0.2.2"), ("b2", "192.0.2.2"), ("a2", "192.0.2.1")]:
+            self.assertTrue(g.admit(host, conn).admitted)
+        self.assertEqual(g.most_held, 2)
+        self.assertEqual(g.admit("192.0.2.3", "c1").evicted, "b1", "192.0.2.2 held two first")
+        self.assertEqual(g.admit("192.0.2.4", "d1").evicted, "a1")
+        self.assertEqual(g.most_held, 1)
+        self.assertEqual(g.admit("192.0.2.5", "e1").evicted, "b2", "then the oldest address at one")
+
+    def test_one_address_gets_at_most_its_share_and_others_still_get_in(self) -> None:
+        g = AdmissionGuard(self.clock, max_unauthenticated=10, max_per_address=4)
+        flood = [g.admit("192.0.2.1", i) for i in range(1000)]
+        self.assertEqual(sum(a.admitted for a in flood), 4)
+        self.assertEqual(g.refused_per_address, 996)
+        self.assertEqual({a.refused for a in flood[4:]}, {PER_ADDRESS})
+        for i in range(6):
+            self.assertTrue(g.admit(f"198.51.100.{i}", f"honest{i}").admitted)
+        self.assertEqual((g.unauthenticated, g.evicted), (10, 0))
+        self.assertEqual(g.admit("203.0.113.1", "late").evicted, 0, "the flood's oldest makes room")
+
+    def test_per_address_share_groups_ipv6_by_prefix_and_mapped_ipv4_as_ipv4(self) -> None:
+        g = AdmissionGuard(self.clock, max_per_address=2)
+        self.assertTrue(g.admit("2001:db8::1", 1).admitted)
+        self.assertTrue(g.admit("2001:db8::ffff:2", 2).admitted)
+        self.assertEqual(g.admit("2001:db8::3", 3).refused, PER_ADDRESS)
+        self.assertTrue(g.admit("2001:db8:0:1::1", 4).admitted, "another /64")
+        self.assertTrue(g.admit("192.0.2.1", 5).admitted)
+        self.assertTrue(g.admit("::ffff:192.0.2.1", 6).admitted)
+        self.assertEqual(g.admit("::ffff:192.0.2.1", 7).refused, PER_ADDRESS)
+
+    def test_the_bookkeeping_matches_a_plain_model_over_random_traffic(self) -> None:
+        """Admit and release at random from a few addresses; after each step
+        the counts match a recount, no address exceeds its share, and every
+        eviction took the oldest connection of an address holding the most."""
+        rng = random.Random(12)
+        g = AdmissionGuard(self.clock, max_unauthenticated=12, max_per_address=5)
+        model: dict[str, list[int]] = {}  # key -> its waiting connections, oldest first
+        for conn in range(5000):
+            if rng.random() < 0.45 and g.unauthenticated:
+                key = rng.choice(sorted(k for k in model if model[k]))
+                victim = model[key].pop(rng.randrange(len(model[key])))
+                g.release(victim)
+            else:
+                host = f"192.0.2.{rng.randrange(8)}"
+                before = {k: list(v) for k, v in model.items()}
+                busiest = max((len(v) for v in before.values()), default=0)
+                result = g.admit(host, conn)
+                if result.evicted is not None:
+                    owner = next(k for k, v in before.items() if v and v[0] == result.evicted)
+                    self.assertEqual(len(before[owner]), busiest)
+                    self.assertLess(len(before.get(host, [])), busiest)
+                    model[owner].pop(0)
+                if result.refused == MOST_HELD:
+                    self.assertEqual(len(before.get(host, [])), busiest)
+                if result.admitted:
+                    model.setdefault(host, []).append(conn)
+            counts = [len(v) for v in model.values()]
+            self.assertEqual(g.unauthenticated, sum(counts))
+            self.assertLessEqual(g.unauthenticated, 12)
+            self.assertEqual(g.most_held, max(counts, default=0))
+            self.assertLessEqual(g.most_held, 5)
+        self.assertGreater(g.evicted, 100)
+        self.assertGreater(g.refused_per_address + g.refused_connections, 100)
 
     def test_burst_then_refill(self) -> None:
         g = self.guard
@@ -106,7 +191,7 @@ class GuardTests(unittest.TestCase):
         self.assertIsNotNone(g.retry_after("2001:db8::2"))
 
     def test_bad_limits(self) -> None:
-        for kwargs in ({"max_unauthenticated": 0}, {"failure_burst": 0}, {"failure_refill": 0}):
+        for kwargs in ({"max_unauthenticated": 0}, {"max_per_address": 0}, {"failure_burst": 0}, {"failure_refill": 0}):
             self.assertRaises(ValueError, AdmissionGuard, self.clock, **kwargs)
 
 
@@ -119,6 +204,7 @@ class OptionTests(unittest.TestCase):
     def test_defaults(self) -> None:
         config = self.parse()
         self.assertEqual(config.max_unauthenticated, 256)
+        self.assertEqual(config.max_unauthenticated_per_address, 32)
         self.assertEqual((config.auth_failure_burst, config.auth_failure_refill), (10, 6.0))
         self.assertEqual(config.max_sessions_per_client, 8)
         self.assertEqual(config.session.max_frame, 1 << 20)
@@ -126,9 +212,10 @@ class OptionTests(unittest.TestCase):
     def test_values(self) -> None:
         config = self.parse(
             "--max-unauthenticated", "50", "--auth-failures", "3", "--auth-failure-window", "60",
-            "--max-sessions-per-client", "2", "--max-frame", "65536",
+            "--max-sessions-per-client", "2", "--max-frame", "65536", "--max-unauthenticated-per-address", "7",
         )
         self.assertEqual(config.max_unauthenticated, 50)
+        self.assertEqual(config.max_unauthenticated_per_address, 7)
         self.assertEqual((config.auth_failure_burst, config.auth_failure_refill), (3, 60.0))
         self.assertEqual(config.max_sessions_per_client, 2)
         self.assertEqual(config.session.max_frame, 65536)
@@ -136,7 +223,7 @@ class OptionTests(unittest.TestCase):
     def test_bad_values(self) -> None:
         for argv in (
             ["--max-frame", "16383"], ["--max-frame", str(16 * 1024 * 1024 + 1)],
-            ["--max-unauthenticated", "0"], ["--auth-failures", "0"],
+            ["--max-unauthenticated", "0"], ["--max-unauthenticated-per-address", "0"], ["--auth-failures", "0"],
             ["--auth-failure-window", "0"], ["--max-sessions-per-client", "0"],
         ):
             self.assertRaises(usage.UsageError, self.parse, *argv)

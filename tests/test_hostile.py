@@ -377,7 +377,7 @@ class HostilePeersTests(unittest.TestCase):
         # tests.test_guard; here every hostile connection must reach the
         # handshake, so that the deadline and the rate limiter are what is
         # exercised.
-        server.guard.max_unauthenticated = 1024
+        server.guard.max_unauthenticated = server.guard.max_per_address = 1024
         _, target = listen_target(self, Echo)
         [public] = yield tunnel.connect([(0, target)])
 

@@ -349,9 +349,9 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
         observer = events.append
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
-        self.assertTrue(server.guard.admit())
+        self.assertTrue(server.guard.admit("192.0.2.1", "first").admitted)
         for _ in range(5):  # 5 connections over the cap in 1 s, then none
-            self.assertFalse(server.guard.admit())
+            self.assertFalse(server.guard.admit("192.0.2.1", "next").admitted)
             server.connection_refused_over_cap()
             clock.advance(0.2)
         capped = [e for e in events if e.get("event") == "connections_capped"]

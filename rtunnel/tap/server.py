@@ -20,6 +20,7 @@ from rtunnel.addresses import DUAL_STACK, IPV4_ANY, bracket, format_host_port, i
 from rtunnel.admin import AdminServer
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
+from rtunnel.descriptors import DescriptorGate, GatedListening, raise_limit, reserve_for
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
 from rtunnel.limits import Limits
@@ -68,7 +69,8 @@ class Options(CommandOptions, FileOptions, usage.Options):
         ["dead-after", None, 30.0, "Seconds of silence after which a client link is declared dead.", float],
         ["max-streams", None, 4096, "Maximum open tunnelled connections per session (clients-file clients: their max_streams).", int],
         ["clients", None, None, "TOML file of clients, each with its own token hash, ports, bind addresses and limits (see 'rtunnel_server add-client'); SIGHUP reloads it."],
-        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; beyond it new ones are closed at once.", int],
+        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; at it, the oldest waiting connection of the address holding the most is dropped for a newcomer (or the newcomer, if its address holds the most).", int],
+        ["max-unauthenticated-per-address", None, 32, "Most control connections not yet authenticated at once from one source address (IPv6: one /64); beyond it new ones from that address are closed at once.", int],
         ["auth-failures", None, 10, "Wrong tokens one source address (IPv6: one /64) may send in a burst before it is rate limited.", int],
         ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
         ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
@@ -106,7 +108,10 @@ class Options(CommandOptions, FileOptions, usage.Options):
             raise usage.UsageError("--resume-grace must be >= 0 and --handshake-timeout > 0")
         if self["max-streams"] < 1:
             raise usage.UsageError("--max-streams must be at least 1")
-        for name in ("max-unauthenticated", "auth-failures", "max-sessions-per-client", "max-tunnels"):
+        for name in (
+            "max-unauthenticated", "max-unauthenticated-per-address", "auth-failures",
+            "max-sessions-per-client", "max-tunnels",
+        ):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if not self["auth-failure-window"] > 0:
@@ -179,6 +184,7 @@ class Options(CommandOptions, FileOptions, usage.Options):
                 **windows,
             ),
             max_unauthenticated=self["max-unauthenticated"],
+            max_unauthenticated_per_address=self["max-unauthenticated-per-address"],
             auth_failure_burst=self["auth-failures"],
             auth_failure_refill=self["auth-failure-window"],
             max_sessions_per_client=self["max-sessions-per-client"],
@@ -207,6 +213,7 @@ class ServerService(service.Service):
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
+        self.control_gate = DescriptorGate(reactor, "control")
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
         self.start_error: str | None = None  # why the start failed
         self.under_twistd = False  # made by makeService: twistd reports a failed start
@@ -266,6 +273,27 @@ class ServerService(service.Service):
             event="clients_reloaded", clients=sorted(clients),
         )
 
+    def _raise_fd_limit(self) -> None:
+        """Open files: soft limit up to the hard one (the default --max-streams
+        alone is more than the usual 1,024), and say what the server got."""
+        got = raise_limit()
+        reserve = reserve_for(got.soft)
+        self.log.info(
+            "open files: limit {soft} (hard limit {hard}, was {before}); {reserve} of them kept "
+            "for control connections: visitors beyond {visitors} descriptors are refused{why}",
+            soft=got.soft, hard=got.hard, before=got.before, reserve=reserve, visitors=got.soft - reserve,
+            why=f" (raising the limit failed: {got.error})" if got.error else "",
+            event="fd_limit", error=got.error,
+        )
+        streams = self.config.session.max_streams
+        if streams > got.soft - reserve:
+            self.log.warn(
+                "--max-streams {streams} is more than the {visitors} descriptors visitors may use "
+                "(open files limit {soft}); visitors beyond them are refused. Raise the hard limit "
+                "(LimitNOFILE= in systemd, ulimit -Hn) to hold that many",
+                streams=streams, visitors=got.soft - reserve, soft=got.soft, event="fd_limit_low",
+            )
+
     def _failed(self, failure: Any) -> None:
         self._sighup.restore()
         why = failure.getErrorMessage()
@@ -298,8 +326,13 @@ class ServerService(service.Service):
         else:
             token, token_created = load_or_create_token(config.state_dir)
         self.server = TunnelServer(self.reactor, config, token, clients)
-        endpoint = serverFromString(self.reactor, config.listen)
-        factory = LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
+        self._raise_fd_limit()
+        # control connections may use descriptors visitors may not (rtunnel.descriptors)
+        listening = GatedListening(self.reactor, self.control_gate)
+        endpoint = serverFromString(listening, config.listen)
+        factory = self.server.admitting(
+            LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
+        )
         listen = config.listen
         try:
             self.port = yield endpoint.listen(factory)
@@ -313,7 +346,7 @@ class ServerService(service.Service):
                 event="ipv6_unavailable", listener="control",
             )
             listen = config.listen_fallback
-            self.port = yield serverFromString(self.reactor, listen).listen(factory)
+            self.port = yield serverFromString(listening, listen).listen(factory)
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
@@ -383,6 +416,7 @@ class ServerService(service.Service):
             waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
         if self.server is not None:
             waits.append(self.server.shutdown())
+        self.control_gate.stop()
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
 
