@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from rtunnel import DEFAULT_CONTROL_PORT, auth, guard, wire
+from rtunnel import DEFAULT_CONTROL_PORT, auth, descriptors, guard, wire
 from rtunnel.client import BIND_RETRY_DELAY
 from rtunnel.config import ClientConfig
 from rtunnel.limits import MAX_KINDS
@@ -128,7 +128,10 @@ class LimitTableTests(SynchronousTestCase):
         "frame size before the handshake": wire.HANDSHAKE_MAX_FRAME,
     }
     # rows whose limit is the system's, not a number of ours (rtunnel.descriptors)
-    SYSTEM = {"open files": "the hard limit"}
+    SYSTEM = {
+        "open files": "the hard limit",
+        "descriptors visitors may use": f"the open files limit minus min({descriptors.MAX_RESERVE}, a quarter of it)",
+    }
 
     def test_every_row(self) -> None:
         rows = table_rows((ROOT / "docs" / "security.md").read_text(), "## Every limit")
