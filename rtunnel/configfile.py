@@ -141,7 +141,8 @@ def expand_path(value: str, base: Path) -> Path:
 def read_token_file(path: Path, what: str) -> str:
     """The token in `path` (surrounding whitespace stripped)."""
     hint = (
-        "write the token the server printed into it (e.g. 'printf %s TOKEN > FILE; chmod 600 FILE') "
+        "copy the server's token into it (the file 'token' in the server's state dir; e.g. "
+        "'printf %s TOKEN > FILE; chmod 600 FILE') "
         "or fix the path"
     )
     try:

@@ -1138,7 +1138,8 @@ class ServerLink(ControlLink):
     def _handshake_expired(self) -> None:
         self._handshake_call = None
         self.server.events.handshakes_expired += 1
-        self.log.info(
+        self.server.refusals.refused(  # an idle flood from one address: a line a second
+            ("handshake_timeout", address_key(self.peer_host())),
             "dropping {peer}: no handshake within {t:.0f} s",
             peer=self.peer_description(),
             t=self.server.config.handshake_timeout,
@@ -1239,8 +1240,8 @@ class ServerLink(ControlLink):
         if credential is None:
             guard.record_failure(host)
             reason = (
-                "wrong token: pass the token the server printed (its state dir's 'token' "
-                "file) with --token or RTUNNEL_TOKEN"
+                "wrong token: pass the server's token (the file 'token' in its state dir, or "
+                "the --token it was started with) with --token-file, --token or RTUNNEL_TOKEN"
             )
             if peer_cert is not None:
                 reason += (

@@ -397,7 +397,7 @@ class InvalidFileTests(FileTestCase):
         error = self.client_error(MINIMAL.replace('token = "tok"', 'token_file = "nothere"'))
         self.assertMessage(
             error, "client.toml line 2: token_file:", f"{self.dir / 'nothere'} does not exist",
-            "write the token the server printed into it",
+            "copy the server's token into it",
         )
 
     def test_empty_token_file(self) -> None:

@@ -168,3 +168,19 @@ class RefusalFloodTests(unittest.TestCase):
                 yield sleep(0)
         yield wait_until(lambda: events.refusals("visitor_refused", reason="detached_queue_full") >= FLOOD, 10)
         self.assertSummedUp(events, "visitor_refused", reason="detached_queue_full")
+
+    @defer.inlineCallbacks
+    def test_idle_connections_from_one_address_timing_out_are_summed_up_in_a_few_lines(self) -> Any:
+        events = Events(self)
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(
+            handshake_timeout=0.5, max_unauthenticated=FLOOD, max_unauthenticated_per_address=FLOOD,
+        )
+        for _ in range(FLOOD):  # connected without blocking the reactor that accepts them
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", tunnel.control_port))
+            self.addCleanup(sock.close)
+            yield sleep(0)
+        yield wait_until(lambda: events.refusals("handshake_timeout") >= FLOOD, 20)
+        self.assertSummedUp(events, "handshake_timeout")

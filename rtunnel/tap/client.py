@@ -29,6 +29,7 @@ from rtunnel.configfile import (
 from rtunnel.counters import CountingEndpoint
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ClientCollector, MetricsService, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.tap import (
@@ -187,8 +188,8 @@ class Options(CommandOptions, FileOptions, usage.Options):
         token = self._token()
         if not token and self.client_identity is None:
             raise usage.UsageError(
-                "no token: pass --token or --token-file or set RTUNNEL_TOKEN (the server printed it on its "
-                "first start; it is in the server's state dir, file 'token'), or present a "
+                "no token: pass --token-file or --token or set RTUNNEL_TOKEN (the server made it on its "
+                "first start: the file 'token' in its state dir), or present a "
                 "client certificate with --client-cert and --client-key"
             )
         given = [o for o in ("fingerprint", "ca", "trust-on-first-use") if self[o]]
@@ -541,6 +542,8 @@ class ClientMainService(service.MultiService):
 
 
 def makeService(options: Options) -> service.IService:
+    # twistd calls this before it opens its log file: make that file 0600 (as the server's)
+    create_private_log_file(twistd_log_file(options.parent))
     try:
         main = ClientMainService(
             options.config,
