@@ -210,8 +210,8 @@ class ProseNumbersTests(SynchronousTestCase):
             f"idle for longer than {number(SETTINGS.idle_window_reset)} s",
             f"every `ping_interval`, default {number(SERVER['ping-interval'])} s",
             f"`dead_after` (default {number(SERVER['dead-after'])} s)",
-            f"the resume grace (default\n  {number(SERVER['resume-grace'])} s)",
-            f"control port (default\n{DEFAULT_CONTROL_PORT})",
+            f"the resume grace (default {number(SERVER['resume-grace'])} s)",
+            f"control port (default {DEFAULT_CONTROL_PORT})",
         ],
         "docs/reliability.md": [
             f"`--dead-after` (default {number(SERVER['dead-after'])} s)",
