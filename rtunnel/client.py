@@ -247,8 +247,8 @@ class TunnelClient:
         """Before a clean stop: reset our streams and tell the server we are
         leaving, while the link is still up, so it frees our ports at once."""
         session, link = self.session, self.link
-        if session is None or link is None or link.session is not session:
-            return
+        if session is None or link is None or link.session is not session or not session.can_send:
+            return  # (not between RESUMEs: the server then keeps the session for its grace)
         session.reset_all(ResetCode.SHUTDOWN, "client stopped")
         link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client stopped"))
 

@@ -907,6 +907,9 @@ class Session:
         """Handle one frame from the link. Raises ProtocolViolation."""
         ftype = frame.type
         if self._resuming and ftype is not FrameType.RESUME:
+            if ftype is FrameType.GOAWAY:  # sent by peers of before 2026-12 during a resume: harmless
+                self.delegate.control_frame(self, frame)
+                return
             raise ProtocolViolation(f"expected RESUME, got {ftype.name}")
         if ftype is FrameType.DATA:
             stream = self._stream_for(frame)

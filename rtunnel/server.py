@@ -1035,7 +1035,7 @@ class TunnelServer:
         """GOAWAY to every client, close listeners, let streams drain, close."""
         self.shutting_down = True
         for link in list(self.links):
-            if link.session is not None:
+            if link.session is not None and link.session.can_send:  # not between RESUMEs
                 link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down"))
         stops = [self.release(listener) for listener in list(self.listeners.values())]
         drained: defer.Deferred[None] = defer.Deferred()
@@ -1206,6 +1206,8 @@ class ServerLink(ControlLink):
             super().close_with_error(code, reason)
 
     def _refuse_handshake(self, code: ErrorCode, reason: str) -> None:
+        if self.closing:  # refused already (e.g. bad bytes after a refused HELLO): counted once
+            return
         guard, host = self.server.guard, self.peer_host()
         guard.record_failure(host)
         self.refuse(code, reason, "handshake_refused", host=host, failures_total=guard.failures)
@@ -1215,8 +1217,8 @@ class ServerLink(ControlLink):
         host = self.peer_host()
         wait = guard.retry_after(host)
         if wait is not None:
-            self.refuse(
-                ErrorCode.AUTH_FAILED,
+            self.refuse(  # not AUTH_FAILED: an honest client behind the same address retries later
+                ErrorCode.LIMIT_EXCEEDED,
                 f"too many failed attempts from {host}; wait {max(1, round(wait))} s",
                 "rate_limited", host=host, retry_after=wait, refused_total=guard.refused_attempts,
             )

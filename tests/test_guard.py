@@ -331,12 +331,14 @@ class ServerLimitTests(unittest.TestCase):
     def test_wrong_tokens_are_rate_limited(self) -> Any:
         tunnel = Tunnel(self)
         yield tunnel.start_server(auth_failure_burst=2, auth_failure_refill=60.0)
-        reasons = []
+        reasons, codes = [], []
         for _ in range(4):
             _, frame = yield self.hello(tunnel, token="wrong")
             code, reason = wire.decode_coded(frame)
-            self.assertEqual(code, ErrorCode.AUTH_FAILED)
+            codes.append(code)
             reasons.append(reason)
+        # a wrong token is fatal for a client; a rate limit is to retry later
+        self.assertEqual(codes, [ErrorCode.AUTH_FAILED] * 2 + [ErrorCode.LIMIT_EXCEEDED] * 2)
         self.assertTrue(all(r.startswith("wrong token") for r in reasons[:2]), reasons)
         self.assertTrue(all("too many failed attempts from 127.0.0.1; wait" in r for r in reasons[2:]), reasons)
         # while limited, even the right token is not looked at

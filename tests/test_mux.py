@@ -16,7 +16,7 @@ from rtunnel import mux, wire
 from rtunnel.link import ControlLink, Keepalive
 from rtunnel.mux import ProtocolViolation, Session, SessionSettings
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
-from tests.memory import C2S, S2C, LocalEnd, Pair, RecordingDelegate, pattern
+from tests.memory import C2S, S2C, FakeLink, LocalEnd, Pair, RecordingDelegate, pattern
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -694,6 +694,20 @@ class ReliableAckTests(MuxTestCase):
 
 
 class ResumeTests(MuxTestCase):
+
+    def test_a_goaway_between_the_resumes_is_taken_not_a_protocol_error(self):
+        """Servers of before 2026-12 sent GOAWAY when shutting down even
+        between their RESUME and the client's: the client takes it as the
+        server leaving, not as a broken peer."""
+        delegate = RecordingDelegate()
+        session = Session(Clock(), delegate, is_server=False)
+        session.attach(FakeLink(), resuming=True, peer_max_frame=wire.DEFAULT_MAX_FRAME)
+        goaway = wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down")
+        [frame] = wire.FrameDecoder(1 << 20).feed(goaway)
+        session.frame_received(frame)
+        self.assertEqual([f.type for f in delegate.control], [FrameType.GOAWAY])
+        [bound] = wire.FrameDecoder(1 << 20).feed(wire.encode_json(FrameType.BOUND, {"tunnel": 1}))
+        self.assertRaises(ProtocolViolation, session.frame_received, bound)  # anything else still is
     def test_every_byte_arrives_once_and_in_order_across_drops(self):
         pair = Pair()
         server_end, client_end = pair.open()
