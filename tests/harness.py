@@ -1,22 +1,49 @@
-"""Real servers, clients, targets and visitors on loopback, for trial tests.
+"""Shared helpers of the tests: real servers, clients, targets, visitors and
+child processes on loopback; no test module imports another's helpers.
 
-Everything here runs in the test's reactor with real sockets and real TLS;
-every helper cleans up after itself so trial's dirty-reactor check passes.
+Sections: targets, visitors, an in-process tunnel (server + client), waiting,
+log events, IPv6 (why a host cannot run the IPv6 tests), Prometheus samples,
+certificates (a CA and a server certificate), and twistd / installed scripts
+as child processes. Everything runs with real sockets and real TLS; every
+helper cleans up after itself so trial's dirty-reactor check passes.
+
+Other helper modules, each one thing: tests/memory.py (a session pair in
+memory on a fake clock), tests/faultproxy.py (a TCP proxy that injects link
+faults), tests/chromium.py (a headless browser), tests/spec_peer.py (a peer
+written from docs/protocol.md alone).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
+import re
+import shutil
+import socket
+import socketserver
+import ssl
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 import rtunnel.tap.server
@@ -162,6 +189,11 @@ class Visitor(Protocol):
 
 def visit(port: int, visitor: Visitor) -> defer.Deferred[tuple[bytes, Failure]]:
     """Connect `visitor` to 127.0.0.1:port; fires when the connection ends."""
+    return visit_at("127.0.0.1", port, visitor)
+
+
+def visit_at(host: str, port: int, visitor: Visitor) -> defer.Deferred[tuple[bytes, Failure]]:
+    """`visit`, to any host (e.g. ::1)."""
     factory = ClientFactory.forProtocol(lambda: visitor)
     factory.noisy = False
 
@@ -169,7 +201,7 @@ def visit(port: int, visitor: Visitor) -> defer.Deferred[tuple[bytes, Failure]]:
         visitor.done.errback(reason)
 
     factory.clientConnectionFailed = failed  # type: ignore[method-assign]
-    reactor.connectTCP("127.0.0.1", port, factory)
+    reactor.connectTCP(host, port, factory)
     return visitor.done
 
 
@@ -273,8 +305,6 @@ def sleep(seconds: float) -> defer.Deferred[None]:
 def free_port() -> int:
     """A TCP port free on every address of both families when IPv6 is there
     (rtunnel binds `::` dual-stack by default), else on 127.0.0.1."""
-    import socket
-
     try:
         with socket.socket(socket.AF_INET6) as s:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
@@ -314,3 +344,337 @@ class Conversation(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.reason = reason
         self.closed.callback(bytes(self.received))
+
+
+def converse(port: int) -> defer.Deferred[Conversation]:
+    """A Conversation connected to 127.0.0.1:port (fires once connected)."""
+    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Conversation())
+
+
+# ---------------------------------------------------------------- log events
+
+
+class LogCapture:
+    """Every twisted.logger event while a test runs; the observer is removed
+    in the test's cleanup."""
+
+    def __init__(self, test: Any) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def named(self, event: str, **fields: Any) -> list[dict[str, Any]]:
+        """The events whose `event` field is `event` and whose other fields
+        include `fields`."""
+        return [
+            e for e in self.events
+            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
+        ]
+
+    def refusals(self, event: str, **fields: Any) -> int:
+        """How many refusals the lines of `event` stand for: a line that
+        folds repeats (rtunnel.limits.RefusalLog) carries their `count`."""
+        return sum(int(e.get("count", 1)) for e in self.named(event, **fields))
+
+    def text(self) -> str:
+        """Every event as a log line, for a failing assertion's message."""
+        return "\n".join(formatEvent(e) for e in self.events)
+
+    def failures(self) -> list[str]:
+        """Tracebacks and critical lines logged (each one a bug)."""
+        return [
+            f"{e.get('log_format')!r} {e.get('log_failure', '')}"
+            for e in self.events
+            if "log_failure" in e or e.get("log_level") is LogLevel.critical
+        ]
+
+
+# ---------------------------------------------------------------- IPv6
+
+
+def _why_no_ipv6() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        return f"this host cannot bind ::1 ({e}); IPv6 tests need an IPv6 loopback"
+    return None
+
+
+def _why_no_dual_stack() -> str | None:
+    why = _why_no_ipv6()
+    if why:
+        return why
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+            s.listen(1)
+            with socket.create_connection(("127.0.0.1", s.getsockname()[1]), timeout=5):
+                pass
+    except OSError as e:
+        return f"a socket on :: does not accept IPv4 here (net.ipv6.bindv6only=1?): {e}"
+    return None
+
+
+NO_IPV6 = _why_no_ipv6()  # None, or why IPv6 tests skip on this host
+NO_DUAL_STACK = _why_no_dual_stack()  # None, or why dual-stack (`::` takes IPv4) tests skip
+
+
+@defer.inlineCallbacks
+def reaches(host: str, port: int) -> Any:
+    """Whether a visitor to host:port gets its bytes echoed within 10 s."""
+    try:
+        reply, _ = yield with_timeout(visit_at(host, port, Visitor(b"hi")), 10)
+    except Exception:
+        return False
+    return reply == b"hi"
+
+
+# ---------------------------------------------------------------- metrics
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus scrape: (name, labels) -> value."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def metric_value(samples: Samples, name: str, **labels: str) -> float:
+    """The one sample `name` whose labels include `labels` (fails if not one)."""
+    want = set(labels.items())
+    found = [v for (n, ls), v in samples.items() if n == name and want <= ls]
+    if len(found) != 1:
+        raise AssertionError(f"{len(found)} samples {name}{labels} in the scrape, expected 1")
+    return found[0]
+
+
+# ---------------------------------------------------------------- certificates
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def make_ca_and_server(directory: Path, dns_name: str) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate for `dns_name` signed by it (PEM files)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("rtunnel test CA"))
+        .issuer_name(_name("rtunnel test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(dns_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = directory / "ca.crt", directory / "srv.crt", directory / "srv.key"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return ca_path, cert_path, key_path
+
+
+# ---------------------------------------------------------------- processes
+#
+# twistd and the installed scripts as real child processes: each in its own
+# working directory, its output in a log file, every wait bounded, killed in
+# the test's cleanup.
+
+# twistd, run by this interpreter whatever scripts are on PATH (`python -m
+# twisted` would be `twist`, not `twistd`)
+TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+START_TIMEOUT = 30.0  # an interpreter start plus Twisted and cryptography imports
+EXIT_TIMEOUT = 20.0
+BANNER = b"hello from the target\n"  # what TargetServer says first
+
+
+def clean_env() -> dict[str, str]:
+    """Our environment, minus what would make a child use another rtunnel copy."""
+    env = dict(os.environ)
+    for name in ("PYTHONPATH", "PYTHONHOME", "RTUNNEL_TOKEN"):
+        env.pop(name, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+_plugins_checked: str | None = None  # "" when installed, else the reason to skip
+
+
+def plugins_installed() -> str:
+    """'' when `twistd --help` of this interpreter lists both plugins, else
+    why not (the reason a process test skips); asked once per run."""
+    global _plugins_checked
+    if _plugins_checked is None:
+        _plugins_checked = _check_plugins()
+    return _plugins_checked
+
+
+def _check_plugins() -> str:
+    argv = [*TWISTD, "--help"]
+    cwd = tempfile.mkdtemp(prefix="rtunnel-plugin-check-")
+    try:
+        out = subprocess.run(
+            argv, cwd=cwd, env=clean_env(), stdin=subprocess.DEVNULL,
+            capture_output=True, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run twistd with {sys.executable}: {e}"
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
+    text = out.stdout.decode(errors="replace")
+    missing = [name for name in ("rtunnel-server", "rtunnel-client") if name not in text]
+    if missing:
+        return (
+            f"the twistd plugins {', '.join(missing)} are not installed for {sys.executable} "
+            "('twistd --help' does not list them); run 'pip install .' first"
+        )
+    return ""
+
+
+def cert_fingerprint(cert_path: Path) -> str:
+    """Hex SHA-256 of the certificate's DER form, as the server prints it."""
+    der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+    return hashlib.sha256(der).hexdigest()
+
+
+class Process:
+    """One child process whose stdout and stderr go to a log file."""
+
+    def __init__(
+        self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path,
+        pass_fds: tuple[int, ...] = (), extra_env: dict[str, str] | None = None,
+    ) -> None:
+        """Start `argv`; the child inherits the descriptors `pass_fds` and
+        our environment (less what would pick another rtunnel) plus `extra_env`."""
+        self.name = name
+        self.argv = argv
+        cwd = workdir / f"{name}-cwd"
+        cwd.mkdir(exist_ok=True)
+        self.log_path = workdir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # closed in stop()
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env={**clean_env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds,
+        )
+        test.addCleanup(self.stop)
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
+
+    def describe(self) -> str:
+        state = "running" if self.popen.poll() is None else f"exited with {self.popen.returncode}"
+        return f"{self.name} ({state}); its output:\n{self.output}"
+
+    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """The first match of `pattern` in the output, waiting while the process runs."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            match = regex.search(self.output)
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                match = regex.search(self.output)  # a last look: it may have just written it
+                if match:
+                    return match
+                raise AssertionError(f"{pattern!r} never appeared: {self.describe()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} did not appear within {timeout:.0f} s: {self.describe()}")
+            time.sleep(0.05)
+
+    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout:.0f} s: {self.describe()}") from None
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._log.close()
+
+
+class BannerEcho(socketserver.BaseRequestHandler):
+    """Says BANNER, then echoes until the peer half-closes, then closes."""
+
+    server: TargetServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(30)
+        count = 0
+        try:
+            sock.sendall(BANNER)
+            while data := sock.recv(65536):
+                sock.sendall(data)
+                count += len(data)
+            self.server.eofs.append(count)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+class TargetServer(socketserver.ThreadingTCPServer):
+    """A BannerEcho target on 127.0.0.1 (a port the kernel picks); run it
+    with serve_in_thread."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), BannerEcho)
+        self.eofs: list[int] = []  # bytes echoed, for each visitor whose EOF arrived
+
+
+def serve_in_thread(test: Any, server: socketserver.BaseServer) -> None:
+    """Run a socketserver in a daemon thread until `test`'s cleanup stops it."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    test.addCleanup(stop)

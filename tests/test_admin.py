@@ -30,17 +30,19 @@ from rtunnel.errors import ConfigError
 from rtunnel.tap.server import Options
 from tests.chromium import Chromium, chromium_missing
 from tests.harness import (
+    TWISTD,
     Echo,
+    Process,
     Tunnel,
     Visitor,
     free_port,
     listen_target,
+    plugins_installed,
     sleep,
     visit,
     wait_until,
     with_timeout,
 )
-from tests.test_processes import TWISTD, Process, _free_port, _plugins_installed
 
 
 class Admin:
@@ -351,16 +353,16 @@ class InstalledAdminTests(SynchronousTestCase):
     plugin; `pip install --no-deps .` first, as for tests/test_processes.py)."""
 
     def test_admin_option_of_the_installed_plugin(self) -> None:
-        reason = _plugins_installed()
+        reason = plugins_installed()
         if reason:
             raise SkipTest(reason)
         workdir = Path(tempfile.mkdtemp(prefix="rtunnel-admin-process-"))
         self.addCleanup(shutil.rmtree, workdir, True)
         state = workdir / "state"
-        port = _free_port()
+        port = free_port()
         server = Process(
             self, "server",
-            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(_free_port()),
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(free_port()),
              "--interface", "127.0.0.1", "--state-dir", str(state), "--admin", str(port)],
             workdir,
         )

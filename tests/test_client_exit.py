@@ -20,7 +20,11 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.test_processes import TWISTD, Process, _clean_env, _fingerprint, _free_port, _plugins_installed
+from tests.harness import TWISTD, Process
+from tests.harness import cert_fingerprint as _fingerprint
+from tests.harness import clean_env as _clean_env
+from tests.harness import free_port as _free_port
+from tests.harness import plugins_installed as _plugins_installed
 
 EXIT_TIMEOUT = 20.0
 

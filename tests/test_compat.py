@@ -28,15 +28,15 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.test_processes import (
+from tests.harness import (
     BANNER,
     TWISTD,
     Process,
-    _clean_env,
-    _fingerprint,
-    _free_port,
-    _plugins_installed,
-    _TargetServer,
+    TargetServer,
+    cert_fingerprint,
+    clean_env,
+    free_port,
+    plugins_installed,
     serve_in_thread,
 )
 
@@ -119,7 +119,7 @@ class CompatibilityTests(SynchronousTestCase):
     """Each end of this tree against the other end of PROTOCOL_BASELINE."""
 
     def setUp(self) -> None:
-        reason = _plugins_installed()
+        reason = plugins_installed()
         if reason:
             raise SkipTest(reason)
         self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-compat-"))
@@ -132,7 +132,7 @@ class CompatibilityTests(SynchronousTestCase):
         self.state_dir = self.workdir / "state"
         where = subprocess.run(
             [sys.executable, "-c", "import rtunnel.tap.server; print(rtunnel.__file__)"],
-            env={**_clean_env(), **self.old_env()}, capture_output=True, text=True, timeout=60,
+            env={**clean_env(), **self.old_env()}, capture_output=True, text=True, timeout=60,
         )
         self.assertTrue(Path(where.stdout.strip()).is_relative_to(self.old), where.stdout + where.stderr)
 
@@ -140,7 +140,7 @@ class CompatibilityTests(SynchronousTestCase):
         return {"PYTHONPATH": str(self.old)}
 
     def start_server(self, old: bool) -> int:
-        port = _free_port()
+        port = free_port()
         server = Process(
             self, "old-server" if old else "server",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(port),
@@ -152,12 +152,12 @@ class CompatibilityTests(SynchronousTestCase):
         return port
 
     def start_client(self, old: bool, control_port: int, target_port: int) -> tuple[Process, int]:
-        public = _free_port()
+        public = free_port()
         client = Process(
             self, "old-client" if old else "client",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control_port}",
              "-f", f"127.0.0.1:{public}", "-t", f"127.0.0.1:{target_port}", "--token", TOKEN,
-             "--fingerprint", _fingerprint(self.state_dir / "server.crt"), "--max-retry-delay", "1"],
+             "--fingerprint", cert_fingerprint(self.state_dir / "server.crt"), "--max-retry-delay", "1"],
             self.workdir, extra_env=self.old_env() if old else None,
         )
         client.wait_for(r"tunnel ready")
@@ -165,7 +165,7 @@ class CompatibilityTests(SynchronousTestCase):
 
     def check_one_version_with_the_other(self, old_server: bool) -> None:
         """Bytes both ways through a tunnel, across a severed control link."""
-        target = _TargetServer()
+        target = TargetServer()
         serve_in_thread(self, target)
         self.target = target
         control = self.start_server(old=old_server)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -26,10 +25,10 @@ from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
 from tests.harness import (
     TOKEN,
-    Conversation,
     Echo,
     Tunnel,
     Visitor,
+    converse,
     listen_target,
     pattern,
     sleep,
@@ -478,10 +477,6 @@ class PlanTests(SynchronousTestCase):
 # ---------------------------------------------------------------- SIGHUP reload
 
 
-def converse(port: int) -> defer.Deferred[Conversation]:
-    return connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Conversation())
-
-
 class ReloadTests(TestCase):
     """The client re-reads its file and changes only the tunnels that changed."""
 
@@ -670,9 +665,9 @@ class ProcessReloadTests(SynchronousTestCase):
     untouched."""
 
     def setUp(self) -> None:
-        from tests import test_processes as tp
+        from tests import harness as tp
 
-        reason = tp._plugins_installed()
+        reason = tp.plugins_installed()
         if reason:
             raise SkipTest(reason)
         self.tp = tp
@@ -680,7 +675,7 @@ class ProcessReloadTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.workdir, True)
 
     def start_target(self) -> int:
-        target = self.tp._TargetServer()
+        target = self.tp.TargetServer()
         self.tp.serve_in_thread(self, target)
         return target.server_address[1]
 
@@ -689,7 +684,7 @@ class ProcessReloadTests(SynchronousTestCase):
         tunnels = "".join(f'\n[[tunnel]]\nforward = "127.0.0.1:0"\nto = "127.0.0.1:{t}"\n' for t in targets)
         path.write_text(
             f'server = "127.0.0.1:{control}"\ntoken_file = "{state / "token"}"\n'
-            f'fingerprint = "sha256:{self.tp._fingerprint(state / "server.crt")}"\n{tunnels}'
+            f'fingerprint = "sha256:{self.tp.cert_fingerprint(state / "server.crt")}"\n{tunnels}'
         )
 
     def ready_ports(self, client: Any, count: int) -> dict[int, int]:
@@ -705,7 +700,7 @@ class ProcessReloadTests(SynchronousTestCase):
 
     def test_sighup_adds_and_removes_tunnels_during_a_transfer(self) -> None:
         tp = self.tp
-        control = tp._free_port()
+        control = tp.free_port()
         server = tp.Process(
             self, "server",
             [*tp.TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(control),

@@ -24,9 +24,18 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
 from rtunnel.descriptors import CONTROL_MARGIN, MAX_RESERVE, DescriptorGate, raise_limit, reserve_for
-from tests.harness import TOKEN, Conversation, Echo, Tunnel, listen_target, sleep, wait_until, with_timeout
+from tests.harness import (
+    TOKEN,
+    TWISTD,
+    Conversation,
+    Echo,
+    Tunnel,
+    listen_target,
+    sleep,
+    wait_until,
+    with_timeout,
+)
 
-TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 SERVER_SOFT, SERVER_HARD = 64, 256  # the server raises 64 to 256 and keeps 64 from visitors
 CPU_SECONDS_ALLOWED = 0.2  # of the server's CPU over 2 s of exhaustion: an idle process, not a spin
 

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rtunnel.config import ServerConfig
 from rtunnel.tap.server import ServerService, add_client_main, client_host
 from rtunnel.tls import format_fingerprint, load_server_identity
+from tests.harness import LogCapture
 
 
 class ClientHostTests(SynchronousTestCase):
@@ -90,9 +91,7 @@ class ServerListeningLineTests(TestCase):
     def setUp(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rtunnel-first-start-"))
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = LogCapture(self).events
 
     @defer.inlineCallbacks
     def start(self, **config: Any) -> Any:

@@ -27,7 +27,6 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -35,6 +34,7 @@ from rtunnel import wire
 from rtunnel.config import ServerConfig
 from rtunnel.server import ServerLink, TunnelServer
 from rtunnel.wire import ErrorCode, FrameType
+from tests.harness import LogCapture
 
 TOKEN = "handshake-test-token"
 HANDSHAKE_TIMEOUT = 10.0
@@ -62,23 +62,6 @@ def hello_frame(body: dict[str, Any]) -> bytes:
     """A HELLO as a hostile peer writes it: json.dumps escapes lone
     surrogates as \\udXXX, which json.loads turns back into them."""
     return wire.encode(FrameType.HELLO, 0, json.dumps(body).encode())
-
-
-class LogCapture:
-    """Every twisted.logger event while the test runs."""
-
-    def __init__(self, test: SynchronousTestCase) -> None:
-        self.events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.events.append)
-        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def failures(self) -> list[str]:
-        """Tracebacks and critical lines logged (each one a bug)."""
-        return [
-            f"{e.get('log_format')!r} {e.get('log_failure', '')}"
-            for e in self.events
-            if "log_failure" in e or e.get("log_level") is LogLevel.critical
-        ]
 
 
 class Bench:

@@ -1,5 +1,6 @@
 """IPv6: control link, public ports and targets on ::1; the default
-dual-stack listeners; IPv4-mapped peers counted and shown as IPv4.
+dual-stack listeners and the clients file's bind policy over them (also
+across a reload); IPv4-mapped peers counted and shown as IPv4.
 
 Everything runs on loopback (::1, 127.0.0.1) with real sockets and TLS,
 except the default binds, which are `::` (every address of the host) because
@@ -22,10 +23,8 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
-from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
+from twisted.logger import formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
@@ -33,43 +32,24 @@ from rtunnel.addresses import host_port, ipv6_unavailable, unmap
 from rtunnel.config import TunnelSpec
 from rtunnel.guard import AdmissionGuard, address_key
 from tests.harness import (
+    NO_DUAL_STACK,
+    NO_IPV6,
     TOKEN,
     Echo,
+    LogCapture,
+    Process,
     Tunnel,
     Visitor,
     free_port,
+    listen_target,
     pattern,
+    reaches,
+    serve_in_thread,
+    visit_at,
+    wait_until,
     with_timeout,
 )
 from tests.harness import TargetFactory as _TargetFactory
-
-
-def _why_no_ipv6() -> str | None:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError as e:
-        return f"this host cannot bind ::1 ({e}); IPv6 tests need an IPv6 loopback"
-    return None
-
-
-def _why_no_dual_stack() -> str | None:
-    why = _why_no_ipv6()
-    if why:
-        return why
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::", 0))
-            s.listen(1)
-            with socket.create_connection(("127.0.0.1", s.getsockname()[1]), timeout=5):
-                pass
-    except OSError as e:
-        return f"a socket on :: does not accept IPv4 here (net.ipv6.bindv6only=1?): {e}"
-    return None
-
-
-NO_IPV6 = _why_no_ipv6()
-NO_DUAL_STACK = _why_no_dual_stack()
 
 
 def listen_target6(test: Any, **attrs: Any) -> tuple[_TargetFactory, int]:
@@ -78,25 +58,6 @@ def listen_target6(test: Any, **attrs: Any) -> tuple[_TargetFactory, int]:
     port = reactor.listenTCP(0, factory, interface="::1")
     test.addCleanup(port.stopListening)
     return factory, port.getHost().port
-
-
-def visit_at(host: str, port: int, visitor: Visitor) -> defer.Deferred[tuple[bytes, Failure]]:
-    """`harness.visit`, to any host (e.g. ::1)."""
-    factory = ClientFactory.forProtocol(lambda: visitor)
-    factory.noisy = False
-    factory.clientConnectionFailed = lambda connector, reason: visitor.done.errback(reason)  # type: ignore[method-assign]
-    reactor.connectTCP(host, port, factory)
-    return visitor.done
-
-
-@defer.inlineCallbacks
-def reaches(host: str, port: int) -> Any:
-    """Whether a visitor to host:port gets its bytes echoed within 10 s."""
-    try:
-        reply, _ = yield with_timeout(visit_at(host, port, Visitor(b"hi")), 10)
-    except Exception:
-        return False
-    return reply == b"hi"
 
 
 def spy_on_opens(service: Any) -> list[dict[str, Any]]:
@@ -131,20 +92,6 @@ class _NoIPv6Reactor:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(reactor, name)
-
-
-class Collect:
-    """Log events with a given `event` field, while the test runs."""
-
-    def __init__(self, test: unittest.TestCase, event: str) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.event = event
-        globalLogPublisher.addObserver(self)
-        test.addCleanup(globalLogPublisher.removeObserver, self)
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("event") == self.event:
-            self.events.append(event)
 
 
 # ---------------------------------------------------------------- pure parts
@@ -332,7 +279,7 @@ class IPv6TunnelTests(unittest.TestCase):
 
         options = Options()
         options.parseOptions(["--port", str(free_port())])
-        refusals = Collect(self, "auth_failed")
+        log = LogCapture(self)
         yield self.tunnel.start_server(listen=options.config.listen, auth_failure_burst=1)
         self.assertEqual(self.tunnel.server_service.port.getHost().host, "::")
         target, target_port = listen_target6(self)
@@ -346,8 +293,9 @@ class IPv6TunnelTests(unittest.TestCase):
         self.assertEqual(guard.failures, 1)
         self.assertIsNotNone(guard.retry_after("127.0.0.1"))
         self.assertIsNone(guard.retry_after("::1"))
-        self.assertEqual(refusals.events[0]["host"], "127.0.0.1")
-        self.assertTrue(refusals.events[0]["peer"].startswith("127.0.0.1:"), refusals.events[0]["peer"])
+        refusal = log.named("auth_failed")[0]
+        self.assertEqual(refusal["host"], "127.0.0.1")
+        self.assertTrue(refusal["peer"].startswith("127.0.0.1:"), refusal["peer"])
 
     @defer.inlineCallbacks
     def test_host_names_resolving_to_ipv6(self) -> None:
@@ -405,7 +353,7 @@ class FallbackTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_control_port_and_default_public_port_fall_back_to_ipv4(self) -> None:
-        warnings = Collect(self, "ipv6_unavailable")
+        log = LogCapture(self)
         fake = yield self.start_server()
         self.assertEqual(self.tunnel.server_service.port.getHost().host, "127.0.0.1")
         _, target = listen_target_any(self)
@@ -418,8 +366,8 @@ class FallbackTests(unittest.TestCase):
         reply, _ = yield with_timeout(visit_at("127.0.0.1", bound[1][1], Visitor(b"over IPv4")), 20)
         self.assertEqual(reply, b"over IPv4")
         self.assertEqual(fake.refused, ["::", "::"])
-        self.assertEqual([e["listener"] for e in warnings.events], ["control", "public"])
-        self.assertIn("this host has no IPv6", warnings.events[0]["log_format"])
+        self.assertEqual([e["listener"] for e in log.named("ipv6_unavailable")], ["control", "public"])
+        self.assertIn("this host has no IPv6", log.named("ipv6_unavailable")[0]["log_format"])
 
     @defer.inlineCallbacks
     def test_an_explicit_ipv6_bind_is_refused_with_a_reason(self) -> None:
@@ -431,8 +379,6 @@ class FallbackTests(unittest.TestCase):
 
 
 def listen_target_any(test: Any) -> tuple[_TargetFactory, int]:
-    from tests.harness import listen_target
-
     return listen_target(test, Echo)
 
 
@@ -495,6 +441,69 @@ class PolicyTests(unittest.TestCase):
         self.assertIn(f"-f 127.0.0.1:{self.port}", message)
 
 
+class DualStackPolicyReloadTests(unittest.TestCase):
+    """A clients-file reload that takes 0.0.0.0 from a client's bind list:
+    the dual-stack `::` port it already has (which still takes IPv4) is
+    reported, and its next session gets an IPv6-only port."""
+
+    timeout = 60
+    TOKEN = "carol-token-0123456789"
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        if NO_DUAL_STACK:
+            raise unittest.SkipTest(NO_DUAL_STACK)
+        self.tunnel = Tunnel(self)
+        self.clients_file = self.tunnel.state_dir / "clients.toml"
+        self.port = free_port()
+        self.write('"0.0.0.0", "::"')
+        yield self.tunnel.start_server(clients_file=self.clients_file)
+        _, self.target = listen_target(self, Echo)
+        self.log = LogCapture(self)
+
+    def write(self, bind: str) -> None:
+        sha = hashlib.sha256(self.TOKEN.encode()).hexdigest()
+        self.clients_file.write_text(
+            f'[clients.carol]\ntoken_sha256 = "{sha}"\nports = [{self.port}]\nbind = [{bind}]\n'
+        )
+
+    @defer.inlineCallbacks
+    def start_client(self) -> Any:
+        config = replace(
+            self.tunnel.client_config([]), token=self.TOKEN,
+            tunnels=(TunnelSpec(1, "", self.port, "127.0.0.1", self.target),),
+        )
+        service = self.tunnel.start_client(config)
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        self.assertEqual(bound[1], ("::", self.port))
+        return service
+
+    def reaches(self, host: str) -> defer.Deferred[bool]:
+        return reaches(host, self.port)
+
+    @defer.inlineCallbacks
+    def test_reload_reports_the_dual_stack_port_as_outside_the_policy(self) -> Any:
+        yield self.start_client()
+        self.assertTrue((yield self.reaches("127.0.0.1")))
+        self.write('"::"')
+        self.tunnel.server_service.reload()
+        [mismatch] = self.log.named("policy_mismatch")
+        self.assertIn(f":{self.port}", formatEvent(mismatch))
+
+    @defer.inlineCallbacks
+    def test_a_new_session_gets_an_ipv6_only_port_not_the_dual_stack_one(self) -> Any:
+        first = yield self.start_client()
+        self.write('"::"')
+        self.tunnel.server_service.reload()
+        first.client.link.transport.abortConnection()  # the client dies without a goodbye
+        yield wait_until(lambda: first.client.link is None)
+        yield first.stopService()
+        yield self.start_client()  # a new session takes the port back
+        self.assertTrue((yield self.reaches("::1")))
+        self.assertFalse((yield self.reaches("127.0.0.1")))
+        self.assertEqual(self.log.named("bind_failed"), [], self.log.text())
+
+
 # ---------------------------------------------------------------- processes
 
 
@@ -527,9 +536,6 @@ class ProcessTests(unittest.SynchronousTestCase):
         missing = [str(p) for p in self.scripts.values() if not p.exists()]
         if missing:
             raise unittest.SkipTest(f"{', '.join(missing)} not installed for {sys.executable}; run 'pip install .' first")
-        from tests.test_processes import Process
-
-        self.Process = Process
         self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-ipv6-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
 
@@ -540,12 +546,10 @@ class ProcessTests(unittest.SynchronousTestCase):
 
     def test_scripts_on_ipv6_loopback(self) -> None:
         target = _EchoServer6(("::1", 0), _EchoHandler)
-        from tests.test_processes import serve_in_thread
-
         serve_in_thread(self, target)
         state = self.workdir / "state"
         port = self.free_port6()
-        server = self.Process(
+        server = Process(
             self, "server",
             [str(self.scripts["rtunnel_server"]), "--interface", "::1", "--port", str(port), "--state-dir", str(state)],
             self.workdir,
@@ -554,7 +558,7 @@ class ProcessTests(unittest.SynchronousTestCase):
         self.assertIn(r"interface=\:\:1", server.output)
         token = (state / "token").read_text().strip()
         fingerprint = server.wait_for(r"fingerprint (sha256:[0-9a-f]{64})").group(1)
-        client = self.Process(
+        client = Process(
             self, "client",
             [str(self.scripts["rtunnel_client"]), "-c", f"[::1]:{port}", "-f", "[::1]:0",
              "-t", f"[::1]:{target.server_address[1]}", "--token", token, "--fingerprint", fingerprint],

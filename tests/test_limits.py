@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 
 from rtunnel.auth import parse_clients
@@ -31,10 +31,21 @@ from rtunnel.limits import (
 )
 from rtunnel.metrics import ServerCollector, registry_for
 from rtunnel.tap.server import Options
-from tests.harness import Echo, Source, Tunnel, Visitor, listen_target, pattern, sleep, visit, wait_until
+from tests.harness import (
+    Echo,
+    LogCapture,
+    Source,
+    Tunnel,
+    Visitor,
+    listen_target,
+    metric_value,
+    parse_metrics,
+    pattern,
+    sleep,
+    visit,
+    wait_until,
+)
 from tests.memory import Pair
-from tests.test_metrics import parse, value
-from tests.test_session_fuzz import FUZZ_SETTINGS, ServerSessionMachine, run_state_machine_as_test
 
 MB = 1_000_000
 RATE = MB
@@ -345,10 +356,7 @@ class RefusalLogTests(NearMixin, unittest.TestCase):
 
         clock = Clock()
         server = TunnelServer(clock, ServerConfig(listen="tcp:0", state_dir=None, max_unauthenticated=1), None)
-        events: list[dict] = []
-        observer = events.append
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        events = LogCapture(self).events
         self.assertTrue(server.guard.admit("192.0.2.1", "first").admitted)
         for _ in range(5):  # 5 connections over the cap in 1 s, then none
             self.assertFalse(server.guard.admit("192.0.2.1", "next").admitted)
@@ -507,7 +515,7 @@ class Sink(Protocol):
 
 def scrape_limits(server):
     """The server's metrics as Prometheus text, parsed (rtunnel.metrics)."""
-    return parse(generate_latest(registry_for(ServerCollector(lambda: server))).decode())
+    return parse_metrics(generate_latest(registry_for(ServerCollector(lambda: server))).decode())
 
 
 class EndToEndTests(NearMixin, unittest.TestCase):
@@ -537,18 +545,18 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertGreater(pacer.held_seconds_at(reactor.seconds()), 4.0)
         samples = scrape_limits(tunnel.server)
         self.assertEqual(
-            value(samples, "rtunnel_bandwidth_limit_bytes_per_second", client="default", direction="to_client"), MB
+            metric_value(samples, "rtunnel_bandwidth_limit_bytes_per_second", client="default", direction="to_client"), MB
         )
         self.assertGreater(
-            value(samples, "rtunnel_bandwidth_paced_bytes_total", client="default", direction="to_client"), 5 * MB
+            metric_value(samples, "rtunnel_bandwidth_paced_bytes_total", client="default", direction="to_client"), 5 * MB
         )
         self.assertGreater(
-            value(samples, "rtunnel_bandwidth_held_seconds_total", client="default", direction="to_client"), 4.0
+            metric_value(samples, "rtunnel_bandwidth_held_seconds_total", client="default", direction="to_client"), 4.0
         )
         # no connection limit: no limit series, but the open connections are there
         self.assertEqual([n for n, _ in samples if n == "rtunnel_connection_limit"], [])
         self.assertEqual(
-            value(samples, "rtunnel_tunnel_connections_open", client="default", tunnel=f"127.0.0.1:{public}"), 1
+            metric_value(samples, "rtunnel_tunnel_connections_open", client="default", tunnel=f"127.0.0.1:{public}"), 1
         )
         visitor.transport.abortConnection()
 
@@ -579,9 +587,7 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         yield wait_until(lambda: first.received and second.received, 10)
         [listener] = tunnel.server.listeners.values()
         self.assertEqual(listener.open_connections, 2)
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = LogCapture(self).events
         replies = yield defer.gatherResults(
             [visit(public, Visitor(b"three")).addTimeout(10, reactor) for _ in range(30)]
         )
@@ -591,11 +597,11 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         self.assertEqual(tunnel.server.limiters["default"].refused_by_tunnel, {f"127.0.0.1:{public}": 30})
         samples = scrape_limits(tunnel.server)
         self.assertEqual(
-            value(samples, "rtunnel_visitors_refused_connection_limit_total", tunnel=f"127.0.0.1:{public}"), 30
+            metric_value(samples, "rtunnel_visitors_refused_connection_limit_total", tunnel=f"127.0.0.1:{public}"), 30
         )
         tunnel_label = {"client": "default", "tunnel": f"127.0.0.1:{public}"}
-        self.assertEqual(value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 2)
-        self.assertEqual(value(samples, "rtunnel_connection_limit", client="default"), 2)
+        self.assertEqual(metric_value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 2)
+        self.assertEqual(metric_value(samples, "rtunnel_connection_limit", client="default"), 2)
         lines = [e for e in events if e.get("reason") == "max_connections_per_tunnel"]
         self.assertLessEqual(len(lines), 2)  # not one line per visitor
         self.assertEqual(lines[0]["count"], 1)
@@ -608,34 +614,4 @@ class EndToEndTests(NearMixin, unittest.TestCase):
         yield done[1]
         yield wait_until(lambda: listener.open_connections == 0, 10)
         samples = scrape_limits(tunnel.server)
-        self.assertEqual(value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 0)
-
-
-def tiny_pacer(clock: Clock, wake: str) -> Pacer:
-    pacer = Pacer(clock, 2000, wake)
-    pacer.bucket = TokenBucket(clock, 2000, burst=600)
-    pacer.quantum = 300
-    return pacer
-
-
-class PacedSessionMachine(ServerSessionMachine):
-    """The stateful fuzzer of tests/test_session_fuzz.py on a server session
-    with both directions bandwidth-limited: hostile frames and resumes must
-    still end only in explained closes, with nothing left waiting."""
-
-    def fresh_session(self) -> None:
-        super().fresh_session()
-        # a tiny bucket, so that the fuzzer's few kilobytes are held often
-        self.session.send_pacer = tiny_pacer(self.clock, "paced_flush")
-        self.session.recv_pacer = tiny_pacer(self.clock, "paced_grant")
-
-    def teardown(self) -> None:
-        super().teardown()
-        for pacer in (self.session.send_pacer, self.session.recv_pacer):
-            assert pacer.waiting == 0, f"{pacer.waiting} streams still wait after the session closed"
-            assert pacer._timer is None, "a refill timer is left behind"
-
-
-class PacedFuzzTests(unittest.SynchronousTestCase):
-    def test_paced_server_session(self) -> None:
-        run_state_machine_as_test(PacedSessionMachine, settings=FUZZ_SETTINGS)
+        self.assertEqual(metric_value(samples, "rtunnel_tunnel_connections_open", **tunnel_label), 0)

@@ -16,7 +16,6 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
-from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -24,30 +23,11 @@ from rtunnel import wire
 from rtunnel.mux import SessionSettings
 from rtunnel.tls import PinnedCertificateCreator
 from rtunnel.wire import FrameType, ResetCode
-from tests.harness import TOKEN, Target, Tunnel, listen_target, sleep, wait_until, with_timeout
+from tests.harness import TOKEN, LogCapture, Target, Tunnel, listen_target, sleep, wait_until, with_timeout
 
 FLOOD = 300  # refusals provoked by each test
 INTERVAL = 1.0  # RefusalLog's default: at most one line a second per kind and session
 MAX_LINES = 4  # the first, and one a second while the flood (well under 2 s) lasts, and the rest
-
-
-class Events:
-    """Every log event while the test runs."""
-
-    def __init__(self, test: unittest.TestCase) -> None:
-        self.all: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(self.all.append)
-        test.addCleanup(globalLogPublisher.removeObserver, self.all.append)
-
-    def named(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            e for e in self.all
-            if e.get("event") == event and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-    def refusals(self, event: str, **fields: Any) -> int:
-        """How many refusals the lines of `event` stand for."""
-        return sum(int(e.get("count", 1)) for e in self.named(event, **fields))
 
 
 class RawClient(Protocol):
@@ -108,7 +88,7 @@ def connect_raw(test: unittest.TestCase, tunnel: Tunnel) -> Any:
 class RefusalFloodTests(unittest.TestCase):
     timeout = 60
 
-    def assertSummedUp(self, events: Events, event: str, **fields: Any) -> None:
+    def assertSummedUp(self, events: LogCapture, event: str, **fields: Any) -> None:
         lines = events.named(event, **fields)
         counts = [e.get("count", 1) for e in lines]
         self.assertEqual(sum(counts), FLOOD, counts)
@@ -117,7 +97,7 @@ class RefusalFloodTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_visitors_over_max_streams_are_summed_up_in_a_few_lines(self) -> Any:
-        events = Events(self)
+        events = LogCapture(self)
         tunnel = Tunnel(self)
         yield tunnel.start_server(session=SessionSettings(max_streams=2))
         held, target = listen_target(self, Target)  # keeps every connection open
@@ -136,7 +116,7 @@ class RefusalFloodTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_forbidden_binds_from_one_client_are_summed_up_in_a_few_lines(self) -> Any:
-        events = Events(self)
+        events = LogCapture(self)
         tunnel = Tunnel(self)
         yield tunnel.start_server(allow_ports=((20000, 20001),))
         client = yield connect_raw(self, tunnel)
@@ -148,7 +128,7 @@ class RefusalFloodTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_visitors_of_a_detached_session_over_its_queue_are_summed_up_in_a_few_lines(self) -> Any:
-        events = Events(self)
+        events = LogCapture(self)
         tunnel = Tunnel(self)
         max_streams = 4
         yield tunnel.start_server(session=SessionSettings(max_streams=max_streams))
@@ -171,7 +151,7 @@ class RefusalFloodTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_idle_connections_from_one_address_timing_out_are_summed_up_in_a_few_lines(self) -> Any:
-        events = Events(self)
+        events = LogCapture(self)
         tunnel = Tunnel(self)
         yield tunnel.start_server(
             handshake_timeout=0.5, max_unauthenticated=FLOOD, max_unauthenticated_per_address=FLOOD,

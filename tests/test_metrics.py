@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python import usage
@@ -21,6 +21,7 @@ from twisted.web.client import Agent, readBody
 from rtunnel.counters import tunnel_name
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
+from rtunnel.metrics import ClientCollector, registry_for
 from rtunnel.server import SessionState
 from rtunnel.tap.client import Options as ClientOptions
 from rtunnel.tap.server import Options as ServerOptions
@@ -28,11 +29,15 @@ from tests.faultproxy import FaultProxy
 from tests.harness import (
     TOKEN,
     Conversation,
+    Echo,
     HashReply,
     Source,
     Tunnel,
     Visitor,
+    converse,
     listen_target,
+    metric_value,
+    parse_metrics,
     pattern,
     sleep,
     visit,
@@ -44,27 +49,6 @@ from tests.memory import Pair
 KiB = 1024
 MiB = 1024 * KiB
 METRICS = "tcp:0:interface=127.0.0.1"
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Every sample of a scrape: (name, labels) -> value."""
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The one sample `name` whose labels include `labels` (fails if not one)."""
-    want = set(labels.items())
-    found = [v for (n, ls), v in samples.items() if n == name and want <= ls]
-    if len(found) != 1:
-        raise AssertionError(f"{len(found)} samples {name}{labels} in the scrape, expected 1")
-    return found[0]
-
 
 @defer.inlineCallbacks
 def scrape(port: int) -> Any:
@@ -78,7 +62,7 @@ def scrape(port: int) -> Any:
     content_type = response.headers.getRawHeaders(b"content-type")[0]
     if not content_type.startswith(b"text/plain"):
         raise AssertionError(f"/metrics content type {content_type!r}")
-    return parse(body.decode())
+    return parse_metrics(body.decode())
 
 
 class StalledVisitor(Visitor):
@@ -115,9 +99,9 @@ class MetricsTests(unittest.TestCase):
         first, second = pattern(1, 1 * MiB), pattern(2, 2 * MiB + 123)
 
         before = yield scrape(self.server_metrics)
-        self.assertEqual(value(before, "rtunnel_sessions", state="connected"), 1)
-        self.assertEqual(value(before, "rtunnel_sessions", state="detached"), 0)
-        self.assertEqual(value(before, "rtunnel_tunnels"), 1)
+        self.assertEqual(metric_value(before, "rtunnel_sessions", state="connected"), 1)
+        self.assertEqual(metric_value(before, "rtunnel_sessions", state="detached"), 0)
+        self.assertEqual(metric_value(before, "rtunnel_tunnels"), 1)
 
         uploader = Conversation()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", public), uploader)
@@ -128,13 +112,13 @@ class MetricsTests(unittest.TestCase):
         # mid-transfer: one stream open, its first megabyte counted at both ends
         during = yield scrape(self.server_metrics)
         labels = {"client": "default", "tunnel": tunnel}
-        self.assertEqual(value(during, "rtunnel_streams_open", **labels), 1)
-        self.assertEqual(value(during, "rtunnel_streams_opened_total", **labels), 1)
-        self.assertEqual(value(during, "rtunnel_stream_bytes_total", direction="in", **labels), len(first))
+        self.assertEqual(metric_value(during, "rtunnel_streams_open", **labels), 1)
+        self.assertEqual(metric_value(during, "rtunnel_streams_opened_total", **labels), 1)
+        self.assertEqual(metric_value(during, "rtunnel_stream_bytes_total", direction="in", **labels), len(first))
         client_during = yield scrape(self.client_metrics)
-        self.assertEqual(value(client_during, "rtunnel_streams_open", tunnel=tunnel), 1)
+        self.assertEqual(metric_value(client_during, "rtunnel_streams_open", tunnel=tunnel), 1)
         self.assertEqual(
-            value(client_during, "rtunnel_stream_bytes_total", direction="in", tunnel=tunnel), len(first)
+            metric_value(client_during, "rtunnel_stream_bytes_total", direction="in", tunnel=tunnel), len(first)
         )
 
         uploader.transport.write(second)
@@ -146,19 +130,19 @@ class MetricsTests(unittest.TestCase):
 
         after = yield scrape(self.server_metrics)
         sent = len(first) + len(second)
-        self.assertEqual(value(after, "rtunnel_streams_open", **labels), 0)
-        self.assertEqual(value(after, "rtunnel_streams_opened_total", **labels), 1)
-        self.assertEqual(value(after, "rtunnel_stream_bytes_total", direction="in", **labels), sent)
-        self.assertEqual(value(after, "rtunnel_stream_bytes_total", direction="out", **labels), len(reply))
+        self.assertEqual(metric_value(after, "rtunnel_streams_open", **labels), 0)
+        self.assertEqual(metric_value(after, "rtunnel_streams_opened_total", **labels), 1)
+        self.assertEqual(metric_value(after, "rtunnel_stream_bytes_total", direction="in", **labels), sent)
+        self.assertEqual(metric_value(after, "rtunnel_stream_bytes_total", direction="out", **labels), len(reply))
         client_after = yield scrape(self.client_metrics)
-        self.assertEqual(value(client_after, "rtunnel_streams_open", tunnel=tunnel), 0)
-        self.assertEqual(value(client_after, "rtunnel_streams_opened_total", tunnel=tunnel), 1)
-        self.assertEqual(value(client_after, "rtunnel_stream_bytes_total", direction="in", tunnel=tunnel), sent)
+        self.assertEqual(metric_value(client_after, "rtunnel_streams_open", tunnel=tunnel), 0)
+        self.assertEqual(metric_value(client_after, "rtunnel_streams_opened_total", tunnel=tunnel), 1)
+        self.assertEqual(metric_value(client_after, "rtunnel_stream_bytes_total", direction="in", tunnel=tunnel), sent)
         self.assertEqual(
-            value(client_after, "rtunnel_stream_bytes_total", direction="out", tunnel=tunnel), len(reply)
+            metric_value(client_after, "rtunnel_stream_bytes_total", direction="out", tunnel=tunnel), len(reply)
         )
-        self.assertEqual(value(client_after, "rtunnel_client_link_up"), 1)
-        self.assertEqual(value(client_after, "rtunnel_client_tunnels_bound"), 1)
+        self.assertEqual(metric_value(client_after, "rtunnel_client_link_up"), 1)
+        self.assertEqual(metric_value(client_after, "rtunnel_client_tunnels_bound"), 1)
 
     def client(self) -> Any:
         return self.tunnel.client_service.client
@@ -177,10 +161,10 @@ class MetricsTests(unittest.TestCase):
         yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].session.streams)
         samples = yield scrape(self.server_metrics)
         one, two = (tunnel_name("127.0.0.1", p) for p in ports)
-        self.assertEqual(value(samples, "rtunnel_streams_opened_total", tunnel=one), 3)
-        self.assertEqual(value(samples, "rtunnel_stream_bytes_total", tunnel=one, direction="in"), sum(sizes))
-        self.assertEqual(value(samples, "rtunnel_streams_opened_total", tunnel=two), 1)
-        self.assertEqual(value(samples, "rtunnel_stream_bytes_total", tunnel=two, direction="in"), 5_000)
+        self.assertEqual(metric_value(samples, "rtunnel_streams_opened_total", tunnel=one), 3)
+        self.assertEqual(metric_value(samples, "rtunnel_stream_bytes_total", tunnel=one, direction="in"), sum(sizes))
+        self.assertEqual(metric_value(samples, "rtunnel_streams_opened_total", tunnel=two), 1)
+        self.assertEqual(metric_value(samples, "rtunnel_stream_bytes_total", tunnel=two, direction="in"), 5_000)
 
     @defer.inlineCallbacks
     def test_a_wrong_token_is_an_authentication_failure(self):
@@ -188,14 +172,14 @@ class MetricsTests(unittest.TestCase):
         yield self.tunnel.start_server(metrics=METRICS)
         port = self.tunnel.server_service.metrics_port.getHost().port
         before = yield scrape(port)
-        self.assertEqual(value(before, "rtunnel_auth_failures_total"), 0)
+        self.assertEqual(metric_value(before, "rtunnel_auth_failures_total"), 0)
         service = self.tunnel.start_client(self.tunnel.client_config([(0, 1)], token="not-" + TOKEN))
         message = yield with_timeout(service.when_fatal(), 10)
         self.assertIn("wrong token", message)
         after = yield scrape(port)
-        self.assertEqual(value(after, "rtunnel_auth_failures_total"), 1)
-        self.assertEqual(value(after, "rtunnel_links_accepted_total"), 1)
-        self.assertEqual(value(after, "rtunnel_handshakes_dropped_total", reason="rate_limited"), 0)
+        self.assertEqual(metric_value(after, "rtunnel_auth_failures_total"), 1)
+        self.assertEqual(metric_value(after, "rtunnel_links_accepted_total"), 1)
+        self.assertEqual(metric_value(after, "rtunnel_handshakes_dropped_total", reason="rate_limited"), 0)
 
     @defer.inlineCallbacks
     def test_a_handshake_that_never_comes_is_dropped_and_counted(self):
@@ -206,7 +190,7 @@ class MetricsTests(unittest.TestCase):
         self.addCleanup(idle.close)
         yield wait_until(lambda: self.tunnel.server.events.handshakes_expired == 1, 10)
         samples = yield scrape(port)
-        self.assertEqual(value(samples, "rtunnel_handshakes_dropped_total", reason="deadline"), 1)
+        self.assertEqual(metric_value(samples, "rtunnel_handshakes_dropped_total", reason="deadline"), 1)
 
     @defer.inlineCallbacks
     def test_a_severed_link_is_counted_as_a_reconnect_and_a_resume(self):
@@ -226,26 +210,26 @@ class MetricsTests(unittest.TestCase):
         proxy.sever_rst()
         yield wait_until(lambda: owner.state is SessionState.DETACHED and self.client().link is None)
         down = yield scrape(server_port)
-        self.assertEqual(value(down, "rtunnel_sessions", state="detached"), 1)
-        self.assertEqual(value(down, "rtunnel_sessions", state="connected"), 0)
+        self.assertEqual(metric_value(down, "rtunnel_sessions", state="detached"), 1)
+        self.assertEqual(metric_value(down, "rtunnel_sessions", state="connected"), 0)
         client_down = yield scrape(client_port)
-        self.assertEqual(value(client_down, "rtunnel_client_link_up"), 0)
-        self.assertEqual(value(client_down, "rtunnel_client_links_lost_total"), 1)
+        self.assertEqual(metric_value(client_down, "rtunnel_client_link_up"), 0)
+        self.assertEqual(metric_value(client_down, "rtunnel_client_links_lost_total"), 1)
 
         proxy.refuse_new(False)
         yield wait_until(lambda: owner.state is SessionState.CONNECTED and self.client().link is not None, 20)
         yield wait_until(lambda: self.client().session.can_send)
         up = yield scrape(server_port)
-        self.assertEqual(value(up, "rtunnel_sessions", state="connected"), 1)
-        self.assertEqual(value(up, "rtunnel_sessions_started_total", client="default"), 1)
-        self.assertEqual(value(up, "rtunnel_reconnects_total", client="default"), 1)
-        self.assertEqual(value(up, "rtunnel_resumes_total", client="default"), 1)
-        self.assertGreaterEqual(value(up, "rtunnel_links_accepted_total"), 2)
+        self.assertEqual(metric_value(up, "rtunnel_sessions", state="connected"), 1)
+        self.assertEqual(metric_value(up, "rtunnel_sessions_started_total", client="default"), 1)
+        self.assertEqual(metric_value(up, "rtunnel_reconnects_total", client="default"), 1)
+        self.assertEqual(metric_value(up, "rtunnel_resumes_total", client="default"), 1)
+        self.assertGreaterEqual(metric_value(up, "rtunnel_links_accepted_total"), 2)
         client_up = yield scrape(client_port)
-        self.assertEqual(value(client_up, "rtunnel_client_link_up"), 1)
-        self.assertEqual(value(client_up, "rtunnel_client_resumes_total"), 1)
-        self.assertEqual(value(client_up, "rtunnel_client_sessions_started_total"), 1)
-        self.assertGreaterEqual(value(client_up, "rtunnel_client_connect_attempts_total"), 2)
+        self.assertEqual(metric_value(client_up, "rtunnel_client_link_up"), 1)
+        self.assertEqual(metric_value(client_up, "rtunnel_client_resumes_total"), 1)
+        self.assertEqual(metric_value(client_up, "rtunnel_client_sessions_started_total"), 1)
+        self.assertGreaterEqual(metric_value(client_up, "rtunnel_client_connect_attempts_total"), 2)
 
     @defer.inlineCallbacks
     def test_blocked_time_grows_while_a_visitor_does_not_read(self):
@@ -260,7 +244,7 @@ class MetricsTests(unittest.TestCase):
         blocked = 0.0
         for _ in range(100):  # the buffers on the way fill up, then the client runs out of credit
             stalled = yield scrape(self.client_metrics)
-            blocked = value(stalled, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
+            blocked = metric_value(stalled, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
             if blocked > 0.5:
                 break
             yield sleep(0.2)
@@ -269,17 +253,17 @@ class MetricsTests(unittest.TestCase):
         yield sleep(0.5)
         later = yield scrape(self.client_metrics)
         self.assertGreater(
-            value(later, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel), blocked + 0.2
+            metric_value(later, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel), blocked + 0.2
         )
         visitor.read_now()
         data, _ = yield with_timeout(done, 60)
         self.assertEqual(len(data), size)
         yield wait_until(lambda: not self.client().session.streams)
         final = yield scrape(self.client_metrics)
-        folded = value(final, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
+        folded = metric_value(final, "rtunnel_stream_flow_control_blocked_seconds_total", tunnel=tunnel)
         self.assertGreater(folded, blocked + 0.2)
-        self.assertEqual(value(final, "rtunnel_stream_bytes_total", tunnel=tunnel, direction="out"), size)
-        self.assertEqual(value(final, "rtunnel_streams_open", tunnel=tunnel), 0)
+        self.assertEqual(metric_value(final, "rtunnel_stream_bytes_total", tunnel=tunnel, direction="out"), size)
+        self.assertEqual(metric_value(final, "rtunnel_streams_open", tunnel=tunnel), 0)
 
     @defer.inlineCallbacks
     def test_a_metrics_port_in_use_is_a_fatal_error_for_the_client(self):
@@ -294,6 +278,46 @@ class MetricsTests(unittest.TestCase):
         message = yield with_timeout(service.when_fatal(), 10)
         self.assertIn("cannot serve metrics on tcp:", message)
         self.assertIn("choose another --metrics port", message)
+
+
+class RemovedTunnelLabelTests(unittest.TestCase):
+    """The client's metrics: a removed tunnel's connections keep their
+    tunnel label while they last and after they close."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_removed_tunnels_open_connection_keeps_its_tunnel_label(self) -> Any:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        [public] = yield tunnel.connect([(0, target)])
+        client = tunnel.client_service.client
+        name = tunnel_name("127.0.0.1", public)
+        registry = registry_for(ClientCollector(client))
+
+        def scraped() -> Any:
+            return parse_metrics(generate_latest(registry).decode())
+
+        visitor = yield converse(public)
+        visitor.transport.write(b"before")
+        yield wait_until(lambda: bytes(visitor.received) == b"before")
+        client.remove_tunnel(1)
+        self.assertEqual(client.tunnel_name(1), name)
+        live = scraped()
+        self.assertEqual(metric_value(live, "rtunnel_stream_bytes_total", tunnel=name, direction="in"), 6)
+        self.assertNotIn("?", {dict(labels).get("tunnel") for _, labels in live})
+
+        visitor.transport.write(b" after")
+        yield wait_until(lambda: bytes(visitor.received) == b"before after")
+        visitor.transport.loseWriteConnection()
+        yield with_timeout(visitor.closed, 10)
+        yield wait_until(lambda: client.session is not None and not client.session.streams)
+        self.assertEqual(sorted(client.traffic.closed), [("", name)])
+        self.assertEqual(client.traffic.closed[("", name)].bytes_in, 12)
+        closed = scraped()
+        self.assertEqual(metric_value(closed, "rtunnel_stream_bytes_total", tunnel=name, direction="in"), 12)
+        self.assertNotIn("?", {dict(labels).get("tunnel") for _, labels in closed})
 
 
 class BlockedTimeTests(unittest.TestCase):

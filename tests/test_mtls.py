@@ -21,8 +21,16 @@ from rtunnel import auth
 from rtunnel.errors import ConfigError
 from rtunnel.tap.client import ClientMainService, Options
 from rtunnel.tls import ClientIdentity, load_client_identity
-from tests.harness import Echo, Tunnel, Visitor, free_port, listen_target, visit, with_timeout
-from tests.test_trust import make_ca_and_server
+from tests.harness import (
+    Echo,
+    Tunnel,
+    Visitor,
+    free_port,
+    listen_target,
+    make_ca_and_server,
+    visit,
+    with_timeout,
+)
 
 ALICE = "alice-token-0123456789"
 

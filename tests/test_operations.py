@@ -1,5 +1,5 @@
 """Running rtunnel as a service: JSON logs, --max-retries, socket activation,
-twistd's privilege drop (docs/operations.md).
+twistd's privilege drop, SIGHUP with nothing to reload (docs/operations.md).
 
 The process tests run the console scripts of the interpreter running the
 tests (`.venv/bin/rtunnel_server`, installed by `pip install .`) and skip
@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,16 +43,20 @@ from rtunnel.logs import (
 from rtunnel.scripts import twistd_argv
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import client as tap_client
-from tests.harness import Tunnel, free_port, wait_until, with_timeout
-from tests.test_processes import (
+from tests.harness import (
     BANNER,
     TWISTD,
+    LogCapture,
     Process,
-    _clean_env,
-    _fingerprint,
-    _plugins_installed,
-    _TargetServer,
+    TargetServer,
+    Tunnel,
+    cert_fingerprint,
+    clean_env,
+    free_port,
+    plugins_installed,
     serve_in_thread,
+    wait_until,
+    with_timeout,
 )
 
 BIN = Path(sys.executable).parent
@@ -108,7 +113,7 @@ class _Processes(SynchronousTestCase):
         self.state_dir = self.workdir / "state"
 
     def start_target(self) -> int:
-        target = _TargetServer()
+        target = TargetServer()
         serve_in_thread(self, target)
         return target.server_address[1]
 
@@ -129,7 +134,7 @@ class _Processes(SynchronousTestCase):
 
     @property
     def fingerprint(self) -> str:
-        return "sha256:" + _fingerprint(self.state_dir / "server.crt")
+        return "sha256:" + cert_fingerprint(self.state_dir / "server.crt")
 
 
 # ---------------------------------------------------------------- JSON logs
@@ -306,8 +311,8 @@ class JsonLogProcessTests(_Processes):
         self.assertEqual(fatal["level"], "critical")
 
     def test_twistd_takes_the_observer_with_its_own_logger_option(self) -> None:
-        if _plugins_installed():
-            raise SkipTest(_plugins_installed())
+        if plugins_installed():
+            raise SkipTest(plugins_installed())
         port = free_port()
         server = Process(
             self, "server",
@@ -567,7 +572,7 @@ class PrivilegeDropTests(_Processes):
             self.nobody = pwd.getpwnam("nobody")
         except KeyError:
             raise SkipTest("no user 'nobody' on this machine") from None
-        reason = _plugins_installed()
+        reason = plugins_installed()
         if reason:
             raise SkipTest(reason)
         _scripts_or_skip()
@@ -628,7 +633,7 @@ class StartFailureTests(SynchronousTestCase):
     leaves no pidfile (docs/operations.md "Exit status")."""
 
     def setUp(self) -> None:
-        reason = _plugins_installed()
+        reason = plugins_installed()
         if reason:
             raise SkipTest(reason)
         self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-start-failure-"))
@@ -648,7 +653,7 @@ class StartFailureTests(SynchronousTestCase):
         pidfile = self.workdir / "server.pid"
         done = subprocess.run(
             self.server_argv(f"--pidfile={pidfile}", f"--logfile={self.workdir / 'server.log'}"),
-            cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+            cwd=self.workdir, env=clean_env(), stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
         )
         stderr = done.stderr.decode(errors="replace")
         self.assertEqual(done.returncode, 1, stderr)
@@ -660,7 +665,7 @@ class StartFailureTests(SynchronousTestCase):
 
     def test_foreground_server_that_cannot_listen_exits_1_without_a_traceback(self) -> None:
         done = subprocess.run(
-            self.server_argv("--nodaemon", "--pidfile="), cwd=self.workdir, env=_clean_env(),
+            self.server_argv("--nodaemon", "--pidfile="), cwd=self.workdir, env=clean_env(),
             stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
         )
         output = done.stdout.decode(errors="replace") + done.stderr.decode(errors="replace")
@@ -687,13 +692,10 @@ class UnreadableStateDirTests(TestCase):
 
     def _start_unreadable(self, tap_server: Any, state_dir: Path) -> Any:
         from twisted.internet import reactor
-        from twisted.logger import globalLogPublisher
 
         from rtunnel.config import ServerConfig
 
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = LogCapture(self).events
         self.patch(tap_server, "exit_process", lambda _reactor, _code: None)
         os.chmod(state_dir, 0o700)
         service = tap_server.ServerService(
@@ -744,7 +746,7 @@ class OptionErrorTests(SynchronousTestCase):
 
     def run_command(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            argv, cwd=self.workdir, env=_clean_env(), stdin=subprocess.DEVNULL,
+            argv, cwd=self.workdir, env=clean_env(), stdin=subprocess.DEVNULL,
             capture_output=True, timeout=60, text=True,
         )
 
@@ -789,3 +791,58 @@ class OptionErrorTests(SynchronousTestCase):
     def test_log_format_under_twistd_says_to_use_logger(self) -> None:
         done = self.run_command([*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", *self.client_args("--log-format", "json")])
         self.assertOneLineError(done, "twistd rtunnel-client: ", "--logger rtunnel.logs.json_observer")
+
+
+# ---------------------------------------------------------------- SIGHUP
+
+
+class NothingToReloadTests(SynchronousTestCase):
+    """SIGHUP to a server without --clients and a client without --config
+    (real twistd processes) is logged, not fatal: both stay up and the
+    tunnel still carries bytes."""
+
+    def setUp(self) -> None:
+        reason = plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-sighup-processes-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+
+    def test_sighup_without_clients_file_or_config_file_is_logged_not_fatal(self) -> None:
+        state = self.workdir / "state"
+        control = free_port()
+        server = Process(
+            self, "server",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(control),
+             "--interface", "127.0.0.1", "--state-dir", str(state)],
+            self.workdir,
+        )
+        server.wait_for(r"Run on the client machine")
+        target = TargetServer()
+        serve_in_thread(self, target)
+        client = Process(
+            self, "client",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control}",
+             "-f", "0", "-t", f"127.0.0.1:{target.server_address[1]}",
+             "--token", (state / "token").read_text().strip(),
+             "--fingerprint", cert_fingerprint(state / "server.crt")],
+            self.workdir,
+        )
+        public = int(client.wait_for(r"tunnel ready: \S+:(\d+) -> ").group(1))
+
+        for process, option in ((server, "--clients"), (client, "--config")):
+            os.kill(process.popen.pid, signal.SIGHUP)
+            process.wait_for(rf"SIGHUP: nothing to reload \(no {option}\)")
+        time.sleep(0.5)  # a process the signal killed would be gone by now
+        self.assertIsNone(server.popen.poll(), server.describe())
+        self.assertIsNone(client.popen.poll(), client.describe())
+
+        with socket.create_connection(("127.0.0.1", public), timeout=20) as visitor:
+            visitor.sendall(b"still up")
+            visitor.shutdown(socket.SHUT_WR)
+            reply = bytearray()
+            while part := visitor.recv(65536):
+                reply.extend(part)
+        self.assertEqual(bytes(reply), BANNER + b"still up")
+        for process in (server, client):
+            self.assertNotIn("Traceback", process.output)

@@ -2,7 +2,7 @@
 
 These tests start `twistd --nodaemon --pidfile= rtunnel-server ...` and
 `... rtunnel-client ...` with the interpreter running the tests (TWISTD
-below: `python -m twisted` would be `twist`, not `twistd`), each in its own empty working
+in tests/harness.py: `python -m twisted` would be `twist`, not `twistd`), each in its own empty working
 directory, so they exercise the *installed* copy of rtunnel (the one
 `pip install .` put in site-packages), its plugin registration, its command
 line, its log output and its exit codes -- what a user sees. They skip when
@@ -14,196 +14,36 @@ in its cleanups.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
 import signal
 import socket
-import socketserver
-import ssl
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.harness import free_port
-
-# twistd, run by this interpreter whatever scripts are on PATH
-TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
-START_TIMEOUT = 30.0  # an interpreter start plus Twisted and cryptography imports
-EXIT_TIMEOUT = 20.0
-BANNER = b"hello from the target\n"
-
-
-def _clean_env() -> dict[str, str]:
-    """Our environment, minus what would make a child use another rtunnel copy."""
-    env = dict(os.environ)
-    for name in ("PYTHONPATH", "PYTHONHOME", "RTUNNEL_TOKEN"):
-        env.pop(name, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-_plugins_checked: str | None = None  # "" when installed, else the reason to skip
-
-
-def _plugins_installed() -> str:
-    """'' when `twistd --help` of this interpreter lists both plugins, else why not."""
-    global _plugins_checked
-    if _plugins_checked is None:
-        _plugins_checked = _check_plugins()
-    return _plugins_checked
-
-
-def _check_plugins() -> str:
-    argv = [*TWISTD, "--help"]
-    cwd = tempfile.mkdtemp(prefix="rtunnel-plugin-check-")
-    try:
-        out = subprocess.run(
-            argv, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL,
-            capture_output=True, timeout=60,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"cannot run twistd with {sys.executable}: {e}"
-    finally:
-        shutil.rmtree(cwd, ignore_errors=True)
-    text = out.stdout.decode(errors="replace")
-    missing = [name for name in ("rtunnel-server", "rtunnel-client") if name not in text]
-    if missing:
-        return (
-            f"the twistd plugins {', '.join(missing)} are not installed for {sys.executable} "
-            "('twistd --help' does not list them); run 'pip install .' first"
-        )
-    return ""
-
-
-def _free_port() -> int:
-    """A port free for the scripts' default dual-stack `::` bind too."""
-    return free_port()
-
-
-def _fingerprint(cert_path: Path) -> str:
-    """Hex SHA-256 of the certificate's DER form, as the server prints it."""
-    der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
-    return hashlib.sha256(der).hexdigest()
-
-
-class Process:
-    """One child process whose stdout and stderr go to a log file."""
-
-    def __init__(
-        self, test: SynchronousTestCase, name: str, argv: list[str], workdir: Path,
-        pass_fds: tuple[int, ...] = (), extra_env: dict[str, str] | None = None,
-    ) -> None:
-        """Start `argv`; the child inherits the descriptors `pass_fds` and
-        our environment (less what would pick another rtunnel) plus `extra_env`."""
-        self.name = name
-        self.argv = argv
-        cwd = workdir / f"{name}-cwd"
-        cwd.mkdir(exist_ok=True)
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # closed in stop()
-        self.popen = subprocess.Popen(
-            argv, cwd=cwd, env={**_clean_env(), **(extra_env or {})}, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, pass_fds=pass_fds,
-        )
-        test.addCleanup(self.stop)
-
-    @property
-    def output(self) -> str:
-        return self.log_path.read_bytes().decode(errors="replace")
-
-    def describe(self) -> str:
-        state = "running" if self.popen.poll() is None else f"exited with {self.popen.returncode}"
-        return f"{self.name} ({state}); its output:\n{self.output}"
-
-    def wait_for(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
-        """The first match of `pattern` in the output, waiting while the process runs."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = regex.search(self.output)
-            if match:
-                return match
-            if self.popen.poll() is not None:
-                match = regex.search(self.output)  # a last look: it may have just written it
-                if match:
-                    return match
-                raise AssertionError(f"{pattern!r} never appeared: {self.describe()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} did not appear within {timeout:.0f} s: {self.describe()}")
-            time.sleep(0.05)
-
-    def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout:.0f} s: {self.describe()}") from None
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
-        self._log.close()
-
-
-class _BannerEcho(socketserver.BaseRequestHandler):
-    """Says BANNER, then echoes until the peer half-closes, then closes."""
-
-    server: _TargetServer
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(30)
-        count = 0
-        try:
-            sock.sendall(BANNER)
-            while data := sock.recv(65536):
-                sock.sendall(data)
-                count += len(data)
-            self.server.eofs.append(count)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
-class _TargetServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _BannerEcho)
-        self.eofs: list[int] = []  # bytes echoed, for each visitor whose EOF arrived
-
-
-def serve_in_thread(test: Any, server: socketserver.BaseServer) -> None:
-    """Run a socketserver in a daemon thread until `test`'s cleanup stops it."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-
-    def stop() -> None:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-    test.addCleanup(stop)
+from tests.harness import (
+    BANNER,
+    START_TIMEOUT,
+    TWISTD,
+    Process,
+    TargetServer,
+    cert_fingerprint,
+    free_port,
+    plugins_installed,
+    serve_in_thread,
+)
 
 
 class InstalledPluginTests(SynchronousTestCase):
     """rtunnel-server and rtunnel-client as a user runs them."""
 
     def setUp(self) -> None:
-        reason = _plugins_installed()
+        reason = plugins_installed()
         if reason:
             raise SkipTest(reason)
         self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-processes-"))
@@ -213,7 +53,7 @@ class InstalledPluginTests(SynchronousTestCase):
     # ------------------------------------------------------------ helpers
 
     def start_server(self, port: int | None = None, name: str = "server") -> tuple[Process, int]:
-        port = port or _free_port()
+        port = port or free_port()
         server = Process(
             self, name,
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server",
@@ -229,7 +69,7 @@ class InstalledPluginTests(SynchronousTestCase):
 
     @property
     def fingerprint(self) -> str:
-        return _fingerprint(self.state_dir / "server.crt")
+        return cert_fingerprint(self.state_dir / "server.crt")
 
     def start_client(self, control_port: int, *args: str, name: str = "client") -> Process:
         return Process(
@@ -240,7 +80,7 @@ class InstalledPluginTests(SynchronousTestCase):
         )
 
     def start_target(self) -> int:
-        target = self.target = _TargetServer()
+        target = self.target = TargetServer()
         serve_in_thread(self, target)
         return target.server_address[1]
 
@@ -349,7 +189,7 @@ class InstalledPluginTests(SynchronousTestCase):
         self.assertIsNone(server.popen.poll(), "a bad client must not stop the server")
 
     def test_client_without_fingerprint_or_ca_refuses_and_says_how_to_get_it(self) -> None:
-        client = self.start_client(_free_port(), "-f", "0", "-t", "9", "--token", "x")
+        client = self.start_client(free_port(), "-f", "0", "-t", "9", "--token", "x")
         code = client.wait_exit()
         self.assertNotEqual(code, 0, client.describe())
         output = client.output

@@ -30,7 +30,7 @@ from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import defer
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -38,10 +38,14 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from rtunnel.logs import JSON_OBSERVER, create_private_log_file, event_as_json, twistd_log_file
 from rtunnel.tap import server as tap_server
 from tests.harness import (
+    START_TIMEOUT,
     TOKEN,
+    TWISTD,
     Echo,
+    LogCapture,
     Tunnel,
     Visitor,
+    clean_env,
     free_port,
     listen_target,
     visit,
@@ -49,8 +53,6 @@ from tests.harness import (
     with_timeout,
 )
 
-TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
-START_TIMEOUT = 30.0  # an interpreter start plus Twisted and cryptography imports
 COMMAND = r"Run on the client machine:\s+(rtunnel_client [^\n]*--fingerprint sha256:[0-9a-f]{64})"
 
 
@@ -58,12 +60,6 @@ def plugins_or_skip() -> None:
     names = {getattr(p, "tapname", None) for p in getPlugins(IServiceMaker)}
     if not {"rtunnel-server", "rtunnel-client"} <= names:
         raise SkipTest("the rtunnel twistd plugins are not installed for this interpreter; run 'pip install .'")
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "RTUNNEL_TOKEN")}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def umask_022() -> None:
@@ -78,7 +74,7 @@ class Child:
         self.path = workdir / f"{name}.out"
         self._out = open(self.path, "wb")
         self.popen = subprocess.Popen(
-            argv, cwd=workdir, env=child_env(), stdin=subprocess.DEVNULL, stdout=self._out,
+            argv, cwd=workdir, env=clean_env(), stdin=subprocess.DEVNULL, stdout=self._out,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=umask_022,
         )
         test.addCleanup(self.stop)
@@ -260,7 +256,7 @@ class NoSecretInProcessOutputTests(SynchronousTestCase):
             [sys.executable, "-c", "import sys; from rtunnel.scripts import server_main; sys.argv[0] = 'rtunnel_server'; server_main()",
              "add-client", "alice", "--ports", "1024-65535", "--bind", "127.0.0.1", "--clients", str(clients),
              "--state-dir", str(self.state), "--server", f"127.0.0.1:{self.port}"],
-            env=child_env(), capture_output=True, text=True, timeout=60,
+            env=clean_env(), capture_output=True, text=True, timeout=60,
         )
         self.assertEqual(added.returncode, 0, added.stderr)
         alice = next(line.strip() for line in added.stdout.splitlines() if line.startswith("    ") and " " not in line.strip())
@@ -297,9 +293,7 @@ class NoSecretInEventsTests(TestCase):
 
     @defer.inlineCallbacks
     def test_a_resumed_session_logs_neither_its_secret_nor_the_token(self) -> Any:
-        events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = LogCapture(self).events
         tunnel = Tunnel(self)
         yield tunnel.start_server()
         _, target = listen_target(self, Echo)

@@ -48,6 +48,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel import mux, wire
+from rtunnel.limits import Pacer, TokenBucket
 from rtunnel.link import ControlLink, Keepalive
 from rtunnel.mux import ProtocolViolation, Session, SessionSettings, Stream
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
@@ -692,3 +693,38 @@ class SessionFuzzTests(SynchronousTestCase):
 
     def test_client_session(self) -> None:
         run_state_machine_as_test(ClientSessionMachine, settings=FUZZ_SETTINGS)
+
+
+# ---------------------------------------------------------------- bandwidth-limited
+
+
+def tiny_pacer(clock: Clock, wake: str) -> Pacer:
+    pacer = Pacer(clock, 2000, wake)
+    pacer.bucket = TokenBucket(clock, 2000, burst=600)
+    pacer.quantum = 300
+    return pacer
+
+
+class PacedSessionMachine(ServerSessionMachine):
+    """The stateful fuzzer above on a server session with both directions
+    bandwidth-limited (rtunnel.limits' Pacer): hostile frames and resumes must
+    still end only in explained closes, with nothing left waiting."""
+
+    def fresh_session(self) -> None:
+        super().fresh_session()
+        # a tiny bucket, so that the fuzzer's few kilobytes are held often
+        self.session.send_pacer = tiny_pacer(self.clock, "paced_flush")
+        self.session.recv_pacer = tiny_pacer(self.clock, "paced_grant")
+
+    def teardown(self) -> None:
+        super().teardown()
+        for pacer in (self.session.send_pacer, self.session.recv_pacer):
+            assert pacer.waiting == 0, f"{pacer.waiting} streams still wait after the session closed"
+            assert pacer._timer is None, "a refill timer is left behind"
+
+
+class PacedFuzzTests(SynchronousTestCase):
+    """Trial only collects test_* methods, not the machine's runTest."""
+
+    def test_paced_server_session(self) -> None:
+        run_state_machine_as_test(PacedSessionMachine, settings=FUZZ_SETTINGS)
