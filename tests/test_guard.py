@@ -195,6 +195,31 @@ class GuardTests(unittest.TestCase):
             self.assertRaises(ValueError, AdmissionGuard, self.clock, **kwargs)
 
 
+class IPv6AddressTests(unittest.SynchronousTestCase):
+    """IPv4-mapped peers count as their IPv4 address; IPv6 peers per /64."""
+
+    def test_ipv4_mapped_failures_count_against_the_ipv4_address(self) -> None:
+        guard = AdmissionGuard(task.Clock(), failure_burst=2, failure_refill=60)
+        guard.record_failure("::ffff:127.0.0.5")
+        guard.record_failure("::ffff:127.0.0.5")
+        self.assertIsNotNone(guard.retry_after("127.0.0.5"))  # the same address
+        self.assertIsNotNone(guard.retry_after("::ffff:127.0.0.5"))
+        self.assertIsNone(guard.retry_after("127.0.0.6"))  # not its neighbour
+        self.assertEqual(address_key("::ffff:127.0.0.5"), "127.0.0.5")
+        self.assertEqual(guard.tracked_addresses, 1)
+
+    def test_ipv4_failures_count_against_the_mapped_form_too(self) -> None:
+        guard = AdmissionGuard(task.Clock(), failure_burst=1, failure_refill=60)
+        guard.record_failure("127.0.0.7")
+        self.assertIsNotNone(guard.retry_after("::ffff:127.0.0.7"))
+
+    def test_ipv6_counts_per_64(self) -> None:
+        guard = AdmissionGuard(task.Clock(), failure_burst=1, failure_refill=60)
+        guard.record_failure("2001:db8:1:2::1")
+        self.assertIsNotNone(guard.retry_after("2001:db8:1:2:ffff::9"))
+        self.assertIsNone(guard.retry_after("2001:db8:1:3::1"))
+
+
 class OptionTests(unittest.TestCase):
     def parse(self, *argv: str) -> Any:
         options = Options()

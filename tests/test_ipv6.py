@@ -23,14 +23,11 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import Clock
 from twisted.logger import formatEvent
 from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
-from rtunnel.addresses import host_port, ipv6_unavailable, unmap
 from rtunnel.config import TunnelSpec
-from rtunnel.guard import AdmissionGuard, address_key
 from tests.harness import (
     NO_DUAL_STACK,
     NO_IPV6,
@@ -95,53 +92,6 @@ class _NoIPv6Reactor:
 
 
 # ---------------------------------------------------------------- pure parts
-
-
-class AddressTests(unittest.SynchronousTestCase):
-    def test_unmap_gives_ipv4_for_ipv4_mapped_addresses_only(self) -> None:
-        self.assertEqual(unmap("::ffff:127.0.0.9"), "127.0.0.9")
-        self.assertEqual(unmap("::FFFF:10.1.2.3"), "10.1.2.3")
-        self.assertEqual(unmap("::ffff:7f00:1"), "127.0.0.1")
-        self.assertEqual(unmap("0:0:0:0:0:ffff:7f00:3"), "127.0.0.3")
-        for host in ("::1", "2001:db8::1", "127.0.0.1", "?", "::ffff:nonsense", "example.com"):
-            self.assertEqual(unmap(host), host)
-
-    def test_host_port_unmaps_twisted_addresses(self) -> None:
-        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-
-        self.assertEqual(host_port(IPv6Address("TCP", "::ffff:127.0.0.2", 5000)), ("127.0.0.2", 5000))
-        self.assertEqual(host_port(IPv6Address("TCP", "::1", 5000)), ("::1", 5000))
-        self.assertEqual(host_port(IPv4Address("TCP", "127.0.0.1", 80)), ("127.0.0.1", 80))
-        self.assertEqual(host_port(UNIXAddress(b"/tmp/x")), ("?", 0))
-
-    def test_ipv6_unavailable_means_no_ipv6_not_a_busy_port(self) -> None:
-        no_af = CannotListenError("::", 1, OSError(errno.EAFNOSUPPORT, "no"))
-        busy = CannotListenError("::", 1, OSError(errno.EADDRINUSE, "busy"))
-        self.assertTrue(ipv6_unavailable(no_af))
-        self.assertFalse(ipv6_unavailable(busy))
-
-
-class GuardTests(unittest.SynchronousTestCase):
-    def test_ipv4_mapped_failures_count_against_the_ipv4_address(self) -> None:
-        guard = AdmissionGuard(Clock(), failure_burst=2, failure_refill=60)
-        guard.record_failure("::ffff:127.0.0.5")
-        guard.record_failure("::ffff:127.0.0.5")
-        self.assertIsNotNone(guard.retry_after("127.0.0.5"))  # the same address
-        self.assertIsNotNone(guard.retry_after("::ffff:127.0.0.5"))
-        self.assertIsNone(guard.retry_after("127.0.0.6"))  # not its neighbour
-        self.assertEqual(address_key("::ffff:127.0.0.5"), "127.0.0.5")
-        self.assertEqual(guard.tracked_addresses, 1)
-
-    def test_ipv4_failures_count_against_the_mapped_form_too(self) -> None:
-        guard = AdmissionGuard(Clock(), failure_burst=1, failure_refill=60)
-        guard.record_failure("127.0.0.7")
-        self.assertIsNotNone(guard.retry_after("::ffff:127.0.0.7"))
-
-    def test_ipv6_counts_per_64(self) -> None:
-        guard = AdmissionGuard(Clock(), failure_burst=1, failure_refill=60)
-        guard.record_failure("2001:db8:1:2::1")
-        self.assertIsNotNone(guard.retry_after("2001:db8:1:2:ffff::9"))
-        self.assertIsNone(guard.retry_after("2001:db8:1:3::1"))
 
 
 class OptionTests(unittest.SynchronousTestCase):
