@@ -10,11 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT
-from rtunnel.addresses import format_host_port, is_ip_literal, public_address
+from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.errors import ConfigError
 from rtunnel.limits import Limits
-from rtunnel.link import Keepalive
 from rtunnel.mux import SessionSettings
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Ping every `interval` seconds; the link is dead after `dead_after`
+    seconds without any frame from the peer."""
+
+    interval: float = 10.0
+    dead_after: float = 30.0
 
 
 def parse_port(text: str, what: str, allow_zero: bool = False) -> int:
@@ -118,9 +126,6 @@ class TunnelSpec:
         """The target as HOST:PORT (IPv6 in brackets)."""
         return format_host_port(self.target_host, self.target_port)
 
-    def describe(self, server_host: str) -> str:
-        return f"{public_address(self.bind_host, self.bind_port, server_host)} -> {self.target}"
-
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -177,6 +182,7 @@ class ClientConfig:
 __all__ = [
     "DEFAULT_CONTROL_PORT",
     "ClientConfig",
+    "Keepalive",
     "ServerConfig",
     "TunnelSpec",
     "parse_host_port",
