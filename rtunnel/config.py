@@ -6,6 +6,7 @@ these frozen values and never re-validates them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,27 @@ class TunnelSpec:
         return format_host_port(self.target_host, self.target_port)
 
 
+def tunnel_spec(
+    tunnel_id: int, forward: str, to: str, proxy_protocol: str, forward_what: str, to_what: str
+) -> TunnelSpec:
+    """One tunnel from its -f/-t pair (or a [[tunnel]]'s forward and to):
+    forward is [BIND:]PORT (BIND an IP address, else the server picks; port
+    0: the server picks), to is [HOST:]PORT (host localhost). `*_what`
+    start the error messages ("-f/--forward")."""
+    bind_host, bind_port = parse_host_port(forward, forward_what, SERVER_DEFAULT_BIND, allow_zero=True)
+    check_bind(bind_host, forward_what)
+    target_host, target_port = parse_host_port(to, to_what, "localhost")
+    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol)
+
+
+def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec | None:
+    """The tunnel among `tunnels` that forwards the same fixed [BIND:]PORT
+    as `spec` (a port can be forwarded once; port 0 may repeat)."""
+    if not spec.bind_port:
+        return None
+    return next((t for t in tunnels if (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)), None)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str
@@ -188,4 +210,6 @@ __all__ = [
     "parse_host_port",
     "parse_port",
     "parse_port_ranges",
+    "same_forward",
+    "tunnel_spec",
 ]
