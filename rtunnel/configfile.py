@@ -26,7 +26,7 @@ from twisted.python import usage
 from rtunnel import proxyproto
 from rtunnel.config import TunnelSpec, same_forward, tunnel_spec
 from rtunnel.errors import ConfigError
-from rtunnel.tap.options import Kind, Option, OptionTable
+from rtunnel.tap.options import Kind, Option, OptionTable, usage_errors
 
 TUNNEL_KEYS = ("forward", "to", "proxy_protocol")
 _TOML_TYPES = {
@@ -327,11 +327,9 @@ class FileOptions:
             raise usage.UsageError(f"--config is given {len(paths)} times; give one file")
         if paths:
             path = Path(os.path.expanduser(paths[0])).absolute()
-            try:
+            with usage_errors():
                 self.config_file = read_toml(path)
                 self.apply_config_file(self.config_file)
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
             self.argv = ["--config", str(path)] + [
                 word for opt, value in opts if self._long_name(opt) != "config"
                 for word in ([opt, value] if self._takes_value(opt) else [opt])

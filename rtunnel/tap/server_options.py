@@ -55,7 +55,7 @@ def _at_least_one(name: str, help: str, default: int, field: str, doc: str, **mo
 
 def _no_limit(name: str, help: str, field: str | None, doc: str, **more: object) -> Option:
     return Option(
-        name, Kind.INT, help, 0, field=field, none_if_zero=field is not None, low=0, error=NOT_NEGATIVE,
+        name, Kind.INT, help, 0, field=field, none_if_zero=True, low=0, error=NOT_NEGATIVE,
         metavar="BYTES" if name.startswith("bandwidth") else "N", doc=doc, **more,  # type: ignore[arg-type]
     )
 
