@@ -140,25 +140,30 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 "client certificate with --client-cert and --client-key"
             )
         self.known_servers = self._trust()
+        with usage_errors():
+            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
+            tunnels = self._tunnels()
+            values = self.config_values(server_host=host, server_port=port, tunnels=tunnels, token=token)
+            if self["ca"]:
+                ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
+        self.config = ClientConfig(**values)
+
+    def _tunnels(self) -> tuple[TunnelSpec, ...]:
+        """The file's tunnels, then the command line's -f/-t pairs (with --proxy-protocol)."""
         proxy = self["proxy-protocol"]
         if proxy != proxyproto.OFF and not self.forwards:
             raise usage.UsageError(
                 "--proxy-protocol applies to the -f/-t tunnels of the command line and there are none; "
                 "set proxy_protocol in each [[tunnel]] of the config file instead"
             )
-        with usage_errors():
-            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
-            tunnels = list(self.file_tunnels)  # then the command line's -f/-t pairs
-            pairs = zip(self.forwards, self.targets, strict=True)
-            for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
-                spec = tunnel_spec(i, forward, target, proxy, "-f/--forward", "-t/--to")
-                if same_forward(tunnels, spec) is not None:
-                    raise ConfigError(f"-f/--forward {forward} is given twice")
-                tunnels.append(spec)
-            values = self.config_values(server_host=host, server_port=port, tunnels=tuple(tunnels), token=token)
-            if self["ca"]:
-                ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
-        self.config = ClientConfig(**values)
+        tunnels = list(self.file_tunnels)
+        pairs = zip(self.forwards, self.targets, strict=True)
+        for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
+            spec = tunnel_spec(i, forward, target, proxy, "-f/--forward", "-t/--to")
+            if same_forward(tunnels, spec) is not None:
+                raise ConfigError(f"-f/--forward {forward} is given twice")
+            tunnels.append(spec)
+        return tuple(tunnels)
 
     def _trust(self) -> Path | None:
         """One of --fingerprint, --ca and --trust-on-first-use; with the
