@@ -6,15 +6,24 @@ these frozen values and never re-validates them.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT
-from rtunnel.addresses import format_host_port, is_ip_literal, public_address
+from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.errors import ConfigError
 from rtunnel.limits import Limits
-from rtunnel.link import Keepalive
 from rtunnel.mux import SessionSettings
+
+
+@dataclass(frozen=True)
+class Keepalive:
+    """Ping every `interval` seconds; the link is dead after `dead_after`
+    seconds without any frame from the peer."""
+
+    interval: float = 10.0
+    dead_after: float = 30.0
 
 
 def parse_port(text: str, what: str, allow_zero: bool = False) -> int:
@@ -118,8 +127,26 @@ class TunnelSpec:
         """The target as HOST:PORT (IPv6 in brackets)."""
         return format_host_port(self.target_host, self.target_port)
 
-    def describe(self, server_host: str) -> str:
-        return f"{public_address(self.bind_host, self.bind_port, server_host)} -> {self.target}"
+
+def tunnel_spec(
+    tunnel_id: int, forward: str, to: str, proxy_protocol: str, forward_what: str, to_what: str
+) -> TunnelSpec:
+    """One tunnel from its -f/-t pair (or a [[tunnel]]'s forward and to):
+    forward is [BIND:]PORT (BIND an IP address, else the server picks; port
+    0: the server picks), to is [HOST:]PORT (host localhost). `*_what`
+    start the error messages ("-f/--forward")."""
+    bind_host, bind_port = parse_host_port(forward, forward_what, SERVER_DEFAULT_BIND, allow_zero=True)
+    check_bind(bind_host, forward_what)
+    target_host, target_port = parse_host_port(to, to_what, "localhost")
+    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol)
+
+
+def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec | None:
+    """The tunnel among `tunnels` that forwards the same fixed [BIND:]PORT
+    as `spec` (a port can be forwarded once; port 0 may repeat)."""
+    if not spec.bind_port:
+        return None
+    return next((t for t in tunnels if (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)), None)
 
 
 @dataclass(frozen=True)
@@ -177,9 +204,12 @@ class ClientConfig:
 __all__ = [
     "DEFAULT_CONTROL_PORT",
     "ClientConfig",
+    "Keepalive",
     "ServerConfig",
     "TunnelSpec",
     "parse_host_port",
     "parse_port",
     "parse_port_ranges",
+    "same_forward",
+    "tunnel_spec",
 ]

@@ -19,20 +19,16 @@ import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.python import usage
 
 from rtunnel import proxyproto
-from rtunnel.config import SERVER_DEFAULT_BIND, TunnelSpec, check_bind, parse_host_port
+from rtunnel.config import TunnelSpec, same_forward, tunnel_spec
 from rtunnel.errors import ConfigError
+from rtunnel.tap.options import Kind, Option, OptionTable, usage_errors
 
 TUNNEL_KEYS = ("forward", "to", "proxy_protocol")
-# keys whose values are file names: '~' is expanded, and a relative name is
-# relative to the directory of the config file (so a reload finds the same file)
-PATH_KEYS = frozenset(
-    {"token_file", "ca", "client_cert", "client_key", "known_servers", "state_dir", "cert", "key", "clients"}
-)
 _TOML_TYPES = {
     bool: "a boolean", int: "an integer", float: "a number", str: "a string",
     list: "an array", dict: "a table",
@@ -214,17 +210,6 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
                     key, "tunnel", index,
                 )
             texts[key] = str(item)
-        try:
-            bind_host, bind_port = parse_host_port(
-                texts["forward"], f"{cf.where('forward', 'tunnel', index)}: {name} forward",
-                SERVER_DEFAULT_BIND, allow_zero=True,
-            )
-            check_bind(bind_host, f"{cf.where('forward', 'tunnel', index)}: {name} forward")
-            target_host, target_port = parse_host_port(
-                texts["to"], f"{cf.where('to', 'tunnel', index)}: {name} to", "localhost"
-            )
-        except ConfigError as e:
-            raise ConfigError(f"{e} (forward is [BIND:]PORT, to is [HOST:]PORT)") from None
         proxy = entry.get("proxy_protocol", proxyproto.OFF)
         if not isinstance(proxy, str) or proxy not in proxyproto.VERSIONS:
             shown = repr(proxy) if isinstance(proxy, str) else toml_type(proxy)
@@ -232,13 +217,21 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
                 f'{name}: proxy_protocol is {shown}; write "off" (the default), "v1" or "v2"',
                 "proxy_protocol", "tunnel", index,
             )
-        for other in specs:
-            if bind_port and (other.bind_host, other.bind_port) == (bind_host, bind_port):
-                raise cf.error(
-                    f"{name}: forward {texts['forward']} is also tunnel #{other.tunnel_id}'s; "
-                    "each port can be forwarded once", "forward", "tunnel", index,
-                )
-        specs.append(TunnelSpec(len(specs) + 1, bind_host, bind_port, target_host, target_port, proxy))
+        try:
+            spec = tunnel_spec(
+                len(specs) + 1, texts["forward"], texts["to"], proxy,
+                f"{cf.where('forward', 'tunnel', index)}: {name} forward",
+                f"{cf.where('to', 'tunnel', index)}: {name} to",
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{e} (forward is [BIND:]PORT, to is [HOST:]PORT)") from None
+        other = same_forward(specs, spec)
+        if other is not None:
+            raise cf.error(
+                f"{name}: forward {texts['forward']} is also tunnel #{other.tunnel_id}'s; "
+                "each port can be forwarded once", "forward", "tunnel", index,
+            )
+        specs.append(spec)
     return specs
 
 
@@ -291,37 +284,32 @@ def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSp
 class FileOptions:
     """Mix into a usage.Options (before it) to give it `--config FILE`.
 
-    The file is applied before the command line, through the options' own
-    dispatch, so the command line wins. `argv` keeps the arguments (with the
-    file's absolute path) so that a reload can parse them again.
+    The file's keys, their types and which are file names come from the
+    end's option table (`option_table`). The file is applied before the
+    command line, so the command line wins: its values go into the options
+    as the command line's would (the ranges are checked once, by the end's
+    postOptions, for both). `argv` keeps the arguments (with the file's
+    absolute path) so that a reload can parse them again.
     """
 
-    config_aliases: dict[str, str] = {}  # file key -> long option name
-    config_tables: tuple[str, ...] = ()  # keys handled by apply_config_table
-    config_not_keys: frozenset[str] = frozenset({"config", "help", "version"})
+    option_table: ClassVar[OptionTable]
     config_file: ConfigFile | None = None  # set by parseOptions
     from_file: dict[str, str] = {}  # long option name -> "FILE line N: key" (set by parseOptions)
     given: set[str] = set()  # long option names given on the command line (set by parseOptions)
 
     def opt_config(self, path: str) -> None:
-        """TOML file of options (keys: the long option names with '_' for '-'; see docs/configuration.md); options given on the command line override it."""
-        # applied by parseOptions, before the rest of the command line
+        pass  # applied by parseOptions, before the rest of the command line
 
     def config_keys(self) -> dict[str, str]:
         """file key -> long option name, for every option a file may set."""
-        keys = {}
-        for entry in self.longOpt:  # type: ignore[attr-defined]
-            name = entry.rstrip("=")
-            if name not in self.config_not_keys:
-                keys[name.replace("-", "_")] = name
-        for key, name in self.config_aliases.items():
-            keys.pop(name.replace("-", "_"), None)
-            keys[key] = name
-        return keys
+        return {
+            key: option.name for key, option in self.option_table.file_keys().items()
+            if option.kind is not Kind.TABLES
+        }
 
     def _long_name(self, opt: str) -> str:
         name = opt.lstrip("-")
-        return self.synonyms.get(name, name)  # type: ignore[attr-defined]
+        return self.synonyms.get(name, name)  # type: ignore[attr-defined,no-any-return]
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)
@@ -339,11 +327,9 @@ class FileOptions:
             raise usage.UsageError(f"--config is given {len(paths)} times; give one file")
         if paths:
             path = Path(os.path.expanduser(paths[0])).absolute()
-            try:
+            with usage_errors():
                 self.config_file = read_toml(path)
                 self.apply_config_file(self.config_file)
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
             self.argv = ["--config", str(path)] + [
                 word for opt, value in opts if self._long_name(opt) != "config"
                 for word in ([opt, value] if self._takes_value(opt) else [opt])
@@ -370,13 +356,13 @@ class FileOptions:
         return f"{message} (set in {'; '.join(origins)})"
 
     def apply_config_file(self, cf: ConfigFile) -> None:
-        keys = self.config_keys()
+        keys = self.option_table.file_keys()
         for key, value in cf.data.items():
-            if key in self.config_tables:
+            option = keys.get(key)
+            if option is not None and option.kind is Kind.TABLES:
                 self.apply_config_table(cf, key, value)
                 continue
-            name = keys.get(key)
-            if name is None and key in TUNNEL_KEYS and "tunnel" in self.config_tables:
+            if option is None and key in TUNNEL_KEYS and "tunnel" in keys:
                 forward, to = (
                     v if isinstance(v, str) else d
                     for v, d in ((cf.data.get("forward"), "4000"), (cf.data.get("to"), "127.0.0.1:3000"))
@@ -386,63 +372,55 @@ class FileOptions:
                     f'[[tunnel]] forward = "{forward}" to = "{to}" (one [[tunnel]] table per tunnel, '
                     "each key on its own line, after the top-level keys)", key,
                 )
-            if name is None:
-                known = set(keys) | set(self.config_tables)
-                hint = suggest(key, known)
+            if option is None:
+                hint = suggest(key, keys)
                 if "-" in key and key.replace("-", "_") in keys:
                     hint = f"write it {key.replace('-', '_')!r} ('_', not '-')"
                 raise cf.error(f"unknown key {key!r}; {hint}", key)
-            self._apply_value(cf, key, name, value)
-            self.from_file[name] = f"{cf.where(key)}: {key}"
+            self._apply_value(cf, key, option, value)
+            self.from_file[option.name] = f"{cf.where(key)}: {key}"
 
     def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
         raise NotImplementedError
 
-    def _apply_value(self, cf: ConfigFile, key: str, name: str, value: object) -> None:
-        dispatch = self._dispatch[name]  # type: ignore[attr-defined]
-        takes_value = name + "=" in self.longOpt  # type: ignore[attr-defined]
-        if not takes_value:
+    def _apply_value(self, cf: ConfigFile, key: str, option: Option, value: object) -> None:
+        """Check the TOML type of `value` against the option's and set it."""
+        kind, default = option.kind, option.default
+        if kind is Kind.FLAG:
             if not isinstance(value, bool):
                 raise cf.error(f"{key} is {toml_type(value)}; write {key} = true or {key} = false", key)
             if value:
-                dispatch(name, None)
+                self.opts[option.name] = 1  # type: ignore[attr-defined]  # as twistd sets a flag
             return
-        if isinstance(dispatch, usage.CoerceParameter):
-            values = [value]
-            coerce = dispatch.coerce
-            default = self.defaults.get(name)  # type: ignore[attr-defined]
-            if coerce is float:
-                ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-                example = f"{key} = {float(default) if isinstance(default, (int, float)) else 30.0}"
-            elif coerce is int:
-                ok, wanted = type(value) is int, "an integer"
-                example = f"{key} = {default if type(default) is int else 100}"
-            elif coerce is str:
-                ok, wanted = isinstance(value, str), "a string"
-                example = f'{key} = "{_quotable(value)}"'
-            else:
-                ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
-                wanted, example = "a string or a number", f'{key} = "..."'
-            if not ok:
-                raise cf.error(f"{key} is {toml_type(value)} ({value!r}); it must be {wanted}, e.g. {example}", key)
-        else:  # an opt_ method: a string, or an array of strings for a repeatable option
+        if kind is Kind.REPEAT:  # its opt_ method takes each string
             values = value if isinstance(value, list) else [value]
             if not values or not all(isinstance(v, str) for v in values):
                 raise cf.error(
                     f"{key} is {toml_type(value)}; write a string, or an array of strings, "
                     f'e.g. {key} = ["{_quotable(value)}"]', key,
                 )
-        for item in values:
-            text = repr(item) if isinstance(item, float) else str(item)
-            if key in PATH_KEYS:
-                text = str(expand_path(text, cf.path.parent))
-            try:
-                if isinstance(dispatch, usage.CoerceParameter):
-                    dispatch.dispatch(name, text)
-                else:
-                    dispatch(name, text)
-            except usage.UsageError as e:
-                raise cf.error(f"{key}: {e}", key) from None
+            for item in values:
+                try:
+                    getattr(self, option.method)(item)
+                except usage.UsageError as e:
+                    raise cf.error(f"{key}: {e}", key) from None
+            return
+        if kind is Kind.FLOAT:
+            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            example = f"{key} = {float(default) if isinstance(default, (int, float)) else 30.0}"
+        elif kind is Kind.INT:
+            ok, wanted = type(value) is int, "an integer"
+            example = f"{key} = {default if type(default) is int else 100}"
+        else:
+            ok, wanted = isinstance(value, str), "a string"
+            example = f'{key} = "{_quotable(value)}"'
+        if not ok:
+            raise cf.error(f"{key} is {toml_type(value)} ({value!r}); it must be {wanted}, e.g. {example}", key)
+        if kind is Kind.FLOAT:
+            value = float(value)  # type: ignore[arg-type]
+        elif option.path:
+            value = str(expand_path(str(value), cf.path.parent))
+        self.opts[option.name] = value  # type: ignore[attr-defined]
 
 
 __all__ = [

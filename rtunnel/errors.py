@@ -14,7 +14,3 @@ class ConfigError(RtunnelError):
 class StateDirError(RtunnelError):
     """The state directory cannot be created, read or written."""
 
-
-class FatalClientError(RtunnelError):
-    """An error that retrying cannot fix (wrong token, wrong fingerprint):
-    the client stops and exits non-zero."""

@@ -7,7 +7,6 @@ subclass ControlLink and implement `handshake_frame` and `link_lost`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -16,18 +15,10 @@ from twisted.python.failure import Failure
 
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
+from rtunnel.config import Keepalive  # defined with the other config values; imported from here too
 from rtunnel.mux import ProtocolViolation, Session, set_nodelay
 from rtunnel.transports import set_read_size
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
-
-
-@dataclass(frozen=True)
-class Keepalive:
-    """Ping every `interval` seconds; the link is dead after `dead_after`
-    seconds without any frame from the peer."""
-
-    interval: float = 10.0
-    dead_after: float = 30.0
 
 
 class ControlLink(Protocol):

@@ -17,26 +17,9 @@ from twisted.internet import error
 from twisted.logger import Logger
 from twisted.python import usage
 
-from rtunnel.configfile import FileOptions
-from rtunnel.link import Keepalive
-from rtunnel.mux import SessionSettings
+from rtunnel.tap.options import MIN_MAX_STREAM_WINDOW, MIN_SESSION_BUFFER, usage_errors
 
 log = Logger()
-
-
-class _NamedParameter(usage.CoerceParameter):
-    """A typed option whose error names it: "--port 'x' is not a whole
-    number", not "Parameter type enforcement failed: invalid literal for
-    int() with base 10: 'x'"."""
-
-    def dispatch(self, parameterName: str, value: Any) -> None:
-        try:
-            super().dispatch(parameterName, value)
-        except usage.UsageError:
-            if value is None:
-                raise
-            kind = {int: "a whole number", float: "a number"}.get(self.coerce, "valid")
-            raise usage.UsageError(f"--{parameterName} {value!r} is not {kind}") from None
 
 
 class CommandOptions:
@@ -47,21 +30,11 @@ class CommandOptions:
     the usage is, and the process exits 1: twistd would print the whole
     usage, then the problem behind its first two words ("rtunnel_client
     --nodaemon:"). Parsed any other way (a reload, a test), UsageError is
-    raised as usual. It also lists --log-format, which the console scripts
-    take before twistd sees the command line.
+    raised as usual. It also takes --log-format, which the console scripts
+    take before twistd sees the command line (its help is in the option table).
     """
 
-    config_not_keys = FileOptions.config_not_keys | {"log-format"}
-
-    def __init__(self) -> None:
-        super().__init__()
-        dispatch = self._dispatch  # type: ignore[attr-defined]
-        for name, handler in dispatch.items():  # name the option in a type error
-            if type(handler) is usage.CoerceParameter:
-                dispatch[name] = _NamedParameter(self, handler.coerce)
-
     def opt_log_format(self, value: str) -> None:
-        """json (one JSON object a line) or text (default) -- rtunnel_server and rtunnel_client only; with twistd, give twistd --logger rtunnel.logs.json_observer."""
         raise usage.UsageError(
             "--log-format is an option of the rtunnel_server and rtunnel_client commands; with "
             "twistd, give --logger rtunnel.logs.json_observer (or text_observer) before the plugin name"
@@ -80,46 +53,6 @@ class CommandOptions:
             sys.stderr.write(f"{command}: {e}\n(see '{command} --help' for every option)\n")
             sys.stderr.flush()
             sys.exit(1)
-
-
-def keepalive_from(options: Any) -> Keepalive:
-    interval, dead = options["ping-interval"], options["dead-after"]
-    if interval <= 0 or dead <= interval:
-        raise usage.UsageError("--dead-after must be greater than --ping-interval > 0")
-    return Keepalive(interval=interval, dead_after=dead)
-
-
-MIN_SESSION_BUFFER = 1024 * 1024
-MIN_MAX_STREAM_WINDOW = 256 * 1024
-_DEFAULT_SESSION = SessionSettings()
-
-# the --session-buffer and --max-stream-window options of both ends
-WINDOW_OPTIONS: list[list[Any]] = [
-    [
-        "session-buffer", None, _DEFAULT_SESSION.session_window_budget,
-        "Most bytes one session may hold for its peer: stream buffers, flow-control windows "
-        "(512 KiB reserved per connection), unacknowledged reliable frames, unread replies "
-        "(at least 1048576; see docs/security.md).", int,
-    ],
-    [
-        "max-stream-window", None, _DEFAULT_SESSION.max_stream_window,
-        "Largest flow-control window of one tunnelled connection, in bytes (262144 to "
-        "--session-buffer); a stream over a path of bandwidth B and round trip T needs B*T.", int,
-    ],
-]
-
-
-def window_settings_from(options: Any) -> dict[str, int]:
-    """Checked --session-buffer and --max-stream-window, as SessionSettings keywords."""
-    budget, window = options["session-buffer"], options["max-stream-window"]
-    if budget < MIN_SESSION_BUFFER:
-        raise usage.UsageError(f"--session-buffer {budget} is below {MIN_SESSION_BUFFER} bytes")
-    if not MIN_MAX_STREAM_WINDOW <= window <= budget:
-        raise usage.UsageError(
-            f"--max-stream-window {window} is outside {MIN_MAX_STREAM_WINDOW}-{budget} bytes "
-            "(at most --session-buffer)"
-        )
-    return {"max_stream_window": window, "session_window_budget": budget}
 
 
 _exit_status: list[int] = []  # the status exit_process was asked for, first call wins
@@ -251,3 +184,16 @@ class SighupReload:
                 signal.signal(signal.SIGHUP, self._previous or signal.SIG_DFL)
             except (ValueError, OSError):
                 pass
+
+
+__all__ = [
+    "MIN_MAX_STREAM_WINDOW",
+    "MIN_SESSION_BUFFER",
+    "CommandOptions",
+    "SighupReload",
+    "StartFailed",
+    "exit_process",
+    "fail_start",
+    "stop_once_on_signals",
+    "usage_errors",
+]

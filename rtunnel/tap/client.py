@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from twisted.python.failure import Failure
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
 from rtunnel.addresses import bracket, format_host_port, public_address
 from rtunnel.client import TunnelClient, retry_policy
-from rtunnel.config import SERVER_DEFAULT_BIND, ClientConfig, TunnelSpec, check_bind, parse_host_port
+from rtunnel.config import ClientConfig, TunnelSpec, parse_host_port, same_forward, tunnel_spec
 from rtunnel.configfile import (
     ConfigFile,
     FileOptions,
@@ -27,21 +26,19 @@ from rtunnel.configfile import (
     read_token_file,
 )
 from rtunnel.counters import CountingEndpoint
-from rtunnel.endpoints import local_endpoint
-from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.errors import ConfigError
 from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ClientCollector, MetricsService, registry_for
-from rtunnel.mux import SessionSettings
 from rtunnel.tap import (
-    WINDOW_OPTIONS,
     CommandOptions,
     SighupReload,
     exit_process,
     fail_start,
-    keepalive_from,
     stop_once_on_signals,
-    window_settings_from,
+    usage_errors,
 )
+from rtunnel.tap.client_options import CLIENT_OPTIONS
+from rtunnel.tap.options import TableOptions
 from rtunnel.tls import (
     DEFAULT_KNOWN_SERVERS,
     ClientIdentity,
@@ -50,61 +47,23 @@ from rtunnel.tls import (
     ca_creator,
     load_client_identity,
     load_known_servers,
-    parse_fingerprint,
 )
 from rtunnel.tlslink import LinkTLSEndpoint
 
 
-class Options(CommandOptions, FileOptions, usage.Options):
+class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
+    """`rtunnel_client` / `twistd rtunnel-client`: the options are CLIENT_OPTIONS."""
+
+    option_table = CLIENT_OPTIONS
     synopsis = (
         "-c HOST[:PORT] -f [BIND:]PORT -t [HOST:]PORT [-f ... -t ...] "
         "(--fingerprint FP | --ca FILE | --trust-on-first-use)  or  --config client.toml [options]"
     )
-    config_aliases = {"server": "connect"}
-    config_tables = ("tunnel",)
-    config_not_keys = CommandOptions.config_not_keys | {"forward", "to", "proxy-protocol"}
     longdesc = (
         "Make ports on the rtunnel server reach services on this machine. Each -f "
         "(port opened on the server; 0 lets the server pick) pairs with the -t that "
         "follows it (local target, default host localhost)."
     )
-    optParameters = [
-        ["connect", "c", None, "Server control address HOST[:PORT] (default port 19050)."],
-        ["token", None, None, "Token from the server (default: $RTUNNEL_TOKEN; optional with --client-cert)."],
-        ["token-file", None, None, "File holding the token (instead of --token; '~' is expanded)."],
-        [
-            "client-cert", None, None,
-            "PEM TLS client certificate to present (with --client-key); the server's clients file "
-            "lists its SHA-256 as cert_sha256.",
-        ],
-        ["client-key", None, None, "PEM private key of --client-cert (unencrypted)."],
-        ["fingerprint", None, None, "SHA-256 fingerprint of the server's certificate (printed by the server)."],
-        ["ca", None, None, "PEM CA file: verify the server's certificate and host name against it instead of a fingerprint."],
-        ["max-retry-delay", None, 30.0, "Longest wait between reconnection attempts, in seconds.", float],
-        ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
-        ["dead-after", None, 30.0, "Seconds of silence after which the link is declared dead.", float],
-        ["connect-timeout", None, 10.0, "Seconds to wait for a local target to accept.", float],
-        *WINDOW_OPTIONS,
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9121:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
-        [
-            "proxy-protocol", None, "off",
-            "Send a PROXY protocol header (v1 text or v2 binary) with the visitor's address and port to "
-            "the targets of the -f/-t tunnels: off, v1 or v2 (the target must expect it; in a config "
-            "file, each [[tunnel]] has its own proxy_protocol).",
-        ],
-        ["max-retries", None, None, "Give up and exit with status 3 after this many failed connection attempts in a row (default: never give up; for supervisors that restart the client).", int],
-        [
-            "known-servers", None, None,
-            f"With --trust-on-first-use: the file of known servers' fingerprints (default {DEFAULT_KNOWN_SERVERS}).",
-        ],
-    ]
-    optFlags = [
-        [
-            "trust-on-first-use", None,
-            "Instead of --fingerprint/--ca: trust the server's certificate on the first connection, "
-            "store its fingerprint in --known-servers and pin it from then on (like ssh's known_hosts).",
-        ],
-    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,10 +80,8 @@ class Options(CommandOptions, FileOptions, usage.Options):
         super().apply_config_file(cf)
 
     def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
-        try:
+        with usage_errors():
             self.file_tunnels = parse_tunnel_tables(cf, value, self.config_keys())
-        except RtunnelError as e:
-            raise usage.UsageError(str(e)) from None
 
     def _token(self) -> str:
         """--token, else --token-file, else the file's token or token_file, else $RTUNNEL_TOKEN."""
@@ -142,22 +99,15 @@ class Options(CommandOptions, FileOptions, usage.Options):
             )
         if self["token-file"]:
             origin = "--token-file" if "token-file" in from_cli else self.from_file.get("token-file", "--token-file")
-            try:
+            with usage_errors():
                 return read_token_file(Path(os.path.expanduser(self["token-file"])), origin)
-            except RtunnelError as e:
-                raise usage.UsageError(str(e)) from None
         return self["token"] or os.environ.get("RTUNNEL_TOKEN") or ""
 
     def opt_forward(self, value: str) -> None:
-        """[BIND:]PORT to open on the server (repeatable; 0 = server picks)."""
         self.forwards.append(value)
 
     def opt_to(self, value: str) -> None:
-        """[HOST:]PORT of the local target for the preceding -f (repeatable)."""
         self.targets.append(value)
-
-    opt_f = opt_forward
-    opt_t = opt_to
 
     def postOptions(self) -> None:
         if not self["connect"]:
@@ -175,16 +125,13 @@ class Options(CommandOptions, FileOptions, usage.Options):
                 "give -f/--forward and -t/--to in pairs, e.g. -f 4000 -t 3000 "
                 f"(got {len(self.forwards)} -f and {len(self.targets)} -t)"
             )
+        self.check_options()
         if bool(self["client-cert"]) != bool(self["client-key"]):
             raise usage.UsageError("--client-cert and --client-key go together: give both or neither")
         self.client_identity: ClientIdentity | None = None
         if self["client-cert"]:
-            try:
-                self.client_identity = load_client_identity(
-                    Path(self["client-cert"]), Path(self["client-key"])
-                )
-            except RtunnelError as e:
-                raise usage.UsageError(str(e)) from None
+            with usage_errors():
+                self.client_identity = load_client_identity(Path(self["client-cert"]), Path(self["client-key"]))
         token = self._token()
         if not token and self.client_identity is None:
             raise usage.UsageError(
@@ -192,6 +139,36 @@ class Options(CommandOptions, FileOptions, usage.Options):
                 "first start: the file 'token' in its state dir), or present a "
                 "client certificate with --client-cert and --client-key"
             )
+        self.known_servers = self._trust()
+        with usage_errors():
+            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
+            tunnels = self._tunnels()
+            values = self.config_values(server_host=host, server_port=port, tunnels=tunnels, token=token)
+            if self["ca"]:
+                ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
+        self.config = ClientConfig(**values)
+
+    def _tunnels(self) -> tuple[TunnelSpec, ...]:
+        """The file's tunnels, then the command line's -f/-t pairs (with --proxy-protocol)."""
+        proxy = self["proxy-protocol"]
+        if proxy != proxyproto.OFF and not self.forwards:
+            raise usage.UsageError(
+                "--proxy-protocol applies to the -f/-t tunnels of the command line and there are none; "
+                "set proxy_protocol in each [[tunnel]] of the config file instead"
+            )
+        tunnels = list(self.file_tunnels)
+        pairs = zip(self.forwards, self.targets, strict=True)
+        for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
+            spec = tunnel_spec(i, forward, target, proxy, "-f/--forward", "-t/--to")
+            if same_forward(tunnels, spec) is not None:
+                raise ConfigError(f"-f/--forward {forward} is given twice")
+            tunnels.append(spec)
+        return tuple(tunnels)
+
+    def _trust(self) -> Path | None:
+        """One of --fingerprint, --ca and --trust-on-first-use; with the
+        last, the known-servers file (read now: a malformed one is an error
+        at start, not later)."""
         given = [o for o in ("fingerprint", "ca", "trust-on-first-use") if self[o]]
         if len(given) > 1:
             raise usage.UsageError(
@@ -208,56 +185,12 @@ class Options(CommandOptions, FileOptions, usage.Options):
             )
         if self["known-servers"] and not self["trust-on-first-use"]:
             raise usage.UsageError("--known-servers is used only with --trust-on-first-use")
-        self.known_servers: Path | None = None
-        if self["trust-on-first-use"]:
-            self.known_servers = Path(os.path.expanduser(self["known-servers"] or DEFAULT_KNOWN_SERVERS)).absolute()
-            try:
-                load_known_servers(self.known_servers)  # a malformed file is an error now, not later
-            except RtunnelError as e:
-                raise usage.UsageError(str(e)) from None
-        proxy = self["proxy-protocol"]
-        if proxy not in proxyproto.VERSIONS:
-            raise usage.UsageError(f"--proxy-protocol {proxy}: write off, v1 or v2")
-        if proxy != proxyproto.OFF and not self.forwards:
-            raise usage.UsageError(
-                "--proxy-protocol applies to the -f/-t tunnels of the command line and there are none; "
-                "set proxy_protocol in each [[tunnel]] of the config file instead"
-            )
-        try:
-            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
-            tunnels = list(self.file_tunnels)  # then the command line's -f/-t pairs
-            pairs = zip(self.forwards, self.targets, strict=True)
-            for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
-                bind_host, bind_port = parse_host_port(forward, "-f/--forward", SERVER_DEFAULT_BIND, allow_zero=True)
-                check_bind(bind_host, "-f/--forward")
-                if bind_port and any((t.bind_host, t.bind_port) == (bind_host, bind_port) for t in tunnels):
-                    raise ConfigError(f"-f/--forward {forward} is given twice")
-                target_host, target_port = parse_host_port(target, "-t/--to", "localhost")
-                tunnels.append(TunnelSpec(i, bind_host, bind_port, target_host, target_port, proxy))
-            fingerprint = parse_fingerprint(self["fingerprint"]) if self["fingerprint"] else None
-            if self["ca"]:
-                ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
-            metrics = local_endpoint(self["metrics"], "--metrics", 9120) if self["metrics"] else None
-        except RtunnelError as e:
-            raise usage.UsageError(str(e)) from None
-        if self["max-retry-delay"] < 0.5:
-            raise usage.UsageError("--max-retry-delay must be at least 0.5 seconds")
-        if self["max-retries"] is not None and self["max-retries"] < 1:
-            raise usage.UsageError("--max-retries must be at least 1 (leave it out to retry for ever)")
-        self.config = ClientConfig(
-            server_host=host,
-            server_port=port,
-            tunnels=tuple(tunnels),
-            token=token,
-            fingerprint=fingerprint,
-            ca_file=Path(self["ca"]) if self["ca"] else None,
-            keepalive=keepalive_from(self),
-            session=SessionSettings(**window_settings_from(self)),
-            max_retry_delay=self["max-retry-delay"],
-            connect_timeout=self["connect-timeout"],
-            metrics=metrics,
-            max_retries=self["max-retries"],
-        )
+        if not self["trust-on-first-use"]:
+            return None
+        known = Path(os.path.expanduser(self["known-servers"] or DEFAULT_KNOWN_SERVERS)).absolute()
+        with usage_errors():
+            load_known_servers(known)
+        return known
 
 
 class _ReportingEndpoint:
@@ -435,26 +368,10 @@ class ClientMainService(service.MultiService):
         self._running_options = dict(options.opts)
 
     def _settings_changed(self, fresh: Options) -> list[str]:
-        """Settings other than tunnels that differ from the running ones."""
-        names = []
-        if self._running_options is not None:
-            names = [
-                key.replace("-", "_") for key, value in fresh.opts.items()
-                if self._running_options.get(key) != value
-            ]
-        explained_by = {
-            "server_host": "connect", "server_port": "connect", "keepalive": "ping_interval",
-            "ca_file": "ca", "token": "token_file",
-        }
-        for f in fields(ClientConfig):
-            new, old = getattr(fresh.config, f.name), getattr(self.config, f.name)
-            same = new == old or (hasattr(new, "__dict__") and type(new) is type(old) and vars(new) == vars(old))
-            if f.name != "tunnels" and not same:
-                if f.name not in names and explained_by.get(f.name) not in names and f.name != "keepalive":
-                    names.append(f.name)
-                elif f.name == "keepalive" and "dead_after" not in names and "ping_interval" not in names:
-                    names.append("keepalive")
-        return list(dict.fromkeys("server" if n == "connect" else n for n in names))
+        """The changed options a reload does not apply (the option table says which)."""
+        if self._running_options is None:
+            return []
+        return CLIENT_OPTIONS.restart_needed(self._running_options, fresh.opts, self.config, fresh.config)
 
     def _fatal(self, message: str) -> None:
         """Retrying cannot help: leave the server as a stopping client does
@@ -544,15 +461,13 @@ class ClientMainService(service.MultiService):
 def makeService(options: Options) -> service.IService:
     # twistd calls this before it opens its log file: make that file 0600 (as the server's)
     create_private_log_file(twistd_log_file(options.parent))
-    try:
+    with usage_errors():
         main = ClientMainService(
             options.config,
             known_servers=getattr(options, "known_servers", None),
             client_identity=getattr(options, "client_identity", None),
             reload_argv=options.argv if options.config_file is not None else None,
         )
-    except RtunnelError as e:
-        raise usage.UsageError(str(e)) from None
     main.running_options(options)
     main.under_twistd = True
     return main

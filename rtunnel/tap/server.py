@@ -15,84 +15,52 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import usage
 
-from rtunnel import DEFAULT_CONTROL_PORT, auth, wire
+from rtunnel import DEFAULT_CONTROL_PORT, auth
 from rtunnel.addresses import DUAL_STACK, IPV4_ANY, bracket, format_host_port, ipv6_unavailable
 from rtunnel.admin import AdminServer
 from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
 from rtunnel.descriptors import DescriptorGate, GatedListening, raise_limit, reserve_for
-from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError, RtunnelError
-from rtunnel.limits import Limits
 from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ServerCollector, listen_metrics, registry_for
-from rtunnel.mux import SessionSettings
 from rtunnel.server import TunnelServer
 from rtunnel.systemd import check_inherited_socket
 from rtunnel.tap import (
-    WINDOW_OPTIONS,
     CommandOptions,
     SighupReload,
     exit_process,
     fail_start,
-    keepalive_from,
     stop_once_on_signals,
-    window_settings_from,
+    usage_errors,
+)
+from rtunnel.tap.options import TableOptions
+from rtunnel.tap.server_options import (
+    DEFAULT_STATE_DIR,
+    MAX_MAX_FRAME,  # noqa: F401 (the --max-frame range, read here by tests and tools)
+    MIN_MAX_FRAME,  # noqa: F401
+    SERVER_OPTIONS,
 )
 from rtunnel.tls import format_fingerprint, load_or_create_token, load_server_identity, server_context
 from rtunnel.tlslink import LinkTLSFactory
 
-DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
-MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
-MAX_MAX_FRAME = 16 * 1024 * 1024
 
+class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
+    """`rtunnel_server` / `twistd rtunnel-server`: the options are SERVER_OPTIONS."""
 
-class Options(CommandOptions, FileOptions, usage.Options):
+    option_table = SERVER_OPTIONS
     synopsis = "[options]  or  --config server.toml [options]"
     longdesc = (
         "Accept rtunnel clients on the control port and open the public ports they "
         "ask for. On first start it creates a key, a self-signed certificate and a "
         "token in the state directory and prints the client command to run."
     )
-    optParameters = [
-        ["port", "p", DEFAULT_CONTROL_PORT, "Control port.", int],
-        ["interface", "i", "", "Address to listen on for clients (default: :: -- all IPv6 and, dual stack, IPv4 addresses; 0.0.0.0 on hosts without IPv6)."],
-        ["listen", "l", None, "Twisted server endpoint string for the control port; overrides --port/--interface (e.g. tcp6:19050:interface=\\:\\:1 -- colons escaped -- or systemd:domain=INET:index=0)."],
-        ["state-dir", "s", DEFAULT_STATE_DIR, "Directory for the key, certificate and token."],
-        ["token", None, None, "Shared secret clients must present (default: $RTUNNEL_TOKEN, else the state dir's 'token' file, made on first start)."],
-        ["cert", None, None, "PEM certificate to use instead of the generated one (with --key)."],
-        ["key", None, None, "PEM private key for --cert."],
-        ["allow-ports", None, "1024-65535", "Ports clients may open, e.g. 4000-4099,8080."],
-        ["resume-grace", None, 120.0, "Seconds a dropped client's session (ports, open connections) is kept for it to resume.", float],
-        ["handshake-timeout", None, 10.0, "Seconds a new connection has to complete TLS and authenticate.", float],
-        ["ping-interval", None, 10.0, "Seconds between keepalive pings.", float],
-        ["dead-after", None, 30.0, "Seconds of silence after which a client link is declared dead.", float],
-        ["max-streams", None, 4096, "Maximum open tunnelled connections per session (clients-file clients: their max_streams).", int],
-        ["clients", None, None, "TOML file of clients, each with its own token hash, ports, bind addresses and limits (see 'rtunnel_server add-client'); SIGHUP reloads it."],
-        ["max-unauthenticated", None, 256, "Most control connections not yet authenticated at once; at it, the oldest waiting connection of the address holding the most is dropped for a newcomer (or the newcomer, if its address holds the most).", int],
-        ["max-unauthenticated-per-address", None, 32, "Most control connections not yet authenticated at once from one source address (IPv6: one /64); beyond it new ones from that address are closed at once.", int],
-        ["auth-failures", None, 10, "Wrong tokens one source address (IPv6: one /64) may send in a burst before it is rate limited.", int],
-        ["auth-failure-window", None, 6.0, "Seconds after which a rate-limited address may try one more token (default: 10 a minute).", float],
-        ["max-sessions-per-client", None, 8, "Most concurrent sessions of one credential (resumes do not count).", int],
-        ["max-tunnels", None, 64, "Most tunnels (bound ports) per session for token credentials (--token, --client); clients-file clients have their own max_tunnels.", int],
-        ["max-frame", None, 1 << 20, "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", int],
-        *WINDOW_OPTIONS,
-        ["bind-default", None, "0.0.0.0,::", "Bind addresses allowed to clients-file clients that have no 'bind' list."],
-        ["admin", None, None, "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default."],
-        ["bandwidth", None, 0, "Bandwidth limit in bytes per second, each direction, per token credential (--token, --client; clients-file clients: their 'bandwidth'). 0: no limit.", int],
-        ["bandwidth-to-client", None, 0, "Like --bandwidth, only for bytes towards the client's service (what visitors send). 0: --bandwidth.", int],
-        ["bandwidth-from-client", None, 0, "Like --bandwidth, only for bytes from the client's service (what visitors receive). 0: --bandwidth.", int],
-        ["max-connections-per-tunnel", None, 0, "Most visitor connections open at once on one tunnel of a token credential (clients-file clients: their max_connections_per_tunnel); beyond it a visitor is closed at once. 0: no limit.", int],
-        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this Twisted server endpoint (e.g. tcp:9120:interface=0.0.0.0; a bare port means 127.0.0.1). Off by default."],
-    ]
 
     def __init__(self) -> None:
         super().__init__()
         self.extra_clients: list[tuple[str, str]] = []
 
     def opt_client(self, value: str) -> None:
-        """NAME=TOKEN: another client credential with its own token (repeatable).
-        Ports belong to the credential that bound them."""
         name, sep, token = value.partition("=")
         if not sep or not name or not token or name == "default":
             # the value is not shown: it may well be a token
@@ -100,31 +68,9 @@ class Options(CommandOptions, FileOptions, usage.Options):
         self.extra_clients.append((name, token))
 
     def postOptions(self) -> None:
-        if not 0 < self["port"] < 65536:
-            raise usage.UsageError(f"--port {self['port']} is not a port number (1-65535)")
+        self.check_options()
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key go together: give both or neither")
-        if self["resume-grace"] < 0 or self["handshake-timeout"] <= 0:
-            raise usage.UsageError("--resume-grace must be >= 0 and --handshake-timeout > 0")
-        if self["max-streams"] < 1:
-            raise usage.UsageError("--max-streams must be at least 1")
-        for name in (
-            "max-unauthenticated", "max-unauthenticated-per-address", "auth-failures",
-            "max-sessions-per-client", "max-tunnels",
-        ):
-            if self[name] < 1:
-                raise usage.UsageError(f"--{name} must be at least 1")
-        if not self["auth-failure-window"] > 0:
-            raise usage.UsageError("--auth-failure-window must be more than 0 seconds")
-        if not MIN_MAX_FRAME <= self["max-frame"] <= MAX_MAX_FRAME:
-            raise usage.UsageError(
-                f"--max-frame {self['max-frame']} is outside {MIN_MAX_FRAME}-{MAX_MAX_FRAME} bytes"
-            )
-        windows = window_settings_from(self)
-        try:
-            allow = parse_port_ranges(self["allow-ports"])
-        except RtunnelError as e:
-            raise usage.UsageError(str(e)) from None
         listen = self["listen"]
         listen_fallback = None
         if listen is None:
@@ -137,62 +83,11 @@ class Options(CommandOptions, FileOptions, usage.Options):
                 listen += DUAL_STACK.replace(":", r"\:")
                 listen_fallback = f"tcp:{self['port']}:backlog=1024:interface={IPV4_ANY}"
         if listen.startswith("systemd:"):
-            try:
+            with usage_errors():
                 check_inherited_socket(listen)
-            except RtunnelError as e:
-                raise usage.UsageError(str(e)) from None
-        token = self["token"] or os.environ.get("RTUNNEL_TOKEN") or None
-        bind_default = tuple(a.strip() for a in self["bind-default"].split(",") if a.strip())
-        if not bind_default:
-            raise usage.UsageError("--bind-default: give at least one IP address")
-        try:
-            for address in bind_default:
-                check_ip(address, "--bind-default")
-        except RtunnelError as e:
-            raise usage.UsageError(str(e)) from None
-        clients_file = Path(os.path.expanduser(self["clients"])) if self["clients"] else None
-        for name in ("bandwidth", "bandwidth-to-client", "bandwidth-from-client", "max-connections-per-tunnel"):
-            if self[name] < 0:
-                raise usage.UsageError(f"--{name} {self[name]} is negative; give a whole number, or 0 for no limit")
-        limits = Limits(
-            to_client=self["bandwidth-to-client"] or self["bandwidth"] or None,
-            from_client=self["bandwidth-from-client"] or self["bandwidth"] or None,
-            max_connections_per_tunnel=self["max-connections-per-tunnel"] or None,
-        )
-        try:
-            admin = local_endpoint(self["admin"], "--admin", 9119) if self["admin"] is not None else None
-            metrics = local_endpoint(self["metrics"], "--metrics", 9120) if self["metrics"] else None
-        except RtunnelError as e:
-            raise usage.UsageError(str(e)) from None
-        self.config = ServerConfig(
-            listen=listen,
-            listen_fallback=listen_fallback,
-            state_dir=Path(os.path.expanduser(self["state-dir"])),
-            token=token,
-            extra_clients=tuple(self.extra_clients),
-            clients_file=clients_file,
-            bind_default=bind_default,
-            cert=Path(self["cert"]) if self["cert"] else None,
-            key=Path(self["key"]) if self["key"] else None,
-            allow_ports=allow,
-            resume_grace=self["resume-grace"],
-            handshake_timeout=self["handshake-timeout"],
-            keepalive=keepalive_from(self),
-            session=SessionSettings(
-                max_streams=self["max-streams"],
-                max_frame=self["max-frame"],
-                **windows,
-            ),
-            max_unauthenticated=self["max-unauthenticated"],
-            max_unauthenticated_per_address=self["max-unauthenticated-per-address"],
-            auth_failure_burst=self["auth-failures"],
-            auth_failure_refill=self["auth-failure-window"],
-            max_sessions_per_client=self["max-sessions-per-client"],
-            max_tunnels=self["max-tunnels"],
-            admin=admin,
-            metrics=metrics,
-            limits=limits,
-        )
+        self.config = ServerConfig(**self.config_values(
+            listen=listen, listen_fallback=listen_fallback, extra_clients=tuple(self.extra_clients),
+        ))
 
 
 class ServerService(service.Service):
