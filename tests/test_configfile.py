@@ -692,7 +692,7 @@ class ProcessReloadTests(SynchronousTestCase):
         pattern = r"tunnel ready: \S+:(\d+) -> 127\.0\.0\.1:(\d+)"
         deadline = time.monotonic() + self.tp.START_TIMEOUT
         while len(re.findall(pattern, client.output)) < count:
-            client.wait_for(r"tunnel ready", 1)
+            client.wait_for(r"tunnel ready", self.tp.START_TIMEOUT)
             if time.monotonic() > deadline:
                 self.fail(f"fewer than {count} tunnels ready: {client.describe()}")
             time.sleep(0.05)
