@@ -11,6 +11,7 @@ for it wait, and the newest of them gets it when the holder lets go
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import hmac
@@ -583,7 +584,7 @@ class TunnelServer:
         policy = self.policy_for(credential)
         if policy is None:
             return base
-        return _settings_with(base, policy.max_streams)
+        return dataclasses.replace(base, max_streams=policy.max_streams)
 
     def limits_for(self, credential: str) -> Limits:
         """The bandwidth and connection limits of a credential: its
@@ -612,12 +613,7 @@ class TunnelServer:
         self.limiters[credential] = new
         for owner in list(self.sessions.values()):
             if owner.credential == credential:
-                session = owner.session
-                session.send_pacer, session.recv_pacer = new.to_client, new.from_client
-                for stream in session.streams.values():
-                    stream.paid_limit = max(stream.paid_limit, stream.recv_limit)  # granted before: paid
-                    stream.unpaid_upto = stream.paid_limit  # ...but not to the new bucket: no refund
-                session._update_all()
+                owner.session.replace_pacers(new.to_client, new.from_client)
 
     def check_clients(self, clients: dict[str, ClientPolicy]) -> None:
         clash = sorted(set(clients) & set(self._credentials))
@@ -650,7 +646,8 @@ class TunnelServer:
                 session.expire("client's token or certificate changed in the clients file")
             elif session.credential in changed:
                 policy = clients[session.credential]
-                session.session.settings.max_streams = policy.max_streams
+                mux = session.session
+                mux.settings = dataclasses.replace(mux.settings, max_streams=policy.max_streams)
                 outside = [
                     f"{listener.host}:{listener.key[1]}"
                     for listener in session.tunnels.values()
@@ -1060,14 +1057,6 @@ class TunnelServer:
             return defer.gatherResults(closing + stops)
 
         return drained.addCallback(close_all).addCallback(lambda _: None)
-
-
-def _settings_with(base: SessionSettings, max_streams: int) -> SessionSettings:
-    """A new SessionSettings: `base`'s fields, with its own max_streams."""
-    settings = SessionSettings()
-    settings.__dict__.update(vars(base))
-    settings.max_streams = max_streams
-    return settings
 
 
 def _ranges(ranges: tuple[tuple[int, int], ...]) -> str:
