@@ -338,10 +338,9 @@ class ServerSession:
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is FrameType.BIND:
-            self._bind(wire.decode_json(frame))
+            self._bind(wire.Bind.parse(frame.body))
         elif frame.type is FrameType.UNBIND:
-            body = wire.decode_json(frame)
-            tunnel_id = _int(body, "tunnel")
+            tunnel_id = wire.Unbind.parse(frame.body).tunnel
             listener = self.tunnels.pop(tunnel_id, None)
             self._binds_waiting.discard(tunnel_id)
             self.server.stop_waiting(self, tunnel_id)
@@ -352,12 +351,8 @@ class ServerSession:
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from a client")
 
-    def _bind(self, body: dict[str, Any], retry: bool = True) -> None:
-        tunnel_id = _int(body, "tunnel")
-        host = body.get("host") or ""  # none: the server's default (TunnelServer.bind_default)
-        port = _int(body, "port")
-        if not isinstance(host, str) or not 0 <= port <= 65535:
-            raise ProtocolViolation("BIND needs a host string and a port 0-65535")
+    def _bind(self, bind: wire.Bind, retry: bool = True) -> None:
+        tunnel_id, host, port = bind.tunnel, bind.host, bind.port  # host "": TunnelServer.bind_default
         if tunnel_id in self.tunnels or tunnel_id in self._binds_waiting:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
         if host and not is_ip_literal(host):
@@ -375,7 +370,7 @@ class ServerSession:
         except BindRefused as refusal:
             closing = self.server.when_port_closed(port) if retry and refusal.code == "in_use" and port else None
             if closing is not None:  # e.g. UNBIND and BIND of the same port in one reload
-                self._bind_when_closed(closing, body, tunnel_id)
+                self._bind_when_closed(closing, bind)
                 return
             if refusal.code == "taken_over":  # a newer session holds it; we wait (and the client asks again)
                 if not refusal.repeated:
@@ -429,15 +424,16 @@ class ServerSession:
             },
         )
 
-    def _bind_when_closed(self, closing: defer.Deferred[None], body: dict[str, Any], tunnel_id: int) -> None:
+    def _bind_when_closed(self, closing: defer.Deferred[None], bind: wire.Bind) -> None:
         """Try a BIND once more when the port it wants has closed (a listening
         socket closes on the reactor's next turn, after stopListening)."""
+        tunnel_id = bind.tunnel
         self._binds_waiting.add(tunnel_id)
 
         def closed(_: object) -> None:
             if tunnel_id in self._binds_waiting and self.state is not SessionState.EXPIRED:
                 self._binds_waiting.discard(tunnel_id)
-                self._bind(body, retry=False)
+                self._bind(bind, retry=False)
 
         closing.addCallback(closed).addErrback(
             lambda failure: self.log.failure(
@@ -445,13 +441,6 @@ class ServerSession:
                 tunnel=tunnel_id, event="bind_error", session=self.id[:8],
             )
         )
-
-
-def _int(body: dict[str, Any], key: str) -> int:
-    value = body.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or value > wire.MAX_U32:
-        raise ProtocolViolation(f"field {key!r} must be an integer 0..{wire.MAX_U32}")
-    return value
 
 
 def _dual_stack(listener: PublicListener) -> bool:
