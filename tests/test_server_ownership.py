@@ -151,7 +151,7 @@ class SameCredentialPortTests(unittest.TestCase):
 
         visitor = Visitor(b"waiting", half_close=True)
         waiting = visit(self.port, visitor)
-        yield wait_until(lambda: len(old_session.session.streams) == 1, 5)
+        yield wait_until(lambda: len(old_session.mux_session.streams) == 1, 5)
 
         new = self.client(self.targets[1])
         yield with_timeout(new.client.when_bound(), 10)
@@ -175,7 +175,7 @@ class SameCredentialPortTests(unittest.TestCase):
         yield second.stopService()
         yield wait_until(lambda: holder.state is SessionState.DETACHED, 5)
         waiting = visit(self.port, Visitor(b"waited"))
-        yield wait_until(lambda: len(holder.session.streams) == 1, 5)
+        yield wait_until(lambda: len(holder.mux_session.streams) == 1, 5)
         self.assertEqual(first.client.bound, {})
 
         reply, _ = yield with_timeout(waiting, 10)
