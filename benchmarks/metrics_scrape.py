@@ -30,7 +30,7 @@ def server_with(streams: int, sessions: int = 10, tunnels: int = 4) -> TunnelSer
         for t in range(tunnels):
             owner.tunnel_names[t] = f"0.0.0.0:{4000 + i * tunnels + t}"
         for s in range(streams // sessions):
-            stream = owner.session.open_stream(s % tunnels, {})
+            stream = owner.mux_session.open_stream(s % tunnels, {})
             stream.read_total, stream.received = 1000 * s, 2000 * s
     return server
 

@@ -86,7 +86,7 @@ class RateMeter:
 def describe_session(session: ServerSession, now: float, meter: RateMeter) -> dict[str, Any]:
     """One session as the API shows it. Directions are the server's: `in`
     is what came from the client, `out` what went to it."""
-    mux = session.session
+    mux = session.mux_session
     rate_in, rate_out = meter.rates(session.id, now, mux.bytes_in, mux.bytes_out)
     open_per_tunnel: dict[int, int] = {}
     for stream in mux.streams.values():

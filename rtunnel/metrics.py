@@ -168,7 +168,7 @@ class ServerCollector:
         live = _live_totals(
             server.traffic,
             (
-                (owner.credential, owner.session, lambda tid, o=owner: o.tunnel_names.get(tid, "?"))
+                (owner.credential, owner.mux_session, lambda tid, o=owner: o.tunnel_names.get(tid, "?"))
                 for owner in list(server.sessions.values())
             ),
             server.reactor.seconds(),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
@@ -70,34 +71,24 @@ class SessionBufferFull(Exception):
 RELIABLE_ENTRY_OVERHEAD = 192
 
 
+@dataclass(frozen=True)
 class SessionSettings:
-    """Tunable limits of one session (plain attributes; see docs)."""
+    """Tunable limits of one session (see docs). Frozen: a per-client
+    variant is `dataclasses.replace(settings, max_streams=...)`, and a live
+    session is given a new object, never an edited one."""
 
-    def __init__(
-        self,
-        initial_window: int = 256 * 1024,
-        max_stream_window: int = 64 * 1024 * 1024,
-        session_window_budget: int = 128 * 1024 * 1024,
-        max_frame: int = wire.DEFAULT_MAX_FRAME,
-        max_streams: int = 4096,
-        idle_window_reset: float = 30.0,
-        ack_every: int = 32,
-        ack_delay: float = 1.0,
-        credit_delay: float = 0.02,
-        local_buffer: int = READ_SIZE,
-    ) -> None:
-        self.initial_window = initial_window
-        self.max_stream_window = max_stream_window
-        self.session_window_budget = session_window_budget
-        self.max_frame = max_frame
-        self.max_streams = max_streams
-        self.idle_window_reset = idle_window_reset
-        self.ack_every = ack_every
-        self.ack_delay = ack_delay
-        self.credit_delay = credit_delay
-        #: what a local socket's write buffer holds beyond its stream's window
-        #: before it pauses the stream (Twisted's bufferSize): reserved per stream
-        self.local_buffer = local_buffer
+    initial_window: int = 256 * 1024
+    max_stream_window: int = 64 * 1024 * 1024
+    session_window_budget: int = 128 * 1024 * 1024
+    max_frame: int = wire.DEFAULT_MAX_FRAME
+    max_streams: int = 4096
+    idle_window_reset: float = 30.0
+    ack_every: int = 32
+    ack_delay: float = 1.0
+    credit_delay: float = 0.02
+    #: what a local socket's write buffer holds beyond its stream's window
+    #: before it pauses the stream (Twisted's bufferSize): reserved per stream
+    local_buffer: int = READ_SIZE
 
 
 class SendState(enum.Enum):
@@ -695,6 +686,17 @@ class Session:
         due, self._credit_due = self._credit_due, set()
         for stream in due:
             stream._grant_credit(force=True)
+
+    def replace_pacers(self, send_pacer: Pacer | None, recv_pacer: Pacer | None) -> None:
+        """Switch to new bandwidth pacers (a reload changed the client's
+        limits). Credit granted before counts as paid, but not to the new
+        receive pacer, so it never refunds what it did not take; streams the
+        old pacers held back go on at once."""
+        self.send_pacer, self.recv_pacer = send_pacer, recv_pacer
+        for stream in self.streams.values():
+            stream.paid_limit = max(stream.paid_limit, stream.recv_limit)
+            stream.unpaid_upto = stream.paid_limit
+        self._update_all()
 
     def resume_state(self) -> wire.ResumeState:
         entries = tuple(s.resume_entry() for s in self.streams.values())

@@ -445,3 +445,52 @@ class FrameDecoder:
                 del buf[:pos]
             elif pos < end:
                 buf += memoryview(source)[pos:]
+
+
+# --- tunnel messages (server)
+
+
+def _u32_field(body: dict[str, Any], message: str, key: str, top: int = MAX_U32) -> int:
+    value = body.get(key)
+    if not _is_int(value) or not 0 <= value <= top:
+        raise FrameError(f"{message} {key} must be an integer 0..{top}")
+    return value  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """BIND: the client asks for a public port as its tunnel `tunnel`.
+    `host` "" (absent or null on the wire) means the server's default
+    address; whether `host` is an IP address the server decides (a
+    BIND_FAILED, not a broken frame)."""
+
+    tunnel: int
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, body: bytes) -> Bind:
+        """Check every field; raise FrameError naming the one that is wrong."""
+        obj = decode_json(Frame(FrameType.BIND, 0, 0, body))
+        tunnel = _u32_field(obj, "BIND", "tunnel")
+        host = obj.get("host") or ""
+        if not isinstance(host, str):
+            raise FrameError("BIND host must be a string: an IP address, or empty for the server's default")
+        return cls(tunnel, host, _u32_field(obj, "BIND", "port", 65535))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tunnel": self.tunnel, "host": self.host, "port": self.port}
+
+
+@dataclass(frozen=True, slots=True)
+class Unbind:
+    """UNBIND: the client gives up its tunnel `tunnel` (a reload dropped it)."""
+
+    tunnel: int
+
+    @classmethod
+    def parse(cls, body: bytes) -> Unbind:
+        return cls(_u32_field(decode_json(Frame(FrameType.UNBIND, 0, 0, body)), "UNBIND", "tunnel"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tunnel": self.tunnel}

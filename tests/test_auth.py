@@ -304,7 +304,7 @@ class PolicyTests(unittest.TestCase):
         reply, _ = yield with_timeout(visit(port, Visitor(b"hello")), 10)
         self.assertEqual(reply, b"hello")
         [session] = self.sessions_of("alice")
-        self.assertEqual(session.session.settings.max_streams, 7)
+        self.assertEqual(session.mux_session.settings.max_streams, 7)
         self.assertNotEqual(self.tunnel.server.config.session.max_streams, 7)
 
     @defer.inlineCallbacks

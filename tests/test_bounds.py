@@ -174,7 +174,7 @@ class Sampler:
 
     def sample(self) -> None:
         for owner in list(self.server.sessions.values()):
-            session = owner.session
+            session = owner.mux_session
             self.max_held = max(self.max_held, session.held)
             self.max_reply_backlog = max(self.max_reply_backlog, session.reply_backlog)
             self.link_unread_seen = self.link_unread_seen or session._link_unread
@@ -212,7 +212,7 @@ class BudgetTests(unittest.TestCase):
         tunnel = yield self.start(budget)
         hostile = yield connect_hostile(self, tunnel.control_port, tunnel.fingerprint)
         [owner] = tunnel.server.sessions.values()
-        session = owner.session
+        session = owner.mux_session
         hostile.stop_reading()
         yield hostile.flood(ping, SHAPE_SECONDS)
         self.assertTrue(self.sampler.link_unread_seen)
@@ -246,7 +246,7 @@ class BudgetTests(unittest.TestCase):
             yield defer.gatherResults([v.closed for v in batch])
             visitors += len(batch)
         yield sleep(0.1)
-        session = owner.session
+        session = owner.mux_session
         self.assertGreater(owner.tunnels[1].open_connections + visitors, 0)
         self.assertFalse(session.room_for_stream())  # refused: the client acknowledges nothing
         self.assertLessEqual(session.held_reliable, budget // 32 + 4 * KiB)
@@ -267,7 +267,7 @@ class BudgetTests(unittest.TestCase):
         for i in range(0, len(visitors), 50):
             yield defer.gatherResults([connectProtocol(endpoint, v) for v in visitors[i : i + 50]])
         yield sleep(SHAPE_SECONDS / 2)
-        session = owner.session
+        session = owner.mux_session
         per_stream = session.stream_reservation()
         self.assertLessEqual(len(session.streams), (budget * 3 // 4) // per_stream)
         self.assertLessEqual(self.sampler.max_held, budget)

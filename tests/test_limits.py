@@ -453,10 +453,9 @@ class ReloadTests(unittest.TestCase):
 
 
     def test_a_reload_that_adds_a_limit_refunds_only_credit_the_new_bucket_was_paid(self):
-        from types import SimpleNamespace
 
         from rtunnel.config import ServerConfig
-        from rtunnel.server import TunnelServer
+        from rtunnel.server import ServerSession, TunnelServer
 
         def clients(extra: str):
             text = f'[clients.alice]\ntoken_sha256 = "{HASH}"\nports = [4000]\n{extra}\n'
@@ -465,8 +464,10 @@ class ReloadTests(unittest.TestCase):
         pair = Pair()
         server = TunnelServer(pair.clock, ServerConfig(listen="tcp:0", state_dir=None), None, clients(""))
         server.limiter_for("alice")
-        # the session of alice (only its credential and mux session are used here)
-        server.sessions["s1"] = SimpleNamespace(credential="alice", session=pair.server, tunnels={})
+        # a session of alice running over the memory pair's server end
+        owner = ServerSession(server, "alice")
+        owner.mux_session = pair.server
+        server.sessions[owner.id] = owner
         self.addCleanup(server.sessions.clear)
         fresh, _ = pair.open()  # granted its initial window without a limit
         sending_end, client_end = pair.open()

@@ -309,7 +309,7 @@ class LinkDropTests(unittest.TestCase):
             and ss.state is SessionState.CONNECTED
             and ss.link is not None
             and ss.link is not old_server
-            and ss.session.can_send
+            and ss.mux_session.can_send
         )
 
     def both_noticed(self, old: tuple[Any, Any]) -> bool:
@@ -343,7 +343,7 @@ class LinkDropTests(unittest.TestCase):
     def streams_forgotten(self) -> Any:
         """Both ends forget every finished stream."""
         ss = self.server_session()
-        yield wait_until(lambda: not self.client.session.streams and not ss.session.streams, 5)
+        yield wait_until(lambda: not self.client.session.streams and not ss.mux_session.streams, 5)
 
     # ------------------------------------------------------------ 1. one drop mid-transfer
 
@@ -747,14 +747,14 @@ class LinkDropTests(unittest.TestCase):
         v_done = self.visit(public, v)
         yield wait_until(lambda: v.received == 100, 5)
         server_link = ss.link
-        n_streams = len(ss.session.streams)
+        n_streams = len(ss.mux_session.streams)
         self.assertEqual(n_streams, 1)
 
         def untouched() -> None:
             self.assertIs(ss.state, SessionState.CONNECTED)
             self.assertIs(ss.link, server_link)
             self.assertIs(self.tunnel.server.sessions.get(real["session"]), ss)
-            self.assertEqual(len(ss.session.streams), n_streams)
+            self.assertEqual(len(ss.mux_session.streams), n_streams)
 
         hello = {"protocol": "rtunnel", "versions": [1], "max_frame": wire.DEFAULT_MAX_FRAME}
         # Another credential (wrong token) with the real id and secret.

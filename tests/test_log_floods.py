@@ -140,7 +140,7 @@ class RefusalFloodTests(unittest.TestCase):
         [owner] = tunnel.server.sessions.values()
         for n in range(1, 2 * max_streams + 1):  # OPENs the client resets and never acknowledges
             with socket.create_connection(("127.0.0.1", public)):
-                yield wait_until(lambda n=n: len(client.replies(FrameType.OPEN)) == n and not owner.session.streams)
+                yield wait_until(lambda n=n: len(client.replies(FrameType.OPEN)) == n and not owner.mux_session.streams)
         client.transport.abortConnection()  # the session waits for a resume, its queue full
         yield client.lost
         for _ in range(FLOOD):

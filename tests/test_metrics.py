@@ -125,7 +125,7 @@ class MetricsTests(unittest.TestCase):
         uploader.transport.loseWriteConnection()
         reply = yield with_timeout(uploader.closed, 30)
         self.assertTrue(reply.startswith(str(len(first) + len(second)).encode()), reply)
-        yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].session.streams)
+        yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].mux_session.streams)
         yield wait_until(lambda: not self.client().session.streams)
 
         after = yield scrape(self.server_metrics)
@@ -158,7 +158,7 @@ class MetricsTests(unittest.TestCase):
         )
         self.assertEqual(len(results), 4)
         yield wait_until(lambda: not self.client().session.streams)
-        yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].session.streams)
+        yield wait_until(lambda: not self.tunnel.server.sessions[self.client().session_id].mux_session.streams)
         samples = yield scrape(self.server_metrics)
         one, two = (tunnel_name("127.0.0.1", p) for p in ports)
         self.assertEqual(metric_value(samples, "rtunnel_streams_opened_total", tunnel=one), 3)

@@ -94,7 +94,7 @@ class SamePortRebindTests(TestCase):
         marker = client.add_tunnel(replace(spec, bind_port=0))  # BOUND once the server has read all that
         yield wait_until(lambda: marker.tunnel_id in client.bound)
         [session] = self.tunnel.server.sessions.values()
-        yield wait_until(lambda: not session._binds_waiting and not self.tunnel.server._closing)
+        yield wait_until(lambda: not session._binds_waiting and not self.tunnel.server.ports._closing)
         self.assertEqual(sorted(session.tunnels), [marker.tunnel_id])
         self.assertEqual(list(self.tunnel.server.listeners), [("127.0.0.1", client.bound[marker.tunnel_id][1])])
         with self.assertRaises(ConnectionRefusedError):

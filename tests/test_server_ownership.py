@@ -151,7 +151,7 @@ class SameCredentialPortTests(unittest.TestCase):
 
         visitor = Visitor(b"waiting", half_close=True)
         waiting = visit(self.port, visitor)
-        yield wait_until(lambda: len(old_session.session.streams) == 1, 5)
+        yield wait_until(lambda: len(old_session.mux_session.streams) == 1, 5)
 
         new = self.client(self.targets[1])
         yield with_timeout(new.client.when_bound(), 10)
@@ -175,7 +175,7 @@ class SameCredentialPortTests(unittest.TestCase):
         yield second.stopService()
         yield wait_until(lambda: holder.state is SessionState.DETACHED, 5)
         waiting = visit(self.port, Visitor(b"waited"))
-        yield wait_until(lambda: len(holder.session.streams) == 1, 5)
+        yield wait_until(lambda: len(holder.mux_session.streams) == 1, 5)
         self.assertEqual(first.client.bound, {})
 
         reply, _ = yield with_timeout(waiting, 10)
@@ -183,3 +183,46 @@ class SameCredentialPortTests(unittest.TestCase):
         self.assertIs(holder.state, SessionState.EXPIRED)
         self.assertEqual(first.client.bound[1][1], self.port)
         self.assertTrue(self.logged("port_handed_over"))
+
+
+class NoCrossCredentialHandOverTests(unittest.TestCase):
+    """A session waiting for its credential's port never inherits it from
+    another credential: once the port is closed without an heir, nobody
+    waits for it any more. In-process server, sessions without links (as a
+    handshake leaves them for a moment), real listening sockets."""
+
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_a_port_freed_by_an_administrator_is_never_handed_from_another_client_to_a_waiting_one(self):
+        from twisted.internet import reactor
+
+        from rtunnel import wire
+        from rtunnel.config import ServerConfig
+        from rtunnel.server import TunnelServer
+
+        server = TunnelServer(
+            reactor, ServerConfig(listen="tcp:0", state_dir=None, extra_clients=(("bob", "bob-token"),)), "tok",
+        )
+        self.addCleanup(server.shutdown, 0)
+        port = free_port()
+        key = ("127.0.0.1", port)
+
+        def bind(session: Any) -> None:
+            body = wire.encode_json(wire.FrameType.BIND, {"tunnel": 1, "host": "127.0.0.1", "port": port})
+            [frame] = wire.FrameDecoder().feed(body)
+            session.control_frame(None, frame)
+
+        older, _ = server.session_for("default", None)
+        newer, _ = server.session_for("default", None)
+        bind(newer)
+        bind(older)  # taken_over: it waits for the newer session's port
+        self.assertIs(server.listeners[key].owner, newer)
+        newer.close_tunnel(1, "closed by the server's administrator")
+        bob, _ = server.session_for("bob", None)
+        bind(bob)  # the port is closing: bound once it has closed
+        yield wait_until(lambda: key in server.listeners, 5)
+        self.assertIs(server.listeners[key].owner, bob)
+        bob.expire("its client went away")
+        self.assertNotIn(key, server.listeners)  # closed, not handed to the default client's older session
+        self.assertEqual(older.tunnels, {})

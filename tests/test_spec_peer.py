@@ -57,7 +57,7 @@ class SpecPeerTests(unittest.TestCase):
 
     def server_session(self) -> Any:
         (session,) = self.tunnel.server.sessions.values()
-        return session.session
+        return session.mux_session
 
     @defer.inlineCallbacks
     def test_a_megabyte_echoes_back_intact_and_both_ends_forget_the_stream(self):

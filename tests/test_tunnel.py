@@ -95,7 +95,7 @@ class TunnelTests(unittest.TestCase):
         [stream] = [
             s
             for sess in self.tunnel.server.sessions.values()
-            for s in sess.session.streams.values()
+            for s in sess.mux_session.streams.values()
             if s.local is not None and s.local.getPeer().port == slow_port
         ]
         local = stream.local

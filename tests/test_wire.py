@@ -687,3 +687,37 @@ class HelloTests(SynchronousTestCase):
 
 def _hello_frame(body: dict) -> Frame:
     return Frame(FrameType.HELLO, 0, 0, json.dumps(body).encode())
+
+
+class TunnelMessageTests(SynchronousTestCase):
+    """BIND and UNBIND reach the server as typed wire.Bind / wire.Unbind;
+    a field out of its rules is a FrameError naming the field (the link then
+    ends with PROTOCOL_ERROR, as for any bad frame)."""
+
+    def test_a_bind_round_trips_through_its_json(self) -> None:
+        bind = wire.Bind(7, "::1", 4000)
+        self.assertEqual(wire.Bind.parse(json.dumps(bind.to_json()).encode()), bind)
+        self.assertEqual(wire.Unbind.parse(json.dumps(wire.Unbind(7).to_json()).encode()), wire.Unbind(7))
+
+    def test_a_bind_without_a_host_asks_for_the_servers_default_address(self) -> None:
+        self.assertEqual(wire.Bind.parse(b'{"tunnel": 1, "port": 0}'), wire.Bind(1, "", 0))
+        self.assertEqual(wire.Bind.parse(b'{"tunnel": 1, "host": null, "port": 80}'), wire.Bind(1, "", 80))
+
+    def test_each_invalid_field_is_named_in_the_error(self) -> None:
+        cases = {
+            b'{"host": "", "port": 1}': "tunnel",
+            b'{"tunnel": -1, "port": 1}': "tunnel",
+            b'{"tunnel": 4294967296, "port": 1}': "tunnel",
+            b'{"tunnel": true, "port": 1}': "tunnel",
+            b'{"tunnel": 1, "port": 65536}': "port",
+            b'{"tunnel": 1, "port": "80"}': "port",
+            b'{"tunnel": 1}': "port",
+            b'{"tunnel": 1, "host": 5, "port": 1}': "host",
+        }
+        for body, field in cases.items():
+            e = self.assertRaises(wire.FrameError, wire.Bind.parse, body)
+            self.assertIn(f"BIND {field}", str(e), body)
+        e = self.assertRaises(wire.FrameError, wire.Unbind.parse, b'{"tunnel": 1.5}')
+        self.assertIn("UNBIND tunnel", str(e))
+        e = self.assertRaises(wire.FrameError, wire.Bind.parse, b"[1]")
+        self.assertIn("JSON object", str(e))
