@@ -29,6 +29,7 @@ from rtunnel.addresses import format_host_port, known_host_port
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
 from rtunnel.server import ServerSession, SessionState, TunnelServer
+from rtunnel.tcp import port_number
 from rtunnel.tls import load_or_create_secret
 from rtunnel.web import QuietSite
 
@@ -93,7 +94,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
         open_per_tunnel[stream.tunnel_id] = open_per_tunnel.get(stream.tunnel_id, 0) + 1
     tunnels = []
     for tunnel_id, listener in sorted(session.tunnels.items()):
-        port = listener.port.getHost().port if listener.port is not None else 0
+        port = port_number(listener.port) if listener.port is not None else 0
         tunnels.append({
             "id": tunnel_id,
             "host": listener.host,
@@ -270,7 +271,7 @@ class SessionResource(resource.Resource):
         if listener is None:
             return 404, {"error": f"session {session.id} has no tunnel {tunnel.decode(errors='replace')[:20]!r}; "
                          "GET /api/sessions lists its tunnels"}
-        address = format_host_port(listener.host, listener.port.getHost().port if listener.port else 0)
+        address = format_host_port(listener.host, port_number(listener.port) if listener.port else 0)
         session.close_tunnel(tunnel_id, "closed by the server's administrator")
         return 200, {"session": session.id, "tunnel": tunnel_id, "address": address, "closed": True}
 
@@ -441,7 +442,7 @@ class AdminServer:
         return self.port
 
     def stop(self) -> defer.Deferred[None]:
-        waits = []
+        waits: list[defer.Deferred[Any]] = []
         if self.port is not None:
             port, self.port = self.port, None
             waits.append(defer.maybeDeferred(port.stopListening))

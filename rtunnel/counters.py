@@ -12,6 +12,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.interfaces import IStreamClientEndpoint
+from zope.interface import implementer
+
 from rtunnel.addresses import format_host_port
 from rtunnel.mux import Stream
 
@@ -88,6 +91,7 @@ class ClientEvents:
     links_lost: int = 0  # links that carried the session and went down
 
 
+@implementer(IStreamClientEndpoint)
 class CountingEndpoint:
     """A client endpoint that counts the connection attempts made through it."""
 

@@ -186,6 +186,7 @@ class GatedPort(tcp.Port):
         gate: DescriptorGate, ipv6_only: bool = False,
     ) -> None:
         super().__init__(port, factory, backlog, interface, reactor)
+        self.clock: IReactorTime = reactor  # Port types its reactor as an IReactorFDSet
         self.gate = gate
         self.ipv6_only = ipv6_only
         self._resume_call: IDelayedCall | None = None
@@ -204,7 +205,7 @@ class GatedPort(tcp.Port):
         self.gate.accept_failed(code)
         if self._resume_call is None:
             self.stopReading()
-            self._resume_call = self.reactor.callLater(ACCEPT_PAUSE, self._resume)
+            self._resume_call = self.clock.callLater(ACCEPT_PAUSE, self._resume)
 
     def _resume(self) -> None:
         self._resume_call = None

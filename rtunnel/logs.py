@@ -23,11 +23,13 @@ from typing import IO, Any
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
+    ILogFilterPredicate,
     ILogObserver,
     PredicateResult,
     formatEvent,
     textFileLogObserver,
 )
+from zope.interface import implementer
 
 LOG_FORMATS = ("text", "json")
 JSON_OBSERVER = "rtunnel.logs.json_observer"
@@ -85,14 +87,20 @@ def event_as_json(event: dict[str, Any]) -> str:
         return json.dumps(record, allow_nan=False, default=repr) + "\n"
 
 
-def _not_a_retry_line(event: dict[str, Any]) -> PredicateResult:
+@implementer(ILogFilterPredicate)
+class _NotARetryLine:
     """Drop twisted.application.internet.ClientService's "Scheduling retry"
     event (rtunnel.tap.client logs the attempt and the wait itself)."""
-    namespace = str(event.get("log_namespace", ""))
-    text = str(event.get("log_format", ""))
-    if namespace.endswith(".ClientService") and text.startswith("Scheduling retry"):
-        return PredicateResult.no
-    return PredicateResult.maybe
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        namespace = str(event.get("log_namespace", ""))
+        text = str(event.get("log_format", ""))
+        if namespace.endswith(".ClientService") and text.startswith("Scheduling retry"):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+_not_a_retry_line = _NotARetryLine()
 
 
 def json_observer(out: IO[str] | None = None) -> ILogObserver:

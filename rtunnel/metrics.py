@@ -16,6 +16,7 @@ in its `sections`; see docs/metrics.md.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -35,7 +36,7 @@ from rtunnel.client import TunnelClient
 from rtunnel.counters import StreamTotals, Traffic
 from rtunnel.errors import ConfigError
 from rtunnel.mux import Session
-from rtunnel.server import SessionState, TunnelServer
+from rtunnel.server import ServerSession, SessionState, TunnelServer
 from rtunnel.web import QuietSite
 
 PATH = b"metrics"
@@ -87,6 +88,10 @@ class _StreamFamilies:
 
     def families(self) -> list[Metric]:
         return [self.open, self.opened, self.bytes, self.blocked]
+
+
+def _tunnel_label(owner: ServerSession, tunnel_id: int) -> str:
+    return owner.tunnel_names.get(tunnel_id, "?")
 
 
 def _live_totals(
@@ -168,7 +173,7 @@ class ServerCollector:
         live = _live_totals(
             server.traffic,
             (
-                (owner.credential, owner.mux_session, lambda tid, o=owner: o.tunnel_names.get(tid, "?"))
+                (owner.credential, owner.mux_session, partial(_tunnel_label, owner))
                 for owner in list(server.sessions.values())
             ),
             server.reactor.seconds(),
@@ -413,6 +418,5 @@ class MetricsService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         port, self.port = self.port, None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        stopping = port.stopListening() if port is not None else None
+        return stopping if stopping is not None else defer.succeed(None)

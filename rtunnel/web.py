@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from twisted.web.server import Request, Site
+from twisted.web.http import Request
+from twisted.web.server import Site
 
 
 class QuietSite(Site):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import defer
@@ -64,7 +65,7 @@ class TunnelServer:
         self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.ports = PublicPorts(reactor, config, self.claims, self.credentials.policy_for, self.visitor_gate)
         self.sessions: dict[str, ServerSession] = {}
-        self.session_serials = itertools.count(1)
+        self.session_serials: Iterator[int] = itertools.count(1)
         self.links: set[ServerLink] = set()
         self._drained: defer.Deferred[None] | None = None
         self.guard: AdmissionGuard[ServerLink] = AdmissionGuard(
@@ -116,7 +117,7 @@ class TunnelServer:
         return self.credentials.limiter_for(credential)
 
     def link_factory(self) -> Factory:
-        factory = Factory.forProtocol(lambda: ServerLink(self))
+        factory: Factory = Factory.forProtocol(lambda: ServerLink(self))
         factory.noisy = False
         return factory
 
@@ -277,7 +278,11 @@ class TunnelServer:
         drained: defer.Deferred[None] = defer.Deferred()
         if self._streams_to_drain():
             self._drained = drained
-            timeout = self.reactor.callLater(drain_timeout, lambda: drained.called or drained.callback(None))
+            def drain_ended() -> None:
+                if not drained.called:
+                    drained.callback(None)
+
+            timeout = self.reactor.callLater(drain_timeout, drain_ended)
             drained.addBoth(lambda r: timeout.active() and timeout.cancel() or r)
         else:
             drained.callback(None)

@@ -8,11 +8,11 @@ peer sends before it is authenticated costs it what a wrong token costs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from OpenSSL import crypto
 from twisted.internet import defer
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocolFactory, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
@@ -21,6 +21,7 @@ from rtunnel.addresses import host_port, known_host_port
 from rtunnel.guard import MOST_HELD, address_key
 from rtunnel.link import ControlLink
 from rtunnel.mux import ProtocolViolation, Session
+from rtunnel.tcp import tcp_transport
 from rtunnel.wire import ErrorCode, Frame, FrameType
 
 if TYPE_CHECKING:
@@ -46,14 +47,14 @@ class AdmittingFactory(Factory):
     def doStop(self) -> None:
         self.factory.doStop()
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
-        host = host_port(addr)[0]
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        host = host_port(addr)[0] if addr is not None else "?"
         refused = self.server.guard.refuses(host)
         if refused is not None:
             self.server.connection_refused_over_cap(host, refused)
             self.server.events.links_accepted += 1
             return None
-        return self.factory.buildProtocol(addr)
+        return cast("Protocol | None", self.factory.buildProtocol(cast(IAddress, addr)))
 
 
 # the `event` of each ServerLink.refuse, and its words in the log line
@@ -115,20 +116,20 @@ class ServerLink(ControlLink):
     def peer_address(self) -> tuple[str, int] | None:
         """The client's (host, port), if the transport knows it."""
         try:
-            return known_host_port(self.transport.getPeer())
+            return known_host_port(tcp_transport(self.transport).getPeer())
         except Exception:
             return None
 
     def peer_certificate_der(self) -> bytes | None:
         """The DER of the TLS client certificate the peer presented, if any."""
         try:
-            cert = self.transport.getPeerCertificate()
+            cert = cast(ISSLTransport, self.transport).getPeerCertificate()
         except Exception:
             return None
         if cert is None:
             return None
         try:
-            return crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+            return crypto.dump_certificate(crypto.FILETYPE_ASN1, cast(crypto.X509, cert))
         except crypto.Error:
             return None
 

@@ -12,7 +12,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IListeningPort
@@ -24,11 +24,15 @@ from rtunnel.config import ServerConfig
 from rtunnel.descriptors import DescriptorGate, listen_tcp
 from rtunnel.server.claims import Claim, ClaimRefused, ClaimRegistry, TcpPort
 from rtunnel.server.visitors import PublicListener
+from rtunnel.tcp import port_number
 
 if TYPE_CHECKING:
     from rtunnel.server.session import ServerSession
 
 PICK_PORT_ATTEMPTS = 256  # ports tried in a client's ranges for "-f 0"
+
+
+_T = TypeVar("_T")
 
 
 class BindRefused(Exception):
@@ -359,16 +363,18 @@ class PublicPorts:
         port, listener.port = listener.port, None
         if port is None:
             return defer.succeed(None)
-        key = (listener.host, port.getHost().port)
+        key = (listener.host, port_number(port))
         self.listeners.pop(key, None)
         self._closing.setdefault(key, [])
 
-        def closed(result: object) -> object:
+        def closed(result: _T) -> _T:
             for waiter in self._closing.pop(key, []):
                 waiter.callback(None)
             return result
 
-        return defer.maybeDeferred(port.stopListening).addBoth(closed)
+        stopping = port.stopListening()
+        stopped: defer.Deferred[None] = stopping if stopping is not None else defer.succeed(None)
+        return stopped.addBoth(closed)
 
     def when_port_closed(self, port: int) -> defer.Deferred[None] | None:
         """Fires once the released public ports on `port` (any address) have

@@ -19,14 +19,15 @@ from rtunnel.addresses import host_port
 from rtunnel.limits import VISITORS_OVER_LIMIT, RefusalLog
 from rtunnel.mux import SessionBufferFull, Stream, StreamIdsExhausted, StreamProtocol
 from rtunnel.server.claims import Claim
+from rtunnel.tcp import port_number, tcp_transport
 from rtunnel.wire import ResetCode
 
 if TYPE_CHECKING:
     from rtunnel.server.session import ServerSession
 
 
-def _address(addr: IAddress) -> list[Any]:
-    return list(host_port(addr))
+def _address(addr: IAddress | None) -> list[Any]:
+    return list(host_port(addr)) if addr is not None else ["?", 0]
 
 
 class PublicListener(Factory):
@@ -61,9 +62,9 @@ class PublicListener(Factory):
     @property
     def key(self) -> tuple[str, int]:
         assert self.port is not None
-        return (self.host, self.port.getHost().port)
+        return (self.host, port_number(self.port))
 
-    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         owner = self.owner
         if owner is None or owner.expired:
             return None
@@ -148,10 +149,10 @@ class _VisitorConnection(StreamProtocol):
         self.stream = None
 
     def connectionMade(self) -> None:
-        transport = self.transport
+        transport = tcp_transport(self.transport)
         self.stream = self.listener.open_stream(_address(transport.getPeer()), _address(transport.getHost()))
         if self.stream is None:
-            self.transport.abortConnection()
+            transport.abortConnection()
             return
         owner = self.listener.owner
         if owner is not None and owner.detached:
@@ -169,7 +170,7 @@ class _VisitorConnection(StreamProtocol):
         if owner is None or len(owner.mux_session.streams) >= owner.mux_session.settings.max_streams:
             old.reset(ResetCode.LIMIT, "the tunnel's new session has no room for the visitor")
             return
-        transport = self.transport
+        transport = tcp_transport(self.transport)
         new = self.listener.open_stream(_address(transport.getPeer()), _address(transport.getHost()))
         if new is None:
             old.reset(ResetCode.REFUSED, "the tunnel's new session refused the visitor")

@@ -10,9 +10,11 @@ from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
 from rtunnel.addresses import bracket, format_host_port, public_address
@@ -193,6 +195,7 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         return known
 
 
+@implementer(IStreamClientEndpoint)
 class _ReportingEndpoint:
     """Wraps the server endpoint to remember why the last attempt failed
     (ClientMainService logs it, with the wait before the next one)."""
@@ -267,10 +270,10 @@ class ClientMainService(service.MultiService):
         self.client = TunnelClient(reactor, config, self._fatal, creator)
         self.client.on_attempt_failed = self._attempt_failed
         self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
-        endpoint = LinkTLSEndpoint(
+        tls_endpoint = LinkTLSEndpoint(
             creator, HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10), reactor
         )
-        endpoint = CountingEndpoint(endpoint, self.client.events)
+        endpoint = CountingEndpoint(tls_endpoint, self.client.events)
         self._giving_up = False
         self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
         self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed)

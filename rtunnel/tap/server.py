@@ -302,7 +302,7 @@ class ServerService(service.Service):
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         self._sighup.restore()
-        waits = []
+        waits: list[defer.Deferred[Any]] = []
         if self.port is not None:
             waits.append(defer.maybeDeferred(self.port.stopListening))
         if self.admin is not None:
