@@ -104,14 +104,16 @@ class Hostile(protocol.Protocol):
     def read_again(self) -> None:
         self.transport.resumeProducing()
 
-    def flood(self, make: Any, seconds: float, per_turn: int = 2000) -> defer.Deferred[None]:
+    def flood(
+        self, make: Any, seconds: float, per_turn: int = 2000, until: Any = None,
+    ) -> defer.Deferred[None]:
         """Write `make(i)` frames while the transport takes them, for `seconds`
-        or until the server closes the link."""
+        or until the server closes the link (or `until()` is true)."""
         stop_at = reactor.seconds() + seconds
         count = iter(range(10**9))
 
         def turn() -> None:
-            if not self.connected_now or reactor.seconds() > stop_at:
+            if not self.connected_now or reactor.seconds() > stop_at or (until is not None and until()):
                 loop.stop()
                 return
             if self.writable:
@@ -214,7 +216,9 @@ class BudgetTests(unittest.TestCase):
         [owner] = tunnel.server.sessions.values()
         session = owner.mux_session
         hostile.stop_reading()
-        yield hostile.flood(ping, SHAPE_SECONDS)
+        # until the server stops reading (at most 20 s: a loaded machine turns slowly), then a second more
+        yield hostile.flood(ping, 20.0, until=lambda: self.sampler.link_unread_seen)
+        yield hostile.flood(ping, 1.0)
         self.assertTrue(self.sampler.link_unread_seen)
         self.assertTrue(session._link_unread)
         self.assertLessEqual(self.sampler.max_reply_backlog, budget // 16 + ONE_READ)
