@@ -1,10 +1,16 @@
 """rtunnel.mux (Session/Stream) and rtunnel.link (ControlLink) in memory.
 
 Two Sessions talk over fake links (see tests/memory.py); local sockets are
-StringTransports; time is a Clock. No reactor, no sockets.
+fake LocalPorts; time is a Clock. No reactor, no sockets (and SansIOTests
+runs the core with no Twisted at all). ControlLink runs on a StringTransport.
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,11 +18,21 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from rtunnel import link as link_module
 from rtunnel import mux, wire
-from rtunnel.link import ControlLink, Keepalive
-from rtunnel.mux import ProtocolViolation, Session, SessionSettings
+from rtunnel.link import ControlLink, Keepalive, LinkState
+from rtunnel.mux import (
+    IllegalTransition,
+    LocalState,
+    ProtocolViolation,
+    RecvState,
+    SendState,
+    Session,
+    SessionSettings,
+)
+from rtunnel.mux.states import LOCAL_TRANSITIONS, RECV_TRANSITIONS, SEND_TRANSITIONS, describe, move
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
-from tests.memory import C2S, S2C, FakeLink, LocalEnd, Pair, RecordingDelegate, pattern
+from tests.memory import C2S, S2C, FakeLink, LocalEnd, LocalSocket, Pair, RecordingDelegate, pattern
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -1261,3 +1277,170 @@ class BoundTests(MuxTestCase):
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(session.reply_backlog, 0)
         self.assertFalse(link.closing)
+
+
+# ---------------------------------------------------------------- sans-IO core and state machines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NO_TWISTED_RUN = """
+import sys
+from tests.memory import ManualTimers, Pair, pattern
+
+pair = Pair(clock=ManualTimers())
+server_end, client_end = pair.open()
+down, up = pattern(1, 3_000_000), pattern(2, 100_000)
+server_end.send(down)
+client_end.send(up)
+pair.reconnect(deliver_s2c=50_000)
+server_end.shutdown_write()
+client_end.shutdown_write()
+pair.pump()
+pair.advance(2.0)
+assert client_end.received == down and server_end.received == up
+assert not pair.server.streams and not pair.client.streams
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("twisted", "zope", "OpenSSL"))
+print("loaded:", loaded)
+"""
+
+
+class SansIOTests(MuxTestCase):
+    def test_the_core_runs_without_twisted(self):
+        """Sessions carry a stream both ways across a link drop, on the
+        in-memory link, sockets and timers, with no Twisted module loaded."""
+        result = subprocess.run(
+            [sys.executable, "-c", NO_TWISTED_RUN], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "loaded: []")
+
+    def test_a_socket_that_connects_after_its_stream_was_reset_is_dropped(self):
+        pair = Pair(auto_attach=False)
+        server_end = pair.open_server_end()
+        pair.pump()
+        stream = pair.client_delegate.streams[server_end.stream.id]
+        stream.local_failed(ResetCode.TIMEOUT, "target timed out")
+        socket = LocalSocket()
+        stream.attach_local(socket)  # the target accepted just too late
+        self.assertTrue(socket.aborted)
+        self.assertIsNone(stream.local)
+
+    def test_a_stream_is_closed_in_both_directions_when_reset(self):
+        pair = Pair()
+        server_end, client_end = pair.open()
+        server_end.stream.reset(ResetCode.ABORTED, "test")
+        pair.pump()
+        for stream in (server_end.stream, client_end.stream):
+            self.assertTrue(stream.closed)
+            self.assertIs(stream.send_state, SendState.CLOSED)
+            self.assertIs(stream.recv_state, RecvState.CLOSED)
+
+    def test_a_stream_that_finishes_goes_through_every_state(self):
+        pair = Pair()
+        server_end, client_end = pair.open()
+        stream = client_end.stream
+        self.assertIs(stream.local_state, LocalState.WRITABLE)
+        client_end.fill()
+        self.assertIs(stream.local_state, LocalState.FULL)
+        client_end.drain()
+        client_end.send(b"x" * (WINDOW + 1))  # more than the server's credit: the socket is paused
+        client_end.feed()
+        self.assertIs(stream.send_state, SendState.PAUSED)
+        pair.pump()
+        self.assertIs(stream.send_state, SendState.READING)
+        client_end.shutdown_write()
+        client_end.feed()
+        self.assertIs(stream.send_state, SendState.FIN_SENT)
+        pair.pump()
+        self.assertIs(stream.send_state, SendState.DONE)
+        server_end.shutdown_write()
+        pair.pump()
+        self.assertIs(stream.recv_state, RecvState.CLOSED)  # DONE, then forgotten at once
+        self.assertTrue(stream.closed and client_end.transport.closed)
+        client_end.lose()
+        self.assertIs(stream.local_state, LocalState.GONE)
+
+    def test_an_impossible_transition_raises(self):
+        for table, old, new in (
+            (SEND_TRANSITIONS, SendState.CLOSED, SendState.READING),
+            (SEND_TRANSITIONS, SendState.FIN_SENT, SendState.READING),
+            (RECV_TRANSITIONS, RecvState.DONE, RecvState.OPEN),
+            (LOCAL_TRANSITIONS, LocalState.GONE, LocalState.WRITABLE),
+            (link_module.TRANSITIONS, LinkState.CLOSED, LinkState.OPEN),
+        ):
+            with self.assertRaises(IllegalTransition):
+                move(table, old, new, "test")  # type: ignore[arg-type]
+
+    def test_every_state_is_reachable_and_only_the_last_is_final(self):
+        for table in (SEND_TRANSITIONS, RECV_TRANSITIONS, LOCAL_TRANSITIONS, link_module.TRANSITIONS):
+            states = list(table)
+            reached, todo = {states[0]}, [states[0]]
+            while todo:
+                for new in table[todo.pop()]:  # type: ignore[index]
+                    if new not in reached:
+                        reached.add(new)
+                        todo.append(new)
+            self.assertEqual(reached, set(states))
+            self.assertEqual([s for s in states if not table[s]], [states[-1]])  # type: ignore[index]
+
+    def test_architecture_doc_lists_the_transition_tables_of_the_code(self):
+        text = (ROOT / "docs" / "architecture.md").read_text()
+        documented = re.findall(r"^    (link|send|receive|local): (.+)$", text, re.MULTILINE)
+        expected = [
+            (name, line)
+            for name, table in (
+                ("link", link_module.TRANSITIONS),
+                ("send", SEND_TRANSITIONS),
+                ("receive", RECV_TRANSITIONS),
+                ("local", LOCAL_TRANSITIONS),
+            )
+            for line in describe(table)  # type: ignore[arg-type]
+        ]
+        self.assertEqual(documented, expected)
+
+
+class LinkStateTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.link = MemoryControlLink(self.clock, Keepalive())
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+        self.session = Session(self.clock, RecordingDelegate(), is_server=True)
+
+    def test_a_link_handshakes_opens_closes_and_is_closed(self):
+        self.assertIs(self.link.state, LinkState.HANDSHAKING)
+        self.link.dataReceived(wire.encode_json(FrameType.HELLO, {}))
+        self.assertEqual([f.type for f in self.link.handshake], [FrameType.HELLO])
+        self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+        self.assertIs(self.link.state, LinkState.OPEN)
+        self.link.lose()
+        self.assertIs(self.link.state, LinkState.CLOSING)
+        self.assertTrue(self.link.closing and self.transport.disconnecting)
+        self.link.lose()  # twice is fine: still closing
+        self.link.connectionLost()
+        self.assertIs(self.link.state, LinkState.CLOSED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nothing_is_read_once_closing(self):
+        self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+        self.link.abort()
+        self.transport.clear()
+        self.link.dataReceived(wire.encode_ping(1))
+        self.assertEqual(self.transport.value(), b"")  # no PONG
+
+    def test_a_session_cannot_start_on_a_closing_link(self):
+        self.link.lose()
+        with self.assertRaises(IllegalTransition):
+            self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+
+    def test_session_events_are_logged_through_the_link(self):
+        events = []
+        self.link.session_log = type("Log", (), {
+            "info": lambda _, fmt, **kw: events.append(kw.get("event")),
+            "debug": lambda _, fmt, **kw: events.append("debug"),
+        })()
+        session = Session(self.clock, RecordingDelegate(), True, SessionSettings(session_window_budget=1 * MiB))
+        self.link.start_session(session, False, wire.DEFAULT_MAX_FRAME)
+        session.pause_writing()
+        self.link.dataReceived(wire.encode_ping(7) * 20_000)  # PONGs past the reply bound
+        self.assertIn("link_backpressure", events)
