@@ -11,6 +11,7 @@ of rtunnel.transports.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -38,6 +39,8 @@ class StreamProtocol(Protocol):
         set_nodelay(transport)
         set_read_size(transport)
         transport.registerProducer(self, True)  # type: ignore[union-attr]
+        # write() as a C-level partial: no Python frame of ours per write
+        self.write = functools.partial(write_now, transport)  # type: ignore[method-assign]
         self.stream.attach_local(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -68,7 +71,7 @@ class StreamProtocol(Protocol):
         self.stream = stream
 
     def write(self, data: bytes) -> None:
-        write_now(self.transport, data)
+        write_now(self.transport, data)  # (replaced by a partial once connected)
 
     def half_close(self) -> None:
         transport = self.transport

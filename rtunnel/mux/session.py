@@ -352,7 +352,11 @@ class Session:
         """`n` bytes were read from a local socket; stop reading every local
         socket once the streams' bytes reach their bound."""
         if self.budget.charge_send(n):
-            self._update_reading_all()
+            self.streams_reached_bound()
+
+    def streams_reached_bound(self) -> None:
+        """The streams' share of the budget reached its high mark."""
+        self._update_reading_all()
 
     def release_send(self, n: int) -> None:
         if self.budget.release_send(n):

@@ -133,7 +133,8 @@ class Stream:
         if state is not READING and state is not PAUSED:
             return
         self.read_total += len(data)
-        self.session.charge_send(len(data))
+        if self.session.budget.charge_send(len(data)):  # (Session.charge_send, one call less per read)
+            self.session.streams_reached_bound()
         if self._pending:
             self._pending.append(data)
         else:
