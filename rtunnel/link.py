@@ -1,57 +1,108 @@
 """One control connection (a *link*): framing, keepalive, handshake hook.
 
-A link carries one Session after its handshake. The server and client ends
-subclass ControlLink and implement `handshake_frame` and `link_lost`.
+A link carries one Session after its handshake, as the session's
+`LinkPort` (rtunnel.mux.ports): the session writes frames through it, and
+the link reports its send buffer's fill and drain to the session. The
+server and client ends subclass ControlLink and implement `handshake_frame`
+and `link_lost`.
+
+Its lifecycle is `LinkState`: HANDSHAKING (frames go to `handshake_frame`)
+-> OPEN (a session runs here) -> CLOSING (lose, abort or an ERROR: nothing
+more is read) -> CLOSED (the connection is gone). `TRANSITIONS` lists
+every change; any other raises IllegalTransition.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
+from collections.abc import Mapping
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
 from rtunnel.config import Keepalive  # defined with the other config values; imported from here too
-from rtunnel.mux import ProtocolViolation, Session, set_nodelay
-from rtunnel.transports import set_read_size
+from rtunnel.mux import ProtocolViolation, Session, cancel_call
+from rtunnel.mux.states import IllegalTransition, move
+from rtunnel.transports import set_nodelay, set_read_size
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType
 
+__all__ = ["TRANSITIONS", "ControlLink", "IllegalTransition", "Keepalive", "LinkState"]
 
+
+class LinkState(enum.Enum):
+    HANDSHAKING = "handshaking"  # connected; HELLO / WELCOME not done yet
+    OPEN = "open"  # a session runs over the link
+    CLOSING = "closing"  # closed by us (lose, abort, ERROR): nothing more is read
+    CLOSED = "closed"  # the connection is gone
+
+
+HANDSHAKING, OPEN, CLOSING, CLOSED = LinkState.HANDSHAKING, LinkState.OPEN, LinkState.CLOSING, LinkState.CLOSED
+
+TRANSITIONS: Mapping[LinkState, frozenset[LinkState]] = {
+    HANDSHAKING: frozenset({OPEN, CLOSING, CLOSED}),
+    OPEN: frozenset({CLOSING, CLOSED}),
+    CLOSING: frozenset({CLOSED}),
+    CLOSED: frozenset(),
+}
+
+#: Where sessions log (the namespace they always had).
+SESSION_LOG = Logger(namespace="rtunnel.mux.Session")
+
+
+@implementer(IPushProducer)
 class ControlLink(Protocol):
+    """A control connection; once its session runs, that session's LinkPort
+    (and the producer registered on its transport, on the session's behalf)."""
+
     log = Logger()
 
     def __init__(self, clock: IReactorTime, keepalive: Keepalive) -> None:
         self.clock = clock
         self.keepalive = keepalive
+        self.state = HANDSHAKING
         self.decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME)
         self.session: Session | None = None
+        self.session_log = SESSION_LOG
         self.srtt = 0.1
-        self.closing = False
         self.connected_at = clock.seconds()
         self._last_received = self.connected_at
+        self._writes_watcher: Session | None = None
         self._ping_call: IDelayedCall | None = None
         self._dead_call: IDelayedCall | None = None
         self._ping_seq = 0
         self._ping_sent_at: float | None = None
         self._rtt_sampled = False
 
+    @property
+    def closing(self) -> bool:
+        """Closed or closing: nothing more is read or handled."""
+        return self.state is CLOSING or self.state is CLOSED
+
+    def _move(self, new: LinkState) -> None:
+        self.state = move(TRANSITIONS, self.state, new, self)
+
     # ------------------------------------------------------------ Twisted
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         set_read_size(self.transport)
+        self.write = self.transport.write  # type: ignore[method-assign,union-attr]  # no frame of ours per write
 
     def dataReceived(self, data: bytes) -> None:
-        if self.closing:
+        state = self.state
+        if state is CLOSING or state is CLOSED:
             return
         self._last_received = self.clock.seconds()
         try:
             for frame in self.decoder.feed(data):
-                if self.closing:
+                state = self.state
+                if state is CLOSING or state is CLOSED:
                     return
                 self.frame_received(frame)
         except (FrameError, struct.error) as e:
@@ -63,18 +114,53 @@ class ControlLink(Protocol):
             self.close_with_error(ErrorCode.INTERNAL, "internal error in the peer")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
-        self.closing = True
+        self._move(CLOSED)
         self._stop_keepalive()
         session, self.session = self.session, None
         if session is not None and session.link is self:
             session.detach()
         self.link_lost(session, reason)
 
+    # IPushProducer: the transport's send buffer, for the session watching it
+    def pauseProducing(self) -> None:
+        if self._writes_watcher is not None:
+            self._writes_watcher.pause_writing()
+
+    def resumeProducing(self) -> None:
+        if self._writes_watcher is not None:
+            self._writes_watcher.resume_writing()
+
+    def stopProducing(self) -> None:
+        if self._writes_watcher is not None:
+            self._writes_watcher.pause_writing()
+
+    # ------------------------------------------------------------ LinkPort (for the session)
+
+    def write(self, frame: bytes) -> None:
+        self.transport.write(frame)  # type: ignore[union-attr]
+
+    def write_frame(self, header: bytes, payload: bytes) -> None:
+        self.transport.writeSequence((header, payload))  # type: ignore[union-attr]
+
+    def pause_reading(self) -> None:
+        self.transport.pauseProducing()  # type: ignore[union-attr]
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()  # type: ignore[union-attr]
+
+    def watch_writes(self, session: Session) -> None:
+        self._writes_watcher = session
+        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+
+    def unwatch_writes(self) -> None:
+        self._writes_watcher = None
+        self.transport.unregisterProducer()  # type: ignore[union-attr]
+
     # ------------------------------------------------------------ frames
 
     def frame_received(self, frame: Frame) -> None:
         if frame.type is FrameType.PING:
-            if self.session is None:
+            if self.state is HANDSHAKING:
                 raise ProtocolViolation("PING before the handshake")
             self._ping_received(frame)
         elif frame.type is FrameType.ERROR:
@@ -83,10 +169,10 @@ class ControlLink(Protocol):
             self.error_received(code, reason)
             self.session_failed()
             self.lose()
+        elif self.state is HANDSHAKING:
+            self.handshake_frame(frame)
         elif self.session is not None:
             self.session.frame_received(frame)
-        else:
-            self.handshake_frame(frame)
 
     def handshake_frame(self, frame: Frame) -> None:
         raise NotImplementedError
@@ -105,7 +191,7 @@ class ControlLink(Protocol):
         if session is not None and session.link is self:
             session.reply(frame)
         else:
-            self.transport.write(frame)
+            self.transport.write(frame)  # type: ignore[union-attr]
 
     def close_with_error(self, code: ErrorCode, reason: str) -> None:
         """Log, tell the peer why, then close the link and end its session."""
@@ -118,7 +204,7 @@ class ControlLink(Protocol):
         self.send_error_and_close(code, reason)
 
     def send_error_and_close(self, code: ErrorCode, reason: str) -> None:
-        self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))
+        self.transport.write(wire.encode_coded(FrameType.ERROR, 0, code, reason))  # type: ignore[union-attr]
         self.session_failed()
         self.lose()
 
@@ -126,22 +212,26 @@ class ControlLink(Protocol):
         """An ERROR ends the session too (both sides forget it): resuming
         into the state that caused the error would only repeat it."""
 
+    def _to_closing(self) -> None:
+        if not self.closing:
+            self._move(CLOSING)
+
     def lose(self) -> None:
         """Close cleanly. The session lets go of the link first: TLS does not
         finish closing while a producer is registered."""
-        self.closing = True
+        self._to_closing()
         session = self.session
         if session is not None and session.link is self:
             session.detach()
-        self.transport.loseConnection()
+        self.transport.loseConnection()  # type: ignore[union-attr]
 
     def abort(self) -> None:
-        self.closing = True
-        self.transport.abortConnection()
+        self._to_closing()
+        self.transport.abortConnection()  # type: ignore[union-attr]
 
     def peer_description(self) -> str:
         try:
-            return format_host_port(*host_port(self.transport.getPeer()))
+            return format_host_port(*host_port(self.transport.getPeer()))  # type: ignore[union-attr]
         except Exception:
             return "peer"
 
@@ -149,6 +239,7 @@ class ControlLink(Protocol):
 
     def start_session(self, session: Session, resuming: bool, peer_max_frame: int) -> None:
         """Handshake done: carry `session` from now on, start keepalive."""
+        self._move(OPEN)
         self.session = session
         self.decoder.max_frame = session.settings.max_frame
         session.attach(self, resuming, peer_max_frame)
@@ -192,7 +283,6 @@ class ControlLink(Protocol):
         self.abort()
 
     def _stop_keepalive(self) -> None:
-        for call in (self._ping_call, self._dead_call):
-            if call is not None and call.active():
-                call.cancel()
+        cancel_call(self._ping_call)
+        cancel_call(self._dead_call)
         self._ping_call = self._dead_call = None

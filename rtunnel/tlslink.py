@@ -14,9 +14,10 @@ handshake is done:
 * Reads decrypt every record the socket delivered and pass the plaintext
   up in one `dataReceived`, not one call per 16 KiB record.
 
-Before the handshake completes, while Twisted holds writes back
-(`_appSendBuffer`), and on every error or shutdown path, the base class
-does the work exactly as before.
+Before the handshake completes, while Twisted holds writes back, and on
+every error or shutdown path, the base class does the work exactly as
+before. The base class's private state is read through
+`rtunnel.twisted_private.TLSProtocolBase`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
+from rtunnel.mux import cancel_call
 from rtunnel.transports import write_now
+from rtunnel.twisted_private import TLSProtocolBase
 
 #: Plaintext written in one turn that is encrypted and sent without waiting
 #: for the end of the turn.
@@ -77,13 +80,13 @@ def _segments(pieces: list[bytes]) -> Iterator[bytes | memoryview]:
         yield b"".join(gathered)
 
 
-class LinkTLSProtocol(TLSMemoryBIOProtocol):
+class LinkTLSProtocol(TLSProtocolBase):
     """`TLSMemoryBIOProtocol` with per-turn write batching and batched reads."""
 
     factory: LinkTLSFactory
 
-    def __init__(self, factory: LinkTLSFactory, wrappedProtocol: Any, _connectWrapped: bool = True) -> None:
-        super().__init__(factory, wrappedProtocol, _connectWrapped)
+    def __init__(self, factory: LinkTLSFactory, wrappedProtocol: Any, *args: Any) -> None:
+        super().__init__(factory, wrappedProtocol, *args)
         self._outgoing: list[bytes] = []
         self._outgoing_size = 0
         self._flush_call: IDelayedCall | None = None
@@ -91,22 +94,39 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
     # ------------------------------------------------------------ writing
 
     def write(self, data: bytes) -> None:
-        if self.disconnecting and self._producer is None:
+        if self.disconnecting and not self.tls_has_producer:
             return  # as the base class: nothing is written after loseConnection
-        if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
+        if not self.tls_ready:
             self.flush()
             TLSMemoryBIOProtocol.write(self, data)
             return
         self._outgoing.append(data)
         self._outgoing_size += len(data)
-        if self._outgoing_size >= FLUSH_AT:
+        if self._outgoing_size >= FLUSH_AT:  # (as _queued, inline: one call less per frame)
             self.flush()
         elif self._flush_call is None:
             self._flush_call = self.factory.clock.callLater(0, self._flush_at_end_of_turn)
 
     def writeSequence(self, data: Any) -> None:
+        """Several writes (a frame's header and payload) with one check of
+        the TLS state, queued as they are (never joined)."""
+        if (self.disconnecting and not self.tls_has_producer) or not self.tls_ready:
+            for chunk in data:
+                self.write(chunk)
+            return
+        outgoing = self._outgoing
         for chunk in data:
-            self.write(chunk)
+            outgoing.append(chunk)
+            self._outgoing_size += len(chunk)
+        self._queued()
+
+    def _queued(self) -> None:
+        """Writes were queued: send them now if they are many, else at the
+        end of the turn."""
+        if self._outgoing_size >= FLUSH_AT:
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.factory.clock.callLater(0, self._flush_at_end_of_turn)
 
     def _flush_at_end_of_turn(self) -> None:
         self._flush_call = None
@@ -116,14 +136,14 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
         """Encrypt and send every write queued in this turn."""
         outgoing = self._outgoing
         self._drop_outgoing()
-        if not outgoing or self._lostTLSConnection:
+        if not outgoing or self.tls_lost:
             return
-        if self._appSendBuffer or not self._handshakeDone:
-            TLSMemoryBIOProtocol._write(self, b"".join(outgoing))
+        if not self.tls_ready:  # the handshake, or writes held back until the peer's bytes arrive
+            self.tls_write_slow(b"".join(outgoing))
             return
         # pyOpenSSL turns on partial writes: each SSL_write takes one record.
         # The records gather in the memory BIO and leave in 64 KiB bio_reads.
-        tls = self._tlsConnection
+        tls = self.getHandle()
         segments = _segments(outgoing)
         for segment in segments:
             view = memoryview(segment)
@@ -135,17 +155,17 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
             except WantReadError:
                 # held until the peer's bytes arrive (the base class buffers it)
                 self._send_ciphertext()
-                TLSMemoryBIOProtocol._write(self, b"".join([view[sent:], *segments]))
+                self.tls_write_slow(b"".join([view[sent:], *segments]))
                 return
             except Error:
-                self._tlsShutdownFinished(Failure())
+                self.tls_failed(Failure())
                 return
         self._send_ciphertext()
 
     def _send_ciphertext(self) -> None:
         """Move the memory BIO's ciphertext to the socket, a piece at a time:
         each goes out at once while the socket takes it, then queues."""
-        tls = self._tlsConnection
+        tls = self.getHandle()
         while True:
             try:
                 piece = tls.bio_read(CIPHERTEXT_PIECE)
@@ -174,18 +194,17 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
     def _drop_outgoing(self) -> None:
         """Forget the turn's queued writes and the timer that would send them."""
         call, self._flush_call = self._flush_call, None
-        if call is not None and call.active():
-            call.cancel()
+        cancel_call(call)
         self._outgoing, self._outgoing_size = [], 0
 
     # ------------------------------------------------------------ reading
 
-    def _flushReceiveBIO(self) -> None:
+    def decrypt_received(self) -> None:
         """Decrypt every complete record in the receive BIO and deliver the
         plaintext in one call (the base class delivers each record)."""
-        tls = self._tlsConnection
+        tls = self.getHandle()
         pieces: list[bytes] = []
-        while not self._lostTLSConnection:
+        while not self.tls_lost:
             try:
                 pieces.append(tls.recv(READ_CHUNK))
             except WantReadError:
@@ -194,18 +213,17 @@ class LinkTLSProtocol(TLSMemoryBIOProtocol):
                 # the peer's close_notify: deliver what came before it, then shut down
                 self._deliver(pieces)
                 pieces = []
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
+                self.tls_peer_closed()
             except Error:
                 self._deliver(pieces)
                 pieces = []
-                self._tlsShutdownFinished(Failure())
+                self.tls_failed(Failure())
         self._deliver(pieces)
         # SSL_read may have produced bytes to send (an alert, a key update)
-        self._flushSendBIO()
+        self.tls_flush_send_bio()
 
     def _deliver(self, pieces: list[bytes]) -> None:
-        if pieces and not self._aborted:
+        if pieces and not self.tls_aborted:
             ProtocolWrapper.dataReceived(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
 

@@ -7,35 +7,25 @@ Twisted's `write()` only queues: it registers the socket for writability
 and hands whatever the socket does not take to `write()`, which then buffers,
 pauses the producer and resumes it exactly as before. The control link's
 TLS layer (`rtunnel.tlslink`) sends its ciphertext the same way.
+
+The private Twisted state these read is in `rtunnel.twisted_private`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-#: Bytes read per recv() on the link and the local sockets (Twisted's
-#: default is 64 KiB): fewer syscalls and frames per byte in bulk. Twisted
-#: also pauses a transport's producer once this much waits to be written.
-READ_SIZE = 256 * 1024
+from rtunnel.mux.settings import READ_SIZE
+from rtunnel.twisted_private import tcp_close_write_now, tcp_idle
 
-
-def _idle_socket(transport: Any) -> bool:
-    """True for a connected TCP transport (Twisted's FileDescriptor) with
-    nothing queued to write and no close under way."""
-    return (
-        getattr(transport, "writeSomeData", None) is not None
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnecting", True)
-        and not getattr(transport, "_tempDataLen", 1)
-        and len(transport.dataBuffer) == transport.offset
-    )
+__all__ = ["READ_SIZE", "close_write_now", "set_nodelay", "set_read_size", "write_now"]
 
 
 def write_now(transport: Any, data: bytes) -> None:
     """`transport.write(data)`, sending at once if it is a TCP transport
     with nothing queued (other transports just get `write`)."""
-    if not _idle_socket(transport):
+    if not tcp_idle(transport):
         transport.write(data)
         return
     sent = transport.writeSomeData(data)
@@ -50,14 +40,10 @@ def close_write_now(transport: Any) -> None:
     and the protocol's writeConnectionLost) when nothing is queued and no
     producer is registered: Twisted waits a reactor turn for the socket to
     be writable, with an epoll_ctl each way and an empty send()."""
-    close = getattr(transport, "_closeWriteConnection", None)
-    if close is None or getattr(transport, "producer", True) is not None or not _idle_socket(transport):
+    if getattr(transport, "producer", True) is not None or not tcp_idle(transport):
         transport.loseWriteConnection()
-        return
-    # what FileDescriptor.doWrite does once the queue is empty
-    transport._writeDisconnecting = True
-    transport._writeDisconnected = True
-    close()
+    elif not tcp_close_write_now(transport):
+        transport.loseWriteConnection()
 
 
 def set_read_size(transport: Any, size: int = READ_SIZE) -> None:
@@ -67,3 +53,13 @@ def set_read_size(transport: Any, size: int = READ_SIZE) -> None:
         transport = inner
     if isinstance(getattr(transport, "bufferSize", None), int):
         transport.bufferSize = size
+
+
+def set_nodelay(transport: Any) -> None:
+    """Turn off Nagle's algorithm where the transport allows it."""
+    setter: Callable[[bool], None] | None = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass

@@ -1,23 +1,23 @@
 """In-memory test doubles for rtunnel.mux: two Sessions joined by fake links.
 
-Nothing here touches a reactor or a socket. A L{Pair} holds a server and a
-client L{Session} on a L{Clock}; each side's link is a L{FakeLink} whose
-transport is a L{StringTransport}. L{Pair.pump} moves the bytes each session
-wrote through a L{wire.FrameDecoder} into the other session's
-C{frame_received}, and lets every local socket (a L{LocalEnd}) hand its
+Nothing here touches a reactor or a socket, and nothing imports Twisted
+unless asked for: a L{Pair} holds a server and a client L{Session} on a
+clock (Twisted's L{Clock} by default, or a L{ManualTimers}); each side's
+link is a L{FakeLink} (a LinkPort that keeps what is written). L{Pair.pump}
+moves the bytes each session wrote through a L{wire.FrameDecoder} into the
+other session's C{frame_received}, and lets every local socket (a
+L{LocalEnd}, whose L{LocalSocket} is the stream's LocalPort) hand its
 application's bytes to its stream while the stream lets it read.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import random
+from collections.abc import Callable
 from typing import Any
-
-from twisted.internet.error import ConnectionLost
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from rtunnel import wire
 from rtunnel.mux import Session, SessionSettings, Stream
@@ -32,54 +32,156 @@ def pattern(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-class LocalTransport(StringTransport):
-    """A local TCP socket's transport: records half-close, abort and misuse."""
+class ManualCall:
+    """A call of L{ManualTimers}: runs when the timers are advanced past it."""
+
+    def __init__(self, when: float, f: Callable[..., object], args: tuple[object, ...]) -> None:
+        self.when, self.f, self.args = when, f, args
+        self.called = self.cancelled = False
+
+    def active(self) -> bool:
+        return not (self.called or self.cancelled)
+
+    def cancel(self) -> None:
+        assert self.active(), "cancel of a call that ran or was cancelled"
+        self.cancelled = True
+
+
+class ManualTimers:
+    """The core's Timers with time that moves only when told (no Twisted)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        self.time = 0.0
+        self._calls: list[tuple[float, int, ManualCall]] = []
+        self._order = itertools.count()
+
+    def now(self) -> float:
+        return self.time
+
+    def call_later(self, delay: float, f: Callable[..., object], *args: object) -> ManualCall:
+        call = ManualCall(self.time + delay, f, args)
+        heapq.heappush(self._calls, (call.when, next(self._order), call))
+        return call
+
+    def pending(self) -> list[ManualCall]:
+        return [call for _, _, call in self._calls if call.active()]
+
+    def advance(self, seconds: float) -> None:
+        self.time += seconds
+        while self._calls and self._calls[0][0] <= self.time:
+            _, _, call = heapq.heappop(self._calls)
+            if call.active():
+                call.called = True
+                call.f(*call.args)
+
+
+class RecordingLog:
+    """An EventLog that keeps (level, event fields)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    def debug(self, format: str, **fields: Any) -> None:
+        self.events.append(("debug", dict(fields, format=format)))
+
+    def info(self, format: str, **fields: Any) -> None:
+        self.events.append(("info", dict(fields, format=format)))
+
+
+class FakeLink:
+    """A LinkPort (rtunnel.mux.ports) that keeps what the session wrote."""
+
+    def __init__(self, srtt: float = 0.1) -> None:
+        self.out = bytearray()
+        self.srtt = srtt
+        self.session_log = RecordingLog()
+        self.errors: list[tuple[ErrorCode, str]] = []
+        self.watcher: Session | None = None  # the session told of buffer fill and drain
+        self.reading = True
+
+    def write(self, frame: bytes) -> None:
+        self.out += frame
+
+    def write_frame(self, header: bytes, payload: bytes) -> None:
+        self.out += header
+        self.out += payload
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def watch_writes(self, session: Session) -> None:
+        self.watcher = session
+
+    def unwatch_writes(self) -> None:
+        self.watcher = None
+
+    def close_with_error(self, code: ErrorCode, reason: str) -> None:
+        self.errors.append((code, reason))
+
+    def value(self) -> bytes:
+        return bytes(self.out)
+
+    def clear(self) -> None:
+        del self.out[:]
+
+
+class LocalSocket:
+    """A stream's LocalPort (rtunnel.mux.ports): records what the stream
+    wrote and did, and any misuse (a write after close, two half-closes)."""
+
+    def __init__(self) -> None:
+        self.stream: Stream | None = None
+        self.data = bytearray()
+        self.reading = True
         self.write_closed = False
         self.aborted = False
+        self.closed = False
         self.misuse: list[str] = []
+
+    def bind(self, stream: Stream) -> None:
+        self.stream = stream
 
     def write(self, data: bytes) -> None:
         if self.write_closed or self.aborted:
             self.misuse.append(f"write of {len(data)} bytes after close")
-        super().write(data)
+        self.data += data
 
-    def loseWriteConnection(self) -> None:
+    def half_close(self) -> None:
         if self.write_closed:
-            self.misuse.append("loseWriteConnection twice")
+            self.misuse.append("half_close twice")
         self.write_closed = True
 
-    def abortConnection(self) -> None:
+    def abort(self) -> None:
         self.aborted = True
-        super().abortConnection()
 
+    def close(self) -> None:
+        self.closed = True
 
-class FakeLink:
-    """What a Session needs of its link (see rtunnel.mux.Link)."""
+    def pause_reading(self) -> None:
+        self.reading = False
 
-    def __init__(self, srtt: float = 0.1) -> None:
-        self.transport = StringTransport()
-        self.srtt = srtt
-        self.errors: list[tuple[ErrorCode, str]] = []
+    def resume_reading(self) -> None:
+        self.reading = True
 
-    def close_with_error(self, code: ErrorCode, reason: str) -> None:
-        self.errors.append((code, reason))
+    def value(self) -> bytes:
+        return bytes(self.data)
 
 
 class LocalEnd:
     """The local socket of one stream, seen from both of its ends.
 
     C{send} is the local application writing (bytes wait in C{inbox}, like a
-    kernel buffer, until the stream reads them: only while the transport is
-    not paused). C{received} is what the stream wrote to the application.
+    kernel buffer, until the stream reads them: only while the socket is
+    read). C{received} is what the stream wrote to the application.
     """
 
     def __init__(self, stream: Stream, chunk: int = 16384) -> None:
         self.stream = stream
         self.chunk = chunk
-        self.transport = LocalTransport()
+        self.transport = LocalSocket()
         self.inbox = bytearray()
         self.sent = bytearray()  # everything the application wrote
         self.eof_pending = False
@@ -92,7 +194,7 @@ class LocalEnd:
 
     @property
     def reading(self) -> bool:
-        return self.transport.producerState == "producing"
+        return self.transport.reading
 
     def send(self, data: bytes) -> None:
         self.inbox += data
@@ -110,7 +212,15 @@ class LocalEnd:
 
     def lose(self) -> None:
         """The local connection breaks (as if reset by the peer)."""
-        self.stream.local_lost(Failure(ConnectionLost("reset by test")))
+        self.stream.local_lost("reset by test")
+
+    def fill(self) -> None:
+        """The local application stops reading: its socket's buffer is full."""
+        self.stream.local_buffer_full()
+
+    def drain(self) -> None:
+        """The local application read everything: its buffer drained."""
+        self.stream.local_buffer_drained()
 
     def feed(self) -> bool:
         """Hand the stream what it may read now; True if anything moved."""
@@ -170,8 +280,13 @@ class Pair:
         settings: SessionSettings | None = None,
         client_settings: SessionSettings | None = None,
         auto_attach: bool = True,
+        clock: Any = None,
     ) -> None:
-        self.clock = Clock()
+        if clock is None:
+            from twisted.internet.task import Clock  # a fake clock, not a reactor
+
+            clock = Clock()
+        self.clock: Any = clock
         self.server_delegate = RecordingDelegate(auto_attach=False)
         self.client_delegate = RecordingDelegate(auto_attach=auto_attach)
         self.server = Session(self.clock, self.server_delegate, True, settings)
@@ -202,8 +317,8 @@ class Pair:
         self.transfer(C2S, deliver_c2s)
         self.dropped[S2C] += self.in_flight(S2C) + self.decoders[S2C].buffered
         self.dropped[C2S] += self.in_flight(C2S) + self.decoders[C2S].buffered
-        self.server_link.transport.clear()
-        self.client_link.transport.clear()
+        self.server_link.clear()
+        self.client_link.clear()
         self.server.detach()
         self.client.detach()
 
@@ -213,10 +328,10 @@ class Pair:
 
     # ------------------------------------------------------------ moving bytes
 
-    def _ends(self, direction: str) -> tuple[StringTransport, Session]:
+    def _ends(self, direction: str) -> tuple[FakeLink, Session]:
         if direction == S2C:
-            return self.server_link.transport, self.client
-        return self.client_link.transport, self.server
+            return self.server_link, self.client
+        return self.client_link, self.server
 
     def in_flight(self, direction: str) -> int:
         return len(self._ends(direction)[0].value())
@@ -228,7 +343,7 @@ class Pair:
         if limit is not None and limit < len(data):
             data, rest = data[:limit], data[limit:]
             source.clear()
-            source.write(rest)
+            source.out += rest
         else:
             source.clear()
         if data:

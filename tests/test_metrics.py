@@ -328,14 +328,14 @@ class BlockedTimeTests(unittest.TestCase):
         pair = Pair()
         server_end, client_end = pair.open()
         stream = server_end.stream
-        client_end.stream.pauseProducing()  # the client's target stops reading
+        client_end.fill()  # the client's target stops reading
         server_end.send(pattern(1, 3 * pair.server.settings.initial_window))
         pair.pump()
         self.assertEqual(stream.blocked_seconds_at(pair.clock.seconds()), 0)
         pair.clock.advance(5)
         self.assertEqual(stream.blocked_seconds_at(pair.clock.seconds()), 5)
         self.assertEqual(stream.blocked_seconds, 0)  # the spell has not ended yet
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         pair.clock.advance(7)
         self.assertEqual(stream.blocked_seconds, 5)
@@ -352,7 +352,7 @@ class BlockedTimeTests(unittest.TestCase):
     def test_closing_ends_a_blocked_spell(self):
         pair = Pair()
         server_end, client_end = pair.open()
-        client_end.stream.pauseProducing()
+        client_end.fill()
         server_end.send(pattern(3, 2 * pair.server.settings.initial_window))
         pair.pump()
         pair.clock.advance(2)

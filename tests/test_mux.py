@@ -1,10 +1,16 @@
 """rtunnel.mux (Session/Stream) and rtunnel.link (ControlLink) in memory.
 
 Two Sessions talk over fake links (see tests/memory.py); local sockets are
-StringTransports; time is a Clock. No reactor, no sockets.
+fake LocalPorts; time is a Clock. No reactor, no sockets (and SansIOTests
+runs the core with no Twisted at all). ControlLink runs on a StringTransport.
 """
 
 from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -12,11 +18,21 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
+from rtunnel import link as link_module
 from rtunnel import mux, wire
-from rtunnel.link import ControlLink, Keepalive
-from rtunnel.mux import ProtocolViolation, Session, SessionSettings
+from rtunnel.link import ControlLink, Keepalive, LinkState
+from rtunnel.mux import (
+    IllegalTransition,
+    LocalState,
+    ProtocolViolation,
+    RecvState,
+    SendState,
+    Session,
+    SessionSettings,
+)
+from rtunnel.mux.states import LOCAL_TRANSITIONS, RECV_TRANSITIONS, SEND_TRANSITIONS, describe, move
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
-from tests.memory import C2S, S2C, FakeLink, LocalEnd, Pair, RecordingDelegate, pattern
+from tests.memory import C2S, S2C, FakeLink, LocalEnd, LocalSocket, Pair, RecordingDelegate, pattern
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -61,8 +77,8 @@ class DataTests(MuxTestCase):
         self.assertEqual(sid, 2)
         self.assertEqual(pair.client_delegate.opened, [(2, 7, {"src": ["198.51.100.1", 5555]})])
         self.assertEqual(client_end.stream.tunnel_id, 7)
-        self.assertIs(client_end.transport.producer, client_end.stream)
-        self.assertIs(server_end.transport.producer, server_end.stream)
+        self.assertIs(client_end.transport.stream, client_end.stream)
+        self.assertIs(server_end.transport.stream, server_end.stream)
         self.assertEqual(pair.open()[0].stream.id, 4)
 
     def test_data_flows_both_ways_byte_for_byte(self):
@@ -127,24 +143,24 @@ class FlowControlTests(MuxTestCase):
         pair = Pair()
         server_end, client_end = pair.open()
         sid = server_end.stream.id
-        client_end.stream.pauseProducing()  # the client's local socket is full
+        client_end.fill()  # the client's local socket is full
         data = pattern(4, 5 * MiB)
         server_end.send(data)
         pair.pump()
         self.assertEqual(pair.data_bytes[S2C, sid], WINDOW)
         self.assertEqual(server_end.stream.sent, WINDOW)
         self.assertEqual(len(client_end.received), WINDOW)
-        self.assertEqual(server_end.transport.producerState, "paused")
+        self.assertFalse(server_end.transport.reading)
         self.assertEqual(pair.frames_of(C2S, FrameType.WINDOW, sid), [])
         # nothing changes however long we wait
         pair.advance(60)
         self.assertEqual(server_end.stream.sent, WINDOW)
-        self.assertEqual(server_end.transport.producerState, "paused")
+        self.assertFalse(server_end.transport.reading)
         # the local socket drains: credit flows, everything arrives
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         self.assertEqual(client_end.received, data)
-        self.assertEqual(server_end.transport.producerState, "producing")
+        self.assertTrue(server_end.transport.reading)
         # each grant allowed at most `limit` bytes and the sender respected it
         limits = [0, WINDOW]
         for f in pair.frames_of(C2S, FrameType.WINDOW, sid):
@@ -179,13 +195,13 @@ class FlowControlTests(MuxTestCase):
         pair = Pair()
         server_end, client_end = pair.open()
         sid = server_end.stream.id
-        client_end.stream.pauseProducing()
+        client_end.fill()
         server_end.send(pattern(6, 200 * KiB))
         pair.pump()
         self.assertEqual(len(client_end.received), 200 * KiB)  # delivered...
         self.assertEqual(pair.frames_of(C2S, FrameType.WINDOW, sid), [])  # ...but not credited
         self.assertEqual(server_end.stream.peer_consumed, 0)
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         [grant] = pair.frames_of(C2S, FrameType.WINDOW, sid)
         self.assertEqual(wire.decode_window(grant)[0], 200 * KiB)
@@ -196,7 +212,7 @@ class FlowControlTests(MuxTestCase):
         server_end, client_end = pair.open()
         sid = server_end.stream.id
         delivered_at_grant = []
-        original = pair.client_link.transport.write
+        original = pair.client_link.write
 
         def spy(data: bytes) -> None:
             if data[0] == FrameType.WINDOW:
@@ -204,13 +220,13 @@ class FlowControlTests(MuxTestCase):
                 delivered_at_grant.append((consumed, len(client_end.received)))
             original(data)
 
-        pair.client_link.transport.write = spy
+        pair.client_link.write = spy  # type: ignore[method-assign]
         for i in range(20):
             if i % 3 == 0:
-                client_end.stream.pauseProducing()
+                client_end.fill()
             server_end.send(pattern(100 + i, 90 * KiB))
             pair.pump()
-            client_end.stream.resumeProducing()
+            client_end.drain()
             pair.pump()
         self.assertTrue(delivered_at_grant)
         for consumed, delivered in delivered_at_grant:
@@ -222,21 +238,21 @@ class FlowControlTests(MuxTestCase):
         pair = Pair()
         slow_server, slow_client = pair.open()
         fast_server, fast_client = pair.open()
-        slow_client.stream.pauseProducing()
+        slow_client.fill()
         slow_data, fast_data = pattern(7, 2 * MiB), pattern(8, 2 * MiB)
         slow_server.send(slow_data)
         fast_server.send(fast_data)
         pair.pump()
         self.assertEqual(fast_client.received, fast_data)
         self.assertEqual(len(slow_client.received), WINDOW)
-        self.assertEqual(slow_server.transport.producerState, "paused")
-        self.assertEqual(fast_server.transport.producerState, "producing")
+        self.assertFalse(slow_server.transport.reading)
+        self.assertTrue(fast_server.transport.reading)
         # and in the other direction, on the same session, meanwhile
         up = pattern(9, MiB)
         slow_client.send(up)
         pair.pump()
         self.assertEqual(slow_server.received, up)
-        slow_client.stream.resumeProducing()
+        slow_client.drain()
         pair.pump()
         self.assertEqual(slow_client.received, slow_data)
 
@@ -305,11 +321,11 @@ class FlowControlTests(MuxTestCase):
         server_end, client_end = pair.open()
         sid = server_end.stream.id
         server_end.send(b"x" * 1000)
-        client_end.stream.pauseProducing()
+        client_end.fill()
         pair.pump()
         pair.advance(5)
         self.assertEqual(pair.frames_of(C2S, FrameType.WINDOW, sid), [])
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         [grant] = pair.frames_of(C2S, FrameType.WINDOW, sid)
         self.assertEqual(wire.decode_window(grant)[0], 1000)
@@ -378,12 +394,12 @@ class HalfCloseTests(MuxTestCase):
         pair = Pair()
         server_end, client_end = pair.open()
         sid = server_end.stream.id
-        client_end.stream.pauseProducing()
+        client_end.fill()
         server_end.send(b"x" * 10)
         server_end.shutdown_write()
         pair.pump()
         self.assertTrue(client_end.transport.write_closed)
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         self.assertEqual(server_end.stream.peer_consumed, 10)
         client_end.shutdown_write()  # the client still had its direction open
@@ -415,12 +431,12 @@ class HalfCloseTests(MuxTestCase):
         sid = server_end.stream.id
         client_end.shutdown_write()  # the client has finished sending
         pair.pump()
-        client_end.stream.pauseProducing()  # the client's local socket is slow
+        client_end.fill()  # the client's local socket is slow
         server_end.send(b"x" * 10)
         server_end.shutdown_write()
         pair.pump()
         self.assertTrue(client_end.transport.write_closed)
-        client_end.stream.resumeProducing()  # it drains
+        client_end.drain()  # it drains
         pair.advance(1.0)
         # Regression: the final WINDOW (consumed == final offset) must go out
         # even while the local socket is paused, or the server's stream would
@@ -477,69 +493,68 @@ class LinkBackpressureTests(MuxTestCase):
         holds that read, pauses its socket, and sends it on resume."""
         pair = Pair()
         ends = [pair.open() for _ in range(3)]
-        pair.server.pauseProducing()  # the link's write buffer is full
+        pair.server.pause_writing()  # the link's write buffer is full
         for server_end, client_end in ends:
-            self.assertEqual(server_end.transport.producerState, "producing")
-            self.assertEqual(client_end.transport.producerState, "producing")
+            self.assertTrue(server_end.transport.reading)
+            self.assertTrue(client_end.transport.reading)
         ends[0][0].send(b"waiting")
         pair.pump()
         self.assertEqual(ends[0][1].received, b"")  # held while the link is paused
-        self.assertEqual(ends[0][0].transport.producerState, "paused")
-        self.assertEqual(ends[1][0].transport.producerState, "producing")
-        pair.server.resumeProducing()
+        self.assertFalse(ends[0][0].transport.reading)
+        self.assertTrue(ends[1][0].transport.reading)
+        pair.server.resume_writing()
         for server_end, _ in ends:
-            self.assertEqual(server_end.transport.producerState, "producing")
+            self.assertTrue(server_end.transport.reading)
         pair.pump()
         self.assertEqual(ends[0][1].received, b"waiting")
 
     def test_client_link_pause_holds_client_reads(self):
         pair = Pair()
         ends = [pair.open() for _ in range(2)]
-        pair.client.pauseProducing()
+        pair.client.pause_writing()
         for _server_end, client_end in ends:
             client_end.send(b"reply")
         pair.pump()
         for server_end, client_end in ends:
-            self.assertEqual(client_end.transport.producerState, "paused")
-            self.assertEqual(server_end.transport.producerState, "producing")
+            self.assertFalse(client_end.transport.reading)
+            self.assertTrue(server_end.transport.reading)
             self.assertEqual(server_end.received, b"")
-        pair.client.resumeProducing()
+        pair.client.resume_writing()
         pair.pump()
         for server_end, client_end in ends:
-            self.assertEqual(client_end.transport.producerState, "producing")
+            self.assertTrue(client_end.transport.reading)
             self.assertEqual(server_end.received, b"reply")
 
-    def test_session_is_the_link_transports_producer(self):
+    def test_session_watches_its_links_send_buffer(self):
         pair = Pair()
-        self.assertIs(pair.server_link.transport.producer, pair.server)
-        self.assertIs(pair.client_link.transport.producer, pair.client)
-        self.assertTrue(pair.server_link.transport.streaming)
+        self.assertIs(pair.server_link.watcher, pair.server)
+        self.assertIs(pair.client_link.watcher, pair.client)
 
     def test_stream_opened_while_link_paused_does_not_read(self):
         pair = Pair()
-        pair.server.pauseProducing()
+        pair.server.pause_writing()
         server_end = pair.open_server_end()
-        self.assertEqual(server_end.transport.producerState, "paused")
-        pair.server.resumeProducing()
-        self.assertEqual(server_end.transport.producerState, "producing")
+        self.assertFalse(server_end.transport.reading)
+        pair.server.resume_writing()
+        self.assertTrue(server_end.transport.reading)
 
-    def test_detach_lets_go_of_the_link_transport(self):
+    def test_detach_lets_go_of_the_link(self):
         pair = Pair()
-        old = pair.server_link.transport
+        old = pair.server_link
         pair.sever()
-        self.assertIsNone(old.producer)
+        self.assertIsNone(old.watcher)
         pair.connect(resuming=True)
-        self.assertIsNone(old.producer)
-        self.assertIs(pair.server_link.transport.producer, pair.server)
+        self.assertIsNone(old.watcher)
+        self.assertIs(pair.server_link.watcher, pair.server)
 
     def test_detached_session_does_not_read_local_sockets(self):
         pair = Pair()
         server_end, client_end = pair.open()
         pair.sever()
-        self.assertEqual(server_end.transport.producerState, "paused")
-        self.assertEqual(client_end.transport.producerState, "paused")
-        pair.server.resumeProducing()  # a stale resume from the dead link
-        self.assertEqual(server_end.transport.producerState, "paused")
+        self.assertFalse(server_end.transport.reading)
+        self.assertFalse(client_end.transport.reading)
+        pair.server.resume_writing()  # a stale resume from the dead link
+        self.assertFalse(server_end.transport.reading)
 
 
 # ---------------------------------------------------------------- keepalive
@@ -634,7 +649,7 @@ class KeepaliveTests(unittest.SynchronousTestCase):
         self.link.connectionLost()
         self.assertIsNone(self.session.link)
         self.assertIsNone(self.transport.producer)
-        self.assertEqual(local.transport.producerState, "paused")
+        self.assertFalse(local.transport.reading)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_error_frame_from_the_peer_closes_the_link(self):
@@ -740,7 +755,7 @@ class ResumeTests(MuxTestCase):
     def test_drop_while_destination_paused(self):
         pair = Pair()
         server_end, client_end = pair.open()
-        client_end.stream.pauseProducing()
+        client_end.fill()
         down = pattern(22, 2 * MiB)
         server_end.send(down)
         partial_steps(pair, 4, 60_000, 60_000)
@@ -748,7 +763,7 @@ class ResumeTests(MuxTestCase):
         pair.pump()
         self.assertEqual(len(client_end.received), client_end.stream.received)
         self.assertLessEqual(server_end.stream.sent, WINDOW)
-        client_end.stream.resumeProducing()
+        client_end.drain()
         pair.pump()
         self.assertEqual(client_end.received, down)
 
@@ -770,7 +785,7 @@ class ResumeTests(MuxTestCase):
         rst2_c.lose()
         self.assertNotIn(late.stream.id, pair.client.streams)
         self.assertFalse(fin_c.transport.write_closed or rst_c.transport.aborted)
-        self.assertEqual(pair.server_link.transport.value(), b"")
+        self.assertEqual(pair.server_link.value(), b"")
         pair.connect(resuming=True)
         pair.pump()
         self.assertIn((late.stream.id, 9, {"late": True}), pair.client_delegate.opened)
@@ -870,7 +885,7 @@ class ProtocolViolationTests(MuxTestCase):
         pair = Pair()
         _, client_end = pair.open()
         sid = client_end.stream.id
-        client_end.stream.pauseProducing()  # no new credit: the limit stays at WINDOW
+        client_end.fill()  # no new credit: the limit stays at WINDOW
         pair.client.frame_received(frame(wire.encode(FrameType.DATA, sid, b"x" * WINDOW)))
         with self.assertRaises(ProtocolViolation) as caught:
             pair.client.frame_received(frame(wire.encode(FrameType.DATA, sid, b"y")))
@@ -1022,9 +1037,9 @@ class RandomRun:
                 receiver = self.ends(op[1], op[2])[1]
                 if receiver is not None:
                     if kind == "pause":
-                        receiver.stream.pauseProducing()
+                        receiver.fill()
                     else:
-                        receiver.stream.resumeProducing()
+                        receiver.drain()
             elif kind == "reset":
                 end = self.ends(op[1], op[2])[0]
                 if end is not None and not end.stream.closed:
@@ -1048,9 +1063,9 @@ class RandomRun:
             elif kind in ("link_pause", "link_resume"):
                 session = pair.server if op[1] == S2C else pair.client
                 if kind == "link_pause":
-                    session.pauseProducing()
+                    session.pause_writing()
                 else:
-                    session.resumeProducing()
+                    session.resume_writing()
             for session in (pair.server, pair.client):
                 for stream in session.streams.values():
                     self.test.assertLessEqual(stream.sent, stream.send_limit)
@@ -1064,15 +1079,15 @@ class RandomRun:
         if not self.connected:
             pair.connect(resuming=True)
             self.connected = True
-        pair.server.resumeProducing()
-        pair.client.resumeProducing()
+        pair.server.resume_writing()
+        pair.client.resume_writing()
         pair.advance(1.0)
         while not all(end.eof_pending for end in pair.all_ends()):
             for end in pair.all_ends():  # the client's ends appear with their OPEN
                 end.shutdown_write()
             pair.pump()
         for end in pair.all_ends():
-            end.stream.resumeProducing()
+            end.drain()
         pair.pump()
         pair.advance(1.0)
 
@@ -1218,7 +1233,7 @@ class BoundTests(MuxTestCase):
         for _ in range(200):
             for end in ends:
                 end.feed()
-            pair.server_link.transport.clear()  # sent, never read
+            pair.server_link.clear()  # sent, never read
         held = sum(end.stream.buffered_out for end in ends)
         self.assertLessEqual(held + pair.server.held_windows, self.BUDGET * 7 // 8 + 16 * KiB)  # + one read
         self.assertTrue(pair.server.streams_full)
@@ -1249,7 +1264,7 @@ class BoundTests(MuxTestCase):
         link.makeConnection(transport)
         session = Session(clock, RecordingDelegate(), is_server=True, settings=self.settings(1 * MiB))
         link.start_session(session, False, wire.DEFAULT_MAX_FRAME)
-        session.pauseProducing()  # the transport's buffer is full: the peer does not read
+        session.pause_writing()  # the transport's buffer is full: the peer does not read
         ping = wire.encode_ping(7)
         read = ping * 1000  # one read of the flood
         for _ in range(100):
@@ -1258,7 +1273,174 @@ class BoundTests(MuxTestCase):
             link.dataReceived(read)
         self.assertEqual(transport.producerState, "paused")  # the link is not read any more
         self.assertLessEqual(session.reply_backlog, 1 * MiB // 16 + len(read))
-        session.resumeProducing()  # the peer read everything we sent
+        session.resume_writing()  # the peer read everything we sent
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(session.reply_backlog, 0)
         self.assertFalse(link.closing)
+
+
+# ---------------------------------------------------------------- sans-IO core and state machines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NO_TWISTED_RUN = """
+import sys
+from tests.memory import ManualTimers, Pair, pattern
+
+pair = Pair(clock=ManualTimers())
+server_end, client_end = pair.open()
+down, up = pattern(1, 3_000_000), pattern(2, 100_000)
+server_end.send(down)
+client_end.send(up)
+pair.reconnect(deliver_s2c=50_000)
+server_end.shutdown_write()
+client_end.shutdown_write()
+pair.pump()
+pair.advance(2.0)
+assert client_end.received == down and server_end.received == up
+assert not pair.server.streams and not pair.client.streams
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("twisted", "zope", "OpenSSL"))
+print("loaded:", loaded)
+"""
+
+
+class SansIOTests(MuxTestCase):
+    def test_the_core_runs_without_twisted(self):
+        """Sessions carry a stream both ways across a link drop, on the
+        in-memory link, sockets and timers, with no Twisted module loaded."""
+        result = subprocess.run(
+            [sys.executable, "-c", NO_TWISTED_RUN], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.strip(), "loaded: []")
+
+    def test_a_socket_that_connects_after_its_stream_was_reset_is_dropped(self):
+        pair = Pair(auto_attach=False)
+        server_end = pair.open_server_end()
+        pair.pump()
+        stream = pair.client_delegate.streams[server_end.stream.id]
+        stream.local_failed(ResetCode.TIMEOUT, "target timed out")
+        socket = LocalSocket()
+        stream.attach_local(socket)  # the target accepted just too late
+        self.assertTrue(socket.aborted)
+        self.assertIsNone(stream.local)
+
+    def test_a_stream_is_closed_in_both_directions_when_reset(self):
+        pair = Pair()
+        server_end, client_end = pair.open()
+        server_end.stream.reset(ResetCode.ABORTED, "test")
+        pair.pump()
+        for stream in (server_end.stream, client_end.stream):
+            self.assertTrue(stream.closed)
+            self.assertIs(stream.send_state, SendState.CLOSED)
+            self.assertIs(stream.recv_state, RecvState.CLOSED)
+
+    def test_a_stream_that_finishes_goes_through_every_state(self):
+        pair = Pair()
+        server_end, client_end = pair.open()
+        stream = client_end.stream
+        self.assertIs(stream.local_state, LocalState.WRITABLE)
+        client_end.fill()
+        self.assertIs(stream.local_state, LocalState.FULL)
+        client_end.drain()
+        client_end.send(b"x" * (WINDOW + 1))  # more than the server's credit: the socket is paused
+        client_end.feed()
+        self.assertIs(stream.send_state, SendState.PAUSED)
+        pair.pump()
+        self.assertIs(stream.send_state, SendState.READING)
+        client_end.shutdown_write()
+        client_end.feed()
+        self.assertIs(stream.send_state, SendState.FIN_SENT)
+        pair.pump()
+        self.assertIs(stream.send_state, SendState.DONE)
+        server_end.shutdown_write()
+        pair.pump()
+        self.assertIs(stream.recv_state, RecvState.CLOSED)  # DONE, then forgotten at once
+        self.assertTrue(stream.closed and client_end.transport.closed)
+        client_end.lose()
+        self.assertIs(stream.local_state, LocalState.GONE)
+
+    def test_an_impossible_transition_raises(self):
+        for table, old, new in (
+            (SEND_TRANSITIONS, SendState.CLOSED, SendState.READING),
+            (SEND_TRANSITIONS, SendState.FIN_SENT, SendState.READING),
+            (RECV_TRANSITIONS, RecvState.DONE, RecvState.OPEN),
+            (LOCAL_TRANSITIONS, LocalState.GONE, LocalState.WRITABLE),
+            (link_module.TRANSITIONS, LinkState.CLOSED, LinkState.OPEN),
+        ):
+            with self.assertRaises(IllegalTransition):
+                move(table, old, new, "test")  # type: ignore[arg-type]
+
+    def test_every_state_is_reachable_and_only_the_last_is_final(self):
+        for table in (SEND_TRANSITIONS, RECV_TRANSITIONS, LOCAL_TRANSITIONS, link_module.TRANSITIONS):
+            states = list(table)
+            reached, todo = {states[0]}, [states[0]]
+            while todo:
+                for new in table[todo.pop()]:  # type: ignore[index]
+                    if new not in reached:
+                        reached.add(new)
+                        todo.append(new)
+            self.assertEqual(reached, set(states))
+            self.assertEqual([s for s in states if not table[s]], [states[-1]])  # type: ignore[index]
+
+    def test_architecture_doc_lists_the_transition_tables_of_the_code(self):
+        text = (ROOT / "docs" / "architecture.md").read_text()
+        documented = re.findall(r"^    (link|send|receive|local): (.+)$", text, re.MULTILINE)
+        expected = [
+            (name, line)
+            for name, table in (
+                ("link", link_module.TRANSITIONS),
+                ("send", SEND_TRANSITIONS),
+                ("receive", RECV_TRANSITIONS),
+                ("local", LOCAL_TRANSITIONS),
+            )
+            for line in describe(table)  # type: ignore[arg-type]
+        ]
+        self.assertEqual(documented, expected)
+
+
+class LinkStateTests(unittest.SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.link = MemoryControlLink(self.clock, Keepalive())
+        self.transport = StringTransport()
+        self.link.makeConnection(self.transport)
+        self.session = Session(self.clock, RecordingDelegate(), is_server=True)
+
+    def test_a_link_handshakes_opens_closes_and_is_closed(self):
+        self.assertIs(self.link.state, LinkState.HANDSHAKING)
+        self.link.dataReceived(wire.encode_json(FrameType.HELLO, {}))
+        self.assertEqual([f.type for f in self.link.handshake], [FrameType.HELLO])
+        self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+        self.assertIs(self.link.state, LinkState.OPEN)
+        self.link.lose()
+        self.assertIs(self.link.state, LinkState.CLOSING)
+        self.assertTrue(self.link.closing and self.transport.disconnecting)
+        self.link.lose()  # twice is fine: still closing
+        self.link.connectionLost()
+        self.assertIs(self.link.state, LinkState.CLOSED)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_nothing_is_read_once_closing(self):
+        self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+        self.link.abort()
+        self.transport.clear()
+        self.link.dataReceived(wire.encode_ping(1))
+        self.assertEqual(self.transport.value(), b"")  # no PONG
+
+    def test_a_session_cannot_start_on_a_closing_link(self):
+        self.link.lose()
+        with self.assertRaises(IllegalTransition):
+            self.link.start_session(self.session, False, wire.DEFAULT_MAX_FRAME)
+
+    def test_session_events_are_logged_through_the_link(self):
+        events = []
+        self.link.session_log = type("Log", (), {
+            "info": lambda _, fmt, **kw: events.append(kw.get("event")),
+            "debug": lambda _, fmt, **kw: events.append("debug"),
+        })()
+        session = Session(self.clock, RecordingDelegate(), True, SessionSettings(session_window_budget=1 * MiB))
+        self.link.start_session(session, False, wire.DEFAULT_MAX_FRAME)
+        session.pause_writing()
+        self.link.dataReceived(wire.encode_ping(7) * 20_000)  # PONGs past the reply bound
+        self.assertIn("link_backpressure", events)

@@ -226,7 +226,7 @@ class SessionMachine(RuleBasedStateMachine):
         pending = [c for c in self.clock.getDelayedCalls() if c.active()]
         assert not pending, f"timers left after the session closed: {pending}"
         for end in self.ends.values():
-            assert end.transport.aborted or end.transport.disconnecting or end.stream.local is None, (
+            assert end.transport.aborted or end.transport.closed or end.stream.local is None, (
                 f"local socket of {end.stream} left open"
             )
 
@@ -362,7 +362,7 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.alive)
     @rule(data=st.data())
     def peer_ack(self, data: st.DataObject) -> None:
-        sent = self.session._reliable_sent
+        sent = self.session.reliable.sent
         if self.hostile(data):
             count = data.draw(st.integers(0, sent + 2) | u64)
         elif self.session._resuming:
@@ -393,7 +393,7 @@ class SessionMachine(RuleBasedStateMachine):
         if hostile:
             reliable = data.draw(u64)
         else:
-            reliable = data.draw(st.integers(0, self.session._reliable_sent))
+            reliable = data.draw(st.integers(0, self.session.reliable.sent))
         frame = wire.encode_resume(wire.ResumeState(reliable, tuple(entries)))
         if hostile and data.draw(st.booleans()):  # a count that lies
             frame = (
@@ -547,9 +547,9 @@ class SessionMachine(RuleBasedStateMachine):
         elif event == "lost":
             end.lose()
         elif event == "pause":
-            end.stream.pauseProducing()
+            end.fill()
         elif event == "resume":
-            end.stream.resumeProducing()
+            end.drain()
         else:
             end.feed()
 
@@ -557,9 +557,9 @@ class SessionMachine(RuleBasedStateMachine):
     @rule(pause=st.booleans())
     def link_backpressure(self, pause: bool) -> None:
         if pause:
-            self.session.pauseProducing()
+            self.session.pause_writing()
         else:
-            self.session.resumeProducing()
+            self.session.resume_writing()
             for end in self.ends.values():
                 if not end.stream.closed and end.stream.local is not None:
                     end.feed()
@@ -604,7 +604,7 @@ class SessionMachine(RuleBasedStateMachine):
             wire.ResumeEntry(s.id, s.sent, s.send_limit) for s in self.session.streams.values()
         )
         link = self.link
-        self.feed(wire.encode_resume(wire.ResumeState(self.session._reliable_sent, entries)))
+        self.feed(wire.encode_resume(wire.ResumeState(self.session.reliable.sent, entries)))
         if not self.alive:
             out = parse_all(link.transport.value(), PEER_MAX_FRAME)
             raise AssertionError(f"a valid RESUME was refused: {wire.decode_coded(out[-1])}")

@@ -64,7 +64,7 @@ class LinkTLSTests(unittest.TestCase):
 
     def handshake(self) -> None:
         self.pump.flush()
-        self.assertTrue(self.client._handshakeDone and self.server._handshakeDone)
+        self.assertTrue(self.client.tls_ready and self.server.tls_ready)
 
     def app(self, side: LinkTLSProtocol) -> Recorder:
         app = self.apps[id(side)]

@@ -16,7 +16,15 @@ from rtunnel.transports import (
     set_read_size,
     write_now,
 )
-from tests.memory import LocalTransport
+
+
+class HalfCloseable(StringTransport):
+    """A StringTransport that records a half-close."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
 
 
 class ReadSizeTests(unittest.SynchronousTestCase):
@@ -133,7 +141,7 @@ class CloseWriteNowTests(unittest.SynchronousTestCase):
         self.assertIn(transport, self.reactor.getWriters())
 
     def test_other_transports_get_a_plain_half_close(self) -> None:
-        transport = LocalTransport()  # a StringTransport that can half-close
+        transport = HalfCloseable()
         close_write_now(transport)
         self.assertTrue(transport.write_closed)
 

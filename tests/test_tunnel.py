@@ -9,6 +9,7 @@ from twisted.internet import defer, error
 from twisted.trial import unittest
 
 from rtunnel.errors import ConfigError
+from rtunnel.twisted_private import tcp_held
 from tests.harness import (
     Echo,
     HashReply,
@@ -98,8 +99,7 @@ class TunnelTests(unittest.TestCase):
             for s in sess.mux_session.streams.values()
             if s.local is not None and s.local.getPeer().port == slow_port
         ]
-        local = stream.local
-        held = len(local.dataBuffer) + local._tempDataLen
+        held = tcp_held(stream.local.transport)
         self.assertLessEqual(held, stream.window + 2 * 65536)
         self.assertLessEqual(stream.received - stream.reported, stream.window)
         slow.read_slowly = 0
