@@ -28,6 +28,7 @@ from twisted.web.iweb import IRequest
 from rtunnel.addresses import format_host_port, known_host_port
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
+from rtunnel.localsocket import StreamProtocol
 from rtunnel.server import ServerSession, SessionState, TunnelServer
 from rtunnel.tcp import port_number
 from rtunnel.tls import load_or_create_secret
@@ -105,7 +106,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
     streams = []
     for stream in list(mux.streams.values())[:MAX_STREAMS_LISTED]:
         visitor = None
-        if stream.local is not None:
+        if isinstance(stream.local, StreamProtocol):
             try:
                 visitor = _address(stream.local.getPeer())
             except Exception:

@@ -92,7 +92,9 @@ class ControlLink(Protocol):
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         set_read_size(self.transport)
-        self.write = self.transport.write  # type: ignore[method-assign,union-attr]  # no frame of ours per write
+        transport = self.transport
+        assert transport is not None
+        self.write = transport.write  # type: ignore[method-assign,assignment]  # bound once: no call of ours per write
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state

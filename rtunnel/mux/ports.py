@@ -57,8 +57,9 @@ class LinkPort(Protocol):
 
     #: smoothed round-trip time of the link, in seconds (for window growth)
     srtt: float
-    #: where the session's log events go while it runs over this link
-    session_log: EventLog
+    @property
+    def session_log(self) -> EventLog:
+        """Where the session's log events go while it runs over this link."""
 
     def write(self, frame: bytes) -> None:
         """Send one encoded frame (or several, joined)."""

@@ -77,7 +77,7 @@ LOCAL_TRANSITIONS: Mapping[LocalState, frozenset[LocalState]] = {
     LocalState.GONE: frozenset(),
 }
 
-State = TypeVar("State", SendState, RecvState, LocalState)
+State = TypeVar("State", bound=enum.Enum)  # SendState, RecvState, LocalState, the link's LinkState
 
 
 def move(table: Mapping[State, frozenset[State]], old: State, new: State, what: object) -> State:
