@@ -261,7 +261,7 @@ def _validate_client(
         bind=bind,
         max_tunnels=limits["max_tunnels"],
         max_streams=limits["max_streams"],
-        **optional,  # type: ignore[arg-type]
+        **optional,
     )
 
 

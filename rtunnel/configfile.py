@@ -292,6 +292,8 @@ class FileOptions:
     absolute path) so that a reload can parse them again.
     """
 
+    synonyms: dict[str, str]  # usage.Options': every option name and short flag -> its long name
+
     option_table: ClassVar[OptionTable]
     config_file: ConfigFile | None = None  # set by parseOptions
     from_file: dict[str, str] = {}  # long option name -> "FILE line N: key" (set by parseOptions)
@@ -309,7 +311,7 @@ class FileOptions:
 
     def _long_name(self, opt: str) -> str:
         name = opt.lstrip("-")
-        return self.synonyms.get(name, name)  # type: ignore[attr-defined,no-any-return]
+        return self.synonyms.get(name, name)
 
     def parseOptions(self, options: Sequence[str] | None = None) -> None:
         argv = list(sys.argv[1:] if options is None else options)

@@ -226,7 +226,7 @@ def listen_tcp(
     """Listen on a GatedPort. A reactor that is not a POSIX reactor (a test
     double standing in for one) listens its own way, ungated."""
     if not isinstance(reactor, PosixReactorBase) and not ipv6_only:
-        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)  # type: ignore[no-any-return]
+        return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
     listening = GatedPort(port, factory, backlog, interface, reactor, gate, ipv6_only)
     listening.startListening()
     return listening

@@ -241,7 +241,7 @@ class LinkTLSFactory(TLSMemoryBIOFactory):
         clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor as clock
         super().__init__(creator, is_client, wrapped, clock)
         self.clock: IReactorTime = clock  # type: ignore[assignment]
 

@@ -163,7 +163,7 @@ def as_timers(clock: Timers | ReactorClock) -> Timers:
     """`clock` as `Timers`: itself if it is one, else a `ClockTimers`."""
     if hasattr(clock, "call_later") and hasattr(clock, "now"):
         return clock  # type: ignore[return-value]
-    return ClockTimers(clock)  # type: ignore[arg-type]
+    return ClockTimers(clock)
 
 
 def cancel_call(call: Cancellable | None) -> None:

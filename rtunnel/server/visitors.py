@@ -142,7 +142,7 @@ class _VisitorConnection(StreamProtocol):
     server's real address, which a PROXY protocol header passes on. Both
     addresses are read from the transport, not kept: they are in OPEN."""
 
-    stream: Stream | None  # type: ignore[assignment]
+    stream: Stream | None
 
     def __init__(self, listener: PublicListener) -> None:
         self.listener = listener
