@@ -1,4 +1,5 @@
-"""The client end: one session across reconnects, and the tunnels' targets.
+"""The client end: one session across reconnects (the tunnels' targets are
+connected by rtunnel.targets).
 
 ClientService (with our jittered exponential backoff) keeps a link up; every
 new link first tries to resume the session, so a dropped link does not break
@@ -14,20 +15,19 @@ from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port, format_peer, is_ip_literal, public_address
+from rtunnel.addresses import bracket, format_host_port, format_peer, public_address
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
-from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
+from rtunnel.mux import ProtocolViolation, Session, Stream
+from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
-from rtunnel.transports import write_now
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
@@ -45,90 +45,6 @@ def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = rand
         return low + (high - low) * rng()
 
     return delay
-
-
-def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
-    if failure.check(error.ConnectionRefusedError):
-        return ResetCode.REFUSED, "connection refused"
-    if failure.check(error.TimeoutError, defer.TimeoutError):
-        return ResetCode.TIMEOUT, "timed out"
-    if failure.check(error.DNSLookupError):
-        return ResetCode.UNREACHABLE, "host name not found"
-    return ResetCode.UNREACHABLE, failure.getErrorMessage()
-
-
-class _TargetFactory(ClientFactory):
-    """Connects one stream to its local target (quietly: one per visitor).
-    A non-empty `header` (PROXY protocol) is written to the target first.
-    `settled` is called once: with None when connected, else with the
-    failure; then it is let go of, with all it holds."""
-
-    noisy = False
-
-    def __init__(self, stream: Stream, header: bytes, settled: Callable[[Failure | None], None]) -> None:
-        self.stream = stream
-        self.header = header
-        self._settled: Callable[[Failure | None], None] | None = settled
-        self._cancel: Callable[[], None] | None = None
-
-    def connect(self, reactor: Any, spec: TunnelSpec, timeout: float) -> None:
-        """Start connecting to `spec`'s target. An IP literal is connected
-        with connectTCP itself: only the connector (and this factory) stay
-        with the connection, where an endpoint also keeps its wrapping
-        protocol, factory and Deferred. A host name goes through
-        HostnameEndpoint (it resolves in a thread, for every connection)."""
-        if not is_ip_literal(spec.target_host):
-            d = HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout).connect(self)
-            self._cancel = d.cancel
-            d.addErrback(self.connection_failed)
-            return
-        try:
-            connector = reactor.connectTCP(spec.target_host, spec.target_port, self, timeout=timeout)
-        except Exception:  # as TCP4ClientEndpoint.connect: a failed attempt, not a crash
-            self.connection_failed(Failure())
-            return
-        if self._settled is not None:
-            self._cancel = connector.stopConnecting
-
-    def cancel(self) -> None:
-        """Stop an attempt still under way (its stream closed first)."""
-        cancel, self._cancel = self._cancel, None
-        if cancel is not None and self._settled is not None:
-            cancel()
-
-    def buildProtocol(self, addr: object) -> StreamProtocol:
-        self._settle(None)
-        header, self.header = self.header, b""  # the connector keeps this factory
-        if header:
-            return _ProxyHeaderTarget(self.stream, header)
-        return StreamProtocol(self.stream)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        self.connection_failed(reason)
-
-    def connection_failed(self, reason: Failure) -> None:
-        self._settle(reason)
-
-    def _settle(self, result: Failure | None) -> None:
-        settled, self._settled, self._cancel = self._settled, None, None
-        if settled is not None:
-            settled(result)
-
-
-class _ProxyHeaderTarget(StreamProtocol):
-    """A target connection that starts with a PROXY protocol header, written
-    before attach_local flushes the visitor's early bytes. The header is not
-    stream data: it counts against no window or offset, and it is not kept
-    once written."""
-
-    def __init__(self, stream: Stream, header: bytes) -> None:
-        super().__init__(stream)
-        self.header = header
-
-    def connectionMade(self) -> None:
-        header, self.header = self.header, b""
-        write_now(self.transport, header)
-        super().connectionMade()
 
 
 class TunnelClient:
@@ -159,7 +75,7 @@ class TunnelClient:
         self.tunnel_names: dict[int, str] = {}
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
         self.failed = False
-        self._connecting: dict[int, _TargetFactory] = {}
+        self._connecting: dict[int, TargetFactory] = {}
         self._bind_retries: list[Any] = []
         # live tunnel changes (add_tunnel, remove_tunnel): ids are never reused
         self._next_tunnel_id = max(self.tunnels, default=0) + 1
@@ -355,7 +271,7 @@ class TunnelClient:
             self._connecting.pop(stream.id, None)
             if failure is None or stream.closed:
                 return  # connected, or cancelled: the stream is gone
-            code, why = _reset_code_for(failure)
+            code, why = reset_code_for(failure)
             self.log.warn(
                 "target {target} failed for a visitor from {visitor}: {why}",
                 target=spec.target, visitor=format_peer(info.get("src")), why=why,
@@ -364,7 +280,7 @@ class TunnelClient:
             )
             stream.local_failed(code, f"target {spec.target}: {why}")
 
-        factory = self._connecting[stream.id] = _TargetFactory(stream, header, settled)
+        factory = self._connecting[stream.id] = TargetFactory(stream, header, settled)
         factory.connect(self.reactor, spec, self.config.connect_timeout)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
