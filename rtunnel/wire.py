@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
@@ -247,7 +247,7 @@ def decode_json(frame: Frame) -> dict[str, Any]:
     return obj
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
