@@ -1,34 +1,37 @@
-"""The client end: one session across reconnects, and the tunnels' targets.
+"""The client end: one session across reconnects, as a state machine.
 
 ClientService (with our jittered exponential backoff) keeps a link up; every
 new link first tries to resume the session, so a dropped link does not break
-the tunnelled connections.
+the tunnelled connections. What each link event means (a failed attempt, a
+lost or resumed session, the end) is decided in one place: the client's
+transition table (ClientState, ClientInput, TunnelClient.TRANSITIONS).
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import ClientFactory, Factory
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port, format_peer, is_ip_literal, public_address
+from rtunnel.addresses import bracket, format_host_port, format_peer, public_address
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
-from rtunnel.mux import ProtocolViolation, Session, Stream, StreamProtocol
+from rtunnel.mux import ProtocolViolation, Session, Stream
+from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
-from rtunnel.transports import write_now
-from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
+from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
 FATAL_BIND_CODES = {"not_permitted", "bad_address", "limit"}
@@ -47,92 +50,54 @@ def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = rand
     return delay
 
 
-def _reset_code_for(failure: Failure) -> tuple[ResetCode, str]:
-    if failure.check(error.ConnectionRefusedError):
-        return ResetCode.REFUSED, "connection refused"
-    if failure.check(error.TimeoutError, defer.TimeoutError):
-        return ResetCode.TIMEOUT, "timed out"
-    if failure.check(error.DNSLookupError):
-        return ResetCode.UNREACHABLE, "host name not found"
-    return ResetCode.UNREACHABLE, failure.getErrorMessage()
+class ClientState(enum.Enum):
+    """Where the client's connection to the server is (docs/architecture.md
+    draws the machine). A session is held in READY, LOST and RESUMING, and
+    only there; STOPPING, FAILED and GAVE_UP are never left (a fatal error
+    while stopping still makes it FAILED)."""
+
+    CONNECTING = "connecting"  # no link, no session: an attempt, or the wait before the next
+    HANDSHAKING = "handshaking"  # a link, HELLO sent: waiting for WELCOME (a new session)
+    READY = "ready"  # the session runs on the link
+    LOST = "lost"  # the session's link dropped: the session is held while we reconnect
+    RESUMING = "resuming"  # a link, HELLO with the held session sent: waiting for WELCOME
+    STOPPING = "stopping"  # a clean stop: GOAWAY sent, the link closes
+    FAILED = "failed"  # retrying cannot help (exit status 2)
+    GAVE_UP = "gave_up"  # --max-retries attempts in a row made no session (exit status 3)
 
 
-class _TargetFactory(ClientFactory):
-    """Connects one stream to its local target (quietly: one per visitor).
-    A non-empty `header` (PROXY protocol) is written to the target first.
-    `settled` is called once: with None when connected, else with the
-    failure; then it is let go of, with all it holds."""
+class ClientInput(enum.Enum):
+    """What happens to the client's connection; each input's data follows it."""
 
-    noisy = False
-
-    def __init__(self, stream: Stream, header: bytes, settled: Callable[[Failure | None], None]) -> None:
-        self.stream = stream
-        self.header = header
-        self._settled: Callable[[Failure | None], None] | None = settled
-        self._cancel: Callable[[], None] | None = None
-
-    def connect(self, reactor: Any, spec: TunnelSpec, timeout: float) -> None:
-        """Start connecting to `spec`'s target. An IP literal is connected
-        with connectTCP itself: only the connector (and this factory) stay
-        with the connection, where an endpoint also keeps its wrapping
-        protocol, factory and Deferred. A host name goes through
-        HostnameEndpoint (it resolves in a thread, for every connection)."""
-        if not is_ip_literal(spec.target_host):
-            d = HostnameEndpoint(reactor, spec.target_host, spec.target_port, timeout=timeout).connect(self)
-            self._cancel = d.cancel
-            d.addErrback(self.connection_failed)
-            return
-        try:
-            connector = reactor.connectTCP(spec.target_host, spec.target_port, self, timeout=timeout)
-        except Exception:  # as TCP4ClientEndpoint.connect: a failed attempt, not a crash
-            self.connection_failed(Failure())
-            return
-        if self._settled is not None:
-            self._cancel = connector.stopConnecting
-
-    def cancel(self) -> None:
-        """Stop an attempt still under way (its stream closed first)."""
-        cancel, self._cancel = self._cancel, None
-        if cancel is not None and self._settled is not None:
-            cancel()
-
-    def buildProtocol(self, addr: object) -> StreamProtocol:
-        self._settle(None)
-        header, self.header = self.header, b""  # the connector keeps this factory
-        if header:
-            return _ProxyHeaderTarget(self.stream, header)
-        return StreamProtocol(self.stream)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        self.connection_failed(reason)
-
-    def connection_failed(self, reason: Failure) -> None:
-        self._settle(reason)
-
-    def _settle(self, result: Failure | None) -> None:
-        settled, self._settled, self._cancel = self._settled, None, None
-        if settled is not None:
-            settled(result)
+    LINK_MADE = "link_made"  # (link): a connection to the server is up (TLS still to come)
+    CONNECT_FAILED = "connect_failed"  # (why): an attempt failed before a link was made
+    WELCOMED = "welcomed"  # (link, Welcome): a new session
+    RESUMED = "resumed"  # (link, Welcome): the server resumed the held session
+    HANDSHAKE_ABANDONED = "handshake_abandoned"  # (link, why): no or a bad WELCOME, logged; the link closes
+    LINK_LOST = "link_lost"  # (link, Failure): a link closed
+    SESSION_FAILED = "session_failed"  # (link): an ERROR either way: the link's session is forgotten
+    GIVE_UP = "give_up"  # (message): the attempt that reached --max-retries
+    FATAL = "fatal"  # (message): retrying cannot help
+    STOP = "stop"  # (): a clean stop
 
 
-class _ProxyHeaderTarget(StreamProtocol):
-    """A target connection that starts with a PROXY protocol header, written
-    before attach_local flushes the visitor's early bytes. The header is not
-    stream data: it counts against no window or offset, and it is not kept
-    once written."""
+#: The states that are never left (but for STOPPING -> FAILED).
+LEAVING = frozenset({ClientState.STOPPING, ClientState.FAILED, ClientState.GAVE_UP})
 
-    def __init__(self, stream: Stream, header: bytes) -> None:
-        super().__init__(stream)
-        self.header = header
 
-    def connectionMade(self) -> None:
-        header, self.header = self.header, b""
-        write_now(self.transport, header)
-        super().connectionMade()
+class ImpossibleTransition(RuntimeError):
+    """An input that the client's state has no transition for: a bug."""
+
+    def __init__(self, state: ClientState, event: ClientInput) -> None:
+        super().__init__(f"the client cannot take {event.name} in state {state.name}")
+        self.state, self.event = state, event
 
 
 class TunnelClient:
-    """The client's side of its session (the mux Session's delegate)."""
+    """The client's side of its session (the mux Session's delegate), and
+    the state machine of its connection: every input goes through
+    `_transition`, which looks up `TRANSITIONS` and raises
+    ImpossibleTransition for a pair that is not there."""
 
     log = Logger()
 
@@ -147,31 +112,30 @@ class TunnelClient:
         self.config = config
         self.on_fatal = on_fatal
         self.tls_creator = tls_creator
+        self.state = ClientState.CONNECTING
         self.tunnels: dict[int, TunnelSpec] = {t.tunnel_id: t for t in config.tunnels}
         self.session: Session | None = None
         self.session_id: str | None = None
         self.session_secret: str | None = None
-        self.link: ClientLink | None = None
-        self.links: set[ClientLink] = set()  # every live link, handshaking or not
+        self.link: ClientLink | None = None  # the link the session runs on (READY)
+        self.handshaking: ClientLink | None = None  # the link waiting for WELCOME (HANDSHAKING, RESUMING)
         self.bound: dict[int, tuple[str, int]] = {}
         # tunnel id -> "host:port" from its BOUND, never popped (ids are never
         # reused): a removed tunnel's connections keep their metrics label
         self.tunnel_names: dict[int, str] = {}
         self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
-        self.failed = False
-        self._connecting: dict[int, _TargetFactory] = {}
+        self._connecting: dict[int, TargetFactory] = {}
         self._bind_retries: list[Any] = []
         # live tunnel changes (add_tunnel, remove_tunnel): ids are never reused
         self._next_tunnel_id = max(self.tunnels, default=0) + 1
         self._unbound: set[int] = set()  # removed ids whose BOUND/BIND_FAILED may still come
         self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
-        self._taken_over: set[int] = set()  # tunnels whose port a newer client of our credential holds
+        self._taken_over: set[int] = set()  # tunnels told (once, at warn) that a newer client holds the port
         self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=False)
         self.failed_attempts = 0  # connection attempts in a row that made no session
-        self.on_attempt_failed: Callable[[str], None] | None = None
 
-    def link_factory(self) -> Factory:
+    def link_factory(self) -> Factory[ClientLink]:
         factory = Factory.forProtocol(lambda: ClientLink(self))
         factory.noisy = False
         return factory
@@ -183,12 +147,160 @@ class TunnelClient:
         self._check_all_bound()
         return d
 
-    def fatal(self, message: str, event: str = "fatal") -> None:
-        if self.failed:
-            return
-        self.failed = True
+    # ------------------------------------------------------------ inputs
+
+    def link_made(self, link: ClientLink) -> None:
+        self._transition(ClientInput.LINK_MADE, link)
+
+    def connect_failed(self, why: str) -> None:
+        """An attempt failed before a link was made (the endpoint's errback)."""
+        self._transition(ClientInput.CONNECT_FAILED, why)
+
+    def welcomed(self, link: ClientLink, welcome: wire.Welcome) -> None:
+        resumed = welcome.resumed and self.session is not None and welcome.session == self.session_id
+        self._transition(ClientInput.RESUMED if resumed else ClientInput.WELCOMED, link, welcome)
+
+    def handshake_abandoned(self, link: ClientLink, why: str) -> None:
+        """The link gave up on this attempt and logged why (it closes next)."""
+        self._transition(ClientInput.HANDSHAKE_ABANDONED, link, why)
+
+    def link_lost(self, link: ClientLink, reason: Failure) -> None:
+        self._transition(ClientInput.LINK_LOST, link, reason)
+
+    def session_failed(self, link: ClientLink) -> None:
+        self._transition(ClientInput.SESSION_FAILED, link)
+
+    def fatal(self, message: str) -> None:
+        """Retrying cannot help: leave the server (GOAWAY) and tell on_fatal (once)."""
+        self._transition(ClientInput.FATAL, message)
+
+    def stop(self) -> None:
+        """A clean stop: GOAWAY while the link is up, then let the link close."""
+        self._transition(ClientInput.STOP)
+
+    def _transition(self, event: ClientInput, *data: Any) -> None:
+        try:
+            target, effect = self.TRANSITIONS[self.state, event]
+        except KeyError:
+            raise ImpossibleTransition(self.state, event) from None
+        self.state = target  # first: an effect may feed the next input (FATAL, GIVE_UP)
+        if effect is not None:
+            effect(self, *data)
+
+    # ------------------------------------------------------------ effects
+
+    def _send_hello(self, link: ClientLink) -> None:
+        self.handshaking = link
+        link.await_welcome(self.hello())
+
+    def _refuse_link(self, link: ClientLink) -> None:
+        link.abort()  # made while leaving: nothing to say on it
+
+    def _start_new_session(self, link: ClientLink, welcome: wire.Welcome) -> None:
+        self.handshaking, self.link, self.failed_attempts = None, link, 0
+        if self.session is not None:
+            self.log.warn(
+                "the server did not resume the session (it restarted or the grace ran "
+                "out); closing {n} tunnelled connections and binding again",
+                n=len(self.session.streams),
+                event="session_lost", session=(self.session_id or "")[:8], streams=len(self.session.streams),
+            )
+            self.abandon_session()
+        self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
+        self.session_id, self.session_secret = welcome.session, welcome.secret
+        self.events.sessions_started += 1
+        self.log.info(
+            "connected to {server}; session {session} started",
+            server=format_host_port(self.config.server_host, self.config.server_port),
+            session=welcome.session[:8], event="connected",
+        )
+        self.bound.clear()
+        self._unbound.clear()
+        self._taken_over.clear()
+        link.start_session(self.session, False, welcome.max_frame)
+        for spec in self.tunnels.values():
+            self._send_bind(spec)
+
+    def _resume_session(self, link: ClientLink, welcome: wire.Welcome) -> None:
+        session = self.session
+        assert session is not None
+        self.handshaking, self.link, self.failed_attempts = None, link, 0
+        self.log.info(
+            "link restored; session resumed with {n} open streams", n=len(session.streams),
+            event="session_resumed", session=welcome.session[:8], streams=len(session.streams),
+        )
+        self.events.resumes += 1
+        link.start_session(session, True, welcome.max_frame)
+
+    def _handshake_link_lost(self, link: ClientLink, reason: Failure) -> None:
+        self.handshaking = None
+        self._explain_failed_handshake(reason)
+        self._attempt_failed(reason.getErrorMessage())
+
+    def _handshake_abandoned(self, link: ClientLink, why: str) -> None:
+        self.handshaking = None
+        self._attempt_failed(why)
+
+    def _session_link_lost(self, link: ClientLink, reason: Failure) -> None:
+        self.link = None
+        self.events.links_lost += 1
+
+    def _session_ended(self, link: ClientLink) -> None:
+        self.abandon_session()
+        self.link = None
+        self.events.links_lost += 1
+
+    def _forget_link(self, link: ClientLink, reason: Failure) -> None:
+        if self.handshaking is link:
+            self.handshaking = None
+        if self.link is link:
+            self.link = None
+            self.events.links_lost += 1
+
+    def _forget_session(self, link: ClientLink) -> None:
+        if link.session is not None and link.session is self.session:
+            self.abandon_session()
+
+    def _attempt_failed(self, why: str) -> None:
+        """One more attempt in a row without a session: the backoff grows
+        with it; the one that reaches --max-retries gives up."""
+        self.failed_attempts += 1
+        limit = self.config.max_retries
+        if limit is not None and self.failed_attempts >= limit:
+            self._transition(
+                ClientInput.GIVE_UP,
+                f"giving up after {self.failed_attempts} failed attempts in a row to connect to the "
+                f"rtunnel server at {format_host_port(self.config.server_host, self.config.server_port)} "
+                f"(--max-retries {limit}); the last one: {why.rstrip('.')}. Check that the server runs "
+                "and is reachable, or raise --max-retries.",
+            )
+
+    def _give_up(self, message: str) -> None:
+        # soon, not now: this runs inside ClientService's callbacks, and on_fatal stops it
+        self.reactor.callLater(0, self._report_fatal, message, "gave_up")
+
+    def _fail(self, message: str) -> None:
+        self._report_fatal(message, "fatal")
+
+    def _report_fatal(self, message: str, event: str) -> None:
         self.log.critical("{reason}", event=event, reason=message)
+        self.leave()
         self.on_fatal(message)
+
+    def leave(self) -> None:
+        """Tell the server we are leaving (GOAWAY) while the link is up, and
+        ready the link to close: the connector's disconnect then ends it."""
+        self.say_goodbye()
+        if self.handshaking is not None:
+            self.handshaking.abort()  # TLS cannot close cleanly mid-handshake
+        link = self.link
+        if link is not None and link.session is not None:
+            link.session.detach()  # TLS cannot close while the session produces
+
+    #: (state, input) -> (next state, effect): every transition of the
+    #: client's connection (built below the class); a pair that is not
+    #: there is impossible.
+    TRANSITIONS: ClassVar[dict[tuple[ClientState, ClientInput], tuple[ClientState, Callable[..., None] | None]]]
 
     # ------------------------------------------------------------ handshake
 
@@ -202,42 +314,6 @@ class TunnelClient:
         if self.session is not None:
             body["resume"] = {"session": self.session_id, "secret": self.session_secret}
         return body
-
-    def welcome(self, link: ClientLink, body: dict[str, Any]) -> None:
-        session_id, secret = body.get("session"), body.get("secret")
-        peer_max = body.get("max_frame", wire.DEFAULT_MAX_FRAME)
-        if not isinstance(session_id, str) or not isinstance(secret, str):
-            raise ProtocolViolation("WELCOME lacks session and secret")
-        if not isinstance(peer_max, int) or peer_max < wire.MIN_MAX_FRAME:
-            raise ProtocolViolation(f"WELCOME max_frame must be an integer >= {wire.MIN_MAX_FRAME}")
-        peer_max = min(peer_max, wire.MAX_U32)
-        self.link = link
-        if body.get("resumed") and self.session is not None and session_id == self.session_id:
-            self.log.info(
-                "link restored; session resumed with {n} open streams", n=len(self.session.streams),
-                event="session_resumed", session=session_id[:8], streams=len(self.session.streams),
-            )
-            self.events.resumes += 1
-            link.start_session(self.session, True, peer_max)
-            return
-        if self.session is not None:
-            self.log.warn(
-                "the server did not resume the session (it restarted or the grace ran "
-                "out); closing {n} tunnelled connections and binding again",
-                n=len(self.session.streams),
-                event="session_lost", session=(self.session_id or "")[:8], streams=len(self.session.streams),
-            )
-            self.abandon_session()
-        self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
-        self.session_id, self.session_secret = session_id, secret
-        self.events.sessions_started += 1
-        self.log.info("connected to {server}; session {session} started", server=format_host_port(self.config.server_host, self.config.server_port), session=session_id[:8], event="connected")
-        self.bound.clear()
-        self._unbound.clear()
-        self._taken_over.clear()
-        link.start_session(self.session, False, peer_max)
-        for spec in self.tunnels.values():
-            self._send_bind(spec)
 
     def shutdown(self) -> None:
         """The client is stopping: close every tunnelled connection."""
@@ -267,7 +343,6 @@ class TunnelClient:
         self.session.send_json(
             FrameType.BIND, {"tunnel": spec.tunnel_id, "host": spec.bind_host, "port": spec.bind_port}
         )
-
     # ------------------------------------------------------------ live tunnel changes
 
     def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:
@@ -302,15 +377,6 @@ class TunnelClient:
             raise KeyError(spec.tunnel_id)
         self.tunnels[spec.tunnel_id] = spec
 
-    def link_lost(self, link: ClientLink, reason: Failure) -> None:
-        if self.link is link:
-            self.link = None
-            self.events.links_lost += 1
-        if link.session is None and not link.handshake_done:
-            self._explain_failed_handshake(reason)
-        if not link.established and self.on_attempt_failed is not None:
-            self.on_attempt_failed(reason.getErrorMessage())
-
     def _explain_failed_handshake(self, reason: Failure) -> None:
         creator = self.tls_creator
         if isinstance(creator, TrustOnFirstUseCreator) and creator.store_error is not None:
@@ -323,7 +389,11 @@ class TunnelClient:
                 "Someone may be intercepting, or the server's key was replaced. If you trust the "
                 f"new key, remove the line for {creator.key} from {creator.path}."
             )
-        elif isinstance(creator, PinnedCertificateCreator) and creator.mismatch is not None:
+        elif (
+            isinstance(creator, PinnedCertificateCreator)
+            and creator.mismatch is not None
+            and creator.fingerprint is not None
+        ):
             self.fatal(
                 f"the server's certificate has fingerprint {format_fingerprint(creator.mismatch)} "
                 f"but --fingerprint is {format_fingerprint(creator.fingerprint)}: you may be "
@@ -355,7 +425,7 @@ class TunnelClient:
             self._connecting.pop(stream.id, None)
             if failure is None or stream.closed:
                 return  # connected, or cancelled: the stream is gone
-            code, why = _reset_code_for(failure)
+            code, why = reset_code_for(failure)
             self.log.warn(
                 "target {target} failed for a visitor from {visitor}: {why}",
                 target=spec.target, visitor=format_peer(info.get("src")), why=why,
@@ -364,7 +434,7 @@ class TunnelClient:
             )
             stream.local_failed(code, f"target {spec.target}: {why}")
 
-        factory = self._connecting[stream.id] = _TargetFactory(stream, header, settled)
+        factory = self._connecting[stream.id] = TargetFactory(stream, header, settled)
         factory.connect(self.reactor, spec, self.config.connect_timeout)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
@@ -374,72 +444,74 @@ class TunnelClient:
             connecting.cancel()
 
     def control_frame(self, session: Session, frame: Frame) -> None:
-        if self.failed:
+        if self.state is ClientState.FAILED:
             return  # leaving: a BOUND read with the fatal refusal is not "tunnel ready"
         if frame.type is FrameType.BOUND:
-            body = wire.decode_json(frame)
-            if body.get("tunnel") in self._unbound:
-                return  # bound before our UNBIND reached the server, which closes it
-            spec = self.tunnels.get(body.get("tunnel", -1))
-            port = body.get("port")
-            if spec is None or not isinstance(port, int):
-                raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
-            self.bound[spec.tunnel_id] = (str(body.get("host", spec.bind_host)), port)
-            self._taken_over.discard(spec.tunnel_id)
-            self.tunnel_names[spec.tunnel_id] = tunnel_name(*self.bound[spec.tunnel_id])
-            host = self.bound[spec.tunnel_id][0]
-            self.log.info(
-                "tunnel ready: {address} -> {target}",
-                address=public_address(host, port, self.config.server_host), target=spec.target,
-                server=bracket(self.config.server_host), port=port,
-                event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
-            )
-            self._check_all_bound()
+            self._bound(wire.Bound.parse(frame))
         elif frame.type is FrameType.BIND_FAILED:
-            body = wire.decode_json(frame)
-            spec = self.tunnels.get(body.get("tunnel", -1))
-            message = str(body.get("message", "no reason given"))
-            code = str(body.get("code", ""))
-            if spec is None and body.get("tunnel") in self._unbound:
-                return  # refused, and removed since: nothing to do
-            if spec is None:
-                raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
-            if code == "taken_over":  # a newer client of our credential holds the port: wait for it
-                public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
-                level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
-                self._taken_over.add(spec.tunnel_id)
-                level(
-                    "port {port} is not ours now: {message}; asking again every {delay:.0f} s",
-                    port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
-                    tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
-                )
-                self._retry_bind_later(session, spec)
-                return
-            if code == "closed":  # the server's administrator closed a bound port
-                public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
-                self.log.warn(
-                    "the server closed port {port}: {message}; it opens again when this "
-                    "client starts a new session (restart it to reopen the port now)",
-                    port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
-                )
-                return
-            text = f"the server refused to open port {spec.bind_port}: {message}"
-            if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
-                # a tunnel added while running: drop it, keep the others up
-                self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
-                self.tunnels.pop(spec.tunnel_id, None)
-                self._added_live.discard(spec.tunnel_id)
-                self._check_all_bound()
-            elif code in FATAL_BIND_CODES:
-                self.fatal(text)
-            else:
-                self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY, event="bind_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
-                self._retry_bind_later(session, spec)
+            self._bind_failed(session, wire.BindFailed.parse(frame))
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
+
+    def _bound(self, answer: wire.Bound) -> None:
+        if answer.tunnel in self._unbound:
+            return  # bound before our UNBIND reached the server, which closes it
+        spec = self.tunnels.get(answer.tunnel)
+        if spec is None:
+            raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
+        host = answer.host if answer.host is not None else spec.bind_host
+        self.bound[spec.tunnel_id] = (host, answer.port)
+        self._taken_over.discard(spec.tunnel_id)
+        self.tunnel_names[spec.tunnel_id] = tunnel_name(host, answer.port)
+        self.log.info(
+            "tunnel ready: {address} -> {target}",
+            address=public_address(host, answer.port, self.config.server_host), target=spec.target,
+            server=bracket(self.config.server_host), port=answer.port,
+            event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
+        )
+        self._check_all_bound()
+
+    def _bind_failed(self, session: Session, answer: wire.BindFailed) -> None:
+        spec = self.tunnels.get(answer.tunnel)
+        message, code = answer.message or "no reason given", answer.code
+        if spec is None and answer.tunnel in self._unbound:
+            return  # refused, and removed since: nothing to do
+        if spec is None:
+            raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
+        if code == "taken_over":  # a newer client of our credential holds the port: wait for it
+            public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
+            level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
+            self._taken_over.add(spec.tunnel_id)
+            level(
+                "port {port} is not ours now: {message}; asking again every {delay:.0f} s",
+                port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
+                tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
+            )
+            self._retry_bind_later(session, spec)
+            return
+        if code == "closed":  # the server's administrator closed a bound port
+            public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
+            self.log.warn(
+                "the server closed port {port}: {message}; it opens again when this "
+                "client starts a new session (restart it to reopen the port now)",
+                port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
+            )
+            return
+        text = f"the server refused to open port {spec.bind_port}: {message}"
+        if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
+            # a tunnel added while running: drop it, keep the others up
+            self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
+            self.tunnels.pop(spec.tunnel_id, None)
+            self._added_live.discard(spec.tunnel_id)
+            self._check_all_bound()
+        elif code in FATAL_BIND_CODES:
+            self.fatal(text)
+        else:
+            self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY, event="bind_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
+            self._retry_bind_later(session, spec)
 
     def tunnel_name(self, tunnel_id: int) -> str:
         """A tunnel's public "host:port" as the server bound it (the
@@ -465,19 +537,74 @@ class TunnelClient:
                 d.callback(dict(self.bound))
 
 
+
+
+def _transitions() -> dict[tuple[ClientState, ClientInput], tuple[ClientState, Callable[..., None] | None]]:
+    S, I, C = ClientState, ClientInput, TunnelClient  # noqa: E741
+    table: dict[tuple[ClientState, ClientInput], tuple[ClientState, Callable[..., None] | None]] = {
+        (S.CONNECTING, I.LINK_MADE): (S.HANDSHAKING, C._send_hello),
+        (S.CONNECTING, I.CONNECT_FAILED): (S.CONNECTING, C._attempt_failed),
+        (S.CONNECTING, I.LINK_LOST): (S.CONNECTING, None),  # a link abandoned or failed before
+        (S.CONNECTING, I.SESSION_FAILED): (S.CONNECTING, None),  # ditto, as it closes
+        (S.CONNECTING, I.GIVE_UP): (S.GAVE_UP, C._give_up),
+        (S.HANDSHAKING, I.WELCOMED): (S.READY, C._start_new_session),
+        (S.HANDSHAKING, I.HANDSHAKE_ABANDONED): (S.CONNECTING, C._handshake_abandoned),
+        (S.HANDSHAKING, I.LINK_LOST): (S.CONNECTING, C._handshake_link_lost),
+        (S.HANDSHAKING, I.SESSION_FAILED): (S.HANDSHAKING, None),  # no session yet; the link closes
+        (S.READY, I.LINK_LOST): (S.LOST, C._session_link_lost),
+        (S.READY, I.SESSION_FAILED): (S.CONNECTING, C._session_ended),
+        (S.LOST, I.LINK_MADE): (S.RESUMING, C._send_hello),
+        (S.LOST, I.CONNECT_FAILED): (S.LOST, C._attempt_failed),
+        (S.LOST, I.LINK_LOST): (S.LOST, None),
+        (S.LOST, I.SESSION_FAILED): (S.LOST, None),
+        (S.LOST, I.GIVE_UP): (S.GAVE_UP, C._give_up),
+        (S.RESUMING, I.RESUMED): (S.READY, C._resume_session),
+        (S.RESUMING, I.WELCOMED): (S.READY, C._start_new_session),  # the held session is gone
+        (S.RESUMING, I.HANDSHAKE_ABANDONED): (S.LOST, C._handshake_abandoned),
+        (S.RESUMING, I.LINK_LOST): (S.LOST, C._handshake_link_lost),
+        (S.RESUMING, I.SESSION_FAILED): (S.RESUMING, None),  # the held session is kept
+        (S.FAILED, I.FATAL): (S.FAILED, None),  # the first fatal error is the one told
+        (S.GAVE_UP, I.FATAL): (S.GAVE_UP, None),
+    }
+    for state in S:
+        if state not in (S.FAILED, S.GAVE_UP):
+            table[state, I.FATAL] = (S.FAILED, C._fail)
+        if state not in LEAVING:
+            table[state, I.STOP] = (S.STOPPING, C.leave)
+    for state in LEAVING:  # leaving: links close, and nothing starts again
+        table[state, I.LINK_MADE] = (state, C._refuse_link)
+        table[state, I.CONNECT_FAILED] = (state, None)
+        table[state, I.WELCOMED] = (state, None)  # on a link that is being closed
+        table[state, I.RESUMED] = (state, None)
+        table[state, I.HANDSHAKE_ABANDONED] = (state, None)
+        table[state, I.LINK_LOST] = (state, C._forget_link)
+        table[state, I.SESSION_FAILED] = (state, C._forget_session)
+        table[state, I.GIVE_UP] = (state, None)
+        table[state, I.STOP] = (state, C.leave)
+    return table
+
+
+TunnelClient.TRANSITIONS = _transitions()
+
+
 class ClientLink(ControlLink):
+    """One connection to the server. What its events mean (a failed
+    attempt, a lost session, a resume) is the client's state machine's
+    business: the link reports them."""
+
     def __init__(self, client: TunnelClient) -> None:
         super().__init__(client.reactor, client.config.keepalive)
         self.client = client
-        self.handshake_done = False
-        self.established = False  # a session started on this link
-        self._handshake_call: Any = None
+        self._handshake_call: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.client.links.add(self)
-        self.send(wire.encode_json(FrameType.HELLO, self.client.hello()))
-        # TLS + WELCOME must arrive in time, or this attempt is abandoned
+        self.client.link_made(self)
+
+    def await_welcome(self, hello: dict[str, Any]) -> None:
+        """Send HELLO: TLS and WELCOME must then arrive within dead_after,
+        or this attempt is abandoned."""
+        self.send(wire.encode_json(FrameType.HELLO, hello))
         self._handshake_call = self.clock.callLater(self.keepalive.dead_after, self._handshake_expired)
 
     def _handshake_expired(self) -> None:
@@ -487,12 +614,11 @@ class ClientLink(ControlLink):
             t=self.keepalive.dead_after,
             event="handshake_timeout", timeout=self.keepalive.dead_after,
         )
-        self.handshake_done = True  # explained here
+        self.client.handshake_abandoned(self, f"no answer within {self.keepalive.dead_after:.0f} s of connecting")
         self.abort()
 
     def start_session(self, session: Session, resuming: bool, peer_max_frame: int) -> None:
         self._cancel_handshake_timer()
-        self.established, self.client.failed_attempts = True, 0
         super().start_session(session, resuming, peer_max_frame)
 
     def _cancel_handshake_timer(self) -> None:
@@ -503,21 +629,22 @@ class ClientLink(ControlLink):
     def handshake_frame(self, frame: Frame) -> None:
         if frame.type is not FrameType.WELCOME:
             raise ProtocolViolation(f"expected WELCOME, got {frame.type.name}")
-        self.handshake_done = True
-        self.client.welcome(self, wire.decode_json(frame))
+        try:
+            welcome = wire.Welcome.parse(frame)
+        except FrameError as e:
+            self.client.handshake_abandoned(self, str(e))  # logged as the link closes with it
+            raise
+        self.client.welcomed(self, welcome)
 
     def error_received(self, code: int, reason: str) -> None:
         if code in FATAL_ERRORS:
-            self.handshake_done = True  # explained here, not as a TLS failure
             self.client.fatal(f"the server refused us: {reason}")
         else:
             super().error_received(code, reason)
 
     def session_failed(self) -> None:
-        if self.session is not None:
-            self.client.abandon_session()
+        self.client.session_failed(self)
 
     def link_lost(self, session: Session | None, reason: Failure) -> None:
         self._cancel_handshake_timer()
-        self.client.links.discard(self)
         self.client.link_lost(self, reason)

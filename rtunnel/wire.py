@@ -12,7 +12,7 @@ import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 HEADER = struct.Struct(">BBII")
 HEADER_SIZE = HEADER.size
@@ -247,7 +247,7 @@ def decode_json(frame: Frame) -> dict[str, Any]:
     return obj
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -438,7 +438,7 @@ class FrameDecoder:
                     with memoryview(buf) as view:  # one copy of the body, not two
                         body = bytes(view[start:pos])
                 else:
-                    body = source[start:pos]
+                    body = data[start:pos]  # source is data itself here
                 yield Frame(ftype, flags, stream_id, body)
         finally:
             if source is buf:
@@ -454,7 +454,7 @@ def _u32_field(body: dict[str, Any], message: str, key: str, top: int = MAX_U32)
     value = body.get(key)
     if not _is_int(value) or not 0 <= value <= top:
         raise FrameError(f"{message} {key} must be an integer 0..{top}")
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,3 +494,115 @@ class Unbind:
 
     def to_json(self) -> dict[str, Any]:
         return {"tunnel": self.tunnel}
+
+
+# --- handshake and tunnel answers (client)
+#
+# What the client receives from the server, as typed values: each `parse`
+# checks every field it reads and raises FrameError (HandshakeError for
+# WELCOME) naming the field and saying what it must be; unknown keys are
+# ignored. `to_json` gives the body a server sends.
+
+
+def _welcome_hex(body: dict[str, Any], name: str, size: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or len(value) != size or not all(c in "0123456789abcdef" for c in value):
+        raise HandshakeError(
+            f"WELCOME {name} must be a string of {size} lower-case hex digits (the client sends it back "
+            "to resume)"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """The server's answer to HELLO: the session to keep (and its secret, to
+    resume it), whether the HELLO's resume was accepted, the version chosen
+    and the largest frame body the server accepts (above 2**32-1 is taken
+    as 2**32-1: no frame can be longer)."""
+
+    session: str
+    secret: str
+    resumed: bool = False
+    version: int = 1
+    max_frame: int = DEFAULT_MAX_FRAME
+
+    @classmethod
+    def parse(cls, frame: Frame) -> Welcome:
+        body = decode_json(frame)
+        session = _welcome_hex(body, "session", SESSION_ID_HEX)
+        secret = _welcome_hex(body, "secret", SESSION_SECRET_HEX)
+        resumed = body.get("resumed", False)
+        if not isinstance(resumed, bool):
+            raise HandshakeError("WELCOME resumed must be true or false")
+        version = body.get("version", 1)
+        if not _is_int(version) or not 1 <= version <= MAX_VERSION:
+            raise HandshakeError(f"WELCOME version must be an integer from 1 to {MAX_VERSION}")
+        max_frame = body.get("max_frame", DEFAULT_MAX_FRAME)
+        if not _is_int(max_frame) or max_frame < MIN_MAX_FRAME:
+            raise HandshakeError(f"WELCOME max_frame must be an integer >= {MIN_MAX_FRAME}")
+        return cls(session, secret, resumed, version, min(max_frame, MAX_U32))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "session": self.session, "secret": self.secret,
+            "resumed": self.resumed, "max_frame": self.max_frame,
+        }
+
+    def encode(self) -> bytes:
+        """The whole WELCOME frame (it is sent before any session exists)."""
+        return encode_json(FrameType.WELCOME, self.to_json())
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """BOUND: tunnel `tunnel` listens on `host` (the address the server
+    bound; None if the server did not say) and `port` (the real port)."""
+
+    tunnel: int
+    host: str | None
+    port: int
+
+    @classmethod
+    def parse(cls, frame: Frame) -> Bound:
+        body = decode_json(frame)
+        tunnel = _u32_field(body, "BOUND", "tunnel")
+        port = body.get("port")
+        if not _is_int(port) or not 0 <= port <= 65535:
+            raise FrameError("BOUND port must be an integer from 0 to 65535")
+        host = body.get("host")
+        if host is not None and not isinstance(host, str):
+            raise FrameError("BOUND host must be a string (an IP address)")
+        return cls(tunnel, host, port)
+
+    def to_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"tunnel": self.tunnel, "port": self.port}
+        if self.host is not None:
+            body["host"] = self.host
+        return body
+
+
+@dataclass(frozen=True, slots=True)
+class BindFailed:
+    """BIND_FAILED: the server refused (or took back) tunnel `tunnel`.
+    `code` says what the client does (docs/protocol.md; an unknown code
+    means "retry later"), `message` names what to change ("" if none)."""
+
+    tunnel: int
+    code: str
+    message: str = ""
+
+    @classmethod
+    def parse(cls, frame: Frame) -> BindFailed:
+        body = decode_json(frame)
+        tunnel = _u32_field(body, "BIND_FAILED", "tunnel")
+        code = body.get("code", "")
+        if not isinstance(code, str):
+            raise FrameError("BIND_FAILED code must be a string (e.g. \"in_use\")")
+        message = body.get("message", "")
+        if not isinstance(message, str):
+            raise FrameError("BIND_FAILED message must be a string")
+        return cls(tunnel, code, message)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tunnel": self.tunnel, "code": self.code, "message": self.message}

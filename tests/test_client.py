@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rtunnel import wire
-from rtunnel.client import BIND_RETRY_DELAY, TunnelClient, retry_policy
+from rtunnel.client import BIND_RETRY_DELAY, ClientState, TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.mux import Session, Stream, StreamProtocol
 from rtunnel.wire import FrameType, ResetCode
@@ -233,10 +233,13 @@ class BindRefusalTests(unittest.SynchronousTestCase):
         return sum(1 for _, ftype, _, _ in session._outbox if ftype is FrameType.BIND)
 
     def test_refusals_retrying_cannot_fix_are_fatal(self) -> None:
+        fatal = []
         for code in ("not_permitted", "bad_address", "limit"):
-            self.client.failed = False
+            self.setUp()  # a client of its own for each
             self.refuse(code)
-        self.assertEqual(len(self.fatal), 3)
+            self.assertEqual(self.client.state, ClientState.FAILED, code)
+            fatal += self.fatal
+        self.assertEqual(len(fatal), 3)
 
     def test_an_unknown_code_is_retried_not_fatal(self) -> None:
         """A newer server may add codes the client does not know yet: the

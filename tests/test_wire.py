@@ -721,3 +721,77 @@ class TunnelMessageTests(SynchronousTestCase):
         self.assertIn("UNBIND tunnel", str(e))
         e = self.assertRaises(wire.FrameError, wire.Bind.parse, b"[1]")
         self.assertIn("JSON object", str(e))
+
+
+class ServerAnswerTests(SynchronousTestCase):
+    """WELCOME, BOUND and BIND_FAILED parse into typed values (what the
+    client acts on), and a field of the wrong type or range is a FrameError
+    that names it."""
+
+    SESSION, SECRET = "0123456789abcdef" * 2, "fedcba9876543210" * 4
+
+    def frame(self, ftype: FrameType, body: dict) -> Frame:
+        return decode_one(wire.encode_json(ftype, body))
+
+    def rejects(self, parse: object, ftype: FrameType, body: dict, field: str) -> None:
+        with self.assertRaises(FrameError, msg=repr(body)) as cm:
+            parse(self.frame(ftype, body))  # type: ignore[operator]
+        self.assertIn(f"{ftype.name} {field} ", str(cm.exception))
+
+    def test_welcome_round_trips_through_its_frame(self) -> None:
+        welcome = wire.Welcome(self.SESSION, self.SECRET, True, 1, 65536)
+        self.assertEqual(wire.Welcome.parse(decode_one(welcome.encode())), welcome)
+
+    def test_welcome_without_optional_fields_takes_their_defaults(self) -> None:
+        welcome = wire.Welcome.parse(self.frame(FrameType.WELCOME, {"session": self.SESSION, "secret": self.SECRET}))
+        self.assertEqual(welcome, wire.Welcome(self.SESSION, self.SECRET, False, 1, DEFAULT_MAX_FRAME))
+
+    def test_welcome_max_frame_above_u32_is_taken_as_u32(self) -> None:
+        body = {"session": self.SESSION, "secret": self.SECRET, "max_frame": 1 << 40}
+        self.assertEqual(wire.Welcome.parse(self.frame(FrameType.WELCOME, body)).max_frame, wire.MAX_U32)
+
+    def test_welcome_with_a_bad_field_is_a_handshake_error_naming_it(self) -> None:
+        good = {"session": self.SESSION, "secret": self.SECRET}
+        bad = [
+            ("session", None), ("session", 12), ("session", "ab" * 15), ("session", self.SESSION.upper()),
+            ("secret", None), ("secret", self.SESSION), ("resumed", 1), ("resumed", "yes"),
+            ("version", 0), ("version", True), ("version", 1.0),
+            ("max_frame", MIN_MAX_FRAME - 1), ("max_frame", "1048576"), ("max_frame", True),
+        ]
+        for field, value in bad:
+            body = {**good, field: value} if value is not None else {k: v for k, v in good.items() if k != field}
+            with self.assertRaises(wire.HandshakeError, msg=repr(body)) as cm:
+                wire.Welcome.parse(self.frame(FrameType.WELCOME, body))
+            self.assertIn(f"WELCOME {field} ", str(cm.exception))
+
+    def test_bound_round_trips_with_and_without_a_host(self) -> None:
+        for bound in (wire.Bound(7, "::", 4000), wire.Bound(0, None, 65535), wire.Bound(wire.MAX_U32, "", 1)):
+            self.assertEqual(wire.Bound.parse(self.frame(FrameType.BOUND, bound.to_json())), bound)
+
+    def test_bound_with_a_bad_field_names_it(self) -> None:
+        good = {"tunnel": 1, "host": "::", "port": 4000}
+        for field, value in [
+            ("tunnel", -1), ("tunnel", wire.MAX_U32 + 1), ("tunnel", "1"), ("tunnel", False),
+            ("port", 65536), ("port", -1), ("port", "4000"), ("port", 4000.0),
+            ("host", 7), ("host", ["::"]),
+        ]:
+            self.rejects(wire.Bound.parse, FrameType.BOUND, {**good, field: value}, field)
+        for field in ("tunnel", "port"):
+            self.rejects(wire.Bound.parse, FrameType.BOUND, {k: v for k, v in good.items() if k != field}, field)
+
+    def test_bind_failed_round_trips(self) -> None:
+        failed = wire.BindFailed(3, "in_use", "port 4000 is in use by another program")
+        self.assertEqual(wire.BindFailed.parse(self.frame(FrameType.BIND_FAILED, failed.to_json())), failed)
+
+    def test_bind_failed_without_code_or_message_is_an_unknown_code_without_a_reason(self) -> None:
+        """An unknown code means "retry later" (docs/protocol.md): an absent
+        one is read as the empty code, as before."""
+        self.assertEqual(
+            wire.BindFailed.parse(self.frame(FrameType.BIND_FAILED, {"tunnel": 3})), wire.BindFailed(3, "", "")
+        )
+
+    def test_bind_failed_with_a_bad_field_names_it(self) -> None:
+        good = {"tunnel": 1, "code": "in_use", "message": "no"}
+        for field, value in [("tunnel", -2), ("tunnel", 1.5), ("code", 4), ("code", None), ("message", ["no"])]:
+            self.rejects(wire.BindFailed.parse, FrameType.BIND_FAILED, {**good, field: value}, field)
+        self.rejects(wire.BindFailed.parse, FrameType.BIND_FAILED, {"code": "in_use"}, "tunnel")

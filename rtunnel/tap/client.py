@@ -18,7 +18,7 @@ from zope.interface import implementer
 
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
 from rtunnel.addresses import bracket, format_host_port, public_address
-from rtunnel.client import TunnelClient, retry_policy
+from rtunnel.client import ClientState, TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec, parse_host_port, same_forward, tunnel_spec
 from rtunnel.configfile import (
     ConfigFile,
@@ -268,15 +268,12 @@ class ClientMainService(service.MultiService):
             assert config.ca_file is not None
             creator = ca_creator(config.server_host, config.ca_file, client_identity)
         self.client = TunnelClient(reactor, config, self._fatal, creator)
-        self.client.on_attempt_failed = self._attempt_failed
-        self.exit_code = 2  # for fatal errors; 3 when --max-retries gives up
         tls_endpoint = LinkTLSEndpoint(
             creator, HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10), reactor
         )
         endpoint = CountingEndpoint(tls_endpoint, self.client.events)
-        self._giving_up = False
         self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
-        self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self._attempt_failed)
+        self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self.client.connect_failed)
         self.connector = ClientService(
             self._endpoint,
             self.client.link_factory(),
@@ -376,13 +373,17 @@ class ClientMainService(service.MultiService):
             return []
         return CLIENT_OPTIONS.restart_needed(self._running_options, fresh.opts, self.config, fresh.config)
 
+    @property
+    def exit_code(self) -> int:
+        """The status of a fatal end: 3 when --max-retries gave up, else 2."""
+        return 3 if self.client.state is ClientState.GAVE_UP else 2
+
     def _fatal(self, message: str) -> None:
-        """Retrying cannot help: leave the server as a stopping client does
-        (GOAWAY, so it frees the session and its ports at once), stop
-        connecting, close the tunnelled connections, then (exit_on_fatal)
-        end the process with exit_code."""
+        """Retrying cannot help, and the client has left the server as a
+        stopping client does (GOAWAY, so it frees the session and its ports
+        at once): stop connecting, close the tunnelled connections, then
+        (exit_on_fatal) end the process with exit_code."""
         self.fatal_error = message
-        self._leave_server()
         d = defer.maybeDeferred(self.connector.stopService)
         d.addCallback(lambda _: self.client.shutdown())
         waiters, self._fatal_waiters = self._fatal_waiters, []
@@ -401,37 +402,21 @@ class ClientMainService(service.MultiService):
         its count at 1. The backoff goes by the attempts in a row that made
         no session, whichever way they failed."""
         delay = self._retry_policy(max(attempt, self.client.failed_attempts))
+        giving_up = self.client.state is ClientState.GAVE_UP
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
         where = format_host_port(self.config.server_host, self.config.server_port)
         if why is not None:
             self.log.warn(
                 "cannot reach the rtunnel server at {where}: {why}{then}",
-                where=where, why=why, then="" if self._giving_up else f"; retrying in {delay:.1f} s",
+                where=where, why=why, then="" if giving_up else f"; retrying in {delay:.1f} s",
                 event="connect_failed", server=where, reason=why, attempt=attempt, delay=delay,
             )
-        elif not self._giving_up:
+        elif not giving_up:
             self.log.info(
                 "reconnecting to the rtunnel server at {where} in {delay:.1f} s",
                 where=where, delay=delay, event="reconnecting", server=where, attempt=attempt,
             )
         return delay
-
-    def _attempt_failed(self, why: str) -> bool:
-        """One more attempt in a row without a session. At --max-retries,
-        give up (soon: not inside ClientService's callback); True if so."""
-        limit, failures = self.config.max_retries, self.client.failed_attempts + 1
-        self.client.failed_attempts = failures
-        if limit is None or failures < limit or self.fatal_error is not None or not self.running:
-            return False
-        self.exit_code, self._giving_up = 3, True
-        message = (
-            f"giving up after {failures} failed attempts in a row to connect to the rtunnel "
-            f"server at {format_host_port(self.config.server_host, self.config.server_port)} (--max-retries "
-            f"{limit}); the last one: {why.rstrip('.')}. Check that the server runs and is "
-            "reachable, or raise --max-retries."
-        )
-        self.reactor.callLater(0, self.client.fatal, message, "gave_up")
-        return True
 
     def when_fatal(self) -> defer.Deferred[str]:
         """Fires with the message of the first fatal error."""
@@ -442,19 +427,10 @@ class ClientMainService(service.MultiService):
             self._fatal_waiters.append(d)
         return d
 
-    def _leave_server(self) -> None:
-        """Tell the server we are leaving (GOAWAY) while the link is up, and
-        ready every link to close: the connector's disconnect then ends it."""
-        self.client.say_goodbye()
-        for link in list(self.client.links):
-            if not link.handshake_done:
-                link.abort()  # TLS cannot close cleanly mid-handshake
-            elif link.session is not None:
-                link.session.detach()  # TLS cannot close while the session produces
-
     def stopService(self) -> defer.Deferred[None]:
-        """Disconnect, then close every tunnelled connection still open."""
-        self._leave_server()
+        """Leave the server (GOAWAY), disconnect, then close every tunnelled
+        connection still open."""
+        self.client.stop()
         self._sighup.restore()
         d = defer.maybeDeferred(super().stopService)
         d.addCallback(lambda _: self.client.shutdown())
