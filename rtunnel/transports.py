@@ -49,7 +49,17 @@ def close_write_now(transport: Any) -> None:
     """`transport.loseWriteConnection()`, done at once (shutdown(SHUT_WR)
     and the protocol's writeConnectionLost) when nothing is queued and no
     producer is registered: Twisted waits a reactor turn for the socket to
-    be writable, with an epoll_ctl each way and an empty send()."""
+    be writable, with an epoll_ctl each way and an empty send().
+
+    Twisted shuts a socket down only from doWrite, so it never calls doWrite
+    on one it shut. Done here, that can happen once: the reactor event that
+    completes an outgoing connect reports "writable" and, when the peer has
+    already sent something, "readable" too; Twisted runs connectionMade from
+    the read half and then calls doWrite, whose empty send() on the shut
+    socket fails with EPIPE and would end the connection as lost (a target
+    that speaks first, reached by a stream whose FIN came before the
+    connect). From here on nothing can be written, so doWrite has nothing
+    to do; loseConnection() closes without it."""
     close = getattr(transport, "_closeWriteConnection", None)
     if close is None or getattr(transport, "producer", True) is not None or not _idle_socket(transport):
         transport.loseWriteConnection()
@@ -57,6 +67,7 @@ def close_write_now(transport: Any) -> None:
     # what FileDescriptor.doWrite does once the queue is empty
     transport._writeDisconnecting = True
     transport._writeDisconnected = True
+    transport.doWrite = transport.stopWriting  # a write event already polled: nothing to send, no error
     close()
 
 
