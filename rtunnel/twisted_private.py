@@ -71,12 +71,23 @@ def tcp_close_write_now(transport: Any) -> bool:
     """Shut down sending at once (shutdown(SHUT_WR), then the protocol's
     writeConnectionLost), as FileDescriptor.doWrite does once its queue is
     empty. The caller checked `tcp_idle` and that no producer is
-    registered. False (nothing done) if this transport cannot."""
+    registered. False (nothing done) if this transport cannot.
+
+    Twisted shuts a socket down only from doWrite, so it never calls doWrite
+    on one it shut. Done here, that can happen once: the reactor event that
+    completes an outgoing connect reports "writable" and, when the peer has
+    already sent something, "readable" too; Twisted runs connectionMade from
+    the read half and then calls doWrite, whose empty send() on the shut
+    socket fails with EPIPE and would end the connection as lost (a target
+    that speaks first, reached by a stream whose FIN came before the
+    connect). From here on nothing can be written, so doWrite has nothing
+    to do; loseConnection() closes without it."""
     close = getattr(transport, "_closeWriteConnection", None)
     if close is None:
         return False
     transport._writeDisconnecting = True
     transport._writeDisconnected = True
+    transport.doWrite = transport.stopWriting  # a write event already polled: nothing to send, no error
     close()
     return True
 
