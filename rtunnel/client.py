@@ -34,7 +34,7 @@ from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
-FATAL_BIND_CODES = {"not_permitted", "bad_address", "limit"}
+FATAL_BIND_CODES = {"not_permitted", "bad_address", "limit", "unsupported"}
 BIND_RETRY_DELAY = 5.0
 
 
@@ -340,9 +340,7 @@ class TunnelClient:
     def _send_bind(self, spec: TunnelSpec) -> None:
         if self.session is None:
             return
-        self.session.send_json(
-            FrameType.BIND, {"tunnel": spec.tunnel_id, "host": spec.bind_host, "port": spec.bind_port}
-        )
+        self.session.send_json(FrameType.BIND, wire.Bind(spec.tunnel_id, spec.bind_host, spec.bind_port).to_json())
     # ------------------------------------------------------------ live tunnel changes
 
     def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:

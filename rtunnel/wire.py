@@ -457,29 +457,59 @@ def _u32_field(body: dict[str, Any], message: str, key: str, top: int = MAX_U32)
     return value
 
 
+#: Tunnel kinds a BIND may ask for (its "kind"; absent means "tcp"). A
+#: server announces the ones it serves in WELCOME's "features"; a BIND of a
+#: kind the server does not serve gets BIND_FAILED "unsupported".
+TUNNEL_KINDS = ("tcp", "udp", "http", "tls")
+MAX_HOSTNAME = 253  # characters of a DNS name (RFC 1035), after normalisation
+
+
 @dataclass(frozen=True, slots=True)
 class Bind:
-    """BIND: the client asks for a public port as its tunnel `tunnel`.
-    `host` "" (absent or null on the wire) means the server's default
-    address; whether `host` is an IP address the server decides (a
-    BIND_FAILED, not a broken frame)."""
+    """BIND: the client asks for a public name as its tunnel `tunnel`.
+
+    `kind` "tcp" or "udp": a public port, `host` "" (absent or null on the
+    wire) meaning the server's default address; whether `host` is an IP
+    address the server decides (a BIND_FAILED, not a broken frame).
+    `kind` "http" or "tls": a `hostname` (a label the server completes
+    with its domain, or a full name); `host` and `port` are unused (0).
+    An unknown kind parses (the server refuses it with BIND_FAILED)."""
 
     tunnel: int
     host: str
     port: int
+    kind: str = "tcp"
+    hostname: str = ""
 
     @classmethod
     def parse(cls, body: bytes) -> Bind:
         """Check every field; raise FrameError naming the one that is wrong."""
         obj = decode_json(Frame(FrameType.BIND, 0, 0, body))
         tunnel = _u32_field(obj, "BIND", "tunnel")
+        kind = obj.get("kind", "tcp")
+        if not isinstance(kind, str) or not kind:
+            raise FrameError('BIND kind must be a non-empty string: "tcp", "udp", "http" or "tls"')
         host = obj.get("host") or ""
         if not isinstance(host, str):
             raise FrameError("BIND host must be a string: an IP address, or empty for the server's default")
-        return cls(tunnel, host, _u32_field(obj, "BIND", "port", 65535))
+        hostname = obj.get("hostname") or ""
+        if not isinstance(hostname, str):
+            raise FrameError("BIND hostname must be a string: a DNS name or a label of the server's domain")
+        if kind in ("http", "tls"):
+            if not hostname:
+                raise FrameError(f'BIND of kind "{kind}" needs a "hostname"')
+            return cls(tunnel, host, 0, kind, hostname)
+        if kind not in TUNNEL_KINDS:
+            return cls(tunnel, host, 0, kind, hostname)
+        return cls(tunnel, host, _u32_field(obj, "BIND", "port", 65535), kind, hostname)
 
     def to_json(self) -> dict[str, Any]:
-        return {"tunnel": self.tunnel, "host": self.host, "port": self.port}
+        body: dict[str, Any] = {"tunnel": self.tunnel, "host": self.host, "port": self.port}
+        if self.kind != "tcp":  # a BIND of a TCP port stays what servers before "kind" read
+            body["kind"] = self.kind
+        if self.hostname:
+            body["hostname"] = self.hostname
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +556,7 @@ class Welcome:
     resumed: bool = False
     version: int = 1
     max_frame: int = DEFAULT_MAX_FRAME
+    features: tuple[str, ...] = ("tcp",)  # the tunnel kinds the server serves
 
     @classmethod
     def parse(cls, frame: Frame) -> Welcome:
@@ -541,12 +572,15 @@ class Welcome:
         max_frame = body.get("max_frame", DEFAULT_MAX_FRAME)
         if not _is_int(max_frame) or max_frame < MIN_MAX_FRAME:
             raise HandshakeError(f"WELCOME max_frame must be an integer >= {MIN_MAX_FRAME}")
-        return cls(session, secret, resumed, version, min(max_frame, MAX_U32))
+        features = body.get("features", ["tcp"])  # servers before "features" serve TCP ports only
+        if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+            raise HandshakeError('WELCOME features must be a list of strings (tunnel kinds, e.g. ["tcp", "udp"])')
+        return cls(session, secret, resumed, version, min(max_frame, MAX_U32), tuple(features))
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version, "session": self.session, "secret": self.secret,
-            "resumed": self.resumed, "max_frame": self.max_frame,
+            "resumed": self.resumed, "max_frame": self.max_frame, "features": list(self.features),
         }
 
     def encode(self) -> bytes:
@@ -556,29 +590,47 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Bound:
-    """BOUND: tunnel `tunnel` listens on `host` (the address the server
-    bound; None if the server did not say) and `port` (the real port)."""
+    """BOUND: tunnel `tunnel` is served. A port ("tcp", "udp"): `host` is
+    the address the server bound (None if the server did not say) and
+    `port` the real port. A hostname ("http", "tls"): `hostname` is the
+    full name claimed and `urls` the public addresses to print."""
 
     tunnel: int
     host: str | None
     port: int
+    kind: str = "tcp"
+    hostname: str = ""
+    urls: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, frame: Frame) -> Bound:
         body = decode_json(frame)
         tunnel = _u32_field(body, "BOUND", "tunnel")
-        port = body.get("port")
+        kind = body.get("kind", "tcp")
+        hostname = body.get("hostname", "")
+        if not isinstance(kind, str) or not isinstance(hostname, str):
+            raise FrameError("BOUND kind and hostname must be strings")
+        port = body.get("port", 0 if kind in ("http", "tls") else None)
         if not _is_int(port) or not 0 <= port <= 65535:
             raise FrameError("BOUND port must be an integer from 0 to 65535")
         host = body.get("host")
         if host is not None and not isinstance(host, str):
             raise FrameError("BOUND host must be a string (an IP address)")
-        return cls(tunnel, host, port)
+        urls = body.get("urls", [])
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise FrameError("BOUND urls must be a list of strings")
+        return cls(tunnel, host, port, kind, hostname, tuple(urls))
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"tunnel": self.tunnel, "port": self.port}
         if self.host is not None:
             body["host"] = self.host
+        if self.kind != "tcp":
+            body["kind"] = self.kind
+        if self.hostname:
+            body["hostname"] = self.hostname
+        if self.urls:
+            body["urls"] = list(self.urls)
         return body
 
 

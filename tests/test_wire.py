@@ -699,6 +699,15 @@ class TunnelMessageTests(SynchronousTestCase):
         self.assertEqual(wire.Bind.parse(json.dumps(bind.to_json()).encode()), bind)
         self.assertEqual(wire.Unbind.parse(json.dumps(wire.Unbind(7).to_json()).encode()), wire.Unbind(7))
 
+    def test_binds_of_every_kind_round_trip_and_a_tcp_bind_stays_what_older_servers_read(self) -> None:
+        for bind in (wire.Bind(2, "", 5353, "udp"), wire.Bind(3, "", 0, "http", "myapp"),
+                     wire.Bind(4, "", 0, "tls", "app.example.org")):
+            self.assertEqual(wire.Bind.parse(json.dumps(bind.to_json()).encode()), bind)
+        self.assertEqual(wire.Bind(1, "", 80).to_json(), {"tunnel": 1, "host": "", "port": 80})
+
+    def test_a_bind_of_an_unknown_kind_parses_so_the_server_can_refuse_it(self) -> None:
+        self.assertEqual(wire.Bind.parse(b'{"tunnel": 1, "kind": "sctp"}'), wire.Bind(1, "", 0, "sctp"))
+
     def test_a_bind_without_a_host_asks_for_the_servers_default_address(self) -> None:
         self.assertEqual(wire.Bind.parse(b'{"tunnel": 1, "port": 0}'), wire.Bind(1, "", 0))
         self.assertEqual(wire.Bind.parse(b'{"tunnel": 1, "host": null, "port": 80}'), wire.Bind(1, "", 80))
@@ -713,6 +722,11 @@ class TunnelMessageTests(SynchronousTestCase):
             b'{"tunnel": 1, "port": "80"}': "port",
             b'{"tunnel": 1}': "port",
             b'{"tunnel": 1, "host": 5, "port": 1}': "host",
+            b'{"tunnel": 1, "kind": 3, "port": 1}': "kind",
+            b'{"tunnel": 1, "kind": "", "port": 1}': "kind",
+            b'{"tunnel": 1, "kind": "udp"}': "port",
+            b'{"tunnel": 1, "kind": "http"}': "of kind",
+            b'{"tunnel": 1, "kind": "tls", "hostname": 7}': "hostname",
         }
         for body, field in cases.items():
             e = self.assertRaises(wire.FrameError, wire.Bind.parse, body)

@@ -64,6 +64,8 @@ class TunnelServer:
         # visitors never hold the descriptors kept for control connections (rtunnel.descriptors)
         self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.ports = PublicPorts(reactor, config, self.claims, self.credentials.policy_for, self.visitor_gate)
+        #: the tunnel kinds this server serves (WELCOME "features"; others get BIND_FAILED unsupported)
+        self.tunnel_kinds: tuple[str, ...] = ("tcp",)
         self.sessions: dict[str, ServerSession] = {}
         self.session_serials: Iterator[int] = itertools.count(1)
         self.links: set[ServerLink] = set()

@@ -1,7 +1,7 @@
 """The claims registry: which holder owns each public name.
 
-A public name is what a client asks the server to open for it: a TCP port
-today; hostnames and UDP ports come next. Names belong to credentials. Among
+A public name is what a client asks the server to open for it: a TCP port,
+a UDP port or a hostname. Names belong to credentials. Among
 the holders (server sessions) of one credential the newest holds a name;
 an older one that asks for it waits, and the newest waiting holder gets it
 when the holder lets go. Another credential never gets a claimed name, also
@@ -31,8 +31,32 @@ class TcpPort:
         return f"port {self.port} on {self.host}"
 
 
-#: Every kind of public name (hostnames and UDP ports join it).
-Name = TcpPort
+@dataclass(frozen=True, slots=True)
+class UdpPort:
+    """A public UDP port on one bind address (an IP literal)."""
+
+    host: str
+    port: int
+
+    def describe(self) -> str:
+        return f"UDP port {self.port} on {self.host}"
+
+
+@dataclass(frozen=True, slots=True)
+class Hostname:
+    """A public hostname on the server's shared HTTP/HTTPS ports, already
+    normalised (lower case, IDNA A-labels, no trailing dot). One claim
+    covers HTTP, HTTPS and TLS passthrough for the name; a wildcard
+    ("*.alice.example.com") is a name of its own."""
+
+    name: str
+
+    def describe(self) -> str:
+        return f"hostname {self.name}"
+
+
+#: Every kind of public name.
+Name = TcpPort | UdpPort | Hostname
 
 
 class Holder(Protocol):

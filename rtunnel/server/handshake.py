@@ -258,6 +258,7 @@ class ServerLink(ControlLink):
                     "secret": owner.secret,
                     "resumed": resumed,
                     "max_frame": self.server.config.session.max_frame,
+                    "features": list(self.server.tunnel_kinds),
                 },
             )
         )

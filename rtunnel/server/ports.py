@@ -205,6 +205,7 @@ class PublicPorts:
 
     @staticmethod
     def _refusal(refusal: ClaimRefused, owner: ServerSession) -> BindRefused:
+        assert isinstance(refusal.name, TcpPort)
         port, host = refusal.name.port, refusal.name.host
         if refusal.code == ClaimRefused.TAKEN_OVER:  # an older session asks for a newer one's port: it waits
             return BindRefused(

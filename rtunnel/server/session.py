@@ -300,6 +300,13 @@ class ServerSession:
         tunnel_id, host, port = bind.tunnel, bind.host, bind.port  # host "": PublicPorts.bind_default
         if tunnel_id in self.tunnels or tunnel_id in self._binds_waiting:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
+        if bind.kind not in self.server.tunnel_kinds:
+            self._bind_failed(
+                tunnel_id, "unsupported",
+                f"this server does not serve {bind.kind[:20]!r} tunnels (it serves: "
+                f"{', '.join(self.server.tunnel_kinds)}); upgrade or configure the server, or drop the tunnel",
+            )
+            return
         if host and not is_ip_literal(host):
             self._bind_failed(
                 tunnel_id, "bad_address", f"bind address {host[:100]!r} is not an IP address; use e.g. 0.0.0.0 or ::",
