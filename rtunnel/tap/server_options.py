@@ -49,6 +49,12 @@ def _bind_default(value: str) -> tuple[str, ...]:
     return addresses
 
 
+def _public_host(value: str) -> str:
+    host = value.strip().strip("[]")
+    check_ip(host, "--public-host")
+    return host
+
+
 def _at_least_one(name: str, help: str, default: int, field: str, doc: str, **more: object) -> Option:
     return Option(name, Kind.INT, help, default, field=field, low=1, error=AT_LEAST, metavar="N", doc=doc, **more)  # type: ignore[arg-type]
 
@@ -121,6 +127,13 @@ SERVER_OPTIONS = OptionTable("server", [
         "bind-default", Kind.STR, "Bind addresses allowed to clients-file clients that have no 'bind' list.",
         "0.0.0.0,::", field="bind_default", convert=_bind_default, metavar="ADDRS",
         doc="bind addresses allowed to clients-file clients that have no `bind` list",
+    ),
+    Option(
+        "public-host", Kind.STR,
+        "Address public ports are bound on when a client names none (default :: -- IPv6 and, dual "
+        "stack, IPv4; 0.0.0.0 on hosts without IPv6).", "::", field="public_host",
+        convert=_public_host, metavar="ADDR",
+        doc="address public ports are bound on when a client names none (e.g. a fleet member's own address)",
     ),
     Option(
         "cert", Kind.STR, "PEM certificate to use instead of the generated one (with --key).",
