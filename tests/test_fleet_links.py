@@ -27,6 +27,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from rtunnel.admin import RateMeter, describe_session
 from rtunnel.config import TunnelSpec
 from rtunnel.fleet import ca
 from rtunnel.fleet.links import FleetLinks
@@ -201,7 +202,7 @@ class AnyMemberServesEveryTunnelTests(TestCase):
         self.assertEqual(reply, f"{len(payload)} {hashlib.sha256(payload).hexdigest()}".encode())
 
     @defer.inlineCallbacks
-    def test_a_visitor_at_an_edge_that_does_not_read_holds_the_target_back_across_both_hops(self) -> Any:
+    def test_a_visitor_at_an_edge_that_does_not_read_holds_the_target_back_across_both_hops_and_is_listed_at_home(self) -> Any:
         size = 24 * 1024 * 1024
         _, target = listen_target(self, Source, seed=3, size=size)
         fleet = Fleet(self)
@@ -217,6 +218,10 @@ class AnyMemberServesEveryTunnelTests(TestCase):
         # each hop holds at most its window: the edge's stream of the member link, and the home's two streams
         edge_stream = next(iter(fleet.links["m2"].peers["m1"].link.session.streams.values()))
         self.assertLessEqual(edge_stream.received - edge_stream.reported, SETTINGS.max_stream_window)
+        # the home's status page lists the forwarded visitor by its own address
+        (session,) = fleet.tunnels["m1"].server.sessions.values()
+        listed = describe_session(session, reactor.seconds(), RateMeter())["streams"]
+        self.assertEqual([s["visitor"] for s in listed], [f"127.0.0.1:{visitor.transport.getHost().port}"])
         visitor.transport.resumeProducing()
         reply, _ = yield with_timeout(done, 40)
         self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(pattern(3, size)).hexdigest())
