@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -31,6 +32,7 @@ from rtunnel.admin import RateMeter, describe_session
 from rtunnel.config import TunnelSpec
 from rtunnel.fleet import ca
 from rtunnel.fleet.links import FleetLinks
+from rtunnel.metrics import ServerCollector, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server.claims import TcpPort
 from tests.harness import (
@@ -44,6 +46,8 @@ from tests.harness import (
     Visitor,
     free_port,
     listen_target,
+    metric_value,
+    parse_metrics,
     pattern,
     sleep,
     wait_until,
@@ -148,6 +152,11 @@ class Fleet:
         ))
         return service
 
+    def scrape(self, member: str) -> Any:
+        """`member`'s Prometheus metrics, as samples."""
+        registry = registry_for(ServerCollector(lambda: self.tunnels[member].server))
+        return parse_metrics(generate_latest(registry).decode())
+
     def visit(self, member: str, visitor: Visitor) -> defer.Deferred[Any]:
         return visit_from("127.0.0.1", self.address(member), self.public_port, visitor)
 
@@ -165,7 +174,15 @@ class AnyMemberServesEveryTunnelTests(TestCase):
             reply, reason = yield with_timeout(fleet.visit(member, Visitor(payload)), 20)
             self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(payload).hexdigest(), member)
             self.assertTrue(reason.check(ConnectionDone), f"{member}: {reason}")  # half-close both ways, clean
-        self.assertEqual(fleet.links["m1"].visitors_in, 2)  # m2's and m3's, over member links
+        # the metrics of the home and of an edge say which member carried what (docs/metrics.md)
+        home, edge = fleet.scrape("m1"), fleet.scrape("m2")
+        self.assertEqual(metric_value(home, "rtunnel_fleet_visitors_received_total", edge="m2"), 1)
+        self.assertEqual(metric_value(home, "rtunnel_fleet_visitors_received_total", edge="m3"), 1)
+        self.assertEqual(metric_value(home, "rtunnel_fleet_member_links", member="m3", direction="in"), 1)
+        self.assertEqual(metric_value(edge, "rtunnel_fleet_visitors_forwarded_total", home="m1"), 1)
+        self.assertEqual(metric_value(edge, "rtunnel_fleet_visitors_waiting", home="m1"), 0)
+        sent = metric_value(edge, "rtunnel_fleet_member_link_bytes_total", member="m1", direction="out")
+        self.assertGreater(sent, 300_000)
         self.assertEqual(sorted(fleet.links["m2"].peers), ["m1"])
         yield wait_until(lambda: not fleet.tunnels["m1"].server.listeners[("127.0.0.1", fleet.public_port)].open_connections)
 

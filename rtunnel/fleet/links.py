@@ -20,6 +20,7 @@ Two members serving each other's tunnels hold two links, one each way.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 from typing import Protocol as TypingProtocol
@@ -166,7 +167,7 @@ class MemberLink(ControlLink):
             carried = len(session.streams)
             # no resume on member links: the streams it carried end here (docs/fleet.md)
             session.close(ResetCode.ABORTED, f"the member link to {self.peer_member} was lost")
-            self.links.link_down(self, carried)
+            self.links.link_down(self, session, carried)
 
 
 class OutgoingLink(MemberLink):
@@ -258,7 +259,7 @@ class EdgeSide:
             raise ProtocolViolation(f"unexpected {frame.type.name} on a member link")
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
-        self.links.bytes_forwarded += stream.read_total + stream.received
+        pass
 
 
 class HomeSide:
@@ -277,7 +278,7 @@ class HomeSide:
             raise ProtocolViolation(f"unexpected {frame.type.name} on a member link")
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
-        self.links.bytes_received += stream.read_total + stream.received
+        pass
 
 
 # ---------------------------------------------------------------- the home: two streams as one
@@ -402,6 +403,7 @@ class ForwardedVisitor(StreamProtocol):
             )
             self.transport.abortConnection()  # type: ignore[union-attr]
             return
+        links.visitors_forwarded[self.forward.home] += 1
         self.transport.resumeProducing()  # type: ignore[union-attr]  # attach_local pauses it if need be
         super().connectionMade()
 
@@ -572,11 +574,12 @@ class FleetLinks:
         self.incoming: set[IncomingLink] = set()
         self.forwards: dict[Name, ForwardListener] = {}
         self.stopping = False
-        # counters for metrics (docs/fleet.md)
-        self.forwarded_visitors = 0  # visitors at this edge now
-        self.visitors_in = 0  # visitors carried here from edges (total)
-        self.bytes_forwarded = 0  # stream bytes of closed streams of outgoing links
-        self.bytes_received = 0  # stream bytes of closed streams of incoming links
+        # for the metrics (docs/metrics.md "Fleet metrics"): plain counters, read at scrape time
+        self.forwarded_visitors = 0  # visitors at this edge now (carried or waiting)
+        self.visitors_forwarded: Counter[str] = Counter()  # home -> visitors this edge carried there
+        self.visitors_received: Counter[str] = Counter()  # edge -> visitors carried here from it
+        self.ended_link_bytes: Counter[tuple[str, str]] = Counter()  # (member, in|out) of links gone
+        server.fleet_links = self
 
     # ------------------------------------------------------------ starting, stopping
 
@@ -667,7 +670,7 @@ class FleetLinks:
         name = name_from_json(info.get("name"))
         src = _address_field(info.get("src"), "src")
         dst = _address_field(info.get("dst"), "dst")
-        self.visitors_in += 1
+        self.visitors_received[edge] += 1
         if self.directory.fenced:
             hop.reset(ResetCode.REFUSED, f"member {self.member} cannot prove its claims now (cut off from etcd)")
             return
@@ -709,16 +712,29 @@ class FleetLinks:
             member=link.peer_member, direction="in",
         )
 
-    def link_down(self, link: MemberLink, carried: int) -> None:
+    def link_down(self, link: MemberLink, session: Session, carried: int) -> None:
         outgoing = isinstance(link, OutgoingLink)
+        member = link.peer_member or "?"
+        self.ended_link_bytes[(member, "in")] += session.bytes_in
+        self.ended_link_bytes[(member, "out")] += session.bytes_out
         self.log.info(
             "member link {way} {member} down; the {n} visitors it carried were reset",
             way="to" if outgoing else "from", member=link.peer_member, n=carried,
             event="member_link_down", direction="out" if outgoing else "in",
         )
 
-    def link_bytes(self) -> dict[str, int]:
-        """Bytes member links moved, both ways, live sessions included."""
-        out = sum(p.link.session.bytes_out for p in self.peers.values() if p.link and p.link.session)
-        received = sum(link.session.bytes_in for link in self.incoming if link.session is not None)
-        return {"out": out + self.bytes_forwarded, "in": received + self.bytes_received}
+    def live_links(self) -> list[tuple[str, str, Session]]:
+        """(member, "out" or "in", session) of every member link up now:
+        "out" the links this member dialled (as an edge), "in" the others."""
+        live = [(m, "out", p.link.session) for m, p in self.peers.items() if p.link and p.link.session]
+        live += [(link.peer_member or "?", "in", link.session) for link in self.incoming if link.session]
+        return live
+
+    def link_bytes(self) -> Counter[tuple[str, str]]:
+        """Bytes of member-link frames per (member, "in" or "out"), the
+        links gone and the links up now."""
+        total = Counter(self.ended_link_bytes)
+        for member, _, session in self.live_links():
+            total[(member, "in")] += session.bytes_in
+            total[(member, "out")] += session.bytes_out
+        return total
