@@ -114,3 +114,39 @@ class MemberCertificateTests(SynchronousTestCase):
     def test_the_identity_in_the_state_directory_is_found_by_member_name(self) -> None:
         ca.issue_member(self.state, "m4")
         self.assertEqual(ca.member_identity_in(self.state, "m4").member, "m4")
+
+
+class MemberOptionTests(SynchronousTestCase):
+    """--fleet-cert, --fleet-key and --fleet-ca (rtunnel.tap.server_options)."""
+
+    def setUp(self) -> None:
+        base = Path(tempfile.mkdtemp(prefix="rtunnel-fleet-ca-"))
+        self.state, self.out = base / "state", base / "out"
+        ca.init_ca(self.state)
+
+    def test_the_three_files_go_together(self) -> None:
+        from twisted.python import usage
+
+        from rtunnel.tap.server import Options
+
+        with self.assertRaises(usage.UsageError) as caught:
+            Options().parseOptions(["--fleet-cert", "m1.crt", "-s", str(self.state)])
+        self.assertIn("--fleet-cert, --fleet-key and --fleet-ca go together", str(caught.exception))
+
+    def test_the_files_named_by_the_options_are_this_members_identity(self) -> None:
+        from rtunnel.tap.server import Options
+
+        files = ca.issue_member(self.state, "m1", self.out)
+        options = Options()
+        options.parseOptions([
+            "-s", str(self.state), "--fleet-cert", str(files.cert), "--fleet-key", str(files.key),
+            "--fleet-ca", str(files.ca),
+        ])
+        config = options.config
+        identity = ca.member_identity(config.state_dir, "m1", config.fleet_cert, config.fleet_key, config.fleet_ca)
+        self.assertEqual(identity.cert_pem, files.cert.read_bytes())
+
+    def test_without_the_options_a_missing_certificate_says_how_to_issue_one(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            ca.member_identity(self.state, "m7", None, None, None)
+        self.assertIn("rtunnel_server fleet-add-member m7", str(caught.exception))

@@ -254,4 +254,22 @@ def load_member_identity(cert_path: Path, key_path: Path, ca_path: Path, member:
 def member_identity_in(state_dir: Path, member: str) -> MemberIdentity:
     """This member's identity from the files fleet-add-member wrote into
     `state_dir` (the default when no --fleet-cert is given)."""
-    return load_member_identity(state_dir / f"{member}.crt", state_dir / f"{member}.key", state_dir / CA_CERT, member)
+    cert = state_dir / f"{member}.crt"
+    if not cert.exists():
+        raise ConfigError(
+            f"member {member} has no certificate in {state_dir} ({cert.name}): issue one with "
+            f"'rtunnel_server fleet-add-member {member} --out DIR' where the fleet CA is, and copy "
+            f"{member}.crt, {member}.key and {CA_CERT} into {state_dir}, or pass them with "
+            "--fleet-cert, --fleet-key and --fleet-ca"
+        )
+    return load_member_identity(cert, state_dir / f"{member}.key", state_dir / CA_CERT, member)
+
+
+def member_identity(
+    state_dir: Path, member: str, cert: Path | None, key: Path | None, ca_file: Path | None,
+) -> MemberIdentity:
+    """The member identity the options name: --fleet-cert/--fleet-key/
+    --fleet-ca if given (all three), else the files in the state directory."""
+    if cert is None or key is None or ca_file is None:
+        return member_identity_in(state_dir, member)
+    return load_member_identity(cert, key, ca_file, member)
