@@ -136,9 +136,9 @@ class Fleet:
         return service
 
     @defer.inlineCallbacks
-    def connect_client(self, home: str, target_port: int, proxy_protocol: str = "off") -> Any:
+    def connect_client(self, home: str, target_port: int, proxy_protocol: str = "off", port: int = 0) -> Any:
         tunnel = self.tunnels[home]
-        self.public_port = free_port()
+        self.public_port = port or free_port()
         config = tunnel.client_config([], session=SETTINGS)
         config = replace(
             config, server_host=self.address(home),
@@ -350,3 +350,26 @@ class MemberCertificateTests(TestCase):
         self.assertTrue(
             [e for e in logs.named("member_link_refused") if "not a member of this fleet" in e["reason"]], logs.text(),
         )
+
+
+class ClientMovesTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_client_that_moves_to_an_edge_member_gets_its_port_there_and_every_member_follows(self) -> Any:
+        logs = LogCapture(self)
+        _, target = listen_target(self, Echo)
+        fleet = Fleet(self)
+        first = yield fleet.start(target)
+        port = fleet.public_port
+        yield first.stopService()  # its home's session ends; the directory still says m1 (etcd would, for a while)
+        # the client comes back at m2, which serves the port as an edge: its BIND takes that very socket
+        yield fleet.connect_client("m2", target, port=port)
+        self.assertEqual(len(logs.named("edge_adopted", member="m1", port=port)), 1)
+        yield wait_until(lambda: fleet.links["m1"].forwards.get(TcpPort("default", port)) is not None
+                         and fleet.links["m1"].forwards[TcpPort("default", port)].port is not None)
+        for seed, member in enumerate(MEMBERS):
+            payload = pattern(seed, 10_000)
+            reply, _ = yield with_timeout(fleet.visit(member, Visitor(payload)), 20)
+            self.assertEqual(reply, payload, member)
+        self.assertEqual(fleet.links["m2"].visitors_received, {"m1": 1, "m3": 1})

@@ -42,7 +42,7 @@ from rtunnel.link import ControlLink
 from rtunnel.localsocket import StreamProtocol
 from rtunnel.mux import ProtocolViolation, Session, SessionBufferFull, Stream, StreamIdsExhausted, cancel_call
 from rtunnel.server.claims import Hostname, Name, TcpPort, UdpPort
-from rtunnel.tcp import tcp_transport
+from rtunnel.tcp import port_number, tcp_transport
 from rtunnel.tlslink import LinkTLSEndpoint, LinkTLSFactory
 from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 
@@ -447,10 +447,11 @@ class ForwardListener(Factory):
 
     noisy = False
 
-    def __init__(self, links: FleetLinks, name: Name, home: str) -> None:
+    def __init__(self, links: FleetLinks, name: Name, home: str, host: str) -> None:
         self.links = links
         self.name = name
         self.home = home
+        self.host = host  # the address it listens on (a default-address port: our --public-host)
         self.port: IListeningPort | None = None
 
     def peer(self) -> PeerLink:
@@ -580,6 +581,7 @@ class FleetLinks:
         self.visitors_received: Counter[str] = Counter()  # edge -> visitors carried here from it
         self.ended_link_bytes: Counter[tuple[str, str]] = Counter()  # (member, in|out) of links gone
         server.fleet_links = self
+        server.ports.adopt = self.hand_over
 
     # ------------------------------------------------------------ starting, stopping
 
@@ -599,6 +601,8 @@ class FleetLinks:
     def stop(self) -> defer.Deferred[None]:
         """Close every listener and link (their visitors' connections end)."""
         self.stopping = True
+        if self.server.ports.adopt == self.hand_over:
+            self.server.ports.adopt = None
         waits: list[defer.Deferred[Any]] = []
         for forward in list(self.forwards.values()):
             waits.append(self._unserve(forward))
@@ -639,23 +643,56 @@ class FleetLinks:
                 name=name.describe(), home=home, event="edge_unsupported", member=home,
             )
             return
-        forward = ForwardListener(self, name, home)
         host = self.server.config.public_host if name.host == DEFAULT_HOST else name.host
+        forward = self.forwards[name] = ForwardListener(self, name, home, host)
+        self._listen(forward)
+
+    def _listen(self, forward: ForwardListener) -> None:
+        """Open `forward`'s port; if this member's own listener of the name
+        is still closing (its session let go of it), once it has closed."""
+        if self.stopping or self.forwards.get(forward.name) is not forward:
+            return
+        name, host = forward.name, forward.host
+        assert isinstance(name, TcpPort)
         try:
             forward.port = listen_tcp(self.reactor, name.port, forward, 1024, host, self.server.visitor_gate)
         except error.CannotListenError as e:
+            closing = self.server.ports.when_port_closed(name.port)
+            if closing is not None:
+                closing.addCallback(lambda _: self._listen(forward))
+                return
+            del self.forwards[name]
             self.log.warn(
                 "cannot serve {name} (held at member {home}) here on {address}: {why}; visitors must "
-                "reach it at another member", name=name.describe(), home=home,
+                "reach it at another member", name=name.describe(), home=forward.home,
                 address=format_host_port(host, name.port), why=str(e.socketError),
-                event="edge_listen_failed", member=home,
+                event="edge_listen_failed", member=forward.home,
             )
             return
-        self.forwards[name] = forward
         self.log.info(
-            "serving {name} here for member {home}", name=name.describe(), home=home,
-            event="edge_serving", member=home, host=host, port=name.port,
+            "serving {name} here for member {home}", name=name.describe(), home=forward.home,
+            event="edge_serving", member=forward.home, host=host, port=name.port,
         )
+
+    def hand_over(self, host: str, port: int, listener: Factory) -> IListeningPort | None:
+        """PublicPorts.adopt: a session of this member binds `host:port`, which
+        this member serves as an edge (its client moved here, e.g. after its
+        home failed): the listening socket goes to the session's listener at
+        once, with no moment where the port is closed; visitors already
+        carried to the old home finish there."""
+        for forward in list(self.forwards.values()):
+            if forward.port is not None and forward.host == host and port_number(forward.port) == port:
+                del self.forwards[forward.name]
+                listening, forward.port = forward.port, None
+                forward.doStop()
+                listener.doStart()
+                listening.factory = listener  # type: ignore[attr-defined]  # tcp.Port's factory
+                self.log.info(
+                    "{name}, served here for member {home}, is now this member's own", name=forward.name.describe(),
+                    home=forward.home, event="edge_adopted", member=forward.home, host=host, port=port,
+                )
+                return listening
+        return None
 
     def _unserve(self, forward: ForwardListener) -> defer.Deferred[Any]:
         self.forwards.pop(forward.name, None)
