@@ -389,6 +389,11 @@ class ForwardedVisitor(StreamProtocol):
         self.forward.links.forwarded_visitors += 1
         self.forward.peer().carry(self)
 
+    @property
+    def waiting_for(self) -> PeerLink | None:
+        """The member link this visitor waits for, if it waits."""
+        return next((peer for peer in self.forward.links.peers.values() if self in peer.waiting), None)
+
     def start(self, session: Session) -> None:
         """The link is up: open our stream on it and start reading."""
         links = self.forward.links
@@ -420,7 +425,9 @@ class ForwardedVisitor(StreamProtocol):
             visitor=self.src, name=self.forward.name.describe(), home=self.forward.home, t=seconds,
             event="visitor_refused", reason="home_unreachable", edge=links.member,
         )
-        self.forward.peer().stop_waiting(self)
+        peer = self.waiting_for
+        if peer is not None:
+            peer.stop_waiting(self)
         self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
@@ -437,8 +444,10 @@ class ForwardedVisitor(StreamProtocol):
         self.forward.links.forwarded_visitors -= 1
         if self.stream is not None:
             super().connectionLost(reason)
-        else:
-            self.forward.peer().stop_waiting(self)
+            return
+        peer = self.waiting_for
+        if peer is not None:
+            peer.stop_waiting(self)
 
 
 class ForwardListener(Factory):
@@ -456,6 +465,23 @@ class ForwardListener(Factory):
 
     def peer(self) -> PeerLink:
         return self.links.peer(self.home)
+
+    def rehome(self, home: str) -> None:
+        """The name moved to `home`: new visitors go there, and so do those
+        still waiting for the old home's link (nothing of theirs crossed a
+        link yet), within what is left of their wait."""
+        if home == self.home:
+            return
+        old = self.links.peers.get(self.home)
+        self.home = home
+        if old is None:
+            return
+        moving = [visitor for visitor in old.waiting if visitor.forward is self]
+        for visitor in moving:
+            old.stop_waiting(visitor)
+        new = self.peer()
+        for visitor in moving:
+            new.carry(visitor, waited=True)
 
     def buildProtocol(self, addr: IAddress | None) -> ForwardedVisitor:
         return ForwardedVisitor(self)
@@ -500,9 +526,13 @@ class PeerLink:
         link = self.link
         return link.session if link is not None and link.session is not None and link.session.can_send else None
 
-    def carry(self, visitor: ForwardedVisitor) -> None:
+    def carry(self, visitor: ForwardedVisitor, waited: bool = False) -> None:
+        """Carry `visitor` over this link, or let it wait for the link
+        (`waited`: it waited for another member's link; its wait goes on)."""
         session = self.session
         if session is not None:
+            cancel_call(visitor.wait_call)
+            visitor.wait_call = None
             visitor.start(session)
             return
         if len(self.waiting) >= self.links.settings.max_streams:
@@ -515,7 +545,8 @@ class PeerLink:
             visitor.transport.abortConnection()  # type: ignore[union-attr]
             return
         self.waiting[visitor] = None
-        visitor.wait(self.links.visitor_wait)
+        if not waited:
+            visitor.wait(self.links.visitor_wait)
 
     def stop_waiting(self, visitor: ForwardedVisitor) -> None:
         self.waiting.pop(visitor, None)
@@ -633,7 +664,7 @@ class FleetLinks:
                 self._unserve(forward)
             return
         if forward is not None:
-            forward.home = home
+            forward.rehome(home)
             return
         if not isinstance(name, TcpPort):
             # UDP ports and hostnames are served by their own listeners (#15, #16):
