@@ -367,6 +367,25 @@ class MemberCertificateTests(TestCase):
         )
 
 
+class FencedHomeTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_home_cut_off_from_etcd_refuses_visitors_carried_from_edges(self) -> Any:
+        _, target = listen_target(self, Echo)
+        fleet = Fleet(self)
+        yield fleet.start(target)
+        reply, _ = yield with_timeout(fleet.visit("m2", Visitor(b"before")), 20)
+        self.assertEqual(reply, b"before")
+        fleet.fleet.fenced.add("m1")  # m1 cannot prove its lease: it must not act as the name's owner
+        reply, reason = yield with_timeout(fleet.visit("m2", Visitor(b"during")), 20)
+        self.assertEqual(reply, b"")
+        self.assertFalse(reason.check(ConnectionDone), "refused with a reset")
+        fleet.fleet.fenced.discard("m1")
+        reply, _ = yield with_timeout(fleet.visit("m3", Visitor(b"after")), 20)
+        self.assertEqual(reply, b"after")
+
+
 class ClientMovesTests(TestCase):
     timeout = 60
 

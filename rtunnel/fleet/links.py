@@ -29,10 +29,11 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort
+from twisted.internet.interfaces import IAddress, IDelayedCall, IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
@@ -191,7 +192,7 @@ class OutgoingLink(MemberLink):
                 f"and it calls itself {str(body.get('member'))[:64]!r}"
             )
             return
-        session = Session(self.clock, EdgeSide(self.links), is_server=True, settings=self.links.settings)
+        session = Session(self.links.reactor, EdgeSide(self.links), is_server=True, settings=self.links.settings)
         self.start_session(session, False, self._peer_max_frame(body))
         self.peer.link_up(self)
 
@@ -225,16 +226,17 @@ class IncomingLink(MemberLink):
         cancel_call(self._handshake_call)
         self._handshake_call = None
         claimed = body.get("member")
-        self.peer_member = claimed if isinstance(claimed, str) and MEMBER_NAME.fullmatch(claimed) else None
+        edge = claimed if isinstance(claimed, str) and MEMBER_NAME.fullmatch(claimed) else None
+        self.peer_member = edge
         certified = self.certified_member()
-        if self.peer_member is None or certified != claimed:
+        if edge is None or certified != edge:
             self.refuse(f"the peer calls itself {str(claimed)[:64]!r} but its certificate names {certified!r}")
             return
-        if claimed == self.links.member or self.links.directory.link_endpoint(claimed) is None:
-            self.refuse(f"member {claimed} is not a member of this fleet now (not in the directory)")
+        if edge == self.links.member or self.links.directory.link_endpoint(edge) is None:
+            self.refuse(f"member {edge} is not a member of this fleet now (not in the directory)")
             return
         self.transport.write(self._hello(FrameType.WELCOME))  # type: ignore[union-attr]
-        session = Session(self.clock, HomeSide(self.links, claimed), is_server=False, settings=self.links.settings)
+        session = Session(self.links.reactor, HomeSide(self.links, edge), is_server=False, settings=self.links.settings)
         self.start_session(session, False, self._peer_max_frame(body))
         self.links.link_up(self)
 
@@ -337,7 +339,7 @@ class _BridgeEnd:
     def getPeer(self) -> IAddress:
         """The visitor's address (the status page lists it)."""
         host, port = self.bridge.src
-        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)  # type: ignore[arg-type]
+        return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
 
 
 class Bridge:
@@ -487,19 +489,23 @@ class ForwardListener(Factory):
         return ForwardedVisitor(self)
 
 
+@implementer(IStreamClientEndpoint)
 class _MemberEndpoint:
-    """A client endpoint to `member`'s link, as the directory has it at each
-    attempt (a member restarted on another port is found again)."""
+    """A TLS client endpoint to `member`'s link, where the directory has it
+    at each attempt (a member restarted on another port is found again)."""
 
     def __init__(self, links: FleetLinks, member: str) -> None:
         self.links = links
         self.member = member
+        self.tls = links.identity.tls_options()
 
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         description = self.links.directory.link_endpoint(self.member)
         if description is None:
             return defer.fail(error.ConnectError(string=f"member {self.member} has no link endpoint in the directory"))
-        return clientFromString(self.links.reactor, description).connect(factory)
+        tcp = clientFromString(self.links.reactor, description)
+        connected: defer.Deferred[Any] = LinkTLSEndpoint(self.tls, tcp, self.links.reactor).connect(factory)
+        return connected
 
 
 class PeerLink:
@@ -515,9 +521,8 @@ class PeerLink:
         self.waiting: dict[ForwardedVisitor, None] = {}  # oldest first
         factory = Factory.forProtocol(lambda: OutgoingLink(self))
         factory.noisy = False
-        endpoint = LinkTLSEndpoint(links.identity.tls_options(), _MemberEndpoint(links, member), links.reactor)
         self.service = ClientService(
-            endpoint, factory, retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0), clock=links.reactor,
+            _MemberEndpoint(links, member), factory, retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=2.0), clock=links.reactor,
         )
         self.service.startService()
 
