@@ -791,7 +791,7 @@ class FleetLinks:
         self.ended_link_bytes[(member, "in")] += session.bytes_in
         self.ended_link_bytes[(member, "out")] += session.bytes_out
         self.log.info(
-            "member link {way} {member} down; the {n} visitors it carried were reset",
+            "member link {way} {member} down; visitors it carried (reset): {n}",
             way="to" if outgoing else "from", member=link.peer_member, n=carried,
             event="member_link_down", direction="out" if outgoing else "in",
         )
