@@ -263,12 +263,12 @@ class HomeUnreachableTests(TestCase):
         self.assertEqual(reply, b"waited")
 
     @defer.inlineCallbacks
-    def test_visitors_waiting_for_a_lost_home_go_to_the_member_that_holds_the_name_next(self) -> Any:
+    def test_visitors_waiting_for_a_home_that_left_go_to_the_member_that_holds_the_name_next(self) -> Any:
         _, target = listen_target(self, Echo)
         fleet = Fleet(self)
         first = yield fleet.start(target, visitor_wait=20.0)
         port = fleet.public_port
-        fleet.fleet.endpoints["m1"] = f"tcp:host=127.0.0.1:port={free_port()}"  # m1 cannot be reached
+        del fleet.fleet.endpoints["m1"]  # m1 left the directory (as when its lease expires)
         done = fleet.visit("m3", Visitor(b"rerouted"))
         yield wait_until(lambda: fleet.links["m3"].peers.get("m1") is not None and fleet.links["m3"].peers["m1"].waiting)
         yield first.stopService()
@@ -276,6 +276,7 @@ class HomeUnreachableTests(TestCase):
         reply, _ = yield with_timeout(done, 15)
         self.assertEqual(reply, b"rerouted")
         self.assertEqual(fleet.links["m2"].visitors_received, {"m3": 1})
+        self.assertNotIn("m1", fleet.links["m3"].peers)  # m3 no longer dials a member that left
 
     @defer.inlineCallbacks
     def test_a_visitor_whose_home_stays_unreachable_is_closed_after_the_wait(self) -> Any:

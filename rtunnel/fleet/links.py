@@ -663,6 +663,22 @@ class FleetLinks:
         """The directory says `name` is now held at `home` (None: released)."""
         if self.stopping:
             return
+        self._serve(name, home)
+        self._forget_gone_members()
+
+    def _forget_gone_members(self) -> None:
+        """Stop dialling members that left the fleet (not in the directory)
+        and that no name here and no waiting visitor needs."""
+        needed = {forward.home for forward in self.forwards.values()}
+        for member, peer in list(self.peers.items()):
+            if (
+                member not in needed and not peer.waiting and peer.link is None
+                and self.directory.link_endpoint(member) is None
+            ):
+                del self.peers[member]
+                peer.stop()
+
+    def _serve(self, name: Name, home: str | None) -> None:
         forward = self.forwards.get(name)
         if home is None or home == self.member:
             if forward is not None:
