@@ -77,6 +77,24 @@ class Recorder(Target):
         self.transport.loseConnection()
 
 
+@implementer(IHalfCloseableProtocol)
+class Sink(Target):
+    """Reads nothing until `factory.reading` is set (then everything), and
+    answers with the count of bytes at EOF."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.count = 0
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(str(self.count).encode())
+        self.transport.loseConnection()
+
+
 def visit_from(source: str, host: str, port: int, visitor: Visitor) -> defer.Deferred[Any]:
     """Connect `visitor` to host:port from the address `source`."""
     factory = ClientFactory.forProtocol(lambda: visitor)
@@ -242,6 +260,23 @@ class AnyMemberServesEveryTunnelTests(TestCase):
         visitor.transport.resumeProducing()
         reply, _ = yield with_timeout(done, 40)
         self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(pattern(3, size)).hexdigest())
+
+
+    @defer.inlineCallbacks
+    def test_a_target_that_does_not_read_holds_an_uploading_visitor_at_an_edge_back(self) -> Any:
+        size = 24 * 1024 * 1024
+        sinks, target = listen_target(self, Sink)
+        fleet = Fleet(self)
+        yield fleet.start(target)
+        done = fleet.visit("m2", Visitor(pattern(9, size)))
+        yield wait_until(lambda: sinks.connections)
+        yield sleep(1.5)
+        peer = fleet.links["m2"].peers["m1"]
+        (edge_stream,) = peer.link.session.streams.values()  # the visitor's stream at the edge
+        self.assertLess(edge_stream.read_total, 10 * 1024 * 1024, "the edge read on while the target did not")
+        sinks.connections[0].transport.resumeProducing()
+        reply, _ = yield with_timeout(done, 40)
+        self.assertEqual(reply, str(size).encode())
 
 
 class HomeUnreachableTests(TestCase):
