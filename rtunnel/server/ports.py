@@ -288,9 +288,11 @@ class PublicPorts:
         )
 
     def _listen(self, listener: PublicListener, credential: str, host: str, port: int) -> IListeningPort:
-        adopted = self.adopt(host, port, listener) if self.adopt is not None and port else None
-        if adopted is not None:
-            return adopted
+        # (not for an IPv6-only port: the socket adopted may take IPv4 visitors too)
+        if self.adopt is not None and port and not self._ipv6_only(credential, host):
+            adopted = self.adopt(host, port, listener)
+            if adopted is not None:
+                return adopted
         try:
             # IPv6-only: an IPv6 address that never accepts IPv4 visitors
             ipv6_only = self._ipv6_only(credential, host)
