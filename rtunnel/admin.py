@@ -28,7 +28,6 @@ from twisted.web.iweb import IRequest
 from rtunnel.addresses import format_host_port, known_host_port
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
-from rtunnel.localsocket import StreamProtocol
 from rtunnel.server import ServerSession, SessionState, TunnelServer
 from rtunnel.tcp import port_number
 from rtunnel.tls import load_or_create_secret
@@ -106,9 +105,10 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
     streams = []
     for stream in list(mux.streams.values())[:MAX_STREAMS_LISTED]:
         visitor = None
-        if isinstance(stream.local, StreamProtocol):
+        get_peer = getattr(stream.local, "getPeer", None)  # a socket, or a fleet member's bridge (rtunnel.fleet.links)
+        if get_peer is not None:
             try:
-                visitor = _address(stream.local.getPeer())
+                visitor = _address(get_peer())
             except Exception:
                 visitor = None
         streams.append({

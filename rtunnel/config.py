@@ -177,6 +177,10 @@ class ServerConfig:
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
     limits: Limits = field(default_factory=Limits)  # bandwidth and connections, token credentials (rtunnel.limits)
+    # a fleet member's certificate, key and CA for member links (rtunnel.fleet.ca); None: in the state dir
+    fleet_cert: Path | None = None
+    fleet_key: Path | None = None
+    fleet_ca: Path | None = None
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

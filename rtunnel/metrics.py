@@ -125,6 +125,7 @@ class ServerCollector:
             self.streams,
             self.admission,
             self.limits,
+            self.fleet,
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -271,6 +272,48 @@ class ServerCollector:
             for tunnel, n in sorted(limiter.refused_by_tunnel.items()):
                 refused.add_metric([client, tunnel], n)
         yield from (rate, paced, held, connection_limit, connections_open, refused)
+
+
+    def fleet(self, server: TunnelServer) -> Iterator[Metric]:
+        """Member links (rtunnel.fleet.links), in a fleet only."""
+        links = server.fleet_links
+        if links is None:
+            return
+        forwarded = CounterMetricFamily(
+            "rtunnel_fleet_visitors_forwarded",
+            "Visitors this member (their edge) carried to the member holding their tunnel.", labels=["home"],
+        )
+        for home, n in sorted(links.visitors_forwarded.items()):
+            forwarded.add_metric([home], n)
+        yield forwarded
+        received = CounterMetricFamily(
+            "rtunnel_fleet_visitors_received",
+            "Visitors other members (their edge) carried to this member's tunnels.", labels=["edge"],
+        )
+        for edge, n in sorted(links.visitors_received.items()):
+            received.add_metric([edge], n)
+        yield received
+        waiting = GaugeMetricFamily(
+            "rtunnel_fleet_visitors_waiting",
+            "Visitors at this member waiting for the member link to their tunnel's home.", labels=["home"],
+        )
+        for home, peer in sorted(links.peers.items()):
+            waiting.add_metric([home], len(peer.waiting))
+        yield waiting
+        up = GaugeMetricFamily(
+            "rtunnel_fleet_member_links", "Member links up now (out: dialled by this member).",
+            labels=["member", "direction"],
+        )
+        for member, direction, _ in sorted(links.live_links(), key=lambda live: live[:2]):
+            up.add_metric([member, direction], 1)
+        yield up
+        link_bytes = CounterMetricFamily(
+            "rtunnel_fleet_member_link_bytes", "Bytes of member-link frames (TLS not counted).",
+            labels=["member", "direction"],
+        )
+        for (member, direction), n in sorted(links.link_bytes().items()):
+            link_bytes.add_metric([member, direction], n)
+        yield link_bytes
 
 
 class ClientCollector:

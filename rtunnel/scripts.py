@@ -2,7 +2,9 @@
 plugins in the foreground with no pid file, so they share every option,
 plus `--log-format json|text` (twistd's --logger, rtunnel.logs).
 `rtunnel_server add-client NAME --ports …` is a plain command (not twistd)
-that adds a client to the clients file and prints its token once."""
+that adds a client to the clients file and prints its token once;
+`fleet-init` and `fleet-add-member NAME` make a fleet CA and member
+certificates (rtunnel.tap.fleet_commands)."""
 
 from __future__ import annotations
 
@@ -56,6 +58,10 @@ def server_main() -> None:
         from rtunnel.tap.server import add_client_main
 
         sys.exit(add_client_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] in ("fleet-init", "fleet-add-member"):
+        from rtunnel.tap.fleet_commands import COMMANDS
+
+        sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
     _run("rtunnel-server")
 
 

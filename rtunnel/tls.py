@@ -19,6 +19,7 @@ import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -76,11 +77,24 @@ def parse_fingerprint(text: str) -> str:
     return value
 
 
-def _read(path: Path, what: str) -> bytes:
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of key material at `path`; ConfigError naming `what` if unreadable."""
     try:
         return path.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+_read = read_file
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """`key` as unencrypted PKCS#8 PEM (written 0600 by the caller)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _make_self_signed() -> tuple[bytes, bytes]:
@@ -103,12 +117,13 @@ def _make_self_signed() -> tuple[bytes, bytes]:
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    return cert.public_bytes(serialization.Encoding.PEM), private_key_pem(key)
+
+
+def same_public_key(a: Any, b: Any) -> bool:
+    """True if two public keys (of a certificate, of a private key) are one key."""
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(a.public_bytes(serialization.Encoding.DER, spki) == b.public_bytes(serialization.Encoding.DER, spki))
 
 
 def load_server_identity(
@@ -141,10 +156,7 @@ def load_server_identity(
         key_public = serialization.load_pem_private_key(key_pem, None).public_key()
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{cert_path} / {key_path} is not a PEM certificate and key: {e}") from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert_public.public_bytes(serialization.Encoding.DER, spki) != key_public.public_bytes(
-        serialization.Encoding.DER, spki
-    ):
+    if not same_public_key(cert_public, key_public):
         raise ConfigError(f"the key {key_path} does not belong to the certificate {cert_path}")
     return ServerIdentity(cert_pem, key_pem, fingerprint, created)
 
@@ -222,10 +234,7 @@ def load_client_identity(cert_path: Path, key_path: Path) -> ClientIdentity:
         raise ConfigError(
             f"--client-key {key_path} is not an unencrypted PEM private key: {e}"
         ) from None
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert.public_key().public_bytes(serialization.Encoding.DER, spki) != key.public_key().public_bytes(
-        serialization.Encoding.DER, spki
-    ):
+    if not same_public_key(cert.public_key(), key.public_key()):
         raise ConfigError(f"--client-key {key_path} does not belong to --client-cert {cert_path}")
     return ClientIdentity(cert_pem, key_pem, cert_path, key_path)
 

@@ -509,6 +509,60 @@ def make_ca_and_server(directory: Path, dns_name: str) -> tuple[Path, Path, Path
     return ca_path, cert_path, key_path
 
 
+# ---------------------------------------------------------------- a fleet without etcd
+
+
+class StaticFleet:
+    """The fleet's directory for tests of member links, held in this
+    process (no etcd): each member's link endpoint and the home of each
+    name. `set_home` tells every member's watchers, as etcd's watch would."""
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, str] = {}
+        self.homes: dict[Any, str] = {}
+        self.fenced: set[str] = set()
+        self.watchers: list[Any] = []
+
+    def directory(self, member: str) -> StaticDirectory:
+        return StaticDirectory(self, member)
+
+    def set_home(self, name: Any, member: str | None) -> None:
+        if member is None:
+            self.homes.pop(name, None)
+        else:
+            self.homes[name] = member
+        for watcher in list(self.watchers):
+            watcher(name, member)
+
+
+class StaticDirectory:
+    """One member's view of a StaticFleet: the FleetDirectory interface
+    (docs/fleet.md) that rtunnel.fleet.links uses."""
+
+    def __init__(self, fleet: StaticFleet, member: str) -> None:
+        self.fleet = fleet
+        self.member = member
+
+    def link_endpoint(self, member: str) -> str | None:
+        return self.fleet.endpoints.get(member)
+
+    def home_of(self, name: Any) -> str | None:
+        return self.fleet.homes.get(name)
+
+    def remote_names(self) -> list[tuple[Any, str]]:
+        return [(name, home) for name, home in self.fleet.homes.items() if home != self.member]
+
+    def watch_names(self, callback: Any) -> None:
+        self.fleet.watchers.append(callback)
+
+    def session_home(self, session_id: str) -> str | None:
+        return None
+
+    @property
+    def fenced(self) -> bool:
+        return self.member in self.fleet.fenced
+
+
 # ---------------------------------------------------------------- processes
 #
 # twistd and the installed scripts as real child processes: each in its own

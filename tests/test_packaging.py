@@ -91,6 +91,7 @@ class WheelInstallTests(TestCase):
         self.assertNotIn("twisted/__init__.py", names)
         self.assertIn("rtunnel/tap/server.py", names)
         self.assertIn("rtunnel/assets/status.html", names)  # the admin status page
+        self.assertIn("rtunnel/fleet/links.py", names)  # the fleet package (#14)
         self.assertFalse([n for n in names if n.startswith("tests/")], "tests must not be packaged")
 
         # 2. a fresh venv without the system's packages
@@ -133,4 +134,10 @@ class WheelInstallTests(TestCase):
         )
         self.assertEqual(page.returncode, 0, page.stderr)
         self.assertGreater(int(page.stdout), 1000)
+        # a plain command of the installed rtunnel_server: the fleet CA
+        fleet_init = self.run_cmd(
+            [str(bin_dir / "rtunnel_server"), "fleet-init", "-s", str(self.tmp / "fleet")], "fleet-init", cwd=elsewhere,
+        )
+        self.assertEqual(fleet_init.returncode, 0, fleet_init.stdout + fleet_init.stderr)
+        self.assertTrue((self.tmp / "fleet" / "fleet-ca.key").exists())
 

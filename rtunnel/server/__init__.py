@@ -83,6 +83,7 @@ class TunnelServer:
         self._cap_refusals = RefusalLog(reactor, interval=10.0, log=self.log)
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
+        self.fleet_links: Any = None  # rtunnel.fleet.links.FleetLinks, in a fleet (its metrics)
 
     # ------------------------------------------------------------ what others read
 

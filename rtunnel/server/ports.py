@@ -83,6 +83,10 @@ class PublicPorts:
         self._closing: dict[tuple[str, int], list[defer.Deferred[None]]] = {}
         self.shutting_down = False
         self._no_ipv6_logged = False
+        #: a listening socket another part of the server already holds on
+        #: (host, port), handed to `listener` instead of a new bind: a fleet
+        #: member's edge listener for a name that becomes its own (rtunnel.fleet.links)
+        self.adopt: Callable[[str, int, PublicListener], IListeningPort | None] | None = None
 
     # ------------------------------------------------------------ binding
 
@@ -284,6 +288,11 @@ class PublicPorts:
         )
 
     def _listen(self, listener: PublicListener, credential: str, host: str, port: int) -> IListeningPort:
+        # (not for an IPv6-only port: the socket adopted may take IPv4 visitors too)
+        if self.adopt is not None and port and not self._ipv6_only(credential, host):
+            adopted = self.adopt(host, port, listener)
+            if adopted is not None:
+                return adopted
         try:
             # IPv6-only: an IPv6 address that never accepts IPv4 visitors
             ipv6_only = self._ipv6_only(credential, host)

@@ -65,49 +65,64 @@ class PublicListener(Factory):
         return (self.host, port_number(self.port))
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        return _VisitorConnection(self) if self.admit(addr) else None
+
+    def admit(self, addr: IAddress | None, src: list[Any] | None = None, edge: str | None = None) -> bool:
+        """True if the holder's session and the tunnel take one more visitor
+        (counted in `open_connections` until its connection ends), else the
+        refusal is logged. A visitor another fleet member carries here
+        (rtunnel.fleet.links) comes with its `src` and that `edge` member."""
         owner = self.owner
         if owner is None or owner.expired:
-            return None
+            return False
         mux = owner.mux_session
         refusals = owner.server.refusals
+        more = {"edge": edge} if edge is not None else {}
         if len(mux.streams) >= mux.settings.max_streams:
             refusals.refused(
                 ("max_streams", owner.id),
                 "refusing visitor {visitor}: session {session} has {n} streams, the maximum",
-                visitor=_address(addr), n=len(mux.streams),
+                visitor=src or _address(addr), n=len(mux.streams),
                 event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="max_streams",
+                **more,
             )
-            return None
+            return False
         if owner.detached and mux.queued_reliable >= 2 * mux.settings.max_streams:
             refusals.refused(
                 ("detached_queue_full", owner.id),
                 "refusing visitor {visitor}: too many waiting for the client of session {session} to come back",
-                visitor=_address(addr),
+                visitor=src or _address(addr),
                 event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="detached_queue_full",
+                **more,
             )
-            return None
+            return False
         if not mux.room_for_stream():  # the session's budget (docs/security.md "Memory per session")
             refusals.refused(
                 ("session_buffer_full", owner.id),
-                "refusing visitor {visitor}: {why}", visitor=_address(addr), why=mux.why_full(),
+                "refusing visitor {visitor}: {why}", visitor=src or _address(addr), why=mux.why_full(),
                 event="visitor_refused", session=owner.id[:8], credential=owner.credential, reason="session_buffer_full",
+                **more,
             )
-            return None
+            return False
         limit = owner.server.limits_for(owner.credential).max_connections_per_tunnel
         if limit is not None and self.open_connections >= limit:
             self._refuse_over_limit(owner, limit)
-            return None
+            return False
         self.open_connections += 1  # until the connection is lost, opened or refused
-        return _VisitorConnection(self)
+        return True
 
-    def open_stream(self, src: list[Any], dst: list[Any]) -> Stream | None:
+    def open_stream(self, src: list[Any], dst: list[Any], edge: str | None = None) -> Stream | None:
         """Send OPEN for a visitor who connected from `src` to `dst` (the
-        address it reached, not the bind address); None if it is refused."""
+        address it reached, not the bind address; at fleet member `edge` if
+        that is not this one); None if it is refused."""
         owner = self.owner
         if owner is None or owner.expired:
             return None
+        info: dict[str, Any] = {"src": src, "dst": dst}
+        if edge is not None:
+            info["edge"] = edge
         try:
-            return owner.mux_session.open_stream(self.tunnel_id, {"src": src, "dst": dst})
+            return owner.mux_session.open_stream(self.tunnel_id, info)
         except SessionBufferFull as e:
             owner.server.refusals.refused(
                 ("session_buffer_full", owner.id), "refusing visitor: {why}", why=str(e),

@@ -71,6 +71,11 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         self.check_options()
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key go together: give both or neither")
+        if len({self[name] is None for name in ("fleet-cert", "fleet-key", "fleet-ca")}) > 1:
+            raise usage.UsageError(
+                "--fleet-cert, --fleet-key and --fleet-ca go together: give all three (the files "
+                "'rtunnel_server fleet-add-member' wrote) or none (they are then read from the state directory)"
+            )
         listen = self["listen"]
         listen_fallback = None
         if listen is None:

@@ -277,6 +277,23 @@ SERVER_OPTIONS = OptionTable("server", [
         doc="serve Prometheus metrics at `/metrics`: a port (on 127.0.0.1) or a Twisted server endpoint "
         "string, e.g. `tcp:9120:interface=0.0.0.0` (see [docs/metrics.md](docs/metrics.md))",
     ),
+    Option(
+        "fleet-cert", Kind.STR,
+        "This fleet member's certificate for member links (from 'rtunnel_server fleet-add-member'; with "
+        "--fleet-key and --fleet-ca). Default: STATE_DIR/MEMBER.crt, MEMBER.key and fleet-ca.crt.",
+        field="fleet_cert", convert=lambda value: _user_path(value) if value else None, path=True, metavar="FILE",
+        doc_default="`<state dir>/<member>.crt`",
+        doc="a fleet member's certificate, key and fleet CA for member links (from `rtunnel_server "
+        "fleet-add-member`; see [docs/fleet.md](docs/fleet.md), \"Member certificates\")",
+    ),
+    Option(
+        "fleet-key", Kind.STR, "Private key of --fleet-cert.", field="fleet_key",
+        convert=lambda value: _user_path(value) if value else None, path=True, metavar="FILE", doc_with="fleet-cert",
+    ),
+    Option(
+        "fleet-ca", Kind.STR, "The fleet CA certificate member links trust (and nothing else).", field="fleet_ca",
+        convert=lambda value: _user_path(value) if value else None, path=True, metavar="FILE", doc_with="fleet-cert",
+    ),
     replace(
         LOG_FORMAT,
         doc="`json`: one JSON object a line, each event with a stable `event` name and its fields "
