@@ -26,12 +26,14 @@ from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import globalLogPublisher
+from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from rtunnel.server.acme import AcmeCertificates, normalise_hostname
+from rtunnel.tap import server as tap_server
 from tests.pebble import Pebble, pebble_missing
 
 NAME = "app.acme.test"
@@ -355,3 +357,34 @@ class StateTests(AcmeTestCase):
         yield source.idle()
         self.assertEqual(source.orders["ok"], 1)
         self.assertIsNotNone(source.context_for(NAME))
+
+
+class OptionTests(SynchronousTestCase):
+    """--acme-directory, --acme-email, --acme-ca reach ServerConfig; bad values say what to give."""
+
+    def test_the_acme_options_reach_the_server_config(self) -> None:
+        options = tap_server.Options()
+        options.parseOptions([
+            "--token", "t", "--acme-directory", "https://127.0.0.1:14000/dir", "--acme-email", "ops@example.org",
+            "--acme-ca", "/etc/pebble/ca.pem",
+        ])
+        config = options.config
+        self.assertEqual(
+            (config.acme_directory, config.acme_email, config.acme_ca),
+            ("https://127.0.0.1:14000/dir", "ops@example.org", Path("/etc/pebble/ca.pem")),
+        )
+
+    def test_the_default_directory_is_lets_encrypt_production_with_no_email(self) -> None:
+        options = tap_server.Options()
+        options.parseOptions(["--token", "t"])
+        self.assertEqual(options.config.acme_directory, "https://acme-v02.api.letsencrypt.org/directory")
+        self.assertIsNone(options.config.acme_email)
+        self.assertIsNone(options.config.acme_ca)
+
+    def test_a_bad_directory_or_email_is_refused_with_what_to_give(self) -> None:
+        for argv, expected in (
+            (["--acme-directory", "ftp://x"], "is not an http(s) URL; give the ACME server's directory URL"),
+            (["--acme-email", "nobody"], "is not an e-mail address (name@example.org)"),
+        ):
+            error = self.assertRaises(usage.UsageError, tap_server.Options().parseOptions, ["--token", "t", *argv])
+            self.assertIn(expected, str(error))

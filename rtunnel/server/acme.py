@@ -59,10 +59,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from rtunnel.config import LETS_ENCRYPT
 from rtunnel.errors import RtunnelError, StateDirError
 from rtunnel.files import write_private
 
-LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 RENEW_BEFORE = 30 * 86400.0  # renew when this much validity remains (or a third of the lifetime)
 HOUR = 3600.0
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
