@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -388,3 +389,52 @@ class OptionTests(SynchronousTestCase):
         ):
             error = self.assertRaises(usage.UsageError, tap_server.Options().parseOptions, ["--token", "t", *argv])
             self.assertIn(expected, str(error))
+
+
+class FullDiskTests(AcmeTestCase):
+    """The state directory on a real, small tmpfs (mounting needs root: skipped otherwise)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.disk = Path(tempfile.mkdtemp(prefix="rtunnel-acme-disk-"))
+        self.addCleanup(shutil.rmtree, self.disk, True)
+        mount = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(self.disk)], capture_output=True
+        )
+        if mount.returncode != 0:
+            raise SkipTest(f"cannot mount a small tmpfs to fill (needs root): {mount.stderr.decode().strip()}")
+        self.addCleanup(subprocess.run, ["umount", "-l", str(self.disk)], check=False)
+        self.state = self.disk
+
+    def fill(self) -> Path:
+        filler = self.disk / "filler"
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        return filler
+
+    @defer.inlineCallbacks
+    def test_a_full_disk_keeps_the_old_files_and_certificate_and_says_what_to_do(self) -> Any:
+        source = self.source(backoff=(600.0, 3600.0))
+        source.name_claimed(NAME)
+        yield source.idle()
+        path = self.disk / "acme" / "certificates" / f"{NAME}.pem"
+        pem, context = path.read_bytes(), source.context_for(NAME)
+        filler = self.fill()
+        self.advance_to(self.leaf(source).not_valid_after_utc.timestamp() - 29 * DAY)
+        yield source.idle()
+        self.assertEqual(source.orders, {"ok": 1, "failed": 1})
+        [failed] = self.named("acme_order_failed")
+        self.assertIn(f"cannot write {path}: No space left on device", failed["reason"])
+        self.assertIn("Free some space", failed["reason"])
+        self.assertEqual(path.read_bytes(), pem)
+        self.assertEqual(sorted(os.listdir(path.parent)), [path.name])  # no temporary file left
+        self.assertIs(source.context_for(NAME), context)
+        filler.unlink()
+        self.clock.advance(600)
+        yield source.idle()
+        self.assertEqual(source.orders, {"ok": 2, "failed": 1})
+        self.assertNotEqual(path.read_bytes(), pem)
