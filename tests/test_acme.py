@@ -98,6 +98,7 @@ class _Hello(Resource):
 
 class AcmeTestCase(TestCase):
     timeout = 50
+    validity: int | None = None  # pebble's certificate lifetime in seconds (None: its default, 5 years)
 
     def setUp(self) -> None:
         reason = pebble_missing()
@@ -112,7 +113,7 @@ class AcmeTestCase(TestCase):
         self.challenges = _Challenges(self)
         port = reactor.listenTCP(0, Site(self.challenges), interface="127.0.0.1")  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)
-        self.pebble = Pebble(port.getHost().port)
+        self.pebble = Pebble(port.getHost().port, self.validity)
         self.addCleanup(self.pebble.cleanup)
         self.pebble.start()
         self.clock = task.Clock()
@@ -276,6 +277,32 @@ class RenewalTests(AcmeTestCase):
         self.assertNotEqual(source.certificate_pem(NAME), pem)
         self.assertIsNot(source.context_for(NAME), context)
         self.assertEqual(source.accounts_registered, 2)
+
+
+class ShortLivedTests(AcmeTestCase):
+    """A real short-lived certificate (pebble issues 9 s ones) on the real clock."""
+
+    validity = 9
+
+    @defer.inlineCallbacks
+    def test_a_short_lived_certificate_is_renewed_when_a_third_of_its_lifetime_remains(self) -> Any:
+        source = self.source(clock=reactor, check_interval=0.5)
+        source.name_claimed(NAME)
+        yield source.idle()
+        first = self.leaf(source)
+        lifetime = (first.not_valid_after_utc - first.not_valid_before_utc).total_seconds()
+        deadline = time.monotonic() + 20
+        while source.orders["ok"] < 2 and time.monotonic() < deadline:
+            yield task.deferLater(reactor, 0.2, lambda: None)
+        started = self.named("acme_order_started")
+        self.assertEqual(source.orders, {"ok": 2, "failed": 0}, self.pebble.output())
+        renewed_at = started[1]["log_time"]
+        remaining = first.not_valid_after_utc.timestamp() - renewed_at
+        self.assertLess(remaining, lifetime / 3)  # not before it was due...
+        self.assertGreater(remaining, lifetime / 3 - 1.5)  # ...and within a check or two of it
+        second = self.leaf(source)
+        self.assertGreater(second.not_valid_after_utc, first.not_valid_after_utc)
+        self.assertIsNotNone(source.context_for(NAME))
 
 
 class BoundsTests(AcmeTestCase):
