@@ -129,9 +129,8 @@ class AcmeTestCase(TestCase):
     def source(self, **settings: Any) -> AcmeCertificates:
         settings.setdefault("clock", self.clock)
         settings.setdefault("poll_interval", 0.1)
-        source = AcmeCertificates(
-            reactor, self.state, self.pebble.directory_url, "ops@example.org", self.pebble.ca_file, **settings
-        )
+        settings.setdefault("ca_file", self.pebble.ca_file)
+        source = AcmeCertificates(reactor, self.state, self.pebble.directory_url, "ops@example.org", **settings)
         source.startService()
         self.sources.append(source)
         self.addCleanup(self._stop, source)
@@ -216,6 +215,37 @@ class IssueTests(AcmeTestCase):
 
 
 
+class ErrorTests(AcmeTestCase):
+    """What a user reads when an order fails: what was wrong and what to do."""
+
+    @defer.inlineCallbacks
+    def test_an_untrusted_acme_server_certificate_says_to_give_its_ca(self) -> Any:
+        source = self.source(ca_file=None)
+        source.name_claimed(NAME)
+        yield source.idle()
+        [failed] = self.named("acme_order_failed")
+        self.assertIn(f"the ACME server at {self.pebble.directory_url} has a TLS certificate this host does not "
+                      "trust (certificate verify failed: unable to get local issuer certificate)", failed["reason"])
+        self.assertIn("give its CA with --acme-ca", failed["reason"])
+        self.assertEqual(source.orders, {"ok": 0, "failed": 1})
+        self.assertIsNone(source.context_for(NAME))
+
+    @defer.inlineCallbacks
+    def test_a_failed_http01_validation_names_the_host_and_what_to_check(self) -> Any:
+        source = self.source()
+        self.sources.remove(source)  # the responder no longer answers its tokens: pebble gets a 404
+        source.name_claimed(NAME)
+        yield source.idle()
+        [failed] = self.named("acme_order_failed")
+        self.assertIn(f"ACME server at {self.pebble.directory_url} could not validate {NAME} over HTTP-01: ",
+                      failed["reason"])
+        self.assertIn("404", failed["reason"])
+        self.assertIn(f"check that {NAME} resolves to this server and that port 80 (--http) reaches it",
+                      failed["reason"])
+        self.assertTrue(self.challenges.asked, "pebble never asked for the token")
+        self.assertIsNone(source.context_for(NAME))
+
+
 class NameTests(SynchronousTestCase):
     def test_names_are_normalised_before_any_comparison_and_file_name(self) -> None:
         self.assertEqual(normalise_hostname("App.Example.COM."), "app.example.com")
@@ -258,7 +288,8 @@ class RenewalTests(AcmeTestCase):
         self.assertEqual(source.certificate_pem(NAME), pem)
         self.assertEqual((self.state / "acme" / "certificates" / f"{NAME}.pem").read_bytes(), pem)
         [failed] = self.named("acme_order_failed")
-        self.assertIn(f"cannot reach the ACME server at {self.pebble.directory_url}", failed["reason"])
+        self.assertIn(f"cannot reach the ACME server at {self.pebble.directory_url}: Connection refused;",
+                      failed["reason"])
         self.assertIn("check --acme-directory", failed["reason"])
         self.assertEqual(failed["retry_in"], 600.0)
         metrics = scrape(source)

@@ -138,6 +138,17 @@ def _certificate(name: str, pem: bytes) -> _Certificate:
     )
 
 
+_SSL_REASON = re.compile(r"\[SSL: [A-Z_]+\] ([^(']+?)\s*\(")
+_OS_REASON = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+
+
+def _network_reason(error: requests.exceptions.RequestException) -> str:
+    """The cause in requests' long message ("certificate verify failed: ...", "Connection refused")."""
+    text = str(error)
+    match = _SSL_REASON.search(text) or _OS_REASON.search(text)
+    return match.group(1).strip() if match else text
+
+
 def _describe(error: BaseException) -> str:
     """The ACME server's own words for an error, without a traceback."""
     if isinstance(error, messages.Error):
@@ -162,8 +173,8 @@ class _Job:
         self.name = name
         self.url = shared.directory_url
 
-    def run(self) -> bytes:
-        """Order, validate, finalize; the new file's contents (key + chain), already stored."""
+    def run(self) -> _Certificate:
+        """Order, validate, finalize; the new certificate, already stored."""
         try:
             return self._run()
         except AcmeError:
@@ -172,12 +183,14 @@ class _Job:
             raise AcmeError(str(e)) from None
         except requests.exceptions.SSLError as e:
             raise AcmeError(
-                f"the ACME server at {self.url} has a TLS certificate this host does not trust: {e}; for a "
+                f"the ACME server at {self.url} has a TLS certificate this host does not trust ({_network_reason(e)}); "
+                "for a "
                 "private ACME server give its CA with --acme-ca"
             ) from None
         except requests.exceptions.RequestException as e:
             raise AcmeError(
-                f"cannot reach the ACME server at {self.url}: {e}; check --acme-directory and this host's network"
+                f"cannot reach the ACME server at {self.url}: {_network_reason(e)}; check --acme-directory and this "
+                "host's network"
             ) from None
         except acme_errors.ValidationError as e:
             raise AcmeError(
@@ -190,7 +203,7 @@ class _Job:
                 f"--acme-directory / DNS for {self.name}"
             ) from None
 
-    def _run(self) -> bytes:
+    def _run(self) -> _Certificate:
         shared = self.shared
         deadline = time.monotonic() + shared.order_timeout
         acme, jwk = shared.acme_client()
@@ -229,11 +242,16 @@ class _Job:
             for token in tokens:
                 shared.remove_challenge(token)
         order = self._finalize(acme, order, deadline)
-        chain = order.fullchain_pem.encode()
-        pem = key_pem + chain
-        _certificate(self.name, pem)  # the CA gave us what we asked for, or ValueError
+        pem = key_pem + order.fullchain_pem.encode()
+        try:
+            certificate = _certificate(self.name, pem)
+        except ValueError as e:
+            raise AcmeError(
+                f"ACME server at {self.url} issued an unusable certificate for {self.name}: {e}; check "
+                "--acme-directory (is it the ACME server you meant?)"
+            ) from None
         write_private(shared.certificate_path(self.name), pem)
-        return pem
+        return certificate
 
     def _check(self, deadline: float) -> None:
         if self.shared.stopping.is_set():
@@ -581,8 +599,7 @@ class AcmeCertificates(service.Service):
         d.addBoth(self._ended, name)
         self._running[name] = d
 
-    def _issued(self, pem: bytes, name: str) -> None:
-        certificate = _certificate(name, pem)
+    def _issued(self, certificate: _Certificate, name: str) -> None:
         self._certificates[name] = certificate
         self._failures.pop(name, None)
         self._failing.discard(name)
