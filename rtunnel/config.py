@@ -149,6 +149,9 @@ def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec 
     return next((t for t in tunnels if (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)), None)
 
 
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # the default --acme-directory
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str
@@ -181,6 +184,10 @@ class ServerConfig:
     fleet_cert: Path | None = None
     fleet_key: Path | None = None
     fleet_ca: Path | None = None
+    # certificates for clients' hostnames from ACME (rtunnel.server.acme, docs/http.md "ACME")
+    acme_directory: str = LETS_ENCRYPT
+    acme_email: str | None = None
+    acme_ca: Path | None = None  # CA of a private ACME server's HTTPS certificate
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

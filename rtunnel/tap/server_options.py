@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rtunnel import DEFAULT_CONTROL_PORT, wire
-from rtunnel.config import Keepalive, check_ip, parse_port_ranges
+from rtunnel.config import LETS_ENCRYPT, Keepalive, check_ip, parse_port_ranges
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
 from rtunnel.limits import Limits
@@ -53,6 +53,23 @@ def _public_host(value: str) -> str:
     host = value.strip().strip("[]")
     check_ip(host, "--public-host")
     return host
+
+
+def _acme_directory(value: str) -> str:
+    url = value.strip()
+    if not (url.startswith("https://") or url.startswith("http://")) or " " in url:
+        raise ConfigError(f"--acme-directory {value!r} is not an http(s) URL; give the ACME server's directory URL")
+    return url
+
+
+def _acme_email(value: str | None) -> str | None:
+    if not value:
+        return None
+    email = value.strip()
+    local, _, domain = email.partition("@")
+    if not local or "." not in domain or any(c in email for c in " ,;<>:\"\n"):
+        raise ConfigError(f"--acme-email {value!r} is not an e-mail address (name@example.org)")
+    return email
 
 
 def _at_least_one(name: str, help: str, default: int, field: str, doc: str, **more: object) -> Option:
@@ -143,6 +160,25 @@ SERVER_OPTIONS = OptionTable("server", [
     Option(
         "key", Kind.STR, "PEM private key for --cert.", field="key",
         convert=lambda value: Path(value) if value else None, path=True, metavar="FILE", doc_with="cert",
+    ),
+    Option(
+        "acme-directory", Kind.STR,
+        "ACME directory URL certificates for clients' hostnames are ordered from (default: Let's Encrypt "
+        "production).", LETS_ENCRYPT, field="acme_directory", convert=_acme_directory, metavar="URL",
+        doc="the ACME server that issues certificates for clients' hostnames (see [docs/http.md](docs/http.md#acme))",
+    ),
+    Option(
+        "acme-email", Kind.STR, "Contact address of the ACME account (expiry warnings). Default: none.",
+        field="acme_email", convert=_acme_email, metavar="ADDR", doc_default="none",
+        doc="the ACME account's contact address: the ACME server writes to it about certificates that expire",
+    ),
+    Option(
+        "acme-ca", Kind.STR,
+        "PEM file of the CA that signed a private ACME server's HTTPS certificate (e.g. pebble's).",
+        field="acme_ca", convert=lambda value: Path(value) if value else None, path=True, metavar="FILE",
+        doc_default="the system's CAs",
+        doc="trust a private ACME server: the CA of its directory's HTTPS certificate (not of the certificates "
+        "it issues)",
     ),
     Option(
         "allow-ports", Kind.STR, "Ports clients may open, e.g. 4000-4099,8080.", "1024-65535",
