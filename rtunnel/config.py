@@ -177,6 +177,12 @@ class ServerConfig:
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
     limits: Limits = field(default_factory=Limits)  # bandwidth and connections, token credentials (rtunnel.limits)
+    # a fleet (rtunnel.fleet, docs/fleet.md): off without etcd URLs
+    fleet_etcd: tuple[str, ...] = ()
+    fleet_member: str = ""
+    fleet_listen: str | None = None
+    fleet_prefix: str = "/rtunnel/"
+    fleet_lease_ttl: int = 5
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

@@ -1,0 +1,205 @@
+"""A fleet member, wired: the etcd client, the member's lease, the
+directory, the claims registry, and what connects them to a TunnelServer.
+
+`Fleet.start()` registers the member (and reads the fleet) before the
+server accepts clients; the TunnelServer gets `fleet.claims` through its
+`claims=` seam; `attach(server)` connects the rest (lost claims close
+their ports, fencing pauses the public ports, sessions are published);
+`stop()` revokes the lease, so a clean stop frees the member's claims at
+once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from rtunnel.addresses import IPV4_ANY
+from rtunnel.config import ServerConfig
+from rtunnel.fleet.claims import FleetClaims, fleet_serials
+from rtunnel.fleet.directory import FleetDirectory
+from rtunnel.fleet.etcd import EtcdClient, EtcdError
+from rtunnel.fleet.members import FleetMember
+from rtunnel.server.claims import Claim, ClaimRefused
+
+if TYPE_CHECKING:
+    from rtunnel.server import TunnelServer
+    from rtunnel.server.session import ServerSession
+
+FIRST_SNAPSHOT_TIMEOUT = 10.0
+
+
+class _ObservedSessions(dict):  # type: ignore[type-arg]
+    """TunnelServer.sessions that tells the fleet when a session starts
+    and ends (so that `sessions/<id>` follows them) without a hook in the
+    server: the server adds with `[id] = session` and removes with `pop`."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        super().__init__()
+        self.fleet = fleet
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.fleet.session_started(value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        present = key in self
+        value = super().pop(key, *default)
+        if present:
+            self.fleet.session_ended(key)
+        return value
+
+
+class Fleet:
+    """This server as one member of a fleet."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: ServerConfig, control: str = "") -> None:
+        self.reactor = reactor
+        self.config = config
+        self.prefix = config.fleet_prefix
+        self.name = config.fleet_member
+        self.etcd = EtcdClient(reactor, config.fleet_etcd, timeout=min(2.0, config.fleet_lease_ttl / 3))
+        self.member = FleetMember(
+            reactor, self.etcd, self.prefix, self.name,
+            {"link": config.fleet_listen or "", "control": control, "public_host": config.public_host},
+            ttl=config.fleet_lease_ttl,
+        )
+        self.directory = FleetDirectory(self.etcd, self.prefix, self.name, config.public_host)
+        self.directory.is_fenced = lambda: self.member.fenced
+        default_hosts = {config.public_host}
+        if config.public_host == "::":  # PublicPorts.bind_default falls back to 0.0.0.0
+            default_hosts.add(IPV4_ANY)
+        self.claims: FleetClaims[ServerSession] = FleetClaims(
+            reactor, self.etcd, self.prefix, self.member, self.directory, frozenset(default_hosts),
+        )
+        self.server: TunnelServer | None = None
+        self._paused: list[Any] = []
+        self.member.on_fence.append(self._fenced)
+        self.member.on_new_lease.append(lambda _: self._republish_sessions())
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Read the fleet, then register: the member serves nothing before both."""
+        synced: defer.Deferred[None] = defer.Deferred()
+        snapshot = self.directory._snapshot  # noqa: SLF001
+
+        def first(kvs: Any, revision: int) -> None:
+            snapshot(kvs, revision)
+            if not synced.called:
+                synced.callback(None)
+
+        self.directory._snapshot = first  # type: ignore[method-assign]  # noqa: SLF001
+        try:
+            yield self.member.start()
+        except EtcdError as e:
+            raise EtcdError(
+                f"cannot join the fleet: {e}. Start etcd (apt install etcd-server) or correct --fleet-etcd",
+                e.url,
+            ) from None
+        self.directory.start()
+        synced.addTimeout(FIRST_SNAPSHOT_TIMEOUT, self.reactor)
+        yield synced
+        self.log.info(
+            "fleet member {name} joined: {n} member(s), {claims} claim(s) in the fleet",
+            name=self.name, n=len(self.directory.members), claims=len(self.directory.claims),
+            event="fleet_joined", members=sorted(self.directory.members),
+        )
+
+    def attach(self, server: TunnelServer) -> None:
+        """Connect the fleet to `server` (made with claims=self.claims)."""
+        self.server = server
+        server.session_serials = fleet_serials()
+        observed = _ObservedSessions(self)
+        observed.update(server.sessions)
+        server.sessions = observed
+        self.claims.on_lost = self._lost
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Leave the fleet: revoke the lease (every key of ours goes at once)."""
+        self.claims.stop()
+        self.directory.stop()
+        yield self.member.stop()
+        yield self.etcd.close()
+
+    # ------------------------------------------------------------ claims lost, fencing
+
+    def _lost(self, claim: Claim[ServerSession], code: str) -> None:
+        """Another member holds `claim`'s name now: close our port and tell
+        the session, as a takeover on one server does."""
+        server, session = self.server, claim.holder
+        if server is None:
+            return
+        listener = session.tunnels.get(claim.tag)
+        if listener is None or listener.claim is not claim:
+            return
+        session.tunnels.pop(claim.tag, None)
+        server.ports.release(listener)
+        if code == ClaimRefused.TAKEN_OVER:
+            host, port = claim.name.host, claim.name.port  # type: ignore[union-attr]
+            session._bind_failed(  # noqa: SLF001
+                claim.tag, "taken_over",
+                f"port {port} on {host} was taken over by a newer session of client {session.credential} "
+                "at another fleet member; this client keeps asking for it and gets it back when that "
+                "session lets go of it",
+            )
+        else:
+            session._bind_failed(  # noqa: SLF001
+                claim.tag, "in_use",
+                f"{claim.name.describe()} is held by another client now (this fleet member lost its etcd "
+                "lease meanwhile); choose another port, or try again",
+            )
+        if not session.tunnels and not session.attached:
+            session.expire("its ports are held at another fleet member")
+
+    def _fenced(self, fenced: bool) -> None:
+        """Fenced: accept no new visitors on our public ports (they wait in
+        the listen queue); unfenced: accept again."""
+        server = self.server
+        if server is None:
+            return
+        if fenced:
+            for listener in server.listeners.values():
+                port = listener.port
+                if port is not None and hasattr(port, "stopReading"):
+                    port.stopReading()
+                    self._paused.append(port)
+        else:
+            paused, self._paused = self._paused, []
+            for port in paused:
+                if getattr(port, "connected", False):
+                    port.startReading()
+            if self.directory.watch is not None:
+                self.directory.watch.restart()  # the stream may have died silently meanwhile
+
+    # ------------------------------------------------------------ sessions/<id>
+
+    def _session_value(self) -> bytes:
+        return json.dumps({"member": self.name}).encode()
+
+    def session_started(self, session: ServerSession) -> None:
+        self._put_session(session.id, session.credential)
+
+    def _put_session(self, session_id: str, credential: str) -> None:
+        if not self.member.lease:
+            return
+        value = json.dumps({"member": self.name, "credential": credential}).encode()
+        d = self.etcd.put(f"{self.prefix}sessions/{session_id}", value, self.member.lease)
+        d.addErrback(lambda f: self.log.warn(
+            "could not publish session {id} in etcd: {why}", id=session_id[:8], why=f.getErrorMessage(),
+            event="fleet_session_publish_failed",
+        ))
+
+    def session_ended(self, session_id: str) -> None:
+        d = self.etcd.delete(f"{self.prefix}sessions/{session_id}")
+        d.addErrback(lambda f: None)  # it goes with our lease anyway
+
+    def _republish_sessions(self) -> None:
+        if self.server is not None:
+            for session in list(self.server.sessions.values()):
+                self._put_session(session.id, session.credential)
