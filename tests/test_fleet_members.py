@@ -13,6 +13,7 @@ import signal
 import socket
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,16 @@ def etcd_get(url: str, key: str) -> dict[str, Any] | None:
     """The JSON value of `key` (None if absent), read with urllib."""
     body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
     request = urllib.request.Request(url + "/v3/kv/range", body, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=2) as answer:
-        kvs = json.loads(answer.read()).get("kvs", [])
-    return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+    deadline = time.monotonic() + 5
+    while True:  # a node answers 503 while the cluster elects a leader
+        try:
+            with urllib.request.urlopen(request, timeout=2) as answer:
+                kvs = json.loads(answer.read()).get("kvs", [])
+            return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
+        except urllib.error.HTTPError as e:
+            if e.code < 500 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def wait(predicate: Any, timeout: float, what: str, step: float = 0.02) -> float:
