@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.etcd import SKIP_NO_ETCD, start_cluster, start_etcd
@@ -52,6 +53,16 @@ def etcd_get(url: str, key: str) -> dict[str, Any] | None:
             time.sleep(0.05)
 
 
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples at a /metrics URL: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
 def wait(predicate: Any, timeout: float, what: str, step: float = 0.02) -> float:
     """Poll until true; the time.monotonic() it became true."""
     deadline = time.monotonic() + timeout
@@ -78,16 +89,19 @@ class FleetProcessTests(SynchronousTestCase):
         serve_in_thread(self, target)
         self.target_port = target.server_address[1]
 
-    def start_member(self, index: int, etcd_urls: list[str], ttl: int = 5) -> tuple[Process, int]:
+    def start_member(
+        self, index: int, etcd_urls: list[str], ttl: int = 5, metrics: int | None = None,
+    ) -> tuple[Process, int]:
         host = f"127.0.0.{index}"
         port = free_port()
+        more = ["--metrics", f"tcp:{metrics}:interface={host}"] if metrics else []
         clients = [arg for name, token in TOKENS.items() for arg in ("--client", f"{name}={token}")]
         member = Process(
             self, f"member{index}",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(port), "--interface", host,
              "--public-host", host, "--state-dir", str(self.workdir / f"state{index}"), "--token", "unused-0123456789",
              *clients, "--fleet-etcd", ",".join(etcd_urls), "--fleet-member", f"m{index}",
-             "--fleet-listen", f"tcp:{free_port()}:interface={host}", "--fleet-lease-ttl", str(ttl)],
+             "--fleet-listen", f"tcp:{free_port()}:interface={host}", "--fleet-lease-ttl", str(ttl), *more],
             self.workdir,
         )
         member.wait_for(r"Run on the client machine:")
@@ -165,7 +179,8 @@ class FleetProcessTests(SynchronousTestCase):
     def test_a_member_cut_off_from_etcd_is_fenced_before_its_lease_expires_and_its_tunnels_continue(self) -> None:
         nodes = start_cluster(self, self.workdir / "etcd")
         cut_node, others = nodes[0], nodes[1:]
-        m1, p1 = self.start_member(1, [cut_node.url])  # member 1 reaches etcd only through node 1
+        metrics = free_port()
+        m1, p1 = self.start_member(1, [cut_node.url], metrics=metrics)  # it reaches etcd only through node 1
         m2, p2 = self.start_member(2, [n.url for n in others])
         public, other_public = free_port(), free_port()
         a1 = self.start_client(1, p1, "alice", public, "alice1")
@@ -202,6 +217,10 @@ class FleetProcessTests(SynchronousTestCase):
         waiting.settimeout(1.0)
         with self.assertRaises(socket.timeout):
             waiting.recv(1)
+        samples = scrape(f"http://127.0.0.1:{metrics}/metrics")
+        self.assertEqual(samples[("rtunnel_fleet_fenced", (("member", "m1"),))], 1)
+        self.assertGreater(samples[("rtunnel_fleet_etcd_errors_total", (("member", "m1"), ("op", "lease_keepalive")))], 0)
+        self.assertEqual(samples[("rtunnel_fleet_members", (("member", "m1"),))], 2)
         # a new claim fails with the retryable error
         c1 = self.start_client(1, p1, "carol", other_public, "carol1")
         c1.wait_for(rf"refused to open port {other_public}: .*cannot reach etcd.*retrying in 5 s", 15)

@@ -127,7 +127,7 @@ class FleetClaims(Generic[H]):
         key = self.key(name)
 
         def write() -> defer.Deferred[None]:
-            return self._write(key, name, holder, tag, strict=True)
+            return self._write(key, name, holder, tag)
 
         def done(_: object) -> None:
             self._reserved[key] = (holder, tag)
@@ -153,7 +153,7 @@ class FleetClaims(Generic[H]):
             self._schedule_sync(key, name)
 
     @defer.inlineCallbacks
-    def _write(self, key: str, name: Name, holder: H, tag: int, strict: bool) -> Any:
+    def _write(self, key: str, name: Name, holder: H, tag: int) -> Any:
         """Make the key say `holder` holds `name` as `tag`, by the rules."""
         full = self.prefix + key
         record = ClaimRecord(holder.credential, self.member.name, str(getattr(holder, "id", "")), tag, holder.serial)
@@ -297,7 +297,7 @@ class FleetClaims(Generic[H]):
         current = self.local.current(name)
         if current is not None:
             try:
-                yield self._write(key, name, current.holder, current.tag, strict=False)
+                yield self._write(key, name, current.holder, current.tag)
             except ClaimRefused as refusal:
                 if refusal.code == ClaimRefused.UNAVAILABLE:
                     raise

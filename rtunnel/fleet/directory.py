@@ -47,6 +47,7 @@ class FleetDirectory:
         self.members: dict[str, dict[str, Any]] = {}
         self.claims: dict[str, tuple[ClaimRecord, KeyValue]] = {}  # key below the prefix -> record
         self.sessions: dict[str, dict[str, Any]] = {}
+        self._homes: dict[Name, str] = {}  # claims by the Name they stand for here
         self.revision = 0
         self.is_fenced: Callable[[], bool] = lambda: False
         self._name_watchers: list[Callable[[Name, str | None], None]] = []
@@ -71,10 +72,7 @@ class FleetDirectory:
         return link if isinstance(link, str) and link else None
 
     def home_of(self, name: Name) -> str | None:
-        for key, (record, _) in self.claims.items():
-            if claim_name(key, self.public_host) == name:
-                return record.member
-        return None
+        return self._homes.get(name)
 
     def remote_names(self) -> Iterable[tuple[Name, str]]:
         for key, (record, _) in list(self.claims.items()):
@@ -101,6 +99,7 @@ class FleetDirectory:
         self.members.clear()
         self.claims.clear()
         self.sessions.clear()
+        self._homes.clear()
         for kv in kvs:
             self._apply(kv, False, notify=False)
         self.revision = revision
@@ -109,7 +108,7 @@ class FleetDirectory:
         for key in set(old_claims) | set(self.claims):
             before, after = old_claims.get(key), self.claims.get(key)
             if (before and before[0]) != (after and after[0]):
-                kv = after[1] if after else (before[1] if before else KeyValue(self.prefix + key, b""))
+                kv = after[1] if after else KeyValue(self.prefix + key, b"", 0, revision)
                 self._claim_changed(key, after[0] if after else None, kv)
 
     def _events(self, events: list[WatchEvent], revision: int) -> None:
@@ -137,10 +136,15 @@ class FleetDirectory:
         elif kind == "claims":
             record = None if deleted else ClaimRecord.decode(kv.value)
             before = self.claims.get(key)
+            name = claim_name(key, self.public_host)
             if record is None:
                 self.claims.pop(key, None)
+                if name is not None:
+                    self._homes.pop(name, None)
             else:
                 self.claims[key] = (record, kv)
+                if name is not None:
+                    self._homes[name] = record.member
             if notify and (before is None or before[0] != record or record is None):
                 self._claim_changed(key, record, kv)
 

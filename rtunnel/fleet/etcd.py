@@ -215,7 +215,11 @@ class EtcdClient:
                 self._current = index
                 raise
             self.stats.record(op, self.reactor.seconds() - started, False)
-            self._current = index
+            if index != self._current:  # failed over: a watch on the URL that failed may be dead silently
+                self._current = index
+                for watch in list(self._watches):
+                    if watch.url not in (None, url):
+                        watch.restart()
             return answer
         raise EtcdUnavailable(
             f"etcd {op} failed at every URL ({'; '.join(failures)}); check that etcd runs and "
@@ -391,6 +395,7 @@ class Watch:
         self._delay = WATCH_RETRY[0]
         self._need_snapshot = True
         self.last_line_at = 0.0
+        self.url: str | None = None  # the URL its stream is on
 
     def start(self) -> None:
         self._run()
@@ -475,6 +480,7 @@ class Watch:
             text = yield treq.content(response)
             raise EtcdUnavailable(f"{url}: watch answered HTTP {response.code}: {text[:200]!r}", url=url)
         self._response = response
+        self.url = url
         self.connected = True
         self._delay = WATCH_RETRY[0]
         reader = _LineReader(self)

@@ -254,6 +254,10 @@ class ServerService(service.Service):
             self.port = yield serverFromString(listening, listen).listen(factory)
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
+            if self.fleet is not None:
+                from rtunnel.fleet.metrics import FleetCollector
+
+                registry.register(FleetCollector(lambda: self.fleet))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
         port = getattr(address, "port", DEFAULT_CONTROL_PORT)
