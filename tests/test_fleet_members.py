@@ -268,3 +268,10 @@ class FleetProcessTests(SynchronousTestCase):
         self.visit("127.0.0.1", public)
         self.assertEqual(a1.output.count("tunnel ready"), 1)
         self.assertNotIn("expired at etcd", m1.output)
+        # a clean stop (SIGTERM) revokes the lease: the member's claims go at once, not after the TTL
+        stopped = time.monotonic()
+        m1.popen.terminate()
+        m1.wait_exit()
+        freed = wait(lambda: self.claim(node.url, public) is None, 10, "the claim freed by the clean stop") - stopped
+        self.assertIsNone(etcd_get(node.url, f"{PREFIX}members/m1"))
+        self.assertLess(freed, 3.0)
