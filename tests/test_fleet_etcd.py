@@ -6,7 +6,7 @@ etcd, its leases and its watch are real."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from rtunnel.fleet.members import FleetMember
 from rtunnel.server.claims import ClaimRefused, TcpPort
 from tests.etcd import SKIP_NO_ETCD, start_cluster, start_etcd
 from tests.faultproxy import FaultProxy
-from tests.harness import sleep, wait_until
+from tests.harness import Echo, LogCapture, Tunnel, free_port, listen_target, sleep, wait_until
 
 PORT = TcpPort("127.0.0.1", 4000)
 DEFAULT = TcpPort("::", 4000)
@@ -250,3 +250,46 @@ class ClusterTests(TestCase):
         self.assertEqual(member.member.registrations, 1)
         kv = yield member.etcd.get("/t/claims/tcp/default/4000")
         self.assertIsNotNone(kv)
+
+
+class InProcessMemberTests(TestCase):
+    """Two members (ServerService with --fleet-etcd) in this process, real
+    clients: what a BIND sees."""
+
+    timeout = 90
+    skip = SKIP_NO_ETCD
+
+    @defer.inlineCallbacks
+    def test_racing_binds_of_two_credentials_on_two_members_bind_one_socket_and_never_bound_the_loser(self) -> Any:
+        node = start_etcd(self, Path(self.mktemp()).absolute())
+        logs = LogCapture(self)
+        tokens = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
+        members = []
+        for index in (1, 2):
+            host = f"127.0.0.{index}"
+            tunnel = Tunnel(self)
+            yield tunnel.start_server(
+                listen=f"tcp:0:interface={host}", public_host=host, extra_clients=tuple(tokens.items()),
+                fleet_etcd=(node.url,), fleet_member=f"m{index}", fleet_lease_ttl=5,
+            )
+            members.append((tunnel, host))
+        target = listen_target(self, Echo)[1]
+        for round_ in range(5):
+            port = free_port()
+            for (tunnel, host), credential in zip(members, tokens, strict=True):
+                config = tunnel.client_config([(port, target)], token=tokens[credential], server_host=host)
+                config = replace(config, tunnels=(replace(config.tunnels[0], bind_host=""),))
+                tunnel.start_client(config)
+            yield wait_until(
+                lambda port=port: len(logs.named("tunnel_bound", port=port)) + len(logs.named("bind_refused", port=port)) >= 2,
+                20,
+            )
+            bound = logs.named("tunnel_bound", port=port)
+            refused = logs.named("bind_refused", port=port)
+            self.assertEqual(len(bound), 1, f"round {round_}: {[e['credential'] for e in bound]} bound {port}")
+            self.assertEqual([e["code"] for e in refused], ["in_use"])
+            self.assertNotEqual(bound[0]["credential"], refused[0]["credential"])
+            for tunnel, _ in members:
+                yield tunnel.client_service.stopService()
+        self.assertEqual(logs.named("fleet_claim_lost"), [])
+        self.assertEqual(logs.failures(), [])
