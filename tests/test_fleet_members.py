@@ -275,3 +275,33 @@ class FleetProcessTests(SynchronousTestCase):
         freed = wait(lambda: self.claim(node.url, public) is None, 10, "the claim freed by the clean stop") - stopped
         self.assertIsNone(etcd_get(node.url, f"{PREFIX}members/m1"))
         self.assertLess(freed, 3.0)
+
+    def test_a_port_taken_by_another_credential_after_a_member_s_lease_expired_is_not_served_by_it_again(self) -> None:
+        nodes = start_cluster(self, self.workdir / "etcd")
+        cut_node, others = nodes[0], nodes[1:]
+        m1, p1 = self.start_member(1, [cut_node.url])
+        m2, p2 = self.start_member(2, [n.url for n in others])
+        public = free_port()
+        a1 = self.start_client(1, p1, "alice", public, "alice1")
+        a1.wait_for(rf"tunnel ready: \S+:{public} ")
+        cut_node.pause()
+        self.addCleanup(cut_node.resume)
+        wait(lambda: etcd_get(others[0].url, f"{PREFIX}members/m1") is None, 15, "member 1's lease expired")
+        waiting = socket.create_connection(("127.0.0.1", public), timeout=10)  # queued at the fenced member
+        self.addCleanup(waiting.close)
+        b2 = self.start_client(2, p2, "bob", public, "bob2")  # the claim went with the lease: bob may take it
+        b2.wait_for(rf"tunnel ready: \S+:{public} ", 15)
+        self.visit("127.0.0.2", public)
+        cut_node.resume()
+        # member 1 registers again, finds bob's claim, and gives the port up instead of serving it
+        a1.wait_for(rf"refused to open port {public}: .*held by another client now", 20)
+        self.assertEqual(self.claim(others[0].url, public)["credential"], "bob")
+        waiting.settimeout(10)
+        try:
+            got = waiting.recv(len(BANNER))
+        except ConnectionResetError:
+            got = b""
+        self.assertEqual(got, b"")  # closed unserved: member 1 never acted as owner again
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", public), timeout=5).close()
+        self.assertNotIn("Traceback", m1.output)

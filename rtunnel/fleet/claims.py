@@ -96,6 +96,8 @@ class FleetClaims(Generic[H]):
         self.local: LocalClaims[H] = LocalClaims()
         #: what calls back when etcd says a claim of ours is held elsewhere: (claim, code)
         self.on_lost: Callable[[Claim[H], str], None] | None = None
+        #: told the key of each claim etcd confirmed (written under the current lease)
+        self.on_confirmed: list[Callable[[str], None]] = []
         self._published: dict[str, bytes] = {}  # key -> the value we wrote last (ours in etcd)
         self._written_at: dict[str, int] = {}  # key -> the revision of our last write
         self._reserved: dict[str, tuple[H, int]] = {}  # acquired in etcd, not claimed here yet
@@ -189,6 +191,12 @@ class FleetClaims(Generic[H]):
     def _wrote(self, key: str, value: bytes, revision: int) -> None:
         self._published[key] = value
         self._written_at[key] = revision
+        for callback in list(self.on_confirmed):
+            callback(key)
+
+    def confirmed(self, name: Name) -> bool:
+        """True if etcd holds `name` for this member under its current lease, as far as we know."""
+        return self.key(name) in self._published
 
     # ------------------------------------------------------------ ClaimRegistry (synchronous)
 

@@ -101,6 +101,9 @@ class FleetMember:
             yield self.etcd.put(self.key, value, lease)
         self.lease = lease
         self.registrations += 1
+        if self.registrations > 1:  # again, after the lease was lost: the claims are made again first,
+            for callback in list(self.on_new_lease):  # so that unfencing finds them unconfirmed
+                callback(lease)
         self._proven(sent, self.ttl)
         self.log.info(
             "fleet member {name} registered in etcd ({urls}) under lease {lease:x} (TTL {ttl} s)",
@@ -157,8 +160,6 @@ class FleetMember:
 
         def registered(new_lease: int) -> None:
             self._registering = None
-            for callback in list(self.on_new_lease):
-                callback(new_lease)
 
         def failed(failure: Any) -> None:
             self._registering = None

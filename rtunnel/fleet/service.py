@@ -24,6 +24,7 @@ from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.fleet.etcd import EtcdClient, EtcdError
 from rtunnel.fleet.members import FleetMember
 from rtunnel.server.claims import Claim, ClaimRefused
+from rtunnel.server.visitors import PublicListener
 
 if TYPE_CHECKING:
     from rtunnel.server import TunnelServer
@@ -78,8 +79,9 @@ class Fleet:
             reactor, self.etcd, self.prefix, self.member, self.directory, frozenset(default_hosts),
         )
         self.server: TunnelServer | None = None
-        self._paused: list[Any] = []
+        self._paused: dict[str, Any] = {}  # claim key -> its listening port, not accepting while fenced
         self.member.on_fence.append(self._fenced)
+        self.claims.on_confirmed.append(self._confirmed)
         self.member.on_new_lease.append(lambda _: self._republish_sessions())
 
     @defer.inlineCallbacks
@@ -139,12 +141,16 @@ class Fleet:
         if listener is None or listener.claim is not claim:
             return
         session.tunnels.pop(claim.tag, None)
-        server.ports.release(listener)
+        if isinstance(listener, PublicListener):
+            server.ports.release(listener)
+        else:  # another kind's listener (UDP, hostnames): it closes itself the same way, if it can
+            closing = getattr(listener, "close", None)
+            if callable(closing):
+                closing()
         if code == ClaimRefused.TAKEN_OVER:
-            host, port = claim.name.host, claim.name.port  # type: ignore[union-attr]
             session._bind_failed(  # noqa: SLF001
                 claim.tag, "taken_over",
-                f"port {port} on {host} was taken over by a newer session of client {session.credential} "
+                f"{claim.name.describe()} was taken over by a newer session of client {session.credential} "
                 "at another fleet member; this client keeps asking for it and gets it back when that "
                 "session lets go of it",
             )
@@ -159,23 +165,35 @@ class Fleet:
 
     def _fenced(self, fenced: bool) -> None:
         """Fenced: accept no new visitors on our public ports (they wait in
-        the listen queue); unfenced: accept again."""
+        the listen queue). Unfenced: accept again on each port whose claim
+        etcd holds for us (after a lost lease: once it is claimed again)."""
         server = self.server
         if server is None:
             return
         if fenced:
             for listener in server.listeners.values():
-                port = listener.port
-                if port is not None and hasattr(port, "stopReading"):
+                port, claim = listener.port, listener.claim
+                if port is not None and claim is not None and hasattr(port, "stopReading"):
                     port.stopReading()
-                    self._paused.append(port)
-        else:
-            paused, self._paused = self._paused, []
-            for port in paused:
-                if getattr(port, "connected", False):
-                    port.startReading()
-            if self.directory.watch is not None:
-                self.directory.watch.restart()  # the stream may have died silently meanwhile
+                    self._paused[self.claims.key(claim.name)] = port
+            return
+        for key in [key for key in self._paused if self._key_confirmed(key)]:
+            self._resume(key)
+        if self.directory.watch is not None:
+            self.directory.watch.restart()  # the stream may have died silently meanwhile
+
+    def _key_confirmed(self, key: str) -> bool:
+        return key in self.claims._published  # noqa: SLF001
+
+    def _confirmed(self, key: str) -> None:
+        """etcd holds `key` for us again: its port may accept visitors."""
+        if key in self._paused and not self.member.fenced:
+            self._resume(key)
+
+    def _resume(self, key: str) -> None:
+        port = self._paused.pop(key)
+        if getattr(port, "connected", False):  # still listening (not released meanwhile)
+            port.startReading()
 
     # ------------------------------------------------------------ sessions/<id>
 
