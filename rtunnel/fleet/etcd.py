@@ -26,12 +26,16 @@ from typing import Any
 
 import treq
 from twisted.internet import defer, error
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from rtunnel.errors import RtunnelError
 
@@ -167,6 +171,34 @@ def op_delete(key: str) -> dict[str, Any]:
     return {"request_delete_range": {"key": b64(key)}}
 
 
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """An endpoint whose connections' factories do not log each start and stop."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+        factory.noisy = False  # type: ignore[attr-defined]
+        return self._endpoint.connect(factory)
+
+
+@implementer(IAgentEndpointFactory)
+class _QuietEndpoints:
+    """The Agent's endpoints to etcd: TCP (TLS for https://), with a connect timeout, quiet."""
+
+    def __init__(self, reactor: Any, timeout: float) -> None:
+        self.reactor = reactor
+        self.timeout = timeout
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
+        if uri.scheme in (b"https", "https"):
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        return _QuietEndpoint(endpoint)
+
+
 class EtcdClient:
     """Calls to an etcd cluster's JSON gateway, each with a timeout, trying
     the cluster's URLs in turn. `close()` ends its connections (and watches)."""
@@ -183,7 +215,9 @@ class EtcdClient:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 8
         self._pool.retryAutomatically = False
-        self._http = treq.client.HTTPClient(Agent(reactor, connectTimeout=timeout, pool=self._pool))
+        self._http = treq.client.HTTPClient(
+            Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor, timeout), pool=self._pool)
+        )
         self._current = 0  # index of the URL that answered last
         self._watches: set[Watch] = set()
         self.closed = False
