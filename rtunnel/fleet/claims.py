@@ -103,6 +103,7 @@ class FleetClaims(Generic[H]):
         self._reserved: dict[str, tuple[H, int]] = {}  # acquired in etcd, not claimed here yet
         self._remote_waiting: dict[Name, dict[H, int]] = {}  # waiting for a newer session elsewhere
         self._chains: dict[str, defer.Deferred[Any]] = {}  # one etcd operation per key at a time
+        self._queued: dict[str, int] = {}  # operations on the key's chain not finished yet
         self._pending: set[str] = set()  # keys with a sync queued
         self._retries: dict[str, Any] = {}
         self.lost = 0  # claims lost to another member (metrics)
@@ -273,23 +274,25 @@ class FleetClaims(Generic[H]):
     # ------------------------------------------------------------ making etcd agree
 
     def _serial(self, key: str, operation: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
-        """Run `operation` after every earlier one on `key` (its result)."""
+        """Run `operation` after every earlier one on `key` has finished; its result."""
         result: defer.Deferred[Any] = defer.Deferred()
 
-        def run(_: object) -> defer.Deferred[None]:
+        def run(_: object) -> defer.Deferred[Any]:
             d = defer.maybeDeferred(operation)
             d.chainDeferred(result)
             return d
 
-        tail = self._chains.get(key) or defer.succeed(None)
-        new_tail = tail.addCallback(run)
-        self._chains[key] = new_tail
+        def done(_: object) -> None:
+            self._queued[key] -= 1
+            if not self._queued[key]:
+                del self._queued[key]
+                self._chains.pop(key, None)
 
-        def forget(_: object) -> None:
-            if self._chains.get(key) is new_tail:
-                del self._chains[key]
-
-        result.addBoth(lambda r: (forget(None), r)[1])
+        self._queued[key] = self._queued.get(key, 0) + 1
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = self._chains[key] = defer.succeed(None)
+        chain.addCallback(run).addCallback(done)
         return result
 
     def _schedule_sync(self, key: str, name: Name) -> None:
@@ -335,8 +338,8 @@ class FleetClaims(Generic[H]):
 
     def _resync_all(self) -> None:
         """etcd answers again: make every key agree (what failed meanwhile too)."""
-        for name, claim in list(self.local._claims.items()):  # noqa: SLF001 (our own LocalClaims)
-            self._schedule_sync(self.key(name), claim.name)
+        for held in list(self.local._claims.values()):  # noqa: SLF001 (our own LocalClaims)
+            self._schedule_sync(self.key(held.name), held.name)
         for key in list(self._published):
             name = claim_name(key, self.member_public_host)
             if name is not None:

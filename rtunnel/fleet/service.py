@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 FIRST_SNAPSHOT_TIMEOUT = 10.0
 
 
-class _ObservedSessions(dict):  # type: ignore[type-arg]
+class _ObservedSessions(dict):
     """TunnelServer.sessions that tells the fleet when a session starts
     and ends (so that `sessions/<id>` follows them) without a hook in the
     server: the server adds with `[id] = session` and removes with `pop`."""
