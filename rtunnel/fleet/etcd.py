@@ -220,6 +220,7 @@ class EtcdClient:
         )
         self._current = 0  # index of the URL that answered last
         self._watches: set[Watch] = set()
+        self._inflight: set[defer.Deferred[None]] = set()  # one per call under way
         self.closed = False
 
     def describe(self) -> str:
@@ -267,6 +268,8 @@ class EtcdClient:
             raise EtcdUnavailable(f"{url}: the etcd client is closed", url=url)
         d = self._http.post(url, json=body)
         d.addTimeout(self.timeout, self.reactor)
+        done: defer.Deferred[None] = defer.Deferred()
+        self._inflight.add(done)
         try:
             response = yield d
             text_d = treq.content(response)
@@ -278,6 +281,9 @@ class EtcdClient:
             raise EtcdUnavailable(f"{url}: {e.__class__.__name__}: {e}", url=url) from None
         except Exception as e:  # the web client's ResponseNeverReceived, RequestTransmissionFailed, ...
             raise EtcdUnavailable(f"{url}: {e.__class__.__name__}: {e}", url=url) from None
+        finally:
+            self._inflight.discard(done)
+            done.callback(None)
         try:
             answer = json.loads(text)
         except ValueError:
@@ -376,11 +382,13 @@ class EtcdClient:
         return watch
 
     def close(self) -> defer.Deferred[None]:
-        """Stop every watch and close the connections."""
+        """Stop every watch; once the calls under way have ended (each has
+        its timeout), close the connections."""
         self.closed = True
         for watch in list(self._watches):
             watch.stop()
-        return self._pool.closeCachedConnections()
+        under_way = defer.DeferredList(list(self._inflight), consumeErrors=True)
+        return under_way.addCallback(lambda _: self._pool.closeCachedConnections())
 
 
 class _LineReader(Protocol):
