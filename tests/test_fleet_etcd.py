@@ -140,6 +140,49 @@ class EtcdClientTests(TestCase):
         self.assertGreaterEqual(watch.reconnects, 1)
 
 
+class WatchCompactionTests(TestCase):
+    timeout = 60
+    skip = SKIP_NO_ETCD
+
+    @defer.inlineCallbacks
+    def test_a_watch_that_missed_compacted_revisions_reads_everything_again(self) -> Any:
+        node = start_etcd(self, Path(self.mktemp()).absolute())
+        proxy = FaultProxy(reactor, "127.0.0.1", node.client_port)
+        port = proxy.listen()
+        self.addCleanup(proxy.stop)
+        watcher = EtcdClient(reactor, [f"http://127.0.0.1:{port}"], timeout=1.0)
+        writer = EtcdClient(reactor, [node.url])
+        self.addCleanup(watcher.close)
+        self.addCleanup(writer.close)
+        yield writer.put("/c/gone", b"1")
+        state: dict[str, bytes] = {}
+        snapshots: list[int] = []
+
+        def snapshot(kvs: Any, revision: int) -> None:
+            snapshots.append(len(kvs))
+            state.clear()
+            state.update({kv.key: kv.value for kv in kvs})
+
+        def events(evs: Any, revision: int) -> None:
+            for e in evs:
+                if e.deleted:
+                    state.pop(e.kv.key, None)
+                else:
+                    state[e.kv.key] = e.kv.value
+
+        watch = watcher.watch("/c/", snapshot, events)
+        yield wait_until(lambda: watch.connected)
+        proxy.blackhole()  # the watch hears nothing from now on
+        yield writer.delete("/c/gone")
+        yield writer.put("/c/new", b"2")
+        _, revision = yield writer.range("/c/", prefix=True)
+        yield writer.call("compaction", "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        proxy.heal()
+        watch.restart()  # as a member does when etcd answers again
+        yield wait_until(lambda: len(snapshots) == 2, 15)
+        self.assertEqual(state, {"/c/new": b"2"})
+
+
 class FleetClaimsTests(TestCase):
     timeout = 60
     skip = SKIP_NO_ETCD
