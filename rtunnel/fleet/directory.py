@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from rtunnel.fleet.etcd import EtcdClient, KeyValue, Watch, WatchEvent
@@ -55,6 +56,7 @@ class FleetDirectory:
         self.claim_listeners: list[Callable[[str, ClaimRecord | None, KeyValue], None]] = []
         self.watch: Watch | None = None
         self.synced = False
+        self._first_snapshot: list[defer.Deferred[None]] = []
 
     def start(self) -> Watch:
         self.watch = self.etcd.watch(self.prefix, self._snapshot, self._events)
@@ -63,6 +65,14 @@ class FleetDirectory:
     def stop(self) -> None:
         if self.watch is not None:
             self.watch.stop()
+
+    def when_synced(self) -> defer.Deferred[None]:
+        """Fires once the first snapshot of the prefix has been read."""
+        if self.synced:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._first_snapshot.append(d)
+        return d
 
     # ------------------------------------------------------------ FleetDirectory
 
@@ -104,6 +114,9 @@ class FleetDirectory:
             self._apply(kv, False, notify=False)
         self.revision = revision
         self.synced = True
+        waiting, self._first_snapshot = self._first_snapshot, []
+        for d in waiting:
+            d.callback(None)
         # tell what changed while we were not watching
         for key in set(old_claims) | set(self.claims):
             before, after = old_claims.get(key), self.claims.get(key)

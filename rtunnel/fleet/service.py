@@ -87,15 +87,6 @@ class Fleet:
     @defer.inlineCallbacks
     def start(self) -> Any:
         """Read the fleet, then register: the member serves nothing before both."""
-        synced: defer.Deferred[None] = defer.Deferred()
-        snapshot = self.directory._snapshot  # noqa: SLF001
-
-        def first(kvs: Any, revision: int) -> None:
-            snapshot(kvs, revision)
-            if not synced.called:
-                synced.callback(None)
-
-        self.directory._snapshot = first  # type: ignore[method-assign]  # noqa: SLF001
         try:
             yield self.member.start()
         except EtcdError as e:
@@ -104,6 +95,7 @@ class Fleet:
                 e.url,
             ) from None
         self.directory.start()
+        synced = self.directory.when_synced()
         synced.addTimeout(FIRST_SNAPSHOT_TIMEOUT, self.reactor)
         yield synced
         self.log.info(
