@@ -66,8 +66,7 @@ class Member:
     def stop(self) -> Any:
         self.claims.stop()
         self.directory.stop()
-        if not self.member.stopped:
-            yield self.member.stop()
+        yield self.member.stop()  # again is harmless
         yield self.etcd.close()
 
     @defer.inlineCallbacks
@@ -336,3 +335,25 @@ class InProcessMemberTests(TestCase):
                 yield tunnel.client_service.stopService()
         self.assertEqual(logs.named("fleet_claim_lost"), [])
         self.assertEqual(logs.failures(), [])
+
+
+class RestartedMemberTests(TestCase):
+    timeout = 60
+    skip = SKIP_NO_ETCD
+
+    @defer.inlineCallbacks
+    def test_a_member_restarted_under_the_same_name_keeps_the_rules_for_its_earlier_run_s_claims(self) -> Any:
+        node = start_etcd(self, Path(self.mktemp()).absolute())
+        first = Member(self, [node.url], "m1")
+        yield first.start()
+        yield first.take(DEFAULT, Holder("alice", 1), 1)
+        first.member.stopped = True  # dies without revoking: its lease lives on for the TTL
+        first.member._loop.stop()
+        again = Member(self, [node.url], "m1")  # the same name, a new lease
+        yield again.start()
+        with self.assertRaises(ClaimRefused) as caught:
+            yield again.take(DEFAULT, Holder("bob", 2), 1)
+        self.assertEqual(caught.exception.code, ClaimRefused.IN_USE)
+        yield again.take(DEFAULT, Holder("alice", 3), 1)  # the credential's own port: at once
+        kv = yield again.etcd.get("/t/claims/tcp/default/4000")
+        self.assertEqual(kv.lease, again.member.lease)

@@ -177,7 +177,10 @@ class FleetClaims(Generic[H]):
                 continue  # deleted meanwhile: create it
             kv = kvs[0]
             held = ClaimRecord.decode(kv.value)
-            if held is not None and held.member != self.member.name:
+            # ours: written by this member under its lease (the local registry decided); anything else
+            # (another member, or an earlier run of this member under an older lease) by the rules
+            ours = held is not None and held.member == self.member.name and kv.lease == lease
+            if held is not None and not ours:
                 if held.credential != holder.credential:
                     raise ClaimRefused(ClaimRefused.IN_USE, name)
                 if held.serial > holder.serial:
