@@ -357,3 +357,36 @@ class RestartedMemberTests(TestCase):
         yield again.take(DEFAULT, Holder("alice", 3), 1)  # the credential's own port: at once
         kv = yield again.etcd.get("/t/claims/tcp/default/4000")
         self.assertEqual(kv.lease, again.member.lease)
+
+
+class NamesTests(TestCase):
+    """Pure: keys, names and the member's advertised link endpoint."""
+
+    def test_a_default_address_port_is_one_key_fleet_wide_and_stands_for_each_member_s_own_address(self) -> None:
+        from rtunnel.fleet.keys import claim_key, claim_name
+        from rtunnel.server.claims import Hostname, UdpPort
+
+        defaults = frozenset({"127.0.0.2"})
+        self.assertEqual(claim_key(TcpPort("127.0.0.2", 4000), defaults), "claims/tcp/default/4000")
+        self.assertEqual(claim_key(TcpPort("10.0.0.1", 4000), defaults), "claims/tcp/10.0.0.1/4000")
+        self.assertEqual(claim_key(UdpPort("127.0.0.2", 53), defaults), "claims/udp/default/53")
+        self.assertEqual(claim_key(Hostname("a.example.com"), defaults), "claims/host/a.example.com")
+        self.assertEqual(claim_name("claims/tcp/default/4000", "127.0.0.3"), TcpPort("127.0.0.3", 4000))
+        self.assertEqual(claim_name("claims/host/a.example.com", "::"), Hostname("a.example.com"))
+        self.assertIsNone(claim_name("members/m1", "::"))
+
+    def test_the_member_key_advertises_a_client_endpoint_for_its_link(self) -> None:
+        from rtunnel.fleet.service import link_client_endpoint
+
+        self.assertEqual(link_client_endpoint("tcp:19060:interface=127.0.0.2", "x"), "tcp:host=127.0.0.2:port=19060")
+        self.assertEqual(link_client_endpoint("tcp:19060", "10.1.1.1"), "tcp:host=10.1.1.1:port=19060")
+        self.assertEqual(link_client_endpoint(None, "x"), "")
+
+    def test_a_member_name_must_be_a_dns_label(self) -> None:
+        from rtunnel.errors import ConfigError
+        from rtunnel.tap.server_options import _member_name
+
+        self.assertEqual(_member_name("edge-fra-2"), "edge-fra-2")
+        for bad in ("M1", "-m", "a/b", "x" * 64):
+            with self.assertRaises(ConfigError):
+                _member_name(bad)

@@ -33,6 +33,46 @@ if TYPE_CHECKING:
 FIRST_SNAPSHOT_TIMEOUT = 10.0
 
 
+def _split_endpoint(description: str) -> list[str]:
+    """A Twisted endpoint string's fields (split at ':' not escaped by '\\')."""
+    fields, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    return fields
+
+
+def link_client_endpoint(listen: str | None, fallback_host: str) -> str:
+    """The client endpoint string other members dial for a member link
+    listening on `listen` (a server endpoint string, e.g.
+    tcp:19060:interface=127.0.0.2 -> tcp:host=127.0.0.2:port=19060); on
+    all addresses, `fallback_host`. "" if there is none or it is not TCP."""
+    if not listen:
+        return ""
+    fields = _split_endpoint(listen)
+    kind, args = fields[0], fields[1:]
+    if kind not in ("tcp", "tcp6") or not args:
+        return ""
+    named = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    positional = [arg for arg in args if "=" not in arg]
+    port = named.get("port") or (positional[0] if positional else "")
+    host = named.get("interface") or (positional[2] if len(positional) > 2 else "")
+    if not port.isdigit() or port == "0":
+        return ""
+    if host in ("", "0.0.0.0", "::"):
+        host = fallback_host
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
 class _ObservedSessions(dict):
     """TunnelServer.sessions that tells the fleet when a session starts
     and ends (so that `sessions/<id>` follows them) without a hook in the
@@ -67,7 +107,10 @@ class Fleet:
         self.etcd = EtcdClient(reactor, config.fleet_etcd, timeout=min(2.0, config.fleet_lease_ttl / 3))
         self.member = FleetMember(
             reactor, self.etcd, self.prefix, self.name,
-            {"link": config.fleet_listen or "", "control": control, "public_host": config.public_host},
+            {
+                "link": link_client_endpoint(config.fleet_listen, config.public_host),
+                "control": control, "public_host": config.public_host,
+            },
             ttl=config.fleet_lease_ttl,
         )
         self.directory = FleetDirectory(self.etcd, self.prefix, self.name, config.public_host)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -68,10 +69,16 @@ def _etcd_urls(value: str | None) -> tuple[str, ...]:
     return urls
 
 
+_MEMBER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
 def _member_name(value: str) -> str:
-    name = value.strip() or socket.gethostname()
-    if not name or "/" in name or len(name) > 128:
-        raise ConfigError(f"--fleet-member: {name!r} is not a member name (no '/', at most 128 characters)")
+    name = value.strip() or socket.gethostname().split(".")[0].lower()
+    if not _MEMBER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--fleet-member: {name!r} is not a member name: 1-63 lower-case letters, digits and '-', "
+            "not starting or ending with '-' (e.g. m1); it is also the member certificate's DNS name"
+        )
     return name
 
 
