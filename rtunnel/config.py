@@ -188,6 +188,12 @@ class ServerConfig:
     acme_directory: str = LETS_ENCRYPT
     acme_email: str | None = None
     acme_ca: Path | None = None  # CA of a private ACME server's HTTPS certificate
+    # a fleet (rtunnel.fleet, docs/fleet.md): off without etcd URLs
+    fleet_etcd: tuple[str, ...] = ()
+    fleet_member: str = ""
+    fleet_listen: str | None = None
+    fleet_prefix: str = "/rtunnel/"
+    fleet_lease_ttl: int = 5
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

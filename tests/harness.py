@@ -10,7 +10,8 @@ helper cleans up after itself so trial's dirty-reactor check passes.
 Other helper modules, each one thing: tests/memory.py (a session pair in
 memory on a fake clock), tests/faultproxy.py (a TCP proxy that injects link
 faults), tests/chromium.py (a headless browser), tests/spec_peer.py (a peer
-written from docs/protocol.md alone).
+written from docs/protocol.md alone), tests/etcd.py (real etcd nodes and a
+3-node cluster on loopback).
 """
 
 from __future__ import annotations

@@ -103,11 +103,13 @@ class Claimed(Generic[H]):
 class ClaimRefused(Exception):
     """A claim the registry cannot grant. `code` is the BIND_FAILED code:
     IN_USE (another credential holds the name) or TAKEN_OVER (a newer holder
-    of the same credential does; the claimant now waits for it). `repeated`:
+    of the same credential does; the claimant now waits for it), or, in a
+    fleet, UNAVAILABLE (etcd cannot be reached: retry later). `repeated`:
     the claimant was already waiting so (a retry)."""
 
     IN_USE = "in_use"
     TAKEN_OVER = "taken_over"
+    UNAVAILABLE = "unavailable"  # a fleet's registry cannot reach etcd: retry later
 
     def __init__(self, code: str, name: Name, repeated: bool = False) -> None:
         super().__init__(f"{name.describe()}: {code}")
@@ -193,6 +195,10 @@ class LocalClaims(Generic[H]):
         new = self._claims[claim.name] = Claim(claim.name, to, tag)
         self.stop_waiting(to, tag)
         return new
+
+    def current(self, name: Name) -> Claim[H] | None:
+        """The claim on `name`, if any."""
+        return self._claims.get(name)
 
     def owner(self, name: Name) -> str | None:
         held = self._claims.get(name)

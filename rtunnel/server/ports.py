@@ -128,6 +128,25 @@ class PublicPorts:
                     )
         return self.bind(owner, tunnel_id, candidates[-1], port)
 
+    def acquire(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> defer.Deferred[None] | None:
+        """The registry's asynchronous part of claiming `host:port` (host ""
+        the default address), to wait for before bind(): a fleet's etcd
+        transaction. None if there is none: LocalClaims, port 0 (claimed
+        once the system picked it), or a BIND refused anyway. Fails with
+        BindRefused."""
+        acquire = getattr(self.claims, "acquire", None)
+        if acquire is None or port == 0 or self.shutting_down:
+            return None
+        if host:
+            self._check_permitted(owner, host, port)
+        d: defer.Deferred[None] = acquire(TcpPort(host or self.config.public_host, port), owner, tunnel_id)
+
+        def refused(failure: Any) -> None:
+            failure.trap(ClaimRefused)
+            raise self._refusal(failure.value, owner)
+
+        return d.addErrback(refused)
+
     def bind(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> PublicListener:
         """`host:port` as `owner`'s tunnel `tunnel_id` (port 0: one the
         server picks), or BindRefused saying why not."""
@@ -219,6 +238,12 @@ class PublicPorts:
                 "session lets go of it",
                 repeated=refusal.repeated,
             )
+        if refusal.code == ClaimRefused.UNAVAILABLE:
+            return BindRefused(
+                "unavailable",
+                f"port {port} on {host} cannot be claimed now: this fleet member cannot reach etcd "
+                f"({refusal}); try again shortly",
+            )
         return BindRefused("in_use", f"port {port} on {host} is held by another client; choose another port")
 
     def _take_over(
@@ -267,12 +292,15 @@ class PublicPorts:
         for lo, hi in policy.ports:
             for candidate in range(lo, hi + 1):
                 name = TcpPort(host, candidate)
-                if self.claims.holder(name) is not None:
+                if self.claims.owner(name) is not None:  # held here, or (a fleet) at another member
                     continue
                 if tried >= PICK_PORT_ATTEMPTS:
                     break
                 tried += 1
-                claim = self.claims.claim(name, owner, tunnel_id).claim  # free: granted
+                try:
+                    claim = self.claims.claim(name, owner, tunnel_id).claim  # free: granted (one server)
+                except ClaimRefused as refusal:  # a fleet: taken meanwhile, or etcd out of reach
+                    raise self._refusal(refusal, owner) from None
                 listener.claim = claim
                 try:
                     return self._listen(listener, owner.credential, host, candidate)

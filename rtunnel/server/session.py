@@ -312,8 +312,37 @@ class ServerSession:
                 tunnel_id, "bad_address", f"bind address {host[:100]!r} is not an IP address; use e.g. 0.0.0.0 or ::",
             )
             return
+        try:  # a fleet claims the name in etcd first (LocalClaims: None, and on at once)
+            acquiring = self.server.ports.acquire(self, tunnel_id, host, port)
+        except BindRefused as refusal:
+            acquiring = defer.fail(refusal)
+        if acquiring is not None:
+            self._binds_waiting.add(tunnel_id)
+            acquiring.addCallbacks(
+                lambda _: self._bind_acquired(bind, retry), lambda failure: self._bind_acquired(bind, retry, failure),
+            )
+            return
+        self._bind_now(bind, retry)
+
+    def _bind_acquired(self, bind: wire.Bind, retry: bool, failure: Any = None) -> None:
+        """The registry's asynchronous claim is done: bind now, or say why not."""
+        if bind.tunnel not in self._binds_waiting or self.expired:
+            return  # UNBIND or the session's end came first (the registry forgets the claim)
+        self._binds_waiting.discard(bind.tunnel)
+        if failure is None:
+            self._bind_now(bind, retry)
+        elif failure.check(BindRefused):
+            self._bind_now(bind, retry, failure.value)
+        else:
+            self.log.failure("claiming tunnel {tunnel} failed", failure, tunnel=bind.tunnel, event="bind_error")
+            self._bind_failed(bind.tunnel, "unavailable", "the server could not claim the port; try again shortly")
+
+    def _bind_now(self, bind: wire.Bind, retry: bool, refused: BindRefused | None = None) -> None:
+        tunnel_id, host, port = bind.tunnel, bind.host, bind.port
         ports = self.server.ports
         try:
+            if refused is not None:
+                raise refused
             listener = ports.bind(self, tunnel_id, host, port) if host else ports.bind_default(self, tunnel_id, port)
         except BindRefused as refusal:
             closing = ports.when_port_closed(port) if retry and refusal.code == "in_use" and port else None

@@ -108,6 +108,7 @@ class ServerService(service.Service):
         self.reactor = reactor
         self.config = config
         self.server: TunnelServer | None = None
+        self.fleet: Any = None  # rtunnel.fleet.service.Fleet with --fleet-etcd
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
@@ -225,7 +226,16 @@ class ServerService(service.Service):
             token, token_created = None, False  # credentials come from the clients file
         else:
             token, token_created = load_or_create_token(config.state_dir)
-        self.server = TunnelServer(self.reactor, config, token, clients)
+        if config.fleet_etcd:  # a fleet member: registered (and the fleet read) before any client comes
+            from rtunnel.fleet.service import Fleet
+
+            self.fleet = Fleet(self.reactor, config, control=config.listen)
+            yield self.fleet.start()
+        self.server = TunnelServer(
+            self.reactor, config, token, clients, claims=self.fleet.claims if self.fleet is not None else None,
+        )
+        if self.fleet is not None:
+            self.fleet.attach(self.server)
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
         listening = GatedListening(self.reactor, self.control_gate)
@@ -249,6 +259,10 @@ class ServerService(service.Service):
             self.port = yield serverFromString(listening, listen).listen(factory)
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
+            if self.fleet is not None:
+                from rtunnel.fleet.metrics import FleetCollector
+
+                registry.register(FleetCollector(lambda: self.fleet))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
         port = getattr(address, "port", DEFAULT_CONTROL_PORT)
@@ -315,7 +329,12 @@ class ServerService(service.Service):
         if self.metrics_port is not None:
             waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
         if self.server is not None:
-            waits.append(self.server.shutdown())
+            stopping = self.server.shutdown()
+            if self.fleet is not None:  # then leave the fleet: revoking the lease frees our claims at once
+                stopping.addCallback(lambda _: self.fleet.stop() if self.fleet is not None else None)
+            waits.append(stopping)
+        elif self.fleet is not None:
+            waits.append(self.fleet.stop())
         self.control_gate.stop()
         return defer.gatherResults(waits).addCallback(lambda _: None)
 

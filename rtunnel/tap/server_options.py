@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -70,6 +72,36 @@ def _acme_email(value: str | None) -> str | None:
     if not local or "." not in domain or any(c in email for c in " ,;<>:\"\n"):
         raise ConfigError(f"--acme-email {value!r} is not an e-mail address (name@example.org)")
     return email
+def _etcd_urls(value: str | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    urls = tuple(url.strip().rstrip("/") for url in value.split(",") if url.strip())
+    if not urls:
+        raise ConfigError("--fleet-etcd: give at least one etcd client URL, e.g. http://127.0.0.1:2379")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"--fleet-etcd: {url!r} is not an http:// or https:// URL (e.g. http://127.0.0.1:2379)")
+    return urls
+
+
+_MEMBER_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _member_name(value: str) -> str:
+    name = value.strip() or socket.gethostname().split(".")[0].lower()
+    if not _MEMBER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"--fleet-member: {name!r} is not a member name: 1-63 lower-case letters, digits and '-', "
+            "not starting or ending with '-' (e.g. m1); it is also the member certificate's DNS name"
+        )
+    return name
+
+
+def _fleet_prefix(value: str) -> str:
+    prefix = value.strip()
+    if not prefix:
+        raise ConfigError("--fleet-prefix: give a key prefix, e.g. /rtunnel/")
+    return prefix if prefix.endswith("/") else prefix + "/"
 
 
 def _at_least_one(name: str, help: str, default: int, field: str, doc: str, **more: object) -> Option:
@@ -334,5 +366,37 @@ SERVER_OPTIONS = OptionTable("server", [
         LOG_FORMAT,
         doc="`json`: one JSON object a line, each event with a stable `event` name and its fields "
         "(docs/operations.md); console script only, with `twistd` use `--logger rtunnel.logs.json_observer`",
+    ),
+    Option(
+        "fleet-etcd", Kind.STR,
+        "Join a fleet coordinated by this etcd cluster: its client URLs, comma-separated "
+        "(e.g. http://127.0.0.1:2379). Off by default: one server, no etcd.",
+        field="fleet_etcd", convert=_etcd_urls, metavar="URLS", doc_default="off",
+        doc="join a fleet: the etcd cluster's client URLs, comma-separated (see [docs/fleet.md](docs/fleet.md)); "
+        "without it the server is alone and needs no etcd",
+    ),
+    Option(
+        "fleet-member", Kind.STR, "This member's name in the fleet (default: the host name).", "",
+        field="fleet_member", convert=_member_name, metavar="NAME", doc_default="the host name",
+        doc="this member's name in the fleet, unique in it",
+    ),
+    Option(
+        "fleet-listen", Kind.STR,
+        "Twisted server endpoint string of this member's member link (e.g. tcp:19060:interface=127.0.0.2).",
+        field="fleet_listen", metavar="ENDPOINT", doc_default="none",
+        doc="Twisted server endpoint string where this member's member link listens (other members "
+        "carry visitors to it there)",
+    ),
+    Option(
+        "fleet-prefix", Kind.STR, "etcd key prefix of the fleet.", "/rtunnel/", field="fleet_prefix",
+        convert=_fleet_prefix, metavar="PREFIX", doc="etcd key prefix under which the fleet keeps its keys",
+    ),
+    Option(
+        "fleet-lease-ttl", Kind.INT,
+        "Seconds a member's lease (and its claims) outlives its last keepalive; it is fenced after 2/3 of it.",
+        5, field="fleet_lease_ttl", low=2, high=3600, error="--{name} must be {low}-{high} seconds",
+        metavar="SECONDS",
+        doc="seconds a dead member's claims outlive it (its etcd lease TTL); a member cut off from etcd "
+        "is fenced after 2/3 of it",
     ),
 ], groups={"keepalive": Keepalive, "session": SessionSettings, "limits": Limits})

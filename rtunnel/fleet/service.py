@@ -1,0 +1,258 @@
+"""A fleet member, wired: the etcd client, the member's lease, the
+directory, the claims registry, and what connects them to a TunnelServer.
+
+`Fleet.start()` registers the member (and reads the fleet) before the
+server accepts clients; the TunnelServer gets `fleet.claims` through its
+`claims=` seam; `attach(server)` connects the rest (lost claims close
+their ports, fencing pauses the public ports, sessions are published);
+`stop()` revokes the lease, so a clean stop frees the member's claims at
+once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from rtunnel.addresses import IPV4_ANY
+from rtunnel.config import ServerConfig
+from rtunnel.fleet.claims import FleetClaims, fleet_serials
+from rtunnel.fleet.directory import FleetDirectory
+from rtunnel.fleet.etcd import EtcdClient, EtcdError
+from rtunnel.fleet.members import FleetMember
+from rtunnel.server.claims import Claim, ClaimRefused
+from rtunnel.server.visitors import PublicListener
+
+if TYPE_CHECKING:
+    from rtunnel.server import TunnelServer
+    from rtunnel.server.session import ServerSession
+
+FIRST_SNAPSHOT_TIMEOUT = 10.0
+
+
+def _split_endpoint(description: str) -> list[str]:
+    """A Twisted endpoint string's fields (split at ':' not escaped by '\\')."""
+    fields, current, escaped = [], "", False
+    for char in description:
+        if escaped:
+            current += char
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    fields.append(current)
+    return fields
+
+
+def link_client_endpoint(listen: str | None, fallback_host: str) -> str:
+    """The client endpoint string other members dial for a member link
+    listening on `listen` (a server endpoint string, e.g.
+    tcp:19060:interface=127.0.0.2 -> tcp:host=127.0.0.2:port=19060); on
+    all addresses, `fallback_host`. "" if there is none or it is not TCP."""
+    if not listen:
+        return ""
+    fields = _split_endpoint(listen)
+    kind, args = fields[0], fields[1:]
+    if kind not in ("tcp", "tcp6") or not args:
+        return ""
+    named = dict(arg.split("=", 1) for arg in args if "=" in arg)
+    positional = [arg for arg in args if "=" not in arg]
+    port = named.get("port") or (positional[0] if positional else "")
+    host = named.get("interface") or (positional[2] if len(positional) > 2 else "")
+    if not port.isdigit() or port == "0":
+        return ""
+    if host in ("", "0.0.0.0", "::"):
+        host = fallback_host
+    return f"tcp:host={host.replace(':', chr(92) + ':')}:port={port}"
+
+
+class _ObservedSessions(dict):
+    """TunnelServer.sessions that tells the fleet when a session starts
+    and ends (so that `sessions/<id>` follows them) without a hook in the
+    server: the server adds with `[id] = session` and removes with `pop`."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        super().__init__()
+        self.fleet = fleet
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.fleet.session_started(value)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        present = key in self
+        value = super().pop(key, *default)
+        if present:
+            self.fleet.session_ended(key)
+        return value
+
+
+class Fleet:
+    """This server as one member of a fleet."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: ServerConfig, control: str = "") -> None:
+        self.reactor = reactor
+        self.config = config
+        self.prefix = config.fleet_prefix
+        self.name = config.fleet_member
+        self.etcd = EtcdClient(reactor, config.fleet_etcd, timeout=min(2.0, config.fleet_lease_ttl / 3))
+        self.member = FleetMember(
+            reactor, self.etcd, self.prefix, self.name,
+            {
+                "link": link_client_endpoint(config.fleet_listen, config.public_host),
+                "control": control, "public_host": config.public_host,
+            },
+            ttl=config.fleet_lease_ttl,
+        )
+        self.directory = FleetDirectory(self.etcd, self.prefix, self.name, config.public_host)
+        self.directory.is_fenced = lambda: self.member.fenced
+        default_hosts = {config.public_host}
+        if config.public_host == "::":  # PublicPorts.bind_default falls back to 0.0.0.0
+            default_hosts.add(IPV4_ANY)
+        self.claims: FleetClaims[ServerSession] = FleetClaims(
+            reactor, self.etcd, self.prefix, self.member, self.directory, frozenset(default_hosts),
+        )
+        self.server: TunnelServer | None = None
+        self._paused: dict[str, Any] = {}  # claim key -> its listening port, not accepting while fenced
+        self.member.on_fence.append(self._fenced)
+        self.claims.on_confirmed.append(self._confirmed)
+        self.member.on_new_lease.append(lambda _: self._republish_sessions())
+
+    @defer.inlineCallbacks
+    def start(self) -> Any:
+        """Read the fleet, then register: the member serves nothing before both."""
+        try:
+            yield self.member.start()
+        except EtcdError as e:
+            raise EtcdError(
+                f"cannot join the fleet: {e}. Start etcd (apt install etcd-server) or correct --fleet-etcd",
+                e.url,
+            ) from None
+        self.directory.start()
+        synced = self.directory.when_synced()
+        synced.addTimeout(FIRST_SNAPSHOT_TIMEOUT, self.reactor)
+        yield synced
+        self.log.info(
+            "fleet member {name} joined: {n} member(s), {claims} claim(s) in the fleet",
+            name=self.name, n=len(self.directory.members), claims=len(self.directory.claims),
+            event="fleet_joined", members=sorted(self.directory.members),
+        )
+
+    def attach(self, server: TunnelServer) -> None:
+        """Connect the fleet to `server` (made with claims=self.claims)."""
+        self.server = server
+        server.session_serials = fleet_serials()
+        observed = _ObservedSessions(self)
+        observed.update(server.sessions)
+        server.sessions = observed
+        self.claims.on_lost = self._lost
+
+    @defer.inlineCallbacks
+    def stop(self) -> Any:
+        """Leave the fleet: revoke the lease (every key of ours goes at once)."""
+        self.claims.stop()
+        self.directory.stop()
+        yield self.member.stop()
+        yield self.etcd.close()
+
+    # ------------------------------------------------------------ claims lost, fencing
+
+    def _lost(self, claim: Claim[ServerSession], code: str) -> None:
+        """Another member holds `claim`'s name now: close our port and tell
+        the session, as a takeover on one server does."""
+        server, session = self.server, claim.holder
+        if server is None:
+            return
+        listener = session.tunnels.get(claim.tag)
+        if listener is None or listener.claim is not claim:
+            return
+        session.tunnels.pop(claim.tag, None)
+        if isinstance(listener, PublicListener):
+            server.ports.release(listener)
+        else:  # another kind's listener (UDP, hostnames): it closes itself the same way, if it can
+            closing = getattr(listener, "close", None)
+            if callable(closing):
+                closing()
+        if code == ClaimRefused.TAKEN_OVER:
+            session._bind_failed(  # noqa: SLF001
+                claim.tag, "taken_over",
+                f"{claim.name.describe()} was taken over by a newer session of client {session.credential} "
+                "at another fleet member; this client keeps asking for it and gets it back when that "
+                "session lets go of it",
+            )
+        else:
+            session._bind_failed(  # noqa: SLF001
+                claim.tag, "in_use",
+                f"{claim.name.describe()} is held by another client now (this fleet member lost its etcd "
+                "lease meanwhile); choose another port, or try again",
+            )
+        if not session.tunnels and not session.attached:
+            session.expire("its ports are held at another fleet member")
+
+    def _fenced(self, fenced: bool) -> None:
+        """Fenced: accept no new visitors on our public ports (they wait in
+        the listen queue). Unfenced: accept again on each port whose claim
+        etcd holds for us (after a lost lease: once it is claimed again)."""
+        server = self.server
+        if server is None:
+            return
+        if fenced:
+            for listener in server.listeners.values():
+                port, claim = listener.port, listener.claim
+                if port is not None and claim is not None and hasattr(port, "stopReading"):
+                    port.stopReading()
+                    self._paused[self.claims.key(claim.name)] = port
+            return
+        for key in [key for key in self._paused if self._key_confirmed(key)]:
+            self._resume(key)
+        if self.directory.watch is not None:
+            self.directory.watch.restart()  # the stream may have died silently meanwhile
+
+    def _key_confirmed(self, key: str) -> bool:
+        return key in self.claims._published  # noqa: SLF001
+
+    def _confirmed(self, key: str) -> None:
+        """etcd holds `key` for us again: its port may accept visitors."""
+        if key in self._paused and not self.member.fenced:
+            self._resume(key)
+
+    def _resume(self, key: str) -> None:
+        port = self._paused.pop(key)
+        if getattr(port, "connected", False):  # still listening (not released meanwhile)
+            port.startReading()
+
+    # ------------------------------------------------------------ sessions/<id>
+
+    def _session_value(self) -> bytes:
+        return json.dumps({"member": self.name}).encode()
+
+    def session_started(self, session: ServerSession) -> None:
+        self._put_session(session.id, session.credential)
+
+    def _put_session(self, session_id: str, credential: str) -> None:
+        if not self.member.lease:
+            return
+        value = json.dumps({"member": self.name, "credential": credential}).encode()
+        d = self.etcd.put(f"{self.prefix}sessions/{session_id}", value, self.member.lease)
+        d.addErrback(lambda f: self.log.warn(
+            "could not publish session {id} in etcd: {why}", id=session_id[:8], why=f.getErrorMessage(),
+            event="fleet_session_publish_failed",
+        ))
+
+    def session_ended(self, session_id: str) -> None:
+        d = self.etcd.delete(f"{self.prefix}sessions/{session_id}")
+        d.addErrback(lambda f: None)  # it goes with our lease anyway
+
+    def _republish_sessions(self) -> None:
+        if self.server is not None:
+            for session in list(self.server.sessions.values()):
+                self._put_session(session.id, session.credential)
