@@ -71,6 +71,8 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         self.check_options()
         if (self["cert"] is None) != (self["key"] is None):
             raise usage.UsageError("--cert and --key go together: give both or neither")
+        if bool(self["https-cert"]) != bool(self["https-key"]):
+            raise usage.UsageError("--https-cert and --https-key go together: give both or neither")
         listen = self["listen"]
         listen_fallback = None
         if listen is None:
@@ -105,9 +107,11 @@ class ServerService(service.Service):
         self.server: TunnelServer | None = None
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
+        self.shared_ports: dict[str, IListeningPort] = {}  # "http"/"https" -> its listening port (#15)
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
+        self.edge: Any = None  # rtunnel.server.httpedge.HttpEdge, with --http/--https
         self.control_gate = DescriptorGate(reactor, "control")
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
         self.start_error: str | None = None  # why the start failed
@@ -242,6 +246,8 @@ class ServerService(service.Service):
             )
             listen = config.listen_fallback
             self.port = yield serverFromString(listening, listen).listen(factory)
+        if config.http.enabled:
+            yield self._listen_shared()
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
@@ -279,6 +285,33 @@ class ServerService(service.Service):
             yield self.admin.listen()
         return self.port
 
+    @defer.inlineCallbacks
+    def _listen_shared(self) -> Any:
+        """The shared HTTP/HTTPS ports (--http, --https) and their certificates (#15)."""
+        from rtunnel.server.certificates import StaticCertificates
+        from rtunnel.server.httpedge import HttpEdge, edge_factories
+
+        assert self.server is not None
+        settings = self.config.http
+        if settings.https_cert and settings.https_key and self.server.certificates is None:
+            self.server.certificates = StaticCertificates(settings.https_cert, settings.https_key)
+        self.edge = HttpEdge(self.reactor, self.server, settings, self.server.hostnames, self.server.certificates)
+        factories = edge_factories(self.edge)
+        for scheme in ("http", "https"):
+            endpoint = getattr(settings, scheme)
+            if not endpoint:
+                continue
+            port = yield serverFromString(self.reactor, endpoint).listen(factories[scheme]())
+            self.shared_ports[scheme] = port
+            number = getattr(port.getHost(), "port", 0)
+            setattr(self.server.hostnames, f"{scheme}_port", number)
+            self.log.info(
+                "serving {label} for clients' hostnames on {endpoint} (port {port}){note}",
+                label=scheme.upper(), endpoint=endpoint, port=number,
+                note=f"; token clients may take NAME.{settings.domain}" if settings.domain else "",
+                event="shared_port_listening", scheme=scheme, domain=settings.domain,
+            )
+
     def _token_instructions(self, token: str | None, created: bool, has_clients: bool) -> tuple[str, str]:
         """The --token argument of the printed client command, and the line
         saying where that token is: never the token itself (a log file may
@@ -309,6 +342,10 @@ class ServerService(service.Service):
             waits.append(self.admin.stop())
         if self.metrics_port is not None:
             waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
+        for port in self.shared_ports.values():
+            waits.append(defer.maybeDeferred(port.stopListening))
+        if self.edge is not None:
+            self.edge.close()
         if self.server is not None:
             waits.append(self.server.shutdown())
         self.control_gate.stop()
