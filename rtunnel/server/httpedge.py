@@ -35,10 +35,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel.addresses import host_port
-from rtunnel.httpconfig import HttpSettings
+from rtunnel.httpconfig import HttpSettings, host_of
 from rtunnel.localsocket import StreamProtocol
 from rtunnel.mux import Stream
-from rtunnel.server.hostnames import HostRoutes, HostStats, HostTunnel, host_of
+from rtunnel.server.hostnames import HostRoutes, HostStats, HostTunnel
 from rtunnel.server.sni import UNRECOGNIZED_NAME_ALERT, NotClientHello, parse_client_hello
 from rtunnel.transports import set_nodelay
 from rtunnel.wire import ResetCode

@@ -1,0 +1,216 @@
+"""Hostnames on the shared HTTP port (#15), with real processes on loopback:
+a server with --http and --domain, clients with --http NAME, local HTTP
+services in threads, and visitors speaking raw HTTP/1.1 over sockets."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.harness import TWISTD, Process, cert_fingerprint, free_port, plugins_installed, serve_in_thread
+
+DOMAIN = "tunnel.test"
+
+
+class WhoAmI(http.server.BaseHTTPRequestHandler):
+    """Answers every request with JSON naming its service, the request line,
+    its headers and body: what reached which local service."""
+
+    protocol_version = "HTTP/1.1"
+    service = "?"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        reply = json.dumps({
+            "service": self.server.service,  # type: ignore[attr-defined]
+            "method": self.command, "path": self.path, "body": body.decode("latin-1"),
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class WhoAmIServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, service: str) -> None:
+        super().__init__(("127.0.0.1", 0), WhoAmI)
+        self.service = service
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection reset as a client process stops at the end of a test
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+    """Send `data` to 127.0.0.1:port, read until the server closes (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+class EdgeProcesses(SynchronousTestCase):
+    """A server with the shared ports, and helpers to start clients and services."""
+
+    server_args: tuple[str, ...] = ()
+
+    def setUp(self) -> None:
+        reason = plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-http-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.state_dir = self.workdir / "state"
+        self.control = free_port()
+        self.server = Process(
+            self, "server",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(self.control),
+             "--interface", "127.0.0.1", "--state-dir", str(self.state_dir), "--domain", DOMAIN,
+             "--http", "tcp:0:interface=127.0.0.1", *self.server_args],
+            self.workdir,
+        )
+        self.server.wait_for(r"Run on the client machine")
+        self.http_port = int(self.server.wait_for(r"serving HTTP for clients' hostnames on \S+ \(port (\d+)\)").group(1))
+
+    def start_service(self, name: str) -> int:
+        service = WhoAmIServer(name)
+        serve_in_thread(self, service)
+        return int(service.server_address[1])
+
+    def start_client(self, *args: str, name: str = "client", wait: str | None = r"tunnel ready: ") -> Process:
+        token = (self.state_dir / "token").read_text().strip()
+        client = Process(
+            self, name,
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{self.control}",
+             "--token", token, "--fingerprint", cert_fingerprint(self.state_dir / "server.crt"), *args],
+            self.workdir,
+        )
+        if wait:
+            client.wait_for(wait)
+        return client
+
+    def get(self, conn: http.client.HTTPConnection, host: str, path: str = "/") -> dict[str, Any]:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        body = response.read()
+        self.assertEqual(response.status, 200, body)
+        return dict(json.loads(body))
+
+
+class RoutingByHost(EdgeProcesses):
+    def test_each_request_reaches_only_its_hostnames_owner(self) -> None:
+        """Two clients, two names on one shared port: keep-alive requests
+        alternating between them on separate connections, and one
+        connection whose second request names the other host — every
+        request reaches its own owner's service and no other."""
+        alice = self.start_service("alice")
+        bob = self.start_service("bob")
+        client_a = self.start_client("--http", "alice", "-t", str(alice), name="client-a")
+        self.start_client("--http", f"bob.{DOMAIN}", "-t", str(bob), name="client-b")
+        self.assertIn(f"http://alice.{DOMAIN}:{self.http_port}", client_a.output)
+        to_a = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        to_b = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        for i in range(6):
+            self.assertEqual(self.get(to_a, f"alice.{DOMAIN}", f"/a{i}")["service"], "alice")
+            self.assertEqual(self.get(to_b, f"BOB.{DOMAIN}.", f"/b{i}")["service"], "bob")
+        both = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        first = self.get(both, f"alice.{DOMAIN}", "/first")
+        second = self.get(both, f"bob.{DOMAIN}:{self.http_port}", "/second")
+        third = self.get(both, f"alice.{DOMAIN}", "/third")
+        self.assertEqual((first["service"], second["service"], third["service"]), ("alice", "bob", "alice"))
+        self.assertEqual(second["path"], "/second")
+        for conn in (to_a, to_b, both):
+            conn.close()
+
+    def test_forwarding_headers_are_the_servers_not_the_visitors(self) -> None:
+        """X-Forwarded-For/Proto/Host and Forwarded come from the server; a
+        visitor's own copies (not a trusted proxy) are dropped."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        conn.request("GET", "/", headers={
+            "Host": f"alice.{DOMAIN}", "X-Forwarded-For": "6.6.6.6", "Forwarded": "for=6.6.6.6",
+            "X-Forwarded-Proto": "https",
+        })
+        seen = json.loads(conn.getresponse().read())
+        headers = dict((k, v) for k, v in seen["headers"])
+        self.assertEqual(headers["x-forwarded-for"], "127.0.0.1")
+        self.assertEqual(headers["x-forwarded-proto"], "http")
+        self.assertEqual(headers["x-forwarded-host"], f"alice.{DOMAIN}")
+        self.assertEqual(headers["forwarded"], f'for=127.0.0.1;proto=http;host="alice.{DOMAIN}"')
+        self.assertNotIn("6.6.6.6", json.dumps(seen))
+
+    def test_unknown_host_gets_a_404_naming_no_tenant(self) -> None:
+        """A Host no tunnel serves, or none at all: 404/400 pages that name no other tenant."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        response = raw_exchange(self.http_port, f"GET / HTTP/1.1\r\nHost: nobody.{DOMAIN}\r\n\r\n".encode())
+        self.assertEqual(status_of(response), 404, response)
+        self.assertNotIn(b"alice", response)
+        response = raw_exchange(self.http_port, b"GET / HTTP/1.1\r\n\r\n")
+        self.assertEqual(status_of(response), 400, response)
+        self.assertNotIn(b"alice", response)
+
+    def test_client_refuses_to_start_when_the_server_has_no_http(self) -> None:
+        """A server without --http/--https does not serve "http" tunnels: the
+        client says so and exits 2."""
+        control = free_port()
+        state = self.workdir / "plain"
+        plain = Process(
+            self, "plain-server",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(control),
+             "--interface", "127.0.0.1", "--state-dir", str(state)],
+            self.workdir,
+        )
+        plain.wait_for(r"Run on the client machine")
+        client = Process(
+            self, "client-plain",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control}",
+             "--token", (state / "token").read_text().strip(),
+             "--fingerprint", cert_fingerprint(state / "server.crt"), "--http", "app", "-t", "3000"],
+            self.workdir,
+        )
+        self.assertEqual(client.wait_exit(), 2, client.describe())
+        self.assertIn("does not serve 'http' tunnels", client.output)
+
+
+del EdgeProcesses, time, threading
