@@ -213,4 +213,101 @@ class RoutingByHost(EdgeProcesses):
         self.assertIn("does not serve 'http' tunnels", client.output)
 
 
-del EdgeProcesses, time, threading
+BAD_REQUESTS: list[tuple[str, bytes, int]] = [
+    ("Content-Length with Transfer-Encoding",
+     b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("duplicate Content-Length",
+     b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", 400),
+    ("Content-Length list", b"POST / HTTP/1.1\r\nHost: H\r\nContent-Length: 5, 5\r\n\r\nhello", 400),
+    ("bad chunk size",
+     b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+    ("obs-fold", b"GET / HTTP/1.1\r\nHost: H\r\nX-A: one\r\n two\r\n\r\n", 400),
+    ("CR injection in a value", b"GET / HTTP/1.1\r\nHost: H\r\nX-A: one\rX-Injected: yes\r\n\r\n", 400),
+    ("bare LF line ending", b"GET / HTTP/1.1\r\nHost: H\nX-Injected: yes\r\n\r\n", 400),
+    ("two Host headers", b"GET / HTTP/1.1\r\nHost: H\r\nHost: other.example\r\n\r\n", 400),
+    ("huge chunk extension",
+     b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: chunked\r\n\r\n5;x=" + b"a" * 65536
+     + b"\r\nhello\r\n0\r\n\r\n", 400),
+    ("unknown transfer coding", b"POST / HTTP/1.1\r\nHost: H\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    ("head over --max-request-head",
+     b"GET / HTTP/1.1\r\nHost: H\r\n" + b"X-Big: " + b"b" * 17000 + b"\r\n\r\n", 431),
+    ("space before the colon", b"GET / HTTP/1.1\r\nHost: H\r\nContent-Length : 5\r\n\r\nhello", 400),
+]
+
+
+class MalformedRequests(EdgeProcesses):
+    server_args = ("--request-head-timeout", "1")
+
+    def test_smuggling_shapes_get_clear_4xx_and_honest_traffic_continues(self) -> None:
+        """Every request-smuggling and malformed shape gets its 4xx (or 501)
+        with a page saying what was wrong; none reaches the service; the
+        server survives and an honest visitor's keep-alive requests go on."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        host = f"alice.{DOMAIN}".encode()
+        honest = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        self.assertEqual(self.get(honest, f"alice.{DOMAIN}", "/before")["path"], "/before")
+        for what, request, status in BAD_REQUESTS:
+            response = raw_exchange(self.http_port, request.replace(b"Host: H", b"Host: " + host))
+            self.assertEqual(status_of(response), status, f"{what}: {response[:300]!r}")
+            self.assertNotIn(b'"service"', response, what)
+            self.assertEqual(self.get(honest, f"alice.{DOMAIN}", "/during")["service"], "alice", what)
+        self.assertIsNone(self.server.popen.poll())
+
+    def test_a_slow_head_gets_408_and_an_idle_connection_is_closed(self) -> None:
+        """Slowloris: a head not complete within --request-head-timeout gets
+        408; an idle keep-alive connection is closed quietly."""
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.http_port), timeout=10) as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            response = s.recv(65536)
+        self.assertEqual(status_of(response), 408, response)
+        self.assertLess(time.monotonic() - started, 5)
+        with socket.create_connection(("127.0.0.1", self.http_port), timeout=10) as s:
+            self.assertEqual(s.recv(100), b"")
+
+    def test_a_chunked_body_reaches_the_service_whole(self) -> None:
+        """A chunked request body is re-framed and arrives whole; a
+        Content-Length body too."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        host = f"alice.{DOMAIN}".encode()
+        response = raw_exchange(
+            self.http_port,
+            b"POST /c HTTP/1.1\r\nHost: " + host + b"\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        self.assertEqual(status_of(response), 200, response)
+        self.assertEqual(json.loads(response.split(b"\r\n\r\n", 1)[1])["body"], "hello world")
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        body = bytes(range(256)) * 1000
+        conn.request("PUT", "/big", body=body, headers={"Host": f"alice.{DOMAIN}"})
+        self.assertEqual(json.loads(conn.getresponse().read())["body"].encode("latin-1"), body)
+
+
+class WebSocketThroughHttp(EdgeProcesses):
+    def test_websocket_echo_through_the_http_port(self) -> None:
+        """Upgrade: the 101 switches the connection to a byte relay; a real
+        WebSocket client and server exchange messages through --http."""
+        from websockets.sync.client import connect
+        from websockets.sync.server import serve
+
+        def echo(ws: Any) -> None:
+            for message in ws:
+                ws.send(message)
+
+        ws_server = serve(echo, "127.0.0.1", 0)
+        threading.Thread(target=ws_server.serve_forever, daemon=True).start()
+        self.addCleanup(ws_server.shutdown)
+        self.start_client("--http", "echo", "-t", str(ws_server.socket.getsockname()[1]))
+        sock = socket.create_connection(("127.0.0.1", self.http_port), timeout=10)
+        with connect(f"ws://echo.{DOMAIN}:{self.http_port}/chat", sock=sock, open_timeout=10) as ws:
+            for i in range(20):
+                message = f"message {i} " + "x" * (i * 1000)
+                ws.send(message)
+                self.assertEqual(ws.recv(timeout=10), message)
+            ws.send(b"\x00\x01binary")
+            self.assertEqual(ws.recv(timeout=10), b"\x00\x01binary")
+
+
+del EdgeProcesses

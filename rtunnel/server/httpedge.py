@@ -189,6 +189,8 @@ class HttpVisitor(Protocol):
         self.scheme = scheme
         self.server_name = server_name
         self.buffer = b""  # bytes of the next request's head (not yet given to h11)
+        self.inbox = b""  # bytes of the current request not yet given to h11 (fed a slice at a time)
+        self.fed_eof = False
         self.conn: h11.Connection | None = None  # the current request's parser, and writer of its response
         self.upstream: Upstream | None = None
         self.tunnel: HostTunnel | None = None  # the current request's
@@ -224,7 +226,7 @@ class HttpVisitor(Protocol):
             self.buffer += data
             self._next_request()
             return
-        self.conn.receive_data(data)
+        self.inbox += data
         self._pump()
 
     def readConnectionLost(self) -> None:
@@ -236,7 +238,6 @@ class HttpVisitor(Protocol):
         if self.conn is None:
             self._close()
             return
-        self.conn.receive_data(b"")
         self._pump()
 
     def writeConnectionLost(self) -> None:
@@ -324,11 +325,9 @@ class HttpVisitor(Protocol):
             self._fail(e)
             return
         self._cancel_head_timer()
-        data, self.buffer = self.buffer, b""
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        self.conn.receive_data(data)
-        if self.eof:
-            self.conn.receive_data(b"")
+        self.conn.receive_data(head)
+        self.inbox, self.buffer, self.fed_eof = self.buffer[end + 4:], b"", False
         self._pump()
 
     def _pump(self) -> None:
@@ -341,10 +340,14 @@ class HttpVisitor(Protocol):
                 event = conn.next_event()
             except h11.RemoteProtocolError as e:
                 status = e.error_status_hint if e.error_status_hint in (400, 431, 501) else 400
+                if self.request is not None and status == 431:  # in the body: a chunk line too long
+                    status = 400
                 self._fail(EdgeError(status, f"malformed request: {e}"))
                 return
             if event is h11.NEED_DATA:
-                return
+                if not self._feed(conn):
+                    return
+                continue
             if event is h11.PAUSED:
                 self._pause("pipelined")  # the next request waits for this one's response
                 return
@@ -359,6 +362,26 @@ class HttpVisitor(Protocol):
                 if self.request is None:
                     self._close()
                 return
+
+    def _feed(self, conn: h11.Connection) -> bool:
+        """Give h11 the next slice of the inbox (or the EOF); False if there
+        is nothing to give. Slices keep h11's buffer, and so a chunk-size
+        line with a huge extension, within --max-request-head."""
+        if self.inbox:
+            size = max(1024, self.edge.settings.max_request_head // 2)
+            piece, self.inbox = self.inbox[:size], self.inbox[size:]
+            conn.receive_data(piece)
+            return True
+        if self.eof and not self.fed_eof:
+            self.fed_eof = True
+            conn.receive_data(b"")
+            return True
+        return False
+
+    def _rest(self, conn: h11.Connection) -> tuple[bytes, bool]:
+        """What the visitor sent after the current request, and whether it half-closed."""
+        data, closed = conn.trailing_data
+        return data + self.inbox, closed or self.eof
 
     def _count_in(self, n: int) -> None:
         if self.tunnel is not None and self.tunnel.claim is not None:
@@ -496,7 +519,7 @@ class HttpVisitor(Protocol):
         if self.upstream is not None:
             self.upstream.send(event)
         if isinstance(event, h11.EndOfMessage) and self.conn is not None:
-            data, _ = self.conn.trailing_data
+            data, _ = self._rest(self.conn)
             if data:
                 self._pause("pipelined")
 
@@ -548,7 +571,8 @@ class HttpVisitor(Protocol):
         self.relaying = True
         self._account(101)
         self._resume("pipelined")
-        visitor_rest, _ = conn.trailing_data
+        visitor_rest, _ = self._rest(conn)
+        self.inbox = b""
         service_rest, _ = upstream.conn.trailing_data
         if service_rest:
             self._write(service_rest)
@@ -581,8 +605,8 @@ class HttpVisitor(Protocol):
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             self._close()
             return
-        rest, closed = conn.trailing_data
-        self.conn = None
+        rest, closed = self._rest(conn)
+        self.conn, self.inbox = None, b""
         self.buffer = rest
         self._resume("pipelined")
         self._arm_head_timer()
