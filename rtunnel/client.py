@@ -522,7 +522,10 @@ class TunnelClient:
                 port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
             )
             return
-        text = f"the server refused to open port {spec.bind_port}: {message}"
+        text = (
+            f"the server refused to open port {spec.bind_port}: {message}" if spec.kind == "tcp"
+            else f"the server refused hostname {spec.hostname} ({spec.kind}): {message}"
+        )
         if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
             # a tunnel added while running: drop it, keep the others up
             self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)

@@ -9,6 +9,8 @@ import http.server
 import json
 import shutil
 import socket
+import ssl
+import subprocess
 import tempfile
 import threading
 import time
@@ -17,7 +19,15 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.harness import TWISTD, Process, cert_fingerprint, free_port, plugins_installed, serve_in_thread
+from tests.harness import (
+    TWISTD,
+    Process,
+    cert_fingerprint,
+    free_port,
+    make_ca_and_server,
+    plugins_installed,
+    serve_in_thread,
+)
 
 DOMAIN = "tunnel.test"
 
@@ -93,6 +103,9 @@ class EdgeProcesses(SynchronousTestCase):
 
     server_args: tuple[str, ...] = ()
 
+    def more_server_args(self) -> list[str]:
+        return []
+
     def setUp(self) -> None:
         reason = plugins_installed()
         if reason:
@@ -105,7 +118,7 @@ class EdgeProcesses(SynchronousTestCase):
             self, "server",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(self.control),
              "--interface", "127.0.0.1", "--state-dir", str(self.state_dir), "--domain", DOMAIN,
-             "--http", "tcp:0:interface=127.0.0.1", *self.server_args],
+             "--http", "tcp:0:interface=127.0.0.1", *self.server_args, *self.more_server_args()],
             self.workdir,
         )
         self.server.wait_for(r"Run on the client machine")
@@ -308,6 +321,90 @@ class WebSocketThroughHttp(EdgeProcesses):
                 self.assertEqual(ws.recv(timeout=10), message)
             ws.send(b"\x00\x01binary")
             self.assertEqual(ws.recv(timeout=10), b"\x00\x01binary")
+
+
+def curl(*args: str) -> tuple[int, str, str]:
+    """Run curl (bounded); its exit code, stdout and stderr."""
+    out = subprocess.run(["curl", "--silent", "--show-error", "--max-time", "15", *args],
+                         capture_output=True, timeout=30)
+    return out.returncode, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+class TlsService(http.server.ThreadingHTTPServer):
+    """A local HTTPS service holding its own certificate (for TLS passthrough)."""
+
+    daemon_threads = True
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__(("127.0.0.1", 0), WhoAmI)
+        self.service = "tls-local"
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class Https(EdgeProcesses):
+    """--https with a static wildcard certificate made here, and TLS passthrough."""
+
+    def more_server_args(self) -> list[str]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl not found: install Debian's 'curl' package")
+        certs = self.workdir / "edge-certs"
+        certs.mkdir()
+        self.ca, cert, key = make_ca_and_server(certs, f"*.{DOMAIN}")
+        return ["--https", "tcp:0:interface=127.0.0.1", "--https-cert", str(cert), "--https-key", str(key)]
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.https_port = int(self.server.wait_for(
+            r"serving HTTPS for clients' hostnames on \S+ \(port (\d+)\)").group(1))
+
+    def url(self, name: str, path: str = "/") -> list[str]:
+        return ["--resolve", f"{name}:{self.https_port}:127.0.0.1", f"https://{name}:{self.https_port}{path}"]
+
+    def test_https_terminated_with_the_static_certificate(self) -> None:
+        """curl --cacert checks the chain and the name; the request reaches
+        the owner's service marked X-Forwarded-Proto https; BOUND's URLs
+        are logged by the client; plain HTTP for the name gets a 308 to https."""
+        alice = self.start_service("alice")
+        client = self.start_client("--http", "alice", "-t", str(alice))
+        self.assertIn(f"https://alice.{DOMAIN}:{self.https_port}", client.output)
+        code, out, err = curl("--cacert", str(self.ca), *self.url(f"alice.{DOMAIN}", "/secure"))
+        self.assertEqual(code, 0, err)
+        seen = json.loads(out)
+        self.assertEqual((seen["service"], seen["path"]), ("alice", "/secure"))
+        self.assertIn(["x-forwarded-proto", "https"], seen["headers"])
+        response = raw_exchange(self.http_port, f"GET /x?y=1 HTTP/1.1\r\nHost: alice.{DOMAIN}\r\n\r\n".encode())
+        self.assertEqual(status_of(response), 308, response)
+        self.assertIn(f"location: https://alice.{DOMAIN}:{self.https_port}/x?y=1".encode(), response.lower())
+
+    def test_a_name_without_certificate_gets_an_alert_not_another_certificate(self) -> None:
+        """SNI naming nothing the certificate covers: the handshake ends in
+        an unrecognized_name alert; no certificate is shown."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        with socket.create_connection(("127.0.0.1", self.https_port), timeout=10) as raw:
+            with self.assertRaises(ssl.SSLError) as caught:
+                context.wrap_socket(raw, server_hostname="other.example.org")
+        self.assertIn("UNRECOGNIZED_NAME", str(caught.exception).upper())
+
+    def test_tls_passthrough_reaches_the_local_service_undecrypted(self) -> None:
+        """--tls: the server routes by SNI without decrypting; curl checks
+        the certificate is the local service's own (another CA than the
+        server's wildcard), and the service sees the request."""
+        local_dir = self.workdir / "local-certs"
+        local_dir.mkdir()
+        local_ca, cert, key = make_ca_and_server(local_dir, f"secure.{DOMAIN}")
+        service = TlsService(cert, key)
+        serve_in_thread(self, service)
+        self.start_client("--tls", f"secure.{DOMAIN}", "-t", str(service.server_address[1]))
+        code, out, err = curl("--cacert", str(local_ca), *self.url(f"secure.{DOMAIN}", "/passthrough"))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["service"], "tls-local")
+        code, out, err = curl("--cacert", str(self.ca), *self.url(f"secure.{DOMAIN}", "/"))
+        self.assertNotEqual(code, 0, "the server's own certificate was shown for a passthrough name")
 
 
 del EdgeProcesses
