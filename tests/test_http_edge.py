@@ -323,6 +323,47 @@ class WebSocketThroughHttp(EdgeProcesses):
             self.assertEqual(ws.recv(timeout=10), b"\x00\x01binary")
 
 
+class Ownership(EdgeProcesses):
+    """A hostname is a claim like a port: it belongs to a credential."""
+
+    server_args = ("--client", "bob=bobs-token-0123456789", "--offline-wait", "1")
+
+    def test_a_name_stays_its_credentials_while_detached_and_goes_to_its_next_session(self) -> None:
+        """Another credential is refused the name, also while its holder is
+        detached (a request then waits --offline-wait and gets 502 "offline");
+        a new session of the owning credential takes it over and serves it."""
+        first = self.start_service("first")
+        owner = self.start_client("--http", "alice", "-t", str(first), name="owner")
+        bob = Process(  # another credential
+            self, "bob",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{self.control}",
+             "--token", "bobs-token-0123456789", "--fingerprint", cert_fingerprint(self.state_dir / "server.crt"),
+             "--http", "alice", "-t", str(first)],
+            self.workdir,
+        )
+        bob.wait_for(r"refused hostname alice \(http\): hostname alice\.tunnel\.test is held by another client")
+        owner.popen.kill()  # no GOAWAY: the session is detached, kept for --resume-grace
+        owner.popen.wait(5)
+        started = time.monotonic()
+        response = raw_exchange(self.http_port, f"GET / HTTP/1.1\r\nHost: alice.{DOMAIN}\r\n\r\n".encode())
+        self.assertEqual(status_of(response), 502, response)
+        self.assertIn(b"offline", response)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        refusals = bob.output.count("held by another client")
+        bob.wait_for(rf"(?s)(held by another client.*){{{refusals + 1}}}", timeout=15)
+        second = self.start_service("second")
+        self.start_client("--http", "alice", "-t", str(second), name="owner-again")
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        self.assertEqual(self.get(conn, f"alice.{DOMAIN}")["service"], "second")
+
+    def test_token_credentials_get_only_names_under_the_domain(self) -> None:
+        """A token credential asking for a name outside --domain is refused
+        (not_permitted: fatal, exit 2, with the reason)."""
+        client = self.start_client("--http", "app.elsewhere.example", "-t", "3000", wait=None)
+        self.assertEqual(client.wait_exit(), 2, client.describe())
+        self.assertIn("not permitted for token credential default", client.output)
+
+
 def curl(*args: str) -> tuple[int, str, str]:
     """Run curl (bounded); its exit code, stdout and stderr."""
     out = subprocess.run(["curl", "--silent", "--show-error", "--max-time", "15", *args],

@@ -1,0 +1,108 @@
+"""Hostnames as values (#15): normalisation, who may claim what, routes
+with wildcards, certificate name matching (RFC 6125) and the SNI of a real
+ClientHello. No reactor, no sockets."""
+
+from __future__ import annotations
+
+import ssl
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from rtunnel.auth import parse_clients
+from rtunnel.errors import ConfigError
+from rtunnel.httpconfig import BadHostname, HttpSettings, host_of, normalise
+from rtunnel.server.certificates import name_matches
+from rtunnel.server.claims import LocalClaims
+from rtunnel.server.hostnames import HostRefused, HostRoutes
+from rtunnel.server.sni import NotClientHello, parse_client_hello
+
+HASH = "0" * 64
+
+
+class Normalise(SynchronousTestCase):
+    def test_case_trailing_dot_and_idna_compare_equal(self) -> None:
+        """Lower case, no trailing dot, IDNA A-labels: one spelling per name."""
+        self.assertEqual(normalise("App.Example.COM."), "app.example.com")
+        self.assertEqual(normalise("bücher.example"), "xn--bcher-kva.example")
+        self.assertEqual(normalise("XN--BCHER-KVA.example"), "xn--bcher-kva.example")
+        self.assertEqual(host_of("Bücher.Example:8080"), "xn--bcher-kva.example")
+        self.assertIsNone(host_of("[::1]:80"))
+
+    def test_malformed_names_are_refused(self) -> None:
+        for bad in ("", "a..b", "-a.example", "a_b.example", "x" * 64 + ".example", "*.example", "a b.example"):
+            with self.assertRaises(BadHostname, msg=bad):
+                normalise(bad)
+        self.assertEqual(normalise("*.Alice.Example", wildcard=True), "*.alice.example")
+
+
+class Permissions(SynchronousTestCase):
+    def routes(self, domain: str | None = "tunnel.example") -> HostRoutes:
+        return HostRoutes(HttpSettings(http="tcp:0", domain=domain), LocalClaims())
+
+    def test_clients_file_hosts_with_a_wildcard(self) -> None:
+        """hosts = ["app.alice.example.com", "*.alice.example.com"]: those
+        names and one label under the wildcard; nothing else."""
+        clients = parse_clients(
+            f'[clients.alice]\ntoken_sha256 = "{HASH}"\nhosts = ["App.Alice.Example.com", "*.alice.example.com"]\n',
+            "clients.toml",
+        )
+        policy = clients["alice"]
+        self.assertEqual(policy.hosts, ("app.alice.example.com", "*.alice.example.com"))
+        self.assertEqual(policy.ports, ())
+        routes = self.routes()
+        for name in ("app.alice.example.com", "*.alice.example.com", "x.alice.example.com"):
+            routes.check_permitted(policy, "alice", name)
+        for name in ("a.b.alice.example.com", "alice.example.com", "app.bob.example.com", "x.tunnel.example"):
+            with self.assertRaises(HostRefused, msg=name) as caught:
+                routes.check_permitted(policy, "alice", name)
+            self.assertEqual(caught.exception.code, "not_permitted")
+
+    def test_token_credentials_get_name_dot_domain(self) -> None:
+        routes = self.routes()
+        self.assertEqual(routes.full_name("MyApp"), "myapp.tunnel.example")
+        routes.check_permitted(None, "default", "myapp.tunnel.example")
+        for name in ("a.b.tunnel.example", "tunnel.example", "*.tunnel.example", "myapp.other.example"):
+            with self.assertRaises(HostRefused, msg=name):
+                routes.check_permitted(None, "default", name)
+        with self.assertRaises(HostRefused) as caught:
+            self.routes(None).full_name("myapp")
+        self.assertIn("no --domain", caught.exception.message)
+
+    def test_a_bad_hosts_entry_is_a_config_error(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            parse_clients(f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["bad name"]\n', "c.toml")
+        self.assertIn("hosts", str(caught.exception))
+
+
+class Matching(SynchronousTestCase):
+    def test_rfc6125_wildcards_cover_exactly_one_label(self) -> None:
+        self.assertTrue(name_matches("*.example.com", "a.example.com"))
+        self.assertTrue(name_matches("a.example.com", "a.example.com"))
+        self.assertFalse(name_matches("*.example.com", "example.com"))
+        self.assertFalse(name_matches("*.example.com", "a.b.example.com"))
+        self.assertFalse(name_matches("a.example.com", "b.example.com"))
+
+
+class ClientHello(SynchronousTestCase):
+    def hello(self, server_name: str | None) -> bytes:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return outgoing.read()
+
+    def test_the_sni_of_a_real_client_hello(self) -> None:
+        data = self.hello("app.example.com")
+        self.assertEqual(parse_client_hello(data).server_name, "app.example.com")  # type: ignore[union-attr]
+        self.assertIsNone(parse_client_hello(data[:20]))  # more bytes needed
+        self.assertEqual(parse_client_hello(self.hello(None)).server_name, "")  # type: ignore[union-attr]
+
+    def test_not_tls_is_refused(self) -> None:
+        with self.assertRaises(NotClientHello):
+            parse_client_hello(b"GET / HTTP/1.1\r\n\r\n")
+        with self.assertRaises(NotClientHello):
+            parse_client_hello(b"\x16\x03\x01\xff\xff" + b"\x00" * 30000)
