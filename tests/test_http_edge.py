@@ -23,7 +23,6 @@ from tests.harness import (
     TWISTD,
     Process,
     cert_fingerprint,
-    free_port,
     make_ca_and_server,
     plugins_installed,
     serve_in_thread,
@@ -113,15 +112,14 @@ class EdgeProcesses(SynchronousTestCase):
         self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-http-"))
         self.addCleanup(shutil.rmtree, self.workdir, True)
         self.state_dir = self.workdir / "state"
-        self.control = free_port()
         self.server = Process(
             self, "server",
-            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(self.control),
-             "--interface", "127.0.0.1", "--state-dir", str(self.state_dir), "--domain", DOMAIN,
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--listen", "tcp:0:interface=127.0.0.1",
+             "--state-dir", str(self.state_dir), "--domain", DOMAIN,
              "--http", "tcp:0:interface=127.0.0.1", *self.server_args, *self.more_server_args()],
             self.workdir,
         )
-        self.server.wait_for(r"Run on the client machine")
+        self.control = int(self.server.wait_for(r"rtunnel server listening on \S+ \(port (\d+)\)").group(1))
         self.http_port = int(self.server.wait_for(r"serving HTTP for clients' hostnames on \S+ \(port (\d+)\)").group(1))
 
     def start_service(self, name: str) -> int:
@@ -206,15 +204,14 @@ class RoutingByHost(EdgeProcesses):
     def test_client_refuses_to_start_when_the_server_has_no_http(self) -> None:
         """A server without --http/--https does not serve "http" tunnels: the
         client says so and exits 2."""
-        control = free_port()
         state = self.workdir / "plain"
         plain = Process(
             self, "plain-server",
-            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(control),
-             "--interface", "127.0.0.1", "--state-dir", str(state)],
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--listen", "tcp:0:interface=127.0.0.1",
+             "--state-dir", str(state)],
             self.workdir,
         )
-        plain.wait_for(r"Run on the client machine")
+        control = int(plain.wait_for(r"rtunnel server listening on \S+ \(port (\d+)\)").group(1))
         client = Process(
             self, "client-plain",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control}",
