@@ -361,6 +361,38 @@ class Ownership(EdgeProcesses):
         self.assertIn("not permitted for token credential default", client.output)
 
 
+class Observability(EdgeProcesses):
+    """Metrics by hostname, and the access log (#15 item 6)."""
+
+    def more_server_args(self) -> list[str]:
+        self.access_log = self.workdir / "access.log"
+        return ["--metrics", "tcp:0:interface=127.0.0.1", "--access-log", str(self.access_log)]
+
+    def test_metrics_and_access_log_show_hostnames_statuses_and_bytes(self) -> None:
+        """Requests, status classes and bytes per hostname in /metrics; one
+        combined-format line per request in --access-log, naming the host."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        for i in range(3):
+            self.get(conn, f"alice.{DOMAIN}", f"/page{i}")
+        raw_exchange(self.http_port, f"GET / HTTP/1.1\r\nHost: nobody.{DOMAIN}\r\n\r\n".encode())
+        metrics_port = int(self.server.wait_for(r"metrics at http://\S+:(\d+)/metrics").group(1))
+        metrics = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        metrics.request("GET", "/metrics")
+        text = metrics.getresponse().read().decode()
+        name = f"alice.{DOMAIN}"
+        self.assertIn(f'rtunnel_http_requests_total{{hostname="{name}"}} 3.0', text)
+        self.assertIn(f'rtunnel_http_responses_total{{class="2xx",hostname="{name}"}} 3.0', text)
+        self.assertRegex(text, rf'rtunnel_http_bytes_total{{direction="out",hostname="{name}"}} [1-9]')
+        self.assertIn('rtunnel_http_edge_answers_total{status="404"} 1.0', text)
+        self.assertNotIn("nobody", text)
+        lines = self.access_log.read_text().splitlines()
+        self.assertEqual(len(lines), 4, lines)
+        self.assertRegex(lines[0], rf'^127\.0\.0\.1 - - \[.+\] "GET /page0 HTTP/1.1" 200 \d+ "-" "[^"]*" "{name}"$')
+        self.assertRegex(lines[3], r'"GET / HTTP/1.1" 404 \d+ ')
+
+
 def curl(*args: str) -> tuple[int, str, str]:
     """Run curl (bounded); its exit code, stdout and stderr."""
     out = subprocess.run(["curl", "--silent", "--show-error", "--max-time", "15", *args],

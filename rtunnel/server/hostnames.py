@@ -106,7 +106,8 @@ class HostRoutes:
         self.claims = claims
         self.domain = normalise(settings.domain) if settings.domain else None
         self.tunnels: dict[str, HostTunnel] = {}  # normalised name -> its tunnel
-        self.stats: dict[str, HostStats] = collections.defaultdict(HostStats)
+        self.stats: dict[str, HostStats] = collections.defaultdict(HostStats)  # claimed names only
+        self.edge_answers: collections.Counter[int] = collections.Counter()  # status -> answers the edge gave
         self.certificates: CertificateSource | None = None  # told of claims (ACME asks for names)
         self.http_port = 0  # the shared ports as bound, for the URLs in BOUND
         self.https_port = 0

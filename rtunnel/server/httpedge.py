@@ -128,7 +128,6 @@ class HttpEdge:
         self.routes = routes
         self.certificates = certificates
         self.visitors: set[HttpVisitor] = set()
-        self.edge_answers: dict[int, int] = {}  # status -> count, of answers the edge gave itself
         self._access = open(settings.access_log, "a", buffering=1) if settings.access_log else None  # noqa: SIM115
 
     def stats(self, name: str) -> HostStats:
@@ -637,7 +636,7 @@ class HttpVisitor(Protocol):
             headers.append((b"location", location))
         reason = REASONS.get(status, "Error").encode()
         head = b"HTTP/1.1 %d %s\r\n" % (status, reason) + b"".join(n + b": " + v + b"\r\n" for n, v in headers)
-        self.edge.edge_answers[status] = self.edge.edge_answers.get(status, 0) + 1
+        self.edge.routes.edge_answers[status] += 1
         if self.record:
             self.record["bytes"] = len(body)
             self._account(status)

@@ -237,6 +237,8 @@ class ServerSession:
         """Close one public port of this session and reset its open
         connections; the client hears BIND_FAILED "closed" and does not
         rebind it in this session. False if there is no such tunnel."""
+        if tunnel_id in self.hostnames:
+            return self._close_hostname(tunnel_id, why)
         listener = self.tunnels.pop(tunnel_id, None)
         if listener is None:
             return False
@@ -404,6 +406,21 @@ class ServerSession:
         )
         bound = wire.Bound(tunnel_id, None, 0, tunnel.kind, tunnel.name, urls)
         self.mux_session.send_json(FrameType.BOUND, bound.to_json())
+
+    def _close_hostname(self, tunnel_id: int, why: str) -> bool:
+        """close_tunnel for a hostname: the name is let go, its streams reset."""
+        tunnel = self.hostnames.pop(tunnel_id)
+        name = tunnel.name if tunnel.claim is not None else "?"
+        self.server.hostnames.let_go(tunnel)
+        for stream in list(self.mux_session.streams.values()):
+            if stream.tunnel_id == tunnel_id:
+                stream.reset(ResetCode.ABORTED, why)
+        self.mux_session.send_json(FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why})
+        self.log.info(
+            "hostname {hostname} of session {id} closed: {why}", hostname=name, id=self.id[:8], why=why,
+            event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, reason=why,
+        )
+        return True
 
     def lost_hostname(self, name: str, tunnel_id: int) -> None:
         """A newer session of our credential took our hostname; we wait for it back."""
