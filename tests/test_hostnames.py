@@ -64,8 +64,9 @@ class Permissions(SynchronousTestCase):
         for name in ("a.b.tunnel.example", "tunnel.example", "*.tunnel.example", "myapp.other.example"):
             with self.assertRaises(HostRefused, msg=name):
                 routes.check_permitted(None, "default", name)
+        without_domain = self.routes(None)
         with self.assertRaises(HostRefused) as caught:
-            self.routes(None).full_name("myapp")
+            without_domain.check_permitted(None, "default", without_domain.full_name("myapp"))
         self.assertIn("no --domain", caught.exception.message)
 
     def test_a_bad_hosts_entry_is_a_config_error(self) -> None:

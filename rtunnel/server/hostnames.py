@@ -116,15 +116,10 @@ class HostRoutes:
 
     def full_name(self, requested: str) -> str:
         """The normalised name a BIND's `hostname` asks for: a single label
-        is completed with --domain."""
+        is completed with --domain (without one it is a name of its own,
+        e.g. "localhost", which only a clients-file `hosts` entry permits)."""
         try:
-            if "." not in requested.strip().rstrip(".") and not requested.startswith("*"):
-                if self.domain is None:
-                    raise HostRefused(
-                        "not_permitted",
-                        f"{requested[:63]!r} is a label, and this server has no --domain to complete it; "
-                        "ask for a full hostname",
-                    )
+            if "." not in requested.strip().rstrip(".") and self.domain is not None:
                 return normalise(f"{requested.strip()}.{self.domain}")
             return normalise(requested, wildcard=True)
         except BadHostname as e:

@@ -40,7 +40,7 @@ from rtunnel.localsocket import StreamProtocol
 from rtunnel.mux import Stream
 from rtunnel.server.hostnames import HostRoutes, HostStats, HostTunnel
 from rtunnel.server.sni import UNRECOGNIZED_NAME_ALERT, NotClientHello, parse_client_hello
-from rtunnel.transports import set_nodelay
+from rtunnel.transports import set_nodelay, write_now
 from rtunnel.wire import ResetCode
 
 if TYPE_CHECKING:
@@ -198,6 +198,11 @@ class HttpVisitor(Protocol):
         self.closed = False
         self.paused: set[str] = set()
         self.head_timer: Any = None
+        self.head_deadline: float | None = None
+        self.trusted = False  # the visitor is one of --trusted-proxies
+        self.keep_alive = True  # the current request lets the connection carry another
+        self.framing = "raw"  # of the response to the visitor: raw (as the service framed it), chunked, close
+        self.out: list[bytes] | None = None  # response bytes gathered in one turn, written at once
         self.waiting: Any = None  # a request waiting for a detached tunnel
         self.request: h11.Request | None = None
         self.response_started = False
@@ -211,6 +216,7 @@ class HttpVisitor(Protocol):
         set_nodelay(self.transport)
         self.peer = host_port(self.transport.getPeer())  # type: ignore[union-attr]
         self.local = host_port(self.transport.getHost())  # type: ignore[union-attr]
+        self.trusted = self.edge.trusted(self.peer[0])
         self.transport.registerProducer(self, True)  # type: ignore[union-attr]
         self.edge.visitors.add(self)
         self._arm_head_timer()
@@ -279,22 +285,34 @@ class HttpVisitor(Protocol):
                 self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _arm_head_timer(self) -> None:
-        self._cancel_head_timer()
-        self.head_timer = self.edge.reactor.callLater(self.edge.settings.request_head_timeout, self._head_timeout)
+        """The next head must arrive within --request-head-timeout. One timer
+        per connection, moved lazily (not a callLater per request)."""
+        timeout = self.edge.settings.request_head_timeout
+        self.head_deadline = self.edge.reactor.seconds() + timeout
+        if self.head_timer is None:
+            self.head_timer = self.edge.reactor.callLater(timeout, self._head_timeout)
 
     def _cancel_head_timer(self) -> None:
+        self.head_deadline = None  # the timer, if any, finds nothing to do
+
+    def _cancel_timers(self) -> None:
+        self.head_deadline = None
         if self.head_timer is not None and self.head_timer.active():
             self.head_timer.cancel()
         self.head_timer = None
-
-    def _cancel_timers(self) -> None:
-        self._cancel_head_timer()
         if self.waiting is not None and self.waiting.active():
             self.waiting.cancel()
         self.waiting = None
 
     def _head_timeout(self) -> None:
         self.head_timer = None
+        deadline = self.head_deadline
+        if deadline is None or self.closed:
+            return
+        left = deadline - self.edge.reactor.seconds()
+        if left > 0:
+            self.head_timer = self.edge.reactor.callLater(left, self._head_timeout)
+            return
         if self.buffer:
             self._fail(EdgeError(408, f"the request head did not arrive within "
                                       f"{self.edge.settings.request_head_timeout:g} s"))
@@ -391,6 +409,8 @@ class HttpVisitor(Protocol):
     def _start(self, request: h11.Request) -> None:
         self.request = request
         self.response_started = False
+        connection = _header(request, b"connection").lower()
+        self.keep_alive = request.http_version == b"1.1" and "close" not in connection
         host_header = self._authority(request)
         name = host_of(host_header) if host_header else None
         self.record = {
@@ -483,7 +503,7 @@ class HttpVisitor(Protocol):
         upgrade = _header(request, b"upgrade")
         connection_tokens = {t.strip().lower() for t in _header(request, b"connection").encode().split(b",")}
         headers: list[tuple[bytes, bytes]] = []
-        trusted = self.edge.trusted(self.peer[0])
+        trusted = self.trusted
         forwarded_for: list[str] = []
         for name, value in request.headers:
             if name in HOP_BY_HOP or name in connection_tokens:
@@ -534,24 +554,44 @@ class HttpVisitor(Protocol):
         conn = self.conn
         if conn is None or self.closed:
             return
-        if isinstance(event, h11.InformationalResponse):
+        if isinstance(event, h11.Data):
+            data = event.data if type(event.data) is bytes else bytes(event.data)  # h11 may hand a bytearray
+            self.record["bytes"] += len(data)
+            if self.framing == "chunked":
+                self._write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                self._write(data)
+        elif isinstance(event, h11.Response):
+            self._respond(event)
+        elif isinstance(event, h11.EndOfMessage):
+            if self.framing == "chunked":
+                self._write(b"0\r\n\r\n")
+            self._finish()
+        elif isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 self._switch(event)
                 return
-            self._write(conn.send(h11.InformationalResponse(
-                status_code=event.status_code, headers=_response_headers(event.headers), reason=event.reason,
-            )))
-        elif isinstance(event, h11.Response):
-            self.response_started = True
-            self.record["status"] = event.status_code
-            headers = _response_headers(event.headers)
-            self._write(conn.send(h11.Response(status_code=event.status_code, headers=headers, reason=event.reason)))
-        elif isinstance(event, h11.Data):
-            self.record["bytes"] += len(event.data)
-            self._write(conn.send(h11.Data(data=event.data)))
-        elif isinstance(event, h11.EndOfMessage):
-            self._write(conn.send(h11.EndOfMessage()))
-            self._finish()
+            self._write(_head(event.status_code, event.reason, _response_headers(event.headers)))
+
+    def _respond(self, event: h11.Response) -> None:
+        """The service's response head, framed for the visitor: its own
+        Content-Length kept; otherwise chunked (HTTP/1.1) or until close."""
+        assert self.request is not None
+        self.response_started = True
+        status = event.status_code
+        self.record["status"] = status
+        headers = _response_headers(event.headers)
+        if self.request.method == b"HEAD" or status in (204, 304) or any(n == b"content-length" for n, _ in headers):
+            self.framing = "raw"
+        elif self.request.http_version == b"1.1":
+            self.framing = "chunked"
+            headers.append((b"transfer-encoding", b"chunked"))
+        else:
+            self.framing = "close"
+            self.keep_alive = False
+        if not self.keep_alive:
+            headers.append((b"connection", b"close"))
+        self._write(_head(status, event.reason, headers))
 
     def _switch(self, event: h11.InformationalResponse) -> None:
         """A 101: write it, then relay bytes both ways."""
@@ -562,11 +602,11 @@ class HttpVisitor(Protocol):
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
         upgrade = [v for n, v in event.headers if n == b"upgrade"]
         headers += [(b"connection", b"Upgrade")] + [(b"upgrade", v) for v in upgrade[:1]]
-        try:
-            self._write(conn.send(h11.InformationalResponse(status_code=101, headers=headers, reason=event.reason)))
-        except h11.LocalProtocolError:
+        asked = self.request is not None and _header(self.request, b"upgrade")
+        if not asked or conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             self._fail(EdgeError(502, "the service switched protocols without the visitor asking"))
             return
+        self._write(_head(101, event.reason, headers))
         self.relaying = True
         self._account(101)
         self._resume("pipelined")
@@ -582,6 +622,25 @@ class HttpVisitor(Protocol):
         if data and not self.closed:
             if self.tunnel is not None and self.tunnel.claim is not None:
                 self.edge.stats(self.tunnel.name).bytes_out += len(data)
+            if self.out is not None:
+                self.out.append(data)
+            else:
+                self._send(data)
+
+    def gather(self) -> None:
+        """Hold what is written until `flush` (one write per turn, not per event)."""
+        if self.out is None:
+            self.out = []
+
+    def flush(self) -> None:
+        out, self.out = self.out, None
+        if out and not self.closed:
+            self._send(out[0] if len(out) == 1 else b"".join(out))
+
+    def _send(self, data: bytes) -> None:
+        if self.scheme == "http":  # a TCP socket: at once if nothing is queued
+            write_now(self.transport, data)
+        else:  # TLS: through the TLS layer, never the socket under it
             self.transport.write(data)  # type: ignore[union-attr]
 
     def _account(self, status: int) -> None:
@@ -601,7 +660,7 @@ class HttpVisitor(Protocol):
         if upstream is not None and not upstream.reusable():
             self.upstream = None
             upstream.retire()
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+        if not self.keep_alive or self.framing == "close" or conn.their_state is not h11.DONE:
             self._close()
             return
         rest, closed = self._rest(conn)
@@ -640,6 +699,7 @@ class HttpVisitor(Protocol):
         if self.record:
             self.record["bytes"] = len(body)
             self._account(status)
+        self.flush()
         if not self.closed:
             self.transport.write(head + b"\r\n" + (b"" if self._is_head() else body))  # type: ignore[union-attr]
         self._close()
@@ -664,6 +724,9 @@ class HttpVisitor(Protocol):
     def _close(self, abort: bool = False) -> None:
         if self.closed:
             return
+        if not abort:
+            self.flush()
+        self.out = None
         self.closed = True
         self._cancel_timers()
         upstream, self.upstream = self.upstream, None
@@ -737,6 +800,24 @@ class Upstream:
         self.ready = True
 
     def write(self, data: bytes) -> None:
+        self._contained(self._received, data)
+
+    def _contained(self, f: Callable[..., None], *args: Any) -> None:
+        """Run `f`, called from the control link's frame handling: a bug in
+        the edge ends this visitor and its stream, never the client's session."""
+        try:
+            f(*args)
+        except Exception:
+            self.visitor.log.failure(
+                "the HTTP edge failed on a response for {host} (a bug); closing that visitor", Failure(),
+                host=self.tunnel.name if self.tunnel.claim is not None else "?", event="http_edge_error",
+            )
+            self.retired = True
+            if not self.stream.closed:
+                self.stream.reset(ResetCode.ABORTED, "the server's HTTP edge failed")
+            self.visitor._close(abort=True)
+
+    def _received(self, data: bytes) -> None:
         if self.retired:
             return
         visitor = self.visitor
@@ -744,7 +825,11 @@ class Upstream:
             visitor._write(data)
             return
         self.conn.receive_data(data)
-        self._pump()
+        visitor.gather()
+        try:
+            self._pump()
+        finally:
+            visitor.flush()
 
     def _pump(self) -> None:
         while not self.retired and not self.visitor.relaying:
@@ -762,6 +847,9 @@ class Upstream:
             self.visitor.upstream_event(event)
 
     def half_close(self) -> None:
+        self._contained(self._eof)
+
+    def _eof(self) -> None:
         if self.retired:
             return
         if self.visitor.relaying:
@@ -794,6 +882,14 @@ def _header(request: Any, name: bytes) -> str:
         if key == name:
             return str(value.decode("latin-1"))
     return ""
+
+
+def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A response head as the visitor gets it (HTTP/1.1)."""
+    lines = [b"HTTP/1.1 %d %b\r\n" % (status, reason or REASONS.get(status, "").encode())]
+    lines += [b"%b: %b\r\n" % (name, value) for name, value in headers]
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def _response_headers(headers: Any) -> list[tuple[bytes, bytes]]:
@@ -833,6 +929,7 @@ class SniRouter(Protocol):
         self.timer: Any = None
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.timer = self.edge.reactor.callLater(self.edge.settings.request_head_timeout, self._timeout)
 
     def _timeout(self) -> None:
