@@ -26,6 +26,7 @@ import hashlib
 import json
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="set everything up and wait (for debugging)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop what we started (finally) on SIGTERM too
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
             print(f"{tool} not found: bash benchmarks/run.sh installs it", file=sys.stderr)
