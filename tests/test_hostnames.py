@@ -4,8 +4,12 @@ ClientHello. No reactor, no sockets."""
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import tempfile
+from pathlib import Path
 
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.auth import parse_clients
@@ -15,6 +19,7 @@ from rtunnel.server.certificates import name_matches
 from rtunnel.server.claims import LocalClaims
 from rtunnel.server.hostnames import HostRefused, HostRoutes
 from rtunnel.server.sni import NotClientHello, parse_client_hello
+from rtunnel.tap import client as tap_client
 
 HASH = "0" * 64
 
@@ -107,3 +112,37 @@ class ClientHello(SynchronousTestCase):
             parse_client_hello(b"GET / HTTP/1.1\r\n\r\n")
         with self.assertRaises(NotClientHello):
             parse_client_hello(b"\x16\x03\x01\xff\xff" + b"\x00" * 30000)
+
+
+class ClientOptions(SynchronousTestCase):
+    """--http/--tls beside -f, and [[tunnel]] http/hostnames/tls in a config file."""
+
+    def test_http_and_tls_pair_with_the_next_to_like_forward(self) -> None:
+        options = tap_client.Options()
+        options.parseOptions([
+            "-c", "example.org", "--token", "t", "--fingerprint", "ab" * 32,
+            "-f", "4000", "-t", "3000", "--http", "myapp", "-t", "8080", "--tls", "secure.example.org", "-t", "8443",
+        ])
+        kinds = [(t.kind, t.hostname, t.bind_port, t.target_port) for t in options.config.tunnels]
+        self.assertEqual(kinds, [("tcp", "", 4000, 3000), ("http", "myapp", 0, 8080),
+                                 ("tls", "secure.example.org", 0, 8443)])
+
+    def test_config_file_tunnels_of_hostnames(self) -> None:
+        directory = Path(tempfile.mkdtemp(prefix="rtunnel-hostnames-"))
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = directory / "client.toml"
+        path.write_text(
+            'server = "example.org"\ntoken = "t"\nfingerprint = "' + "ab" * 32 + '"\n'
+            '[[tunnel]]\nhttp = "myapp"\nto = "localhost:3000"\n'
+            '[[tunnel]]\nhostnames = ["a.example.org", "b.example.org"]\nto = "8080"\n'
+            '[[tunnel]]\ntls = "s.example.org"\nto = "8443"\n'
+        )
+        options = tap_client.Options()
+        options.parseOptions(["--config", str(path)])
+        kinds = [(t.tunnel_id, t.kind, t.hostname, t.target_port) for t in options.config.tunnels]
+        self.assertEqual(kinds, [(1, "http", "myapp", 3000), (2, "http", "a.example.org", 8080),
+                                 (3, "http", "b.example.org", 8080), (4, "tls", "s.example.org", 8443)])
+        path.write_text('server = "example.org"\ntoken = "t"\n[[tunnel]]\nhttp = "x"\nforward = "4000"\nto = "3000"\n')
+        with self.assertRaises(usage.UsageError) as caught:
+            tap_client.Options().parseOptions(["--config", str(path)])
+        self.assertIn("split it into two [[tunnel]] tables", str(caught.exception))

@@ -93,6 +93,18 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0, half_close: bool
         return b"".join(chunks)
 
 
+def responses(data: bytes) -> list[bytes]:
+    """The bodies of the Content-Length-framed responses in `data`, in order."""
+    bodies = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        bodies.append(rest[:length])
+        data = rest[length:]
+    return bodies
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 
@@ -189,6 +201,21 @@ class RoutingByHost(EdgeProcesses):
         self.assertEqual(headers["x-forwarded-host"], f"alice.{DOMAIN}")
         self.assertEqual(headers["forwarded"], f'for=127.0.0.1;proto=http;host="alice.{DOMAIN}"')
         self.assertNotIn("6.6.6.6", json.dumps(seen))
+
+    def test_pipelined_requests_are_answered_in_order_each_by_its_owner(self) -> None:
+        """Three requests sent at once on one connection, naming two hosts:
+        three responses, in order, each from the named host's service."""
+        alice = self.start_service("alice")
+        bob = self.start_service("bob")
+        self.start_client("--http", "alice", "-t", str(alice), name="client-a")
+        self.start_client("--http", "bob", "-t", str(bob), name="client-b")
+        requests = b"".join(
+            f"GET /{i} HTTP/1.1\r\nHost: {name}.{DOMAIN}\r\n{'Connection: close' if i == 2 else 'X: y'}\r\n\r\n".encode()
+            for i, name in enumerate(("alice", "bob", "alice"))
+        )
+        response = raw_exchange(self.http_port, requests)
+        bodies = [json.loads(body) for body in responses(response)]
+        self.assertEqual([(b["service"], b["path"]) for b in bodies], [("alice", "/0"), ("bob", "/1"), ("alice", "/2")])
 
     def test_unknown_host_gets_a_404_naming_no_tenant(self) -> None:
         """A Host no tunnel serves, or none at all: 404/400 pages that name no other tenant."""
@@ -359,6 +386,23 @@ class Ownership(EdgeProcesses):
         client = self.start_client("--http", "app.elsewhere.example", "-t", "3000", wait=None)
         self.assertEqual(client.wait_exit(), 2, client.describe())
         self.assertIn("not permitted for token credential default", client.output)
+
+
+class TrustedProxy(EdgeProcesses):
+    server_args = ("--trusted-proxies", "127.0.0.0/8")
+
+    def test_a_trusted_proxys_forwarding_headers_are_kept(self) -> None:
+        """From a --trusted-proxies address, X-Forwarded-For is kept with
+        the proxy's address appended, and its Forwarded kept."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        conn.request("GET", "/", headers={"Host": f"alice.{DOMAIN}", "X-Forwarded-For": "203.0.113.7",
+                                          "Forwarded": "for=203.0.113.7"})
+        headers = json.loads(conn.getresponse().read())["headers"]
+        self.assertIn(["x-forwarded-for", "203.0.113.7, 127.0.0.1"], headers)
+        self.assertEqual([v for k, v in headers if k == "forwarded"],
+                         ["for=203.0.113.7", "for=127.0.0.1;proto=http;host=\"alice.tunnel.test\""])
 
 
 class Observability(EdgeProcesses):

@@ -232,6 +232,8 @@ class HttpVisitor(Protocol):
             self._next_request()
             return
         self.inbox += data
+        if len(self.inbox) > 4 * self.edge.settings.max_request_head:
+            self._pause("inbox")  # read on once h11 has taken it (a stream being opened, or paused)
         self._pump()
 
     def readConnectionLost(self) -> None:
@@ -362,8 +364,8 @@ class HttpVisitor(Protocol):
                 self._fail(EdgeError(status, f"malformed request: {e}"))
                 return
             if event is h11.NEED_DATA:
-                if not self._feed(conn):
-                    return
+                if "stream" in self.paused or not self._feed(conn):
+                    return  # the stream takes no more now (it resumes us), or nothing is left
                 continue
             if event is h11.PAUSED:
                 self._pause("pipelined")  # the next request waits for this one's response
@@ -388,6 +390,8 @@ class HttpVisitor(Protocol):
             size = max(1024, self.edge.settings.max_request_head // 2)
             piece, self.inbox = self.inbox[:size], self.inbox[size:]
             conn.receive_data(piece)
+            if not self.inbox:
+                self._resume("inbox")
             return True
         if self.eof and not self.fed_eof:
             self.fed_eof = True
@@ -471,8 +475,10 @@ class HttpVisitor(Protocol):
         current = self.edge.routes.route(tunnel.name if tunnel.claim is not None else None) or tunnel
         owner = current.owner
         if owner is not None and owner.detached and time.monotonic() < deadline:
+            self._pause("waiting")  # the body waits in the socket, not here
             self.waiting = self.edge.reactor.callLater(0.05, self._connect, current, deadline)
             return
+        self._resume("waiting")
         if owner is None or owner.expired or owner.detached:
             self._fail(EdgeError(502, "the tunnel for this hostname is offline (its client is not connected); "
                                       "try again later"))
@@ -612,6 +618,7 @@ class HttpVisitor(Protocol):
         self._resume("pipelined")
         visitor_rest, _ = self._rest(conn)
         self.inbox = b""
+        self._resume("inbox")
         service_rest, _ = upstream.conn.trailing_data
         if service_rest:
             self._write(service_rest)
@@ -666,6 +673,7 @@ class HttpVisitor(Protocol):
         rest, closed = self._rest(conn)
         self.conn, self.inbox = None, b""
         self.buffer = rest
+        self._resume("inbox")
         self._resume("pipelined")
         self._arm_head_timer()
         if closed:
