@@ -1,0 +1,102 @@
+"""A hostname tunnel across a link drop (#15), in this process: a request
+that arrives while the tunnel's client is away waits for the resume and is
+answered by the owner's service; with the client away longer than
+--offline-wait, it gets 502 "offline"."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.web import resource, server
+
+from rtunnel.admin import RateMeter, describe_session
+from rtunnel.config import TunnelSpec
+from rtunnel.httpconfig import HttpSettings
+from tests.faultproxy import FaultProxy
+from tests.harness import Tunnel, Visitor, sleep, visit, wait_until, with_timeout
+
+DOMAIN = "tunnel.test"
+
+
+class Hello(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        return b"hello from the service"
+
+
+class AcrossALinkDrop(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        site = server.Site(Hello())
+        site.noisy = False
+        self.service = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.service.stopListening)
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server(
+            http=HttpSettings(http="tcp:0:interface=127.0.0.1", domain=DOMAIN, offline_wait=3.0),
+        )
+        self.http_port = self.tunnel.server_service.shared_ports["http"].getHost().port
+        self.proxy = FaultProxy(reactor, "127.0.0.1", self.tunnel.control_port)
+        proxy_port = self.proxy.listen()
+        self.addCleanup(self.proxy.stop)
+        spec = TunnelSpec(1, "", 0, "127.0.0.1", self.service.getHost().port, "off", "http", "app")
+        config = self.tunnel.client_config([], server_port=proxy_port)
+        client = self.tunnel.start_client(replace(config, tunnels=(spec,)))
+        yield with_timeout(client.client.when_bound(), 10)
+
+    def request(self) -> defer.Deferred[tuple[bytes, Any]]:
+        return visit(self.http_port, Visitor(
+            f"GET / HTTP/1.1\r\nHost: app.{DOMAIN}\r\nConnection: close\r\n\r\n".encode(), half_close=False,
+        ))
+
+    def session(self) -> Any:
+        return next(iter(self.tunnel.server.sessions.values()))
+
+    @defer.inlineCallbacks
+    def test_a_request_during_a_drop_waits_for_the_resume(self) -> Any:
+        reply, _ = yield with_timeout(self.request(), 10)
+        self.assertIn(b"hello from the service", reply)
+        self.proxy.refuse_new(True)
+        self.proxy.sever_rst()
+        yield wait_until(lambda: self.session().detached, 10)
+        started = time.monotonic()
+        answer = self.request()
+        yield sleep(1.0)
+        self.assertFalse(answer.called, "answered while the tunnel's client was away")
+        self.proxy.refuse_new(False)
+        reply, _ = yield with_timeout(answer, 10)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 200 "), reply)
+        self.assertIn(b"hello from the service", reply)
+        self.assertGreaterEqual(time.monotonic() - started, 1.0)
+
+    @defer.inlineCallbacks
+    def test_the_admin_api_lists_the_hostname_with_its_counters(self) -> Any:
+        """The status page's data shows a session's hostname tunnel: URL,
+        requests, status classes, bytes."""
+        for _ in range(2):
+            yield with_timeout(self.request(), 10)
+        [tunnel] = describe_session(self.session(), reactor.seconds(), RateMeter())["tunnels"]
+        self.assertEqual((tunnel["kind"], tunnel["hostname"]), ("http", f"app.{DOMAIN}"))
+        self.assertEqual(tunnel["address"], f"http://app.{DOMAIN}:{self.http_port}")
+        self.assertEqual((tunnel["requests"], tunnel["responses"]), (2, {"2xx": 2}))
+        self.assertGreater(tunnel["bytes_out"], 2 * len(b"hello from the service"))
+
+    @defer.inlineCallbacks
+    def test_a_request_gets_502_offline_when_the_client_stays_away(self) -> Any:
+        self.proxy.refuse_new(True)
+        self.proxy.sever_rst()
+        yield wait_until(lambda: self.session().detached, 10)
+        started = time.monotonic()
+        reply, _ = yield with_timeout(self.request(), 10)
+        self.assertTrue(reply.startswith(b"HTTP/1.1 502 "), reply)
+        self.assertIn(b"offline", reply)
+        self.assertNotIn(b"hello", reply)
+        self.assertGreaterEqual(time.monotonic() - started, 2.9)
