@@ -508,7 +508,8 @@ class TunnelClient:
             level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
             self._taken_over.add(spec.tunnel_id)
             level(
-                "port {port} is not ours now: {message}; asking again every {delay:.0f} s",
+                "{what} is not ours now: {message}; asking again every {delay:.0f} s",
+                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}",
                 port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
                 tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
             )
@@ -517,9 +518,9 @@ class TunnelClient:
         if code == "closed":  # the server's administrator closed a bound port
             public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
             self.log.warn(
-                "the server closed port {port}: {message}; it opens again when this "
-                "client starts a new session (restart it to reopen the port now)",
-                port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
+                "the server closed {what}: {message}; it opens again when this "
+                "client starts a new session (restart it to reopen it now)",
+                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}", port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
             )
             return
         text = (

@@ -126,9 +126,15 @@ class HttpEdge:
         self.server = server
         self.settings = settings
         self.routes = routes
-        self.certificates = certificates
+        if certificates is not None:
+            routes.certificates = certificates
         self.visitors: set[HttpVisitor] = set()
         self._access = open(settings.access_log, "a", buffering=1) if settings.access_log else None  # noqa: SIM115
+
+    @property
+    def certificates(self) -> CertificateSource | None:
+        """The server's certificate source now (TunnelServer.certificates may be set later, e.g. ACME)."""
+        return self.routes.certificates
 
     def stats(self, name: str) -> HostStats:
         return self.routes.stats[name]
