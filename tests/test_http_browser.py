@@ -66,7 +66,7 @@ class ChromiumOverHttps(unittest.TestCase):
         if missing:
             raise unittest.SkipTest(missing)
         # the Https tests' server and helpers (run, not collected, here)
-        self.edge = test_http_edge.Https("test_https_terminated_with_the_static_certificate")
+        self.edge = test_http_edge.HttpsBase("setup_only")
         self.edge.setUp()
         self.addCleanup(self.edge.doCleanups)
 

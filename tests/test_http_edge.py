@@ -460,8 +460,8 @@ class TlsService(http.server.ThreadingHTTPServer):
         pass
 
 
-class Https(EdgeProcesses):
-    """--https with a static wildcard certificate made here, and TLS passthrough."""
+class HttpsBase(EdgeProcesses):
+    """A server with --https and a static wildcard certificate made here."""
 
     def more_server_args(self) -> list[str]:
         if shutil.which("curl") is None:
@@ -478,6 +478,13 @@ class Https(EdgeProcesses):
 
     def url(self, name: str, path: str = "/") -> list[str]:
         return ["--resolve", f"{name}:{self.https_port}:127.0.0.1", f"https://{name}:{self.https_port}{path}"]
+
+    def setup_only(self) -> None:
+        """(For tests that use this server from another test case.)"""
+
+
+class Https(HttpsBase):
+    """--https terminated with the static certificate, and TLS passthrough."""
 
     def test_https_terminated_with_the_static_certificate(self) -> None:
         """curl --cacert checks the chain and the name; the request reaches
@@ -519,6 +526,30 @@ class Https(EdgeProcesses):
         self.assertEqual(json.loads(out)["service"], "tls-local")
         code, out, err = curl("--cacert", str(self.ca), *self.url(f"secure.{DOMAIN}", "/"))
         self.assertNotEqual(code, 0, "the server's own certificate was shown for a passthrough name")
+
+
+
+class HttpsWithoutRedirect(HttpsBase):
+    """--no-https-redirect, and the access log as JSON."""
+
+    server_args = ("--no-https-redirect", "--access-log-format", "json")
+
+    def more_server_args(self) -> list[str]:
+        self.access_log = self.workdir / "access.jsonl"
+        return [*super().more_server_args(), "--access-log", str(self.access_log)]
+
+    def test_plain_http_is_served_without_redirect_and_logged_as_json(self) -> None:
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        conn = http.client.HTTPConnection("127.0.0.1", self.http_port, timeout=10)
+        self.assertEqual(self.get(conn, f"alice.{DOMAIN}", "/plain")["service"], "alice")
+        code, out, err = curl("--cacert", str(self.ca), *self.url(f"alice.{DOMAIN}", "/tls"))
+        self.assertEqual(code, 0, err)
+        records = [json.loads(line) for line in self.access_log.read_text().splitlines()]
+        self.assertEqual(
+            [(r["host"], r["target"], r["status"], r["scheme"]) for r in records],
+            [(f"alice.{DOMAIN}", "/plain", 200, "http"), (f"alice.{DOMAIN}", "/tls", 200, "https")],
+        )
 
 
 del EdgeProcesses
