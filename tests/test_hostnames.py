@@ -146,3 +146,24 @@ class ClientOptions(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             tap_client.Options().parseOptions(["--config", str(path)])
         self.assertIn("split it into two [[tunnel]] tables", str(caught.exception))
+
+
+class Reload(SynchronousTestCase):
+    def test_hostnames_a_reloaded_policy_no_longer_permits_are_named(self) -> None:
+        """After a clients-file reload, the names a session holds outside its
+        new hosts are found (the server warns; they stay until the session ends)."""
+        routes = HostRoutes(HttpSettings(http="tcp:0"), LocalClaims())
+        before = parse_clients(f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["x.a.example", "y.a.example"]\n', "c")
+        after = parse_clients(f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["x.a.example"]\n', "c")
+
+        class Session:
+            credential, serial, hostnames = "a", 1, {}
+
+            def still_wants(self, tag: int) -> bool:
+                return True
+
+        session = Session()
+        session.server = type("S", (), {"policy_for": staticmethod(lambda credential: before["a"])})()
+        for tag, name in enumerate(("x.a.example", "y.a.example"), start=1):
+            session.hostnames[tag] = routes.bind(session, tag, "http", name)  # type: ignore[arg-type]
+        self.assertEqual(routes.not_permitted(session, after["a"]), ["y.a.example"])  # type: ignore[arg-type]

@@ -177,9 +177,10 @@ class TunnelServer:
                 or (dual_stack(listener) and not policy.permits_address(IPV4_ANY))
             )
         ]
+        outside += self.hostnames.not_permitted(session, policy)
         if outside:
             self.log.warn(
-                "client {name}'s new policy does not cover its open port(s) {ports}; they "
+                "client {name}'s new policy does not cover its open port(s) or hostname(s) {ports}; they "
                 "stay open until its session ends (remove the client to close them now)",
                 name=session.credential, ports=", ".join(outside),
                 event="policy_mismatch", session=session.id[:8], credential=session.credential,

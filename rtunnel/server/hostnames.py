@@ -152,6 +152,18 @@ class HostRoutes:
             "ask for a name under the server's domain, or use a clients-file client with hosts",
         )
 
+    def not_permitted(self, session: ServerSession, policy: ClientPolicy) -> list[str]:
+        """The hostnames `session` holds that `policy` (reloaded) no longer permits."""
+        outside = []
+        for tunnel in session.hostnames.values():
+            if tunnel.claim is None:
+                continue
+            try:
+                self.check_permitted(policy, session.credential, tunnel.name)
+            except HostRefused:
+                outside.append(tunnel.name)
+        return outside
+
     # ------------------------------------------------------------ claims
 
     def bind(self, owner: ServerSession, tunnel_id: int, kind: str, requested: str) -> HostTunnel:
