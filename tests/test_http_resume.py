@@ -5,19 +5,25 @@ answered by the owner's service; with the client away longer than
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from dataclasses import replace
 from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.protocols.basic import FileSender
 from twisted.trial import unittest
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from rtunnel.admin import RateMeter, describe_session
 from rtunnel.config import TunnelSpec
 from rtunnel.httpconfig import HttpSettings
 from tests.faultproxy import FaultProxy
-from tests.harness import Tunnel, Visitor, sleep, visit, wait_until, with_timeout
+from tests.harness import Tunnel, Visitor, pattern, sleep, visit, wait_until, with_timeout
 
 DOMAIN = "tunnel.test"
 
@@ -100,3 +106,82 @@ class AcrossALinkDrop(unittest.TestCase):
         self.assertIn(b"offline", reply)
         self.assertNotIn(b"hello", reply)
         self.assertGreaterEqual(time.monotonic() - started, 2.9)
+
+
+@implementer(IHalfCloseableProtocol)
+class BigResponse(Protocol):
+    """A service that answers any request with `size` bytes of pattern(1),
+    sent through a pull producer: it writes only as fast as its socket
+    drains, so `sent` says how far the visitor's reading let it get."""
+
+    size = 64 * 1024 * 1024
+
+    def connectionMade(self) -> None:
+        self.factory.services.append(self)
+        self.body = io.BytesIO(pattern(1, self.size))
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data and self.body.tell() == 0:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.size)
+            FileSender().beginFileTransfer(self.body, self.transport)
+
+    def readConnectionLost(self) -> None:
+        pass
+
+    @property
+    def sent(self) -> int:
+        return self.body.tell()
+
+
+class SlowReader(Protocol):
+    """Sends one request, reads nothing until `read()`, then everything."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.request)
+
+    def read(self) -> None:
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.done.callback(b"".join(self.chunks))
+
+
+class FlowControl(unittest.TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_a_visitor_that_does_not_read_holds_the_service_back(self) -> Any:
+        """The response is sent only as fast as the visitor reads: while it
+        reads nothing, the service gets at most a few windows and socket
+        buffers out of 64 MiB; then every byte arrives, intact."""
+        factory = Factory.forProtocol(BigResponse)
+        factory.services = []
+        factory.noisy = False
+        service = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(http=HttpSettings(http="tcp:0:interface=127.0.0.1", domain=DOMAIN))
+        http_port = tunnel.server_service.shared_ports["http"].getHost().port
+        spec = TunnelSpec(1, "", 0, "127.0.0.1", service.getHost().port, "off", "http", "big")
+        client = tunnel.start_client(replace(tunnel.client_config([]), tunnels=(spec,)))
+        yield with_timeout(client.client.when_bound(), 10)
+        reader = SlowReader(f"GET / HTTP/1.1\r\nHost: big.{DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        yield ClientCreator(reactor, lambda: reader).connectTCP("127.0.0.1", http_port)
+        yield wait_until(lambda: factory.services and factory.services[0].sent > 0, 10)
+        yield sleep(1.5)
+        held_back = factory.services[0].sent
+        self.assertLess(held_back, 24 * 1024 * 1024, "the service was not held back by the visitor")
+        reader.read()
+        body = yield with_timeout(reader.done, 60)
+        head, _, received = body.partition(b"\r\n\r\n")
+        self.assertIn(b"content-length: %d" % BigResponse.size, head.lower())
+        self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(pattern(1, BigResponse.size)).hexdigest())
