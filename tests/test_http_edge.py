@@ -217,6 +217,19 @@ class RoutingByHost(EdgeProcesses):
         bodies = [json.loads(body) for body in responses(response)]
         self.assertEqual([(b["service"], b["path"]) for b in bodies], [("alice", "/0"), ("bob", "/1"), ("alice", "/2")])
 
+    def test_a_visitor_that_half_closes_after_its_request_gets_the_response(self) -> None:
+        """A request followed by the visitor's FIN (nc -N) is still answered;
+        an HTTP/1.0 request gets a response framed for HTTP/1.0 and a close."""
+        alice = self.start_service("alice")
+        self.start_client("--http", "alice", "-t", str(alice))
+        request = f"GET /fin HTTP/1.1\r\nHost: alice.{DOMAIN}\r\n\r\n".encode()
+        response = raw_exchange(self.http_port, request, half_close=True)
+        self.assertEqual(status_of(response), 200, response)
+        self.assertEqual(json.loads(responses(response)[0])["path"], "/fin")
+        response = raw_exchange(self.http_port, f"GET /old HTTP/1.0\r\nHost: alice.{DOMAIN}\r\n\r\n".encode())
+        self.assertEqual(status_of(response), 200, response)
+        self.assertIn(b"connection: close", response.lower())
+
     def test_unknown_host_gets_a_404_naming_no_tenant(self) -> None:
         """A Host no tunnel serves, or none at all: 404/400 pages that name no other tenant."""
         alice = self.start_service("alice")
