@@ -211,6 +211,8 @@ class HttpVisitor(Protocol):
         self.out: list[bytes] | None = None  # response bytes gathered in one turn, written at once
         self.waiting: Any = None  # a request waiting for a detached tunnel
         self.request: h11.Request | None = None
+        self.fields: dict[bytes, str] = {}  # the current request's headers (first value of each)
+        self.names: tuple[str, str | None] = ("", None)  # the last Host seen and its normalised name
         self.response_started = False
         self.record: dict[str, Any] = {}
         self.peer = ("?", 0)
@@ -418,15 +420,21 @@ class HttpVisitor(Protocol):
 
     def _start(self, request: h11.Request) -> None:
         self.request = request
+        self.fields = fields = {}  # the first value of each header, by (lower-case) name: one pass
+        for field_name, value in request.headers:
+            if field_name not in fields:
+                fields[field_name] = value.decode("latin-1")
         self.response_started = False
-        connection = _header(request, b"connection").lower()
+        connection = fields.get(b"connection", "").lower()
         self.keep_alive = request.http_version == b"1.1" and "close" not in connection
         host_header = self._authority(request)
-        name = host_of(host_header) if host_header else None
+        if self.names[0] != host_header:  # keep-alive requests mostly repeat their Host
+            self.names = (host_header, host_of(host_header) if host_header else None)
+        name = self.names[1]
         self.record = {
             "time": time.time(), "client": self.peer[0], "method": request.method.decode("latin-1"),
             "target": request.target.decode("latin-1")[:2000], "host": name or "-", "status": 0, "bytes": 0,
-            "referer": _header(request, b"referer") or "-", "user_agent": _header(request, b"user-agent") or "-",
+            "referer": fields.get(b"referer") or "-", "user_agent": fields.get(b"user-agent") or "-",
             "scheme": self.scheme,
         }
         try:
@@ -460,7 +468,7 @@ class HttpVisitor(Protocol):
         for scheme in (b"http://", b"https://"):  # absolute-form: its authority is the host (RFC 9112 3.2.2)
             if target[:len(scheme)].lower() == scheme:
                 return target[len(scheme):].split(b"/", 1)[0].decode("latin-1")
-        return _header(request, b"host")
+        return self.fields.get(b"host", "")
 
     def _redirect(self, name: str | None, request: h11.Request) -> bool:
         settings, certificates = self.edge.settings, self.edge.certificates
@@ -512,8 +520,9 @@ class HttpVisitor(Protocol):
     def _send_head(self) -> None:
         request, upstream = self.request, self.upstream
         assert request is not None and upstream is not None and self.conn is not None
-        upgrade = _header(request, b"upgrade")
-        connection_tokens = {t.strip().lower() for t in _header(request, b"connection").encode().split(b",")}
+        fields = self.fields
+        upgrade = fields.get(b"upgrade", "")
+        connection_tokens = {t.strip().lower() for t in fields.get(b"connection", "").encode("latin-1").split(b",")}
         headers: list[tuple[bytes, bytes]] = []
         trusted = self.trusted
         forwarded_for: list[str] = []
@@ -527,7 +536,7 @@ class HttpVisitor(Protocol):
                     headers.append((name, value))
                 continue
             headers.append((name, value))
-        if self.conn.their_http_version == b"1.1" and _header(request, b"transfer-encoding"):
+        if self.conn.their_http_version == b"1.1" and b"transfer-encoding" in fields:
             headers.append((b"transfer-encoding", b"chunked"))
         if upgrade and b"upgrade" in connection_tokens:
             headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade.encode("latin-1"))]
@@ -538,7 +547,7 @@ class HttpVisitor(Protocol):
         headers += [
             (b"x-forwarded-for", ", ".join(forwarded_for).encode("latin-1")),
             (b"x-forwarded-proto", self.scheme.encode()),
-            (b"x-forwarded-host", _header(request, b"host").encode("latin-1") or host.encode()),
+            (b"x-forwarded-host", fields.get(b"host", "").encode("latin-1") or host.encode()),
             (b"forwarded", f"for={node};proto={self.scheme};host=\"{host}\"".encode("latin-1")),
         ]
         if not any(n == b"host" for n, _ in headers):
@@ -614,7 +623,7 @@ class HttpVisitor(Protocol):
         headers = [(n, v) for n, v in event.headers if n not in HOP_BY_HOP]
         upgrade = [v for n, v in event.headers if n == b"upgrade"]
         headers += [(b"connection", b"Upgrade")] + [(b"upgrade", v) for v in upgrade[:1]]
-        asked = self.request is not None and _header(self.request, b"upgrade")
+        asked = self.request is not None and b"upgrade" in self.fields
         if not asked or conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             self._fail(EdgeError(502, "the service switched protocols without the visitor asking"))
             return
@@ -889,13 +898,6 @@ class Upstream:
         self.visitor._resume("stream")
         if not self.retired and not self.visitor.relaying:
             self.visitor._pump()
-
-
-def _header(request: Any, name: bytes) -> str:
-    for key, value in request.headers:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return ""
 
 
 def _head(status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
