@@ -185,3 +185,52 @@ class FlowControl(unittest.TestCase):
         head, _, received = body.partition(b"\r\n\r\n")
         self.assertIn(b"content-length: %d" % BigResponse.size, head.lower())
         self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(pattern(1, BigResponse.size)).hexdigest())
+
+
+@implementer(IHalfCloseableProtocol)
+class AnswersOnceThenCloses(Protocol):
+    """Answers a request keep-alive (Content-Length, no Connection: close),
+    then closes the idle connection (as nginx does after keepalive_timeout)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" in data:
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            self.closing = reactor.callLater(0.2, self.transport.loseConnection)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        closing = getattr(self, "closing", None)
+        if closing is not None and closing.active():
+            closing.cancel()
+
+
+class IdleServiceConnections(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_service_closing_an_idle_connection_leaves_no_stream_behind(self) -> Any:
+        """The service closes its keep-alive connection between two requests
+        of one visitor connection: the stream is ended on the server too
+        (none is left open), and the next request gets a new one."""
+        factory = Factory.forProtocol(AnswersOnceThenCloses)
+        factory.noisy = False
+        service = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(service.stopListening)
+        tunnel = Tunnel(self)
+        yield tunnel.start_server(http=HttpSettings(http="tcp:0:interface=127.0.0.1", domain=DOMAIN))
+        http_port = tunnel.server_service.shared_ports["http"].getHost().port
+        spec = TunnelSpec(1, "", 0, "127.0.0.1", service.getHost().port, "off", "http", "idle")
+        client = tunnel.start_client(replace(tunnel.client_config([]), tunnels=(spec,)))
+        yield with_timeout(client.client.when_bound(), 10)
+        session = next(iter(tunnel.server.sessions.values()))
+        visitor = SlowReader(f"GET /1 HTTP/1.1\r\nHost: idle.{DOMAIN}\r\n\r\n".encode())
+        yield ClientCreator(reactor, lambda: visitor).connectTCP("127.0.0.1", http_port)
+        visitor.read()
+        yield wait_until(lambda: b"ok" in b"".join(visitor.chunks), 10)
+        yield wait_until(lambda: not session.mux_session.streams, 10)  # the service closed: the stream is gone
+        visitor.transport.write(f"GET /2 HTTP/1.1\r\nHost: idle.{DOMAIN}\r\nConnection: close\r\n\r\n".encode())
+        reply = yield with_timeout(visitor.done, 10)
+        self.assertEqual(reply.count(b"HTTP/1.1 200 OK"), 2, reply)
+        yield wait_until(lambda: not session.mux_session.streams, 10)

@@ -678,7 +678,7 @@ class HttpVisitor(Protocol):
         conn, upstream = self.conn, self.upstream
         assert conn is not None
         self._account(self.record["status"])
-        self.request, self.tunnel, self.record = None, None, {}
+        self.request, self.tunnel, self.record, self.response_started = None, None, {}, False
         if upstream is not None and not upstream.reusable():
             self.upstream = None
             upstream.retire()
@@ -697,13 +697,17 @@ class HttpVisitor(Protocol):
             self._next_request()
 
     def upstream_failed(self, upstream: Upstream, why: str) -> None:
-        """The stream of the current request ended before its response did."""
+        """The stream ended before a response did, or (between requests) the
+        service closed it: our half ends too (FIN), so the stream closes;
+        a request waiting for it gets 502."""
         if upstream is not self.upstream:
+            upstream.retire()
+            return
+        if self.relaying or self.response_started:
+            self._close(abort=not self.relaying)  # resets the stream
             return
         self.upstream = None
-        if self.relaying or self.response_started:
-            self._close(abort=not self.relaying)
-            return
+        upstream.retire()
         if self.request is not None:
             self._fail(EdgeError(502, f"the tunnel's service did not answer ({why})"))
 
