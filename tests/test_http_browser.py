@@ -20,11 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests import test_http_edge
 from tests.chromium import Chromium, chromium_missing
-from tests.harness import serve_in_thread
-
-DOMAIN = test_http_edge.DOMAIN
+from tests.harness import DOMAIN, HttpsBase, serve_in_thread
 
 PAGE = b"""<!doctype html><html><head><meta charset="utf-8"><title>Hello via rtunnel</title>
 <style>body{font-family:sans-serif;background:#f4f6fb;margin:0}main{margin:80px auto;max-width:640px;
@@ -66,7 +63,7 @@ class ChromiumOverHttps(unittest.TestCase):
         if missing:
             raise unittest.SkipTest(missing)
         # the Https tests' server and helpers (run, not collected, here)
-        self.edge = test_http_edge.HttpsBase("setup_only")
+        self.edge = HttpsBase("setup_only")
         self.edge.setUp()
         self.addCleanup(self.edge.doCleanups)
 
