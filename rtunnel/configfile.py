@@ -286,8 +286,9 @@ def _shape(spec: TunnelSpec) -> tuple[Any, ...]:
 
 def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSpec]) -> TunnelChanges:
     """Match the wanted tunnels with the live ones: identical ones stay as
-    they are; one with the same fixed [BIND:]PORT but another target is
-    retargeted in place (it keeps its id and port); the rest are removed or added."""
+    they are; one with the same fixed [BIND:]PORT (or the same hostname) but
+    another target is retargeted in place (it keeps its id and port or
+    name); the rest are removed or added."""
     remaining = list(current)
     unmatched: list[TunnelSpec] = []
     for spec in wanted:
@@ -298,11 +299,7 @@ def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSp
             remaining.remove(same)
     retargeted, added = [], []
     for spec in unmatched:
-        same_port = next(
-            (c for c in remaining
-             if spec.bind_port and (c.bind_host, c.bind_port) == (spec.bind_host, spec.bind_port)),
-            None,
-        )
+        same_port = next((c for c in remaining if same_forward([c], spec) is not None), None)
         if same_port is None:
             added.append(spec)
         else:

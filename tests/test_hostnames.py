@@ -13,6 +13,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel.auth import parse_clients
+from rtunnel.config import hostname_spec
+from rtunnel.configfile import plan_tunnel_changes
 from rtunnel.errors import ConfigError
 from rtunnel.httpconfig import BadHostname, HttpSettings, host_of, normalise
 from rtunnel.server.certificates import name_matches
@@ -167,3 +169,17 @@ class Reload(SynchronousTestCase):
         for tag, name in enumerate(("x.a.example", "y.a.example"), start=1):
             session.hostnames[tag] = routes.bind(session, tag, "http", name)  # type: ignore[arg-type]
         self.assertEqual(routes.not_permitted(session, after["a"]), ["y.a.example"])  # type: ignore[arg-type]
+
+
+class ClientReload(SynchronousTestCase):
+    def test_a_hostname_with_a_new_target_is_retargeted_in_place(self) -> None:
+        """SIGHUP: the same hostname with another `to` keeps its tunnel (no
+        UNBIND/BIND of the name); a new name is added, a dropped one removed."""
+        live = [hostname_spec(1, "http", "app", "3000", "off", "--http"),
+                hostname_spec(2, "http", "old", "3001", "off", "--http")]
+        wanted = [hostname_spec(1, "http", "app", "4000", "off", "--http"),
+                  hostname_spec(2, "http", "new", "3001", "off", "--http")]
+        changes = plan_tunnel_changes(live, wanted)
+        self.assertEqual([(t.tunnel_id, t.hostname, t.target_port) for t in changes.retargeted], [(1, "app", 4000)])
+        self.assertEqual([t.hostname for t in changes.removed], ["old"])
+        self.assertEqual([t.hostname for t in changes.added], ["new"])

@@ -352,14 +352,14 @@ class ClientMainService(service.MultiService):
             self.log.info(
                 "tunnel removed: {address} -> {target}; its port is closed, its {n} open "
                 "connection(s) carry on until they close",
-                address=public_address(host, port, self.config.server_host), server=server, port=port,
+                address=_public(spec, host, port, self.config.server_host), server=server, port=port,
                 target=spec.target, n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
             )
         for spec in changes.retargeted:
             client.retarget_tunnel(spec)
             self.log.info(
                 "tunnel changed: {address} -> {target} (proxy_protocol {proxy}) for new visitors",
-                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                address=_public(spec, spec.bind_host, spec.bind_port, self.config.server_host),
                 server=server, port=spec.bind_port, target=spec.target,
                 proxy=spec.proxy_protocol, event="tunnel_changed", tunnel=spec.tunnel_id, proxy_protocol=spec.proxy_protocol,
             )
@@ -367,7 +367,7 @@ class ClientMainService(service.MultiService):
             spec = client.add_tunnel(spec)
             self.log.info(
                 "tunnel added: {address} -> {target}",
-                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                address=_public(spec, spec.bind_host, spec.bind_port, self.config.server_host),
                 server=server, port=spec.bind_port, target=spec.target, event="tunnel_added", tunnel=spec.tunnel_id,
             )
         self.log.info(
@@ -463,3 +463,8 @@ def makeService(options: Options) -> service.IService:
     main.running_options(options)
     main.under_twistd = True
     return main
+
+
+def _public(spec: TunnelSpec, host: str, port: int, server_host: str) -> str:
+    """A tunnel's public side for the log: its hostname, or HOST:PORT."""
+    return spec.hostname if spec.kind != "tcp" else public_address(host, port, server_host)
