@@ -22,6 +22,7 @@ from rtunnel.server.claims import LocalClaims
 from rtunnel.server.hostnames import HostRefused, HostRoutes
 from rtunnel.server.sni import NotClientHello, parse_client_hello
 from rtunnel.tap import client as tap_client
+from rtunnel.tap import server as tap_server
 
 HASH = "0" * 64
 
@@ -183,3 +184,14 @@ class ClientReload(SynchronousTestCase):
         self.assertEqual([(t.tunnel_id, t.hostname, t.target_port) for t in changes.retargeted], [(1, "app", 4000)])
         self.assertEqual([t.hostname for t in changes.removed], ["old"])
         self.assertEqual([t.hostname for t in changes.added], ["new"])
+
+
+class ServerOptions(SynchronousTestCase):
+    def test_settings_of_the_shared_ports_without_them_are_an_error(self) -> None:
+        with self.assertRaises(usage.UsageError) as caught:
+            tap_server.Options().parseOptions(["--domain", "tunnel.example"])
+        self.assertIn("--domain needs the shared HTTP/HTTPS ports, which are off: add --http", str(caught.exception))
+        options = tap_server.Options()
+        options.parseOptions(["--domain", "Tunnel.Example.", "--http", "8080", "--trusted-proxies", "10.0.0.0/8 ::1"])
+        http = options.config.http
+        self.assertEqual((http.domain, http.http, len(http.trusted_proxies)), ("tunnel.example", "tcp:8080", 2))

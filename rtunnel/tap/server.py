@@ -73,6 +73,13 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
             raise usage.UsageError("--cert and --key go together: give both or neither")
         if bool(self["https-cert"]) != bool(self["https-key"]):
             raise usage.UsageError("--https-cert and --https-key go together: give both or neither")
+        needing = [f"--{name}" for name in ("domain", "https-cert", "access-log") if self[name]]
+        if needing and not (self["http"] or self["https"]):
+            raise usage.UsageError(
+                f"{' and '.join(needing)} {'needs' if len(needing) == 1 else 'need'} the shared HTTP/HTTPS "
+                "ports, which are off: add "
+                "--http ENDPOINT and/or --https ENDPOINT (e.g. --http tcp:80 --https tcp:443)"
+            )
         listen = self["listen"]
         listen_fallback = None
         if listen is None:
@@ -295,6 +302,12 @@ class ServerService(service.Service):
         settings = self.config.http
         if settings.https_cert and settings.https_key and self.server.certificates is None:
             self.server.certificates = StaticCertificates(settings.https_cert, settings.https_key)
+        if settings.https and self.server.certificates is None:
+            self.log.warn(
+                "--https has no certificates (no --https-cert/--https-key): it serves only --tls "
+                "passthrough names; TLS for any other name ends with an unrecognized_name alert",
+                event="https_without_certificates",
+            )
         self.edge = HttpEdge(self.reactor, self.server, settings, self.server.hostnames, self.server.certificates)
         factories = edge_factories(self.edge)
         for scheme in ("http", "https"):
