@@ -195,3 +195,28 @@ class ServerOptions(SynchronousTestCase):
         options.parseOptions(["--domain", "Tunnel.Example.", "--http", "8080", "--trusted-proxies", "10.0.0.0/8 ::1"])
         http = options.config.http
         self.assertEqual((http.domain, http.http, len(http.trusted_proxies)), ("tunnel.example", "tcp:8080", 2))
+
+
+class Routes(SynchronousTestCase):
+    def test_an_exact_claim_wins_over_the_wildcard_one_level_up(self) -> None:
+        """"*.zone" serves x.zone (one label), not zone or a.b.zone; a name's
+        own claim wins over the wildcard."""
+        routes = HostRoutes(HttpSettings(http="tcp:0"), LocalClaims())
+        policy = parse_clients(
+            f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["*.a.example", "own.a.example"]\n', "c")["a"]
+
+        class Session:
+            credential, serial, hostnames = "a", 1, {}
+            server = type("S", (), {"policy_for": staticmethod(lambda credential: policy)})()
+
+            def still_wants(self, tag: int) -> bool:
+                return True
+
+        session = Session()
+        wildcard = routes.bind(session, 1, "http", "*.a.example")  # type: ignore[arg-type]
+        own = routes.bind(session, 2, "http", "own.a.example")  # type: ignore[arg-type]
+        self.assertIs(routes.route("x.a.example"), wildcard)
+        self.assertIs(routes.route("own.a.example"), own)
+        self.assertIsNone(routes.route("a.example"))
+        self.assertIsNone(routes.route("b.x.a.example"))
+        self.assertIsNone(routes.route(None))

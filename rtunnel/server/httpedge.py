@@ -211,6 +211,7 @@ class HttpVisitor(Protocol):
         self.out: list[bytes] | None = None  # response bytes gathered in one turn, written at once
         self.waiting: Any = None  # a request waiting for a detached tunnel
         self.request: h11.Request | None = None
+        self.stats_name = ""  # the claimed name the current request counts under
         self.fields: dict[bytes, str] = {}  # the current request's headers (first value of each)
         self.names: tuple[str, str | None] = ("", None)  # the last Host seen and its normalised name
         self.response_started = False
@@ -420,6 +421,7 @@ class HttpVisitor(Protocol):
 
     def _start(self, request: h11.Request) -> None:
         self.request = request
+        self.stats_name = ""
         self.fields = fields = {}  # the first value of each header, by (lower-case) name: one pass
         for field_name, value in request.headers:
             if field_name not in fields:
@@ -452,7 +454,7 @@ class HttpVisitor(Protocol):
             tunnel = self.edge.routes.route(name)
             if tunnel is None:
                 raise EdgeError(404, "no tunnel serves this hostname on this server")
-            self.record["host"] = tunnel.name
+            self.stats_name = tunnel.name  # the claim's name: "*.zone" for a name its wildcard serves
             self.edge.stats(tunnel.name).requests += 1
             if self.scheme == "http" and self._redirect(name, request):
                 return
@@ -668,8 +670,8 @@ class HttpVisitor(Protocol):
     def _account(self, status: int) -> None:
         record = self.record
         record["status"] = status
-        name = record.get("host", "-")
-        if name != "-" and name in self.edge.routes.stats:
+        name = self.stats_name
+        if name and name in self.edge.routes.stats:
             self.edge.routes.stats[name].statuses[f"{status // 100}xx"] += 1
         self.edge.access(record)
 
