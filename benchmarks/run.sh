@@ -36,4 +36,8 @@ echo "installing rtunnel from $root into $venv" >&2
 "$venv/bin/python" -m pip install -q --disable-pip-version-check "$root" >&2
 python="$venv/bin/python"
 
+if [ "${1:-}" = hostnames ]; then  # hostname routing (#15): --http/--https beside a port tunnel
+    shift
+    exec "$python" "$here/hostnames.py" "$@"
+fi
 exec "$python" "$here/run.py" "$@"

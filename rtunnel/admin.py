@@ -102,6 +102,26 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
             "address": format_host_port(listener.host, port),
             "streams": open_per_tunnel.get(tunnel_id, 0),
         })
+    routes = session.server.hostnames
+    for tunnel_id, host_tunnel in sorted(session.hostnames.items()):  # hostnames on the shared ports (#15)
+        if host_tunnel.claim is None:
+            continue
+        stats = routes.stats.get(host_tunnel.name)
+        urls = routes.urls(host_tunnel.name, host_tunnel.kind)
+        tunnels.append({
+            "id": tunnel_id,
+            "kind": host_tunnel.kind,
+            "hostname": host_tunnel.name,
+            "host": host_tunnel.name,
+            "port": 0,
+            "address": urls[0] if urls else host_tunnel.name,
+            "urls": list(urls),
+            "streams": open_per_tunnel.get(tunnel_id, 0),
+            "requests": stats.requests if stats else 0,
+            "responses": dict(stats.statuses) if stats else {},
+            "bytes_in": stats.bytes_in if stats else 0,
+            "bytes_out": stats.bytes_out if stats else 0,
+        })
     streams = []
     for stream in list(mux.streams.values())[:MAX_STREAMS_LISTED]:
         visitor = None

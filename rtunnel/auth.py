@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.files import replace_private
+from rtunnel.httpconfig import BadHostname, normalise
 from rtunnel.limits import Limits
 
 DEFAULT_BIND: tuple[str, ...] = ("0.0.0.0", "::")
@@ -38,7 +39,7 @@ DEFAULT_MAX_TUNNELS = 16
 DEFAULT_MAX_STREAMS = 4096
 RESERVED_NAMES = frozenset({"default"})
 LIMIT_KEYS = ("bandwidth", "bandwidth_to_client", "bandwidth_from_client", "max_connections_per_tunnel")
-KEYS = ("token_sha256", "cert_sha256", "ports", "bind", "max_tunnels", "max_streams", *LIMIT_KEYS)
+KEYS = ("token_sha256", "cert_sha256", "ports", "hosts", "bind", "max_tunnels", "max_streams", *LIMIT_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -58,6 +59,7 @@ class ClientPolicy:
     bandwidth_to_client: int | None = None  # bytes/s visitors -> the client's service
     bandwidth_from_client: int | None = None  # bytes/s the client's service -> visitors
     max_connections_per_tunnel: int | None = None
+    hosts: tuple[str, ...] = ()  # hostnames it may claim, normalised ("*.zone": the wildcard and one label under it)
 
     def limits(self) -> Limits:
         return Limits(self.bandwidth_to_client, self.bandwidth_from_client, self.max_connections_per_tunnel)
@@ -205,12 +207,15 @@ def _validate_client(
             "(rtunnel_server add-client makes one) or cert_sha256, the hex SHA-256 of its TLS "
             "client certificate (openssl x509 -in client.crt -outform DER | sha256sum)"
         )
+    hosts = _hosts(table.get("hosts"), where("hosts"))
     ports_value = table.get("ports")
-    if ports_value is None:
+    if ports_value is None and hosts:
+        ports_value = []  # a client of hostnames only
+    elif ports_value is None:
         raise ConfigError(f"{where('ports')}: missing; list the ports this client may open, e.g. [\"4000-4099\"]")
     if not isinstance(ports_value, list):
         raise ConfigError(f"{where('ports')}: is a {_type(ports_value)}; it must be a list, e.g. [\"4000-4099\", 5432]")
-    if not ports_value:
+    if not ports_value and not hosts:
         raise ConfigError(f"{where('ports')}: is empty; list at least one port or range")
     ports = tuple(parse_port_range(item, where("ports")) for item in ports_value)
     bind_value = table.get("bind")
@@ -261,8 +266,26 @@ def _validate_client(
         bind=bind,
         max_tunnels=limits["max_tunnels"],
         max_streams=limits["max_streams"],
+        hosts=hosts,
         **optional,
     )
+
+
+def _hosts(value: object, where: str) -> tuple[str, ...]:
+    """A client's `hosts`: DNS names (or "*.zone"), normalised."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f'{where}: is a {_type(value)}; it must be a list, e.g. ["app.alice.example.com"]')
+    names = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: {item!r} is a {_type(item)}; write hostnames as strings")
+        try:
+            names.append(normalise(item, wildcard=True))
+        except BadHostname as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return tuple(names)
 
 
 def parse_clients(

@@ -218,6 +218,14 @@ class TunnelClient:
         self._unbound.clear()
         self._taken_over.clear()
         link.start_session(self.session, False, welcome.max_frame)
+        missing = sorted({spec.kind for spec in self.tunnels.values()} - set(welcome.features))
+        if missing:
+            self.fatal(
+                f"the server does not serve {' or '.join(repr(k) for k in missing)} tunnels (it serves: "
+                f"{', '.join(welcome.features)}); start it with --http/--https (and --domain), or drop "
+                f"the --{missing[0]} tunnels"
+            )
+            return
         for spec in self.tunnels.values():
             self._send_bind(spec)
 
@@ -340,7 +348,8 @@ class TunnelClient:
     def _send_bind(self, spec: TunnelSpec) -> None:
         if self.session is None:
             return
-        self.session.send_json(FrameType.BIND, wire.Bind(spec.tunnel_id, spec.bind_host, spec.bind_port).to_json())
+        bind = wire.Bind(spec.tunnel_id, spec.bind_host, spec.bind_port, spec.kind, spec.hostname)
+        self.session.send_json(FrameType.BIND, bind.to_json())
     # ------------------------------------------------------------ live tunnel changes
 
     def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:
@@ -460,6 +469,9 @@ class TunnelClient:
         spec = self.tunnels.get(answer.tunnel)
         if spec is None:
             raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
+        if answer.kind in ("http", "tls"):
+            self._bound_hostname(spec, answer)
+            return
         host = answer.host if answer.host is not None else spec.bind_host
         self.bound[spec.tunnel_id] = (host, answer.port)
         self._taken_over.discard(spec.tunnel_id)
@@ -469,6 +481,18 @@ class TunnelClient:
             address=public_address(host, answer.port, self.config.server_host), target=spec.target,
             server=bracket(self.config.server_host), port=answer.port,
             event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
+        )
+        self._check_all_bound()
+
+    def _bound_hostname(self, spec: TunnelSpec, answer: wire.Bound) -> None:
+        """A hostname is ours: log the public URLs the server gave."""
+        self.bound[spec.tunnel_id] = (answer.hostname, 0)
+        self._taken_over.discard(spec.tunnel_id)
+        self.tunnel_names[spec.tunnel_id] = answer.hostname
+        self.log.info(
+            "tunnel ready: {public} -> {target}", public=" ".join(answer.urls) or answer.hostname, target=spec.target,
+            event="tunnel_ready", tunnel=spec.tunnel_id, kind=answer.kind, hostname=answer.hostname,
+            urls=list(answer.urls),
         )
         self._check_all_bound()
 
@@ -484,7 +508,8 @@ class TunnelClient:
             level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
             self._taken_over.add(spec.tunnel_id)
             level(
-                "port {port} is not ours now: {message}; asking again every {delay:.0f} s",
+                "{what} is not ours now: {message}; asking again every {delay:.0f} s",
+                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}",
                 port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
                 tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
             )
@@ -493,12 +518,15 @@ class TunnelClient:
         if code == "closed":  # the server's administrator closed a bound port
             public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
             self.log.warn(
-                "the server closed port {port}: {message}; it opens again when this "
-                "client starts a new session (restart it to reopen the port now)",
-                port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
+                "the server closed {what}: {message}; it opens again when this "
+                "client starts a new session (restart it to reopen it now)",
+                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}", port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
             )
             return
-        text = f"the server refused to open port {spec.bind_port}: {message}"
+        text = (
+            f"the server refused to open port {spec.bind_port}: {message}" if spec.kind == "tcp"
+            else f"the server refused hostname {spec.hostname} ({spec.kind}): {message}"
+        )
         if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
             # a tunnel added while running: drop it, keep the others up
             self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)

@@ -13,6 +13,7 @@ from pathlib import Path
 from rtunnel import DEFAULT_CONTROL_PORT
 from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.errors import ConfigError
+from rtunnel.httpconfig import HttpSettings
 from rtunnel.limits import Limits
 from rtunnel.mux import SessionSettings
 
@@ -121,6 +122,8 @@ class TunnelSpec:
     target_host: str
     target_port: int
     proxy_protocol: str = "off"
+    kind: str = "tcp"  # "http" or "tls": a hostname on the server's shared ports (#15)
+    hostname: str = ""  # of an "http"/"tls" tunnel: a label of the server's --domain, or a full name
 
     @property
     def target(self) -> str:
@@ -141,12 +144,27 @@ def tunnel_spec(
     return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol)
 
 
+def hostname_spec(tunnel_id: int, kind: str, hostname: str, to: str, proxy_protocol: str, what: str) -> TunnelSpec:
+    """A hostname tunnel (`--http NAME -t PORT`, `--tls NAME -t PORT`): the
+    server routes requests (or TLS connections by SNI) for `hostname` to `to`."""
+    name = hostname.strip()
+    if not name or any(c.isspace() or c in "/:@" for c in name):
+        raise ConfigError(f"{what}: {hostname[:100]!r} is not a hostname; give a name such as myapp or app.example.com")
+    target_host, target_port = parse_host_port(to, f"-t/--to (for {what} {name})", "localhost")
+    return TunnelSpec(tunnel_id, "", 0, target_host, target_port, proxy_protocol, kind, name)
+
+
 def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec | None:
     """The tunnel among `tunnels` that forwards the same fixed [BIND:]PORT
     as `spec` (a port can be forwarded once; port 0 may repeat)."""
+    if spec.kind != "tcp":
+        return next((t for t in tunnels if (t.kind, t.hostname) == (spec.kind, spec.hostname)), None)
     if not spec.bind_port:
         return None
-    return next((t for t in tunnels if (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)), None)
+    return next(
+        (t for t in tunnels if t.kind == "tcp" and (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)),
+        None,
+    )
 
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # the default --acme-directory
@@ -194,6 +212,7 @@ class ServerConfig:
     fleet_listen: str | None = None
     fleet_prefix: str = "/rtunnel/"
     fleet_lease_ttl: int = 5
+    http: HttpSettings = field(default_factory=HttpSettings)  # the shared HTTP/HTTPS ports (#15)
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

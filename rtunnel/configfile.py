@@ -24,11 +24,11 @@ from typing import Any, ClassVar
 from twisted.python import usage
 
 from rtunnel import proxyproto
-from rtunnel.config import TunnelSpec, same_forward, tunnel_spec
+from rtunnel.config import TunnelSpec, hostname_spec, same_forward, tunnel_spec
 from rtunnel.errors import ConfigError
 from rtunnel.tap.options import Kind, Option, OptionTable, usage_errors
 
-TUNNEL_KEYS = ("forward", "to", "proxy_protocol")
+TUNNEL_KEYS = ("forward", "to", "proxy_protocol", "http", "hostnames", "tls")
 _TOML_TYPES = {
     bool: "a boolean", int: "an integer", float: "a number", str: "a string",
     list: "an array", dict: "a table",
@@ -190,8 +190,17 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
             if key not in TUNNEL_KEYS:
                 raise cf.error(
                     f"{name}: unknown key {key!r}; {suggest(key, TUNNEL_KEYS)} "
-                    "(a tunnel has forward, to and proxy_protocol)", key, "tunnel", index,
+                    "(a tunnel has forward or http, hostnames or tls; to; proxy_protocol)", key, "tunnel", index,
                 )
+        named = [key for key in ("forward", "http", "hostnames", "tls") if key in entry]
+        if len(named) > 1:
+            raise cf.error(
+                f"{name} has {' and '.join(named)}; a tunnel is a port (forward) or hostnames (http, "
+                "hostnames, tls): split it into two [[tunnel]] tables", named[1], "tunnel", index,
+            )
+        if named and named[0] != "forward":
+            specs += _hostname_tunnels(cf, entry, named[0], name, index, len(specs))
+            continue
         for key, example in (("forward", 'forward = "4000"'), ("to", 'to = "localhost:3000"')):
             if key not in entry:
                 raise cf.error(
@@ -235,6 +244,30 @@ def parse_tunnel_tables(cf: ConfigFile, value: object, top_keys: Iterable[str] =
     return specs
 
 
+def _hostname_tunnels(
+    cf: ConfigFile, entry: dict[str, Any], key: str, name: str, index: int, count: int,
+) -> list[TunnelSpec]:
+    """A [[tunnel]] of hostnames: http = "myapp", hostnames = ["a.example.org", ...] or tls = "name"."""
+    value = entry[key]
+    names = value if key == "hostnames" else [value]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        example = 'hostnames = ["app.example.org"]' if key == "hostnames" else f'{key} = "myapp"'
+        raise cf.error(f"{name}: {key} must be {'a list of strings' if key == 'hostnames' else 'a string'}, "
+                       f"e.g. {example}", key, "tunnel", index)
+    to = entry.get("to")
+    if isinstance(to, bool) or not isinstance(to, (str, int)):
+        raise cf.error(f'{name} needs to = "localhost:3000" (the local service the hostname reaches)',
+                       "to", "tunnel", index)
+    proxy = entry.get("proxy_protocol", proxyproto.OFF)
+    if not isinstance(proxy, str) or proxy not in proxyproto.VERSIONS:
+        raise cf.error(f'{name}: proxy_protocol must be "off", "v1" or "v2"', "proxy_protocol", "tunnel", index)
+    kind = "tls" if key == "tls" else "http"
+    return [
+        hostname_spec(count + i + 1, kind, hostname, str(to), proxy, f"{cf.where(key, 'tunnel', index)}: {name} {key}")
+        for i, hostname in enumerate(names)
+    ]
+
+
 @dataclass(frozen=True)
 class TunnelChanges:
     """What a reload does to the live tunnels (ids of `added` are not yet assigned)."""
@@ -253,8 +286,9 @@ def _shape(spec: TunnelSpec) -> tuple[Any, ...]:
 
 def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSpec]) -> TunnelChanges:
     """Match the wanted tunnels with the live ones: identical ones stay as
-    they are; one with the same fixed [BIND:]PORT but another target is
-    retargeted in place (it keeps its id and port); the rest are removed or added."""
+    they are; one with the same fixed [BIND:]PORT (or the same hostname) but
+    another target is retargeted in place (it keeps its id and port or
+    name); the rest are removed or added."""
     remaining = list(current)
     unmatched: list[TunnelSpec] = []
     for spec in wanted:
@@ -265,11 +299,7 @@ def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSp
             remaining.remove(same)
     retargeted, added = [], []
     for spec in unmatched:
-        same_port = next(
-            (c for c in remaining
-             if spec.bind_port and (c.bind_host, c.bind_port) == (spec.bind_host, spec.bind_port)),
-            None,
-        )
+        same_port = next((c for c in remaining if same_forward([c], spec) is not None), None)
         if same_port is None:
             added.append(spec)
         else:

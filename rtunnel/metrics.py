@@ -126,6 +126,7 @@ class ServerCollector:
             self.admission,
             self.limits,
             self.fleet,
+            self.hostnames,
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -169,6 +170,44 @@ class ServerCollector:
         yield GaugeMetricFamily(
             "rtunnel_tunnels", "Public ports bound for clients now.", value=len(server.listeners)
         )
+
+    def hostnames(self, server: TunnelServer) -> Iterator[Metric]:
+        """The shared HTTP/HTTPS ports (#15), by hostname."""
+        routes = server.hostnames
+        if "http" not in server.tunnel_kinds:
+            return
+        yield GaugeMetricFamily("rtunnel_hostnames", "Hostnames claimed by clients now.", value=len(routes.tunnels))
+        requests = CounterMetricFamily(
+            "rtunnel_http_requests", "Requests routed to a hostname's tunnel.", labels=["hostname"])
+        responses = CounterMetricFamily(
+            "rtunnel_http_responses", "Responses by hostname and status class.", labels=["hostname", "class"])
+        traffic = CounterMetricFamily(
+            "rtunnel_http_bytes", "Bytes of requests (in) and responses (out) by hostname.",
+            labels=["hostname", "direction"])
+        passthrough = CounterMetricFamily(
+            "rtunnel_tls_passthrough_connections", "TLS connections passed through by SNI.", labels=["hostname"])
+        for name, stats in sorted(routes.stats.items()):
+            requests.add_metric([name], stats.requests)
+            for status_class, n in sorted(stats.statuses.items()):
+                responses.add_metric([name, status_class], n)
+            traffic.add_metric([name, "in"], stats.bytes_in)
+            traffic.add_metric([name, "out"], stats.bytes_out)
+            passthrough.add_metric([name], stats.tls_passthrough)
+        yield from (requests, responses, traffic, passthrough)
+        answers = CounterMetricFamily(
+            "rtunnel_http_edge_answers", "Answers the edge gave itself (404 unknown host, 400 malformed, "
+            "408, 431, 502 offline, 308 redirect...), by status.", labels=["status"])
+        for status, n in sorted(routes.edge_answers.items()):
+            answers.add_metric([str(status)], n)
+        yield answers
+        expiry = getattr(routes.certificates, "expiry", None)
+        if expiry is not None:
+            family = GaugeMetricFamily(
+                "rtunnel_certificate_expiry_timestamp_seconds", "When the HTTPS certificate for a name expires.",
+                labels=["hostname"])
+            for name, when in sorted(expiry().items()):
+                family.add_metric([name], when)
+            yield family
 
     def streams(self, server: TunnelServer) -> Iterator[Metric]:
         live = _live_totals(

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import http.client
+import http.server
+import json
 import os
 import re
 import shutil
@@ -44,7 +47,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IListeningPort
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 import rtunnel.tap.server
@@ -733,3 +736,187 @@ def serve_in_thread(test: Any, server: socketserver.BaseServer) -> None:
         thread.join(5)
 
     test.addCleanup(stop)
+
+
+# ---------------------------------------------------------------- the HTTP edge (#15)
+#
+# A server with --http/--https and --domain as a real process, local HTTP
+# services in threads, raw and curl visitors (tests/test_http_*.py).
+
+DOMAIN = "tunnel.test"
+
+
+class WhoAmI(http.server.BaseHTTPRequestHandler):
+    """Answers every request with JSON naming its service, the request line,
+    its headers and body: what reached which local service."""
+
+    protocol_version = "HTTP/1.1"
+    service = "?"
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                body += self.rfile.read(size)
+                self.rfile.readline()
+        reply = json.dumps({
+            "service": self.server.service,  # type: ignore[attr-defined]
+            "method": self.command, "path": self.path, "body": body.decode("latin-1"),
+            "headers": [[k.lower(), v] for k, v in self.headers.items()],
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    do_GET = do_POST = do_PUT = _answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class WhoAmIServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, service: str) -> None:
+        super().__init__(("127.0.0.1", 0), WhoAmI)
+        self.service = service
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a connection reset as a client process stops at the end of a test
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+    """Send `data` to 127.0.0.1:port, read until the server closes (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        chunks = []
+        try:
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        except OSError:
+            pass
+        return b"".join(chunks)
+
+
+def responses(data: bytes) -> list[bytes]:
+    """The bodies of the Content-Length-framed responses in `data`, in order."""
+    bodies = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        bodies.append(rest[:length])
+        data = rest[length:]
+    return bodies
+
+
+def status_of(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+
+
+class EdgeProcesses(SynchronousTestCase):
+    """A server with the shared ports, and helpers to start clients and services."""
+
+    server_args: tuple[str, ...] = ()
+
+    def more_server_args(self) -> list[str]:
+        return []
+
+    def setUp(self) -> None:
+        reason = plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(tempfile.mkdtemp(prefix="rtunnel-http-"))
+        self.addCleanup(shutil.rmtree, self.workdir, True)
+        self.state_dir = self.workdir / "state"
+        self.server = Process(
+            self, "server",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--listen", "tcp:0:interface=127.0.0.1",
+             "--state-dir", str(self.state_dir), "--domain", DOMAIN,
+             "--http", "tcp:0:interface=127.0.0.1", *self.server_args, *self.more_server_args()],
+            self.workdir,
+        )
+        self.control = int(self.server.wait_for(r"rtunnel server listening on \S+ \(port (\d+)\)").group(1))
+        self.http_port = int(self.server.wait_for(r"serving HTTP for clients' hostnames on \S+ \(port (\d+)\)").group(1))
+
+    def start_service(self, name: str) -> int:
+        service = WhoAmIServer(name)
+        serve_in_thread(self, service)
+        return int(service.server_address[1])
+
+    def start_client(self, *args: str, name: str = "client", wait: str | None = r"tunnel ready: ") -> Process:
+        token = (self.state_dir / "token").read_text().strip()
+        client = Process(
+            self, name,
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{self.control}",
+             "--token", token, "--fingerprint", cert_fingerprint(self.state_dir / "server.crt"), *args],
+            self.workdir,
+        )
+        if wait:
+            client.wait_for(wait)
+        return client
+
+    def get(self, conn: http.client.HTTPConnection, host: str, path: str = "/") -> dict[str, Any]:
+        conn.request("GET", path, headers={"Host": host})
+        response = conn.getresponse()
+        body = response.read()
+        self.assertEqual(response.status, 200, body)
+        return dict(json.loads(body))
+
+
+def curl(*args: str) -> tuple[int, str, str]:
+    """Run curl (bounded); its exit code, stdout and stderr."""
+    out = subprocess.run(["curl", "--silent", "--show-error", "--max-time", "15", *args],
+                         capture_output=True, timeout=30)
+    return out.returncode, out.stdout.decode(errors="replace"), out.stderr.decode(errors="replace")
+
+
+class TlsService(http.server.ThreadingHTTPServer):
+    """A local HTTPS service holding its own certificate (for TLS passthrough)."""
+
+    daemon_threads = True
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        super().__init__(("127.0.0.1", 0), WhoAmI)
+        self.service = "tls-local"
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class HttpsBase(EdgeProcesses):
+    """A server with --https and a static wildcard certificate made here."""
+
+    def more_server_args(self) -> list[str]:
+        if shutil.which("curl") is None:
+            raise SkipTest("curl not found: install Debian's 'curl' package")
+        certs = self.workdir / "edge-certs"
+        certs.mkdir()
+        self.ca, cert, key = make_ca_and_server(certs, f"*.{DOMAIN}")
+        return ["--https", "tcp:0:interface=127.0.0.1", "--https-cert", str(cert), "--https-key", str(key)]
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.https_port = int(self.server.wait_for(
+            r"serving HTTPS for clients' hostnames on \S+ \(port (\d+)\)").group(1))
+
+    def url(self, name: str, path: str = "/") -> list[str]:
+        return ["--resolve", f"{name}:{self.https_port}:127.0.0.1", f"https://{name}:{self.https_port}{path}"]
+
+    def setup_only(self) -> None:
+        """(For tests that use this server from another test case.)"""
+
+

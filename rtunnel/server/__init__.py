@@ -34,9 +34,11 @@ from rtunnel.descriptors import DescriptorGate
 from rtunnel.guard import MOST_HELD, PER_ADDRESS, AdmissionGuard, address_key
 from rtunnel.limits import ClientLimiter, Limits, RefusalLog
 from rtunnel.mux import SessionSettings
+from rtunnel.server.certificates import CertificateSource
 from rtunnel.server.claims import ClaimRegistry, LocalClaims
 from rtunnel.server.credentials import DEFAULT_CREDENTIAL, Credentials
 from rtunnel.server.handshake import AdmittingFactory, ServerLink
+from rtunnel.server.hostnames import HostRoutes
 from rtunnel.server.ports import BindRefused, PublicPorts, dual_stack
 from rtunnel.server.session import Attachment, ServerSession, SessionState
 from rtunnel.server.visitors import PublicListener
@@ -65,7 +67,9 @@ class TunnelServer:
         self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.ports = PublicPorts(reactor, config, self.claims, self.credentials.policy_for, self.visitor_gate)
         #: the tunnel kinds this server serves (WELCOME "features"; others get BIND_FAILED unsupported)
-        self.tunnel_kinds: tuple[str, ...] = ("tcp",)
+        self.tunnel_kinds: tuple[str, ...] = ("tcp", "http", "tls") if config.http.enabled else ("tcp",)
+        #: claimed hostnames and their routes (#15); the certificates of the HTTPS port
+        self.hostnames = HostRoutes(config.http, self.claims)
         self.sessions: dict[str, ServerSession] = {}
         self.session_serials: Iterator[int] = itertools.count(1)
         self.links: set[ServerLink] = set()
@@ -86,6 +90,15 @@ class TunnelServer:
         self.fleet_links: Any = None  # rtunnel.fleet.links.FleetLinks, in a fleet (its metrics)
 
     # ------------------------------------------------------------ what others read
+
+    @property
+    def certificates(self) -> CertificateSource | None:
+        """The HTTPS port's certificate source (StaticCertificates, or ACME)."""
+        return self.hostnames.certificates
+
+    @certificates.setter
+    def certificates(self, source: CertificateSource | None) -> None:
+        self.hostnames.certificates = source
 
     @property
     def listeners(self) -> dict[tuple[str, int], PublicListener]:
@@ -165,9 +178,10 @@ class TunnelServer:
                 or (dual_stack(listener) and not policy.permits_address(IPV4_ANY))
             )
         ]
+        outside += self.hostnames.not_permitted(session, policy)
         if outside:
             self.log.warn(
-                "client {name}'s new policy does not cover its open port(s) {ports}; they "
+                "client {name}'s new policy does not cover its open port(s) or hostname(s) {ports}; they "
                 "stay open until its session ends (remove the client to close them now)",
                 name=session.credential, ports=", ".join(outside),
                 event="policy_mismatch", session=session.id[:8], credential=session.credential,
@@ -278,6 +292,7 @@ class TunnelServer:
             if link.session is not None and link.session.can_send:  # not between RESUMEs
                 link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down"))
         stops = self.ports.close_all()
+        self.hostnames.close_all()
         drained: defer.Deferred[None] = defer.Deferred()
         if self._streams_to_drain():
             self._drained = drained

@@ -62,6 +62,7 @@ from twisted.python.threadpool import ThreadPool
 from rtunnel.config import LETS_ENCRYPT
 from rtunnel.errors import RtunnelError, StateDirError
 from rtunnel.files import write_private
+from rtunnel.server.certificates import offer_http11
 
 RENEW_BEFORE = 30 * 86400.0  # renew when this much validity remains (or a third of the lifetime)
 HOUR = 3600.0
@@ -132,9 +133,11 @@ def _certificate(name: str, pem: bytes) -> _Certificate:
         extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
+    context = options.getContext()
+    offer_http11(context)
     return _Certificate(
         name, pem, leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp(),
-        leaf.serial_number, options.getContext(),
+        leaf.serial_number, context,
     )
 
 

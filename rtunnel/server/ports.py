@@ -166,7 +166,7 @@ class PublicPorts:
             # bind (a reload): close it; the BIND is tried again once it is closed
             holder.tunnels.pop(held.tunnel_id, None)
             self.release(held)
-            if not holder.tunnels and not holder.attached:
+            if not holder.tunnels and not holder.hostnames and not holder.attached:
                 holder.expire("its owner started a new session")
             raise BindRefused(
                 "in_use",
@@ -263,7 +263,7 @@ class PublicPorts:
         )
         if previous is not owner and old_tunnel is not None:
             previous.lost_port(held, old_tunnel)
-        if not previous.tunnels and not previous.attached:
+        if not previous.tunnels and not previous.hostnames and not previous.attached:
             previous.expire("its owner started a new session")
         return held
 

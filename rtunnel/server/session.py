@@ -23,6 +23,7 @@ from rtunnel import wire
 from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.counters import tunnel_name
 from rtunnel.mux import ProtocolViolation, Session, Stream
+from rtunnel.server.hostnames import HostRefused, HostTunnel
 from rtunnel.server.ports import BindRefused
 from rtunnel.server.visitors import PublicListener
 from rtunnel.wire import Frame, FrameType, ResetCode
@@ -122,6 +123,7 @@ class ServerSession:
         self.state_since = self.started_at
         self.peer: tuple[str, int] | None = None
         self._binds_waiting: set[int] = set()  # tunnel ids whose BIND waits for a closing port
+        self.hostnames: dict[int, HostTunnel] = {}  # tunnel id -> its claimed hostname (#15)
 
     # ------------------------------------------------------------ state
 
@@ -152,7 +154,10 @@ class ServerSession:
     def still_wants(self, tag: int) -> bool:
         """For the claims registry: can this session take a port it waited
         for as tunnel `tag` (it has not ended or used the id since)?"""
-        return not self.expired and tag not in self.tunnels and tag not in self._binds_waiting
+        return (
+            not self.expired and tag not in self.tunnels and tag not in self._binds_waiting
+            and tag not in self.hostnames
+        )
 
     # ------------------------------------------------------------ links
 
@@ -204,6 +209,9 @@ class ServerSession:
         for listener in list(self.tunnels.values()):  # first: visitors who waited for us may be handed on
             self.server.ports.let_go(listener)
         self.tunnels.clear()
+        for host_tunnel in list(self.hostnames.values()):
+            self.server.hostnames.let_go(host_tunnel, self.server.shutting_down)
+        self.hostnames.clear()
         self.mux_session.close(ResetCode.EXPIRED, why)
         self.server.sessions.pop(self.id, None)
         if self.link is not None:
@@ -229,6 +237,8 @@ class ServerSession:
         """Close one public port of this session and reset its open
         connections; the client hears BIND_FAILED "closed" and does not
         rebind it in this session. False if there is no such tunnel."""
+        if tunnel_id in self.hostnames:
+            return self._close_hostname(tunnel_id, why)
         listener = self.tunnels.pop(tunnel_id, None)
         if listener is None:
             return False
@@ -287,6 +297,9 @@ class ServerSession:
         elif frame.type is FrameType.UNBIND:
             tunnel_id = wire.Unbind.parse(frame.body).tunnel
             listener = self.tunnels.pop(tunnel_id, None)
+            host_tunnel = self.hostnames.pop(tunnel_id, None)
+            if host_tunnel is not None:
+                self.server.hostnames.let_go(host_tunnel)
             self._binds_waiting.discard(tunnel_id)
             self.server.claims.stop_waiting(self, tunnel_id)
             if listener is not None:
@@ -306,6 +319,9 @@ class ServerSession:
                 f"this server does not serve {bind.kind[:20]!r} tunnels (it serves: "
                 f"{', '.join(self.server.tunnel_kinds)}); upgrade or configure the server, or drop the tunnel",
             )
+            return
+        if bind.kind in ("http", "tls"):
+            self._bind_hostname(bind)
             return
         if host and not is_ip_literal(host):
             self._bind_failed(
@@ -386,4 +402,60 @@ class ServerSession:
                 "binding tunnel {tunnel} after its port closed failed", failure,
                 tunnel=tunnel_id, event="bind_error", session=self.id[:8],
             )
+        )
+
+    # ------------------------------------------------------------ hostnames (#15, rtunnel.server.hostnames)
+
+    def _bind_hostname(self, bind: wire.Bind) -> None:
+        if bind.tunnel in self.hostnames:
+            raise ProtocolViolation(f"BIND reuses tunnel id {bind.tunnel}")
+        try:
+            tunnel = self.server.hostnames.bind(self, bind.tunnel, bind.kind, bind.hostname)
+        except HostRefused as refusal:
+            if refusal.code != "taken_over":
+                self.server.refusals.refused(
+                    ("bind_refused", self.id, refusal.code), "refused hostname {hostname} for {cred}: {why}",
+                    hostname=bind.hostname[:253], cred=self.credential, why=refusal.message,
+                    event="bind_refused", session=self.id[:8], credential=self.credential, tunnel=bind.tunnel,
+                    code=refusal.code, reason=refusal.message,
+                )
+            self._bind_failed(bind.tunnel, refusal.code, refusal.message)
+            return
+        self.took_hostname(tunnel, bind.tunnel)
+
+    def took_hostname(self, tunnel: HostTunnel, tunnel_id: int) -> None:
+        """`tunnel`'s name is ours as tunnel `tunnel_id`: tell the client (BOUND with its URLs)."""
+        self.hostnames[tunnel_id] = tunnel
+        self.tunnel_names[tunnel_id] = tunnel.name
+        urls = self.server.hostnames.urls(tunnel.name, tunnel.kind)
+        self.log.info(
+            "hostname bound: {hostname} ({kind}) for session {id}", hostname=tunnel.name, kind=tunnel.kind,
+            id=self.id[:8], event="tunnel_bound", session=self.id[:8], credential=self.credential,
+            tunnel=tunnel_id, urls=list(urls),
+        )
+        bound = wire.Bound(tunnel_id, None, 0, tunnel.kind, tunnel.name, urls)
+        self.mux_session.send_json(FrameType.BOUND, bound.to_json())
+
+    def _close_hostname(self, tunnel_id: int, why: str) -> bool:
+        """close_tunnel for a hostname: the name is let go, its streams reset."""
+        tunnel = self.hostnames.pop(tunnel_id)
+        name = tunnel.name if tunnel.claim is not None else "?"
+        self.server.hostnames.let_go(tunnel)
+        for stream in list(self.mux_session.streams.values()):
+            if stream.tunnel_id == tunnel_id:
+                stream.reset(ResetCode.ABORTED, why)
+        self.mux_session.send_json(FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why})
+        self.log.info(
+            "hostname {hostname} of session {id} closed: {why}", hostname=name, id=self.id[:8], why=why,
+            event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id, reason=why,
+        )
+        return True
+
+    def lost_hostname(self, name: str, tunnel_id: int) -> None:
+        """A newer session of our credential took our hostname; we wait for it back."""
+        self._bind_failed(
+            tunnel_id, "taken_over",
+            f"hostname {name} was taken over by a newer session of client {self.credential} (another "
+            "client with the same credential started); this client keeps asking for it and gets it back "
+            "when that session lets go of it",
         )

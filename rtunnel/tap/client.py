@@ -19,7 +19,7 @@ from zope.interface import implementer
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
 from rtunnel.addresses import bracket, format_host_port, public_address
 from rtunnel.client import ClientState, TunnelClient, retry_policy
-from rtunnel.config import ClientConfig, TunnelSpec, parse_host_port, same_forward, tunnel_spec
+from rtunnel.config import ClientConfig, TunnelSpec, hostname_spec, parse_host_port, same_forward, tunnel_spec
 from rtunnel.configfile import (
     ConfigFile,
     FileOptions,
@@ -70,6 +70,7 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.forwards: list[str] = []
+        self.forward_kinds: list[str] = []  # "tcp" (-f), "http" (--http), "tls" (--tls), one per entry of forwards
         self.targets: list[str] = []
         self.file_tunnels: list[TunnelSpec] = []  # from --config's [[tunnel]] tables
 
@@ -107,6 +108,15 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
 
     def opt_forward(self, value: str) -> None:
         self.forwards.append(value)
+        self.forward_kinds.append("tcp")
+
+    def opt_http(self, value: str) -> None:
+        self.forwards.append(value)
+        self.forward_kinds.append("http")
+
+    def opt_tls(self, value: str) -> None:
+        self.forwards.append(value)
+        self.forward_kinds.append("tls")
 
     def opt_to(self, value: str) -> None:
         self.targets.append(value)
@@ -124,8 +134,8 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
             )
         if (not self.forwards and not self.file_tunnels) or len(self.forwards) != len(self.targets):
             raise usage.UsageError(
-                "give -f/--forward and -t/--to in pairs, e.g. -f 4000 -t 3000 "
-                f"(got {len(self.forwards)} -f and {len(self.targets)} -t)"
+                "give -f/--forward (or --http NAME, --tls NAME) and -t/--to in pairs, e.g. -f 4000 -t 3000 "
+                f"or --http myapp -t 3000 (got {len(self.forwards)} -f/--http/--tls and {len(self.targets)} -t)"
             )
         self.check_options()
         if bool(self["client-cert"]) != bool(self["client-key"]):
@@ -159,11 +169,14 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 "set proxy_protocol in each [[tunnel]] of the config file instead"
             )
         tunnels = list(self.file_tunnels)
-        pairs = zip(self.forwards, self.targets, strict=True)
-        for i, (forward, target) in enumerate(pairs, start=len(tunnels) + 1):
-            spec = tunnel_spec(i, forward, target, proxy, "-f/--forward", "-t/--to")
+        pairs = zip(self.forwards, self.forward_kinds, self.targets, strict=True)
+        for i, (forward, kind, target) in enumerate(pairs, start=len(tunnels) + 1):
+            if kind == "tcp":
+                spec = tunnel_spec(i, forward, target, proxy, "-f/--forward", "-t/--to")
+            else:
+                spec = hostname_spec(i, kind, forward, target, proxy, f"--{kind}")
             if same_forward(tunnels, spec) is not None:
-                raise ConfigError(f"-f/--forward {forward} is given twice")
+                raise ConfigError(f"{'-f/--forward' if kind == 'tcp' else '--' + kind} {forward} is given twice")
             tunnels.append(spec)
         return tuple(tunnels)
 
@@ -339,14 +352,14 @@ class ClientMainService(service.MultiService):
             self.log.info(
                 "tunnel removed: {address} -> {target}; its port is closed, its {n} open "
                 "connection(s) carry on until they close",
-                address=public_address(host, port, self.config.server_host), server=server, port=port,
+                address=_public(spec, host, port, self.config.server_host), server=server, port=port,
                 target=spec.target, n=open_streams, event="tunnel_removed", tunnel=spec.tunnel_id, streams=open_streams,
             )
         for spec in changes.retargeted:
             client.retarget_tunnel(spec)
             self.log.info(
                 "tunnel changed: {address} -> {target} (proxy_protocol {proxy}) for new visitors",
-                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                address=_public(spec, spec.bind_host, spec.bind_port, self.config.server_host),
                 server=server, port=spec.bind_port, target=spec.target,
                 proxy=spec.proxy_protocol, event="tunnel_changed", tunnel=spec.tunnel_id, proxy_protocol=spec.proxy_protocol,
             )
@@ -354,7 +367,7 @@ class ClientMainService(service.MultiService):
             spec = client.add_tunnel(spec)
             self.log.info(
                 "tunnel added: {address} -> {target}",
-                address=public_address(spec.bind_host, spec.bind_port, self.config.server_host),
+                address=_public(spec, spec.bind_host, spec.bind_port, self.config.server_host),
                 server=server, port=spec.bind_port, target=spec.target, event="tunnel_added", tunnel=spec.tunnel_id,
             )
         self.log.info(
@@ -450,3 +463,8 @@ def makeService(options: Options) -> service.IService:
     main.running_options(options)
     main.under_twistd = True
     return main
+
+
+def _public(spec: TunnelSpec, host: str, port: int, server_host: str) -> str:
+    """A tunnel's public side for the log: its hostname, or HOST:PORT."""
+    return spec.hostname if spec.kind != "tcp" else public_address(host, port, server_host)

@@ -44,6 +44,23 @@ CLIENT_OPTIONS = OptionTable("client", [
         doc_default="(required)", doc="port to open on the server; 0 = the server picks; repeatable",
     ),
     Option(
+        "http", Kind.COMMAND,
+        "NAME or HOSTNAME to serve over the server's HTTP(S) ports (NAME: NAME.DOMAIN of the server's "
+        "--domain); pairs with the next -t, like -f (repeatable).",
+        key=None, reload=True, field="tunnels", computed=True, metavar="NAME_OR_HOSTNAME",
+        doc_default="none",
+        doc="a hostname (or a label of the server's `--domain`) routed by the server's `--http`/`--https` "
+        "ports to the next `-t`; repeatable (see [docs/http.md](docs/http.md))",
+    ),
+    Option(
+        "tls", Kind.COMMAND,
+        "HOSTNAME whose TLS connections the server's --https port passes through, undecrypted, to the "
+        "next -t (the local service terminates TLS; repeatable).",
+        key=None, reload=True, field="tunnels", computed=True, metavar="HOSTNAME", doc_default="none",
+        doc="a hostname whose TLS connections the server's `--https` port passes through by SNI, "
+        "undecrypted, to the next `-t` (the local service holds the certificate); repeatable",
+    ),
+    Option(
         "to", Kind.COMMAND, "[HOST:]PORT of the local target for the preceding -f (repeatable).",
         short="t", key=None, reload=True, field="tunnels", computed=True, metavar="[HOST:]PORT",
         doc_default="(required)",

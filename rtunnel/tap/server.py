@@ -76,6 +76,15 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 "--fleet-cert, --fleet-key and --fleet-ca go together: give all three (the files "
                 "'rtunnel_server fleet-add-member' wrote) or none (they are then read from the state directory)"
             )
+        if bool(self["https-cert"]) != bool(self["https-key"]):
+            raise usage.UsageError("--https-cert and --https-key go together: give both or neither")
+        needing = [f"--{name}" for name in ("domain", "https-cert", "access-log") if self[name]]
+        if needing and not (self["http"] or self["https"]):
+            raise usage.UsageError(
+                f"{' and '.join(needing)} {'needs' if len(needing) == 1 else 'need'} the shared HTTP/HTTPS "
+                "ports, which are off: add "
+                "--http ENDPOINT and/or --https ENDPOINT (e.g. --http tcp:80 --https tcp:443)"
+            )
         listen = self["listen"]
         listen_fallback = None
         if listen is None:
@@ -111,9 +120,12 @@ class ServerService(service.Service):
         self.fleet: Any = None  # rtunnel.fleet.service.Fleet with --fleet-etcd
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
+        self.shared_ports: dict[str, IListeningPort] = {}  # "http"/"https" -> its listening port (#15)
         self.ready: defer.Deferred[IListeningPort] = defer.Deferred()
         self._sighup = SighupReload(reactor, self.reload, "the clients file")
         self.admin: AdminServer | None = None
+        self.edge: Any = None  # rtunnel.server.httpedge.HttpEdge, with --http/--https
+        self.acme: Any = None  # rtunnel.server.acme.AcmeCertificates: --https without --https-cert
         self.control_gate = DescriptorGate(reactor, "control")
         self._started_privileged: defer.Deferred[IListeningPort] | None = None
         self.start_error: str | None = None  # why the start failed
@@ -257,12 +269,16 @@ class ServerService(service.Service):
             )
             listen = config.listen_fallback
             self.port = yield serverFromString(listening, listen).listen(factory)
+        if config.http.enabled:
+            yield self._listen_shared()
         if config.metrics:
             registry = registry_for(ServerCollector(lambda: self.server))
             if self.fleet is not None:
                 from rtunnel.fleet.metrics import FleetCollector
 
                 registry.register(FleetCollector(lambda: self.fleet))
+            if self.acme is not None:
+                registry.register(self.acme)
             self.metrics_port = yield listen_metrics(self.reactor, config.metrics, registry)
         address = self.port.getHost()
         port = getattr(address, "port", DEFAULT_CONTROL_PORT)
@@ -298,6 +314,43 @@ class ServerService(service.Service):
             yield self.admin.listen()
         return self.port
 
+    @defer.inlineCallbacks
+    def _listen_shared(self) -> Any:
+        """The shared HTTP/HTTPS ports (--http, --https) and their certificates (#15)."""
+        from rtunnel.server.certificates import StaticCertificates
+        from rtunnel.server.httpedge import HttpEdge, edge_factories
+
+        assert self.server is not None
+        settings = self.config.http
+        if settings.https_cert and settings.https_key and self.server.certificates is None:
+            self.server.certificates = StaticCertificates(settings.https_cert, settings.https_key)
+        if settings.https and self.server.certificates is None:
+            # no --https-cert: certificates from ACME, ordered for the names clients claim
+            from rtunnel.server.acme import AcmeCertificates
+
+            config = self.config
+            self.acme = AcmeCertificates(
+                self.reactor, config.state_dir, config.acme_directory, config.acme_email, config.acme_ca,
+            )
+            self.acme.startService()
+            self.server.certificates = self.acme
+        self.edge = HttpEdge(self.reactor, self.server, settings, self.server.hostnames, self.server.certificates)
+        factories = edge_factories(self.edge)
+        for scheme in ("http", "https"):
+            endpoint = getattr(settings, scheme)
+            if not endpoint:
+                continue
+            port = yield serverFromString(self.reactor, endpoint).listen(factories[scheme]())
+            self.shared_ports[scheme] = port
+            number = getattr(port.getHost(), "port", 0)
+            setattr(self.server.hostnames, f"{scheme}_port", number)
+            self.log.info(
+                "serving {label} for clients' hostnames on {endpoint} (port {port}){note}",
+                label=scheme.upper(), endpoint=endpoint, port=number,
+                note=f"; token clients may take NAME.{settings.domain}" if settings.domain else "",
+                event="shared_port_listening", scheme=scheme, domain=settings.domain,
+            )
+
     def _token_instructions(self, token: str | None, created: bool, has_clients: bool) -> tuple[str, str]:
         """The --token argument of the printed client command, and the line
         saying where that token is: never the token itself (a log file may
@@ -328,6 +381,12 @@ class ServerService(service.Service):
             waits.append(self.admin.stop())
         if self.metrics_port is not None:
             waits.append(defer.maybeDeferred(self.metrics_port.stopListening))
+        for port in self.shared_ports.values():
+            waits.append(defer.maybeDeferred(port.stopListening))
+        if self.edge is not None:
+            self.edge.close()
+        if self.acme is not None:
+            waits.append(defer.maybeDeferred(self.acme.stopService))
         if self.server is not None:
             stopping = self.server.shutdown()
             if self.fleet is not None:  # then leave the fleet: revoking the lease frees our claims at once

@@ -13,6 +13,7 @@ from rtunnel import DEFAULT_CONTROL_PORT, wire
 from rtunnel.config import LETS_ENCRYPT, Keepalive, check_ip, parse_port_ranges
 from rtunnel.endpoints import local_endpoint
 from rtunnel.errors import ConfigError
+from rtunnel.httpconfig import BadHostname, HttpSettings, normalise, parse_networks
 from rtunnel.limits import Limits
 from rtunnel.mux import SessionSettings
 from rtunnel.tap.options import (
@@ -102,6 +103,24 @@ def _fleet_prefix(value: str) -> str:
     if not prefix:
         raise ConfigError("--fleet-prefix: give a key prefix, e.g. /rtunnel/")
     return prefix if prefix.endswith("/") else prefix + "/"
+def _domain(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        return normalise(value)
+    except BadHostname as e:
+        raise ConfigError(f"--domain: {e}") from None
+
+
+def _endpoint(value: str) -> str | None:
+    """A bare port means every address (the shared ports are public)."""
+    if not value:
+        return None
+    return f"tcp:{value}" if value.isdigit() else value
+
+
+_HEAD = "--{name} {value} must be from {low} to {high} bytes"
+_HTTP = "the shared HTTP/HTTPS ports (see [docs/http.md](docs/http.md))"
 
 
 def _at_least_one(name: str, help: str, default: int, field: str, doc: str, **more: object) -> Option:
@@ -329,6 +348,75 @@ SERVER_OPTIONS = OptionTable("server", [
         "counted (clients-file clients: their `max_connections_per_tunnel`)",
     ),
     Option(
+        "http", Kind.STR,
+        "Serve HTTP for clients' hostnames on this Twisted server endpoint (a bare port: every address), "
+        "e.g. tcp:80. Off by default.", field="http.http", convert=_endpoint, metavar="ENDPOINT",
+        doc_default="off",
+        doc=f"serve HTTP for clients' hostnames here, routed by Host: a port or a Twisted server endpoint; {_HTTP}",
+    ),
+    Option(
+        "https", Kind.STR,
+        "Serve HTTPS for clients' hostnames on this Twisted server endpoint (TLS terminated with "
+        "--https-cert, or passed through by SNI to --tls tunnels), e.g. tcp:443. Off by default.",
+        field="http.https", convert=_endpoint, metavar="ENDPOINT", doc_default="off",
+        doc="serve HTTPS for clients' hostnames here: TLS terminated (chosen by SNI) or passed through to "
+        "`--tls` tunnels",
+    ),
+    Option(
+        "domain", Kind.STR, "Token credentials may claim NAME.DOMAIN hostnames (client --http NAME).",
+        field="http.domain", convert=_domain, metavar="DOMAIN", doc_default="none",
+        doc="token credentials may claim `NAME.DOMAIN` (client `--http NAME`); clients-file clients their `hosts`",
+    ),
+    Option(
+        "https-cert", Kind.STR, "PEM certificate (chain) for --https, e.g. a wildcard for *.DOMAIN (with --https-key).",
+        field="http.https_cert", path=True, metavar="FILE",
+        doc="PEM certificate chain and key the HTTPS port serves for the names it covers (e.g. `*.DOMAIN`)",
+    ),
+    Option(
+        "https-key", Kind.STR, "PEM private key for --https-cert.", field="http.https_key", path=True,
+        metavar="FILE", doc_with="https-cert",
+    ),
+    Option(
+        "trusted-proxies", Kind.STR,
+        "CIDR blocks of proxies in front of the HTTP ports whose X-Forwarded-For/Forwarded are kept "
+        "(others' are dropped).", "", field="http.trusted_proxies", convert=parse_networks, metavar="CIDRS",
+        doc_default="none",
+        doc="proxies in front of the shared ports (e.g. `10.0.0.0/8,::1`) whose `X-Forwarded-*` and "
+        "`Forwarded` headers are kept; everyone else's are dropped",
+    ),
+    Option(
+        "max-request-head", Kind.INT, "Largest request line and headers, in bytes (431 beyond).", 16384,
+        field="http.max_request_head", low=1024, high=1048576, error=_HEAD, metavar="BYTES",
+        doc="largest request line plus headers on the shared ports; larger ones get 431",
+    ),
+    Option(
+        "request-head-timeout", Kind.FLOAT, "Seconds a request head may take to arrive (408 after).", 10.0,
+        field="http.request_head_timeout", above=0, error="--{name} must be more than 0 seconds",
+        metavar="SECONDS", doc="time a request's head may take to arrive on the shared ports (slowloris); 408 after",
+    ),
+    Option(
+        "offline-wait", Kind.FLOAT,
+        "Seconds a request for a tunnel whose client is reconnecting waits for it (502 after).", 10.0,
+        field="http.offline_wait", low=0, error=NOT_NEGATIVE, metavar="SECONDS",
+        doc="how long a request waits for a tunnel whose client is reconnecting; then 502 \"tunnel offline\"",
+    ),
+    Option(
+        "access-log", Kind.STR, "Append one line per HTTP request to this file.", field="http.access_log",
+        path=True, metavar="FILE", doc_default="off",
+        doc="one line per request on the shared ports, in `--access-log-format`",
+    ),
+    Option(
+        "access-log-format", Kind.STR, "combined (Apache/nginx) or json.", "combined",
+        field="http.access_log_format", choices=("combined", "json"), metavar="FORMAT",
+        doc="`combined` (the Apache/nginx format, with the hostname last) or `json`",
+    ),
+    Option(
+        "no-https-redirect", Kind.FLAG,
+        "Serve plain HTTP on --http even for names that have a certificate (no redirect to https).",
+        field="http.redirect_https", convert=lambda value: not value,
+        doc="serve plain HTTP on `--http` even for names with a certificate (by default they get a 308 to https)",
+    ),
+    Option(
         "admin", Kind.STR,
         "Serve the status page and admin API here: a port (on 127.0.0.1) or a Twisted server endpoint "
         "string; its token is the state dir's 'admin-token' (see docs/admin.md). Off by default.",
@@ -399,4 +487,4 @@ SERVER_OPTIONS = OptionTable("server", [
         doc="seconds a dead member's claims outlive it (its etcd lease TTL); a member cut off from etcd "
         "is fenced after 2/3 of it",
     ),
-], groups={"keepalive": Keepalive, "session": SessionSettings, "limits": Limits})
+], groups={"keepalive": Keepalive, "session": SessionSettings, "limits": Limits, "http": HttpSettings})
