@@ -121,6 +121,7 @@ class TunnelSpec:
     target_host: str
     target_port: int
     proxy_protocol: str = "off"
+    kind: str = "tcp"  # "udp": a UDP tunnel (-f udp:PORT -t udp:PORT)
 
     @property
     def target(self) -> str:
@@ -134,11 +135,33 @@ def tunnel_spec(
     """One tunnel from its -f/-t pair (or a [[tunnel]]'s forward and to):
     forward is [BIND:]PORT (BIND an IP address, else the server picks; port
     0: the server picks), to is [HOST:]PORT (host localhost). `*_what`
-    start the error messages ("-f/--forward")."""
+    start the error messages ("-f/--forward"). A UDP tunnel has `udp:` in
+    front of both (`udp:5353`, `udp:127.0.0.1:53`)."""
+    forward_udp, forward = _strip_udp(forward)
+    to_udp, to = _strip_udp(to)
+    if forward_udp != to_udp:
+        raise ConfigError(
+            f"{forward_what} {'udp:' if forward_udp else ''}{forward} and {to_what} {'udp:' if to_udp else ''}{to}: "
+            "a UDP tunnel has udp: on both sides (e.g. -f udp:5353 -t udp:127.0.0.1:53)"
+        )
+    kind = "udp" if forward_udp else "tcp"
+    if kind == "udp" and proxy_protocol == "v1":
+        raise ConfigError(
+            f"{forward_what} udp:{forward}: PROXY protocol v1 is for TCP only; UDP tunnels take "
+            "proxy_protocol v2 (a header in front of each datagram) or off"
+        )
     bind_host, bind_port = parse_host_port(forward, forward_what, SERVER_DEFAULT_BIND, allow_zero=True)
     check_bind(bind_host, forward_what)
     target_host, target_port = parse_host_port(to, to_what, "localhost")
-    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol)
+    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol, kind)
+
+
+def _strip_udp(text: str) -> tuple[bool, str]:
+    """(True, rest) for `udp:rest`, else (False, text); `tcp:` is accepted too."""
+    head, sep, rest = text.partition(":")
+    if sep and head.lower() in ("udp", "tcp"):
+        return head.lower() == "udp", rest
+    return False, text
 
 
 def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec | None:
@@ -146,7 +169,8 @@ def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec 
     as `spec` (a port can be forwarded once; port 0 may repeat)."""
     if not spec.bind_port:
         return None
-    return next((t for t in tunnels if (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)), None)
+    key = (spec.kind, spec.bind_host, spec.bind_port)
+    return next((t for t in tunnels if (t.kind, t.bind_host, t.bind_port) == key), None)
 
 
 @dataclass(frozen=True)
@@ -177,6 +201,8 @@ class ServerConfig:
     admin: str | None = None  # server endpoint of the status page and admin API (rtunnel.admin)
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
     limits: Limits = field(default_factory=Limits)  # bandwidth and connections, token credentials (rtunnel.limits)
+    udp_idle_timeout: float = 60.0  # a UDP flow (one visitor address) silent this long is forgotten
+    udp_max_flows: int = 4096  # flows per UDP tunnel; datagrams of further visitors are dropped
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:
@@ -199,6 +225,8 @@ class ClientConfig:
     connect_timeout: float = 10.0
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
     max_retries: int | None = None  # give up after this many failed attempts in a row; None: never
+    udp_idle_timeout: float = 60.0  # a UDP flow's local socket is closed after this long without a datagram
+    udp_max_flows: int = 4096  # local UDP sockets per UDP tunnel; datagrams of further flows are dropped
 
 
 __all__ = [

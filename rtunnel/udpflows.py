@@ -1,0 +1,221 @@
+"""The client's UDP flows (#16): one connected local UDP socket per flow.
+
+The server names a flow per visitor address (docs/udp.md); the client
+gives each flow its own socket connected to the tunnel's target, so the
+target's replies on that socket belong to that visitor and nobody else.
+A flow's socket is closed after `idle_timeout` without a datagram either
+way. Flows belong to the session: they survive a resume, and a new session
+(whose server numbers flows afresh) forgets them all. Nothing is queued:
+what the link or the target cannot take now is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from rtunnel import proxyproto, wire
+from rtunnel.addresses import format_host_port, is_ip_literal
+from rtunnel.config import TunnelSpec
+
+#: send(tunnel, flow, payload) -> None if sent, else why it was dropped
+READ_PER_TURN = 32 * 1024  # as rtunnel.server.udp.READ_PER_TURN
+Sender = Callable[[int, int, bytes], "str | None"]
+MAX_DATAGRAM = 65535
+
+
+class TunnelCounters:
+    """Datagrams and bytes of one UDP tunnel, both ways, and drops by reason."""
+
+    def __init__(self) -> None:
+        self.datagrams_in = self.bytes_in = 0  # from the server, to the target
+        self.datagrams_out = self.bytes_out = 0  # from the target, to the server
+        self.flows_opened = 0
+        self.drops: Counter[str] = Counter()
+
+
+class LocalFlow(DatagramProtocol):
+    """One flow's socket, connected to the target."""
+
+    noisy = False
+
+    def __init__(self, flows: UdpFlows, key: tuple[int, int], header: bytes, now: float) -> None:
+        self.flows = flows
+        self.key = key
+        self.header = header  # the PROXY v2 DGRAM header put before each datagram, or b""
+        self.last_seen = now
+        self.port: Any = None
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.flows.from_target(self, data)
+
+    def connectionRefused(self) -> None:
+        """The target's port answered ICMP port unreachable (nothing listens)."""
+        self.flows.counters(self.key[0]).drops["target_refused"] += 1
+
+
+class UdpFlows:
+    """Every flow of the client's UDP tunnels, keyed by (tunnel, flow)."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, idle_timeout: float, max_flows: int, send: Sender) -> None:
+        self.reactor = reactor
+        self.idle_timeout = idle_timeout
+        self.max_flows = max_flows
+        self.send = send
+        self.flows: dict[tuple[int, int], LocalFlow] = {}
+        self.per_tunnel: Counter[int] = Counter()  # open flows per tunnel
+        self.tunnels: dict[int, TunnelCounters] = {}
+        self._targets: dict[int, tuple[str, int]] = {}  # tunnel -> resolved target (IP, port)
+        self._sweep: Any = None
+
+    def counters(self, tunnel_id: int) -> TunnelCounters:
+        counters = self.tunnels.get(tunnel_id)
+        if counters is None:
+            counters = self.tunnels[tunnel_id] = TunnelCounters()
+        return counters
+
+    # ------------------------------------------------------------ server -> target
+
+    def deliver(self, spec: TunnelSpec, public: tuple[str, int] | None, datagram: wire.Datagram) -> None:
+        """A datagram from the server for flow `datagram.flow` of `spec`:
+        write it to the flow's socket (opened on the first one)."""
+        key = (datagram.tunnel, datagram.flow)
+        counters = self.counters(datagram.tunnel)
+        counters.datagrams_in += 1
+        counters.bytes_in += len(datagram.payload)
+        flow = self.flows.get(key)
+        now = self.reactor.seconds()
+        if flow is None:
+            flow = self._open(spec, public, datagram, counters, now)
+            if flow is None:
+                return
+        elif datagram.address is not None and spec.proxy_protocol == proxyproto.V2 and public is not None:
+            flow.header = proxyproto.datagram_header(list(datagram.address), list(public))
+        flow.last_seen = now
+        try:
+            flow.port.write(flow.header + datagram.payload if flow.header else datagram.payload)
+        except error.MessageLengthError:
+            counters.drops["too_big"] += 1
+        except OSError:
+            counters.drops["target_full"] += 1  # the socket's buffer is full, or the target refused
+
+    def _open(
+        self, spec: TunnelSpec, public: tuple[str, int] | None, datagram: wire.Datagram,
+        counters: TunnelCounters, now: float,
+    ) -> LocalFlow | None:
+        tunnel_id = datagram.tunnel
+        if self.per_tunnel[tunnel_id] >= self.max_flows:
+            counters.drops["flow_limit"] += 1
+            return None
+        target = self._target(spec)
+        if target is None:
+            counters.drops["target_unresolved"] += 1
+            return None
+        header = b""
+        if spec.proxy_protocol == proxyproto.V2:
+            src = list(datagram.address) if datagram.address is not None else None
+            header = proxyproto.datagram_header(src, list(public) if public is not None else None)
+        flow = LocalFlow(self, (tunnel_id, datagram.flow), header, now)
+        interface = "::" if ":" in target[0] else "0.0.0.0"
+        try:
+            flow.port = self.reactor.listenUDP(0, flow, interface=interface, maxPacketSize=MAX_DATAGRAM)
+            flow.port.maxThroughput = READ_PER_TURN  # a flooding target leaves the link's streams their turn
+            flow.port.connect(*target)
+        except (error.CannotListenError, OSError) as e:
+            counters.drops["socket_error"] += 1
+            self.log.warn(
+                "cannot open a UDP socket to {target} for a flow: {why}", target=spec.target, why=str(e),
+                event="udp_flow_failed", tunnel=tunnel_id, flow=datagram.flow,
+            )
+            if flow.port is not None:
+                flow.port.stopListening()
+            return None
+        self.flows[flow.key] = flow
+        self.per_tunnel[tunnel_id] += 1
+        counters.flows_opened += 1
+        visitor = format_host_port(*datagram.address) if datagram.address is not None else "?"
+        self.log.info(
+            "UDP flow {flow} from {visitor} -> {target}", flow=datagram.flow, visitor=visitor, target=spec.target,
+            event="udp_flow_opened", tunnel=tunnel_id, src=list(datagram.address or ("?", 0)),
+            flows=len(self.flows),
+        )
+        self._schedule_sweep()
+        return flow
+
+    def _target(self, spec: TunnelSpec) -> tuple[str, int] | None:
+        """The target as (IP, port): a host name is resolved once per tunnel."""
+        target = self._targets.get(spec.tunnel_id)
+        if target is not None and target[1] == spec.target_port:
+            return target
+        host = spec.target_host
+        if not is_ip_literal(host):
+            try:
+                infos = socket.getaddrinfo(host, spec.target_port, type=socket.SOCK_DGRAM)
+            except OSError as e:
+                self.log.warn(
+                    "cannot resolve the UDP target {target}: {why}", target=spec.target, why=str(e),
+                    event="udp_target_unresolved", tunnel=spec.tunnel_id,
+                )
+                return None
+            host = str(infos[0][4][0])
+        target = self._targets[spec.tunnel_id] = (host.strip("[]"), spec.target_port)
+        return target
+
+    # ------------------------------------------------------------ target -> server
+
+    def from_target(self, flow: LocalFlow, data: bytes) -> None:
+        tunnel_id, flow_id = flow.key
+        counters = self.counters(tunnel_id)
+        flow.last_seen = self.reactor.seconds()
+        dropped = self.send(tunnel_id, flow_id, data)
+        if dropped is None:
+            counters.datagrams_out += 1
+            counters.bytes_out += len(data)
+        else:
+            counters.drops[dropped] += 1
+
+    # ------------------------------------------------------------ lives
+
+    def _schedule_sweep(self) -> None:
+        if self._sweep is None or not self._sweep.active():
+            self._sweep = self.reactor.callLater(max(self.idle_timeout / 4, 0.05), self.sweep)
+
+    def sweep(self) -> None:
+        """Close flows idle for the idle timeout; again later while any live."""
+        self._sweep = None
+        now = self.reactor.seconds()
+        for key, flow in list(self.flows.items()):
+            if now - flow.last_seen >= self.idle_timeout:
+                self._close(key, flow)
+        if self.flows:
+            self._schedule_sweep()
+
+    def _close(self, key: tuple[int, int], flow: LocalFlow) -> None:
+        del self.flows[key]
+        self.per_tunnel[key[0]] -= 1
+        if flow.port is not None:
+            flow.port.stopListening()
+
+    def drop_tunnel(self, tunnel_id: int) -> None:
+        """A tunnel was removed: close its flows."""
+        for key, flow in list(self.flows.items()):
+            if key[0] == tunnel_id:
+                self._close(key, flow)
+        self._targets.pop(tunnel_id, None)
+
+    def clear(self) -> None:
+        """A new session (flow ids start again), or the client stops."""
+        for key, flow in list(self.flows.items()):
+            self._close(key, flow)
+        self.per_tunnel.clear()
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None

@@ -1,0 +1,279 @@
+"""UDP tunnels (#16) end to end in one process: a real server and client on
+loopback, real UDP visitors and a real UDP target (docs/udp.md).
+
+Each visitor address is a flow: replies go back to the visitor that asked;
+flows close after the idle timeout on both ends; datagrams are dropped and
+counted (never queued) when the link cannot take them; a link drop keeps
+the flows; a TCP tunnel in the same session keeps its throughput under a
+datagram flood.
+"""
+
+from __future__ import annotations
+
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import DatagramProtocol
+from twisted.trial import unittest
+
+from rtunnel.config import TunnelSpec
+from rtunnel.mux import SessionSettings
+from tests.faultproxy import FaultProxy
+from tests.harness import (
+    Echo,
+    LogCapture,
+    Tunnel,
+    Visitor,
+    listen_target,
+    pattern,
+    sleep,
+    visit,
+    wait_until,
+    with_timeout,
+)
+
+#: A separate process that floods 127.0.0.1:PORT for SECONDS with datagrams
+#: of SIZE bytes, every tenth one OVERSIZE bytes (the flood's CPU is not ours).
+FLOOD_SIZE = "64"
+FLOOD = """
+import socket, sys, time
+port, seconds, size, oversize = (int(a) for a in sys.argv[1:5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+small, big = b"f" * size, b"o" * oversize
+end, sent = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    for i in range(100):
+        try:
+            s.sendto(big if i % 10 == 0 else small, ("127.0.0.1", port))
+            sent += 1
+        except OSError:
+            pass
+print(sent)
+"""
+
+
+class UdpEcho(DatagramProtocol):
+    """The target: answers each datagram with b"re:" + it, to its sender."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, Any]] = []
+        self.senders: set[Any] = set()
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.received.append((data, addr))
+        self.senders.add(addr)
+        assert self.transport is not None
+        self.transport.write(b"re:" + data, addr)
+
+
+class UdpVisitor(DatagramProtocol):
+    """A visitor from its own source port; keeps every datagram it gets."""
+
+    def __init__(self) -> None:
+        self.replies: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.replies.append(data)
+
+
+class Sink(DatagramProtocol):
+    """A target that counts what it gets and answers nothing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.sizes: list[int] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.count += 1
+        self.sizes.append(len(data))
+
+
+def udp_spec(tunnel_id: int, target_port: int, bind_port: int = 0, proxy: str = "off") -> TunnelSpec:
+    return TunnelSpec(tunnel_id, "127.0.0.1", bind_port, "127.0.0.1", target_port, proxy, "udp")
+
+
+class UdpTunnelTests(unittest.TestCase):
+    timeout = 60
+
+    def listen_udp(self, protocol: DatagramProtocol) -> int:
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def visitor(self) -> UdpVisitor:
+        visitor = UdpVisitor()
+        self.listen_udp(visitor)
+        return visitor
+
+    @defer.inlineCallbacks
+    def start(self, target: DatagramProtocol, tcp_targets: list[tuple[int, int]] = (), **client: Any) -> Any:
+        """A server and a client with one UDP tunnel to `target` (and the
+        TCP tunnels `tcp_targets`); fires with the public UDP port."""
+        target_port = self.listen_udp(target)
+        self.tunnel = Tunnel(self)
+        server_overrides = client.pop("server", {})
+        yield self.tunnel.start_server(**server_overrides)
+        config = self.tunnel.client_config(list(tcp_targets), **client)
+        config = replace(config, tunnels=(*config.tunnels, udp_spec(len(config.tunnels) + 1, target_port)))
+        self.service = self.tunnel.start_client(config)
+        bound = yield with_timeout(self.service.client.when_bound(), 10)
+        self.bound = bound
+        return bound[len(config.tunnels)][1]
+
+    @property
+    def server_udp(self) -> Any:
+        (udp,) = self.tunnel.server.udp.tunnels.values()
+        return udp
+
+    @defer.inlineCallbacks
+    def test_each_visitor_gets_its_own_replies_and_is_a_flow_on_both_ends(self) -> None:
+        echo = UdpEcho()
+        public = yield self.start(echo)
+        visitors = [self.visitor() for _ in range(8)]
+        for rounds in range(3):
+            for i, visitor in enumerate(visitors):
+                visitor.transport.write(b"visitor %d round %d" % (i, rounds), ("127.0.0.1", public))
+        yield wait_until(lambda: all(len(v.replies) == 3 for v in visitors), 10)
+        for i, visitor in enumerate(visitors):
+            self.assertEqual(
+                sorted(visitor.replies), [b"re:visitor %d round %d" % (i, r) for r in range(3)],
+                "each visitor gets exactly its own answers",
+            )
+        self.assertEqual(len(self.server_udp.flows), 8)
+        self.assertEqual(len(self.service.client.udp.flows), 8)
+        self.assertEqual(len(echo.senders), 8, "the target sees one local socket per flow")
+        self.assertEqual(self.server_udp.datagrams_in, 24)
+        self.assertEqual(self.server_udp.datagrams_out, 24)
+        visitor_ports = sorted(v.transport.getHost().port for v in visitors)
+        self.assertEqual(sorted(port for _, port in self.server_udp.flows), visitor_ports)
+
+    @defer.inlineCallbacks
+    def test_a_thousand_flows_close_after_the_idle_timeout_on_both_ends(self) -> None:
+        echo = UdpEcho()
+        public = yield self.start(echo, server={"udp_idle_timeout": 1.0}, udp_idle_timeout=1.0)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        visitors = []
+        for _ in range(1000):
+            visitor = UdpVisitor()
+            port = reactor.listenUDP(0, visitor, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            visitors.append(visitor)
+        for i, visitor in enumerate(visitors):
+            visitor.transport.write(b"%d" % i, ("127.0.0.1", public))
+            if i % 100 == 99:
+                yield sleep(0.01)
+        yield wait_until(lambda: sum(1 for v in visitors if v.replies) >= 990, 20)
+        answered = [v for v in visitors if v.replies]
+        for i, visitor in enumerate(visitors):
+            if visitor.replies:
+                self.assertEqual(visitor.replies, [b"re:%d" % i])
+        peak_server, peak_client = len(self.server_udp.flows), len(self.service.client.udp.flows)
+        self.assertGreaterEqual(peak_server, len(answered))
+        self.assertGreaterEqual(peak_client, len(answered))
+        yield wait_until(lambda: not self.server_udp.flows and not self.service.client.udp.flows, 10)
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        self.assertLess(grown_mib, 100, "1000 flows on both ends cost well under 100 MiB")
+
+    @defer.inlineCallbacks
+    def test_oversized_datagrams_are_dropped_and_counted_small_ones_pass(self) -> None:
+        sink = Sink()
+        settings = SessionSettings(max_frame=16384)
+        public = yield self.start(sink, session=settings)
+        visitor = self.visitor()
+        visitor.transport.write(b"x" * 20000, ("127.0.0.1", public))
+        visitor.transport.write(b"y" * 1200, ("127.0.0.1", public))
+        yield wait_until(lambda: sink.count == 1, 5)
+        self.assertEqual(sink.sizes, [1200])
+        self.assertEqual(self.server_udp.drops["too_big"], 1)
+
+    @defer.inlineCallbacks
+    def test_flows_survive_a_link_drop_and_the_outage_drops_datagrams(self) -> None:
+        echo = UdpEcho()
+        target_port = self.listen_udp(echo)
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server()
+        proxy = FaultProxy(reactor, "127.0.0.1", self.tunnel.control_port)
+        proxy_port = proxy.listen()
+        self.addCleanup(proxy.stop)
+        config = replace(
+            self.tunnel.client_config([], server_port=proxy_port), tunnels=(udp_spec(1, target_port),),
+        )
+        self.service = self.tunnel.start_client(config)
+        bound = yield with_timeout(self.service.client.when_bound(), 10)
+        public = bound[1][1]
+        visitor = self.visitor()
+        visitor.transport.write(b"before", ("127.0.0.1", public))
+        yield wait_until(lambda: visitor.replies == [b"re:before"], 5)
+        (flow_key,) = self.service.client.udp.flows
+        local_socket = self.service.client.udp.flows[flow_key]
+        server_session = next(iter(self.tunnel.server.sessions.values()))
+        proxy.sever_rst()
+        yield wait_until(lambda: server_session.detached, 10)
+        visitor.transport.write(b"during", ("127.0.0.1", public))
+        yield wait_until(lambda: self.server_udp.drops["link_down"] == 1, 5)
+        yield wait_until(lambda: server_session.attached and self.service.client.session.can_send, 15)
+        visitor.transport.write(b"after", ("127.0.0.1", public))
+        yield wait_until(lambda: b"re:after" in visitor.replies, 5)
+        self.assertEqual(visitor.replies, [b"re:before", b"re:after"], "what was sent during the outage is dropped")
+        self.assertIs(self.service.client.udp.flows[flow_key], local_socket, "the flow and its socket survive")
+        self.assertEqual(len(echo.senders), 1, "the target sees the same local socket before and after")
+
+    @defer.inlineCallbacks
+    def tcp_throughput(self, port: int, size: int) -> Any:
+        """MiB/s of one TCP visitor echoed through `port` (`size` bytes each way)."""
+        payload = pattern(7, size)
+        started = time.monotonic()
+        reply, _ = yield with_timeout(visit(port, Visitor(payload)), 40)
+        elapsed = time.monotonic() - started
+        self.assertEqual(reply, payload)
+        return 2 * size / elapsed / 2**20
+
+    @defer.inlineCallbacks
+    def test_a_datagram_flood_with_oversized_ones_leaves_a_tcp_tunnel_its_throughput(self) -> None:
+        sink = Sink()
+        _, echo_port = listen_target(self, Echo)
+        public = yield self.start(sink, [(0, echo_port)], session=SessionSettings(max_frame=16384))
+        tcp_public = self.bound[1][1]
+        alone = yield self.tcp_throughput(tcp_public, 16 * 2**20)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        flood = subprocess.Popen(
+            [sys.executable, "-c", FLOOD, str(public), "4", FLOOD_SIZE, "20000"], stdout=subprocess.PIPE,
+        )
+        self.addCleanup(lambda: flood.poll() is None and flood.kill())
+        yield wait_until(lambda: sink.count > 1000, 10)
+        flooded = yield self.tcp_throughput(tcp_public, 16 * 2**20)
+        yield wait_until(lambda: flood.poll() is not None, 10)
+        sent = int(flood.stdout.read())
+        flood.stdout.close()
+        grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        drops = self.server_udp.drops
+        print(
+            f"\nTCP alone {alone:.1f} MiB/s, under the flood {flooded:.1f} MiB/s; flood sent {sent}, "
+            f"the target got {sink.count}, dropped at the server: {dict(drops)}, RSS +{grown_mib:.0f} MiB"
+        )
+        self.assertGreater(flooded, alone / 3, "the TCP tunnel keeps at least a third of its throughput")
+        self.assertGreater(drops["too_big"], 0, "oversized datagrams are dropped and counted")
+        self.assertEqual(set(sink.sizes), {int(FLOOD_SIZE)}, "no oversized datagram reaches the target")
+        self.assertLess(grown_mib, 64, "memory stays bounded under the flood")
+        mux = next(iter(self.tunnel.server.sessions.values())).mux_session
+        self.assertLessEqual(mux.datagram_backlog, mux.settings.datagram_backlog)
+
+    @defer.inlineCallbacks
+    def test_client_refuses_a_udp_tunnel_against_a_server_without_udp(self) -> None:
+        logs = LogCapture(self)
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server()
+        self.tunnel.server.tunnel_kinds = ("tcp",)
+        fatal: list[str] = []
+        config = replace(self.tunnel.client_config([]), tunnels=(udp_spec(1, 5353),))
+        self.service = self.tunnel.start_client(config)
+        self.service.client.on_fatal = fatal.append
+        yield wait_until(lambda: fatal, 10)
+        self.assertIn("does not serve UDP tunnels", fatal[0])
+        self.assertIn("upgrade the rtunnel server", fatal[0])
+        self.assertTrue(logs.named("fatal"))
