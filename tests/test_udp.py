@@ -17,11 +17,14 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from prometheus_client import generate_latest
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
+from rtunnel.admin import RateMeter, describe
 from rtunnel.config import TunnelSpec
+from rtunnel.metrics import ClientCollector, ServerCollector, registry_for
 from rtunnel.mux import SessionSettings
 from tests.faultproxy import FaultProxy
 from tests.harness import (
@@ -30,6 +33,8 @@ from tests.harness import (
     Tunnel,
     Visitor,
     listen_target,
+    metric_value,
+    parse_metrics,
     pattern,
     sleep,
     visit,
@@ -277,3 +282,35 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertIn("does not serve UDP tunnels", fatal[0])
         self.assertIn("upgrade the rtunnel server", fatal[0])
         self.assertTrue(logs.named("fatal"))
+
+    @defer.inlineCallbacks
+    def test_metrics_admin_and_logs_show_flows_datagrams_and_drops_with_the_visitor(self) -> None:
+        logs = LogCapture(self)
+        echo = UdpEcho()
+        public = yield self.start(echo, session=SessionSettings(max_frame=16384))
+        visitor = self.visitor()
+        for n in range(3):
+            visitor.transport.write(b"q%d" % n, ("127.0.0.1", public))
+        visitor.transport.write(bytes(20000), ("127.0.0.1", public))
+        yield wait_until(lambda: len(visitor.replies) == 3 and self.server_udp.drops["too_big"] == 1, 5)
+        visitor_port = visitor.transport.getHost().port
+        name = f"udp:127.0.0.1:{public}"
+        server = parse_metrics(generate_latest(registry_for(ServerCollector(lambda: self.tunnel.server))).decode())
+        labels = {"client": "default", "tunnel": name}
+        self.assertEqual(metric_value(server, "rtunnel_udp_flows", **labels), 1)
+        self.assertEqual(metric_value(server, "rtunnel_udp_datagrams_total", direction="to_client", **labels), 4)
+        self.assertEqual(metric_value(server, "rtunnel_udp_datagrams_total", direction="from_client", **labels), 3)
+        self.assertEqual(metric_value(server, "rtunnel_udp_bytes_total", direction="from_client", **labels), 15)
+        self.assertEqual(metric_value(server, "rtunnel_udp_dropped_total", reason="too_big", **labels), 1)
+        client = parse_metrics(generate_latest(registry_for(ClientCollector(self.service.client))).decode())
+        self.assertEqual(metric_value(client, "rtunnel_udp_flows", tunnel=name), 1)
+        self.assertEqual(metric_value(client, "rtunnel_udp_datagrams_total", tunnel=name, direction="to_client"), 3)
+        (session,) = describe(self.tunnel.server, RateMeter())["clients"][0]["sessions"]
+        (listed,) = session["tunnels"]
+        self.assertEqual((listed["kind"], listed["address"], listed["flows"]), ("udp", name, 1))
+        self.assertEqual(listed["dropped"], {"too_big": 1})
+        (flow,) = session["flows"]
+        self.assertEqual((flow["visitor"], flow["datagrams_in"], flow["datagrams_out"]), (f"127.0.0.1:{visitor_port}", 4, 3))
+        opened = logs.named("udp_flow_opened")
+        self.assertIn(f"127.0.0.1:{visitor_port}", [entry.get("visitor") for entry in opened])
+        self.assertTrue(logs.named("udp_dropped", reason="too_big"))
