@@ -314,3 +314,92 @@ class UdpTunnelTests(unittest.TestCase):
         opened = logs.named("udp_flow_opened")
         self.assertIn(f"127.0.0.1:{visitor_port}", [entry.get("visitor") for entry in opened])
         self.assertTrue(logs.named("udp_dropped", reason="too_big"))
+
+
+class UdpOwnershipTests(unittest.TestCase):
+    """UDP ports are claims in the same registry as TCP ports, with the same
+    rules (docs/udp.md "Ownership"): UdpPort and TcpPort of one number are
+    different names; another credential gets in_use; the newest session of
+    a credential holds the port and hands it back when it ends."""
+
+    timeout = 60
+    OTHER = "other-token-0123456789"
+
+    def listen_udp(self, protocol: DatagramProtocol) -> int:
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def client(self, tunnels: tuple[TunnelSpec, ...], **overrides: Any) -> Any:
+        config = replace(self.tunnel.client_config([], **overrides), tunnels=tunnels)
+        return self.tunnel.start_client(config)
+
+    @defer.inlineCallbacks
+    def ask(self, port: int, payload: bytes) -> Any:
+        visitor = UdpVisitor()
+        self.listen_udp(visitor)
+        visitor.transport.write(payload, ("127.0.0.1", port))
+        yield wait_until(lambda: visitor.replies, 5)
+        return visitor.replies[0]
+
+    @defer.inlineCallbacks
+    def test_tcp_and_udp_ports_of_one_number_are_two_claims_of_one_client(self) -> None:
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server()
+        _, tcp_target = listen_target(self, Echo)
+        udp_target = self.listen_udp(UdpEcho())
+        service = self.client((TunnelSpec(1, "127.0.0.1", 0, "127.0.0.1", tcp_target),))
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        number = bound[1][1]
+        spec = udp_spec(2, udp_target, bind_port=number)
+        service.client.add_tunnel(spec)
+        yield wait_until(lambda: len(service.client.bound) == 2, 10)
+        answer = yield self.ask(number, b"same number")
+        self.assertEqual(answer, b"re:same number")
+        reply, _ = yield with_timeout(visit(number, Visitor(b"tcp")), 10)
+        self.assertEqual(reply, b"tcp")
+
+    @defer.inlineCallbacks
+    def test_another_credential_gets_in_use_and_the_newest_session_of_the_owner_takes_it_over(self) -> None:
+        logs = LogCapture(self)
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server(extra_clients=(("other", self.OTHER),))
+        first, second = UdpEcho(), UdpEcho()
+        first_port, second_port = self.listen_udp(first), self.listen_udp(second)
+        owner = self.client((udp_spec(1, first_port),))
+        bound = yield with_timeout(owner.client.when_bound(), 10)
+        public = bound[1][1]
+        self.client((udp_spec(1, first_port, bind_port=public),), token=self.OTHER)
+        yield wait_until(lambda: logs.named("bind_refused", code="in_use", kind="udp"), 10)
+        newer = self.client((udp_spec(1, second_port, bind_port=public),))
+        yield with_timeout(newer.client.when_bound(), 10)
+        yield wait_until(lambda: logs.named("bind_taken_over"), 10)
+        answer = yield self.ask(public, b"to the newest")
+        self.assertEqual(answer, b"re:to the newest")
+        self.assertEqual(len(second.received), 1, "the newest session of the credential holds the port")
+        yield newer.stopService()
+        yield wait_until(lambda: public in [p for _, p in owner.client.bound.values()], 15)
+        answer = yield self.ask(public, b"back to the first")
+        self.assertEqual(answer, b"re:back to the first")
+        self.assertEqual([d for d, _ in first.received], [b"back to the first"])
+
+    @defer.inlineCallbacks
+    def test_a_port_outside_allow_ports_is_refused_for_udp_too_and_the_client_exits(self) -> None:
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server(allow_ports=((40000, 40010),))
+        fatal: list[str] = []
+        service = self.client((udp_spec(1, 5353, bind_port=5353),))
+        service.client.on_fatal = fatal.append
+        yield wait_until(lambda: fatal, 10)
+        self.assertIn("not permitted", fatal[0])
+
+    @defer.inlineCallbacks
+    def test_the_end_of_the_session_closes_the_udp_port(self) -> None:
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server()
+        service = self.client((udp_spec(1, self.listen_udp(UdpEcho())),))
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        yield service.stopService()
+        yield wait_until(lambda: not self.tunnel.server.udp.tunnels and not self.tunnel.server.sessions, 10)
+        again = reactor.listenUDP(bound[1][1], DatagramProtocol(), interface="127.0.0.1")  # free again
+        yield again.stopListening()
