@@ -124,19 +124,15 @@ class UdpFlows:
             src = list(datagram.address) if datagram.address is not None else None
             header = proxyproto.datagram_header(src, list(public) if public is not None else None)
         flow = LocalFlow(self, (tunnel_id, datagram.flow), header, now)
-        interface = "::" if ":" in target[0] else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in target[0] else socket.AF_INET
         try:
-            flow.port = self.reactor.listenUDP(0, flow, interface=interface, maxPacketSize=MAX_DATAGRAM)
-            flow.port.maxThroughput = READ_PER_TURN  # a flooding target leaves the link's streams their turn
-            flow.port.connect(*target)
+            flow.port = self._open_socket(flow, family, target)
         except (error.CannotListenError, OSError) as e:
             counters.drops["socket_error"] += 1
             self.log.warn(
                 "cannot open a UDP socket to {target} for a flow: {why}", target=spec.target, why=str(e),
                 event="udp_flow_failed", tunnel=tunnel_id, flow=datagram.flow,
             )
-            if flow.port is not None:
-                flow.port.stopListening()
             return None
         self.flows[flow.key] = flow
         self.per_tunnel[tunnel_id] += 1
@@ -149,6 +145,24 @@ class UdpFlows:
         )
         self._schedule_sweep()
         return flow
+
+    def _open_socket(self, flow: LocalFlow, family: int, target: tuple[str, int]) -> Any:
+        """A UDP socket on an ephemeral port, connected to `target` (adopted,
+        not listenUDP: Twisted would log a line for each flow's socket)."""
+        skt = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            skt.setblocking(False)
+            skt.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))
+            port = self.reactor.adoptDatagramPort(skt.fileno(), family, flow, maxPacketSize=MAX_DATAGRAM)
+        finally:
+            skt.close()  # adoptDatagramPort made its own copy of the descriptor
+        try:
+            port.connect(*target)
+        except BaseException:
+            port.stopListening()
+            raise
+        port.maxThroughput = READ_PER_TURN  # a flooding target leaves the link's streams their turn
+        return port
 
     def _target(self, spec: TunnelSpec) -> tuple[str, int] | None:
         """The target as (IP, port): a host name is resolved once per tunnel."""
