@@ -25,7 +25,8 @@ from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.config import TunnelSpec
 
 #: send(tunnel, flow, payload) -> None if sent, else why it was dropped
-READ_PER_TURN = 32 * 1024  # as rtunnel.server.udp.READ_PER_TURN
+DATAGRAMS_PER_TURN = 16  # read from a flow's socket per reactor turn (as rtunnel.server.udp)
+READ_PER_TURN = 256 * 1024  # Twisted's maxThroughput, restored each turn
 Sender = Callable[[int, int, bytes], "str | None"]
 MAX_DATAGRAM = 65535
 
@@ -51,9 +52,20 @@ class LocalFlow(DatagramProtocol):
         self.header = header  # the PROXY v2 DGRAM header put before each datagram, or b""
         self.last_seen = now
         self.port: Any = None
+        self._this_turn = 0
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self._this_turn += 1
+        if self._this_turn == 1:
+            self.flows.reactor.callLater(0, self._next_turn)
+        elif self._this_turn == DATAGRAMS_PER_TURN and self.port is not None:
+            self.port.maxThroughput = 0  # a flooding target leaves the link's streams their turn
         self.flows.from_target(self, data)
+
+    def _next_turn(self) -> None:
+        self._this_turn = 0
+        if self.port is not None:
+            self.port.maxThroughput = READ_PER_TURN
 
     def connectionRefused(self) -> None:
         """The target's port answered ICMP port unreachable (nothing listens)."""
@@ -161,7 +173,6 @@ class UdpFlows:
         except BaseException:
             port.stopListening()
             raise
-        port.maxThroughput = READ_PER_TURN  # a flooding target leaves the link's streams their turn
         return port
 
     def _target(self, spec: TunnelSpec) -> tuple[str, int] | None:

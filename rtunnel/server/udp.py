@@ -38,11 +38,12 @@ if TYPE_CHECKING:
 #: (not in our memory) while the reactor is busy.
 SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535  # what one recvfrom may return
-#: Bytes of datagrams read from one UDP socket per reactor turn (Twisted's
-#: `maxThroughput`, 256 KiB by default): a flood of small datagrams costs
-#: far more CPU per byte than a TCP stream's reads, so a smaller share per
-#: turn keeps the session's TCP streams going (docs/udp.md, "Fairness").
-READ_PER_TURN = 32 * 1024
+#: Datagrams read from one UDP socket per reactor turn, at most (Twisted
+#: reads up to 256 KiB, 4,000 datagrams of 64 bytes): a datagram costs about
+#: what a 256 KiB read of a TCP stream costs, so a few per turn keep the
+#: session's TCP streams going under a flood (docs/udp.md, "Fairness").
+DATAGRAMS_PER_TURN = 16
+READ_PER_TURN = 256 * 1024  # bytes (Twisted's maxThroughput), restored each turn
 
 #: Reasons a datagram is dropped (the metrics' `reason` label, docs/udp.md).
 DROP_REASONS = (
@@ -88,6 +89,7 @@ class UdpTunnel(DatagramProtocol):
         # on `::` for a client that may not bind 0.0.0.0: IPv4 visitors
         # (IPv4-mapped sources of the dual-stack socket) are not served
         self.ipv6_only = False
+        self._this_turn = 0  # datagrams read in this reactor turn
 
     @property
     def owner(self) -> ServerSession | None:
@@ -105,6 +107,7 @@ class UdpTunnel(DatagramProtocol):
     # ------------------------------------------------------------ visitor -> client
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self._count_turn()
         owner = self.owner
         if owner is None or owner.expired:
             return
@@ -133,6 +136,21 @@ class UdpTunnel(DatagramProtocol):
             flow.told_epoch = epoch
         else:
             self.drop(dropped, owner, address)
+
+    def _count_turn(self) -> None:
+        """At DATAGRAMS_PER_TURN, end this turn's reading (Twisted's read
+        loop stops at maxThroughput bytes): the rest waits in the socket's
+        buffer for the next turn."""
+        self._this_turn += 1
+        if self._this_turn == 1:
+            self.server.reactor.callLater(0, self._next_turn)
+        elif self._this_turn == DATAGRAMS_PER_TURN and self.port is not None:
+            self.port.maxThroughput = 0
+
+    def _next_turn(self) -> None:
+        self._this_turn = 0
+        if self.port is not None:
+            self.port.maxThroughput = READ_PER_TURN
 
     def _open_flow(self, owner: ServerSession, address: tuple[str, int], now: float) -> Flow | None:
         limit = self.server.config.udp_max_flows
@@ -375,7 +393,6 @@ class UdpPorts:
                 "in_use", f"UDP port {port} on {host} is already in use by another program on the server; "
                 "choose another port (or -f udp:0 to let the server pick one)",
             ) from None
-        listening.maxThroughput = READ_PER_TURN
         skt = getattr(listening, "socket", None)
         if skt is not None:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
