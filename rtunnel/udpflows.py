@@ -25,7 +25,7 @@ from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.config import TunnelSpec
 
 #: send(tunnel, flow, payload) -> None if sent, else why it was dropped
-DATAGRAMS_PER_TURN = 16  # read from a flow's socket per reactor turn (as rtunnel.server.udp)
+DATAGRAMS_PER_TURN = 8  # read from a flow's socket per reactor turn (as rtunnel.server.udp)
 READ_PER_TURN = 256 * 1024  # Twisted's maxThroughput, restored each turn
 Sender = Callable[[int, int, bytes], "str | None"]
 MAX_DATAGRAM = 65535

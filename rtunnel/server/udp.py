@@ -40,9 +40,9 @@ SOCKET_BUFFER = 4 * 1024 * 1024
 MAX_DATAGRAM = 65535  # what one recvfrom may return
 #: Datagrams read from one UDP socket per reactor turn, at most (Twisted
 #: reads up to 256 KiB, 4,000 datagrams of 64 bytes): a datagram costs about
-#: what a 256 KiB read of a TCP stream costs, so a few per turn keep the
+#: what a 256 KiB read of a TCP stream costs, so 8 per turn keep the
 #: session's TCP streams going under a flood (docs/udp.md, "Fairness").
-DATAGRAMS_PER_TURN = 16
+DATAGRAMS_PER_TURN = 8
 READ_PER_TURN = 256 * 1024  # bytes (Twisted's maxThroughput), restored each turn
 
 #: Reasons a datagram is dropped (the metrics' `reason` label, docs/udp.md).
