@@ -267,7 +267,8 @@ def plan_tunnel_changes(current: Iterable[TunnelSpec], wanted: Iterable[TunnelSp
     for spec in unmatched:
         same_port = next(
             (c for c in remaining
-             if spec.bind_port and (c.bind_host, c.bind_port) == (spec.bind_host, spec.bind_port)),
+             if spec.bind_port
+             and (c.kind, c.bind_host, c.bind_port) == (spec.kind, spec.bind_host, spec.bind_port)),
             None,
         )
         if same_port is None:

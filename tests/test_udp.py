@@ -410,3 +410,103 @@ class UdpOwnershipTests(unittest.TestCase):
         yield wait_until(lambda: not self.tunnel.server.udp.tunnels and not self.tunnel.server.sessions, 10)
         again = reactor.listenUDP(bound[1][1], DatagramProtocol(), interface="127.0.0.1")  # free again
         yield again.stopListening()
+
+
+class RecordingTarget(DatagramProtocol):
+    """A target that keeps each datagram whole and answers b"ok"."""
+
+    def __init__(self) -> None:
+        self.datagrams: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.datagrams.append(data)
+        assert self.transport is not None
+        self.transport.write(b"ok", addr)
+
+
+class UdpProxyProtocolTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_proxy_v2_puts_a_dgram_header_with_the_visitor_before_each_datagram(self) -> None:
+        """HAProxy's proxy-protocol.txt, 2.2: PROXY command (0x21), UDP over
+        IPv4 (0x12), 12 address bytes: source, destination, their ports."""
+        target = RecordingTarget()
+        listening = reactor.listenUDP(0, target, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        config = replace(
+            tunnel.client_config([]), tunnels=(udp_spec(1, listening.getHost().port, proxy="v2"),),
+        )
+        service = tunnel.start_client(config)
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        public = bound[1][1]
+        visitor = UdpVisitor()
+        visitor_port = reactor.listenUDP(0, visitor, interface="127.0.0.1")
+        self.addCleanup(visitor_port.stopListening)
+        for payload in (b"first", b"second"):
+            visitor.transport.write(payload, ("127.0.0.1", public))
+        yield wait_until(lambda: len(visitor.replies) == 2, 5)
+        expected = (
+            b"\r\n\r\n\x00\r\nQUIT\n" + bytes((0x21, 0x12)) + (12).to_bytes(2, "big")
+            + bytes((127, 0, 0, 1)) + bytes((127, 0, 0, 1))
+            + visitor_port.getHost().port.to_bytes(2, "big") + public.to_bytes(2, "big")
+        )
+        self.assertEqual(sorted(target.datagrams), sorted([expected + b"first", expected + b"second"]))
+        self.assertEqual(visitor.replies, [b"ok", b"ok"], "replies carry no header")
+
+
+class UdpConfigTests(unittest.SynchronousTestCase):
+    """`-f udp:[BIND:]PORT -t udp:[HOST:]PORT` and `forward = "udp:5353"`."""
+
+    def client(self, *args: str, config_text: str | None = None) -> Any:
+        import tempfile
+        from pathlib import Path
+
+        from rtunnel.tap.client import Options
+
+        options = Options()
+        argv = ["-c", "127.0.0.1", "--token", "t", "--fingerprint", "ab" * 32, *args]
+        if config_text is not None:
+            path = Path(tempfile.mkdtemp()) / "client.toml"
+            path.write_text(config_text)
+            argv = ["--config", str(path), *argv]
+        options.parseOptions(argv)
+        return options.config
+
+    def test_command_line_udp_tunnels_beside_tcp_ones_of_the_same_port(self) -> None:
+        config = self.client(
+            "-f", "udp:5353", "-t", "udp:127.0.0.1:53", "-f", "5353", "-t", "53",
+            "-f", "udp:0.0.0.0:0", "-t", "udp:53", "--udp-idle-timeout", "5",
+        )
+        self.assertEqual(
+            [(t.kind, t.bind_host, t.bind_port, t.target_host, t.target_port) for t in config.tunnels],
+            [("udp", "", 5353, "127.0.0.1", 53), ("tcp", "", 5353, "localhost", 53),
+             ("udp", "0.0.0.0", 0, "localhost", 53)],
+        )
+        self.assertEqual(config.udp_idle_timeout, 5.0)
+
+    def test_config_file_udp_tunnel(self) -> None:
+        config = self.client(config_text='udp_idle_timeout = 30\n[[tunnel]]\nforward = "udp:5353"\nto = "udp:127.0.0.1:53"\n')
+        (tunnel,) = config.tunnels
+        self.assertEqual((tunnel.kind, tunnel.bind_port, tunnel.target_port), ("udp", 5353, 53))
+        self.assertEqual(config.udp_idle_timeout, 30.0)
+
+    def test_udp_on_one_side_only_or_proxy_v1_is_refused_saying_what_to_write(self) -> None:
+        from twisted.python import usage
+
+        with self.assertRaises(usage.UsageError) as caught:
+            self.client("-f", "udp:5353", "-t", "53")
+        self.assertIn("udp: on both sides", str(caught.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            self.client("-f", "udp:5353", "-t", "udp:53", "--proxy-protocol", "v1")
+        self.assertIn("UDP tunnels take proxy_protocol v2", str(caught.exception))
+
+    def test_a_reload_never_turns_a_tcp_tunnel_into_a_udp_one(self) -> None:
+        from rtunnel.configfile import plan_tunnel_changes
+
+        tcp = TunnelSpec(1, "", 53, "localhost", 53)
+        udp = TunnelSpec(0, "", 53, "localhost", 53, kind="udp")
+        changes = plan_tunnel_changes([tcp], [udp])
+        self.assertEqual((changes.removed, changes.retargeted, changes.added), ((tcp,), (), (udp,)))
