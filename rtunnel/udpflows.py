@@ -85,7 +85,8 @@ class UdpFlows:
         self.flows: dict[tuple[int, int], LocalFlow] = {}
         self.per_tunnel: Counter[int] = Counter()  # open flows per tunnel
         self.tunnels: dict[int, TunnelCounters] = {}
-        self._targets: dict[int, tuple[str, int]] = {}  # tunnel -> resolved target (IP, port)
+        # tunnel -> (its target as configured, resolved to (IP, port)): a retarget resolves again
+        self._targets: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
         self._sweep: Any = None
 
     def counters(self, tunnel_id: int) -> TunnelCounters:
@@ -177,9 +178,9 @@ class UdpFlows:
 
     def _target(self, spec: TunnelSpec) -> tuple[str, int] | None:
         """The target as (IP, port): a host name is resolved once per tunnel."""
-        target = self._targets.get(spec.tunnel_id)
-        if target is not None and target[1] == spec.target_port:
-            return target
+        cached = self._targets.get(spec.tunnel_id)
+        if cached is not None and cached[0] == (spec.target_host, spec.target_port):
+            return cached[1]
         host = spec.target_host
         if not is_ip_literal(host):
             try:
@@ -191,7 +192,8 @@ class UdpFlows:
                 )
                 return None
             host = str(infos[0][4][0])
-        target = self._targets[spec.tunnel_id] = (host.strip("[]"), spec.target_port)
+        target = (host.strip("[]"), spec.target_port)
+        self._targets[spec.tunnel_id] = ((spec.target_host, spec.target_port), target)
         return target
 
     # ------------------------------------------------------------ target -> server
