@@ -22,6 +22,7 @@ from rtunnel.client import BIND_RETRY_DELAY
 from rtunnel.config import ClientConfig
 from rtunnel.limits import MAX_KINDS
 from rtunnel.mux import SessionSettings
+from rtunnel.server import udp
 from rtunnel.tap import MIN_MAX_STREAM_WINDOW, MIN_SESSION_BUFFER
 from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
@@ -126,6 +127,8 @@ class LimitTableTests(SynchronousTestCase):
     FIXED = {
         "addresses remembered by the rate limit": guard.DEFAULT_MAX_ADDRESSES,
         "frame size before the handshake": wire.HANDSHAKE_MAX_FRAME,
+        "datagrams written to a backed-up link, until it drains": SessionSettings().datagram_backlog,
+        "UDP datagrams read per socket per reactor turn": udp.DATAGRAMS_PER_TURN,
     }
     # rows whose limit is the system's, not a number of ours (rtunnel.descriptors)
     SYSTEM = {
