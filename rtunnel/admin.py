@@ -103,7 +103,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
             "address": format_host_port(listener.host, port),
             "streams": open_per_tunnel.get(tunnel_id, 0),
         })
-    flows = []
+    flows: list[dict[str, Any]] = []
     for tunnel_id, udp in sorted(session.udp_tunnels.items()):  # UDP ports (docs/udp.md)
         port = udp.key[1] if udp.port is not None else 0
         tunnels.append({

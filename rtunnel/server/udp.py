@@ -78,7 +78,7 @@ class UdpTunnel(DatagramProtocol):
         self.server = server
         self.host = host
         self.claim: Claim[ServerSession] | None = None
-        self.port: IListeningPort | None = None
+        self.port: Any = None  # twisted.internet.udp.Port (its maxThroughput is set per turn)
         self.flows: dict[tuple[str, int], Flow] = {}
         self.by_id: dict[int, Flow] = {}
         self._next_flow = 1
