@@ -71,6 +71,13 @@ class LocalFlow(DatagramProtocol):
         """The target's port answered ICMP port unreachable (nothing listens)."""
         self.flows.counters(self.key[0]).drops["target_refused"] += 1
 
+    def stopProtocol(self) -> None:
+        """The socket is closed. Not always by us: Linux reports a pending
+        ICMP error (the target went away) as EPOLLERR, which Twisted's
+        reactor takes for the end of the socket. Such a flow is forgotten;
+        the visitor's next datagram opens a new socket."""
+        self.flows.socket_closed(self)
+
 
 class UdpFlows:
     """Every flow of the client's UDP tunnels, keyed by (tunnel, flow)."""
@@ -226,10 +233,21 @@ class UdpFlows:
             self._schedule_sweep()
 
     def _close(self, key: tuple[int, int], flow: LocalFlow) -> None:
-        del self.flows[key]
+        del self.flows[key]  # first: socket_closed then knows it was us
         self.per_tunnel[key[0]] -= 1
         if flow.port is not None:
             flow.port.stopListening()
+
+    def socket_closed(self, flow: LocalFlow) -> None:
+        if self.flows.get(flow.key) is flow:  # not closed by _close: the reactor dropped it
+            del self.flows[flow.key]
+            self.per_tunnel[flow.key[0]] -= 1
+            self.counters(flow.key[0]).drops["target_refused"] += 1
+            self.log.info(
+                "UDP flow {flow}: its socket to the target was closed (the target went away); the "
+                "visitor's next datagram opens a new one", flow=flow.key[1], event="udp_flow_lost",
+                tunnel=flow.key[0],
+            )
 
     def drop_tunnel(self, tunnel_id: int) -> None:
         """A tunnel was removed: close its flows."""

@@ -510,3 +510,39 @@ class UdpConfigTests(unittest.SynchronousTestCase):
         udp = TunnelSpec(0, "", 53, "localhost", 53, kind="udp")
         changes = plan_tunnel_changes([tcp], [udp])
         self.assertEqual((changes.removed, changes.retargeted, changes.added), ((tcp,), (), (udp,)))
+
+
+class UdpTargetRestartTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_a_target_that_goes_away_and_comes_back_costs_a_flow_its_socket_not_the_session(self) -> None:
+        """A flow's socket connected to a target that stopped gets ICMP port
+        unreachable; Linux reports it as EPOLLERR, which Twisted takes for the
+        end of the socket. The flow is forgotten (the next datagram opens a new
+        socket), and the session carries on."""
+        logs = LogCapture(self)
+        first = UdpEcho()
+        target = reactor.listenUDP(0, first, interface="127.0.0.1")
+        target_port = target.getHost().port
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        service = tunnel.start_client(replace(tunnel.client_config([]), tunnels=(udp_spec(1, target_port),)))
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        public = bound[1][1]
+        visitor = UdpVisitor()
+        self.addCleanup(reactor.listenUDP(0, visitor, interface="127.0.0.1").stopListening)
+        visitor.transport.write(b"a", ("127.0.0.1", public))
+        yield wait_until(lambda: visitor.replies == [b"re:a"], 5)
+        yield target.stopListening()
+        session = service.client.session
+        for _ in range(5):
+            visitor.transport.write(b"into the void", ("127.0.0.1", public))
+            yield sleep(0.05)
+        yield wait_until(lambda: not service.client.udp.flows, 5)
+        second = UdpEcho()
+        self.addCleanup(reactor.listenUDP(target_port, second, interface="127.0.0.1").stopListening)
+        visitor.transport.write(b"c", ("127.0.0.1", public))
+        yield wait_until(lambda: b"re:c" in visitor.replies, 5)
+        self.assertIs(service.client.session, session, "the same session carries on")
+        self.assertEqual(logs.failures(), [])
