@@ -244,8 +244,14 @@ class ServerSession:
         rebind it in this session. False if there is no such tunnel."""
         udp = self.udp_tunnels.pop(tunnel_id, None)
         if udp is not None:
+            port = udp.key[1] if udp.port is not None else 0
             self.server.udp.release(udp)
             self.mux_session.send_json(FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why})
+            self.log.info(
+                "UDP tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why,
+                event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id,
+                host=udp.host, reason=why, kind="udp",
+            )
             return True
         listener = self.tunnels.pop(tunnel_id, None)
         if listener is None:
