@@ -251,14 +251,18 @@ class UdpTunnelTests(unittest.TestCase):
         _, echo_port = listen_target(self, Echo)
         public = yield self.start(sink, [(0, echo_port)], session=SessionSettings(max_frame=16384))
         tcp_public = self.bound[1][1]
-        alone = yield self.tcp_throughput(tcp_public, 16 * 2**20)
+        # best of two each way: a moment's load from elsewhere on the machine is not the flood's doing
+        alone = max((yield self.tcp_throughput(tcp_public, 16 * 2**20)), (yield self.tcp_throughput(tcp_public, 16 * 2**20)))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         flood = subprocess.Popen(
-            [sys.executable, "-c", FLOOD, str(public), "4", FLOOD_SIZE, "20000"], stdout=subprocess.PIPE,
+            [sys.executable, "-c", FLOOD, str(public), "6", FLOOD_SIZE, "20000"], stdout=subprocess.PIPE,
         )
         self.addCleanup(lambda: flood.poll() is None and flood.kill())
         yield wait_until(lambda: sink.count > 1000, 10)
-        flooded = yield self.tcp_throughput(tcp_public, 16 * 2**20)
+        flooded = max(
+            (yield self.tcp_throughput(tcp_public, 16 * 2**20)), (yield self.tcp_throughput(tcp_public, 16 * 2**20)),
+        )
+        self.assertIsNone(flood.poll(), "the flood lasted through both measurements")
         yield wait_until(lambda: flood.poll() is not None, 10)
         sent = int(flood.stdout.read())
         flood.stdout.close()
@@ -271,7 +275,9 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertGreater(flooded, alone / 3, "the TCP tunnel keeps at least a third of its throughput")
         self.assertGreater(drops["too_big"], 0, "oversized datagrams are dropped and counted")
         self.assertEqual(set(sink.sizes), {int(FLOOD_SIZE)}, "no oversized datagram reaches the target")
-        self.assertLess(grown_mib, 64, "memory stays bounded under the flood")
+        # a sanity bound only (the test's own 16 MiB echoes come and go meanwhile); the bound
+        # proper is the session's datagram share (below, and tests.test_mux_datagrams)
+        self.assertLess(grown_mib, 128, "memory stays bounded under the flood")
         mux = next(iter(self.tunnel.server.sessions.values())).mux_session
         self.assertLessEqual(mux.datagram_backlog, mux.settings.datagram_backlog)
 
