@@ -113,7 +113,7 @@ class UdpTunnelTests(unittest.TestCase):
     timeout = 60
 
     def listen_udp(self, protocol: DatagramProtocol) -> int:
-        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=65535)
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -202,6 +202,16 @@ class UdpTunnelTests(unittest.TestCase):
         yield wait_until(lambda: sink.count == 1, 5)
         self.assertEqual(sink.sizes, [1200])
         self.assertEqual(self.server_udp.drops["too_big"], 1)
+
+    @defer.inlineCallbacks
+    def test_the_largest_udp_datagram_goes_through_whole_both_ways(self) -> None:
+        echo = UdpEcho()
+        public = yield self.start(echo)
+        visitor = self.visitor()
+        big = pattern(5, 65507 - 3)  # the echo adds b"re:": 65,507 bytes back, the most IPv4 allows
+        visitor.transport.write(big, ("127.0.0.1", public))
+        yield wait_until(lambda: visitor.replies, 5)
+        self.assertEqual(visitor.replies, [b"re:" + big])
 
     @defer.inlineCallbacks
     def test_flows_survive_a_link_drop_and_the_outage_drops_datagrams(self) -> None:
@@ -339,7 +349,7 @@ class UdpOwnershipTests(unittest.TestCase):
     OTHER = "other-token-0123456789"
 
     def listen_udp(self, protocol: DatagramProtocol) -> int:
-        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=65535)
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
