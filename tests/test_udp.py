@@ -214,6 +214,19 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertEqual(visitor.replies, [b"re:" + big])
 
     @defer.inlineCallbacks
+    def test_an_administrator_closing_a_udp_port_frees_it_and_the_client_is_told(self) -> None:
+        logs = LogCapture(self)
+        public = yield self.start(UdpEcho())
+        (session,) = self.tunnel.server.sessions.values()
+        (tunnel_id,) = session.udp_tunnels
+        self.assertTrue(session.close_tunnel(tunnel_id, "closed by the server's administrator"))
+        yield wait_until(lambda: logs.named("tunnel_closed", tunnel=tunnel_id, kind="udp"), 5)
+        yield wait_until(lambda: tunnel_id not in self.service.client.bound, 5)
+        self.assertEqual(self.tunnel.server.udp.tunnels, {})
+        again = reactor.listenUDP(public, DatagramProtocol(), interface="127.0.0.1")  # the port is free
+        yield again.stopListening()
+
+    @defer.inlineCallbacks
     def test_flows_survive_a_link_drop_and_the_outage_drops_datagrams(self) -> None:
         echo = UdpEcho()
         target_port = self.listen_udp(echo)
