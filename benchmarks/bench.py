@@ -49,7 +49,13 @@ TEST_NAMES = {
     "memory": "memory",
     "50 ms RTT": "wan",
     "scaling": "scale",
+    "udp": "udp",
 }
+
+# UDP (#16): iperf3 -u datagram sizes, and the loss a rate may have to count
+UDP_SIZES = (64, 1200)
+UDP_MAX_LOSS = 1.0  # percent
+UDP_PATHS = ("direct", "rtunnel")  # ssh -R forwards no UDP
 
 # Small-request groups: for ssh the better of -N and -tt is reported,
 # chosen per group by the first key (higher rate, or lower mean round trip).
@@ -84,7 +90,8 @@ class Bench:
         # sshd must be started by absolute path (it re-executes itself)
         self.tools["sshd"] = shutil.which("sshd", path=SBIN_PATH)
         self._ssh_dir: Path | None = None
-        self.echo_port = self.iperf_port = self.nginx_port = None
+        self.echo_port = self.iperf_port = self.nginx_port = self.udp_echo_port = None
+        self.udp_secs = 2 if args.quick else 3
         self.results: dict[str, dict] = {}
         self.raw: dict[str, dict] = {}
         self.errors: dict[str, list[str]] = {}
@@ -133,6 +140,10 @@ class Bench:
     def start_services(self) -> None:
         self.echo_port = free_port()
         self.start_helper("echo", ["--serve-echo", str(self.echo_port)], self.echo_port)
+        self.udp_echo_port = free_port()
+        self.procs.start(
+            "udp-echo", [sys.executable, Path(services.__file__).resolve(), "--serve-udp-echo", self.udp_echo_port],
+        )
         if self.tools["iperf3"]:
             self.iperf_port = free_port()  # server started afresh for each run
         if self.tools["nginx"]:
@@ -178,6 +189,115 @@ class Bench:
             }
         finally:
             self.procs.stop(server)
+
+    def iperf_udp(self, port: int, size: int, rate: int) -> dict:
+        """iperf3 -u for udp_secs at `rate` datagrams/s of `size` bytes: what arrived."""
+        server = self.procs.start(
+            "iperf3-server", [self.tools["iperf3"], "-s", "-1", "-B", LOOP, "-p", self.iperf_port], cwd=self.tmp,
+        )
+        try:
+            wait_for(lambda: listening(self.iperf_port), 10, [(server, self.procs)], "iperf3 -s")
+            cmd = [self.tools["iperf3"], "-c", LOOP, "-p", port, "-u", "-l", size, "-b", rate * size * 8, "-w", "4M",
+                   "-t", self.udp_secs, "-J", "--connect-timeout", "5000"]  # fmt: skip
+            cp = run_tool(cmd, self.udp_secs + 40)
+            try:
+                data = json.loads(cp.stdout)
+            except ValueError:
+                raise BenchError(f"iperf3 -u exit {cp.returncode}: {(cp.stdout + cp.stderr).strip()[-300:]}") from None
+            if data.get("error"):
+                raise BenchError(f"iperf3 -u: {data['error']}")
+            end = data["end"]["sum"]
+            received = end["packets"] - end["lost_packets"]
+            return {
+                "offered_dps": rate, "size": size, "loss_percent": end["lost_percent"],
+                "jitter_ms": end["jitter_ms"], "received_dps": received / end["seconds"],
+                "mbit": received * size * 8 / end["seconds"] / 1e6,
+            }
+        finally:
+            self.procs.stop(server)
+
+    def udp_rate(self, port: int, size: int, runs: list[dict]) -> dict | None:
+        """The best run (most datagrams/s received) with < UDP_MAX_LOSS % loss:
+        offered rates double from 4,000 datagrams/s until the loss reaches it
+        (or iperf3 fails), then 3 bisection steps; every run goes to `runs`."""
+        def attempt(rate: int) -> dict:
+            try:
+                run = self.iperf_udp(port, size, rate)
+            except BenchError as e:  # e.g. the control connection lost under overload: a failed rate
+                run = {"offered_dps": rate, "size": size, "loss_percent": 100.0, "error": str(e)}
+            runs.append(run)
+            return run
+
+        good: list[dict] = []
+        low, high, rate = 0, 0, 4000
+        while rate <= 2_048_000:
+            run = attempt(rate)
+            if run["loss_percent"] >= UDP_MAX_LOSS:
+                high = rate
+                break
+            good.append(run)
+            low, rate = rate, rate * 2
+        if low and high:
+            for _ in range(3):
+                mid = (low + high) // 2
+                run = attempt(mid)
+                if run["loss_percent"] < UDP_MAX_LOSS:
+                    good.append(run)
+                    low = mid
+                else:
+                    high = mid
+        return max(good, key=lambda r: r["received_dps"], default=None)
+
+    def test_udp(self, path) -> None:
+        """UDP tunnels: datagrams/s and Mbit/s at < 1 % loss (iperf3 -u, 64 and
+        1,200 bytes), and the round trip of a 64-byte request/reply."""
+        if path.name not in UDP_PATHS:
+            return
+        if self.tools["iperf3"]:
+            with path.open(self.iperf_port, udp=True) as t:
+                time.sleep(0.3)
+                for size in UDP_SIZES:
+                    def one(size=size):
+                        runs = self.raw[path.name][f"udp{size}_runs"] = []
+                        best = self.udp_rate(t.pub_port, size, runs)
+                        if best is None:
+                            raise BenchError(f"iperf3 -u -l {size}: over 1 % loss even at 4,000 datagrams/s")
+                        self.put(path.name, f"udp{size}_dps", best["received_dps"], best)
+                        self.put(path.name, f"udp{size}_mbit", best["mbit"])
+                        log(f"  [{path.name}] udp {size} B: {best['received_dps']:,.0f} datagrams/s, "
+                            f"{best['mbit']:.1f} Mbit/s, loss {best['loss_percent']:.2f} %")  # fmt: skip
+
+                    self.attempt(path.name, f"udp {size} B", one)
+        with path.open(self.udp_echo_port, udp=True) as t:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.settimeout(1.0)
+                s.connect((LOOP, t.pub_port))
+                msg = os.urandom(64)
+                times, lost = [], 0
+                for i in range(self.rtt_warmup + self.rtt_rounds):
+                    t0 = time.perf_counter_ns()
+                    s.send(msg)
+                    try:
+                        while s.recv(2048) != msg:
+                            pass
+                    except TimeoutError:
+                        lost += 1
+                        continue
+                    t1 = time.perf_counter_ns()
+                    if i >= self.rtt_warmup:
+                        times.append((t1 - t0) / 1000)
+            finally:
+                s.close()
+        if not times:
+            raise BenchError("no UDP echo came back")
+        times.sort()
+        raw = {"rounds": len(times), "lost": lost, "mean_us": sum(times) / len(times), "max_us": times[-1]}
+        self.put(path.name, "udp_rtt_mean", raw["mean_us"], raw)
+        self.put(path.name, "udp_rtt_p50", percentile(times, 50))
+        self.put(path.name, "udp_rtt_p99", percentile(times, 99))
+        log(f"  [{path.name}] udp rtt p50 {percentile(times, 50):.0f} us p99 {percentile(times, 99):.0f} us"
+            f" ({lost} lost)")  # fmt: skip
 
     def wrk(self, port: int, path: str, close: bool = False, conns: int = 32) -> dict:
         threads = min(2, conns)
@@ -416,6 +536,7 @@ class Bench:
                     *tests,
                     ("memory", self.test_memory),
                     ("50 ms RTT", self.test_wan),
+                    ("udp", self.test_udp),
                 ]
             if path.name in SCALE_PATHS and self.scale_levels:
                 tests.append(("scaling", self.test_scale))

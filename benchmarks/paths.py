@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import secrets
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -56,7 +57,7 @@ class DirectPath:
     def unavailable(self):
         return None
 
-    def open(self, service_port: int, wan: bool = False) -> Tunnel:
+    def open(self, service_port: int, wan: bool = False, udp: bool = False) -> Tunnel:
         if not wan:
             return Tunnel(self.b, service_port)
         proxy, port = self.b.start_delay_proxy(service_port)
@@ -189,7 +190,9 @@ class RtunnelPath:
             return "rtunnel_server/rtunnel_client not installed"
         return None
 
-    def open(self, service_port: int, wan: bool = False) -> Tunnel:
+    def open(self, service_port: int, wan: bool = False, udp: bool = False) -> Tunnel:
+        """With `udp`, a UDP tunnel of the same port number beside the TCP
+        one (iperf3 -u: TCP control connection, UDP datagrams)."""
         procs = self.b.procs
         if self.state is None:
             self.state = self.b.tmp / "rtunnel-state"
@@ -229,7 +232,8 @@ class RtunnelPath:
             if wan:
                 proxy, connect = self.b.start_delay_proxy(ctrl)
                 stop.insert(0, proxy)
-            pub = free_port()
+            pub = free_udp_port() if udp else free_port()
+            udp_args = ["-f", f"udp:{LOOP}:{pub}", "-t", f"udp:{LOOP}:{service_port}"] if udp else []
             client = procs.start(
                 "rtunnel-client",
                 [
@@ -239,6 +243,7 @@ class RtunnelPath:
                     "-t", f"{LOOP}:{service_port}",
                     "--token", self.token,
                     "--fingerprint", fp[0],
+                    *udp_args,
                     *self.window_args,
                 ],
                 cwd=cli_cwd,
@@ -258,6 +263,19 @@ class RtunnelPath:
         tunnel.server_pids = lambda: [server.pid, *descendants(server.pid)]
         tunnel.client_pids = lambda: [client.pid, *descendants(client.pid)]
         return tunnel
+
+
+def free_udp_port() -> int:
+    """A port number free for TCP and for UDP on the loopback address."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((LOOP, port))
+            except OSError:
+                continue
+        return port
+    raise BenchError("no port free for both TCP and UDP")
 
 
 def cert_fingerprint(path: Path) -> str:

@@ -52,6 +52,13 @@ METRICS = [
     ("rss_cli_conn", "RSS client side per idle connection", "KB/conn", "lo"),
     ("wan_up", "bulk, 1 stream, 50 ms RTT, visitor->service", "MB/s", "hi"),
     ("wan_down", "bulk, 1 stream, 50 ms RTT, service->visitor", "MB/s", "hi"),
+    ("udp64_dps", "UDP 64 B at < 1 % loss (iperf3 -u)", "datagrams/s", "hi"),
+    ("udp64_mbit", "UDP 64 B at < 1 % loss", "Mbit/s", "hi"),
+    ("udp1200_dps", "UDP 1,200 B at < 1 % loss (iperf3 -u)", "datagrams/s", "hi"),
+    ("udp1200_mbit", "UDP 1,200 B at < 1 % loss", "Mbit/s", "hi"),
+    ("udp_rtt_mean", "UDP 64 B request/reply round trip, mean", "us", "lo"),
+    ("udp_rtt_p50", "UDP 64 B request/reply round trip, p50", "us", "lo"),
+    ("udp_rtt_p99", "UDP 64 B request/reply round trip, p99", "us", "lo"),
 ]
 METRIC_KEYS = [m[0] for m in METRICS]
 

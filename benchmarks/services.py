@@ -19,6 +19,15 @@ from pathlib import Path
 from procs import LOOP, Procs, free_port, listening, raise_nofile, wait_for
 
 
+def serve_udp_echo(port: int) -> None:
+    """UDP echo server: each datagram back to its sender (UDP round trips)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOOP, port))
+    while True:
+        data, addr = sock.recvfrom(65535)
+        sock.sendto(data, addr)
+
+
 def serve_echo(port: int) -> None:
     """Echo server (epoll, TCP_NODELAY) for ping-pong and idle connections."""
     raise_nofile()
@@ -221,11 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="A helper service of the benchmark, run until killed.")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--serve-echo", type=int, metavar="PORT", help="echo server on 127.0.0.1:PORT")
+    what.add_argument("--serve-udp-echo", type=int, metavar="PORT", help="UDP echo server on 127.0.0.1:PORT")
     what.add_argument("--serve-delay", metavar="LISTEN:TARGET:DELAY",
                       help="proxy from LISTEN to TARGET holding each chunk DELAY seconds each way")  # fmt: skip
     args = ap.parse_args(argv)
     if args.serve_echo:
         serve_echo(args.serve_echo)
+    elif args.serve_udp_echo:
+        serve_udp_echo(args.serve_udp_echo)
     else:
         listen, target, delay = args.serve_delay.split(":")
         serve_delay(int(listen), int(target), float(delay))

@@ -122,6 +122,21 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
             "bytes_in": stats.bytes_in if stats else 0,
             "bytes_out": stats.bytes_out if stats else 0,
         })
+    flows: list[dict[str, Any]] = []
+    for tunnel_id, udp in sorted(session.udp_tunnels.items()):  # UDP ports (docs/udp.md)
+        port = udp.key[1] if udp.port is not None else 0
+        tunnels.append({
+            "id": tunnel_id, "kind": "udp", "host": udp.host, "port": port,
+            "address": "udp:" + format_host_port(udp.host, port), "streams": 0, "flows": len(udp.flows),
+            "datagrams_in": udp.datagrams_in, "datagrams_out": udp.datagrams_out,
+            "dropped": dict(sorted(udp.drops.items())),
+        })
+        for flow in list(udp.flows.values())[:MAX_STREAMS_LISTED - len(flows)]:
+            flows.append({
+                "id": flow.id, "tunnel": tunnel_id, "visitor": format_host_port(*flow.address),
+                "datagrams_in": flow.datagrams_in, "datagrams_out": flow.datagrams_out,
+                "bytes_in": flow.bytes_in, "bytes_out": flow.bytes_out, "idle": round(now - flow.last_seen, 1),
+            })
     streams = []
     for stream in list(mux.streams.values())[:MAX_STREAMS_LISTED]:
         visitor = None
@@ -151,6 +166,8 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
         "tunnels": tunnels,
         "streams_open": len(mux.streams),
         "streams": streams,
+        "flows_open": sum(len(udp.flows) for udp in session.udp_tunnels.values()),
+        "flows": flows,
     }
 
 
@@ -289,6 +306,11 @@ class SessionResource(resource.Resource):
             return self._missing()
         tunnel_id = int(tunnel) if tunnel.isdigit() and len(tunnel) < 11 else -1
         listener = session.tunnels.get(tunnel_id)
+        udp = session.udp_tunnels.get(tunnel_id)
+        if udp is not None and udp.port is not None:
+            address = "udp:" + format_host_port(*udp.key)
+            session.close_tunnel(tunnel_id, "closed by the server's administrator")
+            return 200, {"session": session.id, "tunnel": tunnel_id, "address": address, "closed": True}
         if listener is None:
             return 404, {"error": f"session {session.id} has no tunnel {tunnel.decode(errors='replace')[:20]!r}; "
                          "GET /api/sessions lists its tunnels"}

@@ -31,6 +31,7 @@ from rtunnel.link import ControlLink
 from rtunnel.mux import ProtocolViolation, Session, Stream
 from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
+from rtunnel.udpflows import UdpFlows
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
@@ -134,6 +135,8 @@ class TunnelClient:
         self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=False)
         self.failed_attempts = 0  # connection attempts in a row that made no session
+        # UDP tunnels' flows (rtunnel.udpflows): one local socket per flow, kept across resumes
+        self.udp = UdpFlows(reactor, config.udp_idle_timeout, config.udp_max_flows, self._send_datagram)
 
     def link_factory(self) -> Factory[ClientLink]:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -206,6 +209,14 @@ class TunnelClient:
                 event="session_lost", session=(self.session_id or "")[:8], streams=len(self.session.streams),
             )
             self.abandon_session()
+        self.udp.clear()  # flow ids are the server's, per session
+        udp = sorted(spec.bind_port for spec in self.tunnels.values() if spec.kind == "udp")
+        if udp and "udp" not in welcome.features:
+            self.fatal(
+                f"the server does not serve UDP tunnels (it serves: {', '.join(welcome.features) or 'none'}), "
+                f"so -f udp:{udp[0]} cannot be opened; upgrade the rtunnel server or drop the UDP tunnels"
+            )
+            return
         self.session = Session(self.reactor, self, is_server=False, settings=self.config.session)
         self.session_id, self.session_secret = welcome.session, welcome.secret
         self.events.sessions_started += 1
@@ -342,6 +353,7 @@ class TunnelClient:
             if call.active():
                 call.cancel()
         self._bind_retries.clear()
+        self.udp.clear()
         if session is not None:
             session.close(ResetCode.EXPIRED, "session abandoned")
 
@@ -350,6 +362,14 @@ class TunnelClient:
             return
         bind = wire.Bind(spec.tunnel_id, spec.bind_host, spec.bind_port, spec.kind, spec.hostname)
         self.session.send_json(FrameType.BIND, bind.to_json())
+
+    def _send_datagram(self, tunnel_id: int, flow_id: int, payload: bytes) -> str | None:
+        """A target's datagram to the server, now or never (rtunnel.udpflows)."""
+        session = self.session
+        if session is None:
+            return "link_down"
+        return session.send_datagram(tunnel_id, flow_id, payload)
+
     # ------------------------------------------------------------ live tunnel changes
 
     def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:
@@ -370,6 +390,7 @@ class TunnelClient:
         carry on until they close; visitors arriving after it are refused."""
         spec = self.tunnels.pop(tunnel_id)
         self.bound.pop(tunnel_id, None)
+        self.udp.drop_tunnel(tunnel_id)
         self._added_live.discard(tunnel_id)
         if self.session is not None:
             self._unbound.add(tunnel_id)
@@ -450,6 +471,13 @@ class TunnelClient:
         if connecting is not None:
             connecting.cancel()
 
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
+        spec = self.tunnels.get(datagram.tunnel)
+        if session is not self.session or spec is None or spec.kind != "udp":
+            self.udp.counters(datagram.tunnel).drops["unknown_tunnel"] += 1  # removed meanwhile
+            return
+        self.udp.deliver(spec, self.bound.get(spec.tunnel_id), datagram)
+
     def control_frame(self, session: Session, frame: Frame) -> None:
         if self.state is ClientState.FAILED:
             return  # leaving: a BOUND read with the fatal refusal is not "tunnel ready"
@@ -475,10 +503,12 @@ class TunnelClient:
         host = answer.host if answer.host is not None else spec.bind_host
         self.bound[spec.tunnel_id] = (host, answer.port)
         self._taken_over.discard(spec.tunnel_id)
-        self.tunnel_names[spec.tunnel_id] = tunnel_name(host, answer.port)
+        prefix = "udp:" if spec.kind == "udp" else ""
+        self.tunnel_names[spec.tunnel_id] = prefix + tunnel_name(host, answer.port)
         self.log.info(
             "tunnel ready: {address} -> {target}",
-            address=public_address(host, answer.port, self.config.server_host), target=spec.target,
+            address=prefix + public_address(host, answer.port, self.config.server_host),
+            target=prefix + spec.target, kind=spec.kind,
             server=bracket(self.config.server_host), port=answer.port,
             event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
         )

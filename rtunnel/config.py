@@ -122,7 +122,7 @@ class TunnelSpec:
     target_host: str
     target_port: int
     proxy_protocol: str = "off"
-    kind: str = "tcp"  # "http" or "tls": a hostname on the server's shared ports (#15)
+    kind: str = "tcp"  # "udp": -f udp:PORT -t udp:PORT; "http" or "tls": a hostname on the server's shared ports (#15)
     hostname: str = ""  # of an "http"/"tls" tunnel: a label of the server's --domain, or a full name
 
     @property
@@ -137,11 +137,33 @@ def tunnel_spec(
     """One tunnel from its -f/-t pair (or a [[tunnel]]'s forward and to):
     forward is [BIND:]PORT (BIND an IP address, else the server picks; port
     0: the server picks), to is [HOST:]PORT (host localhost). `*_what`
-    start the error messages ("-f/--forward")."""
+    start the error messages ("-f/--forward"). A UDP tunnel has `udp:` in
+    front of both (`udp:5353`, `udp:127.0.0.1:53`)."""
+    forward_udp, forward = _strip_udp(forward)
+    to_udp, to = _strip_udp(to)
+    if forward_udp != to_udp:
+        raise ConfigError(
+            f"{forward_what} {'udp:' if forward_udp else ''}{forward} and {to_what} {'udp:' if to_udp else ''}{to}: "
+            "a UDP tunnel has udp: on both sides (e.g. -f udp:5353 -t udp:127.0.0.1:53)"
+        )
+    kind = "udp" if forward_udp else "tcp"
+    if kind == "udp" and proxy_protocol == "v1":
+        raise ConfigError(
+            f"{forward_what} udp:{forward}: PROXY protocol v1 is for TCP only; UDP tunnels take "
+            "proxy_protocol v2 (a header in front of each datagram) or off"
+        )
     bind_host, bind_port = parse_host_port(forward, forward_what, SERVER_DEFAULT_BIND, allow_zero=True)
     check_bind(bind_host, forward_what)
     target_host, target_port = parse_host_port(to, to_what, "localhost")
-    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol)
+    return TunnelSpec(tunnel_id, bind_host, bind_port, target_host, target_port, proxy_protocol, kind)
+
+
+def _strip_udp(text: str) -> tuple[bool, str]:
+    """(True, rest) for `udp:rest`, else (False, text); `tcp:` is accepted too."""
+    head, sep, rest = text.partition(":")
+    if sep and head.lower() in ("udp", "tcp"):
+        return head.lower() == "udp", rest
+    return False, text
 
 
 def hostname_spec(tunnel_id: int, kind: str, hostname: str, to: str, proxy_protocol: str, what: str) -> TunnelSpec:
@@ -157,14 +179,12 @@ def hostname_spec(tunnel_id: int, kind: str, hostname: str, to: str, proxy_proto
 def same_forward(tunnels: Iterable[TunnelSpec], spec: TunnelSpec) -> TunnelSpec | None:
     """The tunnel among `tunnels` that forwards the same fixed [BIND:]PORT
     as `spec` (a port can be forwarded once; port 0 may repeat)."""
-    if spec.kind != "tcp":
+    if spec.kind in ("http", "tls"):
         return next((t for t in tunnels if (t.kind, t.hostname) == (spec.kind, spec.hostname)), None)
     if not spec.bind_port:
         return None
-    return next(
-        (t for t in tunnels if t.kind == "tcp" and (t.bind_host, t.bind_port) == (spec.bind_host, spec.bind_port)),
-        None,
-    )
+    key = (spec.kind, spec.bind_host, spec.bind_port)
+    return next((t for t in tunnels if (t.kind, t.bind_host, t.bind_port) == key), None)
 
 
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"  # the default --acme-directory
@@ -213,6 +233,8 @@ class ServerConfig:
     fleet_prefix: str = "/rtunnel/"
     fleet_lease_ttl: int = 5
     http: HttpSettings = field(default_factory=HttpSettings)  # the shared HTTP/HTTPS ports (#15)
+    udp_idle_timeout: float = 60.0  # a UDP flow (one visitor address) silent this long is forgotten
+    udp_max_flows: int = 4096  # flows per UDP tunnel; datagrams of further visitors are dropped
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:
@@ -235,6 +257,8 @@ class ClientConfig:
     connect_timeout: float = 10.0
     metrics: str | None = None  # endpoint serving /metrics (rtunnel.metrics), off when None
     max_retries: int | None = None  # give up after this many failed attempts in a row; None: never
+    udp_idle_timeout: float = 60.0  # a UDP flow's local socket is closed after this long without a datagram
+    udp_max_flows: int = 4096  # local UDP sockets per UDP tunnel; datagrams of further flows are dropped
 
 
 __all__ = [

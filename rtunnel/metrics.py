@@ -127,6 +127,7 @@ class ServerCollector:
             self.limits,
             self.fleet,
             self.hostnames,
+            self.udp,
         ]
 
     def collect(self) -> Iterator[Metric]:
@@ -353,6 +354,54 @@ class ServerCollector:
         for (member, direction), n in sorted(links.link_bytes().items()):
             link_bytes.add_metric([member, direction], n)
         yield link_bytes
+    def udp(self, server: TunnelServer) -> Iterator[Metric]:
+        """UDP tunnels (docs/udp.md): flows, datagrams and bytes each way,
+        drops by reason, per bound UDP port (counted while it is bound)."""
+        families = _UdpFamilies(["client", "tunnel"], "to_client", "from_client")
+        for tunnel in list(server.udp.tunnels.values()):
+            owner = tunnel.owner
+            if owner is None:
+                continue
+            families.add(
+                [owner.credential, owner.tunnel_names.get(tunnel.tunnel_id, "?")], len(tunnel.flows),
+                tunnel.flows_opened, (tunnel.datagrams_in, tunnel.bytes_in),
+                (tunnel.datagrams_out, tunnel.bytes_out), tunnel.drops,
+            )
+        yield from families.families()
+
+
+class _UdpFamilies:
+    """rtunnel_udp_*: one set of series per UDP tunnel."""
+
+    def __init__(self, labels: list[str], inward: str, outward: str) -> None:
+        self.inward, self.outward = inward, outward
+        self.flows = GaugeMetricFamily("rtunnel_udp_flows", "UDP flows (visitor addresses) now.", labels=labels)
+        self.opened = CounterMetricFamily("rtunnel_udp_flows_opened", "UDP flows opened.", labels=labels)
+        self.datagrams = CounterMetricFamily(
+            "rtunnel_udp_datagrams", "Datagrams of UDP tunnels; direction to_client: from visitors "
+            "towards the client's service, from_client: its replies.", labels=[*labels, "direction"],
+        )
+        self.bytes = CounterMetricFamily(
+            "rtunnel_udp_bytes", "Payload bytes of those datagrams.", labels=[*labels, "direction"],
+        )
+        self.dropped = CounterMetricFamily(
+            "rtunnel_udp_dropped", "Datagrams dropped, by reason (docs/udp.md).", labels=[*labels, "reason"],
+        )
+
+    def add(
+        self, key: list[str], flows: int, opened: int, inward: tuple[int, int], outward: tuple[int, int],
+        drops: Any,
+    ) -> None:
+        self.flows.add_metric(key, flows)
+        self.opened.add_metric(key, opened)
+        for direction, (datagrams, size) in ((self.inward, inward), (self.outward, outward)):
+            self.datagrams.add_metric([*key, direction], datagrams)
+            self.bytes.add_metric([*key, direction], size)
+        for reason, n in sorted(drops.items()):
+            self.dropped.add_metric([*key, reason], n)
+
+    def families(self) -> list[Metric]:
+        return [self.flows, self.opened, self.datagrams, self.bytes, self.dropped]
 
 
 class ClientCollector:
@@ -363,6 +412,7 @@ class ClientCollector:
         self.sections: list[Callable[[TunnelClient], Iterable[Metric]]] = [
             self.link,
             self.streams,
+            self.udp,
             # `limits` adds its section here, if the client gets limits
         ]
 
@@ -403,6 +453,19 @@ class ClientCollector:
         closed = client.traffic.closed
         for key in sorted(set(live) | set(closed)):
             families.add(key[1:], live.get(key, StreamTotals()), closed.get(key))
+        yield from families.families()
+
+    def udp(self, client: TunnelClient) -> Iterator[Metric]:
+        """The client's UDP tunnels: its flows (local sockets) and what went
+        through them (`to_client`: from the server to the target)."""
+        families = _UdpFamilies(["tunnel"], "to_client", "from_client")
+        udp = client.udp
+        for tunnel_id, counters in sorted(udp.tunnels.items()):
+            families.add(
+                [client.tunnel_name(tunnel_id)], udp.per_tunnel[tunnel_id], counters.flows_opened,
+                (counters.datagrams_in, counters.bytes_in), (counters.datagrams_out, counters.bytes_out),
+                counters.drops,
+            )
         yield from families.families()
 
 

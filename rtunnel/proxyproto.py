@@ -29,6 +29,7 @@ V1_UNKNOWN = b"PROXY UNKNOWN\r\n"
 _V2_HEAD = struct.Struct("!12sBBH")  # signature, version|command, family|protocol, length
 _V2_LOCAL, _V2_PROXY = 0x20, 0x21  # version 2, command LOCAL / PROXY
 _V2_UNSPEC, _V2_TCP4, _V2_TCP6 = 0x00, 0x11, 0x21  # family|protocol: unspec, TCP over IPv4 / IPv6
+_V2_UDP4, _V2_UDP6 = 0x12, 0x22  # DGRAM (UDP) over IPv4 / IPv6
 _PORTS = struct.Struct("!HH")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -72,15 +73,19 @@ def v1_header(src: Endpoint | None, dst: Endpoint | None) -> bytes:
     return f"PROXY {family} {src_ip} {dst_ip} {src_port} {dst_port}\r\n".encode("ascii")
 
 
-def v2_header(src: Endpoint | None, dst: Endpoint | None) -> bytes:
-    """The version 2 binary header: PROXY command, TCP over IPv4 or IPv6,
-    no TLVs; a LOCAL command with no addresses when they are unknown or mixed."""
+def v2_header(src: Endpoint | None, dst: Endpoint | None, datagram: bool = False) -> bytes:
+    """The version 2 binary header: PROXY command, TCP (or with `datagram`,
+    UDP: DGRAM) over IPv4 or IPv6, no TLVs; a LOCAL command with no
+    addresses when they are unknown or mixed."""
     pair = _same_family(src, dst)
     if pair is None:
         return _V2_HEAD.pack(V2_SIGNATURE, _V2_LOCAL, _V2_UNSPEC, 0)
     (src_ip, src_port), (dst_ip, dst_port) = pair
     body = src_ip.packed + dst_ip.packed + _PORTS.pack(src_port, dst_port)
-    family = _V2_TCP4 if src_ip.version == 4 else _V2_TCP6
+    if datagram:
+        family = _V2_UDP4 if src_ip.version == 4 else _V2_UDP6
+    else:
+        family = _V2_TCP4 if src_ip.version == 4 else _V2_TCP6
     return _V2_HEAD.pack(V2_SIGNATURE, _V2_PROXY, family, len(body)) + body
 
 
@@ -96,4 +101,18 @@ def header(version: str, src: Any, dst: Any) -> bytes:
     raise ValueError(f"PROXY protocol version {version!r} is not one of {', '.join(VERSIONS)}")
 
 
-__all__ = ["OFF", "V1", "V2", "VERSIONS", "endpoint", "header", "v1_header", "v2_header"]
+def datagram_header(src: Any, dst: Any) -> bytes:
+    """The v2 header a UDP tunnel puts in front of each datagram to its
+    target (HAProxy's DGRAM): the visitor `src` and the server's public
+    port `dst` ([host, port] each). A wildcard `dst` host (`::`,
+    `0.0.0.0`: the port is bound on every address and the server does not
+    say which one the visitor reached) becomes the unspecified address of
+    the visitor's family; an unknown `src` gives a LOCAL header."""
+    source, destination = endpoint(src), endpoint(dst)
+    if source is not None and destination is not None and destination[0].is_unspecified:
+        unspecified = ipaddress.ip_address("0.0.0.0" if source[0].version == 4 else "::")
+        destination = (unspecified, destination[1])
+    return v2_header(source, destination, datagram=True)
+
+
+__all__ = ["OFF", "V1", "V2", "VERSIONS", "datagram_header", "endpoint", "header", "v1_header", "v2_header"]

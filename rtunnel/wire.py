@@ -8,6 +8,7 @@ buffered. See docs/protocol.md for the format.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import json
 import struct
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ U64 = struct.Struct(">Q")
 WINDOW_BODY = struct.Struct(">QI")
 RESUME_HEAD = struct.Struct(">QI")
 RESUME_ENTRY = struct.Struct(">IQQ")
+DATAGRAM_HEAD = struct.Struct(">II")  # tunnel, flow
 
 HANDSHAKE_MAX_FRAME = 65536
 DEFAULT_MAX_FRAME = 1 << 20
@@ -30,6 +32,7 @@ MAX_U32 = (1 << 32) - 1
 MAX_U64 = (1 << 64) - 1
 
 FLAG_PONG = 0x01
+FLAG_ADDRESS = 0x01  # on DATAGRAM (server -> client): the visitor's address follows the flow id
 MAX_REASON = 1024  # bytes of UTF-8 in an RST/GOAWAY/ERROR reason
 
 # HELLO's fields (docs/protocol.md "Handshake")
@@ -58,6 +61,7 @@ class FrameType(enum.IntEnum):
     GOAWAY = 13
     ERROR = 14
     UNBIND = 15
+    DATAGRAM = 16
 
 
 #: Frames kept until the peer acknowledges them, and replayed on resume.
@@ -234,6 +238,82 @@ def encode_resume(state: ResumeState) -> bytes:
     return encode(FrameType.RESUME, 0, b"".join(parts))
 
 
+def datagram_header(
+    tunnel_id: int, flow_id: int, payload_size: int, address: tuple[str, int] | None = None,
+) -> bytes:
+    """The frame header and DATAGRAM head of a datagram of `payload_size`
+    bytes (the payload follows unjoined): tunnel and flow id, and with
+    `address` (an IP literal and a port) the FLAG_ADDRESS block."""
+    head = DATAGRAM_HEAD.pack(tunnel_id, flow_id)
+    flags = 0
+    if address is not None:
+        head += encode_address(*address)
+        flags = FLAG_ADDRESS
+    return HEADER.pack(FrameType.DATAGRAM, flags, 0, len(head) + payload_size) + head
+
+
+def encode_datagram(
+    tunnel_id: int, flow_id: int, payload: bytes, address: tuple[str, int] | None = None,
+) -> bytes:
+    """One whole DATAGRAM frame."""
+    return datagram_header(tunnel_id, flow_id, len(payload), address) + payload
+
+
+def encode_address(host: str, port: int) -> bytes:
+    """A DATAGRAM's address block: family (4 or 6), the address, the port.
+    An IPv4-mapped IPv6 address is sent as IPv4."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return bytes((ip.version,)) + ip.packed + U16.pack(port)
+
+
+#: The largest DATAGRAM head: tunnel, flow and an IPv6 address block.
+DATAGRAM_OVERHEAD = DATAGRAM_HEAD.size + 1 + 16 + U16.size
+
+
+def max_datagram_payload(peer_max_frame: int) -> int:
+    """The largest payload a DATAGRAM to a peer with `peer_max_frame` may
+    carry, whatever its head (a UDP datagram is at most 65 507 bytes)."""
+    return min(peer_max_frame - DATAGRAM_OVERHEAD, MAX_UDP_PAYLOAD)
+
+
+MAX_UDP_PAYLOAD = 65507  # the largest UDP payload over IPv4
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """A decoded DATAGRAM: `address` is the visitor's (host, port), present
+    only when the server sent FLAG_ADDRESS."""
+
+    tunnel: int
+    flow: int
+    address: tuple[str, int] | None
+    payload: bytes
+
+
+def decode_datagram(frame: Frame) -> Datagram:
+    """Parse a DATAGRAM body; FrameError for a malformed address block."""
+    body = frame.body
+    tunnel, flow = DATAGRAM_HEAD.unpack_from(body)
+    pos = DATAGRAM_HEAD.size
+    address = None
+    if frame.flags & FLAG_ADDRESS:
+        family = body[pos] if len(body) > pos else 0
+        size = {4: 4, 6: 16}.get(family)
+        if size is None:
+            raise FrameError(f"DATAGRAM address family must be 4 or 6, got {family}")
+        end = pos + 1 + size + U16.size
+        if len(body) < end:
+            raise FrameError(f"DATAGRAM body of {len(body)} bytes is too short for its IPv{family} address")
+        raw = bytes(body[pos + 1:pos + 1 + size])
+        host = str(ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw))
+        (port,) = U16.unpack_from(body, pos + 1 + size)
+        address = (host, port)
+        pos = end
+    return Datagram(tunnel, flow, address, bytes(body[pos:]))
+
+
 # ---------------------------------------------------------------- decoding
 
 
@@ -357,12 +437,13 @@ _MIN_SIZE = {
     FrameType.BOUND: 2,
     FrameType.BIND_FAILED: 2,
     FrameType.UNBIND: 2,
+    FrameType.DATAGRAM: DATAGRAM_HEAD.size,
 }
 
 
 def check_frame(ftype: FrameType, flags: int, stream_id: int, length: int) -> None:
     """Raise FrameError if a header is invalid for its type (size, flags, id)."""
-    if flags and not (ftype is FrameType.PING and flags == FLAG_PONG):
+    if flags and not (ftype in (FrameType.PING, FrameType.DATAGRAM) and flags == FLAG_PONG):
         raise FrameError(f"{ftype.name} frame has unknown flags 0x{flags:02x}")
     if (ftype in STREAM_FRAMES) != (stream_id != 0):
         where = "a stream id" if ftype in STREAM_FRAMES else "stream id 0"

@@ -258,6 +258,7 @@ class RecordingDelegate:
         self.closed: list[int] = []
         self.streams: dict[int, Stream] = {}
         self.ends: dict[int, LocalEnd] = {}
+        self.datagrams: list[wire.Datagram] = []
 
     def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None:
         self.opened.append((stream.id, tunnel_id, info))
@@ -270,6 +271,9 @@ class RecordingDelegate:
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
         self.closed.append(stream.id)
+
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
+        self.datagrams.append(datagram)
 
 
 class Pair:

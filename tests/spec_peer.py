@@ -6,7 +6,8 @@ json, selectors), imports neither rtunnel nor Twisted, and was written
 by reading the document, not the code. It does the handshake, binds its
 tunnels, accepts OPENs, connects to the targets, relays DATA both ways
 within WINDOW credit, carries half-closes (FIN), resets (RST),
-acknowledges reliable frames (ACK) and answers PINGs. It does not resume:
+acknowledges reliable frames (ACK) and answers PINGs, and relays the
+datagrams of UDP tunnels (a socket per flow, "Datagrams"). It does not resume:
 a new link would start a new session ("Writing a peer: what is required",
 resume is optional for a client), so it simply ends when its link ends.
 
@@ -56,13 +57,15 @@ BIND_RETRY = 5.0
 LINK_HIGH_WATER = 1 << 20  # stop reading targets while this much waits for the link
 
 DATA, WINDOW, OPEN, FIN, RST, PING, ACK, HELLO, WELCOME, RESUME = range(10)
-BIND, BOUND, BIND_FAILED, GOAWAY, ERROR, UNBIND = range(10, 16)
+BIND, BOUND, BIND_FAILED, GOAWAY, ERROR, UNBIND, DATAGRAM = range(10, 17)
 RELIABLE = {OPEN, FIN, RST, BIND, BOUND, BIND_FAILED, UNBIND}
 STREAM_TYPES = {DATA, WINDOW, OPEN, FIN, RST}
 EXACT = {WINDOW: 12, FIN: 8, PING: 8, ACK: 8}
 MINIMUM = {DATA: 1, OPEN: 6, RST: 2, GOAWAY: 2, ERROR: 2, RESUME: 12,
-           HELLO: 2, WELCOME: 2, BIND: 2, BOUND: 2, BIND_FAILED: 2, UNBIND: 2}
+           HELLO: 2, WELCOME: 2, BIND: 2, BOUND: 2, BIND_FAILED: 2, UNBIND: 2, DATAGRAM: 8}
 FLAG_PONG = 0x01
+FLAG_ADDRESS = 0x01  # on DATAGRAM from the server: the visitor's address follows the flow id
+DATAGRAM_HEAD = struct.Struct(">II")  # tunnel, flow
 
 # RST codes
 REFUSED, UNREACHABLE, TIMEOUT, ABORTED, EXPIRED, LIMIT, SHUTDOWN = range(1, 8)
@@ -90,6 +93,18 @@ class Tunnel:
     target_port: int
     bound_port: int | None = None
     failed: str | None = None
+    kind: str = "tcp"  # "udp": datagrams (docs "Datagrams")
+
+
+@dataclass
+class Flow:
+    """One flow of a UDP tunnel: a socket connected to the target."""
+
+    tunnel: Tunnel
+    flow_id: int
+    sock: socket.socket
+    address: tuple[str, int] | None = None  # the visitor's, once the server says
+    last: float = 0.0
 
 
 @dataclass
@@ -138,12 +153,17 @@ class SpecPeer:
         self.server = server
         self.token = token
         self.fingerprint = fingerprint.lower().replace(":", "").removeprefix("sha256") if fingerprint else None
-        self.tunnels = {i: Tunnel(i, *spec) for i, spec in enumerate(tunnels, start=1)}
+        self.tunnels = {i: Tunnel(i, *spec[:4]) for i, spec in enumerate(tunnels, start=1)}
+        for i, spec in enumerate(tunnels, start=1):
+            if len(spec) > 4:
+                self.tunnels[i].kind = spec[4]
+        self.flows: dict[tuple[int, int], Flow] = {}
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.ready = threading.Event()
         self.finished = threading.Event()
         self.error: str | None = None  # why the link ended, if not by stop()
         self.session: str | None = None
+        self.features: list[str] = ["tcp"]
         self.streams: dict[int, Stream] = {}
         self.highest_open = 0
         self.peer_max_frame = 1 << 20
@@ -153,7 +173,7 @@ class SpecPeer:
         self.reliable_reported = 0
         self.ack_due: float | None = None
         # counters a test can read
-        self.stats = {"acks_sent": 0, "pongs_sent": 0, "windows_sent": 0, "opens": 0, "rst_sent": 0,
+        self.stats = {"datagrams_received": 0, "datagrams_sent": 0, "datagrams_dropped": 0, "acks_sent": 0, "pongs_sent": 0, "windows_sent": 0, "opens": 0, "rst_sent": 0,
                       "rst_received": 0, "fins_sent": 0, "fins_received": 0, "acks_received": 0}
         self._sel = selectors.DefaultSelector()
         self._link: ssl.SSLSocket | None = None
@@ -242,6 +262,8 @@ class SpecPeer:
                         self._read_link()
                     if events & selectors.EVENT_WRITE:
                         self._flush_link()
+                elif isinstance(key.data, Flow):
+                    self._flow_readable(key.data)
                 else:
                     self._target_event(key.data, events)
                 if self.finished.is_set():
@@ -280,6 +302,9 @@ class SpecPeer:
                     and stream.sent < stream.send_limit):
                 events |= selectors.EVENT_READ
             wanted[stream.sock] = (events, stream)
+        for flow in self.flows.values():
+            if not link_full:  # a datagram the link cannot take now waits in the socket (or is lost)
+                wanted[flow.sock] = (selectors.EVENT_READ, flow)
         for sock in list(self._registered):
             if sock not in wanted or not wanted[sock][0]:
                 self._sel.unregister(sock)
@@ -327,11 +352,11 @@ class SpecPeer:
         try:
             while len(buf) - pos >= HEADER.size and not self.finished.is_set():
                 ftype, flags, sid, length = HEADER.unpack_from(buf, pos)
-                if ftype > UNBIND:
+                if ftype > DATAGRAM:
                     raise PeerError(f"unknown frame type {ftype}")
                 if length > self._max_in:
                     raise PeerError(f"frame of {length} bytes exceeds my maximum {self._max_in}")
-                if flags and not (ftype == PING and flags == FLAG_PONG):
+                if flags and not (ftype in (PING, DATAGRAM) and flags == 0x01):
                     raise PeerError(f"frame type {ftype} with flags {flags:#x}")
                 if (ftype in STREAM_TYPES) != (sid != 0):
                     raise PeerError(f"frame type {ftype} on the wrong stream id {sid}")
@@ -401,6 +426,8 @@ class SpecPeer:
             self._bound(self._json(body))
         elif ftype == BIND_FAILED:
             self._bind_failed(self._json(body))
+        elif ftype == DATAGRAM:
+            self._datagram(flags, body)
         elif ftype == GOAWAY:
             self.log("server says GOAWAY: it accepts no new streams; existing ones drain")
         else:  # HELLO, WELCOME again, RESUME (never negotiated), BIND, UNBIND
@@ -415,6 +442,7 @@ class SpecPeer:
         if not isinstance(max_frame, int) or isinstance(max_frame, bool) or max_frame < 16384:
             raise PeerError("WELCOME max_frame must be an integer >= 16384")
         self.session = session
+        self.features = body.get("features", ["tcp"])
         self.peer_max_frame = min(max_frame, 2**32 - 1)
         self._handshaken = True
         self._max_in = MY_MAX_FRAME
@@ -427,7 +455,13 @@ class SpecPeer:
         self._send(data)
 
     def _bind(self, tunnel: Tunnel) -> None:
-        body = {"tunnel": tunnel.tunnel_id, "host": tunnel.bind_host, "port": tunnel.bind_port}
+        body: dict[str, Any] = {"tunnel": tunnel.tunnel_id, "host": tunnel.bind_host, "port": tunnel.bind_port}
+        if tunnel.kind != "tcp":
+            if tunnel.kind not in self.features:
+                tunnel.failed = f"the server does not serve {tunnel.kind} tunnels"
+                self._check_ready()
+                return
+            body["kind"] = tunnel.kind
         self._send_reliable(frame(BIND, 0, json.dumps(body).encode()))
 
     def _tunnel_of(self, body: dict[str, Any]) -> Tunnel:
@@ -638,6 +672,56 @@ class SpecPeer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()
 
+    # ------------------------------------------------------------ datagrams
+
+    def _datagram(self, flags: int, body: bytes) -> None:
+        """A visitor's datagram: to the target from the flow's own socket."""
+        tunnel_id, flow_id = DATAGRAM_HEAD.unpack_from(body)
+        pos = DATAGRAM_HEAD.size
+        address = None
+        if flags & FLAG_ADDRESS:
+            family = body[pos] if len(body) > pos else 0
+            size = {4: 4, 6: 16}.get(family)
+            if size is None or len(body) < pos + 1 + size + 2:
+                raise PeerError(f"DATAGRAM with a bad address block (family {family})")
+            raw = body[pos + 1:pos + 1 + size]
+            host = socket.inet_ntop(socket.AF_INET if family == 4 else socket.AF_INET6, raw)
+            address = (host, U16.unpack_from(body, pos + 1 + size)[0])
+            pos += 1 + size + 2
+        payload = body[pos:]
+        self.stats["datagrams_received"] += 1
+        tunnel = self.tunnels.get(tunnel_id)
+        if tunnel is None or tunnel.kind != "udp":
+            self.stats["datagrams_dropped"] += 1  # not an error: dropped
+            return
+        flow = self.flows.get((tunnel_id, flow_id))
+        if flow is None:
+            info = socket.getaddrinfo(tunnel.target_host, tunnel.target_port, type=socket.SOCK_DGRAM)[0]
+            sock = socket.socket(info[0], socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.connect(info[4])
+            flow = self.flows[(tunnel_id, flow_id)] = Flow(tunnel, flow_id, sock)
+        if address is not None:
+            flow.address = address
+        flow.last = time.monotonic()
+        try:
+            flow.sock.send(payload)
+        except OSError:
+            self.stats["datagrams_dropped"] += 1
+
+    def _flow_readable(self, flow: Flow) -> None:
+        """The target answered on a flow's socket: a DATAGRAM back, no flag."""
+        for _ in range(64):
+            try:
+                payload = flow.sock.recv(65535)
+            except (BlockingIOError, ConnectionRefusedError):
+                return
+            if len(payload) + DATAGRAM_HEAD.size > self.peer_max_frame:
+                self.stats["datagrams_dropped"] += 1
+                continue
+            self.stats["datagrams_sent"] += 1
+            self._send(frame(DATAGRAM, 0, DATAGRAM_HEAD.pack(flow.tunnel.tunnel_id, flow.flow_id) + payload))
+
     # ------------------------------------------------------------ ending
 
     def _goodbye(self) -> None:
@@ -662,6 +746,9 @@ class SpecPeer:
     def _close_all(self) -> None:
         for stream in list(self.streams.values()):
             self._forget(stream, abort=True)
+        for flow in self.flows.values():
+            flow.sock.close()
+        self.flows.clear()
         if self._link is not None:
             try:
                 self._link.close()

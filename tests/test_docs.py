@@ -22,7 +22,7 @@ from rtunnel.client import BIND_RETRY_DELAY
 from rtunnel.config import ClientConfig
 from rtunnel.limits import MAX_KINDS
 from rtunnel.mux import SessionSettings
-from rtunnel.server import sni
+from rtunnel.server import sni, udp
 from rtunnel.tap import MIN_MAX_STREAM_WINDOW, MIN_SESSION_BUFFER
 from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
@@ -128,6 +128,8 @@ class LimitTableTests(SynchronousTestCase):
         "addresses remembered by the rate limit": guard.DEFAULT_MAX_ADDRESSES,
         "frame size before the handshake": wire.HANDSHAKE_MAX_FRAME,
         "ClientHello read for SNI on `--https`": sni.MAX_HELLO,
+        "datagrams written to a backed-up link, until it drains": SessionSettings().datagram_backlog,
+        "UDP datagrams read per socket per reactor turn": udp.DATAGRAMS_PER_TURN,
     }
     # rows whose limit is the system's, not a number of ours (rtunnel.descriptors)
     SYSTEM = {

@@ -87,3 +87,17 @@ class ProtocolDocTests(unittest.TestCase):
         for word in ("MUST", "MUST NOT", "SHOULD", "MAY", "RFC 2119"):
             self.assertInDoc(word)
         self.assertInDoc("## Limits a peer must respect")
+
+    def test_datagram_section_says_what_the_codec_does(self):
+        """The DATAGRAM layout a third party implements ("Datagrams") is the
+        codec's: head, address flag, the largest head a sender allows for."""
+        self.assertInDoc("DATAGRAM body: tunnel: u32, flow: u32,")
+        self.assertInDoc("[flag 0x01: family: u8 (4 or 6), address: 4 or 16 bytes, port: u16]")
+        self.assertEqual(wire.FLAG_ADDRESS, 0x01)
+        self.assertEqual(wire._MIN_SIZE[FrameType.DATAGRAM], 8)
+        self.assertInDoc(f"`max_frame − {wire.DATAGRAM_OVERHEAD}`")
+        self.assertInDoc(f"at most {wire.MAX_UDP_PAYLOAD:,}".replace(",", " "))
+        self.assertNotIn(FrameType.DATAGRAM, wire.RELIABLE)
+        frame = wire.encode_datagram(7, 9, b"hi", ("192.0.2.1", 53))
+        body = frame[wire.HEADER_SIZE:]
+        self.assertEqual(body, bytes.fromhex("00000007" "00000009" "04" "c0000201" "0035") + b"hi")

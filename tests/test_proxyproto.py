@@ -433,3 +433,22 @@ class ClientOption(unittest.TestCase):
         path.write_text(f'server = "127.0.0.1"\nfingerprint = "{FP}"\ntoken = "t"\nproxy_protocol = "v2"\n')
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", str(path)])
         self.assertIn("line 4: proxy_protocol is a setting of each tunnel", str(e))
+
+
+class DatagramHeaderTests(unittest.TestCase):
+    """The v2 header of UDP tunnels (DGRAM), by hand from proxy-protocol.txt 2.2."""
+
+    def test_udp_over_ipv6_and_ipv4(self):
+        six = proxyproto.datagram_header(["2001:db8::1", 5353], ["2001:db8::2", 53])
+        self.assertEqual(six[12:16], bytes((0x21, 0x22, 0, 36)))
+        four = proxyproto.datagram_header(["::ffff:198.51.100.7", 40000], ["203.0.113.5", 53])
+        self.assertEqual(
+            four[12:], bytes((0x21, 0x12, 0, 12, 198, 51, 100, 7, 203, 0, 113, 5)) + struct.pack("!HH", 40000, 53),
+        )
+
+    def test_a_wildcard_public_address_becomes_the_unspecified_one_of_the_visitors_family(self):
+        four = proxyproto.datagram_header(["198.51.100.7", 40000], ["::", 53])
+        self.assertEqual(four[12:24], bytes((0x21, 0x12, 0, 12, 198, 51, 100, 7, 0, 0, 0, 0)))
+
+    def test_an_unknown_visitor_gives_a_local_header(self):
+        self.assertEqual(proxyproto.datagram_header(None, ["127.0.0.1", 53])[12:], bytes((0x20, 0, 0, 0)))

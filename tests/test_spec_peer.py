@@ -11,7 +11,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import DatagramProtocol
 from twisted.trial import unittest
 
 from rtunnel.link import Keepalive
@@ -150,3 +151,50 @@ class SpecPeerTests(unittest.TestCase):
                 imported.add(node.module.split(".")[0])
         self.assertFalse(imported & {"rtunnel", "twisted", "zope", "OpenSSL", "tests"}, imported)
         self.assertIn("ssl", imported)
+
+    @defer.inlineCallbacks
+    def test_udp_visitors_each_get_their_own_answers_through_the_spec_peer(self):
+        """DATAGRAM as docs/protocol.md "Datagrams" has it: the server names
+        flows and tells the address once; the peer answers on the flow id."""
+        echo = _UdpEcho()
+        target = reactor.listenUDP(0, echo, interface="127.0.0.1")
+        self.addCleanup(target.stopListening)
+        self.tunnel = Tunnel(self)
+        yield self.tunnel.start_server()
+        peer = spec_peer.SpecPeer(
+            ("127.0.0.1", self.tunnel.control_port), TOKEN, self.tunnel.fingerprint,
+            [("127.0.0.1", 0, "127.0.0.1", target.getHost().port, "udp")], log=lambda message: None,
+        )
+        self.peer = peer.start()
+        self.addCleanup(peer.stop)
+        yield wait_until(peer.ready.is_set, 10)
+        port = peer.tunnels[1].bound_port
+        self.assertIsNotNone(port, peer.tunnels[1].failed)
+        visitors = []
+        for i in range(4):
+            visitor = _UdpEcho(answer=False)
+            listening = reactor.listenUDP(0, visitor, interface="127.0.0.1")
+            self.addCleanup(listening.stopListening)
+            visitors.append((visitor, listening.getHost().port))
+            for n in range(2):
+                visitor.transport.write(b"v%d n%d" % (i, n), ("127.0.0.1", port))
+        yield wait_until(lambda: all(len(v.got) == 2 for v, _ in visitors), 10)
+        for i, (visitor, _) in enumerate(visitors):
+            self.assertEqual(sorted(visitor.got), [b"re:v%d n0" % i, b"re:v%d n1" % i])
+        self.assertEqual(
+            sorted(flow.address for flow in peer.flows.values()),
+            sorted(("127.0.0.1", p) for _, p in visitors), "the peer learnt each visitor's address",
+        )
+        self.assertEqual(peer.stats["datagrams_sent"], 8)
+        self.assertIsNone(peer.error)
+
+
+class _UdpEcho(DatagramProtocol):
+    def __init__(self, answer: bool = True) -> None:
+        self.answer = answer
+        self.got: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+        if self.answer:
+            self.transport.write(b"re:" + data, addr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from hypothesis import HealthCheck, given, settings
@@ -514,7 +515,7 @@ class InvalidHeaderTests(SynchronousTestCase):
         for ftype in FrameType:
             sid = 1 if ftype in STREAM_FRAMES else 0
             for flags in range(1, 256):
-                if ftype is FrameType.PING and flags == FLAG_PONG:
+                if ftype in (FrameType.PING, FrameType.DATAGRAM) and flags == 0x01:  # PONG, ADDRESS
                     continue
                 message = header_error(ftype, sid, 12 if ftype is FrameType.WINDOW else 8, flags=flags)
                 self.assertIn(ftype.name, message)
@@ -524,6 +525,70 @@ class InvalidHeaderTests(SynchronousTestCase):
         self.assertEqual(decode_one(wire.encode_ping(1, pong=True)).flags, FLAG_PONG)
         with self.assertRaises(FrameError):
             list(FrameDecoder().feed(wire.encode(FrameType.ACK, 0, bytes(8), flags=FLAG_PONG)))
+
+
+# ---------------------------------------------------------------- datagrams
+
+ipv4_hosts = st.builds(lambda n: str(ipaddress.IPv4Address(n)), st.integers(0, 2**32 - 1))
+ipv6_hosts = st.builds(lambda n: str(ipaddress.IPv6Address(n)), st.integers(0, 2**128 - 1)).filter(
+    lambda h: ipaddress.IPv6Address(h).ipv4_mapped is None
+)
+addresses = st.none() | st.tuples(ipv4_hosts | ipv6_hosts, u16)
+
+
+class DatagramTests(SynchronousTestCase):
+    """DATAGRAM (docs/protocol.md "Datagrams"): tunnel, flow, the optional
+    address block, and a payload of 0 bytes or more."""
+
+    @SETTINGS
+    @given(u32, u32, addresses, st.binary(max_size=3000))
+    def test_datagram_round_trips_tunnel_flow_address_and_payload(
+        self, tunnel: int, flow: int, address: tuple[str, int] | None, payload: bytes,
+    ) -> None:
+        frame = decode_one(wire.encode_datagram(tunnel, flow, payload, address))
+        self.assertEqual(frame.flags, wire.FLAG_ADDRESS if address else 0)
+        self.assertEqual(wire.decode_datagram(frame), wire.Datagram(tunnel, flow, address, payload))
+
+    @SETTINGS
+    @given(u32, u32, addresses, st.binary(max_size=300), st.data())
+    def test_datagrams_cut_anywhere_decode_the_same(
+        self, tunnel: int, flow: int, address: tuple[str, int] | None, payload: bytes, data: st.DataObject,
+    ) -> None:
+        frames = wire.encode_datagram(tunnel, flow, payload, address) * 3
+        decoder = FrameDecoder(DEFAULT_MAX_FRAME)
+        got = [
+            wire.decode_datagram(f)
+            for chunk in data.draw(chunked(frames, max_chunk=data.draw(st.sampled_from([1, 5, 40]))))
+            for f in decoder.feed(chunk)
+        ]
+        self.assertEqual(got, [wire.Datagram(tunnel, flow, address, payload)] * 3)
+
+    def test_an_ipv4_mapped_visitor_is_sent_as_ipv4(self) -> None:
+        frame = decode_one(wire.encode_datagram(1, 2, b"x", ("::ffff:198.51.100.7", 53)))
+        self.assertEqual(wire.decode_datagram(frame).address, ("198.51.100.7", 53))
+
+    def test_the_header_and_payload_are_written_apart(self) -> None:
+        header = wire.datagram_header(3, 4, 5, ("2001:db8::1", 4000))
+        self.assertEqual(len(header), HEADER_SIZE + wire.DATAGRAM_OVERHEAD)
+        self.assertEqual(wire.decode_datagram(decode_one(header + b"hello")).payload, b"hello")
+
+    def test_a_body_shorter_than_tunnel_and_flow_is_refused_from_the_header(self) -> None:
+        self.assertIn("at least 8 bytes", header_error(FrameType.DATAGRAM, 0, 7))
+
+    def test_a_datagram_on_a_stream_id_is_refused(self) -> None:
+        self.assertIn("stream id 0", header_error(FrameType.DATAGRAM, 2, 8))
+
+    def test_a_bad_address_block_is_a_frame_error(self) -> None:
+        for block in (b"", b"\x05" + bytes(6), b"\x04\x01\x02", b"\x06" + bytes(17)):
+            frame = Frame(FrameType.DATAGRAM, wire.FLAG_ADDRESS, 0, bytes(8) + block)
+            with self.assertRaises(FrameError):
+                wire.decode_datagram(frame)
+
+    def test_the_largest_payload_leaves_room_for_the_largest_head(self) -> None:
+        self.assertEqual(wire.max_datagram_payload(MIN_MAX_FRAME), MIN_MAX_FRAME - wire.DATAGRAM_OVERHEAD)
+        self.assertEqual(wire.max_datagram_payload(DEFAULT_MAX_FRAME), 65507)
+        frame = wire.encode_datagram(1, 1, bytes(wire.max_datagram_payload(MIN_MAX_FRAME)), ("::1", 1))
+        self.assertEqual(len(decode_one(frame, MIN_MAX_FRAME).body), MIN_MAX_FRAME)
 
 
 # ---------------------------------------------------------------- body decoders
@@ -624,6 +689,7 @@ DECODERS = {
     FrameType.RESUME: wire.decode_resume,
     FrameType.GOAWAY: wire.decode_coded,
     FrameType.ERROR: wire.decode_coded,
+    FrameType.DATAGRAM: wire.decode_datagram,
     **dict.fromkeys(JSON_FRAMES, wire.decode_json),
 }
 

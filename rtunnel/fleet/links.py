@@ -260,6 +260,9 @@ class EdgeSide:
         if frame.type is not FrameType.GOAWAY:
             raise ProtocolViolation(f"unexpected {frame.type.name} on a member link")
 
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
+        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
+
     def stream_closed(self, session: Session, stream: Stream) -> None:
         pass
 
@@ -274,6 +277,9 @@ class HomeSide:
 
     def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None:
         self.links.visitor_arrived(stream, info, self.edge)
+
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
+        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is not FrameType.GOAWAY:

@@ -45,6 +45,8 @@ class SessionDelegate(TypingProtocol):
 
     def stream_closed(self, session: Session, stream: Stream) -> None: ...
 
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None: ...
+
 
 #: The name the ends used for the link interface before it was LinkPort.
 Link = LinkPort
@@ -87,6 +89,10 @@ class Session:
         self._link_waiters: dict[int, Stream] = {}
         self.bytes_in = 0
         self.bytes_out = 0
+        # datagrams (UDP tunnels): never queued, never replayed (docs/udp.md)
+        self.link_epoch = 0  # one more per attached link: a flow's address is told once per link
+        self.datagram_backlog = 0  # bytes of datagrams written since the link backed up
+        self._flow_backlog: dict[tuple[int, int], int] = {}
         # bandwidth limits (rtunnel.limits.Pacer), set by the server per client
         self.send_pacer: Pacer | None = None
         self.recv_pacer: Pacer | None = None
@@ -108,8 +114,10 @@ class Session:
     def attach(self, link: LinkPort, resuming: bool, peer_max_frame: int) -> None:
         """Run over `link`. When `resuming`, wait for the peer's RESUME first."""
         self.link = link
+        self.link_epoch += 1
         self.peer_max_frame = peer_max_frame
         self._resuming = resuming
+        self._clear_datagram_backlog()
         self._paused = False
         link.watch_writes(self)
         if resuming:
@@ -191,6 +199,7 @@ class Session:
         """The link sent everything it buffered."""
         self._paused = False
         self.budget.reply_backlog = 0
+        self._clear_datagram_backlog()
         if self._link_unread:
             self._link_unread = False
             if self.link is not None:
@@ -263,6 +272,40 @@ class Session:
             "an rtunnel peer acknowledges at least once a second (docs/protocol.md), so this one is broken "
             "or hostile",
         )
+
+    # ------------------------------------------------------------ datagrams
+
+    def send_datagram(
+        self, tunnel_id: int, flow_id: int, payload: bytes, address: tuple[str, int] | None = None,
+    ) -> str | None:
+        """Send one datagram now or never: None if it was written, else why
+        it was dropped ("link_down": no link or a resume under way;
+        "too_big": over the peer's max_frame; "backlog"/"flow_backlog": the
+        link is backed up and the session's, or this flow's, share of
+        datagrams written since is used up). Datagrams are never kept for
+        later, take no stream credit and are not replayed on resume."""
+        if not self.can_send:
+            return "link_down"
+        size = len(payload)
+        if size > wire.max_datagram_payload(self.peer_max_frame):
+            return "too_big"
+        if self._paused:
+            settings = self.settings
+            if self.datagram_backlog + size > settings.datagram_backlog:
+                return "backlog"
+            key = (tunnel_id, flow_id)
+            held = self._flow_backlog.get(key, 0) + size
+            if held > settings.flow_backlog:
+                return "flow_backlog"
+            self._flow_backlog[key] = held
+            self.datagram_backlog += size
+        self.write_frame(wire.datagram_header(tunnel_id, flow_id, size, address), payload)
+        return None
+
+    def _clear_datagram_backlog(self) -> None:
+        self.datagram_backlog = 0
+        if self._flow_backlog:
+            self._flow_backlog = {}
 
     def send_json(self, ftype: FrameType, obj: dict[str, Any]) -> None:
         self.send_reliable(ftype, 0, wire.encode_json(ftype, obj))
@@ -395,6 +438,9 @@ class Session:
             if stream is not None:
                 self.bytes_in += len(frame.body)
                 stream.data_received(frame.body)
+            return
+        if ftype is FrameType.DATAGRAM:
+            self.delegate.datagram_received(self, wire.decode_datagram(frame))
             return
         if ftype is FrameType.WINDOW:
             stream = self._stream_for(frame)

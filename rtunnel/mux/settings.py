@@ -32,3 +32,7 @@ class SessionSettings:
     #: what a local socket's write buffer holds beyond its stream's window
     #: before it pauses the stream (Twisted's bufferSize): reserved per stream
     local_buffer: int = READ_SIZE
+    #: datagrams (UDP tunnels) written while the link is backed up, at most
+    #: this many bytes per session and per flow until it drains; beyond, dropped
+    datagram_backlog: int = 256 * 1024
+    flow_backlog: int = 64 * 1024

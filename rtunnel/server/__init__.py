@@ -41,6 +41,7 @@ from rtunnel.server.handshake import AdmittingFactory, ServerLink
 from rtunnel.server.hostnames import HostRoutes
 from rtunnel.server.ports import BindRefused, PublicPorts, dual_stack
 from rtunnel.server.session import Attachment, ServerSession, SessionState
+from rtunnel.server.udp import UdpPorts
 from rtunnel.server.visitors import PublicListener
 from rtunnel.wire import ErrorCode, FrameType
 
@@ -67,9 +68,10 @@ class TunnelServer:
         self.visitor_gate = DescriptorGate(reactor, "visitor")
         self.ports = PublicPorts(reactor, config, self.claims, self.credentials.policy_for, self.visitor_gate)
         #: the tunnel kinds this server serves (WELCOME "features"; others get BIND_FAILED unsupported)
-        self.tunnel_kinds: tuple[str, ...] = ("tcp", "http", "tls") if config.http.enabled else ("tcp",)
+        self.tunnel_kinds: tuple[str, ...] = ("tcp", "udp", "http", "tls") if config.http.enabled else ("tcp", "udp")
         #: claimed hostnames and their routes (#15); the certificates of the HTTPS port
         self.hostnames = HostRoutes(config.http, self.claims)
+        self.udp = UdpPorts(self, self.claims)  # public UDP ports (#16)
         self.sessions: dict[str, ServerSession] = {}
         self.session_serials: Iterator[int] = itertools.count(1)
         self.links: set[ServerLink] = set()
@@ -291,7 +293,7 @@ class TunnelServer:
         for link in list(self.links):
             if link.session is not None and link.session.can_send:  # not between RESUMEs
                 link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "server shutting down"))
-        stops = self.ports.close_all()
+        stops = self.ports.close_all() + self.udp.close_all()
         self.hostnames.close_all()
         drained: defer.Deferred[None] = defer.Deferred()
         if self._streams_to_drain():

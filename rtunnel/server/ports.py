@@ -195,7 +195,7 @@ class PublicPorts:
         `host:port` or has its most tunnels; return its policy."""
         policy = self.policy_for(owner.credential)
         if policy is None:
-            if len(owner.tunnels) >= self.config.max_tunnels:
+            if owner.tunnel_count >= self.config.max_tunnels:
                 raise BindRefused(
                     "limit",
                     f"at most {self.config.max_tunnels} tunnels per session (--max-tunnels); close one first",
@@ -219,12 +219,20 @@ class PublicPorts:
                 f"bind address {host} is not permitted for client {policy.name} (allowed: "
                 f"{', '.join(policy.bind)})",
             )
-        if len(owner.tunnels) >= policy.max_tunnels:
+        if owner.tunnel_count >= policy.max_tunnels:
             raise BindRefused(
                 "limit",
                 f"client {policy.name} may have at most {policy.max_tunnels} tunnels per session; close one first",
             )
         return policy
+
+    def check_permitted(self, owner: ServerSession, host: str, port: int) -> ClientPolicy | None:
+        """BIND's policy checks, for UDP ports too (rtunnel.server.udp):
+        the same ports and addresses as TCP, the same tunnel count."""
+        return self._check_permitted(owner, host, port)
+
+    def ipv6_only_for(self, credential: str, host: str) -> bool:
+        return self._ipv6_only(credential, host)
 
     @staticmethod
     def _refusal(refusal: ClaimRefused, owner: ServerSession) -> BindRefused:

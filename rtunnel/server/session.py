@@ -25,6 +25,7 @@ from rtunnel.counters import tunnel_name
 from rtunnel.mux import ProtocolViolation, Session, Stream
 from rtunnel.server.hostnames import HostRefused, HostTunnel
 from rtunnel.server.ports import BindRefused
+from rtunnel.server.udp import UdpTunnel
 from rtunnel.server.visitors import PublicListener
 from rtunnel.wire import Frame, FrameType, ResetCode
 
@@ -114,6 +115,7 @@ class ServerSession:
         self.mux_session.replace_pacers(limiter.to_client, limiter.from_client)
         self.tunnels: dict[int, PublicListener] = {}
         self.tunnel_names: dict[int, str] = {}  # tunnel id -> "host:port", kept for the metrics
+        self.udp_tunnels: dict[int, UdpTunnel] = {}  # UDP ports (rtunnel.server.udp), same tunnel ids
         self.link: ServerLink | None = None  # set exactly while ATTACHED or LEAVING
         self.attachment = Attachment.NEW
         self._grace_call: IDelayedCall | None = None
@@ -155,9 +157,14 @@ class ServerSession:
         """For the claims registry: can this session take a port it waited
         for as tunnel `tag` (it has not ended or used the id since)?"""
         return (
-            not self.expired and tag not in self.tunnels and tag not in self._binds_waiting
-            and tag not in self.hostnames
+            not self.expired and tag not in self.tunnels and tag not in self.udp_tunnels
+            and tag not in self._binds_waiting and tag not in self.hostnames
         )
+
+    @property
+    def tunnel_count(self) -> int:
+        """Tunnels bound of every kind (the max_tunnels limit counts them all)."""
+        return len(self.tunnels) + len(self.udp_tunnels) + len(self.hostnames)
 
     # ------------------------------------------------------------ links
 
@@ -212,6 +219,9 @@ class ServerSession:
         for host_tunnel in list(self.hostnames.values()):
             self.server.hostnames.let_go(host_tunnel, self.server.shutting_down)
         self.hostnames.clear()
+        for udp in list(self.udp_tunnels.values()):
+            self.server.udp.let_go(udp)
+        self.udp_tunnels.clear()
         self.mux_session.close(ResetCode.EXPIRED, why)
         self.server.sessions.pop(self.id, None)
         if self.link is not None:
@@ -239,6 +249,17 @@ class ServerSession:
         rebind it in this session. False if there is no such tunnel."""
         if tunnel_id in self.hostnames:
             return self._close_hostname(tunnel_id, why)
+        udp = self.udp_tunnels.pop(tunnel_id, None)
+        if udp is not None:
+            port = udp.key[1] if udp.port is not None else 0
+            self.server.udp.release(udp)
+            self.mux_session.send_json(FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": "closed", "message": why})
+            self.log.info(
+                "UDP tunnel {port} of session {id} closed: {why}", port=port, id=self.id[:8], why=why,
+                event="tunnel_closed", session=self.id[:8], credential=self.credential, tunnel=tunnel_id,
+                host=udp.host, reason=why, kind="udp",
+            )
+            return True
         listener = self.tunnels.pop(tunnel_id, None)
         if listener is None:
             return False
@@ -279,6 +300,27 @@ class ServerSession:
             "keeps asking for it and gets it back when that session lets go of it",
         )
 
+    def took_udp_port(self, tunnel: UdpTunnel, tunnel_id: int, requested_port: int) -> None:
+        """`tunnel`, a UDP port, is ours as tunnel `tunnel_id`: BOUND."""
+        self.udp_tunnels[tunnel_id] = tunnel
+        host, bound_port = tunnel.key
+        self.tunnel_names[tunnel_id] = "udp:" + tunnel_name(host, bound_port)
+        self.log.info(
+            "UDP tunnel bound: {address} for session {id}", address=format_host_port(host, bound_port),
+            host=host, port=bound_port, id=self.id[:8], event="tunnel_bound", session=self.id[:8],
+            credential=self.credential, tunnel=tunnel_id, requested_port=requested_port, kind="udp",
+        )
+        self.mux_session.send_json(FrameType.BOUND, wire.Bound(tunnel_id, host, bound_port, "udp").to_json())
+
+    def lost_udp_port(self, tunnel: UdpTunnel, tunnel_id: int) -> None:
+        """A newer session of our credential took our UDP port (taken_over)."""
+        host, port = tunnel.key
+        self._bind_failed(
+            tunnel_id, "taken_over",
+            f"UDP port {port} on {host} was taken over by a newer session of client {self.credential}; "
+            "this client keeps asking for it and gets it back when that session lets go of it",
+        )
+
     def _bind_failed(self, tunnel_id: int, code: str, message: str) -> None:
         self.mux_session.send_json(FrameType.BIND_FAILED, {"tunnel": tunnel_id, "code": code, "message": message})
 
@@ -291,6 +333,16 @@ class ServerSession:
         self.server.traffic.fold(self.credential, self.tunnel_names.get(stream.tunnel_id, "?"), stream)
         self.server.stream_closed()
 
+    def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
+        """The client's reply on a flow: to its visitor (flows are the server's to name)."""
+        if datagram.address is not None:
+            raise ProtocolViolation("a client's DATAGRAM may not carry an address (flag 0x01)")
+        tunnel = self.udp_tunnels.get(datagram.tunnel)
+        if tunnel is None:
+            self.server.udp.unknown_tunnel += 1  # unbound or taken over meanwhile
+            return
+        tunnel.reply(datagram.flow, datagram.payload)
+
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is FrameType.BIND:
             self._bind(wire.Bind.parse(frame.body))
@@ -300,10 +352,13 @@ class ServerSession:
             host_tunnel = self.hostnames.pop(tunnel_id, None)
             if host_tunnel is not None:
                 self.server.hostnames.let_go(host_tunnel)
+            udp = self.udp_tunnels.pop(tunnel_id, None)
             self._binds_waiting.discard(tunnel_id)
             self.server.claims.stop_waiting(self, tunnel_id)
             if listener is not None:
                 self.server.ports.let_go(listener)
+            if udp is not None:
+                self.server.udp.let_go(udp)
         elif frame.type is FrameType.GOAWAY:
             self._move(AttachmentInput.GOAWAY)
         else:
@@ -311,7 +366,7 @@ class ServerSession:
 
     def _bind(self, bind: wire.Bind, retry: bool = True) -> None:
         tunnel_id, host, port = bind.tunnel, bind.host, bind.port  # host "": PublicPorts.bind_default
-        if tunnel_id in self.tunnels or tunnel_id in self._binds_waiting:
+        if tunnel_id in self.tunnels or tunnel_id in self.udp_tunnels or tunnel_id in self._binds_waiting:
             raise ProtocolViolation(f"BIND reuses tunnel id {tunnel_id}")
         if bind.kind not in self.server.tunnel_kinds:
             self._bind_failed(
@@ -327,6 +382,9 @@ class ServerSession:
             self._bind_failed(
                 tunnel_id, "bad_address", f"bind address {host[:100]!r} is not an IP address; use e.g. 0.0.0.0 or ::",
             )
+            return
+        if bind.kind == "udp":
+            self._bind_udp(bind)
             return
         try:  # a fleet claims the name in etcd first (LocalClaims: None, and on at once)
             acquiring = self.server.ports.acquire(self, tunnel_id, host, port)
@@ -385,6 +443,24 @@ class ServerSession:
             self._bind_failed(tunnel_id, refusal.code, refusal.message)
             return
         self.took_port(listener, tunnel_id, port)
+
+    def _bind_udp(self, bind: wire.Bind) -> None:
+        """BIND of kind "udp": the same policy and claims as a TCP port."""
+        try:
+            tunnel = self.server.udp.bind(self, bind.tunnel, bind.host, bind.port)
+        except BindRefused as refusal:
+            if refusal.code != "taken_over":
+                self.server.refusals.refused(
+                    ("bind_refused", self.id, refusal.code),
+                    "refused to bind UDP {address} for {cred}: {why}",
+                    address=format_host_port(bind.host, bind.port) if bind.host else f"port {bind.port}",
+                    host=bind.host, port=bind.port, cred=self.credential, why=refusal.message,
+                    event="bind_refused", session=self.id[:8], credential=self.credential, tunnel=bind.tunnel,
+                    code=refusal.code, reason=refusal.message, kind="udp",
+                )
+            self._bind_failed(bind.tunnel, refusal.code, refusal.message)
+            return
+        self.took_udp_port(tunnel, bind.tunnel, bind.port)
 
     def _bind_when_closed(self, closing: defer.Deferred[None], bind: wire.Bind) -> None:
         """Try a BIND once more when the port it wants has closed (a listening

@@ -39,9 +39,11 @@ CLIENT_OPTIONS = OptionTable("client", [
         file_doc="the server's control address `HOST[:PORT]`, port 19050 by default (`-c`/`--connect`)",
     ),
     Option(
-        "forward", Kind.COMMAND, "[BIND:]PORT to open on the server (repeatable; 0 = server picks).",
+        "forward", Kind.COMMAND,
+        "[BIND:]PORT to open on the server (repeatable; 0 = server picks; udp:[BIND:]PORT for UDP).",
         short="f", key=None, reload=True, field="tunnels", computed=True, metavar="[BIND:]PORT",
-        doc_default="(required)", doc="port to open on the server; 0 = the server picks; repeatable",
+        doc_default="(required)",
+        doc="port to open on the server; 0 = the server picks; `udp:PORT` a UDP port; repeatable",
     ),
     Option(
         "http", Kind.COMMAND,
@@ -146,6 +148,15 @@ CLIENT_OPTIONS = OptionTable("client", [
         "protocol header (v1 text, v2 binary) carrying the visitor's address and port, for services that "
         "expect it (nginx `listen … proxy_protocol`, HAProxy `accept-proxy`); in a config file set "
         "`proxy_protocol` in each `[[tunnel]]`. See [docs/protocol.md](docs/protocol.md#proxy-protocol)",
+    ),
+    Option(
+        "udp-idle-timeout", Kind.FLOAT,
+        "Seconds after which a UDP flow (one visitor) with no datagram either way has its local socket "
+        "closed.", 60.0, field="udp_idle_timeout", above=0, error="--{name} must be more than 0 seconds",
+        metavar="SECONDS",
+        doc="a UDP tunnel's flow (one visitor address, one local socket to the target) with no datagram "
+        "either way for this long is closed (see [docs/udp.md](docs/udp.md))",
+        file_doc="seconds after which an idle UDP flow's local socket is closed (`--udp-idle-timeout`)",
     ),
     Option(
         "max-retries", Kind.INT,

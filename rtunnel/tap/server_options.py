@@ -302,6 +302,19 @@ SERVER_OPTIONS = OptionTable("server", [
         "clients have their own `max_tunnels` (default 16)",
     ),
     Option(
+        "udp-idle-timeout", Kind.FLOAT,
+        "Seconds after which a UDP visitor (a flow) that sent nothing, and got nothing, is forgotten.", 60.0,
+        field="udp_idle_timeout", above=0, error="--{name} must be more than 0 seconds", metavar="SECONDS",
+        doc="a UDP tunnel's flow (one visitor address) with no datagram either way for this long is "
+        "forgotten; its next datagram opens a new flow (see [docs/udp.md](docs/udp.md))",
+    ),
+    _at_least_one(
+        "udp-max-flows", "Most flows (visitor addresses) per UDP tunnel; datagrams of more are dropped.",
+        4096, "udp_max_flows",
+        "flows (visitor addresses) per UDP tunnel at once; datagrams from further visitors are dropped "
+        "and counted (`reason=\"flow_limit\"`)",
+    ),
+    Option(
         "max-frame", Kind.INT,
         "Largest frame the server accepts from a client, in bytes (16384 to 16777216).", _SESSION.max_frame,
         field="session.max_frame", low=MIN_MAX_FRAME, high=MAX_MAX_FRAME, error=OUTSIDE_BYTES,
