@@ -130,7 +130,7 @@ class FleetClaims(Generic[H]):
         key = self.key(name)
 
         def write() -> defer.Deferred[None]:
-            return self._write(key, name, holder, tag)
+            return self._write_claim(key, name, holder, tag)
 
         def done(_: object) -> None:
             self._reserved[key] = (holder, tag)
@@ -156,7 +156,7 @@ class FleetClaims(Generic[H]):
             self._schedule_sync(key, name)
 
     @defer.inlineCallbacks
-    def _write(self, key: str, name: Name, holder: H, tag: int) -> Any:
+    def _write_claim(self, key: str, name: Name, holder: H, tag: int) -> Any:
         """Make the key say `holder` holds `name` as `tag`, by the rules."""
         full = self.prefix + key
         record = ClaimRecord(holder.credential, self.member.name, str(getattr(holder, "id", "")), tag, holder.serial)
@@ -311,7 +311,7 @@ class FleetClaims(Generic[H]):
         current = self.local.current(name)
         if current is not None:
             try:
-                yield self._write(key, name, current.holder, current.tag)
+                yield self._write_claim(key, name, current.holder, current.tag)
             except ClaimRefused as refusal:
                 if refusal.code == ClaimRefused.UNAVAILABLE:
                     raise

@@ -581,20 +581,20 @@ class HttpVisitor(Protocol):
             data = event.data if type(event.data) is bytes else bytes(event.data)  # h11 may hand a bytearray
             self.record["bytes"] += len(data)
             if self.framing == "chunked":
-                self._write(b"%x\r\n%b\r\n" % (len(data), data))
+                self._to_visitor(b"%x\r\n%b\r\n" % (len(data), data))
             else:
-                self._write(data)
+                self._to_visitor(data)
         elif isinstance(event, h11.Response):
             self._respond(event)
         elif isinstance(event, h11.EndOfMessage):
             if self.framing == "chunked":
-                self._write(b"0\r\n\r\n")
+                self._to_visitor(b"0\r\n\r\n")
             self._finish()
         elif isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 self._switch(event)
                 return
-            self._write(_head(event.status_code, event.reason, _response_headers(event.headers)))
+            self._to_visitor(_head(event.status_code, event.reason, _response_headers(event.headers)))
 
     def _respond(self, event: h11.Response) -> None:
         """The service's response head, framed for the visitor: its own
@@ -614,7 +614,7 @@ class HttpVisitor(Protocol):
             self.keep_alive = False
         if not self.keep_alive:
             headers.append((b"connection", b"close"))
-        self._write(_head(status, event.reason, headers))
+        self._to_visitor(_head(status, event.reason, headers))
 
     def _switch(self, event: h11.InformationalResponse) -> None:
         """A 101: write it, then relay bytes both ways."""
@@ -629,7 +629,7 @@ class HttpVisitor(Protocol):
         if not asked or conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
             self._fail(EdgeError(502, "the service switched protocols without the visitor asking"))
             return
-        self._write(_head(101, event.reason, headers))
+        self._to_visitor(_head(101, event.reason, headers))
         self.relaying = True
         self._account(101)
         self._resume("pipelined")
@@ -638,11 +638,11 @@ class HttpVisitor(Protocol):
         self._resume("inbox")
         service_rest, _ = upstream.conn.trailing_data
         if service_rest:
-            self._write(service_rest)
+            self._to_visitor(service_rest)
         if visitor_rest:
             self._to_upstream(visitor_rest)
 
-    def _write(self, data: bytes) -> None:
+    def _to_visitor(self, data: bytes) -> None:
         if data and not self.closed:
             if self.tunnel is not None and self.tunnel.claim is not None:
                 self.edge.stats(self.tunnel.name).bytes_out += len(data)
@@ -851,7 +851,7 @@ class Upstream:
             return
         visitor = self.visitor
         if visitor.relaying:
-            visitor._write(data)
+            visitor._to_visitor(data)
             return
         self.conn.receive_data(data)
         visitor.gather()
