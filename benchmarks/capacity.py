@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -173,6 +174,18 @@ def _read_lines_until_ready(proc: subprocess.Popen[str], timeout: float) -> list
     raise RuntimeError(f"generator {proc.pid} not ready within {timeout:.0f} s")
 
 
+def _spawn_split(total: int, arguments: Callable[[int, int], list[str]]) -> list[subprocess.Popen[str]]:
+    """Generator processes of this script sharing `total` connections,
+    PER_PROCESS each; `arguments(first, n)` gives one process's arguments."""
+    return [
+        subprocess.Popen(
+            [sys.executable, __file__, *arguments(first, min(PER_PROCESS, total - first))],
+            stdout=subprocess.PIPE, text=True,
+        )
+        for first in range(0, total, PER_PROCESS)
+    ]
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -205,14 +218,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         base = rss_kb([server.pid])
         log(f"server pid {server.pid}, RSS {base} KB idle; opening {args.sessions} sessions")
         started = time.monotonic()
-        generators = []
-        for first in range(0, args.sessions, PER_PROCESS):
-            n = min(PER_PROCESS, args.sessions - first)
-            generators.append(subprocess.Popen(
-                [sys.executable, __file__, "--generate-sessions", str(n), "--port", str(ctrl), "--token", token,
-                 "--fingerprint", fingerprint, "--first-port", str(FIRST_PUBLIC_PORT + first)],
-                stdout=subprocess.PIPE, text=True,
-            ))  # fmt: skip
+        generators = _spawn_split(args.sessions, lambda first, n: [
+            "--generate-sessions", str(n), "--port", str(ctrl), "--token", token,
+            "--fingerprint", fingerprint, "--first-port", str(FIRST_PUBLIC_PORT + first),
+        ])
         procs.extend(generators)
         ports = [int(p) for g in generators for p in _read_lines_until_ready(g, args.timeout)]
         if not ports:
@@ -223,13 +232,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         fds_sessions = _fds(server.pid)
         log(f"{len(ports)} sessions bound in {sessions_seconds:.1f} s; RSS {with_sessions} KB")
         started = time.monotonic()
-        visitors = []
-        for first in range(0, args.streams, PER_PROCESS):
-            n = min(PER_PROCESS, args.streams - first)
-            visitors.append(subprocess.Popen(
-                [sys.executable, __file__, "--hold-visitors", str(n), "--ports", ",".join(map(str, ports))],
-                stdout=subprocess.PIPE, text=True,
-            ))  # fmt: skip
+        visitors = _spawn_split(args.streams, lambda first, n: [
+            "--hold-visitors", str(n), "--ports", ",".join(map(str, ports)),
+        ])
         procs.extend(visitors)
         for v in visitors:
             _read_lines_until_ready(v, args.timeout)

@@ -55,6 +55,25 @@ def spki_hash(cert_path: Path) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
+@defer.inlineCallbacks
+def render_and_screenshot(test: unittest.TestCase, url: str, flags: list[str], shot: Path, keep_env: str) -> Any:
+    """Chromium renders `url` (the page's heading must be in its DOM), then
+    takes a PNG screenshot into `shot`, copied to $keep_env's path if set."""
+    browser = Chromium(reactor)
+    test.addCleanup(browser.cleanup)
+    code, dom, err = yield browser.run(url, ["--dump-dom", *flags], timeout=60)
+    test.assertEqual(code, 0, err[-2000:])
+    test.assertIn(b'<h1 id="hello">Hello from localhost:3000</h1>', dom, err[-2000:])
+    browser = Chromium(reactor)
+    test.addCleanup(browser.cleanup)
+    code, _, err = yield browser.run(url, [f"--screenshot={shot}", *flags], timeout=60)
+    test.assertEqual(code, 0, err[-2000:])
+    test.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+    keep = os.environ.get(keep_env)
+    if keep:
+        shutil.copy(shot, keep)
+
+
 def chain_spki_hashes(pem_file: Path) -> list[str]:
     """Chromium's SPKI hashes of every certificate in a PEM file (a stored key + chain)."""
     hashes = []
@@ -93,20 +112,7 @@ class ChromiumOverHttps(unittest.TestCase):
             f"--ignore-certificate-errors-spki-list={spki_hash(cert)},{spki_hash(self.edge.ca)}",
             "--window-size=1000,600", "--virtual-time-budget=3000",
         ]
-        browser = Chromium(reactor)
-        self.addCleanup(browser.cleanup)
-        code, dom, err = yield browser.run(url, ["--dump-dom", *flags], timeout=60)
-        self.assertEqual(code, 0, err[-2000:])
-        self.assertIn(b'<h1 id="hello">Hello from localhost:3000</h1>', dom, err[-2000:])
-        shot = self.edge.workdir / "https-tunnel.png"
-        browser = Chromium(reactor)
-        self.addCleanup(browser.cleanup)
-        code, _, err = yield browser.run(url, [f"--screenshot={shot}", *flags], timeout=60)
-        self.assertEqual(code, 0, err[-2000:])
-        self.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
-        keep = os.environ.get("RTUNNEL_SCREENSHOT_TO")
-        if keep:
-            shutil.copy(shot, keep)
+        yield render_and_screenshot(self, url, flags, self.edge.workdir / "https-tunnel.png", "RTUNNEL_SCREENSHOT_TO")
 
 
 
@@ -146,17 +152,5 @@ class ChromiumOverAcme(unittest.TestCase):
             f"--ignore-certificate-errors-spki-list={','.join(chain_spki_hashes(stored))}",
             "--window-size=1000,600", "--virtual-time-budget=3000",
         ]
-        browser = Chromium(reactor)
-        self.addCleanup(browser.cleanup)
-        code, dom, err = yield browser.run(url, ["--dump-dom", *flags], timeout=60)
-        self.assertEqual(code, 0, err[-2000:])
-        self.assertIn(b'<h1 id="hello">Hello from localhost:3000</h1>', dom, err[-2000:])
         shot = self.edge.workdir / "https-acme.png"
-        browser = Chromium(reactor)
-        self.addCleanup(browser.cleanup)
-        code, _, err = yield browser.run(url, [f"--screenshot={shot}", *flags], timeout=60)
-        self.assertEqual(code, 0, err[-2000:])
-        self.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
-        keep = os.environ.get("RTUNNEL_ACME_SCREENSHOT_TO")
-        if keep:
-            shutil.copy(shot, keep)
+        yield render_and_screenshot(self, url, flags, shot, "RTUNNEL_ACME_SCREENSHOT_TO")
