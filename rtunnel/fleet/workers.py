@@ -27,6 +27,7 @@ SIGKILL) stops itself (`watch_parent`).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -109,7 +110,7 @@ def check_workers(options: Any) -> None:
 def offset_endpoint(endpoint: str, offset: int) -> str:
     """A tcp: server endpoint string with its port raised by `offset` (port
     0 stays 0): worker k listens on PORT+k-1. ValueError for another kind."""
-    fields = endpoint.split(":")
+    fields = re.split(r"(?<!\\):", endpoint)  # colons in values are escaped: interface=\:\:1
     if fields[0] not in ("tcp", "tcp6") or len(fields) < 2:
         raise ValueError(
             f"{endpoint!r} is not a tcp: endpoint with a port; worker k listens on PORT+k-1, so give "
