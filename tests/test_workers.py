@@ -10,14 +10,18 @@ import signal
 import socket
 import time
 from collections import Counter
+from typing import Any
 
+from twisted.internet import defer
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rtunnel.fleet.workers import offset_endpoint, plugin_arguments
+from rtunnel.server.claims import TcpPort
 from rtunnel.tap.server import Options
 from tests.etcd import PREFIX, TOKENS, FleetProcesses, etcd_get, start_etcd, wait
-from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port
+from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port, wait_until
+from tests.test_fleet_links import Fleet
 
 CLIENTS = 20
 
@@ -61,6 +65,28 @@ class WorkerOptionsTests(SynchronousTestCase):
     def test_a_worker_s_command_line_is_the_parent_s_without_workers(self) -> None:
         argv = ["twistd", "--nodaemon", "rtunnel-server", "--workers", "4", "-p", "1", "--workers=3", "--x"]
         self.assertEqual(plugin_arguments(argv), ["-p", "1", "--x"])
+
+
+class SiblingWorkersTests(TestCase):
+    """Member links (three members in this process, tests.test_fleet_links)
+    with m1 and m2 workers of one machine."""
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_a_worker_is_never_the_edge_of_its_sibling_workers_ports_but_of_other_members(self) -> Any:
+        fleet = Fleet(self)
+        yield fleet.start_member("m1")
+        yield fleet.start_member("m2", siblings=frozenset({"m1"}))  # m2's sibling worker is m1
+        yield fleet.start_member("m3")
+        name = TcpPort("default", free_port())
+        fleet.fleet.set_home(name, "m1")
+        yield wait_until(lambda: name in fleet.links["m3"].forwards)  # another machine's member: an edge
+        self.assertNotIn(name, fleet.links["m2"].forwards)  # the home worker's port is on this machine
+        fleet.fleet.set_home(name, "m3")  # the name moves to a member of another machine
+        yield wait_until(lambda: name in fleet.links["m2"].forwards and name in fleet.links["m1"].forwards)
+        fleet.fleet.set_home(name, "m1")  # and back to m2's sibling: m2 stops serving it
+        yield wait_until(lambda: name not in fleet.links["m2"].forwards)
 
 
 class WorkerProcessTests(FleetProcesses):

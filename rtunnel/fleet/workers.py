@@ -46,6 +46,8 @@ from rtunnel.errors import ConfigError
 
 #: set in a worker's environment: its number, 1..N
 WORKER_ENV = "RTUNNEL_WORKER"
+#: set in a worker's environment: every worker's member name, comma-separated
+WORKER_NAMES_ENV = "RTUNNEL_WORKER_NAMES"
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 STEADY_AFTER = 60.0  # a worker that ran this long is restarted at once (FIRST_BACKOFF) when it dies
@@ -57,6 +59,18 @@ PARENT_CHECK = 1.0  # a worker checks its parent this often
 def worker_name(base: str, index: int) -> str:
     """Worker `index`'s member name: NAME-k (a DNS label, like any member's)."""
     return f"{base}-{index}"
+
+
+def sibling_workers(member: str) -> frozenset[str]:
+    """The other workers of this machine's `--workers N` (empty for a
+    process that is not a worker). Their public ports are open on this
+    machine's addresses at their home worker, so member links must not
+    serve them here as an edge (rtunnel.fleet.links): a visitor of such a
+    port reaches its home directly."""
+    if WORKER_ENV not in os.environ:
+        return frozenset()
+    names = os.environ.get(WORKER_NAMES_ENV, "")
+    return frozenset(name for name in names.split(",") if name and name != member)
 
 
 def check_workers(options: Any) -> None:
@@ -207,6 +221,7 @@ class Worker:
         argv = self.parent.worker_argv(self)
         env = dict(os.environ)
         env[WORKER_ENV] = str(self.index)
+        env[WORKER_NAMES_ENV] = ",".join(worker.name for worker in self.parent.workers)
         env["PYTHONUNBUFFERED"] = "1"
         self.started_at = time.monotonic()
         self.starts += 1
