@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -87,6 +88,24 @@ class SiblingWorkersTests(TestCase):
         yield wait_until(lambda: name in fleet.links["m2"].forwards and name in fleet.links["m1"].forwards)
         fleet.fleet.set_home(name, "m1")  # and back to m2's sibling: m2 stops serving it
         yield wait_until(lambda: name not in fleet.links["m2"].forwards)
+
+
+    @defer.inlineCallbacks
+    def test_the_workers_of_one_machine_each_serve_another_machine_s_port_as_its_edge(self) -> Any:
+        """m1 and m2: the two workers of one machine (127.0.0.1, SO_REUSEPORT);
+        m3 another machine's member holding a port. Both workers listen on it
+        as its edge (the kernel spreads its visitors over them); without
+        SO_REUSEPORT the second would log edge_listen_failed and serve nothing."""
+        fleet = Fleet(self)
+        fleet.address = lambda member: "127.0.0.3" if member == "m3" else "127.0.0.1"  # type: ignore[method-assign]
+        for member in ("m1", "m2", "m3"):
+            siblings = frozenset({"m1", "m2"} - {member}) if member != "m3" else frozenset()
+            yield _start_worker_member(fleet, member, siblings, reuse_port=member != "m3")
+        name = TcpPort("default", free_port())
+        fleet.fleet.set_home(name, "m3")
+        yield wait_until(lambda: all(
+            name in fleet.links[m].forwards and fleet.links[m].forwards[name].port is not None for m in ("m1", "m2")
+        ))
 
 
 class WorkerProcessTests(FleetProcesses):
@@ -208,6 +227,47 @@ class WorkerProcessTests(FleetProcesses):
             len(re.findall(r"worker w-\d stopped", server.output)), 2, server.output[-3000:],
         )
 
+    def test_a_newer_session_at_the_other_worker_takes_the_port_over_at_once(self) -> None:
+        """A client of the same credential binding the port at the other
+        worker (as after a reconnection the kernel sent to the other worker)
+        gets it at once: the old worker's socket is still open for a moment
+        when the new one binds, so both are bound with SO_REUSEPORT (never
+        "in use by another program", retried 5 s later)."""
+        etcd = start_etcd(self, self.workdir).url
+        control = free_port()
+        self.start_workers(etcd, control)
+        public = free_port()
+        holder = None
+        for index in range(8):  # until a newer session lands at the other worker
+            target = socket.create_server(("127.0.0.1", 0))
+            self.addCleanup(target.close)
+            mark = f"client {index}\n".encode()
+            _serve_mark(self, target, mark)
+            started = time.monotonic()
+            self.start_marked_client(control, public, index, target.getsockname()[1])
+            before = (holder or {}).get("session")
+            wait(lambda b=before: (self.claim(etcd, public) or {}).get("session") not in (None, b),
+                 20, f"client {index} holds the port")
+            claim = self.claim(etcd, public)
+            assert claim is not None
+            wait(lambda m=mark: _reply(public) == m, 20, f"visitors reach client {index}")
+            took = time.monotonic() - started
+            if holder is not None and claim["member"] != holder["member"]:
+                print(f"\ntaken over from {holder['member']} at {claim['member']}: served after {took:.2f} s")
+                self.assertLess(took, 4.0, "the port came back at once, not after a retry 5 s later")
+                return
+            holder = claim
+        self.fail("no client of 8 reached the other worker (the kernel spreads connections by a hash)")
+
+    def start_marked_client(self, control: int, public: int, index: int, target: int) -> Process:
+        fingerprint = cert_fingerprint(self.workdir / "state" / "server.crt")
+        return Process(
+            self, f"client{index}",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{control}",
+             "-f", str(public), "-t", str(target), "--token", TOKENS["alice"], "--fingerprint", fingerprint],
+            self.workdir,
+        )
+
     def test_workers_of_a_parent_killed_with_sigkill_stop_by_themselves(self) -> None:
         etcd = start_etcd(self, self.workdir).url
         control = free_port()
@@ -226,6 +286,55 @@ class WorkerProcessTests(FleetProcesses):
         wait(lambda: all(gone(pid) for pid in pids), 15, "orphaned workers stopped")
         with self.assertRaises(OSError):
             socket.create_connection(("127.0.0.1", control), timeout=2).close()
+
+
+@defer.inlineCallbacks
+def _start_worker_member(fleet: Fleet, member: str, siblings: frozenset[str], reuse_port: bool) -> Any:
+    """tests.test_fleet_links' Fleet.start_member, as a worker (SO_REUSEPORT) with `siblings`."""
+    from twisted.internet import reactor
+
+    from rtunnel.fleet.links import FleetLinks
+    from tests.harness import Tunnel
+    from tests.test_fleet_links import SETTINGS
+
+    address = fleet.address(member)
+    tunnel = Tunnel(fleet.test)
+    yield tunnel.start_server(
+        listen=f"tcp:0:interface={address}", public_host=address, session=SETTINGS, resume_grace=5.0,
+        reuse_port=reuse_port,
+    )
+    links = FleetLinks(
+        reactor, tunnel.server, fleet.fleet.directory(member), fleet.identity(member),
+        f"tcp:0:interface={address}", siblings=siblings,
+    )
+    port = yield links.start()
+    fleet.test.addCleanup(links.stop)
+    fleet.fleet.endpoints[member] = f"tcp:host={address}:port={port.getHost().port}"
+    fleet.tunnels[member], fleet.links[member] = tunnel, links
+
+
+def _serve_mark(test: Any, server: socket.socket, mark: bytes) -> None:
+    """Answer every connection to `server` with `mark`, then close it (a thread)."""
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(mark)
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+def _reply(port: int) -> bytes:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as visitor:
+            visitor.settimeout(2)
+            return visitor.recv(100)
+    except OSError:
+        return b""
 
 
 def _zombie(pid: int) -> bool:

@@ -717,7 +717,11 @@ class FleetLinks:
         name, host = forward.name, forward.host
         assert isinstance(name, TcpPort)
         try:
-            forward.port = listen_tcp(self.reactor, name.port, forward, 1024, host, self.server.visitor_gate)
+            # the workers of one machine (--workers N) are each an edge of the port, with SO_REUSEPORT
+            forward.port = listen_tcp(
+                self.reactor, name.port, forward, 1024, host, self.server.visitor_gate,
+                reuse_port=self.server.config.reuse_port,
+            )
         except error.CannotListenError as e:
             closing = self.server.ports.when_port_closed(name.port)
             if closing is not None:
