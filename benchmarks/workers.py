@@ -106,6 +106,8 @@ class Setup:
         ]
         if kind == "workers2":
             args += ["--workers", "2", "--fleet-etcd", etcd, "--fleet-member", "w", "--fleet-prefix", prefix]
+        elif kind == "member":  # one process as a fleet member: what coordination costs without a second worker
+            args += ["--fleet-etcd", etcd, "--fleet-member", "m", "--fleet-prefix", prefix]
         self.server = procs.start(f"server-{kind}", args)
         wait_for(lambda: reachable(self.control) and (state / "server.crt").exists(), 40,
                  [(self.server, procs)], f"server {kind}")
@@ -114,7 +116,7 @@ class Setup:
         self.nginx = nginx
         self.tunnels: dict[str, int] = {}  # home -> public port
         self.clients: dict[int, object] = {}
-        want = ("w-1", "w-2") if kind == "workers2" else ("one-a", "one-b")
+        want = ("w-1", "w-2") if kind == "workers2" else (f"{kind}-a", f"{kind}-b")
         for attempt in range(12):
             if set(want) <= set(self.tunnels):
                 break
@@ -165,19 +167,33 @@ def wrk_both(ports: list[int], seconds: int, close: bool) -> list[dict]:
     return results
 
 
+def context_switches(pids: list[int]) -> int:
+    """Voluntary and involuntary context switches of these processes so far."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:
+            pass
+    return total
+
+
 def cpu_per_operation(setup: Setup, seconds: int) -> dict:
     out = {}
     for label, close in (("keepalive", False), ("close", True)):
         pids = setup.server_pids()
-        before = cpu_seconds(pids)
+        before, switches = cpu_seconds(pids), context_switches(pids)
         started = time.monotonic()
         results = wrk_both(list(setup.tunnels.values()), seconds, close)
         cpu = cpu_seconds(pids) - before
+        switches = context_switches(pids) - switches
         elapsed = time.monotonic() - started
         requests = sum(r.get("requests", 0) for r in results)
         out[label] = {
             "requests": requests, "rps": requests / elapsed, "server_cpu_s": cpu,
             "server_cpu_us_per_op": cpu * 1e6 / max(requests, 1), "server_cores": cpu / elapsed,
+            "server_switches_per_op": switches / max(requests, 1),
             "per_tunnel": results,
         }
     return out
@@ -280,23 +296,25 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5, help="per wrk run (default 5)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of each configuration, alternating (default 3)")
     ap.add_argument("--sessions", type=int, default=400, help="idle sessions for the spread (default 400)")
+    ap.add_argument("--kinds", default="one,workers2", help="configurations, alternating: one, member, workers2")
     ap.add_argument("--out", help="JSON output (default benchmarks/results/<date>-workers.json)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="rtunnel-workers-"))
     procs = Procs(tmp)
-    runs: dict[str, list[dict]] = {"one": [], "workers2": []}
+    kinds = args.kinds.split(",")
+    runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
     spread: list[dict] = []
     stalls: list[dict] = []
     try:
         nginx = services.start_nginx(procs, tmp, "nginx")
         etcd = start_etcd(procs, tmp)
         for i in range(args.repeat):
-            for kind in ("one", "workers2"):
+            for kind in kinds:
                 log(f"run {i + 1}/{args.repeat}: {kind}")
                 setup = Setup(procs, tmp, kind, nginx, etcd, f"{PREFIX}run{i}/")
                 try:
                     runs[kind].append(cpu_per_operation(setup, args.seconds))
-                    if kind == "workers2":
+                    if kind == "workers2" and args.sessions:
                         spread.append(sessions_spread(setup, args.sessions))
                         stalls.append(restart_stall(setup))
                 finally:
@@ -309,8 +327,8 @@ def main() -> int:
     def med(kind: str, load: str, key: str) -> float:
         return statistics.median(run[load][key] for run in runs[kind])
 
-    print(f"| median of {args.repeat} runs | one process | --workers 2 | workers/one |")
-    print("|---|---:|---:|---:|")
+    print(f"| median of {args.repeat} runs | " + " | ".join(kinds) + f" | {kinds[-1]}/{kinds[0]} |")
+    print("|---|" + "---:|" * (len(kinds) + 1))
     table = []
     for label, load, key, fmt in (
         ("keep-alive req/s (2 x wrk -t1 -c16)", "keepalive", "rps", "{:,.0f}"),
@@ -319,10 +337,13 @@ def main() -> int:
         ("new connections/s (Connection: close)", "close", "rps", "{:,.0f}"),
         ("server CPU us/connection", "close", "server_cpu_us_per_op", "{:.0f}"),
         ("server cores busy (close)", "close", "server_cores", "{:.2f}"),
+        ("server context switches/request (keep-alive)", "keepalive", "server_switches_per_op", "{:.2f}"),
+        ("server context switches/connection", "close", "server_switches_per_op", "{:.2f}"),
     ):
-        one, two = med("one", load, key), med("workers2", load, key)
-        print(f"| {label} | {fmt.format(one)} | {fmt.format(two)} | {two / one:.2f}x |")
-        table.append({"row": label, "one": one, "workers2": two})
+        values = {kind: med(kind, load, key) for kind in kinds}
+        first, last = values[kinds[0]], values[kinds[-1]]
+        print(f"| {label} | " + " | ".join(fmt.format(v) for v in values.values()) + f" | {last / first:.2f}x |")
+        table.append({"row": label, **values})
     print()
     for s in spread:
         print(f"sessions spread: {s['per_worker']} (largest share {s['largest_share']:.1%})")
