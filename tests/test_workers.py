@@ -54,6 +54,12 @@ class WorkerOptionsTests(SynchronousTestCase):
             self.parse(*fleet, "--http", "tcp:8080")
         self.assertIn("--workers 1", str(caught.exception))
 
+    def test_workers_refuse_one_member_certificate_for_all_naming_fleet_add_member(self) -> None:
+        fleet = ("--fleet-etcd", "http://127.0.0.1:2379", "--workers", "2", "--fleet-member", "edge")
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse(*fleet, "--fleet-cert", "a.crt", "--fleet-key", "a.key", "--fleet-ca", "ca.crt")
+        self.assertIn("fleet-add-member edge-1", str(caught.exception))
+
     def test_worker_k_listens_on_port_plus_k_minus_one_for_metrics_admin_and_member_link(self) -> None:
         self.assertEqual(offset_endpoint("tcp:9120:interface=127.0.0.1", 2), "tcp:9122:interface=127.0.0.1")
         self.assertEqual(offset_endpoint(r"tcp:interface=\:\:1:port=9120", 1), r"tcp:interface=\:\:1:port=9121")

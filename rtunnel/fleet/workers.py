@@ -99,6 +99,12 @@ def check_workers(options: Any) -> None:
             "--workers with --http/--https is not supported yet (hostname tunnels are served by one "
             "process): run --workers 1, or several single-process members"
         )
+    if config.fleet_cert is not None:
+        raise usage.UsageError(
+            "--workers with --fleet-cert: each worker is a member of its own name, NAME-1..NAME-N, with its "
+            "own member certificate: issue them ('rtunnel_server fleet-add-member NAME-1', …) into the "
+            "state directory, where each worker finds its own, and leave out --fleet-cert/--fleet-key/--fleet-ca"
+        )
     from rtunnel.tap.server_options import _member_name  # the same check as --fleet-member's
 
     for index in (1, config.workers):
