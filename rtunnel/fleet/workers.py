@@ -100,10 +100,12 @@ def check_workers(options: Any) -> None:
             "process): run --workers 1, or several single-process members"
         )
     if config.fleet_cert is not None:
+        first, last = worker_name(config.fleet_member, 1), worker_name(config.fleet_member, config.workers)
         raise usage.UsageError(
-            "--workers with --fleet-cert: each worker is a member of its own name, NAME-1..NAME-N, with its "
-            "own member certificate: issue them ('rtunnel_server fleet-add-member NAME-1', …) into the "
-            "state directory, where each worker finds its own, and leave out --fleet-cert/--fleet-key/--fleet-ca"
+            f"--workers with --fleet-cert: each worker is a member of its own name ({first}..{last}) with "
+            f"its own member certificate: issue them ('rtunnel_server fleet-add-member {first} -s DIR', … "
+            f"{last}) into the state directory, where each worker finds its own, and leave out "
+            "--fleet-cert/--fleet-key/--fleet-ca"
         )
     from rtunnel.tap.server_options import _member_name  # the same check as --fleet-member's
 
