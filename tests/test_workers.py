@@ -274,6 +274,18 @@ class WorkerProcessTests(FleetProcesses):
             self.workdir,
         )
 
+    def test_a_daemonising_twistd_is_refused_saying_to_run_in_the_foreground(self) -> None:
+        pidfile = self.workdir / "twistd.pid"
+        server = Process(
+            self, "daemon",
+            [*TWISTD, f"--pidfile={pidfile}", "--logfile", str(self.workdir / "daemon.log"), "rtunnel-server",
+             "--workers", "2", "--fleet-etcd", "http://127.0.0.1:9", "--state-dir", str(self.workdir / "state")],
+            self.workdir,
+        )
+        self.assertEqual(server.wait_exit(), 1, server.output)
+        self.assertIn("--nodaemon", server.output)
+        self.assertFalse(pidfile.exists())
+
     def test_workers_of_a_parent_killed_with_sigkill_stop_by_themselves(self) -> None:
         etcd = start_etcd(self, self.workdir).url
         control = free_port()
