@@ -232,6 +232,9 @@ class ServerConfig:
     fleet_listen: str | None = None
     fleet_prefix: str = "/rtunnel/"
     fleet_lease_ttl: int = 5
+    # --workers N (rtunnel.fleet.workers): N member processes on one control port
+    workers: int = 1
+    reuse_port: bool = False  # a worker: its control port is bound with SO_REUSEPORT
     http: HttpSettings = field(default_factory=HttpSettings)  # the shared HTTP/HTTPS ports (#15)
     udp_idle_timeout: float = 60.0  # a UDP flow (one visitor address) silent this long is forgotten
     udp_max_flows: int = 4096  # flows per UDP tunnel; datagrams of further visitors are dropped

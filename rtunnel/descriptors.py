@@ -179,22 +179,28 @@ class _GatedSocket(socket.socket):
 
 class GatedPort(tcp.Port):
     """A TCP listening port under a DescriptorGate (see the module);
-    `ipv6_only` sets IPV6_V6ONLY whatever net.ipv6.bindv6only says."""
+    `ipv6_only` sets IPV6_V6ONLY whatever net.ipv6.bindv6only says;
+    `reuse_port` sets SO_REUSEPORT before the bind, so that the workers of
+    `--workers N` (processes of the same user) each listen on the same
+    control port and the kernel spreads new connections over them."""
 
     def __init__(
         self, port: int, factory: IProtocolFactory, backlog: int, interface: str, reactor: Any,
-        gate: DescriptorGate, ipv6_only: bool = False,
+        gate: DescriptorGate, ipv6_only: bool = False, reuse_port: bool = False,
     ) -> None:
         super().__init__(port, factory, backlog, interface, reactor)
         self.clock: IReactorTime = reactor  # Port types its reactor as an IReactorFDSet
         self.gate = gate
         self.ipv6_only = ipv6_only
+        self.reuse_port = reuse_port
         self._resume_call: IDelayedCall | None = None
 
     def createInternetSocket(self) -> socket.socket:
         plain = super().createInternetSocket()
         if self.ipv6_only:
             plain.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if self.reuse_port:
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         gated = _GatedSocket(plain.family, plain.type, plain.proto, fileno=plain.detach())
         gated.setblocking(False)
         gated.port = self
@@ -221,13 +227,13 @@ class GatedPort(tcp.Port):
 
 def listen_tcp(
     reactor: Any, port: int, factory: IProtocolFactory, backlog: int, interface: str,
-    gate: DescriptorGate, ipv6_only: bool = False,
+    gate: DescriptorGate, ipv6_only: bool = False, reuse_port: bool = False,
 ) -> IListeningPort:
     """Listen on a GatedPort. A reactor that is not a POSIX reactor (a test
     double standing in for one) listens its own way, ungated."""
-    if not isinstance(reactor, PosixReactorBase) and not ipv6_only:
+    if not isinstance(reactor, PosixReactorBase) and not ipv6_only and not reuse_port:
         return reactor.listenTCP(port, factory, backlog=backlog, interface=interface)
-    listening = GatedPort(port, factory, backlog, interface, reactor, gate, ipv6_only)
+    listening = GatedPort(port, factory, backlog, interface, reactor, gate, ipv6_only, reuse_port)
     listening.startListening()
     return listening
 
@@ -235,14 +241,16 @@ def listen_tcp(
 class GatedListening:
     """A reactor for `serverFromString`: its listenTCP (the tcp: and tcp6:
     endpoints) listens on a GatedPort; everything else is the reactor's own
-    (systemd: sockets are adopted as they are, ungated)."""
+    (systemd: sockets are adopted as they are, ungated). With `reuse_port`
+    its ports set SO_REUSEPORT (the control port of a `--workers` worker)."""
 
-    def __init__(self, reactor: Any, gate: DescriptorGate) -> None:
+    def __init__(self, reactor: Any, gate: DescriptorGate, reuse_port: bool = False) -> None:
         self._reactor = reactor
         self._gate = gate
+        self._reuse_port = reuse_port
 
     def listenTCP(self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = "") -> IListeningPort:
-        return listen_tcp(self._reactor, port, factory, backlog, interface, self._gate)
+        return listen_tcp(self._reactor, port, factory, backlog, interface, self._gate, reuse_port=self._reuse_port)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._reactor, name)

@@ -39,6 +39,7 @@ from rtunnel import wire
 from rtunnel.addresses import format_host_port, host_port
 from rtunnel.descriptors import listen_tcp
 from rtunnel.fleet.ca import MEMBER_NAME, MemberIdentity, member_name_of
+from rtunnel.fleet.workers import sibling_workers
 from rtunnel.link import ControlLink
 from rtunnel.localsocket import StreamProtocol
 from rtunnel.mux import ProtocolViolation, Session, SessionBufferFull, Stream, StreamIdsExhausted, cancel_call
@@ -600,7 +601,7 @@ class FleetLinks:
 
     def __init__(
         self, reactor: Any, server: Any, directory: FleetDirectory, identity: MemberIdentity, listen: str,
-        visitor_wait: float | None = None,
+        visitor_wait: float | None = None, siblings: frozenset[str] | None = None,
     ) -> None:
         self.reactor = reactor
         self.server = server  # rtunnel.server.TunnelServer
@@ -616,6 +617,9 @@ class FleetLinks:
         self.peers: dict[str, PeerLink] = {}
         self.incoming: set[IncomingLink] = set()
         self.forwards: dict[Name, ForwardListener] = {}
+        #: the other workers of this machine's `--workers N`: their ports are open on this
+        #: machine's addresses already (at the home worker), so this member is not their edge
+        self.siblings = sibling_workers(self.member) if siblings is None else siblings
         self.stopping = False
         # for the metrics (docs/metrics.md "Fleet metrics"): plain counters, read at scrape time
         self.forwarded_visitors = 0  # visitors at this edge now (carried or waiting)
@@ -686,7 +690,7 @@ class FleetLinks:
 
     def _serve(self, name: Name, home: str | None) -> None:
         forward = self.forwards.get(name)
-        if home is None or home == self.member:
+        if home is None or home == self.member or home in self.siblings:
             if forward is not None:
                 self._unserve(forward)
             return
@@ -713,7 +717,11 @@ class FleetLinks:
         name, host = forward.name, forward.host
         assert isinstance(name, TcpPort)
         try:
-            forward.port = listen_tcp(self.reactor, name.port, forward, 1024, host, self.server.visitor_gate)
+            # the workers of one machine (--workers N) are each an edge of the port, with SO_REUSEPORT
+            forward.port = listen_tcp(
+                self.reactor, name.port, forward, 1024, host, self.server.visitor_gate,
+                reuse_port=self.server.config.reuse_port,
+            )
         except error.CannotListenError as e:
             closing = self.server.ports.when_port_closed(name.port)
             if closing is not None:

@@ -332,7 +332,10 @@ class PublicPorts:
         try:
             # IPv6-only: an IPv6 address that never accepts IPv4 visitors
             ipv6_only = self._ipv6_only(credential, host)
-            return listen_tcp(self.reactor, port, listener, 1024, host, self.gate, ipv6_only)
+            # a worker of --workers N: SO_REUSEPORT, as the sibling worker the port is taken over
+            # from may not have closed it yet (rtunnel.fleet.workers); never for a port the system picks
+            reuse_port = self.config.reuse_port and port != 0
+            return listen_tcp(self.reactor, port, listener, 1024, host, self.gate, ipv6_only, reuse_port)
         except error.CannotListenError as e:
             code = getattr(e.socketError, "errno", None)
             if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):

@@ -22,6 +22,7 @@ from rtunnel.config import ServerConfig, check_ip, parse_port_ranges
 from rtunnel.configfile import FileOptions
 from rtunnel.descriptors import DescriptorGate, GatedListening, raise_limit, reserve_for
 from rtunnel.errors import ConfigError, RtunnelError
+from rtunnel.fleet.workers import WORKER_ENV, Workers, check_workers, plugin_arguments, watch_parent
 from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ServerCollector, listen_metrics, registry_for
 from rtunnel.server import TunnelServer
@@ -101,7 +102,9 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 check_inherited_socket(listen)
         self.config = ServerConfig(**self.config_values(
             listen=listen, listen_fallback=listen_fallback, extra_clients=tuple(self.extra_clients),
+            reuse_port=WORKER_ENV in os.environ,  # a worker of --workers N: the control port is shared
         ))
+        check_workers(self)
 
 
 class ServerService(service.Service):
@@ -140,6 +143,7 @@ class ServerService(service.Service):
     def startService(self) -> None:
         super().startService()
         self._sighup.install()  # always: SIGHUP's default action would kill the server
+        watch_parent(self.reactor)  # a worker of --workers N stops when its parent is gone
         stop_once_on_signals(self.reactor)
         d, self._started_privileged = self._started_privileged or defer.maybeDeferred(self._start), None
         d.addCallbacks(self.ready.callback, self._failed)
@@ -250,7 +254,7 @@ class ServerService(service.Service):
             self.fleet.attach(self.server)
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
-        listening = GatedListening(self.reactor, self.control_gate)
+        listening = GatedListening(self.reactor, self.control_gate, config.reuse_port)
         endpoint = serverFromString(listening, config.listen)
         factory = self.server.admitting(
             LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
@@ -541,6 +545,30 @@ def add_client_main(argv: list[str], out: Any = None) -> int:
 def makeService(options: Options) -> service.IService:
     # twistd calls this before it opens its log file: make that file 0600
     create_private_log_file(twistd_log_file(options.parent))
+    if options.config.workers > 1:
+        return workers_service(options)
     server = ServerService(options.config)
     server.under_twistd = True
     return server
+
+
+def workers_service(options: Options) -> service.IService:
+    """The parent of `--workers N` (rtunnel.fleet.workers.Workers). It runs
+    in the foreground (rtunnel_server, or twistd --nodaemon): its workers
+    log to its standard output and error, which a daemon has closed."""
+    import sys
+
+    parent = options.parent
+    twistd: list[str] = []
+    if parent is not None:
+        if not parent["nodaemon"]:
+            sys.stderr.write(
+                "twistd rtunnel-server --workers: run it in the foreground (twistd --nodaemon, e.g. under "
+                "systemd Type=simple, or rtunnel_server): its workers log to its standard output\n"
+            )
+            sys.exit(1)
+        logger = parent["logger"]  # twistd has imported it: pass its dotted name on
+        if logger:
+            name = logger if isinstance(logger, str) else f"{logger.__module__}.{logger.__qualname__}"
+            twistd.append(f"--logger={name}")
+    return Workers(options.config, plugin_arguments(sys.argv), twistd)

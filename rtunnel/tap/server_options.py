@@ -500,4 +500,12 @@ SERVER_OPTIONS = OptionTable("server", [
         doc="seconds a dead member's claims outlive it (its etcd lease TTL); a member cut off from etcd "
         "is fenced after 2/3 of it",
     ),
+    Option(
+        "workers", Kind.INT,
+        "Run N server processes (fleet members NAME-1..NAME-N) sharing the control port, one per "
+        "core; needs --fleet-etcd. Default 1: one process.",
+        1, field="workers", low=1, high=256, error="--{name} must be {low}-{high}", metavar="N",
+        doc="run N worker processes sharing the control port (SO_REUSEPORT), each a fleet member "
+        "`NAME-1`..`NAME-N`; needs `--fleet-etcd` (see [docs/fleet.md](docs/fleet.md), \"Every core\")",
+    ),
 ], groups={"keepalive": Keepalive, "session": SessionSettings, "limits": Limits, "http": HttpSettings})
