@@ -1,0 +1,106 @@
+"""A fleet of real `rtunnel_server --fleet-etcd` processes, wired as the
+README runs it: three members on 127.0.0.1/.2/.3 sharing one real etcd,
+each with its member links (certificates from the fleet CA), a real
+`rtunnel_client`; a visitor at every member reaches the client's tunnel;
+SIGKILL of the home with the client behind a real haproxy moves the client
+to another member and the port is served fleet-wide again (the time from
+the kill is printed and bounded: 10 s, docs/fleet.md "Failures")."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+from twisted.trial.unittest import SkipTest
+
+from tests.etcd import (
+    PREFIX,
+    SKIP_NO_HAPROXY,
+    TOKENS,
+    FleetProcesses,
+    etcd_get,
+    start_etcd,
+    start_haproxy,
+    wait,
+)
+from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port
+
+FAILOVER_TARGET = 10.0  # seconds from the kill to the port served at every surviving member
+
+
+class FleetWiringTests(FleetProcesses):
+    def try_visit(self, host: str, port: int, payload: bytes = b"ping", timeout: float = 2.0) -> bool:
+        """One visitor at host:port: True if it got the target's banner and its
+        payload echoed, then a clean end (bytes both ways)."""
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as visitor:
+                visitor.settimeout(timeout)
+                visitor.sendall(payload)
+                visitor.shutdown(socket.SHUT_WR)
+                chunks = []
+                while chunk := visitor.recv(65536):
+                    chunks.append(chunk)
+        except OSError:
+            return False
+        return b"".join(chunks) == BANNER + payload
+
+    def test_a_visitor_at_each_of_three_member_processes_reaches_a_client_at_one_of_them(self) -> None:
+        node = start_etcd(self, self.workdir / "etcd")
+        members = [self.start_member(i, [node.url]) for i in (1, 2, 3)]
+        for member, _ in members:
+            member.wait_for(r"member links on tcp:\d+:interface=127\.0\.0\.\d, serving")
+        public = free_port()
+        client = self.start_client(1, members[0][1], "alice", public, "alice")
+        client.wait_for(rf"tunnel ready: \S+:{public} ")
+        self.assertEqual(self.claim(node.url, public)["member"], "m1")
+        for index in (1, 2, 3):  # the edges learn the claim from their watch: at most a moment later
+            payload = f"visitor at member {index} ".encode() * 1000
+            wait(lambda index=index, payload=payload: self.try_visit(f"127.0.0.{index}", public, payload),
+                 10, f"a visitor at member {index} served")
+        members[1][0].wait_for(rf"serving port {public} .*for member m1|serving .*{public}.* here for member m1")
+        # a clean stop (SIGTERM) of a member with member links: it shuts down whole and leaves the fleet
+        for index, (member, _) in enumerate(members[1:], 2):
+            member.popen.terminate()
+            self.assertIn(member.wait_exit(), (0, -signal.SIGTERM), member.describe())  # twistd ends by the signal
+            self.assertIn("Server Shut Down.", member.output)
+            self.assertNotIn("Traceback", member.output)
+            self.assertIsNone(etcd_get(node.url, f"{PREFIX}members/m{index}"))
+        self.assertTrue(self.try_visit("127.0.0.1", public))
+
+    def test_sigkill_of_the_home_behind_haproxy_moves_the_client_and_the_port_is_served_fleet_wide_again(self) -> None:
+        if SKIP_NO_HAPROXY:
+            raise SkipTest(SKIP_NO_HAPROXY)
+        node = start_etcd(self, self.workdir / "etcd")
+        first, p1 = self.start_member(1, [node.url])
+        shared = self.workdir / "state1"  # one server certificate for the three (the client pins it)
+        members = {1: (first, p1)}
+        for index in (2, 3):
+            members[index] = self.start_member(index, [node.url], server_identity=shared)
+        haproxy, front = start_haproxy(self, self.workdir, [f"127.0.0.{i}:{members[i][1]}" for i in (1, 2, 3)])
+        public = free_port()
+        client = Process(self, "client", [
+            *TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.1:{front}",
+            "-f", str(public), "-t", str(self.target_port), "--token", TOKENS["alice"],
+            "--fingerprint", cert_fingerprint(shared / "server.crt"),
+        ], self.workdir)
+        client.wait_for(rf"tunnel ready: \S+:{public} ")
+        home = int(self.claim(node.url, public)["member"][1:])
+        for index in (1, 2, 3):
+            wait(lambda index=index: self.try_visit(f"127.0.0.{index}", public), 10, f"a visitor at member {index}")
+        killed = time.monotonic()
+        members[home][0].popen.send_signal(signal.SIGKILL)
+        survivors = [i for i in (1, 2, 3) if i != home]
+        served = {
+            index: wait(lambda index=index: self.try_visit(f"127.0.0.{index}", public, timeout=1.0),
+                        FAILOVER_TARGET + 5, f"a visitor at member {index} after the kill", step=0.05) - killed
+            for index in survivors
+        }
+        new_home = self.claim(node.url, public)["member"]
+        print(f"\nSIGKILL of home m{home}: the client moved to {new_home} through haproxy; port {public} "
+              + ", ".join(f"served at m{i} after {t:.2f} s" for i, t in served.items()))
+        self.assertIn(new_home, {f"m{i}" for i in survivors})
+        self.assertLess(max(served.values()), FAILOVER_TARGET)
+        client.wait_for(rf"tunnel ready: \S+:{public} (.*\n)+.*tunnel ready: \S+:{public} ")
+        self.assertEqual(client.popen.poll(), None)
+        self.assertNotIn("Traceback", haproxy.output)
