@@ -8,9 +8,12 @@ the kill is printed and bounded: 10 s, docs/fleet.md "Failures")."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
+import urllib.request
+from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
@@ -20,6 +23,7 @@ from tests.etcd import (
     TOKENS,
     FleetProcesses,
     etcd_get,
+    scrape,
     start_etcd,
     start_haproxy,
     wait,
@@ -45,9 +49,19 @@ class FleetWiringTests(FleetProcesses):
             return False
         return b"".join(chunks) == BANNER + payload
 
+    def api(self, index: int, admin: int, path: str) -> dict[str, Any]:
+        token = (self.workdir / f"state{index}" / "admin-token").read_text().strip()
+        request = urllib.request.Request(f"http://127.0.0.{index}:{admin}{path}", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return json.loads(answer.read())
+
     def test_a_visitor_at_each_of_three_member_processes_reaches_a_client_at_one_of_them(self) -> None:
         node = start_etcd(self, self.workdir / "etcd")
-        members = [self.start_member(i, [node.url]) for i in (1, 2, 3)]
+        admin, metrics = {i: free_port() for i in (1, 2, 3)}, {i: free_port() for i in (1, 2, 3)}
+        members = [
+            self.start_member(i, [node.url], metrics=metrics[i], more=("--admin", f"tcp:{admin[i]}:interface=127.0.0.{i}"))
+            for i in (1, 2, 3)
+        ]
         for member, _ in members:
             member.wait_for(r"member links on tcp:\d+:interface=127\.0\.0\.\d, serving")
         public = free_port()
@@ -59,6 +73,7 @@ class FleetWiringTests(FleetProcesses):
             wait(lambda index=index, payload=payload: self.try_visit(f"127.0.0.{index}", public, payload),
                  10, f"a visitor at member {index} served")
         members[1][0].wait_for(rf"serving port {public} .*for member m1|serving .*{public}.* here for member m1")
+        self.check_operations(admin, metrics, public)
         # a clean stop (SIGTERM) of a member with member links: it shuts down whole and leaves the fleet
         for index, (member, _) in enumerate(members[1:], 2):
             member.popen.terminate()
@@ -67,6 +82,35 @@ class FleetWiringTests(FleetProcesses):
             self.assertNotIn("Traceback", member.output)
             self.assertIsNone(etcd_get(node.url, f"{PREFIX}members/m{index}"))
         self.assertTrue(self.try_visit("127.0.0.1", public))
+
+    def check_operations(self, admin: dict[int, int], metrics: dict[int, int], public: int) -> None:
+        """The admin API and the metrics show the fleet (docs/admin.md, docs/metrics.md "Fleet metrics")."""
+        fleet = self.api(2, admin[2], "/api/fleet")
+        self.assertEqual(fleet["member"], "m2")
+        self.assertFalse(fleet["fenced"])
+        self.assertEqual([m["name"] for m in fleet["members"]], ["m1", "m2", "m3"])
+        self.assertEqual([m["name"] for m in fleet["members"] if m["this"]], ["m2"])
+        claim = {c["key"]: c for c in fleet["claims"]}[f"claims/tcp/default/{public}"]
+        self.assertEqual((claim["home"], claim["credential"], claim["here"]), ("m1", "alice", False))
+        self.assertEqual(fleet["edge_names"], [{"name": f"port {public} on default", "home": "m1", "listening": True}])
+        self.assertGreaterEqual(fleet["visitors"]["to_home"]["m1"], 1)
+        self.assertGreater({row["member"]: row for row in fleet["member_links"]}["m1"]["bytes_out"], 0)
+        page = self.api(1, admin[1], "/api/sessions")
+        self.assertEqual(page["fleet"]["member"], "m1")
+        self.assertTrue({c["key"]: c for c in page["fleet"]["claims"]}[f"claims/tcp/default/{public}"]["here"])
+        self.assertGreaterEqual(page["fleet"]["visitors"]["from_edge"]["m2"], 1)
+        edge = scrape(f"http://127.0.0.2:{metrics[2]}/metrics")
+        home = scrape(f"http://127.0.0.1:{metrics[1]}/metrics")
+        for peer in ("m1", "m2", "m3"):
+            self.assertEqual(edge[("rtunnel_fleet_member_up", (("member", "m2"), ("peer", peer)))], 1)
+        self.assertEqual(edge[("rtunnel_fleet_edge_names", (("home", "m1"), ("member", "m2")))], 1)
+        self.assertEqual(edge[("rtunnel_fleet_forwarded_visitors", (("member", "m2"),))], 0)
+        self.assertGreaterEqual(edge[("rtunnel_fleet_visitors_forwarded_total", (("home", "m1"),))], 1)
+        self.assertGreater(edge[("rtunnel_fleet_member_link_bytes_total", (("direction", "out"), ("member", "m1")))], 0)
+        self.assertGreaterEqual(home[("rtunnel_fleet_visitors_received_total", (("edge", "m2"),))], 1)
+        self.assertEqual(home[("rtunnel_fleet_claims", (("holder", "m1"), ("member", "m1")))], 1)
+        self.assertGreater(home[("rtunnel_fleet_etcd_calls_total", (("member", "m1"), ("op", "txn")))], 0)
+        self.assertIn(("rtunnel_fleet_etcd_latency_seconds_count", (("member", "m1"), ("op", "txn"))), home)
 
     def test_sigkill_of_the_home_behind_haproxy_moves_the_client_and_the_port_is_served_fleet_wide_again(self) -> None:
         if SKIP_NO_HAPROXY:

@@ -216,6 +216,7 @@ class Fleet:
     def attach(self, server: TunnelServer) -> None:
         """Connect the fleet to `server` (made with claims=self.claims)."""
         self.server = server
+        server.fleet = self  # the admin API's "fleet" (describe())
         server.session_serials = fleet_serials()
         observed = _ObservedSessions(self)
         observed.update(server.sessions)
@@ -255,6 +256,53 @@ class Fleet:
         self.directory.stop()
         yield self.member.stop()
         yield self.etcd.close()
+
+    # ------------------------------------------------------------ what the admin API shows
+
+    def describe(self) -> dict[str, Any]:
+        """The fleet as this member sees it (GET /api/fleet, the status
+        page's "Fleet" section; docs/admin.md): the members up (registered
+        under a live lease), this member and whether it is fenced, every
+        claim with its home, the names served here for other members, the
+        visitors this member carries and the member links' bytes."""
+        directory, links = self.directory, self.links
+        members = []
+        for name, info in sorted(directory.members.items()):
+            members.append({
+                "name": name, "this": name == self.name, "control": info.get("control"),
+                "link": info.get("link"), "public_host": info.get("public_host"), "pid": info.get("pid"),
+                "started": info.get("started"),
+            })
+        claims = []
+        for key, (record, _) in sorted(directory.claims.items()):
+            kind, _, rest = key.removeprefix("claims/").partition("/")
+            claims.append({
+                "key": key, "kind": kind, "name": rest, "home": record.member, "here": record.member == self.name,
+                "credential": record.credential, "session": record.session[:8],
+            })
+        link_rows: dict[str, dict[str, Any]] = {}
+        edge_names: list[dict[str, Any]] = []
+        forwarded = {"now": 0, "to_home": {}, "from_edge": {}}
+        if links is not None:
+            for (member, direction), n in links.link_bytes().items():
+                row = link_rows.setdefault(member, {"member": member, "up": [], "bytes_in": 0, "bytes_out": 0})
+                row["bytes_" + direction] += n
+            for member, direction, _ in links.live_links():
+                row = link_rows.setdefault(member, {"member": member, "up": [], "bytes_in": 0, "bytes_out": 0})
+                row["up"].append(direction)
+            for forward in list(links.forwards.values()):
+                edge_names.append({"name": forward.name.describe(), "home": forward.home,
+                                   "listening": forward.port is not None})
+            forwarded = {
+                "now": links.forwarded_visitors, "to_home": dict(links.visitors_forwarded),
+                "from_edge": dict(links.visitors_received),
+            }
+        return {
+            "member": self.name, "fenced": self.member.fenced, "lease": f"{self.member.lease:x}" if self.member.lease else None,
+            "links_listen": self.config.fleet_listen, "members": members, "claims": claims,
+            "edge_names": edge_names, "visitors": forwarded,
+            "member_links": [link_rows[m] for m in sorted(link_rows)],
+        }
 
     # ------------------------------------------------------------ claims lost, fencing
 
