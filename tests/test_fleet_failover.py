@@ -9,14 +9,17 @@ the kill is printed and bounded: 10 s, docs/fleet.md "Failures")."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from typing import Any
 
 from twisted.trial.unittest import SkipTest
 
+from tests.chromium import CHROMIUM, chromium_missing
 from tests.etcd import (
     PREFIX,
     SKIP_NO_HAPROXY,
@@ -28,7 +31,7 @@ from tests.etcd import (
     start_haproxy,
     wait,
 )
-from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port
+from tests.harness import BANNER, TWISTD, PageReader, Process, cert_fingerprint, free_port
 
 FAILOVER_TARGET = 10.0  # seconds from the kill to the port served at every surviving member
 
@@ -74,6 +77,7 @@ class FleetWiringTests(FleetProcesses):
                  10, f"a visitor at member {index} served")
         members[1][0].wait_for(rf"serving port {public} .*for member m1|serving .*{public}.* here for member m1")
         self.check_operations(admin, metrics, public)
+        self.check_status_page(admin, public)
         # a clean stop (SIGTERM) of a member with member links: it shuts down whole and leaves the fleet
         for index, (member, _) in enumerate(members[1:], 2):
             member.popen.terminate()
@@ -111,6 +115,29 @@ class FleetWiringTests(FleetProcesses):
         self.assertEqual(home[("rtunnel_fleet_claims", (("holder", "m1"), ("member", "m1")))], 1)
         self.assertGreater(home[("rtunnel_fleet_etcd_calls_total", (("member", "m1"), ("op", "txn")))], 0)
         self.assertIn(("rtunnel_fleet_etcd_latency_seconds_count", (("member", "m1"), ("op", "txn"))), home)
+
+    def check_status_page(self, admin: dict[int, int], public: int) -> None:
+        """The status page of an edge member shows the fleet (headless Chromium, when installed)."""
+        if chromium_missing():
+            return  # the API checks above stand; the page needs Debian's chromium
+        token = (self.workdir / "state2" / "admin-token").read_text().strip()
+        profile = self.workdir / "chromium"
+        home = profile / "home"
+        home.mkdir(parents=True)
+        dumped = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile / 'data'}", "--dump-dom",
+             "--virtual-time-budget=3000", f"http://127.0.0.2:{admin[2]}/?token={token}"],
+            capture_output=True, timeout=60, start_new_session=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"},
+        )
+        self.assertEqual(dumped.returncode, 0, dumped.stderr[-2000:])
+        page = PageReader()
+        page.feed(dumped.stdout.decode())
+        self.assertEqual(page.attrs("data-member", "tr"), ["m1", "m2", "m3"])
+        self.assertEqual(page.attrs("data-claim", "tr"), [f"claims/tcp/default/{public}"])
+        self.assertIn("Fleet: member m2", page.texts("name"))
 
     def test_sigkill_of_the_home_behind_haproxy_moves_the_client_and_the_port_is_served_fleet_wide_again(self) -> None:
         if SKIP_NO_HAPROXY:
