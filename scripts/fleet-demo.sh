@@ -6,7 +6,9 @@
 #     $FLEET_DEMO_CONTROL_PORT, member links $FLEET_DEMO_LINK_PORT, each with its own
 #     --public-host), member certificates from 'rtunnel_server fleet-init/fleet-add-member'
 #   sample web page on 127.0.0.1:$FLEET_DEMO_TARGET_PORT (python3 -m http.server)
-#   rtunnel_client at m1 asks for port $FLEET_DEMO_PUBLIC_PORT -> the page
+#   haproxy (if installed, or installable with apt) on 127.0.0.1:$FLEET_DEMO_HAPROXY_PORT in front
+#     of the three control ports (scripts/fleet-haproxy.cfg)
+#   rtunnel_client through haproxy (without it: at m1) asks for port $FLEET_DEMO_PUBLIC_PORT -> the page
 #   curl http://127.0.0.N:$FLEET_DEMO_PUBLIC_PORT/ at each member reaches the page.
 #
 # Usage: bash scripts/fleet-demo.sh [--keep]
@@ -14,10 +16,13 @@
 #            ETCD_PID, ETCD_URL, MEMBER1_PID..MEMBER3_PID, MEMBER1_ADDRESS..MEMBER3_ADDRESS
 #            (the address visitors use), MEMBER1_CONTROL..MEMBER3_CONTROL, CLIENT_PID,
 #            SERVICE_PID, PUBLIC_PORT, HOME_MEMBER (1-3: the client's session's home),
-#            FINGERPRINT, WORK_DIR
+#            FINGERPRINT, WORK_DIR, CLIENT_SERVER (what the client's -c names),
+#            HAPROXY_PID (empty without haproxy). Kill the home member: the client moves
+#            to another member through haproxy and the port is served again in about 1 s.
 # Environment: FLEET_DEMO_ETCD_PORT (22379; the peer port is the next one),
 #   FLEET_DEMO_CONTROL_PORT (19070), FLEET_DEMO_LINK_PORT (19071),
-#   FLEET_DEMO_PUBLIC_PORT (4100), FLEET_DEMO_TARGET_PORT (3100), PYTHON (python3).
+#   FLEET_DEMO_PUBLIC_PORT (4100), FLEET_DEMO_TARGET_PORT (3100), FLEET_DEMO_HAPROXY_PORT
+#   (19069), FLEET_DEMO_HAPROXY=0 (no haproxy: the client at m1), PYTHON (python3).
 # Everything is stopped (and the temp dir removed) when the script exits, unless --keep.
 set -euo pipefail
 
@@ -27,13 +32,15 @@ CONTROL_PORT=${FLEET_DEMO_CONTROL_PORT:-19070}
 LINK_PORT=${FLEET_DEMO_LINK_PORT:-19071}
 PUBLIC_PORT=${FLEET_DEMO_PUBLIC_PORT:-4100}
 TARGET_PORT=${FLEET_DEMO_TARGET_PORT:-3100}
+HAPROXY_PORT=${FLEET_DEMO_HAPROXY_PORT:-19069}
+USE_HAPROXY=${FLEET_DEMO_HAPROXY:-1}
 PYTHON=${PYTHON:-python3}
 KEEP=0
 
 for arg in "$@"; do
     case "$arg" in
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "fleet-demo: unknown argument '$arg' (only --keep is known)" >&2; exit 64 ;;
     esac
 done
@@ -85,7 +92,7 @@ sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
 EOF
 }
 
-for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$TARGET_PORT"; do
+for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$TARGET_PORT" "$HAPROXY_PORT"; do
     if port_busy 127.0.0.1 "$port"; then
         die "port $port on 127.0.0.1 is already in use (an earlier 'fleet-demo.sh --keep'?). Stop that program or choose other ports with FLEET_DEMO_ETCD_PORT / FLEET_DEMO_TARGET_PORT."
     fi
@@ -100,18 +107,29 @@ done
 
 # ------------------------------------------------------------------ install
 
+SUDO=()
+if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else SUDO=(false); fi
+fi
+apt_install() {  # apt_install PACKAGE...: true if apt installed them
+    command -v apt-get >/dev/null && "${SUDO[@]}" apt-get update -qq </dev/null \
+        && "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "$@" </dev/null
+}
+PATH="$PATH:/usr/sbin:/sbin"  # haproxy lives in /usr/sbin
 ETCD=$(command -v etcd || true)
 if [ -z "$ETCD" ]; then
     say "installing etcd (apt-get install etcd-server)"
-    SUDO=()
-    if [ "$(id -u)" != 0 ]; then
-        if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else SUDO=(false); fi
-    fi
-    if command -v apt-get >/dev/null && "${SUDO[@]}" apt-get update -qq </dev/null \
-        && "${SUDO[@]}" apt-get install -y -qq --no-install-recommends etcd-server </dev/null; then
-        ETCD=$(command -v etcd || true)
-    fi
+    apt_install etcd-server && ETCD=$(command -v etcd || true)
     [ -n "$ETCD" ] || die "etcd is not installed and could not be installed here (not root, or no apt). Install it: sudo apt-get install etcd-server (or put an etcd 3.4+ binary on PATH)"
+fi
+HAPROXY=""
+if [ "$USE_HAPROXY" = 1 ]; then
+    HAPROXY=$(command -v haproxy || true)
+    if [ -z "$HAPROXY" ]; then
+        say "installing haproxy (apt-get install haproxy)"
+        apt_install haproxy && HAPROXY=$(command -v haproxy || true)
+        [ -n "$HAPROXY" ] || echo "fleet-demo: haproxy is not installed and could not be (not root, or no apt): the client connects to m1 directly (no failover to another member)" >&2
+    fi
 fi
 
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
@@ -200,7 +218,7 @@ chmod 600 "$WORK/token"
 MEMBER_PIDS=()
 for i in 1 2 3; do
     address=${ADDRESSES[$((i - 1))]}
-    say "starting member m$i: rtunnel_server --interface $address --port $CONTROL_PORT --public-host $address --fleet-etcd $ETCD_URL --fleet-member m$i --fleet-listen tcp:$LINK_PORT:interface=$address --state-dir $WORK/m$i --token-file ..."
+    say "starting member m$i: rtunnel_server --interface $address --port $CONTROL_PORT --public-host $address --fleet-etcd $ETCD_URL --fleet-member m$i --fleet-listen tcp:$LINK_PORT:interface=$address --state-dir $WORK/m$i --token ..."
     start "m$i" "$VENV/bin/rtunnel_server" --interface "$address" --port "$CONTROL_PORT" --public-host "$address" \
         --state-dir "$WORK/m$i" --token "$TOKEN" \
         --fleet-etcd "$ETCD_URL" --fleet-member "m$i" --fleet-listen "tcp:$LINK_PORT:interface=$address"
@@ -219,9 +237,22 @@ SERVICE_PID=$STARTED
 wait_for 15 "$SERVICE_PID" "sample service" port_busy 127.0.0.1 "$TARGET_PORT" \
     || { show_log service "$WORK/service.log"; die "the sample service did not start"; }
 
+HAPROXY_PID=""
+CLIENT_SERVER="127.0.0.1:$CONTROL_PORT"
+if [ -n "$HAPROXY" ]; then
+    say "starting haproxy on 127.0.0.1:$HAPROXY_PORT in front of the members' control ports (scripts/fleet-haproxy.cfg)"
+    RTUNNEL_FRONT="127.0.0.1:$HAPROXY_PORT" RTUNNEL_HAPROXY_STATS="$WORK/haproxy-stats.sock" \
+        RTUNNEL_MEMBER1="127.0.0.1:$CONTROL_PORT" RTUNNEL_MEMBER2="127.0.0.2:$CONTROL_PORT" \
+        RTUNNEL_MEMBER3="127.0.0.3:$CONTROL_PORT" start haproxy "$HAPROXY" -db -f "$ROOT/scripts/fleet-haproxy.cfg"
+    HAPROXY_PID=$STARTED
+    wait_for 15 "$HAPROXY_PID" "haproxy" port_busy 127.0.0.1 "$HAPROXY_PORT" \
+        || { show_log haproxy "$WORK/haproxy.log" 20; die "haproxy did not start"; }
+    CLIENT_SERVER="127.0.0.1:$HAPROXY_PORT"
+fi
+
 # -f PORT without an address: one claim fleet-wide, served by every member on its own --public-host
-say "starting rtunnel_client -c 127.0.0.1:$CONTROL_PORT -f $PUBLIC_PORT -t $TARGET_PORT --token ... --fingerprint $FINGERPRINT"
-start client "$VENV/bin/rtunnel_client" -c "127.0.0.1:$CONTROL_PORT" -f "$PUBLIC_PORT" -t "$TARGET_PORT" \
+say "starting rtunnel_client -c $CLIENT_SERVER -f $PUBLIC_PORT -t $TARGET_PORT --token ... --fingerprint $FINGERPRINT"
+start client "$VENV/bin/rtunnel_client" -c "$CLIENT_SERVER" -f "$PUBLIC_PORT" -t "$TARGET_PORT" \
     --token "$TOKEN" --fingerprint "$FINGERPRINT"
 CLIENT_PID=$STARTED
 tunnel_ready() { grep -q "tunnel ready" "$WORK/client.log"; }
@@ -279,7 +310,7 @@ if [ "$KEEP" = 1 ]; then
     cat <<EOF
 
 Left running (--keep). Try: curl http://127.0.0.2:$PUBLIC_PORT/
-Stop:    kill $CLIENT_PID $SERVICE_PID ${MEMBER_PIDS[*]} $ETCD_PID; rm -rf $WORK
+Stop:    kill $CLIENT_PID $HAPROXY_PID $SERVICE_PID ${MEMBER_PIDS[*]} $ETCD_PID; rm -rf $WORK
 ETCD_PID=$ETCD_PID
 ETCD_URL=$ETCD_URL
 MEMBER1_PID=${MEMBER_PIDS[0]}
@@ -296,6 +327,8 @@ SERVICE_PID=$SERVICE_PID
 PUBLIC_PORT=$PUBLIC_PORT
 HOME_MEMBER=$HOME_MEMBER
 FINGERPRINT=$FINGERPRINT
+CLIENT_SERVER=$CLIENT_SERVER
+HAPROXY_PID=$HAPROXY_PID
 WORK_DIR=$WORK
 EOF
 else

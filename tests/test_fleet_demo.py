@@ -3,7 +3,9 @@ user runs it: etcd, three members on 127.0.0.1/.2/.3, a client, a visitor
 reaching the tunnel at each member; --keep leaves them running and prints
 KEY=VALUE lines a script reads (each checked here: the PIDs live, the
 addresses serve the page, HOME_MEMBER is the claim's member), then the
-test stops everything it printed. (The default mode, which stops
+test kills the home member (the client, behind haproxy, moves to another
+and the port is served again within 10 s) and stops everything it
+printed. (The default mode, which stops
 everything itself, runs in .ci/run beside the quick start.)"""
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class FleetDemoTests(SynchronousTestCase):
         ports = {
             "FLEET_DEMO_ETCD_PORT": free_port(), "FLEET_DEMO_CONTROL_PORT": free_port(),
             "FLEET_DEMO_LINK_PORT": free_port(), "FLEET_DEMO_PUBLIC_PORT": free_port(),
-            "FLEET_DEMO_TARGET_PORT": free_port(),
+            "FLEET_DEMO_TARGET_PORT": free_port(), "FLEET_DEMO_HAPROXY_PORT": free_port(),
         }
         env = {**os.environ, **{key: str(value) for key, value in ports.items()}}
         run = subprocess.run(
@@ -71,6 +73,25 @@ class FleetDemoTests(SynchronousTestCase):
         claim = etcd_get(values["ETCD_URL"], f"/rtunnel/claims/tcp/default/{values['PUBLIC_PORT']}")
         self.assertIsNotNone(claim)
         self.assertEqual(claim["member"], f"m{values['HOME_MEMBER']}")
+        if not values.get("HAPROXY_PID"):
+            return  # no haproxy here: the client cannot move (the demo said so)
+        # the client is behind haproxy: SIGKILL of its home, and the other two serve the page again
+        home = int(values["HOME_MEMBER"])
+        killed = time.monotonic()
+        os.kill(int(values[f"MEMBER{home}_PID"]), signal.SIGKILL)
+        for index in {1, 2, 3} - {home}:
+            address = values[f"MEMBER{index}_ADDRESS"]
+            while not self._page(address):
+                self.assertLess(time.monotonic() - killed, 10.0, f"{address} not served 10 s after the kill")
+                time.sleep(0.05)
+        print(f"\nfleet demo: home m{home} killed, served at both other members after {time.monotonic() - killed:.2f} s")
+
+    def _page(self, address: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{address}/", timeout=1) as page:
+                return b"Hello through the rtunnel fleet" in page.read()
+        except OSError:
+            return False
 
     def _stop(self, pids: list[int], work: str | None) -> None:
         for pid in pids:
