@@ -175,3 +175,33 @@ class FleetWiringTests(FleetProcesses):
         client.wait_for(rf"tunnel ready: \S+:{public} (.*\n)+.*tunnel ready: \S+:{public} ")
         self.assertEqual(client.popen.poll(), None)
         self.assertNotIn("Traceback", haproxy.output)
+
+
+class MemberStartFailureTests(FleetProcesses):
+    def test_a_member_without_its_certificate_or_with_its_member_link_port_taken_does_not_start_and_says_why(self) -> None:
+        node = start_etcd(self, self.workdir / "etcd")
+        self.member_files(1)
+        (self.workdir / "state1" / "m1.crt").unlink()
+        member = self.start_member_process(1, [node.url], free_port())
+        self.assertEqual(member.wait_exit(), 1, member.describe())
+        self.assertIn("member m1 has no certificate in", member.output)
+        self.assertIsNone(etcd_get(node.url, f"{PREFIX}members/m1"))  # it never joined
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.2", 0))
+        taken.listen(1)
+        self.member_files(2)
+        member = self.start_member_process(2, [node.url], taken.getsockname()[1])
+        self.assertEqual(member.wait_exit(), 1, member.describe())
+        self.assertRegex(member.output, r"cannot listen for member links on --fleet-listen tcp:\d+:interface=127\.0\.0\.2")
+        self.assertNotIn("Choose another --port/--listen", member.output)
+        wait(lambda: etcd_get(node.url, f"{PREFIX}members/m2") is None, 3, "m2's lease revoked at once")
+
+    def start_member_process(self, index: int, urls: list[str], link_port: int) -> Process:
+        host = f"127.0.0.{index}"
+        return Process(self, f"member{index}", [
+            *TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(free_port()), "--interface", host,
+            "--public-host", host, "--state-dir", str(self.workdir / f"state{index}"), "--token", "unused-0123456789",
+            "--fleet-etcd", ",".join(urls), "--fleet-member", f"m{index}",
+            "--fleet-listen", f"tcp:{link_port}:interface={host}",
+        ], self.workdir)

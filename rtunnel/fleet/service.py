@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from rtunnel.addresses import IPV4_ANY
 from rtunnel.config import ServerConfig
+from rtunnel.errors import ConfigError
 from rtunnel.fleet.ca import MemberIdentity, member_identity
 from rtunnel.fleet.claims import FleetClaims, fleet_serials
 from rtunnel.fleet.directory import FleetDirectory
@@ -235,7 +237,14 @@ class Fleet:
             self.reactor, self.server, LinkDirectory(self.directory, self.default_hosts), self.identity,
             self.config.fleet_listen,
         )
-        port = yield self.links.start()
+        try:
+            port = yield self.links.start()
+        except CannotListenError as e:
+            self.links = None
+            raise ConfigError(
+                f"cannot listen for member links on --fleet-listen {self.config.fleet_listen}: "
+                f"{e.socketError}. Choose another --fleet-listen port or stop the program using it"
+            ) from None
         self.log.info(
             "fleet member {name}: member links on {listen}, serving {n} name(s) held at other members",
             name=self.name, listen=self.config.fleet_listen, n=len(self.links.forwards),
