@@ -19,7 +19,7 @@
 #            FINGERPRINT, WORK_DIR, CLIENT_SERVER (what the client's -c names),
 #            HAPROXY_PID (empty without haproxy). Kill the home member: the client moves
 #            to another member through haproxy and the port is served again in about 1 s.
-# Environment: FLEET_DEMO_ETCD_PORT (22379; the peer port is the next one),
+# Environment: FLEET_DEMO_ETCD_PORT (22379), FLEET_DEMO_ETCD_PEER_PORT (the next one),
 #   FLEET_DEMO_CONTROL_PORT (19070), FLEET_DEMO_LINK_PORT (19071),
 #   FLEET_DEMO_PUBLIC_PORT (4100), FLEET_DEMO_TARGET_PORT (3100), FLEET_DEMO_HAPROXY_PORT
 #   (19069), FLEET_DEMO_HAPROXY=0 (no haproxy: the client at m1), PYTHON (python3).
@@ -27,7 +27,7 @@
 set -euo pipefail
 
 ETCD_PORT=${FLEET_DEMO_ETCD_PORT:-22379}
-ETCD_PEER_PORT=$((ETCD_PORT + 1))
+ETCD_PEER_PORT=${FLEET_DEMO_ETCD_PEER_PORT:-$((ETCD_PORT + 1))}
 CONTROL_PORT=${FLEET_DEMO_CONTROL_PORT:-19070}
 LINK_PORT=${FLEET_DEMO_LINK_PORT:-19071}
 PUBLIC_PORT=${FLEET_DEMO_PUBLIC_PORT:-4100}

@@ -45,7 +45,8 @@ class FleetDemoTests(SynchronousTestCase):
         if SKIP_NO_ETCD:
             raise SkipTest(SKIP_NO_ETCD)
         ports = {
-            "FLEET_DEMO_ETCD_PORT": free_port(), "FLEET_DEMO_CONTROL_PORT": free_port(),
+            "FLEET_DEMO_ETCD_PORT": free_port(), "FLEET_DEMO_ETCD_PEER_PORT": free_port(),
+            "FLEET_DEMO_CONTROL_PORT": free_port(),
             "FLEET_DEMO_LINK_PORT": free_port(), "FLEET_DEMO_PUBLIC_PORT": free_port(),
             "FLEET_DEMO_TARGET_PORT": free_port(), "FLEET_DEMO_HAPROXY_PORT": free_port(),
         }
