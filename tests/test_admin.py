@@ -283,6 +283,11 @@ class AdminTests(unittest.TestCase):
         self.assertEqual(code, 404)
         code, _, _ = yield admin.request("GET", "/api/nothing")
         self.assertEqual(code, 404)
+        # a server alone has no fleet: /api/fleet says so, /api/sessions has no "fleet"
+        code, _, body = yield admin.request("GET", "/api/fleet")
+        self.assertEqual(code, 404)
+        self.assertIn("not a fleet member (start it with --fleet-etcd", json.loads(body)["error"])
+        self.assertNotIn("fleet", (yield admin.sessions()))
 
     @defer.inlineCallbacks
     def test_status_page_in_headless_chromium(self) -> None:
