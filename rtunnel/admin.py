@@ -182,7 +182,10 @@ def describe(server: TunnelServer, meter: RateMeter) -> dict[str, Any]:
     for name in names:
         mine = sorted((s for s in sessions if s.credential == name), key=lambda s: s.started_at)
         clients.append({"name": name, "sessions": [describe_session(s, now, meter) for s in mine]})
-    return {"now": now, "clients": clients}
+    described: dict[str, Any] = {"now": now, "clients": clients}
+    if server.fleet is not None:  # a fleet member (docs/fleet.md): the fleet as it sees it
+        described["fleet"] = server.fleet.describe()
+    return described
 
 
 # ---------------------------------------------------------------- web resources
@@ -332,11 +335,12 @@ class SessionResource(resource.Resource):
 
 
 class ApiResource(resource.Resource):
-    """/api: only /api/sessions and below."""
+    """/api: /api/sessions and below, and /api/fleet."""
 
     def __init__(self, admin: AdminServer) -> None:
         super().__init__()
         self.putChild(b"sessions", SessionsResource(admin))
+        self.putChild(b"fleet", FleetResource(admin))
 
     def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
         return NOT_FOUND
@@ -360,6 +364,26 @@ class SessionsResource(resource.Resource):
         if path == b"":
             return self
         return SessionResource(self.admin, path.decode("ascii", errors="replace"))
+
+
+class FleetResource(resource.Resource):
+    """GET /api/fleet: the fleet as this member sees it (404 on a server
+    that is not a fleet member)."""
+
+    isLeaf = True
+
+    def __init__(self, admin: AdminServer) -> None:
+        super().__init__()
+        self.admin = admin
+
+    def render_GET(self, request: IRequest) -> bytes:
+        _common_headers(request)
+        fleet = self.admin.server.fleet
+        if fleet is None:
+            return _json(request, 404, {
+                "error": "this server is not a fleet member (start it with --fleet-etcd; see docs/fleet.md)",
+            })
+        return _json(request, 200, fleet.describe())
 
 
 class PageResource(resource.Resource):

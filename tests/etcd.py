@@ -217,19 +217,44 @@ class FleetProcesses(SynchronousTestCase):
         serve_in_thread(self, target)
         self.target_port = target.server_address[1]
 
+    def member_files(self, index: int, server_identity: Path | None = None) -> Path:
+        """Member `index`'s state directory with its member certificate (from
+        the test's fleet CA, made on first use), and, if given, the server
+        certificate and key of `server_identity` (members behind one load
+        balancer present one certificate to clients)."""
+        from rtunnel.fleet import ca
+
+        state = self.workdir / f"state{index}"
+        ca_dir = self.workdir / "fleet-ca"
+        if not (ca_dir / ca.CA_CERT).exists():
+            ca.init_ca(ca_dir, "test")
+        if not (state / f"m{index}.crt").exists():
+            ca.issue_member(ca_dir, f"m{index}", state)
+        if server_identity is not None and server_identity != state:
+            for name in ("server.crt", "server.key"):
+                shutil.copy(server_identity / name, state / name)
+        return state
+
     def start_member(
         self, index: int, etcd_urls: list[str], ttl: int = 5, metrics: int | None = None,
+        port: int | None = None, link_port: int | None = None, server_identity: Path | None = None,
+        more: tuple[str, ...] = (),
     ) -> tuple[Process, int]:
+        """Member m`index` on 127.0.0.`index` (its control port, member links and
+        --public-host there), a real `twistd rtunnel-server --fleet-etcd` process."""
         host = f"127.0.0.{index}"
-        port = free_port()
-        more = ["--metrics", f"tcp:{metrics}:interface={host}"] if metrics else []
+        port = port or free_port()
+        self.member_files(index, server_identity)
+        options = ["--metrics", f"tcp:{metrics}:interface={host}"] if metrics else []
+        options += more
         clients = [arg for name, token in TOKENS.items() for arg in ("--client", f"{name}={token}")]
         member = Process(
             self, f"member{index}",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(port), "--interface", host,
              "--public-host", host, "--state-dir", str(self.workdir / f"state{index}"), "--token", "unused-0123456789",
              *clients, "--fleet-etcd", ",".join(etcd_urls), "--fleet-member", f"m{index}",
-             "--fleet-listen", f"tcp:{free_port()}:interface={host}", "--fleet-lease-ttl", str(ttl), *more],
+             "--fleet-listen", f"tcp:{link_port or free_port()}:interface={host}", "--fleet-lease-ttl", str(ttl),
+             *options],
             self.workdir,
         )
         member.wait_for(r"Run on the client machine:")
@@ -258,3 +283,33 @@ class FleetProcesses(SynchronousTestCase):
 
     def claim(self, url: str, port: int) -> dict[str, Any] | None:
         return etcd_get(url, f"{PREFIX}claims/tcp/default/{port}")
+
+
+# ---------------------------------------------------------------- haproxy in front of the control port
+
+HAPROXY = shutil.which("haproxy")
+SKIP_NO_HAPROXY = None if HAPROXY else "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
+HAPROXY_CONFIG = Path(__file__).resolve().parent.parent / "scripts" / "fleet-haproxy.cfg"
+
+
+def start_haproxy(test: Any, workdir: Path, members: list[str]) -> tuple[Process, int]:
+    """A real haproxy (scripts/fleet-haproxy.cfg, the deployment example's
+    file) in front of the control ports `members` ("host:port" each):
+    its process and its front port on 127.0.0.1."""
+    assert HAPROXY is not None, SKIP_NO_HAPROXY
+    front = free_port()
+    env = {
+        "RTUNNEL_FRONT": f"127.0.0.1:{front}", "RTUNNEL_HAPROXY_STATS": f"127.0.0.1:{free_port()}",
+        **{f"RTUNNEL_MEMBER{i + 1}": member for i, member in enumerate(members)},
+    }
+    process = Process(test, "haproxy", [HAPROXY, "-db", "-f", str(HAPROXY_CONFIG)], workdir, extra_env=env)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", front), timeout=1).close()
+            break
+        except OSError:
+            if process.popen.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"haproxy did not listen on {front}: {process.describe()}") from None
+            time.sleep(0.05)
+    return process, front

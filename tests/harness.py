@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import html.parser
 import http.client
 import http.server
 import json
@@ -920,3 +921,35 @@ class HttpsBase(EdgeProcesses):
         """(For tests that use this server from another test case.)"""
 
 
+class PageReader(html.parser.HTMLParser):
+    """What the dumped DOM shows: text by class, attributes by tag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str]]] = []
+        self._open: list[tuple[str, str]] = []
+        self.text_by_class: dict[str, list[str]] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {k: v or "" for k, v in attrs}
+        self.elements.append((tag, values))
+        self._open.append((tag, values.get("class", "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self._open:
+            if self._open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._open and data.strip():
+            for cls in self._open[-1][1].split():
+                self.text_by_class.setdefault(cls, []).append(data.strip())
+
+    def texts(self, cls: str) -> list[str]:
+        return self.text_by_class.get(cls, [])
+
+    def attrs(self, name: str, tag: str, cls: str | None = None) -> list[str]:
+        return [
+            a[name] for t, a in self.elements
+            if t == tag and name in a and (cls is None or cls in a.get("class", "").split())
+        ]

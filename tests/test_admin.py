@@ -3,7 +3,6 @@ real server with a real client and tunnels up; the page in headless Chromium."""
 
 from __future__ import annotations
 
-import html.parser
 import json
 import os
 import re
@@ -32,6 +31,7 @@ from tests.chromium import Chromium, chromium_missing
 from tests.harness import (
     TWISTD,
     Echo,
+    PageReader,
     Process,
     Tunnel,
     Visitor,
@@ -283,6 +283,11 @@ class AdminTests(unittest.TestCase):
         self.assertEqual(code, 404)
         code, _, _ = yield admin.request("GET", "/api/nothing")
         self.assertEqual(code, 404)
+        # a server alone has no fleet: /api/fleet says so, /api/sessions has no "fleet"
+        code, _, body = yield admin.request("GET", "/api/fleet")
+        self.assertEqual(code, 404)
+        self.assertIn("not a fleet member (start it with --fleet-etcd", json.loads(body)["error"])
+        self.assertNotIn("fleet", (yield admin.sessions()))
 
     @defer.inlineCallbacks
     def test_status_page_in_headless_chromium(self) -> None:
@@ -312,40 +317,6 @@ class AdminTests(unittest.TestCase):
         [shown_in] = page.attrs("data-bytes", "span", cls="bytes-in")
         self.assertGreaterEqual(int(shown_in), len(payload))
         self.assertTrue(page.texts("peer")[0].startswith("127.0.0.1:"))
-
-
-class PageReader(html.parser.HTMLParser):
-    """What the dumped DOM shows: text by class, attributes by tag."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.elements: list[tuple[str, dict[str, str]]] = []
-        self._open: list[tuple[str, str]] = []
-        self.text_by_class: dict[str, list[str]] = {}
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        self.elements.append((tag, values))
-        self._open.append((tag, values.get("class", "")))
-
-    def handle_endtag(self, tag: str) -> None:
-        while self._open:
-            if self._open.pop()[0] == tag:
-                break
-
-    def handle_data(self, data: str) -> None:
-        if self._open and data.strip():
-            for cls in self._open[-1][1].split():
-                self.text_by_class.setdefault(cls, []).append(data.strip())
-
-    def texts(self, cls: str) -> list[str]:
-        return self.text_by_class.get(cls, [])
-
-    def attrs(self, name: str, tag: str, cls: str | None = None) -> list[str]:
-        return [
-            a[name] for t, a in self.elements
-            if t == tag and name in a and (cls is None or cls in a.get("class", "").split())
-        ]
 
 
 class InstalledAdminTests(SynchronousTestCase):

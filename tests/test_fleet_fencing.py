@@ -100,6 +100,9 @@ class FleetFencingTests(FleetProcesses):
         except ConnectionResetError:
             got = b""
         self.assertEqual(got, b"")  # closed unserved: member 1 never acted as owner again
-        with self.assertRaises(ConnectionRefusedError):
-            socket.create_connection(("127.0.0.1", public), timeout=5).close()
+        # from now on member 1 serves bob's port as any member serves every tunnel: as an edge,
+        # carrying its visitors to member 2 (never as the owner)
+        m1.wait_for(rf"serving port {public} on default here for member m2", 15)
+        self.visit("127.0.0.1", public)
+        self.assertEqual(self.claim(others[0].url, public)["member"], "m2")
         self.assertNotIn("Traceback", m1.output)

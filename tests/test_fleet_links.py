@@ -443,3 +443,32 @@ class ClientMovesTests(TestCase):
             reply, _ = yield with_timeout(fleet.visit(member, Visitor(payload)), 20)
             self.assertEqual(reply, payload, member)
         self.assertEqual(fleet.links["m2"].visitors_received, {"m1": 1, "m3": 1})
+
+    @defer.inlineCallbacks
+    def test_a_client_moving_to_an_edge_gets_its_port_when_the_directory_says_so_just_before_its_bind(self) -> Any:
+        """In a fleet the BIND's etcd transaction and the watch event of that
+        very claim arrive together, the event often first: the edge listener
+        must still be there for the session to take over (not closing, which
+        made the BIND fail `in_use` and the client wait 5 s)."""
+        logs = LogCapture(self)
+        _, target = listen_target(self, Echo)
+        fleet = Fleet(self)
+        first = yield fleet.start(target)
+        port = fleet.public_port
+        yield first.stopService()
+        ports = fleet.tunnels["m2"].server.ports
+        adopt = ports.adopt
+
+        def event_first(host: str, number: int, listener: Any) -> Any:
+            fleet.fleet.set_home(TcpPort("default", port), "m2")  # the watch event, just before the bind
+            return adopt(host, number, listener)
+
+        ports.adopt = event_first
+        started = reactor.seconds()
+        yield fleet.connect_client("m2", target, port=port)
+        self.assertLess(reactor.seconds() - started, 3.0)
+        self.assertEqual(len(logs.named("edge_adopted", member="m1", port=port)), 1)
+        for seed, member in enumerate(MEMBERS):
+            payload = pattern(seed, 1000)
+            reply, _ = yield with_timeout(fleet.visit(member, Visitor(payload)), 20)
+            self.assertEqual(reply, payload, member)

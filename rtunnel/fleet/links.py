@@ -51,6 +51,11 @@ from rtunnel.wire import ErrorCode, Frame, FrameType, ResetCode
 #: The member-link protocol's version (HELLO "version").
 MEMBER_LINK_VERSION = 1
 
+#: How long an edge listener whose name became this member's own is kept
+#: (not accepting) for the session whose BIND claimed it to take over
+#: (`FleetLinks.hand_over`); closed after that if no session did.
+HAND_OVER_WAIT = 10.0
+
 #: A default-address port (a BIND without a host) as the directory names it:
 #: every member serves it on its own --public-host.
 DEFAULT_HOST = "default"
@@ -471,6 +476,8 @@ class ForwardListener(Factory):
         self.home = home
         self.host = host  # the address it listens on (a default-address port: our --public-host)
         self.port: IListeningPort | None = None
+        #: set while the name is this member's own and the socket waits for its session's bind
+        self.handing_over: IDelayedCall | None = None
 
     def peer(self) -> PeerLink:
         return self.links.peer(self.home)
@@ -479,6 +486,11 @@ class ForwardListener(Factory):
         """The name moved to `home`: new visitors go there, and so do those
         still waiting for the old home's link (nothing of theirs crossed a
         link yet), within what is left of their wait."""
+        if self.handing_over is not None:  # it was to be ours, but moved on: serve it again
+            cancel_call(self.handing_over)
+            self.handing_over = None
+            if self.port is not None:
+                self.port.startReading()  # type: ignore[attr-defined]  # tcp.Port
         if home == self.home:
             return
         old = self.links.peers.get(self.home)
@@ -690,6 +702,14 @@ class FleetLinks:
 
     def _serve(self, name: Name, home: str | None) -> None:
         forward = self.forwards.get(name)
+        if home == self.member and forward is not None and forward.port is not None:
+            # a session here claimed it: etcd's watch event comes as the BIND's own transaction
+            # answers, often just before, so keep the socket for that session (hand_over), not
+            # accepting meanwhile; closing it would make the bind find the port still in use
+            if forward.handing_over is None:
+                forward.port.stopReading()  # type: ignore[attr-defined]  # tcp.Port
+                forward.handing_over = self.reactor.callLater(HAND_OVER_WAIT, self._hand_over_expired, forward)
+            return
         if home is None or home == self.member or home in self.siblings:
             if forward is not None:
                 self._unserve(forward)
@@ -740,6 +760,11 @@ class FleetLinks:
             event="edge_serving", member=forward.home, host=host, port=name.port,
         )
 
+    def _hand_over_expired(self, forward: ForwardListener) -> None:
+        forward.handing_over = None
+        if self.forwards.get(forward.name) is forward and self.directory.home_of(forward.name) in (None, self.member):
+            self._unserve(forward)
+
     def hand_over(self, host: str, port: int, listener: Factory) -> IListeningPort | None:
         """PublicPorts.adopt: a session of this member binds `host:port`, which
         this member serves as an edge (its client moved here, e.g. after its
@@ -753,6 +778,10 @@ class FleetLinks:
                 forward.doStop()
                 listener.doStart()
                 listening.factory = listener  # type: ignore[attr-defined]  # tcp.Port's factory
+                if forward.handing_over is not None:
+                    cancel_call(forward.handing_over)
+                    forward.handing_over = None
+                    listening.startReading()  # type: ignore[attr-defined]
                 self.log.info(
                     "{name}, served here for member {home}, is now this member's own", name=forward.name.describe(),
                     home=forward.home, event="edge_adopted", member=forward.home, host=host, port=port,
@@ -761,6 +790,9 @@ class FleetLinks:
         return None
 
     def _unserve(self, forward: ForwardListener) -> defer.Deferred[Any]:
+        if forward.handing_over is not None:
+            cancel_call(forward.handing_over)
+            forward.handing_over = None
         self.forwards.pop(forward.name, None)
         port, forward.port = forward.port, None
         return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)

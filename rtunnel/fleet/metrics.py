@@ -69,6 +69,31 @@ class FleetCollector:
         up = GaugeMetricFamily("rtunnel_fleet_members", "Members registered in the fleet now.", labels=["member"])
         up.add_metric([me], len(fleet.directory.members))
         yield up
+        each = GaugeMetricFamily(
+            "rtunnel_fleet_member_up", "1 for each member registered in the fleet now (under a live lease), as "
+            "this member sees it.", labels=["member", "peer"],
+        )
+        for peer in sorted(fleet.directory.members):
+            each.add_metric([me, peer], 1)
+        yield each
+        links = fleet.links
+        edge = GaugeMetricFamily(
+            "rtunnel_fleet_edge_names", "Names held at other members that this member serves now (its edge "
+            "listeners), by their home.", labels=["member", "home"],
+        )
+        now = GaugeMetricFamily(
+            "rtunnel_fleet_forwarded_visitors", "Visitors at this member (their edge) carried to, or waiting for, "
+            "another member now.", labels=["member"],
+        )
+        if links is not None:
+            homes: dict[str, int] = {}
+            for forward in list(links.forwards.values()):
+                homes[forward.home] = homes.get(forward.home, 0) + 1
+            for home, count in sorted(homes.items()):
+                edge.add_metric([me, home], count)
+            now.add_metric([me], links.forwarded_visitors)
+        yield edge
+        yield now
         claims = GaugeMetricFamily(
             "rtunnel_fleet_claims", "Claims in the fleet now, by the member holding them.",
             labels=["member", "holder"],

@@ -5,25 +5,33 @@ directory, the claims registry, and what connects them to a TunnelServer.
 server accepts clients; the TunnelServer gets `fleet.claims` through its
 `claims=` seam; `attach(server)` connects the rest (lost claims close
 their ports, fencing pauses the public ports, sessions are published);
-`stop()` revokes the lease, so a clean stop frees the member's claims at
-once.
+`start_links()` starts its member links (rtunnel.fleet.links: the edge
+listeners of names held elsewhere, and the listener for other members'
+links) with the member's certificate; `stop_links()` closes them (before
+the server shuts down); `stop()` revokes the lease, so a clean stop frees
+the member's claims at once.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from rtunnel.addresses import IPV4_ANY
 from rtunnel.config import ServerConfig
+from rtunnel.errors import ConfigError
+from rtunnel.fleet.ca import MemberIdentity, member_identity
 from rtunnel.fleet.claims import FleetClaims, fleet_serials
 from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.fleet.etcd import EtcdClient, EtcdError
+from rtunnel.fleet.keys import DEFAULT_HOST
 from rtunnel.fleet.members import FleetMember
-from rtunnel.server.claims import Claim, ClaimRefused
+from rtunnel.server.claims import Claim, ClaimRefused, Name, TcpPort, UdpPort
 from rtunnel.server.visitors import PublicListener
 
 if TYPE_CHECKING:
@@ -94,6 +102,48 @@ class _ObservedSessions(dict):
         return value
 
 
+class LinkDirectory:
+    """The directory as the member links name things (rtunnel.fleet.links):
+    a port on this member's default address is `TcpPort("default", port)`
+    there (an edge sends that in OPEN, and every member serves it on its
+    own --public-host), where FleetDirectory names it on this member's
+    --public-host. Everything else passes through."""
+
+    def __init__(self, directory: FleetDirectory, default_hosts: frozenset[str]) -> None:
+        self.directory = directory
+        self.member = directory.member
+        self.default_hosts = default_hosts
+
+    def _to_link(self, name: Name) -> Name:
+        if isinstance(name, TcpPort | UdpPort) and name.host in self.default_hosts:
+            return type(name)(DEFAULT_HOST, name.port)
+        return name
+
+    def _from_link(self, name: Name) -> Name:
+        if isinstance(name, TcpPort | UdpPort) and name.host == DEFAULT_HOST:
+            return type(name)(self.directory.public_host, name.port)
+        return name
+
+    def link_endpoint(self, member: str) -> str | None:
+        return self.directory.link_endpoint(member)
+
+    def home_of(self, name: Name) -> str | None:
+        return self.directory.home_of(self._from_link(name))
+
+    def remote_names(self) -> Iterable[tuple[Name, str]]:
+        return [(self._to_link(name), home) for name, home in self.directory.remote_names()]
+
+    def watch_names(self, callback: Callable[[Name, str | None], None]) -> None:
+        self.directory.watch_names(lambda name, home: callback(self._to_link(name), home))
+
+    def session_home(self, session_id: str) -> str | None:
+        return self.directory.session_home(session_id)
+
+    @property
+    def fenced(self) -> bool:
+        return self.directory.fenced
+
+
 class Fleet:
     """This server as one member of a fleet."""
 
@@ -121,7 +171,11 @@ class Fleet:
         self.claims: FleetClaims[ServerSession] = FleetClaims(
             reactor, self.etcd, self.prefix, self.member, self.directory, frozenset(default_hosts),
         )
+        self.default_hosts = frozenset(default_hosts)
         self.server: TunnelServer | None = None
+        #: the member's certificate for member links (None without --fleet-listen: no member links)
+        self.identity: MemberIdentity | None = None
+        self.links: Any = None  # rtunnel.fleet.links.FleetLinks, once start_links() ran
         self._paused: dict[str, Any] = {}  # claim key -> its listening port, not accepting while fenced
         self.member.on_fence.append(self._fenced)
         self.claims.on_confirmed.append(self._confirmed)
@@ -129,7 +183,21 @@ class Fleet:
 
     @defer.inlineCallbacks
     def start(self) -> Any:
-        """Read the fleet, then register: the member serves nothing before both."""
+        """Read the fleet, then register: the member serves nothing before both.
+        The member certificate is read first: a member that could not make
+        member links never joins."""
+        if self.config.fleet_listen:
+            config = self.config
+            self.identity = member_identity(
+                config.state_dir, self.name, config.fleet_cert, config.fleet_key, config.fleet_ca,
+            )
+        else:
+            self.log.warn(
+                "fleet member {name} has no --fleet-listen: it makes no member links, so visitors reach "
+                "its tunnels only at this member and it serves no tunnel of another member; give "
+                "--fleet-listen tcp:PORT:interface=ADDRESS (and its member certificate) to serve every tunnel",
+                name=self.name, event="fleet_no_links",
+            )
         try:
             yield self.member.start()
         except EtcdError as e:
@@ -150,6 +218,7 @@ class Fleet:
     def attach(self, server: TunnelServer) -> None:
         """Connect the fleet to `server` (made with claims=self.claims)."""
         self.server = server
+        server.fleet = self  # the admin API's "fleet" (describe())
         server.session_serials = fleet_serials()
         observed = _ObservedSessions(self)
         observed.update(server.sessions)
@@ -157,12 +226,92 @@ class Fleet:
         self.claims.on_lost = self._lost
 
     @defer.inlineCallbacks
+    def start_links(self) -> Any:
+        """Member links (after attach()): listen on --fleet-listen for other
+        members' links and serve every name held elsewhere at this edge."""
+        from rtunnel.fleet.links import FleetLinks
+
+        if self.identity is None or self.server is None or not self.config.fleet_listen:
+            return None
+        self.links = FleetLinks(
+            self.reactor, self.server, LinkDirectory(self.directory, self.default_hosts), self.identity,
+            self.config.fleet_listen,
+        )
+        try:
+            port = yield self.links.start()
+        except CannotListenError as e:
+            self.links = None
+            raise ConfigError(
+                f"cannot listen for member links on --fleet-listen {self.config.fleet_listen}: "
+                f"{e.socketError}. Choose another --fleet-listen port or stop the program using it"
+            ) from None
+        self.log.info(
+            "fleet member {name}: member links on {listen}, serving {n} name(s) held at other members",
+            name=self.name, listen=self.config.fleet_listen, n=len(self.links.forwards),
+            event="fleet_links_listening",
+        )
+        return port
+
+    def stop_links(self) -> defer.Deferred[None]:
+        """Close the member links and edge listeners (before the server shuts down)."""
+        links, self.links = self.links, None
+        return links.stop() if links is not None else defer.succeed(None)
+
+    @defer.inlineCallbacks
     def stop(self) -> Any:
         """Leave the fleet: revoke the lease (every key of ours goes at once)."""
+        yield self.stop_links()
         self.claims.stop()
         self.directory.stop()
         yield self.member.stop()
         yield self.etcd.close()
+
+    # ------------------------------------------------------------ what the admin API shows
+
+    def describe(self) -> dict[str, Any]:
+        """The fleet as this member sees it (GET /api/fleet, the status
+        page's "Fleet" section; docs/admin.md): the members up (registered
+        under a live lease), this member and whether it is fenced, every
+        claim with its home, the names served here for other members, the
+        visitors this member carries and the member links' bytes."""
+        directory, links = self.directory, self.links
+        members = []
+        for name, info in sorted(directory.members.items()):
+            members.append({
+                "name": name, "this": name == self.name, "control": info.get("control"),
+                "link": info.get("link"), "public_host": info.get("public_host"), "pid": info.get("pid"),
+                "started": info.get("started"),
+            })
+        claims = []
+        for key, (record, _) in sorted(directory.claims.items()):
+            kind, _, rest = key.removeprefix("claims/").partition("/")
+            claims.append({
+                "key": key, "kind": kind, "name": rest, "home": record.member, "here": record.member == self.name,
+                "credential": record.credential, "session": record.session[:8],
+            })
+        link_rows: dict[str, dict[str, Any]] = {}
+        edge_names: list[dict[str, Any]] = []
+        forwarded = {"now": 0, "to_home": {}, "from_edge": {}}
+        if links is not None:
+            for (member, direction), n in links.link_bytes().items():
+                row = link_rows.setdefault(member, {"member": member, "up": [], "bytes_in": 0, "bytes_out": 0})
+                row["bytes_" + direction] += n
+            for member, direction, _ in links.live_links():
+                row = link_rows.setdefault(member, {"member": member, "up": [], "bytes_in": 0, "bytes_out": 0})
+                row["up"].append(direction)
+            for forward in list(links.forwards.values()):
+                edge_names.append({"name": forward.name.describe(), "home": forward.home,
+                                   "listening": forward.port is not None})
+            forwarded = {
+                "now": links.forwarded_visitors, "to_home": dict(links.visitors_forwarded),
+                "from_edge": dict(links.visitors_received),
+            }
+        return {
+            "member": self.name, "fenced": self.member.fenced, "lease": f"{self.member.lease:x}" if self.member.lease else None,
+            "links_listen": self.config.fleet_listen, "members": members, "claims": claims,
+            "edge_names": edge_names, "visitors": forwarded,
+            "member_links": [link_rows[m] for m in sorted(link_rows)],
+        }
 
     # ------------------------------------------------------------ claims lost, fencing
 

@@ -90,6 +90,7 @@ class TunnelServer:
         self.events = ServerEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=True)
         self.fleet_links: Any = None  # rtunnel.fleet.links.FleetLinks, in a fleet (its metrics)
+        self.fleet: Any = None  # rtunnel.fleet.service.Fleet, in a fleet (the admin API's "fleet")
 
     # ------------------------------------------------------------ what others read
 

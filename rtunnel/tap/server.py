@@ -252,6 +252,7 @@ class ServerService(service.Service):
         )
         if self.fleet is not None:
             self.fleet.attach(self.server)
+            yield self.fleet.start_links()
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
         listening = GatedListening(self.reactor, self.control_gate, config.reuse_port)
@@ -392,7 +393,10 @@ class ServerService(service.Service):
         if self.acme is not None:
             waits.append(defer.maybeDeferred(self.acme.stopService))
         if self.server is not None:
-            stopping = self.server.shutdown()
+            if self.fleet is not None:  # member links and edge listeners first, then the sessions
+                stopping = self.fleet.stop_links().addCallback(lambda _: self.server.shutdown())
+            else:
+                stopping = self.server.shutdown()
             if self.fleet is not None:  # then leave the fleet: revoking the lease frees our claims at once
                 stopping.addCallback(lambda _: self.fleet.stop() if self.fleet is not None else None)
             waits.append(stopping)
