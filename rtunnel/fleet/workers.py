@@ -345,6 +345,32 @@ class Workers(service.Service):
         load_server_identity(config.state_dir, config.cert, config.key)
         if not config.token and config.clients_file is None:
             load_or_create_token(config.state_dir)
+        self.prepare_member_certificates()
+
+    def prepare_member_certificates(self) -> None:
+        """Each worker is a member with a certificate of its own (member
+        links, rtunnel.fleet.ca): the missing NAME-k.crt/.key are issued here
+        by the fleet CA of the state directory, which is made first if the
+        directory has none (one machine needs nothing more; for several, run
+        fleet-init once and copy the CA with its key to each machine's state
+        directory before starting its workers: docs/fleet.md "Every core")."""
+        from rtunnel.fleet import ca
+
+        state_dir = self.config.state_dir
+        _, created = ca.init_ca(state_dir)
+        if created:
+            self.log.info(
+                "made a fleet CA in {dir} for the workers' member certificates (several machines: "
+                "copy fleet-ca.crt and fleet-ca.key to the others' state directories)",
+                dir=str(state_dir), event="fleet_ca_created",
+            )
+        for worker in self.workers:
+            if not (state_dir / f"{worker.name}.crt").exists():
+                ca.issue_member(state_dir, worker.name)
+                self.log.info(
+                    "issued the member certificate of worker {name} in {dir}", name=worker.name,
+                    dir=str(state_dir), event="worker_certificate_issued",
+                )
 
     def startService(self) -> None:
         super().startService()
