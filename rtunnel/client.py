@@ -28,7 +28,9 @@ from rtunnel.addresses import bracket, format_host_port, format_peer, public_add
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
+from rtunnel.moved import parse_moved
 from rtunnel.mux import ProtocolViolation, Session, Stream
+from rtunnel.servers import ServerListEndpoint
 from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
 from rtunnel.udpflows import UdpFlows
@@ -137,6 +139,7 @@ class TunnelClient:
         self.failed_attempts = 0  # connection attempts in a row that made no session
         # UDP tunnels' flows (rtunnel.udpflows): one local socket per flow, kept across resumes
         self.udp = UdpFlows(reactor, config.udp_idle_timeout, config.udp_max_flows, self._send_datagram)
+        self.servers: ServerListEndpoint | None = None  # set by the service: follows MOVED hints
 
     def link_factory(self) -> Factory[ClientLink]:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -222,7 +225,7 @@ class TunnelClient:
         self.events.sessions_started += 1
         self.log.info(
             "connected to {server}; session {session} started",
-            server=format_host_port(self.config.server_host, self.config.server_port),
+            server=self.server_name(),
             session=welcome.session[:8], event="connected",
         )
         self.bound.clear()
@@ -245,7 +248,8 @@ class TunnelClient:
         assert session is not None
         self.handshaking, self.link, self.failed_attempts = None, link, 0
         self.log.info(
-            "link restored; session resumed with {n} open streams", n=len(session.streams),
+            "link restored to {server}; session resumed with {n} open streams", n=len(session.streams),
+            server=self.server_name(),
             event="session_resumed", session=welcome.session[:8], streams=len(session.streams),
         )
         self.events.resumes += 1
@@ -289,7 +293,7 @@ class TunnelClient:
             self._transition(
                 ClientInput.GIVE_UP,
                 f"giving up after {self.failed_attempts} failed attempts in a row to connect to the "
-                f"rtunnel server at {format_host_port(self.config.server_host, self.config.server_port)} "
+                f"rtunnel server at {', '.join(format_host_port(*a) for a in self.config.server_list)} "
                 f"(--max-retries {limit}); the last one: {why.rstrip('.')}. Check that the server runs "
                 "and is reachable, or raise --max-retries.",
             )
@@ -329,6 +333,7 @@ class TunnelClient:
             "versions": list(PROTOCOL_VERSIONS),
             "token": self.config.token,
             "max_frame": self.config.session.max_frame,
+            "accepts": ["moved"],  # we follow ERROR/GOAWAY MOVED to the session's fleet member
         }
         if self.session is not None:
             body["resume"] = {"session": self.session_id, "secret": self.session_secret}
@@ -356,6 +361,30 @@ class TunnelClient:
         self.udp.clear()
         if session is not None:
             session.close(ResetCode.EXPIRED, "session abandoned")
+
+    def moved(self, reason: str) -> None:
+        """The server says our session lives at another fleet member (ERROR
+        MOVED): the next attempt goes there first, at once. A hint from a
+        server we reached by a hint is not followed (no redirect loops)."""
+        hint = parse_moved(reason)
+        servers = self.servers
+        if hint is None or servers is None or servers.current_is_hint:
+            self.log.warn(
+                "the server says our session is elsewhere but {why}: {reason}; trying the servers in order",
+                why="names no address" if hint is None else "it was reached through such a hint already",
+                reason=reason, event="moved_ignored",
+            )
+            return
+        self.log.info(
+            "our session is at another fleet member, {where}: reconnecting there", where=format_host_port(*hint),
+            event="session_moved", server=format_host_port(*hint), reason=reason,
+        )
+        servers.move_to(hint[0], hint[1], servers.current)
+
+    def server_name(self) -> str:
+        """The server the link is (or was last) made to, for the log."""
+        current = self.servers.current if self.servers is not None else None
+        return format_host_port(*(current or (self.config.server_host, self.config.server_port)))
 
     def _send_bind(self, spec: TunnelSpec) -> None:
         if self.session is None:
@@ -693,7 +722,9 @@ class ClientLink(ControlLink):
         self.client.welcomed(self, welcome)
 
     def error_received(self, code: int, reason: str) -> None:
-        if code in FATAL_ERRORS:
+        if code == ErrorCode.MOVED:
+            self.client.moved(reason)
+        elif code in FATAL_ERRORS:
             self.client.fatal(f"the server refused us: {reason}")
         else:
             super().error_received(code, reason)

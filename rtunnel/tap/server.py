@@ -248,6 +248,9 @@ class ServerService(service.Service):
         )
         if self.fleet is not None:
             self.fleet.attach(self.server)
+            from rtunnel.fleet.redirect import redirect_resumes
+
+            redirect_resumes(self.server, self.fleet.directory)
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
         listening = GatedListening(self.reactor, self.control_gate)
