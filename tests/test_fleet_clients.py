@@ -1,0 +1,130 @@
+"""Clients of a fleet, with real processes: two members (twistd
+rtunnel-server --fleet-etcd) on one real etcd, a real client process with
+several servers, fault proxies in front of the members' control ports, and
+visitors pushing bytes checked by hash (docs/fleet.md "Clients and resume",
+"Draining a member")."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SkipTest, TestCase
+
+from tests.etcd import SKIP_NO_ETCD, TOKENS, start_etcd
+from tests.faultproxy import FaultProxy
+from tests.harness import (
+    TWISTD,
+    Echo,
+    Process,
+    Visitor,
+    cert_fingerprint,
+    free_port,
+    listen_target,
+    pattern,
+    plugins_installed,
+    visit_at,
+    with_timeout,
+)
+
+PAYLOAD = 24 * 1024 * 1024  # bytes each way through a link that is cut mid-transfer
+
+
+@defer.inlineCallbacks
+def output_shows(process: Process, regex: str, timeout: float = 20.0) -> Any:
+    """Wait (without blocking the reactor) until `regex` is in the output."""
+    compiled = re.compile(regex)
+    deadline = time.monotonic() + timeout
+    while not compiled.search(process.output):
+        if process.popen.poll() is not None and not compiled.search(process.output):
+            raise AssertionError(f"{regex!r} never appeared: {process.describe()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{regex!r} did not appear within {timeout:.0f} s: {process.describe()}")
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    return compiled.search(process.output)
+
+
+class FleetClientTests(TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        if SKIP_NO_ETCD:
+            raise SkipTest(SKIP_NO_ETCD)
+        reason = plugins_installed()
+        if reason:
+            raise SkipTest(reason)
+        self.workdir = Path(self.mktemp()).absolute()
+        self.workdir.mkdir(parents=True)
+        self.node = start_etcd(self, self.workdir / "etcd")
+
+    def start_member(self, index: int, *more: str) -> tuple[Process, int]:
+        """Member m<index> on 127.0.0.<index>; every member after the first
+        presents the first one's certificate (one fleet-wide server identity)."""
+        host, port = f"127.0.0.{index}", free_port()
+        shared = [] if index == 1 else [
+            "--cert", str(self.workdir / "state1" / "server.crt"), "--key", str(self.workdir / "state1" / "server.key"),
+        ]
+        clients = [arg for name, token in TOKENS.items() for arg in ("--client", f"{name}={token}")]
+        member = Process(
+            self, f"member{index}",
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-server", "--port", str(port), "--interface", host,
+             "--public-host", host, "--state-dir", str(self.workdir / f"state{index}"), "--token", "unused-0123456789",
+             *clients, *shared, "--fleet-etcd", self.node.url, "--fleet-member", f"m{index}",
+             "--fleet-listen", f"tcp:{free_port()}:interface={host}", *more],
+            self.workdir,
+        )
+        member.wait_for(r"Run on the client machine:")
+        return member, port
+
+    def start_client(self, servers: list[str], public: int, target: int, name: str = "client") -> Process:
+        return Process(
+            self, name,
+            [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", ",".join(servers),
+             "-f", str(public), "-t", str(target), "--token", TOKENS["alice"],
+             "--fingerprint", cert_fingerprint(self.workdir / "state1" / "server.crt")],
+            self.workdir,
+        )
+
+    @defer.inlineCallbacks
+    def test_a_resume_landing_on_a_non_home_member_is_sent_home_and_loses_no_byte(self) -> None:
+        """The client's link to its home (m1) is cut mid-transfer; its next
+        attempt reaches m2 first (-c m2,m1), which answers MOVED with m1's
+        address; the client resumes there: 24 MiB each way arrive whole."""
+        m1, p1 = self.start_member(1)
+        m2, p2 = self.start_member(2)
+        to_m2, to_m1 = FaultProxy(reactor, "127.0.0.2", p2), FaultProxy(reactor, "127.0.0.1", p1)
+        self.addCleanup(to_m2.stop)
+        self.addCleanup(to_m1.stop)
+        first = free_port()  # m2's proxy is not listening yet: the first round goes on to m1
+        to_m1.listen()
+        _, target = listen_target(self, Echo)
+        public = free_port()
+        client = self.start_client([f"127.0.0.1:{first}", f"127.0.0.1:{to_m1.port}"], public, target)
+        yield output_shows(client, rf"tunnel ready: \S+:{public} ")
+        self.assertRegex(m1.output, r"new session \w+ for alice")  # its home: m1
+        to_m2.listen(port=first)
+        data = pattern(7, PAYLOAD)
+        visitor = Visitor(data)
+        done = visit_at("127.0.0.1", public, visitor)
+        started = time.monotonic()
+        while visitor.received < PAYLOAD // 4:
+            self.assertLess(time.monotonic() - started, 30, "the transfer did not start")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        to_m1.sever_rst()  # mid-transfer: the next attempt goes to m2 first
+        reply, _ = yield with_timeout(done, 60)
+        self.assertEqual(len(reply), PAYLOAD)
+        self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(data).hexdigest())
+        yield output_shows(client, r"our session is at another fleet member, 127\.0\.0\.1:\d+: reconnecting there")
+        yield output_shows(client, r"session resumed with \d+ open streams")
+        self.assertRegex(m2.output, r"session \w+ of alice is at fleet member m1: sending")
+        self.assertEqual(client.output.count("tunnel ready"), 1)  # resumed, never bound again
+        self.assertNotIn("did not resume the session", client.output)
+        self.assertGreaterEqual(to_m2.connections_accepted, 1)
+        for process in (m1, m2, client):
+            self.assertNotIn("Traceback", process.output)
+        client.popen.send_signal(signal.SIGTERM)
