@@ -24,6 +24,7 @@ from tests.harness import (
     Process,
     Visitor,
     cert_fingerprint,
+    converse,
     free_port,
     listen_target,
     pattern,
@@ -121,10 +122,55 @@ class FleetClientTests(TestCase):
         self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(data).hexdigest())
         yield output_shows(client, r"our session is at another fleet member, 127\.0\.0\.1:\d+: reconnecting there")
         yield output_shows(client, r"session resumed with \d+ open streams")
-        self.assertRegex(m2.output, r"session \w+ of alice is at fleet member m1: sending")
+        self.assertRegex(m2.output, r"session \w+ of alice goes to fleet member m1: sending")
         self.assertEqual(client.output.count("tunnel ready"), 1)  # resumed, never bound again
         self.assertNotIn("did not resume the session", client.output)
         self.assertGreaterEqual(to_m2.connections_accepted, 1)
         for process in (m1, m2, client):
             self.assertNotIn("Traceback", process.output)
         client.popen.send_signal(signal.SIGTERM)
+
+    @defer.inlineCallbacks
+    def test_a_drained_member_s_client_moves_its_ports_and_its_open_connection_finishes_on_the_old_link(
+        self,
+    ) -> None:
+        """SIGUSR2 drains m1: its client gets GOAWAY MOVED to m2, makes a new
+        session there that takes the port over (a visitor at m2 is served by
+        it), while a connection opened before finishes through m1 (bytes by
+        hash); once it is done the client closes the old link and m1 exits."""
+        m1, p1 = self.start_member(1)
+        m2, p2 = self.start_member(2)
+        _, target = listen_target(self, Echo)
+        public = free_port()
+        client = self.start_client([f"127.0.0.1:{p1}", f"127.0.0.2:{p2}"], public, target)
+        yield output_shows(client, rf"tunnel ready: \S+:{public} ")
+        self.assertRegex(m1.output, r"new session \w+ for alice")
+        yield output_shows(m2, r"fleet member m2 joined")
+        old = yield converse(public)  # 127.0.0.1: m1's public address
+        data = pattern(3, 4 * 1024 * 1024)
+        old.transport.write(data[: len(data) // 2])
+        started = time.monotonic()
+        while len(old.received) < len(data) // 2:
+            self.assertLess(time.monotonic() - started, 20, "the first half did not come back")
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        m1.popen.send_signal(signal.SIGUSR2)
+        yield output_shows(m1, r"draining: asking 1 client\(s\) to move to member m2")
+        yield output_shows(client, rf"the server is being drained: moving to 127\.0\.0\.2:{p2}; 1 open connections")
+        yield output_shows(client, rf"tunnel ready: \S+:{public} (.|\n)*tunnel ready: \S+:{public} ")
+        reply, _ = yield visit_at("127.0.0.2", public, Visitor(b"a new visitor at the new home"))
+        self.assertEqual(reply, b"a new visitor at the new home")
+        self.assertIsNone(m1.popen.poll(), "m1 must wait for the open connection")
+        old.transport.write(data[len(data) // 2 :])
+        old.transport.loseWriteConnection()
+        received = yield with_timeout(old.closed, 30)
+        self.assertEqual(hashlib.sha256(received).hexdigest(), hashlib.sha256(data).hexdigest())
+        yield output_shows(m1, r"drained: no session left; stopping")
+        deadline = time.monotonic() + 15
+        while m1.popen.poll() is None:
+            self.assertLess(time.monotonic(), deadline, f"m1 did not exit: {m1.describe()}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(m1.popen.returncode, 0, m1.describe())
+        reply, _ = yield visit_at("127.0.0.2", public, Visitor(b"after m1 left"))
+        self.assertEqual(reply, b"after m1 left")
+        for process in (m1, m2, client):
+            self.assertNotIn("Traceback", process.output)

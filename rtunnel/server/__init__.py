@@ -77,6 +77,8 @@ class TunnelServer:
         # in a fleet (rtunnel.fleet.redirect): (session id, credential) -> the control address
         # (host, port) and name of the member holding that session, if another member does
         self.session_elsewhere: Callable[[str, str], tuple[str, int, str] | None] | None = None
+        # set while this member is drained (rtunnel.fleet.drain): (host, port, member) new sessions go to
+        self.moved_to: tuple[str, int, str] | None = None
         self.links: set[ServerLink] = set()
         self._drained: defer.Deferred[None] | None = None
         self.guard: AdmissionGuard[ServerLink] = AdmissionGuard(

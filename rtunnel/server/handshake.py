@@ -242,26 +242,31 @@ class ServerLink(ControlLink):
         MOVED gets a new session here instead (docs/fleet.md "Clients and
         resume")."""
         server, resume = self.server, hello.resume
-        if resume is None or not hello.follows_moved or server.session_elsewhere is None:
+        if not hello.follows_moved:
             return False
-        if server.resumable(credential, resume) is not None:
-            return False
-        home = server.session_elsewhere(resume.session, credential)
-        if home is None:
-            return False
-        host, port, member = home
+        if resume is None or server.resumable(credential, resume) is not None:
+            # a new session (or our own resume) while this member is drained: go to the drain's target
+            if server.moved_to is None or (resume is not None and server.resumable(credential, resume)):
+                return False
+            host, port, member = server.moved_to
+            what = f"this member is being drained; connect to member {member}"
+            session = "new"
+        else:
+            home = server.session_elsewhere(resume.session, credential) if server.session_elsewhere else None
+            if home is None:
+                return False
+            host, port, member = home
+            what = f"session {resume.session[:8]} is held by fleet member {member}; resume there"
+            session = resume.session[:8]
         self._stop_handshake_timer()
         self._authenticated()
         self.log.info(
-            "session {id} of {cred} is at fleet member {member}: sending {peer} to {where}",
-            id=resume.session[:8], cred=credential, member=member, peer=self.peer_description(),
-            where=format_host_port(host, port), event="session_redirected", session=resume.session[:8],
+            "session {id} of {cred} goes to fleet member {member}: sending {peer} to {where}",
+            id=session, cred=credential, member=member, peer=self.peer_description(),
+            where=format_host_port(host, port), event="session_redirected", session=session,
             credential=credential, home=member,
         )
-        self.send_error_and_close(
-            ErrorCode.MOVED,
-            moved_reason(host, port, f"session {resume.session[:8]} is held by fleet member {member}; resume there"),
-        )
+        self.send_error_and_close(ErrorCode.MOVED, moved_reason(host, port, what))
         return True
 
     def _room_for_session(self, credential: str, resume: wire.ResumeRequest | None) -> bool:

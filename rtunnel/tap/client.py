@@ -301,13 +301,11 @@ class ClientMainService(service.MultiService):
         endpoint = CountingEndpoint(self.servers, self.client.events)
         self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
         self._endpoint = _ReportingEndpoint(endpoint, repr(self.servers), self.client.connect_failed)
-        self.connector = ClientService(
-            self._endpoint,
-            self.client.link_factory(),
-            retryPolicy=self._next_attempt_in,
-            clock=reactor,
-        )
-        self.connector.setServiceParent(self)
+        self._retired: set[ClientService] = set()  # connectors of links we moved away from
+        self._old_links: dict[Any, ClientService] = {}
+        self.connector = self._new_connector()
+        self.client.on_move = self._moved
+        self.client.on_drained = self._drained
         self.metrics: MetricsService | None = None
         if config.metrics:
             registry = registry_for(ClientCollector(self.client))
@@ -418,6 +416,35 @@ class ClientMainService(service.MultiService):
             waiter.callback(message)
         if self.exit_on_fatal:
             d.addBoth(lambda _: exit_process(self.reactor, self.exit_code))
+
+    def _new_connector(self) -> ClientService:
+        connector: ClientService
+
+        def retry(attempt: int) -> float:
+            return 3600.0 if connector in self._retired else self._next_attempt_in(attempt)
+
+        connector = ClientService(self._endpoint, self.client.link_factory(), retryPolicy=retry, clock=self.reactor)
+        connector.setServiceParent(self)
+        return connector
+
+    def _moved(self, old_link: Any) -> None:
+        """GOAWAY MOVED: the old link stays with its connector (never
+        reconnecting) until its streams are done; a new connector makes the
+        new session's links."""
+        old = self.connector
+        self._retired.add(old)
+        self._old_links[old_link] = old
+        self.connector = self._new_connector()
+
+    def _drained(self, old_link: Any) -> None:
+        old = self._old_links.pop(old_link, None)
+        if old is not None:
+            self.reactor.callLater(0, self._retire, old)
+
+    def _retire(self, connector: ClientService) -> None:
+        d = defer.maybeDeferred(connector.stopService)
+        d.addBoth(lambda _: connector.disownServiceParent())
+        d.addBoth(lambda _: self._retired.discard(connector))
 
     def _attempting(self, host: str, port: int, creator: Any) -> None:
         self.client.tls_creator = creator  # explains a failed TLS handshake with this server

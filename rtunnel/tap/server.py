@@ -118,6 +118,7 @@ class ServerService(service.Service):
         self.config = config
         self.server: TunnelServer | None = None
         self.fleet: Any = None  # rtunnel.fleet.service.Fleet with --fleet-etcd
+        self.drain: Any = None  # rtunnel.fleet.drain.Drain of a fleet member (SIGUSR2)
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self.shared_ports: dict[str, IListeningPort] = {}  # "http"/"https" -> its listening port (#15)
@@ -248,9 +249,12 @@ class ServerService(service.Service):
         )
         if self.fleet is not None:
             self.fleet.attach(self.server)
+            from rtunnel.fleet.drain import Drain
             from rtunnel.fleet.redirect import redirect_resumes
 
-            redirect_resumes(self.server, self.fleet.directory)
+            locator = redirect_resumes(self.server, self.fleet.directory)
+            self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
+            self.drain.install_signal()  # SIGUSR2: docs/fleet.md "Draining a member"
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
         listening = GatedListening(self.reactor, self.control_gate)
