@@ -268,7 +268,8 @@ class TunnelClient:
 
     def _handshake_link_lost(self, link: ClientLink, reason: Failure) -> None:
         self.handshaking = None
-        self._explain_failed_handshake(reason)
+        if self.servers is None or not self.servers.has_hint:  # (a MOVED closes the link: said already)
+            self._explain_failed_handshake(reason)
         self._attempt_failed(reason.getErrorMessage())
 
     def _handshake_abandoned(self, link: ClientLink, why: str) -> None:

@@ -16,11 +16,16 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import SkipTest, TestCase
 
+from rtunnel.client import TunnelClient
+from rtunnel.config import ClientConfig, Keepalive, TunnelSpec
+from rtunnel.tap.client import ClientMainService
+from rtunnel.tls import fingerprint_of_pem
 from tests.etcd import SKIP_NO_ETCD, TOKENS, start_etcd
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     TWISTD,
     Echo,
+    LogCapture,
     Process,
     Visitor,
     cert_fingerprint,
@@ -174,3 +179,48 @@ class FleetClientTests(TestCase):
         self.assertEqual(reply, b"after m1 left")
         for process in (m1, m2, client):
             self.assertNotIn("Traceback", process.output)
+
+    @defer.inlineCallbacks
+    def test_an_old_client_s_resume_at_another_member_gets_a_new_session_and_its_port_back(self) -> None:
+        """A client that does not follow MOVED (its HELLO has no "accepts"):
+        its resume at m2 gets a new session, whose BIND takes the port over
+        from the old session at m1 (same credential, the newest holds)."""
+        m1, p1 = self.start_member(1)
+        m2, p2 = self.start_member(2)
+        to_m2, to_m1 = FaultProxy(reactor, "127.0.0.2", p2), FaultProxy(reactor, "127.0.0.1", p1)
+        self.addCleanup(to_m2.stop)
+        self.addCleanup(to_m1.stop)
+        first = free_port()
+        to_m1.listen()
+        _, target = listen_target(self, Echo)
+        public = free_port()
+        plain_hello = TunnelClient.hello
+
+        def old_hello(client: TunnelClient) -> dict[str, Any]:
+            body = plain_hello(client)
+            body.pop("accepts")
+            return body
+
+        self.patch(TunnelClient, "hello", old_hello)
+        logs = LogCapture(self)
+        config = ClientConfig(
+            server_host="127.0.0.1", server_port=first,
+            servers=(("127.0.0.1", first), ("127.0.0.1", to_m1.port)),
+            tunnels=(TunnelSpec(1, "", public, "127.0.0.1", target),), token=TOKENS["alice"],
+            fingerprint=fingerprint_of_pem((self.workdir / "state1" / "server.crt").read_bytes()),
+            initial_retry_delay=0.1, max_retry_delay=0.5, keepalive=Keepalive(interval=10, dead_after=30),
+        )
+        service = ClientMainService(config, reactor, exit_on_fatal=False)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        yield with_timeout(service.client.when_bound(), 20)
+        first_session = service.client.session_id
+        to_m2.listen(port=first)
+        to_m1.sever_rst()
+        yield output_shows(m2, r"new session \w+ for alice")
+        yield output_shows(m1, rf"port {public} on \S+ is held at another member now \(taken_over\)")
+        reply, _ = yield visit_at("127.0.0.2", public, Visitor(b"new session at m2"))
+        self.assertEqual(reply, b"new session at m2")
+        self.assertNotEqual(service.client.session_id, first_session)
+        self.assertEqual(len(logs.named("session_lost")), 1)
+        self.assertNotIn("goes to fleet member", m2.output)
