@@ -390,7 +390,7 @@ class TunnelClient:
             )
             return
         self.log.info(
-            "our session is at another fleet member, {where}: reconnecting there", where=format_host_port(*hint),
+            "the server sends us to another fleet member, {where}: connecting there", where=format_host_port(*hint),
             event="session_moved", server=format_host_port(*hint), reason=reason,
         )
         servers.move_to(hint[0], hint[1], servers.current)

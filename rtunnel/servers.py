@@ -118,6 +118,11 @@ class ServerListEndpoint:
             pending.addCallbacks(connected, failed, errbackArgs=(host, port))
 
         def connected(protocol: Any) -> None:
+            if result.called:  # cancelled meanwhile (the service stopped): nobody wants this link
+                transport = getattr(protocol, "transport", None)
+                if transport is not None:
+                    transport.abortConnection()
+                return
             result.callback(protocol)
 
         def failed(failure: Failure, host: str, port: int) -> None:

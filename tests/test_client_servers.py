@@ -16,9 +16,20 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from rtunnel.client import TunnelClient
 from rtunnel.moved import moved_reason, parse_moved
 from rtunnel.tap import client as tap_client
-from tests.harness import Echo, LogCapture, Tunnel, Visitor, free_port, listen_target, visit, with_timeout
+from tests.harness import (
+    Echo,
+    LogCapture,
+    Tunnel,
+    Visitor,
+    free_port,
+    listen_target,
+    sleep,
+    visit,
+    with_timeout,
+)
 
 FP = "sha256:" + "ab" * 32
 
@@ -133,3 +144,43 @@ class ServerListTests(TestCase):
         link = service.client.link
         assert link is not None
         self.assertEqual(link.transport.getPeer().host, "127.0.0.1")
+
+
+class MovedTests(TestCase):
+    """ERROR MOVED at the handshake of a server being drained (its
+    `moved_to` set, as rtunnel.fleet.drain does), in one process."""
+
+    @defer.inlineCallbacks
+    def test_a_hint_that_keeps_failing_backs_off_instead_of_spinning(self) -> None:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        dead = free_port()
+        tunnel.server.moved_to = ("127.0.0.1", dead, "m9")
+        logs = LogCapture(self)
+        service = tunnel.start_client(tunnel.client_config([(0, target)], initial_retry_delay=0.5, max_retry_delay=0.5))
+        yield sleep(3.0)
+        moved = logs.named("session_moved")
+        self.assertGreaterEqual(len(moved), 2)
+        self.assertEqual({e["server"] for e in moved}, {f"127.0.0.1:{dead}"})
+        # each cycle: the server (MOVED), the hint (refused), then the back-off (0.4-0.5 s) before the next
+        self.assertLessEqual(service.client.events.connect_attempts, 2 * (3.0 / 0.4) + 2)
+        self.assertIsNone(service.client.session)
+
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_follow_moved_gets_a_session_at_a_draining_server(self) -> None:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        tunnel.server.moved_to = ("127.0.0.1", free_port(), "m9")
+        plain_hello = TunnelClient.hello
+
+        def old_hello(client: TunnelClient) -> dict[str, Any]:
+            body = plain_hello(client)
+            body.pop("accepts")
+            return body
+
+        self.patch(TunnelClient, "hello", old_hello)
+        [public] = yield tunnel.connect([(0, target)])
+        data, _ = yield visit(public, Visitor(b"an old client"))
+        self.assertEqual(data, b"an old client")

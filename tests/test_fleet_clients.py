@@ -125,7 +125,7 @@ class FleetClientTests(TestCase):
         reply, _ = yield with_timeout(done, 60)
         self.assertEqual(len(reply), PAYLOAD)
         self.assertEqual(hashlib.sha256(reply).hexdigest(), hashlib.sha256(data).hexdigest())
-        yield output_shows(client, r"our session is at another fleet member, 127\.0\.0\.1:\d+: reconnecting there")
+        yield output_shows(client, r"the server sends us to another fleet member, 127\.0\.0\.1:\d+: connecting there")
         yield output_shows(client, r"session resumed with \d+ open streams")
         self.assertRegex(m2.output, r"session \w+ of alice goes to fleet member m1: sending")
         self.assertEqual(client.output.count("tunnel ready"), 1)  # resumed, never bound again

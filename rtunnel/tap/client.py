@@ -459,8 +459,8 @@ class ClientMainService(service.MultiService):
         its count at 1. The backoff goes by the attempts in a row that made
         no session, whichever way they failed."""
         delay = self._retry_policy(max(attempt, self.client.failed_attempts))
-        if self.servers.has_hint and self.client.state not in LEAVING:
-            delay = 0.0  # a MOVED hint: go to the session's member now
+        if self.servers.has_hint and self.client.failed_attempts <= 1 and self.client.state not in LEAVING:
+            delay = 0.0  # a MOVED hint: go to the session's member now (once: a hint that keeps failing backs off)
         giving_up = self.client.state is ClientState.GAVE_UP
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
         where = repr(self.servers)
