@@ -98,8 +98,16 @@ class ServerListEndpoint:
     def connect(self, factory: Any) -> defer.Deferred[Any]:
         attempts = self._attempts()
         failures: list[str] = []
-        result: defer.Deferred[Any] = defer.Deferred(lambda _: pending.cancel() if pending is not None else None)
         pending: defer.Deferred[Any] | None = None
+        cancelled = False
+
+        def cancel(_: defer.Deferred[Any]) -> None:
+            nonlocal cancelled
+            cancelled = True  # first: the attempt's errback (ConnectingCancelledError) must not start the next
+            if pending is not None:
+                pending.cancel()
+
+        result: defer.Deferred[Any] = defer.Deferred(cancel)
 
         def next_attempt() -> None:
             nonlocal pending
@@ -126,7 +134,7 @@ class ServerListEndpoint:
             result.callback(protocol)
 
         def failed(failure: Failure, host: str, port: int) -> None:
-            if failure.check(defer.CancelledError) or result.called:
+            if cancelled or result.called:
                 return
             where = format_host_port(host, port)
             failures.append(f"{where}: {failure.getErrorMessage()}")
