@@ -591,7 +591,7 @@ class TunnelClient:
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
             hint = parse_moved(reason) if code == ErrorCode.MOVED else None
-            if hint is not None and self.state is ClientState.READY and self.link is not None:
+            if hint is not None and self.state is ClientState.READY and self.link is not None and self.on_move:
                 self._transition(ClientInput.MOVE, *hint)
                 return
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)

@@ -1,0 +1,81 @@
+"""Where a fleet member sends a client (rtunnel.fleet.redirect) and when a
+drain refuses to start (rtunnel.fleet.drain), on the directory's own data
+and a real server in this process."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from rtunnel.fleet.directory import FleetDirectory
+from rtunnel.fleet.drain import Drain
+from rtunnel.fleet.redirect import SessionLocator, control_address
+from tests.harness import LogCapture, Tunnel
+
+
+def directory(member: str = "m1") -> FleetDirectory:
+    """A directory as its watch fills it (not started: the test fills it)."""
+    return FleetDirectory(None, "/rtunnel/", member, "127.0.0.1")  # type: ignore[arg-type]
+
+
+class ControlAddressTests(SynchronousTestCase):
+    def test_the_control_endpoint_s_interface_and_port(self) -> None:
+        record = {"control": "tcp:19050:backlog=1024:interface=127.0.0.2", "public_host": "203.0.113.9"}
+        self.assertEqual(control_address(record), ("127.0.0.2", 19050))
+
+    def test_an_escaped_ipv6_interface(self) -> None:
+        record = {"control": r"tcp:19050:backlog=1024:interface=2001\:db8\:\:2", "public_host": "x"}
+        self.assertEqual(control_address(record), ("2001:db8::2", 19050))
+
+    def test_a_wildcard_interface_means_the_member_s_public_host(self) -> None:
+        for interface in ("", "0.0.0.0", r"\:\:"):
+            record = {"control": f"tcp:19050:backlog=1024:interface={interface}", "public_host": "198.51.100.4"}
+            self.assertEqual(control_address(record), ("198.51.100.4", 19050), interface)
+
+    def test_no_address_without_a_port_or_a_usable_host(self) -> None:
+        self.assertIsNone(control_address({"control": "systemd:domain=INET:index=0", "public_host": "a"}))
+        self.assertIsNone(control_address({"control": "tcp:19050:interface=0.0.0.0", "public_host": "0.0.0.0"}))
+        self.assertIsNone(control_address({}))
+
+
+class SessionLocatorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = directory("m1")
+        for name, host in (("m1", "127.0.0.1"), ("m2", "127.0.0.2"), ("m3", "127.0.0.3")):
+            self.directory.members[name] = {"control": f"tcp:1905{name[1]}:interface={host}", "public_host": host}
+        self.locator = SessionLocator(self.directory)
+
+    def test_a_session_held_elsewhere_is_told_only_to_its_credential(self) -> None:
+        self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
+        self.assertEqual(self.locator("a" * 32, "alice"), ("127.0.0.2", 19052, "m2"))
+        self.assertIsNone(self.locator("a" * 32, "bob"))
+        self.assertIsNone(self.locator("b" * 32, "alice"))
+
+    def test_a_session_held_here_is_not_redirected(self) -> None:
+        self.directory.sessions["a" * 32] = {"member": "m1", "credential": "alice"}
+        self.assertIsNone(self.locator("a" * 32, "alice"))
+
+    def test_a_drain_goes_to_the_member_with_the_fewest_sessions(self) -> None:
+        self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
+        self.directory.sessions["b" * 32] = {"member": "m1", "credential": "bob"}
+        self.assertEqual(self.locator.another_member(), ("127.0.0.3", 19053, "m3"))
+        del self.directory.members["m3"]
+        self.assertEqual(self.locator.another_member(), ("127.0.0.2", 19052, "m2"))
+
+
+class DrainRefusalTests(TestCase):
+    @defer.inlineCallbacks
+    def test_a_member_alone_refuses_to_drain_and_keeps_serving(self) -> None:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        alone = directory("m1")
+        alone.members["m1"] = {"control": "tcp:1:interface=127.0.0.1", "public_host": "127.0.0.1"}
+        stops: list[bool] = []
+        logs = LogCapture(self)
+        drain = Drain(reactor, tunnel.server, SessionLocator(alone), lambda: stops.append(True))
+        message = drain.start()
+        self.assertIn("cannot drain: no other fleet member", message)
+        self.assertEqual(len(logs.named("drain_refused")), 1)
+        self.assertFalse(drain.draining)
+        self.assertIsNone(tunnel.server.moved_to)
+        self.assertEqual(stops, [])
