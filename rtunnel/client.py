@@ -450,7 +450,7 @@ class TunnelClient:
             return
         if session.streams:
             session.close(ResetCode.ABORTED, "the old member closed the link")
-        self.log.info("the old link is closed", event="session_moved", streams=len(session.streams))
+        self.log.info("the link of the session we moved away from is closed", event="old_link_closed")
         if self.on_drained is not None:
             self.on_drained(link)
 
