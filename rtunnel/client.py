@@ -143,6 +143,7 @@ class TunnelClient:
         self.servers: ServerListEndpoint | None = None  # set by the service: follows MOVED hints
         # links of sessions we moved away from (GOAWAY MOVED): their streams finish there
         self.draining: dict[ClientLink, Session] = {}
+        self._closing: set[ClientLink] = set()  # old links we closed, until they are lost
         # the service's: a new connection for the moved session (old link given) / an old link done
         self.on_move: Callable[[ClientLink], None] | None = None
         self.on_drained: Callable[[ClientLink], None] | None = None
@@ -326,8 +327,8 @@ class TunnelClient:
         """Tell the server we are leaving (GOAWAY) while the link is up, and
         ready the link to close: the connector's disconnect then ends it."""
         self.say_goodbye()
-        for link in list(self.draining):
-            self._check_drained_now(link)
+        for old in list(self.draining):
+            self._check_drained_now(old)
         if self.handshaking is not None:
             self.handshaking.abort()  # TLS cannot close cleanly mid-handshake
         link = self.link
@@ -427,24 +428,29 @@ class TunnelClient:
         self._check_drained(link)
 
     def _check_drained(self, link: ClientLink) -> None:
+        """The old session has no stream left: say goodbye and close its
+        link (it stays in `draining` until it is lost, so that its loss is
+        never taken for the current link's)."""
         session = self.draining.get(link)
-        if session is None or session.streams:
+        if session is None or session.streams or link in self._closing:
             return
+        self._closing.add(link)
         if session.can_send:
             link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client moved to another member"))
         link.lose()
-        self._drained(link)
 
     def _check_drained_now(self, link: ClientLink) -> None:
         """Stopping: reset what is left on an old link and close it."""
         session = self.draining.get(link)
-        if session is not None and session.can_send:
+        if session is not None and session.can_send and link not in self._closing:
             session.reset_all(ResetCode.SHUTDOWN, "client stopped")
             link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client stopped"))
+        self._closing.add(link)
         link.lose()
-        self._drained(link)
 
     def _drained(self, link: ClientLink) -> None:
+        """An old link is lost: its session ends (what is left on it is reset)."""
+        self._closing.discard(link)
         session = self.draining.pop(link, None)
         if session is None:
             return

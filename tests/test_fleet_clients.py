@@ -177,6 +177,8 @@ class FleetClientTests(TestCase):
         self.assertEqual(m1.popen.returncode, 0, m1.describe())
         reply, _ = yield visit_at("127.0.0.2", public, Visitor(b"after m1 left"))
         self.assertEqual(reply, b"after m1 left")
+        yield output_shows(client, r"the link of the session we moved away from is closed")
+        self.assertNotIn("link restored", client.output)  # the old link's end is not taken for the new one's
         for process in (m1, m2, client):
             self.assertNotIn("Traceback", process.output)
 

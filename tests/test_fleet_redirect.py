@@ -7,10 +7,21 @@ from __future__ import annotations
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from rtunnel.client import ClientState
 from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.fleet.drain import Drain
 from rtunnel.fleet.redirect import SessionLocator, control_address
-from tests.harness import LogCapture, Tunnel
+from tests.harness import (
+    Echo,
+    LogCapture,
+    Tunnel,
+    Visitor,
+    converse,
+    listen_target,
+    visit,
+    wait_until,
+    with_timeout,
+)
 
 
 def directory(member: str = "m1") -> FleetDirectory:
@@ -79,3 +90,74 @@ class DrainRefusalTests(TestCase):
         self.assertFalse(drain.draining)
         self.assertIsNone(tunnel.server.moved_to)
         self.assertEqual(stops, [])
+
+
+class InProcessDrainTests(TestCase):
+    timeout = 25
+
+    """Two servers in this process with one certificate, a Drain on the
+    first whose directory names the second (no etcd: each server keeps its
+    own claims, so the tunnels bind port 0)."""
+
+    @defer.inlineCallbacks
+    def start_pair(self) -> defer.Generator[object, object, tuple[Tunnel, Tunnel, Drain, list[bool]]]:
+        a, b = Tunnel(self), Tunnel(self)
+        yield a.start_server()
+        yield b.start_server(cert=a.state_dir / "server.crt", key=a.state_dir / "server.key")
+        fleet = directory("a")
+        fleet.members["b"] = {"control": f"tcp:{b.control_port}:interface=127.0.0.1", "public_host": "127.0.0.1"}
+        stops: list[bool] = []
+        drain = Drain(reactor, a.server, SessionLocator(fleet), lambda: stops.append(True))
+        return a, b, drain, stops
+
+    @defer.inlineCallbacks
+    def test_a_client_stopped_while_its_old_link_drains_closes_both_links(self) -> None:
+        a, b, drain, stops = yield self.start_pair()
+        _, target = listen_target(self, Echo)
+        logs = LogCapture(self)
+        [old_port] = yield a.connect([(0, target)])
+        service = a.client_service
+        assert service is not None
+        old = yield converse(old_port)
+        old.transport.write(b"before")
+        yield wait_until(lambda: bytes(old.received) == b"before")
+        drain.start()
+        yield wait_until(lambda: len(b.server.sessions) == 1 and service.client.session is not None)
+        bound = yield with_timeout(service.client.when_bound(), 10)
+        new_port = bound[1][1]
+        data, _ = yield visit(new_port, Visitor(b"at the new server"))
+        self.assertEqual(data, b"at the new server")
+        self.assertEqual(len(service.client.draining), 1)
+        self.assertEqual(stops, [])  # the old connection still runs through a
+        yield service.stopService()
+        received = yield with_timeout(old.closed, 10)
+        self.assertEqual(received, b"before")
+        yield wait_until(lambda: stops == [True], 5)  # the client said goodbye: a has no session left
+        self.assertIs(service.client.state, ClientState.STOPPING)
+        self.assertEqual(service.client.draining, {})
+        self.assertEqual(len(logs.named("session_moving")), 1)
+        self.assertEqual(len(logs.named("old_link_closed")), 1)
+
+    @defer.inlineCallbacks
+    def test_the_old_server_going_away_resets_what_was_left_on_the_old_link(self) -> None:
+        a, b, drain, stops = yield self.start_pair()
+        _, target = listen_target(self, Echo)
+        [old_port] = yield a.connect([(0, target)])
+        service = a.client_service
+        assert service is not None
+        old = yield converse(old_port)
+        old.transport.write(b"before")
+        yield wait_until(lambda: bytes(old.received) == b"before")
+        drain.start()
+        yield wait_until(lambda: len(b.server.sessions) == 1)
+        yield with_timeout(service.client.when_bound(), 10)
+        yield a.stop_server()  # the drained member stops before the connection is done
+        yield with_timeout(old.closed, 10)
+        yield wait_until(lambda: service.client.draining == {}, 5)
+        yield wait_until(lambda: stops == [True], 5)  # a's drain ends: no session left there
+        connects = service.client.events.connect_attempts
+        [new_port] = [port for _, port in service.client.bound.values()]
+        data, _ = yield visit(new_port, Visitor(b"still served by b"))
+        self.assertEqual(data, b"still served by b")
+        self.assertEqual(service.client.events.connect_attempts, connects)  # the old link is not made again
+        self.assertIs(service.client.state, ClientState.READY)  # the old link's loss is not the new one's

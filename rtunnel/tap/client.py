@@ -442,6 +442,8 @@ class ClientMainService(service.MultiService):
             self.reactor.callLater(0, self._retire, old)
 
     def _retire(self, connector: ClientService) -> None:
+        if not connector.running or connector.parent is not self:
+            return  # stopped with the whole client meanwhile
         d = defer.maybeDeferred(connector.stopService)
         d.addBoth(lambda _: connector.disownServiceParent())
         d.addBoth(lambda _: self._retired.discard(connector))
