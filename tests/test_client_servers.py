@@ -11,15 +11,20 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IHostnameResolver, IHostResolution, IResolutionReceiver
+from twisted.internet.protocol import Protocol
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from rtunnel import wire
 from rtunnel.client import TunnelClient
 from rtunnel.moved import moved_reason, parse_moved
 from rtunnel.tap import client as tap_client
+from rtunnel.tls import PinnedCertificateCreator
 from tests.harness import (
+    TOKEN,
     Echo,
     LogCapture,
     Tunnel,
@@ -146,6 +151,23 @@ class ServerListTests(TestCase):
         self.assertEqual(link.transport.getPeer().host, "127.0.0.1")
 
 
+class _FirstFrame(Protocol):
+    """Sends one HELLO and fires `reply` with the server's first frame."""
+
+    def __init__(self, hello: dict[str, Any]) -> None:
+        self.hello = hello
+        self.decoder = wire.FrameDecoder(wire.HANDSHAKE_MAX_FRAME)
+        self.reply: defer.Deferred[wire.Frame] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(wire.encode_json(wire.FrameType.HELLO, self.hello))
+
+    def dataReceived(self, data: bytes) -> None:
+        for frame in self.decoder.feed(data):
+            if not self.reply.called:
+                self.reply.callback(frame)
+
+
 class MovedTests(TestCase):
     """ERROR MOVED at the handshake of a server being drained (its
     `moved_to` set, as rtunnel.fleet.drain does), in one process."""
@@ -185,3 +207,31 @@ class MovedTests(TestCase):
         [public] = yield tunnel.connect([(0, target)])
         data, _ = yield visit(public, Visitor(b"an old client"))
         self.assertEqual(data, b"an old client")
+
+    @defer.inlineCallbacks
+    def test_a_draining_server_sends_a_resume_it_does_not_know_on_and_keeps_one_it_holds(self) -> None:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        yield tunnel.connect([(0, target)])
+        client = tunnel.client_service.client  # type: ignore[union-attr]
+        tunnel.server.moved_to = ("127.0.0.1", 19999, "m9")
+
+        @defer.inlineCallbacks
+        def first_frame(resume: dict[str, str]) -> Any:
+            hello = {"protocol": "rtunnel", "versions": [1], "token": TOKEN, "accepts": ["moved"], "resume": resume}
+            endpoint = wrapClientTLS(
+                PinnedCertificateCreator(tunnel.fingerprint), TCP4ClientEndpoint(reactor, "127.0.0.1", tunnel.control_port)
+            )
+            proto = yield connectProtocol(endpoint, _FirstFrame(hello))
+            self.addCleanup(lambda: proto.transport.connected and proto.transport.abortConnection())
+            frame = yield with_timeout(proto.reply, 5)
+            return frame
+
+        unknown = yield first_frame({"session": "a" * 32, "secret": "b" * 64})
+        self.assertEqual(unknown.type, wire.FrameType.ERROR)
+        code, reason = wire.decode_coded(unknown)
+        self.assertEqual((code, parse_moved(reason)), (wire.ErrorCode.MOVED, ("127.0.0.1", 19999)))
+        held = yield first_frame({"session": client.session_id, "secret": client.session_secret})
+        self.assertEqual(held.type, wire.FrameType.WELCOME)
+        self.assertTrue(wire.decode_json(held)["resumed"])

@@ -236,28 +236,28 @@ class ServerLink(ControlLink):
         return None
 
     def _redirected(self, credential: str, hello: wire.Hello) -> bool:
-        """A resume of a session another fleet member holds, from a client
-        that follows MOVED: answer ERROR MOVED with that member's control
-        address (the client resumes there). A client that does not follow
-        MOVED gets a new session here instead (docs/fleet.md "Clients and
-        resume")."""
+        """From a client that follows MOVED: a resume of a session another
+        fleet member holds, or any new session while this member is drained,
+        is answered ERROR MOVED with that member's control address (the
+        client goes there at once). A client that does not follow MOVED gets
+        a new session here instead (docs/fleet.md "Clients and resume").
+        True if the HELLO was answered so."""
         server, resume = self.server, hello.resume
-        if not hello.follows_moved:
-            return False
-        if resume is None or server.resumable(credential, resume) is not None:
-            # a new session (or our own resume) while this member is drained: go to the drain's target
-            if server.moved_to is None or (resume is not None and server.resumable(credential, resume)):
-                return False
+        if not hello.follows_moved or (resume is not None and server.resumable(credential, resume) is not None):
+            return False  # an old client, or a resume of a session held here (a drain moves it later)
+        home = None
+        if resume is not None and server.session_elsewhere is not None:
+            home = server.session_elsewhere(resume.session, credential)
+        if home is not None and resume is not None:
+            host, port, member = home
+            what = f"session {resume.session[:8]} is held by fleet member {member}; resume there"
+            session = resume.session[:8]
+        elif server.moved_to is not None:  # a new session while this member is drained
             host, port, member = server.moved_to
             what = f"this member is being drained; connect to member {member}"
             session = "new"
         else:
-            home = server.session_elsewhere(resume.session, credential) if server.session_elsewhere else None
-            if home is None:
-                return False
-            host, port, member = home
-            what = f"session {resume.session[:8]} is held by fleet member {member}; resume there"
-            session = resume.session[:8]
+            return False
         self._stop_handshake_timer()
         self._authenticated()
         self.log.info(
