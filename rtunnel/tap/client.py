@@ -115,6 +115,7 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         if self._applying_file and "connect" in self.given:
             return  # -c on the command line replaces the file's server(s)
         self.connects.append(value)
+        self.opts["connect"] = ",".join(self.connects)  # a reload compares it: a changed list needs a restart
 
     def opt_forward(self, value: str) -> None:
         self.forwards.append(value)
