@@ -187,6 +187,18 @@ class ServerService(service.Service):
             event="clients_reloaded", clients=sorted(clients),
         )
 
+    def _fleet_clients(self) -> None:
+        """A member sends resumes of sessions another member holds there
+        (MOVED), and drains on SIGUSR2 (rtunnel.fleet.redirect, .drain);
+        installed in the turn the control port opened, before any HELLO."""
+        from rtunnel.fleet.drain import Drain
+        from rtunnel.fleet.redirect import redirect_resumes
+
+        assert self.server is not None and self.fleet is not None
+        locator = redirect_resumes(self.server, self.fleet.directory)
+        self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
+        self.drain.install_signal()
+
     def _raise_fd_limit(self) -> None:
         """Open files: soft limit up to the hard one (the default --max-streams
         alone is more than the usual 1,024), and say what the server got."""
@@ -249,12 +261,6 @@ class ServerService(service.Service):
         )
         if self.fleet is not None:
             self.fleet.attach(self.server)
-            from rtunnel.fleet.drain import Drain
-            from rtunnel.fleet.redirect import redirect_resumes
-
-            locator = redirect_resumes(self.server, self.fleet.directory)
-            self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
-            self.drain.install_signal()  # SIGUSR2: docs/fleet.md "Draining a member"
         self._raise_fd_limit()
         # control connections may use descriptors visitors may not (rtunnel.descriptors)
         listening = GatedListening(self.reactor, self.control_gate)
@@ -276,6 +282,8 @@ class ServerService(service.Service):
             )
             listen = config.listen_fallback
             self.port = yield serverFromString(listening, listen).listen(factory)
+        if self.fleet is not None:  # resumes of sessions held elsewhere, and drains (docs/fleet.md)
+            self._fleet_clients()
         if config.http.enabled:
             yield self._listen_shared()
         if config.metrics:
