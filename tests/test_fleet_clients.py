@@ -18,6 +18,7 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from rtunnel.client import TunnelClient
 from rtunnel.config import ClientConfig, Keepalive, TunnelSpec
+from rtunnel.fleet import ca
 from rtunnel.tap.client import ClientMainService
 from rtunnel.tls import fingerprint_of_pem
 from tests.etcd import SKIP_NO_ETCD, TOKENS, start_etcd
@@ -72,6 +73,10 @@ class FleetClientTests(TestCase):
         """Member m<index> on 127.0.0.<index>; every member after the first
         presents the first one's certificate (one fleet-wide server identity)."""
         host, port = f"127.0.0.{index}", free_port()
+        ca_dir, state = self.workdir / "fleet-ca", self.workdir / f"state{index}"
+        if not (ca_dir / ca.CA_CERT).exists():
+            ca.init_ca(ca_dir, "test")
+        ca.issue_member(ca_dir, f"m{index}", state)  # member links (wired in the server process or not)
         shared = [] if index == 1 else [
             "--cert", str(self.workdir / "state1" / "server.crt"), "--key", str(self.workdir / "state1" / "server.key"),
         ]
