@@ -73,6 +73,11 @@ class SessionLocatorTests(SynchronousTestCase):
         del self.directory.members["m3"]
         self.assertEqual(self.locator.another_member(), ("127.0.0.2", 19052, "m2"))
 
+    def test_a_drain_prefers_another_machine_s_member_to_a_sibling_worker(self) -> None:
+        self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
+        self.assertEqual(self.locator.another_member(frozenset({"m1", "m3"})), ("127.0.0.2", 19052, "m2"))
+        self.assertEqual(self.locator.another_member(frozenset({"m1", "m2", "m3"})), ("127.0.0.3", 19053, "m3"))
+
 
 class DrainRefusalTests(TestCase):
     @defer.inlineCallbacks

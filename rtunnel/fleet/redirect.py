@@ -11,12 +11,15 @@ elsewhere is answered ERROR MOVED with the home's `HOST:PORT`.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
 from rtunnel.addresses import WILDCARD_HOSTS
 from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.server import TunnelServer
+
+WORKER_NAMES_ENV = "RTUNNEL_WORKER_NAMES"  # set by --workers N's parent: its workers' member names
 
 _PORT = re.compile(r"^(?:tcp6?|ssl):(?:port=)?(\d+)(?::|$)")
 _INTERFACE = re.compile(r"(?:^|:)interface=((?:\\:|[^:])*)")
@@ -62,15 +65,21 @@ class SessionLocator:
         address = control_address(record) if record else None
         return (address[0], address[1], member) if address is not None else None
 
-    def another_member(self) -> tuple[str, int, str] | None:
+    def another_member(self, siblings: frozenset[str] | None = None) -> tuple[str, int, str] | None:
         """A member other than this one with a control address (the drain's
-        hint), the least loaded by sessions first, then by name."""
+        hint): a member of another machine before a sibling worker of this
+        one (`--workers N` passes SIGUSR2 to every worker at once), then the
+        least loaded by sessions, then by name."""
+        if siblings is None:
+            names = os.environ.get(WORKER_NAMES_ENV, "")
+            siblings = frozenset(name for name in names.split(",") if name)
         counts: dict[str, int] = {}
         for info in self.directory.sessions.values():
             member = info.get("member")
             if isinstance(member, str):
                 counts[member] = counts.get(member, 0) + 1
-        for member in sorted(self.directory.members, key=lambda m: (counts.get(m, 0), m)):
+        order = sorted(self.directory.members, key=lambda m: (m in siblings, counts.get(m, 0), m))
+        for member in order:
             if member != self.directory.member:
                 found = self.member_address(member)
                 if found is not None:
