@@ -28,7 +28,9 @@ from rtunnel.addresses import bracket, format_host_port, format_peer, public_add
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.counters import ClientEvents, Traffic, tunnel_name
 from rtunnel.link import ControlLink
+from rtunnel.moved import parse_moved
 from rtunnel.mux import ProtocolViolation, Session, Stream
+from rtunnel.servers import ServerListEndpoint
 from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
 from rtunnel.udpflows import UdpFlows
@@ -77,6 +79,7 @@ class ClientInput(enum.Enum):
     HANDSHAKE_ABANDONED = "handshake_abandoned"  # (link, why): no or a bad WELCOME, logged; the link closes
     LINK_LOST = "link_lost"  # (link, Failure): a link closed
     SESSION_FAILED = "session_failed"  # (link): an ERROR either way: the link's session is forgotten
+    MOVE = "move"  # (host, port): GOAWAY MOVED: a new session at that member; the old link drains
     GIVE_UP = "give_up"  # (message): the attempt that reached --max-retries
     FATAL = "fatal"  # (message): retrying cannot help
     STOP = "stop"  # (): a clean stop
@@ -137,6 +140,13 @@ class TunnelClient:
         self.failed_attempts = 0  # connection attempts in a row that made no session
         # UDP tunnels' flows (rtunnel.udpflows): one local socket per flow, kept across resumes
         self.udp = UdpFlows(reactor, config.udp_idle_timeout, config.udp_max_flows, self._send_datagram)
+        self.servers: ServerListEndpoint | None = None  # set by the service: follows MOVED hints
+        # links of sessions we moved away from (GOAWAY MOVED): their streams finish there
+        self.draining: dict[ClientLink, Session] = {}
+        self._closing: set[ClientLink] = set()  # old links we closed, until they are lost
+        # the service's: a new connection for the moved session (old link given) / an old link done
+        self.on_move: Callable[[ClientLink], None] | None = None
+        self.on_drained: Callable[[ClientLink], None] | None = None
 
     def link_factory(self) -> Factory[ClientLink]:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -168,9 +178,14 @@ class TunnelClient:
         self._transition(ClientInput.HANDSHAKE_ABANDONED, link, why)
 
     def link_lost(self, link: ClientLink, reason: Failure) -> None:
+        if link in self.draining:
+            self._drained(link)
+            return
         self._transition(ClientInput.LINK_LOST, link, reason)
 
     def session_failed(self, link: ClientLink) -> None:
+        if link in self.draining:
+            return  # the old session's link closes next (link_lost)
         self._transition(ClientInput.SESSION_FAILED, link)
 
     def fatal(self, message: str) -> None:
@@ -222,7 +237,7 @@ class TunnelClient:
         self.events.sessions_started += 1
         self.log.info(
             "connected to {server}; session {session} started",
-            server=format_host_port(self.config.server_host, self.config.server_port),
+            server=self.server_name(),
             session=welcome.session[:8], event="connected",
         )
         self.bound.clear()
@@ -245,7 +260,8 @@ class TunnelClient:
         assert session is not None
         self.handshaking, self.link, self.failed_attempts = None, link, 0
         self.log.info(
-            "link restored; session resumed with {n} open streams", n=len(session.streams),
+            "link restored to {server}; session resumed with {n} open streams", n=len(session.streams),
+            server=self.server_name(),
             event="session_resumed", session=welcome.session[:8], streams=len(session.streams),
         )
         self.events.resumes += 1
@@ -253,7 +269,8 @@ class TunnelClient:
 
     def _handshake_link_lost(self, link: ClientLink, reason: Failure) -> None:
         self.handshaking = None
-        self._explain_failed_handshake(reason)
+        if self.servers is None or not self.servers.has_hint:  # (a MOVED closes the link: said already)
+            self._explain_failed_handshake(reason)
         self._attempt_failed(reason.getErrorMessage())
 
     def _handshake_abandoned(self, link: ClientLink, why: str) -> None:
@@ -289,7 +306,7 @@ class TunnelClient:
             self._transition(
                 ClientInput.GIVE_UP,
                 f"giving up after {self.failed_attempts} failed attempts in a row to connect to the "
-                f"rtunnel server at {format_host_port(self.config.server_host, self.config.server_port)} "
+                f"rtunnel server at {', '.join(format_host_port(*a) for a in self.config.server_list)} "
                 f"(--max-retries {limit}); the last one: {why.rstrip('.')}. Check that the server runs "
                 "and is reachable, or raise --max-retries.",
             )
@@ -310,6 +327,8 @@ class TunnelClient:
         """Tell the server we are leaving (GOAWAY) while the link is up, and
         ready the link to close: the connector's disconnect then ends it."""
         self.say_goodbye()
+        for old in list(self.draining):
+            self._check_drained_now(old)
         if self.handshaking is not None:
             self.handshaking.abort()  # TLS cannot close cleanly mid-handshake
         link = self.link
@@ -329,6 +348,7 @@ class TunnelClient:
             "versions": list(PROTOCOL_VERSIONS),
             "token": self.config.token,
             "max_frame": self.config.session.max_frame,
+            "accepts": ["moved"],  # we follow ERROR/GOAWAY MOVED to the session's fleet member
         }
         if self.session is not None:
             body["resume"] = {"session": self.session_id, "secret": self.session_secret}
@@ -356,6 +376,89 @@ class TunnelClient:
         self.udp.clear()
         if session is not None:
             session.close(ResetCode.EXPIRED, "session abandoned")
+
+    def moved(self, reason: str) -> None:
+        """The server says our session lives at another fleet member (ERROR
+        MOVED): the next attempt goes there first, at once. A hint from a
+        server we reached by a hint is not followed (no redirect loops)."""
+        hint = parse_moved(reason)
+        servers = self.servers
+        if hint is None or servers is None or servers.current_is_hint:
+            self.log.warn(
+                "the server says our session is elsewhere but {why}: {reason}; trying the servers in order",
+                why="names no address" if hint is None else "it was reached through such a hint already",
+                reason=reason, event="moved_ignored",
+            )
+            return
+        self.log.info(
+            "the server sends us to another fleet member, {where}: connecting there", where=format_host_port(*hint),
+            event="session_moved", server=format_host_port(*hint), reason=reason,
+        )
+        servers.move_to(hint[0], hint[1], servers.current)
+
+    def server_name(self) -> str:
+        """The server the link is (or was last) made to, for the log."""
+        current = self.servers.current if self.servers is not None else None
+        return format_host_port(*(current or (self.config.server_host, self.config.server_port)))
+
+    def _move_away(self, host: str, port: int) -> None:
+        """GOAWAY MOVED (the member is drained): start a new session at
+        `host:port` (its BINDs take the ports over: same credential, the newest
+        holds) while the old session's open streams finish on the old link,
+        which then closes (GOAWAY, so the old member ends the session)."""
+        link, session = self.link, self.session
+        assert link is not None and session is not None
+        self.draining[link] = session
+        self.link, self.session, self.session_id, self.session_secret = None, None, None, None
+        for call in self._bind_retries:
+            if call.active():
+                call.cancel()
+        self._bind_retries.clear()
+        self.udp.clear()  # UDP flows are per session: the next datagrams make new ones
+        self.bound.clear()
+        self.log.info(
+            "the server is being drained: moving to {where}; {n} open connections finish on the old link",
+            where=format_host_port(host, port), n=len(session.streams),
+            event="session_moving", server=format_host_port(host, port), streams=len(session.streams),
+        )
+        if self.servers is not None:
+            self.servers.move_to(host, port, self.servers.current)
+        if self.on_move is not None:
+            self.on_move(link)
+        self._check_drained(link)
+
+    def _check_drained(self, link: ClientLink) -> None:
+        """The old session has no stream left: say goodbye and close its
+        link (it stays in `draining` until it is lost, so that its loss is
+        never taken for the current link's)."""
+        session = self.draining.get(link)
+        if session is None or session.streams or link in self._closing:
+            return
+        self._closing.add(link)
+        if session.can_send:
+            link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client moved to another member"))
+        link.lose()
+
+    def _check_drained_now(self, link: ClientLink) -> None:
+        """Stopping: reset what is left on an old link and close it."""
+        session = self.draining.get(link)
+        if session is not None and session.can_send and link not in self._closing:
+            session.reset_all(ResetCode.SHUTDOWN, "client stopped")
+            link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client stopped"))
+        self._closing.add(link)
+        link.lose()
+
+    def _drained(self, link: ClientLink) -> None:
+        """An old link is lost: its session ends (what is left on it is reset)."""
+        self._closing.discard(link)
+        session = self.draining.pop(link, None)
+        if session is None:
+            return
+        if session.streams:
+            session.close(ResetCode.ABORTED, "the old member closed the link")
+        self.log.info("the link of the session we moved away from is closed", event="old_link_closed")
+        if self.on_drained is not None:
+            self.on_drained(link)
 
     def _send_bind(self, spec: TunnelSpec) -> None:
         if self.session is None:
@@ -470,6 +573,10 @@ class TunnelClient:
         connecting = self._connecting.pop(stream.id, None)
         if connecting is not None:
             connecting.cancel()
+        if session is not self.session and not session.streams:
+            for link, old in list(self.draining.items()):
+                if old is session:
+                    self.reactor.callLater(0, self._check_drained, link)
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
         spec = self.tunnels.get(datagram.tunnel)
@@ -481,12 +588,18 @@ class TunnelClient:
     def control_frame(self, session: Session, frame: Frame) -> None:
         if self.state is ClientState.FAILED:
             return  # leaving: a BOUND read with the fatal refusal is not "tunnel ready"
+        if session is not self.session:
+            return  # a session we moved away from: its ports are the new session's business
         if frame.type is FrameType.BOUND:
             self._bound(wire.Bound.parse(frame))
         elif frame.type is FrameType.BIND_FAILED:
             self._bind_failed(session, wire.BindFailed.parse(frame))
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
+            hint = parse_moved(reason) if code == ErrorCode.MOVED else None
+            if hint is not None and self.state is ClientState.READY and self.link is not None and self.on_move:
+                self._transition(ClientInput.MOVE, *hint)
+                return
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
@@ -609,6 +722,7 @@ def _transitions() -> dict[tuple[ClientState, ClientInput], tuple[ClientState, C
         (S.HANDSHAKING, I.SESSION_FAILED): (S.HANDSHAKING, None),  # no session yet; the link closes
         (S.READY, I.LINK_LOST): (S.LOST, C._session_link_lost),
         (S.READY, I.SESSION_FAILED): (S.CONNECTING, C._session_ended),
+        (S.READY, I.MOVE): (S.CONNECTING, C._move_away),
         (S.LOST, I.LINK_MADE): (S.RESUMING, C._send_hello),
         (S.LOST, I.CONNECT_FAILED): (S.LOST, C._attempt_failed),
         (S.LOST, I.LINK_LOST): (S.LOST, None),
@@ -636,6 +750,7 @@ def _transitions() -> dict[tuple[ClientState, ClientInput], tuple[ClientState, C
         table[state, I.LINK_LOST] = (state, C._forget_link)
         table[state, I.SESSION_FAILED] = (state, C._forget_session)
         table[state, I.GIVE_UP] = (state, None)
+        table[state, I.MOVE] = (state, None)
         table[state, I.STOP] = (state, C.leave)
     return table
 
@@ -693,7 +808,9 @@ class ClientLink(ControlLink):
         self.client.welcomed(self, welcome)
 
     def error_received(self, code: int, reason: str) -> None:
-        if code in FATAL_ERRORS:
+        if code == ErrorCode.MOVED:
+            self.client.moved(reason)
+        elif code in FATAL_ERRORS:
             self.client.fatal(f"the server refused us: {reason}")
         else:
             super().error_received(code, reason)

@@ -262,6 +262,12 @@ class ClientConfig:
     max_retries: int | None = None  # give up after this many failed attempts in a row; None: never
     udp_idle_timeout: float = 60.0  # a UDP flow's local socket is closed after this long without a datagram
     udp_max_flows: int = 4096  # local UDP sockets per UDP tunnel; datagrams of further flows are dropped
+    # every server of -c in order (members of one fleet; rtunnel.servers); () means (server_host, server_port)
+    servers: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def server_list(self) -> tuple[tuple[str, int], ...]:
+        return self.servers or ((self.server_host, self.server_port),)
 
 
 __all__ = [

@@ -105,6 +105,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 5
     FLOW_CONTROL = 6
     SHUTDOWN = 7
+    MOVED = 8  # the session lives at another fleet member: reason "HOST:PORT text" (rtunnel.moved)
 
 
 class ResetCode(enum.IntEnum):
@@ -168,6 +169,7 @@ class Hello:
     token: str | None = None  # None: absent (a TLS client certificate may authenticate)
     max_frame: int = DEFAULT_MAX_FRAME
     resume: ResumeRequest | None = None
+    follows_moved: bool = False  # "accepts": ["moved"]: the client follows ERROR/GOAWAY MOVED
 
     def to_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"protocol": PROTOCOL_NAME, "versions": list(self.versions), "max_frame": self.max_frame}
@@ -175,6 +177,8 @@ class Hello:
             body["token"] = self.token
         if self.resume is not None:
             body["resume"] = {"session": self.resume.session, "secret": self.resume.secret}
+        if self.follows_moved:
+            body["accepts"] = ["moved"]
         return body
 
 
@@ -383,7 +387,10 @@ def decode_hello(frame: Frame) -> Hello:
             _hex_field(resume.get("session"), SESSION_ID_HEX, "session"),
             _hex_field(resume.get("secret"), SESSION_SECRET_HEX, "secret"),
         )
-    return Hello(tuple(versions), token, max_frame, request)
+    accepts = body.get("accepts", [])
+    if not isinstance(accepts, list) or len(accepts) > MAX_VERSIONS:
+        raise HandshakeError(f"HELLO accepts must be a list of at most {MAX_VERSIONS} strings")
+    return Hello(tuple(versions), token, max_frame, request, "moved" in accepts)
 
 
 def decode_window(frame: Frame) -> tuple[int, int]:

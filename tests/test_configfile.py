@@ -620,6 +620,17 @@ class ReloadTests(TestCase):
         self.assertIn("(0 added, 0 removed, 0 changed)", self.logged("reloaded ")[0])
 
     @defer.inlineCallbacks
+    def test_a_changed_server_list_needs_a_restart(self) -> Any:
+        yield self.start_client([0])
+        path = self.write([0])
+        first = f'server = "127.0.0.1:{self.tunnel.control_port}"'
+        path.write_text(path.read_text().replace(first, f'server = ["127.0.0.1:{self.tunnel.control_port}", "127.0.0.1:1"]'))
+        self.service.reload()
+        [warning] = self.logged("take effect only after a restart")
+        self.assertIn("client.toml: changed server", warning)
+        self.assertEqual(self.service.config.server_list, (("127.0.0.1", self.tunnel.control_port),))
+
+    @defer.inlineCallbacks
     def test_new_target_for_a_fixed_port_keeps_the_tunnel(self) -> Any:
         from tests.harness import free_port
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer
@@ -74,6 +74,11 @@ class TunnelServer:
         self.udp = UdpPorts(self, self.claims)  # public UDP ports (#16)
         self.sessions: dict[str, ServerSession] = {}
         self.session_serials: Iterator[int] = itertools.count(1)
+        # in a fleet (rtunnel.fleet.redirect): (session id, credential) -> the control address
+        # (host, port) and name of the member holding that session, if another member does
+        self.session_elsewhere: Callable[[str, str], tuple[str, int, str] | None] | None = None
+        # set while this member is drained (rtunnel.fleet.drain): (host, port, member) new sessions go to
+        self.moved_to: tuple[str, int, str] | None = None
         self.links: set[ServerLink] = set()
         self._drained: defer.Deferred[None] | None = None
         self.guard: AdmissionGuard[ServerLink] = AdmissionGuard(

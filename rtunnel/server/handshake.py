@@ -17,9 +17,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from rtunnel import PROTOCOL_VERSIONS, auth, wire
-from rtunnel.addresses import host_port, known_host_port
+from rtunnel.addresses import format_host_port, host_port, known_host_port
 from rtunnel.guard import MOST_HELD, address_key
 from rtunnel.link import ControlLink
+from rtunnel.moved import moved_reason
 from rtunnel.mux import ProtocolViolation, Session
 from rtunnel.tcp import tcp_transport
 from rtunnel.wire import ErrorCode, Frame, FrameType
@@ -193,7 +194,9 @@ class ServerLink(ControlLink):
             self.close_with_error(ErrorCode.SHUTDOWN, "the server is shutting down; retry shortly")
             return
         credential = self._credential(hello)
-        if credential is None or not self._room_for_session(credential, hello.resume):
+        if credential is None or self._redirected(credential, hello):
+            return
+        if not self._room_for_session(credential, hello.resume):
             return
         self._stop_handshake_timer()
         self._authenticated()
@@ -231,6 +234,40 @@ class ServerLink(ControlLink):
             )
         self.refuse(ErrorCode.AUTH_FAILED, reason, "auth_failed", host=host, failures_total=guard.failures)
         return None
+
+    def _redirected(self, credential: str, hello: wire.Hello) -> bool:
+        """From a client that follows MOVED: a resume of a session another
+        fleet member holds, or any new session while this member is drained,
+        is answered ERROR MOVED with that member's control address (the
+        client goes there at once). A client that does not follow MOVED gets
+        a new session here instead (docs/fleet.md "Clients and resume").
+        True if the HELLO was answered so."""
+        server, resume = self.server, hello.resume
+        if not hello.follows_moved or (resume is not None and server.resumable(credential, resume) is not None):
+            return False  # an old client, or a resume of a session held here (a drain moves it later)
+        home = None
+        if resume is not None and server.session_elsewhere is not None:
+            home = server.session_elsewhere(resume.session, credential)
+        if home is not None and resume is not None:
+            host, port, member = home
+            what = f"session {resume.session[:8]} is held by fleet member {member}; resume there"
+            session = resume.session[:8]
+        elif server.moved_to is not None:  # a new session while this member is drained
+            host, port, member = server.moved_to
+            what = f"this member is being drained; connect to member {member}"
+            session = "new"
+        else:
+            return False
+        self._stop_handshake_timer()
+        self._authenticated()
+        self.log.info(
+            "session {id} of {cred} goes to fleet member {member}: sending {peer} to {where}",
+            id=session, cred=credential, member=member, peer=self.peer_description(),
+            where=format_host_port(host, port), event="session_redirected", session=session,
+            credential=credential, home=member,
+        )
+        self.send_error_and_close(ErrorCode.MOVED, moved_reason(host, port, what))
+        return True
 
     def _room_for_session(self, credential: str, resume: wire.ResumeRequest | None) -> bool:
         """A resume always fits; a new session only within --max-sessions-per-client."""

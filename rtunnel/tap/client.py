@@ -9,7 +9,6 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -17,9 +16,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel import DEFAULT_CONTROL_PORT, proxyproto
-from rtunnel.addresses import bracket, format_host_port, public_address
-from rtunnel.client import ClientState, TunnelClient, retry_policy
-from rtunnel.config import ClientConfig, TunnelSpec, hostname_spec, parse_host_port, same_forward, tunnel_spec
+from rtunnel.addresses import bracket, public_address
+from rtunnel.client import LEAVING, ClientState, TunnelClient, retry_policy
+from rtunnel.config import ClientConfig, TunnelSpec, hostname_spec, same_forward, tunnel_spec
 from rtunnel.configfile import (
     ConfigFile,
     FileOptions,
@@ -31,6 +30,7 @@ from rtunnel.counters import CountingEndpoint
 from rtunnel.errors import ConfigError
 from rtunnel.logs import create_private_log_file, twistd_log_file
 from rtunnel.metrics import ClientCollector, MetricsService, registry_for
+from rtunnel.servers import ServerListEndpoint, parse_servers
 from rtunnel.tap import (
     CommandOptions,
     SighupReload,
@@ -50,7 +50,6 @@ from rtunnel.tls import (
     load_client_identity,
     load_known_servers,
 )
-from rtunnel.tlslink import LinkTLSEndpoint
 
 
 class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
@@ -73,6 +72,8 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         self.forward_kinds: list[str] = []  # "tcp" (-f), "http" (--http), "tls" (--tls), one per entry of forwards
         self.targets: list[str] = []
         self.file_tunnels: list[TunnelSpec] = []  # from --config's [[tunnel]] tables
+        self.connects: list[str] = []  # -c values (each may list several servers: a,b)
+        self._applying_file = False
 
     def apply_config_file(self, cf: ConfigFile) -> None:
         if "proxy_protocol" in cf.data:
@@ -80,7 +81,11 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 "proxy_protocol is a setting of each tunnel: move it into the [[tunnel]] tables "
                 '(proxy_protocol = "v2" under forward and to)', "proxy_protocol",
             )
-        super().apply_config_file(cf)
+        self._applying_file = True
+        try:
+            super().apply_config_file(cf)
+        finally:
+            self._applying_file = False
 
     def apply_config_table(self, cf: ConfigFile, key: str, value: object) -> None:
         with usage_errors():
@@ -106,6 +111,12 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
                 return read_token_file(Path(os.path.expanduser(self["token-file"])), origin)
         return self["token"] or os.environ.get("RTUNNEL_TOKEN") or ""
 
+    def opt_connect(self, value: str) -> None:
+        if self._applying_file and "connect" in self.given:
+            return  # -c on the command line replaces the file's server(s)
+        self.connects.append(value)
+        self.opts["connect"] = ",".join(self.connects)  # a reload compares it: a changed list needs a restart
+
     def opt_forward(self, value: str) -> None:
         self.forwards.append(value)
         self.forward_kinds.append("tcp")
@@ -122,7 +133,7 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
         self.targets.append(value)
 
     def postOptions(self) -> None:
-        if not self["connect"]:
+        if not self.connects:
             raise usage.UsageError(
                 "-c/--connect HOST[:PORT] is required: the rtunnel server to use"
                 + (f" (or server = \"HOST:PORT\" in {self.config_file.path})" if self.config_file else "")
@@ -153,12 +164,13 @@ class Options(CommandOptions, FileOptions, TableOptions, usage.Options):
             )
         self.known_servers = self._trust()
         with usage_errors():
-            host, port = parse_host_port(self["connect"], "-c/--connect", None, DEFAULT_CONTROL_PORT)
+            servers = parse_servers(self.connects, DEFAULT_CONTROL_PORT)
+            host, port = servers[0]
             tunnels = self._tunnels()
             values = self.config_values(server_host=host, server_port=port, tunnels=tunnels, token=token)
             if self["ca"]:
                 ca_creator(host, Path(self["ca"]), self.client_identity)  # fail here, as a usage error
-        self.config = ClientConfig(**values)
+        self.config = ClientConfig(**values, servers=servers if len(servers) > 1 else ())
 
     def _tunnels(self) -> tuple[TunnelSpec, ...]:
         """The file's tunnels, then the command line's -f/-t pairs (with --proxy-protocol)."""
@@ -272,28 +284,29 @@ class ClientMainService(service.MultiService):
         if known_servers is not None and (config.fingerprint is not None or config.ca_file is not None):
             raise ConfigError("give one of --fingerprint, --ca and --trust-on-first-use")
         if config.fingerprint is not None:
-            creator: Any = PinnedCertificateCreator(config.fingerprint, client_identity)
-        elif known_servers is not None:
-            creator = TrustOnFirstUseCreator(
-                config.server_host, config.server_port, known_servers, client_identity
-            )
-        else:
+            pinned = PinnedCertificateCreator(config.fingerprint, client_identity)
+
+        def creator_for(host: str, port: int) -> Any:
+            """The TLS trust of one server: a pin is shared by every server
+            (a fleet's members present one certificate); a CA checks each name."""
+            if config.fingerprint is not None:
+                return pinned
+            if known_servers is not None:
+                return TrustOnFirstUseCreator(host, port, known_servers, client_identity)
             assert config.ca_file is not None
-            creator = ca_creator(config.server_host, config.ca_file, client_identity)
-        self.client = TunnelClient(reactor, config, self._fatal, creator)
-        tls_endpoint = LinkTLSEndpoint(
-            creator, HostnameEndpoint(reactor, config.server_host, config.server_port, timeout=10), reactor
-        )
-        endpoint = CountingEndpoint(tls_endpoint, self.client.events)
+            return ca_creator(host, config.ca_file, client_identity)
+
+        self.client = TunnelClient(reactor, config, self._fatal, creator_for(config.server_host, config.server_port))
+        self.servers = ServerListEndpoint(reactor, config.server_list, creator_for, self._attempting, timeout=10)
+        self.client.servers = self.servers
+        endpoint = CountingEndpoint(self.servers, self.client.events)
         self._retry_policy = retry_policy(config.initial_retry_delay, config.max_retry_delay)
-        self._endpoint = _ReportingEndpoint(endpoint, f"{config.server_host}:{config.server_port}", self.client.connect_failed)
-        self.connector = ClientService(
-            self._endpoint,
-            self.client.link_factory(),
-            retryPolicy=self._next_attempt_in,
-            clock=reactor,
-        )
-        self.connector.setServiceParent(self)
+        self._endpoint = _ReportingEndpoint(endpoint, repr(self.servers), self.client.connect_failed)
+        self._retired: set[ClientService] = set()  # connectors of links we moved away from
+        self._old_links: dict[Any, ClientService] = {}
+        self.connector = self._new_connector()
+        self.client.on_move = self._moved
+        self.client.on_drained = self._drained
         self.metrics: MetricsService | None = None
         if config.metrics:
             registry = registry_for(ClientCollector(self.client))
@@ -405,6 +418,40 @@ class ClientMainService(service.MultiService):
         if self.exit_on_fatal:
             d.addBoth(lambda _: exit_process(self.reactor, self.exit_code))
 
+    def _new_connector(self) -> ClientService:
+        connector: ClientService
+
+        def retry(attempt: int) -> float:
+            return 3600.0 if connector in self._retired else self._next_attempt_in(attempt)
+
+        connector = ClientService(self._endpoint, self.client.link_factory(), retryPolicy=retry, clock=self.reactor)
+        connector.setServiceParent(self)
+        return connector
+
+    def _moved(self, old_link: Any) -> None:
+        """GOAWAY MOVED: the old link stays with its connector (never
+        reconnecting) until its streams are done; a new connector makes the
+        new session's links."""
+        old = self.connector
+        self._retired.add(old)
+        self._old_links[old_link] = old
+        self.connector = self._new_connector()
+
+    def _drained(self, old_link: Any) -> None:
+        old = self._old_links.pop(old_link, None)
+        if old is not None:
+            self.reactor.callLater(0, self._retire, old)
+
+    def _retire(self, connector: ClientService) -> None:
+        if not connector.running or connector.parent is not self:
+            return  # stopped with the whole client meanwhile
+        d = defer.maybeDeferred(connector.stopService)
+        d.addBoth(lambda _: connector.disownServiceParent())
+        d.addBoth(lambda _: self._retired.discard(connector))
+
+    def _attempting(self, host: str, port: int, creator: Any) -> None:
+        self.client.tls_creator = creator  # explains a failed TLS handshake with this server
+
     def _next_attempt_in(self, attempt: int) -> float:
         """ClientService's retry policy: the wait before the next attempt,
         logged in one line with why the last one failed.
@@ -415,9 +462,11 @@ class ClientMainService(service.MultiService):
         its count at 1. The backoff goes by the attempts in a row that made
         no session, whichever way they failed."""
         delay = self._retry_policy(max(attempt, self.client.failed_attempts))
+        if self.servers.has_hint and self.client.failed_attempts <= 1 and self.client.state not in LEAVING:
+            delay = 0.0  # a MOVED hint: go to the session's member now (once: a hint that keeps failing backs off)
         giving_up = self.client.state is ClientState.GAVE_UP
         why, self._endpoint.last_failure = self._endpoint.last_failure, None
-        where = format_host_port(self.config.server_host, self.config.server_port)
+        where = repr(self.servers)
         if why is not None:
             self.log.warn(
                 "cannot reach the rtunnel server at {where}: {why}{then}",

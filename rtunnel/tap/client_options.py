@@ -32,11 +32,15 @@ CLIENT_OPTIONS = OptionTable("client", [
         "[docs/configuration.md](docs/configuration.md)",
     ),
     Option(
-        "connect", Kind.STR, "Server control address HOST[:PORT] (default port 19050).", short="c",
-        key="server", field="server_host", computed=True, metavar="HOST[:PORT]",
-        doc_default="(required)", doc="the server's control address; port 19050 by default",
+        "connect", Kind.REPEAT,
+        "Server control address HOST[:PORT] (default port 19050); several (a,b or repeated -c) are tried in order.",
+        short="c", key="server", field="server_host", computed=True, metavar="HOST[:PORT]",
+        doc_default="(required)",
+        doc="the server's control address; port 19050 by default; several servers of one fleet "
+        "(`-c a,b` or `-c a -c b`) are tried in order (docs/fleet.md)",
         file_default="(required, here or `-c`)",
-        file_doc="the server's control address `HOST[:PORT]`, port 19050 by default (`-c`/`--connect`)",
+        file_doc="the server's control address `HOST[:PORT]`, port 19050 by default (`-c`/`--connect`); "
+        'an array (`server = ["a:19050", "b:19050"]`) for several members of a fleet, tried in order',
     ),
     Option(
         "forward", Kind.COMMAND,

@@ -121,6 +121,7 @@ class ServerService(service.Service):
         self.config = config
         self.server: TunnelServer | None = None
         self.fleet: Any = None  # rtunnel.fleet.service.Fleet with --fleet-etcd
+        self.drain: Any = None  # rtunnel.fleet.drain.Drain of a fleet member (SIGUSR2)
         self.port: IListeningPort | None = None
         self.metrics_port: IListeningPort | None = None
         self.shared_ports: dict[str, IListeningPort] = {}  # "http"/"https" -> its listening port (#15)
@@ -189,6 +190,18 @@ class ServerService(service.Service):
             changed=", ".join(changes["changed"]) or "none",
             event="clients_reloaded", clients=sorted(clients),
         )
+
+    def _fleet_clients(self) -> None:
+        """A member sends resumes of sessions another member holds there
+        (MOVED), and drains on SIGUSR2 (rtunnel.fleet.redirect, .drain);
+        installed in the turn the control port opened, before any HELLO."""
+        from rtunnel.fleet.drain import Drain
+        from rtunnel.fleet.redirect import redirect_resumes
+
+        assert self.server is not None and self.fleet is not None
+        locator = redirect_resumes(self.server, self.fleet.directory)
+        self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
+        self.drain.install_signal()
 
     def _raise_fd_limit(self) -> None:
         """Open files: soft limit up to the hard one (the default --max-streams
@@ -274,6 +287,8 @@ class ServerService(service.Service):
             )
             listen = config.listen_fallback
             self.port = yield serverFromString(listening, listen).listen(factory)
+        if self.fleet is not None:  # resumes of sessions held elsewhere, and drains (docs/fleet.md)
+            self._fleet_clients()
         if config.http.enabled:
             yield self._listen_shared()
         if config.metrics:

@@ -1,0 +1,94 @@
+"""Resumes that reach a member other than the session's home, and the
+member a draining member sends its clients to (docs/fleet.md "Clients and
+resume", "Draining a member").
+
+A member knows every session's home from the directory (`sessions/<id>`)
+and every member's control address from `members/<name>` ("control": its
+control port endpoint string, "public_host"). A client that follows MOVED
+(its HELLO says `"accepts": ["moved"]`) and asks to resume a session held
+elsewhere is answered ERROR MOVED with the home's `HOST:PORT`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from rtunnel.addresses import WILDCARD_HOSTS
+from rtunnel.fleet.directory import FleetDirectory
+from rtunnel.server import TunnelServer
+
+WORKER_NAMES_ENV = "RTUNNEL_WORKER_NAMES"  # set by --workers N's parent: its workers' member names
+
+_PORT = re.compile(r"^(?:tcp6?|ssl):(?:port=)?(\d+)(?::|$)")
+_INTERFACE = re.compile(r"(?:^|:)interface=((?:\\:|[^:])*)")
+
+
+def control_address(record: dict[str, Any]) -> tuple[str, int] | None:
+    """The (host, port) a client reaches a member's control port at, from
+    its `members/<name>` record: the control endpoint's port, on its
+    interface, or on the member's public host if it listens on every
+    address. None for an endpoint without a port of its own (systemd:)."""
+    control, public_host = record.get("control"), record.get("public_host")
+    if not isinstance(control, str):
+        return None
+    port = _PORT.match(control)
+    if port is None:
+        return None
+    interface = _INTERFACE.search(control)
+    host = interface.group(1).replace("\\:", ":") if interface is not None else ""
+    if host in WILDCARD_HOSTS or host == "::":
+        if not isinstance(public_host, str) or not public_host or public_host in WILDCARD_HOSTS:
+            return None
+        host = public_host
+    return host, int(port.group(1))
+
+
+class SessionLocator:
+    """Where a session lives, if at another member (TunnelServer.session_elsewhere)."""
+
+    def __init__(self, directory: FleetDirectory) -> None:
+        self.directory = directory
+
+    def __call__(self, session_id: str, credential: str) -> tuple[str, int, str] | None:
+        info = self.directory.sessions.get(session_id)
+        if not info or info.get("credential") != credential:
+            return None  # unknown, or another credential's: no hint (nothing to learn by guessing ids)
+        member = info.get("member")
+        if not isinstance(member, str) or member == self.directory.member:
+            return None
+        return self.member_address(member)
+
+    def member_address(self, member: str) -> tuple[str, int, str] | None:
+        record = self.directory.members.get(member)
+        address = control_address(record) if record else None
+        return (address[0], address[1], member) if address is not None else None
+
+    def another_member(self, siblings: frozenset[str] | None = None) -> tuple[str, int, str] | None:
+        """A member other than this one with a control address (the drain's
+        hint): a member of another machine before a sibling worker of this
+        one (`--workers N` passes SIGUSR2 to every worker at once), then the
+        least loaded by sessions, then by name."""
+        if siblings is None:
+            names = os.environ.get(WORKER_NAMES_ENV, "")
+            siblings = frozenset(name for name in names.split(",") if name)
+        counts: dict[str, int] = {}
+        for info in self.directory.sessions.values():
+            member = info.get("member")
+            if isinstance(member, str):
+                counts[member] = counts.get(member, 0) + 1
+        order = sorted(self.directory.members, key=lambda m: (m in siblings, counts.get(m, 0), m))
+        for member in order:
+            if member != self.directory.member:
+                found = self.member_address(member)
+                if found is not None:
+                    return found
+        return None
+
+
+def redirect_resumes(server: TunnelServer, directory: FleetDirectory) -> SessionLocator:
+    """Make `server` answer resumes of sessions held elsewhere with MOVED."""
+    locator = SessionLocator(directory)
+    server.session_elsewhere = locator
+    return locator
