@@ -310,16 +310,29 @@ def sleep(seconds: float) -> defer.Deferred[None]:
 def free_port() -> int:
     """A TCP port free on every address of both families when IPv6 is there
     (rtunnel binds `::` dual-stack by default), else on 127.0.0.1."""
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` different ports, each as free_port() finds one: all are held
+    bound until the last is chosen (one free_port() after another may
+    return the same port twice: the kernel hands a released port out again)."""
+    held: list[socket.socket] = []
     try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            s.bind(("::", 0))
-            return s.getsockname()[1]
-    except OSError:
-        pass
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        for _ in range(n):
+            try:
+                s = socket.socket(socket.AF_INET6)
+                held.append(s)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                s.bind(("::", 0))
+            except OSError:
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held if s.getsockname()[1]]
+    finally:
+        for s in held:
+            s.close()
 
 
 def environ_without_token() -> dict[str, str]:

@@ -36,6 +36,7 @@ from tests.harness import (
     Tunnel,
     Visitor,
     free_port,
+    free_ports,
     listen_target,
     plugins_installed,
     sleep,
@@ -107,7 +108,7 @@ class AdminTests(unittest.TestCase):
         tunnel = Tunnel(self)
         yield tunnel.start_server(admin="tcp:0:interface=127.0.0.1")
         _, target = listen_target(self, Echo)
-        ports = yield tunnel.connect([(free_port(), target) for _ in range(tunnels)], **client)
+        ports = yield tunnel.connect([(port, target) for port in free_ports(tunnels)], **client)
         return tunnel, Admin(tunnel), ports
 
     def test_token_file_is_private_and_reused(self) -> None:

@@ -22,7 +22,7 @@ from tests.harness import (
     Echo,
     Tunnel,
     Visitor,
-    free_port,
+    free_ports,
     listen_target,
     sleep,
     visit,
@@ -256,7 +256,7 @@ class PolicyTests(unittest.TestCase):
     def setUp(self) -> None:
         self.tunnel = Tunnel(self)
         self.clients_file = self.tunnel.state_dir / "clients.toml"
-        self.alice_port, self.bob_port = free_port(), free_port()
+        self.alice_port, self.bob_port = free_ports(2)
 
     def write_clients(self, *, alice: bool = True, bob: bool = True, extra: str = "", **alice_keys: object) -> None:
         text = ""
@@ -318,7 +318,7 @@ class PolicyTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_max_tunnels(self):
-        extra_ports = [free_port(), free_port()]
+        extra_ports = free_ports(2)
         self.write_clients(alice=False, extra=(
             f'[clients.alice]\ntoken_sha256 = "{sha(ALICE)}"\nbind = ["127.0.0.1"]\nmax_tunnels = 2\n'
             f"ports = [{self.alice_port}, {extra_ports[0]}, {extra_ports[1]}]\n"

@@ -31,7 +31,7 @@ from tests.etcd import (
     start_haproxy,
     wait,
 )
-from tests.harness import BANNER, TWISTD, PageReader, Process, cert_fingerprint, free_port
+from tests.harness import BANNER, TWISTD, PageReader, Process, cert_fingerprint, free_port, free_ports
 
 FAILOVER_TARGET = 10.0  # seconds from the kill to the port served at every surviving member
 
@@ -60,7 +60,8 @@ class FleetWiringTests(FleetProcesses):
 
     def test_a_visitor_at_each_of_three_member_processes_reaches_a_client_at_one_of_them(self) -> None:
         node = start_etcd(self, self.workdir / "etcd")
-        admin, metrics = {i: free_port() for i in (1, 2, 3)}, {i: free_port() for i in (1, 2, 3)}
+        chosen = free_ports(6)
+        admin, metrics = {i: chosen[i - 1] for i in (1, 2, 3)}, {i: chosen[i + 2] for i in (1, 2, 3)}
         members = [
             self.start_member(i, [node.url], metrics=metrics[i], more=("--admin", f"tcp:{admin[i]}:interface=127.0.0.{i}"))
             for i in (1, 2, 3)

@@ -8,7 +8,7 @@ import socket
 import time
 
 from tests.etcd import PREFIX, FleetProcesses, etcd_get, scrape, start_cluster, wait
-from tests.harness import BANNER, free_port
+from tests.harness import BANNER, free_port, free_ports
 
 
 class FleetFencingTests(FleetProcesses):
@@ -20,7 +20,7 @@ class FleetFencingTests(FleetProcesses):
         metrics = free_port()
         m1, p1 = self.start_member(1, [cut_node.url], metrics=metrics)  # it reaches etcd only through node 1
         m2, p2 = self.start_member(2, [n.url for n in others])
-        public, other_public = free_port(), free_port()
+        public, other_public = free_ports(2)
         a1 = self.start_client(1, p1, "alice", public, "alice1")
         a1.wait_for(rf"tunnel ready: \S+:{public} ")
         lease_key = f"{PREFIX}members/m1"

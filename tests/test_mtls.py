@@ -25,7 +25,7 @@ from tests.harness import (
     Echo,
     Tunnel,
     Visitor,
-    free_port,
+    free_ports,
     listen_target,
     make_ca_and_server,
     visit,
@@ -142,7 +142,7 @@ class MutualTLSTests(unittest.TestCase):
         self.tunnel = Tunnel(self)
         self.dir = self.tunnel.state_dir
         self.clients_file = self.dir / "clients.toml"
-        self.alice_port, self.other_port = free_port(), free_port()
+        self.alice_port, self.other_port = free_ports(2)
         cert, key, self.alice_digest = make_client_cert(self.dir, "alice")
         self.alice_identity = load_client_identity(cert, key)
         cert, key, _ = make_client_cert(self.dir, "mallory")

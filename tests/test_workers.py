@@ -21,7 +21,7 @@ from rtunnel.fleet.workers import offset_endpoint, plugin_arguments
 from rtunnel.server.claims import TcpPort
 from rtunnel.tap.server import Options
 from tests.etcd import PREFIX, TOKENS, FleetProcesses, etcd_get, start_etcd, wait
-from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port, wait_until
+from tests.harness import BANNER, TWISTD, Process, cert_fingerprint, free_port, free_ports, wait_until
 from tests.test_fleet_links import Fleet
 
 CLIENTS = 20
@@ -163,7 +163,7 @@ class WorkerProcessTests(FleetProcesses):
         etcd = start_etcd(self, self.workdir).url
         control = free_port()
         server = self.start_workers(etcd, control)
-        ports = [free_port() for _ in range(CLIENTS)]
+        ports = free_ports(CLIENTS)
         for index, port in enumerate(ports):
             self.client(control, port, index)
         wait(lambda: None not in self.homes(etcd, ports).values(), 60, f"{CLIENTS} clients' ports claimed")
