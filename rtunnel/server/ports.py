@@ -49,6 +49,30 @@ class BindRefused(Exception):
         self.repeated = repeated  # the same refusal as last time (taken_over: a retry while waiting)
 
 
+def listen_refused(e: error.CannotListenError, host: str, port: int, udp: bool = False) -> BindRefused:
+    """The BindRefused for a public port the system would not let us open
+    (TCP, or UDP with `udp`): what was wrong, and what the client can do."""
+    code = getattr(e.socketError, "errno", None)
+    kind, flag = ("UDP ", "udp:") if udp else ("", "")
+    if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+        return BindRefused(
+            "bad_address", f"this server has no IPv6, so it cannot bind {host}; "
+            f"bind an IPv4 address (e.g. -f {flag}0.0.0.0:PORT)", code,
+        )
+    if code == errno.EACCES:
+        return BindRefused(
+            "not_permitted",
+            f"the server process may not bind {kind}{host}:{port} (permission denied); choose a port above 1023",
+        )
+    if code == errno.EADDRNOTAVAIL:
+        return BindRefused("bad_address", f"{host} is not an address of the server", code)
+    return BindRefused(
+        "in_use",
+        f"{kind}port {port} on {host} is already in use by another program on the "
+        f"server; choose another port (or -f {flag}0 to let the server pick one)",
+    )
+
+
 def dual_stack(listener: PublicListener) -> bool:
     """True if the listener's socket is on `::` and takes IPv4 visitors too
     (IPV6_V6ONLY off)."""
@@ -337,25 +361,7 @@ class PublicPorts:
             reuse_port = self.config.reuse_port and port != 0
             return listen_tcp(self.reactor, port, listener, 1024, host, self.gate, ipv6_only, reuse_port)
         except error.CannotListenError as e:
-            code = getattr(e.socketError, "errno", None)
-            if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-                raise BindRefused(
-                    "bad_address", f"this server has no IPv6, so it cannot bind {host}; "
-                    "bind an IPv4 address (e.g. -f 0.0.0.0:PORT)", code,
-                ) from None
-            if code == errno.EACCES:
-                raise BindRefused(
-                    "not_permitted",
-                    f"the server process may not bind {host}:{port} (permission denied); "
-                    "choose a port above 1023",
-                ) from None
-            if code == errno.EADDRNOTAVAIL:
-                raise BindRefused("bad_address", f"{host} is not an address of the server", code) from None
-            raise BindRefused(
-                "in_use",
-                f"port {port} on {host} is already in use by another program on the "
-                "server; choose another port (or -f 0 to let the server pick one)",
-            ) from None
+            raise listen_refused(e, host, port) from None
 
     def _ipv6_only(self, credential: str, host: str) -> bool:
         """Bind `::` IPv6-only for a client that may bind `::` but not

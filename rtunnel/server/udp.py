@@ -13,7 +13,6 @@ one credential.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from collections import Counter
@@ -28,7 +27,7 @@ from twisted.logger import Logger
 from rtunnel import wire
 from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, unmap
 from rtunnel.server.claims import Claim, ClaimRefused, ClaimRegistry, UdpPort
-from rtunnel.server.ports import PICK_PORT_ATTEMPTS, BindRefused
+from rtunnel.server.ports import PICK_PORT_ATTEMPTS, BindRefused, listen_refused
 
 if TYPE_CHECKING:
     from rtunnel.server import TunnelServer
@@ -376,23 +375,7 @@ class UdpPorts:
         try:
             listening = reactor.listenUDP(port, tunnel, interface=host, maxPacketSize=MAX_DATAGRAM)
         except error.CannotListenError as e:
-            code = getattr(e.socketError, "errno", None)
-            if code in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
-                raise BindRefused(
-                    "bad_address", f"this server has no IPv6, so it cannot bind {host}; bind an IPv4 "
-                    "address (e.g. -f udp:0.0.0.0:PORT)", code,
-                ) from None
-            if code == errno.EACCES:
-                raise BindRefused(
-                    "not_permitted", f"the server process may not bind UDP {host}:{port} (permission denied); "
-                    "choose a port above 1023",
-                ) from None
-            if code == errno.EADDRNOTAVAIL:
-                raise BindRefused("bad_address", f"{host} is not an address of the server", code) from None
-            raise BindRefused(
-                "in_use", f"UDP port {port} on {host} is already in use by another program on the server; "
-                "choose another port (or -f udp:0 to let the server pick one)",
-            ) from None
+            raise listen_refused(e, host, port, udp=True) from None
         skt = getattr(listening, "socket", None)
         if skt is not None:
             for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
