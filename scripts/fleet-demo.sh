@@ -92,6 +92,14 @@ sys.exit(0 if s.connect_ex((sys.argv[1], int(sys.argv[2]))) == 0 else 1)
 EOF
 }
 
+declare -A PORT_USE=()
+for use in ETCD_PORT ETCD_PEER_PORT CONTROL_PORT LINK_PORT PUBLIC_PORT TARGET_PORT HAPROXY_PORT; do
+    port=${!use}
+    if [ -n "${PORT_USE[$port]:-}" ]; then
+        die "$use and ${PORT_USE[$port]} are both port $port; each needs its own port. Choose another with FLEET_DEMO_$use."
+    fi
+    PORT_USE[$port]=$use
+done
 for port in "$ETCD_PORT" "$ETCD_PEER_PORT" "$TARGET_PORT" "$HAPROXY_PORT"; do
     if port_busy 127.0.0.1 "$port"; then
         die "port $port on 127.0.0.1 is already in use (an earlier 'fleet-demo.sh --keep'?). Stop that program or choose other ports with FLEET_DEMO_ETCD_PORT / FLEET_DEMO_TARGET_PORT."

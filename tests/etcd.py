@@ -46,11 +46,6 @@ SKIP_NO_ETCD = (
 START_TIMEOUT = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class EtcdNode:
     """One etcd process (a member of `cluster`, "name=peerurl,..." or itself alone)."""
@@ -59,8 +54,8 @@ class EtcdNode:
         self.name = name
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.client_port = _free_port()
-        self.peer_port = _free_port()
+        self.client_port = free_port()
+        self.peer_port = free_port()
         self.data_dir = workdir / f"etcd-{name}"
         self.log_path = workdir / f"etcd-{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None

@@ -313,13 +313,20 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` different ports, each as free_port() finds one: all are held
-    bound until the last is chosen (one free_port() after another may
-    return the same port twice: the kernel hands a released port out again)."""
+    """`n` different ports, each as free_port() finds one, none handed out
+    before in this process: the kernel gives a released port out again, so
+    two free_port() calls in a row could name one port twice (a test's
+    control port and its target were once the same one)."""
     held: list[socket.socket] = []
+    chosen: list[int] = []
     try:
-        for _ in range(n):
+        for _ in range(n + 200):
+            if len(chosen) == n:
+                break
             try:
                 s = socket.socket(socket.AF_INET6)
                 held.append(s)
@@ -329,7 +336,13 @@ def free_ports(n: int) -> list[int]:
                 s = socket.socket()
                 held.append(s)
                 s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held if s.getsockname()[1]]
+            port = s.getsockname()[1]
+            if port and port not in _HANDED_OUT:
+                chosen.append(port)
+                _HANDED_OUT.add(port)
+        if len(chosen) < n:
+            raise RuntimeError(f"free_ports: found {len(chosen)} unused ports of the {n} asked for")
+        return chosen
     finally:
         for s in held:
             s.close()

@@ -6,19 +6,12 @@ only) and the page of the client's service (#15 items 1 and 5)."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 from twisted.trial.unittest import SkipTest
 
-from tests.harness import DOMAIN, EdgeProcesses, curl
+from tests.harness import DOMAIN, EdgeProcesses, curl, free_port
 from tests.pebble import Pebble, pebble_missing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class AcmeEndToEnd(EdgeProcesses):
@@ -28,7 +21,7 @@ class AcmeEndToEnd(EdgeProcesses):
         reason = pebble_missing()
         if reason:
             raise SkipTest(reason)
-        self.http_listen = _free_port()  # pebble validates HTTP-01 on this port
+        self.http_listen = free_port()  # pebble validates HTTP-01 on this port
         self.pebble = Pebble(self.http_listen)
         self.addCleanup(self.pebble.cleanup)
         self.pebble.start()
