@@ -4,12 +4,16 @@ and a real server in this process."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from rtunnel.client import ClientState
 from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.fleet.drain import Drain
+from rtunnel.fleet.etcd import KeyValue
 from rtunnel.fleet.redirect import SessionLocator, control_address
 from tests.harness import (
     Echo,
@@ -65,6 +69,34 @@ class SessionLocatorTests(SynchronousTestCase):
     def test_a_session_held_here_is_not_redirected(self) -> None:
         self.directory.sessions["a" * 32] = {"member": "m1", "credential": "alice"}
         self.assertIsNone(self.locator("a" * 32, "alice"))
+
+    def test_a_session_of_an_earlier_run_of_its_member_is_not_redirected(self) -> None:
+        """The member restarted (a new lease): the session died with the old
+        process, so the client starts anew here instead of being sent on."""
+        self.directory._apply(KeyValue("/rtunnel/members/m2", b'{"control": "tcp:19052:interface=127.0.0.2"}',
+                                       lease=7), False, notify=False)
+        self.directory._apply(KeyValue("/rtunnel/sessions/" + "a" * 32, b'{"member": "m2", "credential": "alice"}',
+                                       lease=7), False, notify=False)
+        self.directory._apply(KeyValue("/rtunnel/sessions/" + "b" * 32, b'{"member": "m2", "credential": "alice"}',
+                                       lease=5), False, notify=False)
+        self.assertEqual(self.locator("a" * 32, "alice"), ("127.0.0.2", 19052, "m2"))
+        self.assertIsNone(self.locator("b" * 32, "alice"))
+
+    def test_a_session_of_a_sibling_worker_whose_process_is_gone_is_not_redirected(self) -> None:
+        """A sibling worker shares this control port: sending the client
+        "there" only reconnects it here while the dead worker's lease runs
+        out; its process is known to be gone, so the client starts anew."""
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        locator = SessionLocator(self.directory, siblings=frozenset({"m1", "m2"}))
+        self.directory.members["m2"]["pid"] = gone.pid
+        self.directory.members["m3"]["pid"] = gone.pid  # another machine's pid says nothing here
+        self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
+        self.directory.sessions["b" * 32] = {"member": "m3", "credential": "alice"}
+        self.assertIsNone(locator("a" * 32, "alice"))
+        self.assertEqual(locator("b" * 32, "alice"), ("127.0.0.3", 19053, "m3"))
+        self.directory.members["m2"]["pid"] = os.getpid()
+        self.assertEqual(locator("a" * 32, "alice"), ("127.0.0.2", 19052, "m2"))
 
     def test_a_drain_goes_to_the_member_with_the_fewest_sessions(self) -> None:
         self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}

@@ -207,8 +207,11 @@ class WorkerProcessTests(FleetProcesses):
         print(f"killed worker's {len(moved)} ports back after {sorted(round(t, 2) for t in back.values())} s; "
               f"slowest visit to the other worker's tunnels meanwhile {slowest * 1000:.0f} ms")
         self.assertEqual(sorted(back), sorted(moved), "every port of the killed worker's clients came back")
-        self.assertLess(max(back.values()), 20)
-        self.assertLess(slowest, 1.0, "the other worker's tunnels did not stall")
+        # the target: a port served again within 10 s of the kill (1-2.5 s here; it
+        # was 1.5-8 s while the other worker sent resumes "to" the dead one until its lease ran out)
+        self.assertLess(max(back.values()), 10)
+        # a visit takes milliseconds; 2 s leaves room for a loaded machine, not for a stall
+        self.assertLess(slowest, 2.0, "the other worker's tunnels did not stall")
         for port in ports:
             self.visit("127.0.0.1", port)
         final = self.homes(etcd, ports)

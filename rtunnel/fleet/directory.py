@@ -48,6 +48,7 @@ class FleetDirectory:
         self.members: dict[str, dict[str, Any]] = {}
         self.claims: dict[str, tuple[ClaimRecord, KeyValue]] = {}  # key below the prefix -> record
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.leases: dict[str, int] = {}  # "members/<name>" or "sessions/<id>" -> the lease it is under
         self._homes: dict[Name, str] = {}  # claims by the Name they stand for here
         self.revision = 0
         self.is_fenced: Callable[[], bool] = lambda: False
@@ -98,6 +99,15 @@ class FleetDirectory:
         member = info.get("member") if info else None
         return member if isinstance(member, str) else None
 
+    def same_run(self, member: str, session_id: str) -> bool:
+        """Whether `sessions/<session_id>` was written by the run of `member`
+        registered now: both keys are under the member's lease, so a session
+        under another lease is from an earlier run (restarted after a crash:
+        the session died with it). True when either lease is not known."""
+        member_lease = self.leases.get("members/" + member, 0)
+        session_lease = self.leases.get("sessions/" + session_id, 0)
+        return not member_lease or not session_lease or member_lease == session_lease
+
     @property
     def fenced(self) -> bool:
         return self.is_fenced()
@@ -109,6 +119,7 @@ class FleetDirectory:
         self.members.clear()
         self.claims.clear()
         self.sessions.clear()
+        self.leases.clear()
         self._homes.clear()
         for kv in kvs:
             self._apply(kv, False, notify=False)
@@ -134,6 +145,11 @@ class FleetDirectory:
             return
         key = kv.key[len(self.prefix):]
         kind, _, rest = key.partition("/")
+        if kind in ("members", "sessions"):
+            if deleted:
+                self.leases.pop(key, None)
+            else:
+                self.leases[key] = kv.lease
         if kind == "members":
             if deleted:
                 self.members.pop(rest, None)

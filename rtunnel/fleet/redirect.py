@@ -45,11 +45,37 @@ def control_address(record: dict[str, Any]) -> tuple[str, int] | None:
     return host, int(port.group(1))
 
 
-class SessionLocator:
-    """Where a session lives, if at another member (TunnelServer.session_elsewhere)."""
+def _worker_siblings() -> frozenset[str]:
+    """The member names of this machine's `--workers N` (empty for a lone member)."""
+    return frozenset(name for name in os.environ.get(WORKER_NAMES_ENV, "").split(",") if name)
 
-    def __init__(self, directory: FleetDirectory) -> None:
+
+def _process_gone(pid: Any) -> bool:
+    """Whether no process `pid` runs on this machine (False when unsure)."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # it exists (another user's), or we cannot tell
+    return False
+
+
+class SessionLocator:
+    """Where a session lives, if at another member (TunnelServer.session_elsewhere).
+
+    A session is not sent on to a member known to have lost it: a run of
+    that member other than the one that wrote the session (it restarted),
+    or a sibling worker of this machine whose process is gone (its lease has
+    not run out yet, and "there" is this very control port). Such a resume
+    fails here, and the client starts a new session and takes its ports back
+    at once instead of bouncing until the dead member's lease expires."""
+
+    def __init__(self, directory: FleetDirectory, siblings: frozenset[str] | None = None) -> None:
         self.directory = directory
+        self.siblings = _worker_siblings() if siblings is None else siblings
 
     def __call__(self, session_id: str, credential: str) -> tuple[str, int, str] | None:
         info = self.directory.sessions.get(session_id)
@@ -57,6 +83,11 @@ class SessionLocator:
             return None  # unknown, or another credential's: no hint (nothing to learn by guessing ids)
         member = info.get("member")
         if not isinstance(member, str) or member == self.directory.member:
+            return None
+        if not self.directory.same_run(member, session_id):
+            return None
+        record = self.directory.members.get(member) or {}
+        if member in self.siblings and _process_gone(record.get("pid")):
             return None
         return self.member_address(member)
 
@@ -71,8 +102,7 @@ class SessionLocator:
         one (`--workers N` passes SIGUSR2 to every worker at once), then the
         least loaded by sessions, then by name."""
         if siblings is None:
-            names = os.environ.get(WORKER_NAMES_ENV, "")
-            siblings = frozenset(name for name in names.split(",") if name)
+            siblings = self.siblings
         counts: dict[str, int] = {}
         for info in self.directory.sessions.values():
             member = info.get("member")
