@@ -36,67 +36,24 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 
-say() { printf '\n==> %s\n' "$*"; }
-die() { printf '\nquickstart: %s\n' "$*" >&2; exit 1; }
-
-PIDS=()
-WORK=""
-cleanup() {
-    local status=$?
-    if [ "$KEEP" = 1 ] && [ "$status" = 0 ]; then
-        return
-    fi
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        # wait up to 5 s, then insist
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ -n "$WORK" ]; then
-        rm -rf "$WORK"
-    fi
-    if [ "$status" != 0 ]; then
-        echo "quickstart: FAILED (exit $status); everything it started has been stopped" >&2
-    fi
-}
+SCRIPT=quickstart
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 trap cleanup EXIT
 
 # ------------------------------------------------------------------ checks
 
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer (or set PYTHON=...)"
-"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
-    || die "rtunnel needs Python 3.11 or newer; $PYTHON is $("$PYTHON" -V 2>&1)"
-
-port_busy() {  # true when something already accepts connections on 127.0.0.1:$1
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.settimeout(0.5)
-sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
-EOF
-}
+check_python
 
 for port in "$CONTROL_PORT" "$PUBLIC_PORT" "$TARGET_PORT"; do
-    if port_busy "$port"; then
+    if port_busy 127.0.0.1 "$port"; then
         die "port $port on 127.0.0.1 is already in use (an earlier 'quickstart.sh --keep'?). Stop that program or choose other ports with QUICKSTART_CONTROL_PORT / QUICKSTART_PUBLIC_PORT / QUICKSTART_TARGET_PORT."
     fi
 done
 
 # ------------------------------------------------------------------ install
 
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
-    say "creating $VENV"
-    rm -rf "$VENV"
-    if ! "$PYTHON" -m venv "$VENV"; then
-        rm -rf "$VENV"
-        die "'$PYTHON -m venv' failed. On Debian/Ubuntu install the venv module first: apt-get install python3-venv"
-    fi
-fi
-say "installing rtunnel into $VENV (pip install .)"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$ROOT"
+install_rtunnel
 
 # ------------------------------------------------------------------ run
 
@@ -109,33 +66,12 @@ cat > "$WORK/www/index.html" <<EOF
 <p>This page is served on 127.0.0.1:$TARGET_PORT and reached through the tunnel on port $PUBLIC_PORT.</p>
 EOF
 
-wait_for() {  # wait_for SECONDS PID DESCRIPTION COMMAND...: poll COMMAND while PID lives
-    local seconds=$1 pid=$2 what=$3
-    shift 3
-    local deadline=$((SECONDS + seconds))
-    until "$@"; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            return 2
-        fi
-        if [ "$SECONDS" -ge "$deadline" ]; then
-            echo "quickstart: no $what within $seconds s" >&2
-            return 1
-        fi
-        sleep 0.2
-    done
-}
-
-show_log() {  # show_log NAME FILE [LINES]
-    echo "---- $1 log ($2), last ${3:-15} lines ----"
-    tail -n "${3:-15}" "$2" 2>/dev/null || true
-}
-
 say "starting the sample service: python3 -m http.server on 127.0.0.1:$TARGET_PORT"
 "$VENV/bin/python" -m http.server "$TARGET_PORT" --bind 127.0.0.1 --directory "$WORK/www" \
     </dev/null >"$WORK/service.log" 2>&1 &
 SERVICE_PID=$!
 PIDS+=("$SERVICE_PID")
-wait_for 15 "$SERVICE_PID" "sample service" port_busy "$TARGET_PORT" \
+wait_for 15 "$SERVICE_PID" "sample service" port_busy 127.0.0.1 "$TARGET_PORT" \
     || { show_log service "$WORK/service.log"; die "the sample service did not start"; }
 
 say "starting rtunnel_server --port $CONTROL_PORT --interface 127.0.0.1 --state-dir $WORK/srv"
@@ -180,7 +116,7 @@ else
 fi
 CLIENT_PID=$!
 PIDS+=("$CLIENT_PID")
-wait_for 30 "$CLIENT_PID" "tunnel on port $PUBLIC_PORT" port_busy "$PUBLIC_PORT" || {
+wait_for 30 "$CLIENT_PID" "tunnel on port $PUBLIC_PORT" port_busy 127.0.0.1 "$PUBLIC_PORT" || {
     show_log server "$WORK/server.log" 40
     show_log client "$WORK/client.log" 40
     die "the tunnel did not come up"
