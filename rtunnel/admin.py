@@ -367,23 +367,43 @@ class SessionsResource(resource.Resource):
 
 
 class FleetResource(resource.Resource):
-    """GET /api/fleet: the fleet as this member sees it (404 on a server
-    that is not a fleet member)."""
-
-    isLeaf = True
+    """GET /api/fleet: the fleet as this member sees it, and POST
+    /api/fleet/drain (404 on a server that is not a fleet member)."""
 
     def __init__(self, admin: AdminServer) -> None:
         super().__init__()
         self.admin = admin
+        self.putChild(b"drain", ActionResource(self.drain))
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+        if path == b"":
+            return self
+        return NOT_FOUND
 
     def render_GET(self, request: IRequest) -> bytes:
         _common_headers(request)
         fleet = self.admin.server.fleet
         if fleet is None:
-            return _json(request, 404, {
-                "error": "this server is not a fleet member (start it with --fleet-etcd; see docs/fleet.md)",
-            })
+            return _json(request, 404, _NOT_A_MEMBER)
         return _json(request, 200, fleet.describe())
+
+    def drain(self) -> tuple[int, dict[str, Any]]:
+        """Start draining this member, as SIGUSR2 does (docs/fleet.md
+        "Draining a member"): 202 with what happens, 409 when no other
+        member is up to take the clients."""
+        fleet = self.admin.server.fleet
+        if fleet is None:
+            return 404, _NOT_A_MEMBER
+        drain = getattr(fleet, "drain", None)
+        if drain is None:
+            return 503, {"error": "this member is still starting (its control port is not open yet); try again"}
+        answer = drain.start()
+        if not drain.draining:
+            return 409, {"error": answer, "draining": False}
+        return 202, {"draining": True, "state": answer, "target": drain.target[2]}
+
+
+_NOT_A_MEMBER = {"error": "this server is not a fleet member (start it with --fleet-etcd; see docs/fleet.md)"}
 
 
 class PageResource(resource.Resource):

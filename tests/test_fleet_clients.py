@@ -7,13 +7,16 @@ visitors pushing bytes checked by hash (docs/fleet.md "Clients and resume",
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
 from rtunnel.client import TunnelClient
@@ -193,6 +196,37 @@ class FleetClientTests(TestCase):
             self.assertNotIn("Traceback", process.output)
 
     @defer.inlineCallbacks
+    def test_the_admin_api_drains_a_member_as_sigusr2_does(self) -> None:
+        """POST /api/fleet/drain (with the admin token) starts the drain: 202
+        naming the member the clients go to; the client moves its port to m2
+        and m1 exits once no session is left. A GET is refused (405)."""
+        admin = free_port()
+        m1, p1 = self.start_member(1, "--admin", str(admin))
+        m2, p2 = self.start_member(2)
+        _, target = listen_target(self, Echo)
+        public = free_port()
+        client = self.start_client([f"127.0.0.1:{p1}", f"127.0.0.2:{p2}"], public, target)
+        yield output_shows(client, rf"tunnel ready: \S+:{public} ")
+        yield output_shows(m2, r"fleet member m2 joined")
+        token = (self.workdir / "state1" / "admin-token").read_text().strip()
+        url = f"http://127.0.0.1:{admin}/api/fleet/drain"
+        code, body = yield threads.deferToThread(_http, url, token, "GET")
+        self.assertEqual(code, 405, body)
+        code, body = yield threads.deferToThread(_http, url, token, "POST")
+        self.assertEqual(code, 202, body)
+        self.assertEqual((body["draining"], body["target"]), (True, "m2"))
+        yield output_shows(m1, r"draining: asking 1 client\(s\) to move to member m2")
+        yield output_shows(client, rf"tunnel ready: \S+:{public} (.|\n)*tunnel ready: \S+:{public} ")
+        reply, _ = yield visit_at("127.0.0.2", public, Visitor(b"at the new home"))
+        self.assertEqual(reply, b"at the new home")
+        yield output_shows(m1, r"drained: no session left; stopping")
+        deadline = time.monotonic() + 15
+        while m1.popen.poll() is None:
+            self.assertLess(time.monotonic(), deadline, f"m1 did not exit: {m1.describe()}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(m1.popen.returncode, 0, m1.describe())
+
+    @defer.inlineCallbacks
     def test_an_old_client_s_resume_at_another_member_gets_a_new_session_and_its_port_back(self) -> None:
         """A client that does not follow MOVED (its HELLO has no "accepts"):
         its resume at m2 gets a new session, whose BIND takes the port over
@@ -236,3 +270,13 @@ class FleetClientTests(TestCase):
         self.assertNotEqual(service.client.session_id, first_session)
         self.assertEqual(len(logs.named("session_lost")), 1)
         self.assertNotIn("goes to fleet member", m2.output)
+
+
+def _http(url: str, token: str, method: str) -> tuple[int, Any]:
+    """One admin API request (blocking: run in a thread): (status, JSON body)."""
+    request = urllib.request.Request(url, method=method, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

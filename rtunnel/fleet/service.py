@@ -35,6 +35,7 @@ from rtunnel.server.claims import Claim, ClaimRefused, Name, TcpPort, UdpPort
 from rtunnel.server.visitors import PublicListener
 
 if TYPE_CHECKING:
+    from rtunnel.fleet.drain import Drain
     from rtunnel.server import TunnelServer
     from rtunnel.server.session import ServerSession
 
@@ -164,6 +165,7 @@ class Fleet:
             ttl=config.fleet_lease_ttl,
         )
         self.directory = FleetDirectory(self.etcd, self.prefix, self.name, config.public_host)
+        self.drain: Drain | None = None  # set once the control port is open (rtunnel.tap.server)
         self.directory.is_fenced = lambda: self.member.fenced
         default_hosts = {config.public_host}
         if config.public_host == "::":  # PublicPorts.bind_default falls back to 0.0.0.0

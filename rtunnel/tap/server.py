@@ -202,6 +202,7 @@ class ServerService(service.Service):
         locator = redirect_resumes(self.server, self.fleet.directory)
         self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
         self.drain.install_signal()
+        self.fleet.drain = self.drain  # POST /api/fleet/drain (rtunnel.admin)
 
     def _raise_fd_limit(self) -> None:
         """Open files: soft limit up to the hard one (the default --max-streams
