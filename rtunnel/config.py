@@ -228,6 +228,9 @@ class ServerConfig:
     acme_ca: Path | None = None  # CA of a private ACME server's HTTPS certificate
     # a fleet (rtunnel.fleet, docs/fleet.md): off without etcd URLs
     fleet_etcd: tuple[str, ...] = ()
+    fleet_etcd_ca: Path | None = None  # CA of etcd's server certificate (https:// URLs)
+    fleet_etcd_cert: Path | None = None  # client certificate etcd asks for (--client-cert-auth)
+    fleet_etcd_key: Path | None = None
     fleet_member: str = ""
     fleet_listen: str | None = None
     fleet_prefix: str = "/rtunnel/"

@@ -17,6 +17,7 @@ import json
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -35,6 +36,7 @@ from tests.harness import (
     TargetServer,
     cert_fingerprint,
     free_port,
+    make_ca_and_server,
     plugins_installed,
     serve_in_thread,
 )
@@ -50,8 +52,16 @@ START_TIMEOUT = 20.0
 class EtcdNode:
     """One etcd process (a member of `cluster`, "name=peerurl,..." or itself alone)."""
 
-    def __init__(self, workdir: Path, name: str = "n1") -> None:
+    def __init__(self, workdir: Path, name: str = "n1", tls: bool = False) -> None:
+        """With `tls`, etcd serves https:// with a test CA's certificate and
+        asks clients for a certificate of that CA (--client-cert-auth): the
+        files are `tls_dir`/ca.crt, client.crt and client.key."""
         self.name = name
+        self.tls_dir: Path | None = None
+        if tls:
+            self.tls_dir = workdir / f"etcd-tls-{name}"
+            self.tls_dir.mkdir(parents=True, exist_ok=True)
+            make_ca_and_server(self.tls_dir, "localhost", ip="127.0.0.1", client="rtunnel-member")
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.client_port = free_port()
@@ -64,7 +74,8 @@ class EtcdNode:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls_dir is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -81,16 +92,31 @@ class EtcdNode:
                 "--initial-cluster", self.cluster, "--initial-cluster-state", self.cluster_state,
                 "--initial-cluster-token", f"rtunnel-test-{self.workdir.name}",
                 "--heartbeat-interval", "50", "--election-timeout", "500",
-                "--log-level", "warn",
+                "--log-level", "warn", *self._tls_args(),
             ],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         self.cluster_state = "existing"  # a restart rejoins
 
+    def _tls_args(self) -> list[str]:
+        if self.tls_dir is None:
+            return []
+        return [
+            "--cert-file", str(self.tls_dir / "srv.crt"), "--key-file", str(self.tls_dir / "srv.key"),
+            "--trusted-ca-file", str(self.tls_dir / "ca.crt"), "--client-cert-auth",
+        ]
+
+    def client_context(self) -> ssl.SSLContext | None:
+        if self.tls_dir is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_dir / "ca.crt"))
+        context.load_cert_chain(str(self.tls_dir / "client.crt"), str(self.tls_dir / "client.key"))
+        return context
+
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
+            with urllib.request.urlopen(self.url + "/health", timeout=1, context=self.client_context()) as answer:
                 return b'"true"' in answer.read()
         except OSError:
             return False
@@ -130,9 +156,9 @@ class EtcdNode:
                 self.popen.wait(5)
 
 
-def start_etcd(test: Any, workdir: Path) -> EtcdNode:
-    """One healthy etcd node, stopped at the test's end."""
-    node = EtcdNode(workdir)
+def start_etcd(test: Any, workdir: Path, tls: bool = False) -> EtcdNode:
+    """One healthy etcd node (https:// with client certificates if `tls`), stopped at the test's end."""
+    node = EtcdNode(workdir, tls=tls)
     node.start()
     test.addCleanup(node.stop)
     node.wait_healthy()
@@ -159,14 +185,15 @@ TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab", "c
 PREFIX = "/rtunnel/"
 
 
-def etcd_get(url: str, key: str) -> dict[str, Any] | None:
-    """The JSON value of `key` (None if absent), read with urllib."""
+def etcd_get(url: str, key: str, context: ssl.SSLContext | None = None) -> dict[str, Any] | None:
+    """The JSON value of `key` (None if absent), read with urllib (over TLS
+    with `context`: EtcdNode.client_context() for a node with tls)."""
     body = json.dumps({"key": base64.b64encode(key.encode()).decode()}).encode()
     request = urllib.request.Request(url + "/v3/kv/range", body, {"Content-Type": "application/json"})
     deadline = time.monotonic() + 5
     while True:  # a node answers 503 while the cluster elects a leader
         try:
-            with urllib.request.urlopen(request, timeout=2) as answer:
+            with urllib.request.urlopen(request, timeout=2, context=context) as answer:
                 kvs = json.loads(answer.read()).get("kvs", [])
             return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
         except urllib.error.HTTPError as e:

@@ -21,6 +21,7 @@ import hashlib
 import html.parser
 import http.client
 import http.server
+import ipaddress
 import json
 import os
 import re
@@ -491,8 +492,13 @@ def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_ca_and_server(directory: Path, dns_name: str) -> tuple[Path, Path, Path]:
-    """A CA, and a server certificate for `dns_name` signed by it (PEM files)."""
+def make_ca_and_server(
+    directory: Path, dns_name: str, ip: str | None = None, client: str | None = None,
+) -> tuple[Path, Path, Path]:
+    """A CA, and a server certificate for `dns_name` (and the address `ip`)
+    signed by it (PEM files ca.crt, srv.crt, srv.key); with `client`, also a
+    client certificate of that common name signed by the CA (client.crt,
+    client.key)."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (
@@ -514,29 +520,41 @@ def make_ca_and_server(directory: Path, dns_name: str) -> tuple[Path, Path, Path
         )
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(dns_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+
+    def issue(common: str, names: list[x509.GeneralName], usage: list[x509.ObjectIdentifier], stem: str) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
         )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = directory / "ca.crt", directory / "srv.crt", directory / "srv.key"
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path
+
+    ca_path = directory / "ca.crt"
     ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
+    names: list[x509.GeneralName] = [x509.DNSName(dns_name)]
+    if ip is not None:
+        names.append(x509.IPAddress(ipaddress.ip_address(ip)))
+    usage = [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
+    if client is not None:  # etcd's gateway presents its server certificate to its own gRPC port
+        usage.append(x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH)
+        issue(client, [], [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH], "client")
+    cert_path, key_path = issue(dns_name, names, usage, "srv")
     return ca_path, cert_path, key_path
 
 

@@ -29,7 +29,6 @@ from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -38,6 +37,7 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from rtunnel.errors import RtunnelError
+from rtunnel.fleet.etcdtls import EtcdTls
 
 DEFAULT_TIMEOUT = 2.0  # seconds per call and URL
 #: the latency histogram's upper bounds, seconds
@@ -187,15 +187,16 @@ class _QuietEndpoint:
 class _QuietEndpoints:
     """The Agent's endpoints to etcd: TCP (TLS for https://), with a connect timeout, quiet."""
 
-    def __init__(self, reactor: Any, timeout: float) -> None:
+    def __init__(self, reactor: Any, timeout: float, tls: EtcdTls | None = None) -> None:
         self.reactor = reactor
         self.timeout = timeout
+        self.tls = tls or EtcdTls()
 
     def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
         endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, host, uri.port, timeout=self.timeout)
         if uri.scheme in (b"https", "https"):
-            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+            endpoint = wrapClientTLS(self.tls.creator(host), endpoint)
         return _QuietEndpoint(endpoint)
 
 
@@ -205,7 +206,9 @@ class EtcdClient:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, urls: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, reactor: Any, urls: Sequence[str], timeout: float = DEFAULT_TIMEOUT, tls: EtcdTls | None = None,
+    ) -> None:
         if not urls:
             raise ValueError("give at least one etcd URL")
         self.reactor = reactor
@@ -216,7 +219,7 @@ class EtcdClient:
         self._pool.maxPersistentPerHost = 8
         self._pool.retryAutomatically = False
         self._http = treq.client.HTTPClient(
-            Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor, timeout), pool=self._pool)
+            Agent.usingEndpointFactory(reactor, _QuietEndpoints(reactor, timeout, tls), pool=self._pool)
         )
         self._current = 0  # index of the URL that answered last
         self._watches: set[Watch] = set()

@@ -29,6 +29,7 @@ from rtunnel.fleet.ca import MemberIdentity, member_identity
 from rtunnel.fleet.claims import FleetClaims, fleet_serials
 from rtunnel.fleet.directory import FleetDirectory
 from rtunnel.fleet.etcd import EtcdClient, EtcdError
+from rtunnel.fleet.etcdtls import load_etcd_tls
 from rtunnel.fleet.keys import DEFAULT_HOST
 from rtunnel.fleet.members import FleetMember
 from rtunnel.server.claims import Claim, ClaimRefused, Name, TcpPort, UdpPort
@@ -155,7 +156,8 @@ class Fleet:
         self.config = config
         self.prefix = config.fleet_prefix
         self.name = config.fleet_member
-        self.etcd = EtcdClient(reactor, config.fleet_etcd, timeout=min(2.0, config.fleet_lease_ttl / 3))
+        tls = load_etcd_tls(config.fleet_etcd, config.fleet_etcd_ca, config.fleet_etcd_cert, config.fleet_etcd_key)
+        self.etcd = EtcdClient(reactor, config.fleet_etcd, timeout=min(2.0, config.fleet_lease_ttl / 3), tls=tls)
         self.member = FleetMember(
             reactor, self.etcd, self.prefix, self.name,
             {

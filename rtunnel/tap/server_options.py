@@ -477,6 +477,24 @@ SERVER_OPTIONS = OptionTable("server", [
         "without it the server is alone and needs no etcd",
     ),
     Option(
+        "fleet-etcd-ca", Kind.STR,
+        "The CA certificate etcd's https:// client URLs are checked against (default: the system's CAs).",
+        field="fleet_etcd_ca", convert=lambda value: _user_path(value) if value else None, path=True, metavar="FILE",
+        doc_default="the system's CAs",
+        doc="etcd over TLS: the CA of etcd's server certificate, and the client certificate and key etcd asks "
+        "for with `--client-cert-auth` (see [docs/fleet.md](docs/fleet.md), \"etcd over TLS\")",
+    ),
+    Option(
+        "fleet-etcd-cert", Kind.STR, "Client certificate (PEM) this member presents to etcd (with --fleet-etcd-key).",
+        field="fleet_etcd_cert", convert=lambda value: _user_path(value) if value else None, path=True,
+        metavar="FILE", doc_with="fleet-etcd-ca",
+    ),
+    Option(
+        "fleet-etcd-key", Kind.STR, "Private key (PEM) of --fleet-etcd-cert.", field="fleet_etcd_key",
+        convert=lambda value: _user_path(value) if value else None, path=True, metavar="FILE",
+        doc_with="fleet-etcd-ca",
+    ),
+    Option(
         "fleet-member", Kind.STR, "This member's name in the fleet (default: the host name).", "",
         field="fleet_member", convert=_member_name, metavar="NAME", doc_default="the host name",
         doc="this member's name in the fleet, unique in it",
