@@ -105,6 +105,14 @@ class SessionLocatorTests(SynchronousTestCase):
         del self.directory.members["m3"]
         self.assertEqual(self.locator.another_member(), ("127.0.0.2", 19052, "m2"))
 
+    def test_a_whole_machine_drain_goes_to_another_machine_or_nowhere(self) -> None:
+        """Every worker of this machine drains (the --workers parent's
+        signal): a sibling is no target, even the least loaded."""
+        self.directory.sessions["a" * 32] = {"member": "m3", "credential": "alice"}
+        self.assertEqual(self.locator.another_member(frozenset({"m1", "m2"}), exclude_siblings=True),
+                         ("127.0.0.3", 19053, "m3"))
+        self.assertIsNone(self.locator.another_member(frozenset({"m1", "m2", "m3"}), exclude_siblings=True))
+
     def test_a_drain_prefers_another_machine_s_member_to_a_sibling_worker(self) -> None:
         self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
         self.assertEqual(self.locator.another_member(frozenset({"m1", "m3"})), ("127.0.0.2", 19052, "m2"))

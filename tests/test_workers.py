@@ -289,6 +289,21 @@ class WorkerProcessTests(FleetProcesses):
         self.assertIn("--nodaemon", server.output)
         self.assertFalse(pidfile.exists())
 
+    def test_sigusr2_to_the_parent_drains_no_worker_into_its_sibling(self) -> None:
+        """SIGUSR2 to the parent drains the whole machine: with no member of
+        another machine up, each worker refuses to drain (its siblings drain
+        too) and keeps serving, instead of sending its clients to them."""
+        etcd = start_etcd(self, self.workdir).url
+        control, public = free_ports(2)
+        server = self.start_workers(etcd, control)
+        self.client(control, public, 0)
+        wait(lambda: self.claim(etcd, public) is not None, 30, "the client's port claimed")
+        server.popen.send_signal(signal.SIGUSR2)
+        wait(lambda: server.output.count("cannot drain: no other fleet member of another machine") >= 2, 15,
+             "both workers refusing to drain towards each other")
+        self.assertNotIn("draining: asking", server.output)
+        self.visit("127.0.0.1", public, b"still served")
+
     def test_workers_of_a_parent_killed_with_sigkill_stop_by_themselves(self) -> None:
         etcd = start_etcd(self, self.workdir).url
         control = free_port()

@@ -56,18 +56,25 @@ class Drain:
         return self.started is not None
 
     def install_signal(self) -> None:
-        """SIGUSR2 starts the drain (from the reactor's thread)."""
-        signal.signal(signal.SIGUSR2, lambda _n, _f: self.reactor.callFromThread(self.start))
+        """SIGUSR2 starts the drain; the --workers parent's MACHINE_DRAIN_SIGNAL
+        starts it towards other machines only (both from the reactor's thread)."""
+        from rtunnel.fleet.workers import MACHINE_DRAIN_SIGNAL
 
-    def start(self) -> str:
-        """Start draining (again: nothing new). Returns what happens, for the caller to show."""
+        signal.signal(signal.SIGUSR2, lambda _n, _f: self.reactor.callFromThread(self.start))
+        signal.signal(MACHINE_DRAIN_SIGNAL, lambda _n, _f: self.reactor.callFromThread(self.start, True))
+
+    def start(self, whole_machine: bool = False) -> str:
+        """Start draining (again: nothing new). With `whole_machine` (every
+        worker of this machine drains) the clients go to another machine's
+        member only. Returns what happens, for the caller to show."""
         if self.started is not None:
             return self.describe()
-        target = self.locator.another_member()
+        target = self.locator.another_member(exclude_siblings=whole_machine)
         if target is None:
+            where = "of another machine " if whole_machine else ""
             message = (
-                "cannot drain: no other fleet member with a control address is up to move the clients "
-                "to; start another member first, or stop this one with SIGTERM"
+                f"cannot drain: no other fleet member {where}with a control address is up to move the "
+                "clients to; start another member first, or stop this one with SIGTERM"
             )
             self.log.error("{message}", message=message, event="drain_refused")
             return message

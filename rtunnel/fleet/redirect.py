@@ -96,11 +96,13 @@ class SessionLocator:
         address = control_address(record) if record else None
         return (address[0], address[1], member) if address is not None else None
 
-    def another_member(self, siblings: frozenset[str] | None = None) -> tuple[str, int, str] | None:
+    def another_member(
+        self, siblings: frozenset[str] | None = None, exclude_siblings: bool = False,
+    ) -> tuple[str, int, str] | None:
         """A member other than this one with a control address (the drain's
         hint): a member of another machine before a sibling worker of this
-        one (`--workers N` passes SIGUSR2 to every worker at once), then the
-        least loaded by sessions, then by name."""
+        one (never a sibling with `exclude_siblings`: they all drain), then
+        the least loaded by sessions, then by name."""
         if siblings is None:
             siblings = self.siblings
         counts: dict[str, int] = {}
@@ -110,10 +112,11 @@ class SessionLocator:
                 counts[member] = counts.get(member, 0) + 1
         order = sorted(self.directory.members, key=lambda m: (m in siblings, counts.get(m, 0), m))
         for member in order:
-            if member != self.directory.member:
-                found = self.member_address(member)
-                if found is not None:
-                    return found
+            if member == self.directory.member or (exclude_siblings and member in siblings):
+                continue
+            found = self.member_address(member)
+            if found is not None:
+                return found
         return None
 
 

@@ -18,8 +18,9 @@ worker whose session holds it), without SO_REUSEPORT, so every visitor of
 a port reaches its home directly, with no hop (docs/fleet.md says why).
 
 The parent restarts a worker that exits unasked (backing off 0.5 s, doubling
-to 30 s, back to 0.5 s after 60 s of running), passes SIGHUP and SIGUSR2 on
-to every worker, and on SIGTERM/SIGINT stops them (SIGTERM, SIGKILL after
+to 30 s, back to 0.5 s after 60 s of running), passes SIGHUP on to every
+worker and turns SIGUSR2 into MACHINE_DRAIN_SIGNAL to each (every worker of
+this machine drains, so none may take another's clients), and on SIGTERM/SIGINT stops them (SIGTERM, SIGKILL after
 `STOP_TIMEOUT`) and exits. A worker whose parent went away (killed with
 SIGKILL) stops itself (`watch_parent`).
 """
@@ -197,6 +198,12 @@ def watch_parent(reactor: Any) -> LoopingCall | None:
     loop.start(PARENT_CHECK, now=False)
     return loop
 
+
+
+#: what a --workers parent sends each worker for its own SIGUSR2: every worker of this
+#: machine drains at once, so each moves its clients to a member of another machine only
+#: (a plain SIGUSR2 to one worker may move them to its siblings)
+MACHINE_DRAIN_SIGNAL = signal.SIGRTMIN + 1
 
 class _WorkerProcess(protocol.ProcessProtocol):
     def __init__(self, worker: Worker) -> None:
@@ -394,7 +401,10 @@ class Workers(service.Service):
         self.reactor.callFromThread(self.signal_all, signum)
 
     def signal_all(self, signum: int) -> None:
-        """Pass a signal (SIGHUP: reload; SIGUSR2: drain) on to every worker."""
+        """Pass a signal on to every worker: SIGHUP (reload) as it is, SIGUSR2
+        as MACHINE_DRAIN_SIGNAL (drain to members of other machines only)."""
+        if signum == signal.SIGUSR2:
+            signum = MACHINE_DRAIN_SIGNAL
         self.log.info(
             "passing signal {signal} on to {n} workers", signal=signum, n=len(self.workers),
             event="workers_signalled",
