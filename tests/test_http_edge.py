@@ -239,3 +239,23 @@ class TrustedProxy(EdgeProcesses):
         self.assertIn(["x-forwarded-for", "203.0.113.7, 127.0.0.1"], headers)
         self.assertEqual([v for k, v in headers if k == "forwarded"],
                          ["for=203.0.113.7", "for=127.0.0.1;proto=http;host=\"alice.tunnel.test\""])
+
+
+class HostnamesCountAsTunnels(EdgeProcesses):
+    def more_server_args(self) -> list[str]:
+        return ["--max-tunnels", "2"]
+
+    def test_a_session_s_hostnames_count_toward_max_tunnels(self) -> None:
+        """--max-tunnels bounds what one session holds, hostnames included:
+        a client asking for a port and two names with a limit of two gets
+        the first two, and the third is refused with a message naming the
+        limit (fatal: retrying cannot fix it, the client exits)."""
+        alice = self.start_service("alice")
+        client = self.start_client(
+            "-f", "0", "-t", str(alice), "--http", "alice", "-t", str(alice), "--http", "bob", "-t", str(alice),
+            wait=None,
+        )
+        client.wait_for(r"at most 2 tunnels per session \(--max-tunnels\)")
+        self.assertNotEqual(client.wait_exit(20), 0, client.output)
+        self.assertIn("tunnel ready: http://alice.", client.output)
+        self.assertNotIn("tunnel ready: http://bob.", client.output)

@@ -152,6 +152,20 @@ class HostRoutes:
             "ask for a name under the server's domain, or use a clients-file client with hosts",
         )
 
+    @staticmethod
+    def check_tunnel_count(owner: ServerSession, policy: ClientPolicy | None) -> None:
+        """Raise HostRefused `limit` if `owner` holds its most tunnels (ports
+        and hostnames count alike: --max-tunnels, or the client's max_tunnels)."""
+        if policy is None:
+            limit = owner.server.config.max_tunnels
+            if owner.tunnel_count >= limit:
+                raise HostRefused("limit", f"at most {limit} tunnels per session (--max-tunnels); close one first")
+        elif owner.tunnel_count >= policy.max_tunnels:
+            raise HostRefused(
+                "limit",
+                f"client {policy.name} may have at most {policy.max_tunnels} tunnels per session; close one first",
+            )
+
     def not_permitted(self, session: ServerSession, policy: ClientPolicy) -> list[str]:
         """The hostnames `session` holds that `policy` (reloaded) no longer permits."""
         outside = []
@@ -169,7 +183,9 @@ class HostRoutes:
     def bind(self, owner: ServerSession, tunnel_id: int, kind: str, requested: str) -> HostTunnel:
         """Claim `requested` for `owner`'s tunnel, or raise HostRefused."""
         name = self.full_name(requested)
-        self.check_permitted(owner.server.policy_for(owner.credential), owner.credential, name)
+        policy = owner.server.policy_for(owner.credential)
+        self.check_permitted(policy, owner.credential, name)
+        self.check_tunnel_count(owner, policy)
         try:
             claimed = self.claims.claim(Hostname(name), owner, tunnel_id)
         except ClaimRefused as refusal:
