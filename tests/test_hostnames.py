@@ -160,7 +160,7 @@ class Reload(SynchronousTestCase):
         after = parse_clients(f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["x.a.example"]\n', "c")
 
         class Session:
-            credential, serial, hostnames = "a", 1, {}
+            credential, serial, hostnames, tunnel_count = "a", 1, {}, 0
 
             def still_wants(self, tag: int) -> bool:
                 return True
@@ -206,7 +206,7 @@ class Routes(SynchronousTestCase):
             f'[clients.a]\ntoken_sha256 = "{HASH}"\nhosts = ["*.a.example", "own.a.example"]\n', "c")["a"]
 
         class Session:
-            credential, serial, hostnames = "a", 1, {}
+            credential, serial, hostnames, tunnel_count = "a", 1, {}, 0
             server = type("S", (), {"policy_for": staticmethod(lambda credential: policy)})()
 
             def still_wants(self, tag: int) -> bool:
