@@ -176,7 +176,7 @@ async def main():
     _, pending = await asyncio.wait(tasks, timeout=handshake_timeout + 15)
     for t in pending:
         t.cancel()
-    late = [(k, round(h, 2)) for k, h, _ in silent if h > handshake_timeout + 1]
+    late = [(k, round(h, 2)) for k, h, _ in silent if h > handshake_timeout + 2]
     first_three = {k: r for k, _, r in silent if k != "idle"}
     print(json.dumps({
         "silent_closed": len(silent),
@@ -393,7 +393,7 @@ class HostilePeersTests(unittest.TestCase):
         yield with_timeout(attacker.ended, 10)
 
         # ---- the silent ones are dropped by the handshake deadline
-        deadline = HANDSHAKE_TIMEOUT + 1.0
+        deadline = HANDSHAKE_TIMEOUT + 2.0  # the attacker measures with this slack (a loaded machine)
         self.assertEqual(report["still_open"], 0, "silent connections the server never closed")
         self.assertEqual(report["late"], [], f"held open longer than {deadline} s")
         self.assertGreaterEqual(report["silent_closed"], IDLE_CONNECTIONS + 3)

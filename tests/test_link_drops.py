@@ -640,7 +640,9 @@ class LinkDropTests(unittest.TestCase):
         elapsed = time.monotonic() - started
         print(f"\nnew client process had the fixed port after {elapsed:.2f} s (process start included)")
         self.assertNotIn(b"in use", second.output)
-        self.assertLess(elapsed, 2.0)
+        # at once: a new process's start (0.7-3 s on this machine, loaded) and its bind, never the old
+        # session's grace (120 s) nor a bind retry
+        self.assertLess(elapsed, 6.0)
         reply, reason = yield with_timeout(self.visit(fixed, Visitor(b"after restart")), 10)
         self.assertEqual(reply, b"after restart")
         # The old session's visitor is closed (its session ended), not left hanging.
