@@ -229,6 +229,8 @@ class FleetClaimsTests(TestCase):
     def test_a_released_claim_is_free_fleet_wide_and_a_stopped_member_frees_its_claims_at_once(self) -> Any:
         alice = Holder("alice", 1)
         claimed = yield self.one.take(PORT, alice, 1)
+        # seen at two first: "not in two's directory" also holds before two's watch saw it made
+        yield wait_until(lambda: "claims/tcp/127.0.0.1/4000" in self.two.directory.claims)
         self.one.claims.release(claimed.claim)
         yield wait_until(lambda: "claims/tcp/127.0.0.1/4000" not in self.two.directory.claims)
         yield self.two.take(PORT, Holder("bob", 2), 1)

@@ -93,7 +93,8 @@ class FleetFencingTests(FleetProcesses):
         cut_node.resume()
         # member 1 registers again, finds bob's claim, and gives the port up instead of serving it
         a1.wait_for(rf"refused to open port {public}: .*held by another client now", 20)
-        self.assertEqual(self.claim(others[0].url, public)["credential"], "bob")
+        # bob's (a moment's absence is m2 renewing its own claims on a machine too loaded for its lease)
+        wait(lambda: (self.claim(others[0].url, public) or {}).get("credential") == "bob", 15, "bob's claim")
         waiting.settimeout(10)
         try:
             got = waiting.recv(len(BANNER))
