@@ -235,6 +235,7 @@ class ServerConfig:
     fleet_listen: str | None = None
     fleet_prefix: str = "/rtunnel/"
     fleet_lease_ttl: int = 5
+    fleet_drain_timeout: float = 300.0  # a drained member stops after this even with clients left
     # --workers N (rtunnel.fleet.workers): N member processes on one control port
     workers: int = 1
     reuse_port: bool = False  # a worker: its control port is bound with SO_REUSEPORT

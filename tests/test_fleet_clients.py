@@ -39,6 +39,7 @@ from tests.harness import (
     pattern,
     plugins_installed,
     visit_at,
+    wait_until,
     with_timeout,
 )
 
@@ -225,6 +226,28 @@ class FleetClientTests(TestCase):
             self.assertLess(time.monotonic(), deadline, f"m1 did not exit: {m1.describe()}")
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(m1.popen.returncode, 0, m1.describe())
+
+    @defer.inlineCallbacks
+    def test_a_drain_stops_the_member_after_its_timeout_even_with_a_connection_left(self) -> None:
+        """--fleet-drain-timeout bounds the drain: a connection still open on
+        the old link after it does not keep the member running."""
+        m1, p1 = self.start_member(1, "--fleet-drain-timeout", "2")
+        m2, p2 = self.start_member(2)
+        _, target = listen_target(self, Echo)
+        public = free_port()
+        client = self.start_client([f"127.0.0.1:{p1}", f"127.0.0.2:{p2}"], public, target)
+        yield output_shows(client, rf"tunnel ready: \S+:{public} ")
+        yield output_shows(m2, r"fleet member m2 joined")
+        held = yield converse(public)  # open through m1, never closed by the visitor
+        held.transport.write(b"x")
+        yield wait_until(lambda: held.received == b"x")
+        started = time.monotonic()
+        m1.popen.send_signal(signal.SIGUSR2)
+        yield output_shows(m1, r"drained: 1 session\(s\) left after 2 s; stopping")
+        while m1.popen.poll() is None:
+            self.assertLess(time.monotonic() - started, 20, f"m1 did not exit: {m1.describe()}")
+            yield task.deferLater(reactor, 0.05, lambda: None)
+        self.assertGreaterEqual(time.monotonic() - started, 2.0)
 
     @defer.inlineCallbacks
     def test_an_old_client_s_resume_at_another_member_gets_a_new_session_and_its_port_back(self) -> None:

@@ -200,7 +200,9 @@ class ServerService(service.Service):
 
         assert self.server is not None and self.fleet is not None
         locator = redirect_resumes(self.server, self.fleet.directory)
-        self.drain = Drain(self.reactor, self.server, locator, self.reactor.stop)
+        self.drain = Drain(
+            self.reactor, self.server, locator, self.reactor.stop, timeout=self.config.fleet_drain_timeout,
+        )
         self.drain.install_signal()
         self.fleet.drain = self.drain  # POST /api/fleet/drain (rtunnel.admin)
 

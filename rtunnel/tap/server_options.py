@@ -519,6 +519,14 @@ SERVER_OPTIONS = OptionTable("server", [
         "is fenced after 2/3 of it",
     ),
     Option(
+        "fleet-drain-timeout", Kind.FLOAT,
+        "Seconds a drained member (SIGUSR2, POST /api/fleet/drain) waits for its clients to move before it stops.",
+        300.0, field="fleet_drain_timeout", low=1.0, high=86400.0, error="--{name} must be {low:g}-{high:g} seconds",
+        metavar="SECONDS",
+        doc="seconds a drained member waits for its clients' open connections to finish elsewhere before it "
+        "stops anyway (see [docs/fleet.md](docs/fleet.md), \"Draining a member\")",
+    ),
+    Option(
         "workers", Kind.INT,
         "Run N server processes (fleet members NAME-1..NAME-N) sharing the control port, one per "
         "core; needs --fleet-etcd. Default 1: one process.",
