@@ -169,7 +169,10 @@ class ServerCollector:
                 family.add_metric([client], counter[client])
             yield family
         yield GaugeMetricFamily(
-            "rtunnel_tunnels", "Public ports bound for clients now.", value=len(server.listeners)
+            "rtunnel_tunnels", "Public TCP ports bound for clients now.", value=len(server.listeners)
+        )
+        yield GaugeMetricFamily(
+            "rtunnel_udp_tunnels", "Public UDP ports bound for clients now.", value=len(server.udp.tunnels)
         )
 
     def hostnames(self, server: TunnelServer) -> Iterator[Metric]:

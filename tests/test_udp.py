@@ -334,6 +334,7 @@ class UdpTunnelTests(unittest.TestCase):
         server = parse_metrics(generate_latest(registry_for(ServerCollector(lambda: self.tunnel.server))).decode())
         labels = {"client": "default", "tunnel": name}
         self.assertEqual(metric_value(server, "rtunnel_udp_flows", **labels), 1)
+        self.assertEqual(metric_value(server, "rtunnel_udp_tunnels"), 1)
         self.assertEqual(metric_value(server, "rtunnel_udp_datagrams_total", direction="to_client", **labels), 4)
         self.assertEqual(metric_value(server, "rtunnel_udp_datagrams_total", direction="from_client", **labels), 3)
         self.assertEqual(metric_value(server, "rtunnel_udp_bytes_total", direction="from_client", **labels), 15)
