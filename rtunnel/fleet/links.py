@@ -61,6 +61,16 @@ HAND_OVER_WAIT = 10.0
 DEFAULT_HOST = "default"
 
 
+class EdgeKind(TypingProtocol):
+    """The edge and home of one other kind of name (FleetLinks.kinds)."""
+
+    def moved(self, name: Name, home: str | None) -> None: ...
+
+    def arrived(
+        self, hop: Stream, name: Name, src: list[Any], dst: list[Any], edge: str, info: dict[str, Any],
+    ) -> None: ...
+
+
 class FleetDirectory(TypingProtocol):
     """What member links need of the fleet directory (rtunnel.fleet.directory)."""
 
@@ -359,11 +369,14 @@ class Bridge:
     joined to the client session's stream (`visitor`), byte for byte, with
     credit passed back in both directions (docs/fleet.md "Member links")."""
 
+    #: the hop's end (a subclass may look at what the edge sends first)
+    hop_end_class: type[_BridgeEnd] = _BridgeEnd
+
     def __init__(self, hop: Stream, visitor: Stream, src: list[Any], on_end: Callable[[], None]) -> None:
         self.src = src
         self._on_end = on_end
         self._ends = 2
-        hop_end, visitor_end = _BridgeEnd(self), _BridgeEnd(self)
+        hop_end, visitor_end = self.hop_end_class(self), _BridgeEnd(self)
         hop_end.other, visitor_end.other = visitor_end, hop_end
         hop_end.stream, visitor_end.stream = hop, visitor
         # the hop first: its early bytes become the visitor stream's pending
@@ -638,6 +651,10 @@ class FleetLinks:
         self.visitors_forwarded: Counter[str] = Counter()  # home -> visitors this edge carried there
         self.visitors_received: Counter[str] = Counter()  # edge -> visitors carried here from it
         self.ended_link_bytes: Counter[tuple[str, str]] = Counter()  # (member, in|out) of links gone
+        #: the other kinds of names (hostnames, UDP ports: rtunnel.fleet.hostedge, udpedge), by their
+        #: Name class: told when such a name moves (`moved(name, home)`, home None: released), and
+        #: given each visitor of it an edge carries here (`arrived(hop, name, src, dst, edge, info)`)
+        self.kinds: dict[type, EdgeKind] = {}
         server.fleet_links = self
         server.ports.adopt = self.hand_over
 
@@ -701,6 +718,10 @@ class FleetLinks:
                 peer.stop()
 
     def _serve(self, name: Name, home: str | None) -> None:
+        kind = self.kinds.get(type(name))
+        if kind is not None:
+            kind.moved(name, home)
+            return
         forward = self.forwards.get(name)
         if home == self.member and forward is not None and forward.port is not None:
             # a session here claimed it: etcd's watch event comes as the BIND's own transaction
@@ -718,8 +739,7 @@ class FleetLinks:
             forward.rehome(home)
             return
         if not isinstance(name, TcpPort):
-            # UDP ports and hostnames are served by their own listeners (#15, #16):
-            # their edge joins here, with the same member link and OPEN "name"
+            # a kind this member serves no edge of (a hostname without --http/--https here)
             self.log.info(
                 "{name} is held at member {home}; this member does not serve that kind at its edge yet",
                 name=name.describe(), home=home, event="edge_unsupported", member=home,
@@ -808,6 +828,10 @@ class FleetLinks:
         self.visitors_received[edge] += 1
         if self.directory.fenced:
             hop.reset(ResetCode.REFUSED, f"member {self.member} cannot prove its claims now (cut off from etcd)")
+            return
+        kind = self.kinds.get(type(name))
+        if kind is not None:
+            kind.arrived(hop, name, src, dst, edge, info)
             return
         listener = self.local_listener(name)
         if listener is None:

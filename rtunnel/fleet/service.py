@@ -130,6 +130,9 @@ class LinkDirectory:
     def home_of(self, name: Name) -> str | None:
         return self.directory.home_of(self._from_link(name))
 
+    def claim_kind(self, name: Name) -> str:
+        return self.directory.claim_kind(name)
+
     def remote_names(self) -> Iterable[tuple[Name, str]]:
         return [(self._to_link(name), home) for name, home in self.directory.remote_names()]
 
@@ -176,6 +179,7 @@ class Fleet:
         #: the member's certificate for member links (None without --fleet-listen: no member links)
         self.identity: MemberIdentity | None = None
         self.links: Any = None  # rtunnel.fleet.links.FleetLinks, once start_links() ran
+        self.hosts: Any = None  # rtunnel.fleet.hostedge.HostEdge, with --http/--https and member links
         self._paused: dict[str, Any] = {}  # claim key -> its listening port, not accepting while fenced
         self.member.on_fence.append(self._fenced)
         self.claims.on_confirmed.append(self._confirmed)
@@ -252,8 +256,20 @@ class Fleet:
         )
         return port
 
+    def serve_hostnames(self, edge: Any) -> None:
+        """This member's HTTP edge (rtunnel.server.httpedge.HttpEdge) serves the
+        hostnames held at other members too, and takes their visitors carried
+        here from other edges (rtunnel.fleet.hostedge)."""
+        from rtunnel.fleet.hostedge import HostEdge
+
+        if self.links is not None:
+            self.hosts = HostEdge(self.links, edge)
+
     def stop_links(self) -> defer.Deferred[None]:
         """Close the member links and edge listeners (before the server shuts down)."""
+        hosts, self.hosts = self.hosts, None
+        if hosts is not None:
+            hosts.stop()
         links, self.links = self.links, None
         return links.stop() if links is not None else defer.succeed(None)
 
