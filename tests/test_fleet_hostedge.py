@@ -189,6 +189,28 @@ class HostnamesAtEveryMember(FleetProcesses):
         self.assertEqual(status, 200, body)
         self.assertIn(["x-forwarded-for", VISITOR], json.loads(body)["headers"])
 
+    def test_a_newer_session_at_another_member_takes_the_hostname_over_and_both_members_route_to_it(self) -> None:
+        """The same credential's client claims the name at m2 while its first
+        client at m1 still runs: m1 stops routing the name to its own
+        session and carries its requests to m2; m2 serves it."""
+        self.start_fleet()
+        first, second = self.start_service("first"), self.start_service("second")
+        host = f"alice.{DOMAIN}"
+        self.start_host_client(1, "alice", "--http", "alice", "-t", str(first), name="at-m1")
+        wait(lambda: self.status_at(2, host) == 200, 10, "m2 serves the hostname held at m1")
+        self.start_host_client(2, "alice", "--http", "alice", "-t", str(second), name="at-m2")
+
+        def served_by_second(index: int) -> bool:
+            conn = self.connection(index)
+            try:
+                status, body = self.get(conn, host)
+            finally:
+                conn.close()
+            return status == 200 and json.loads(body)["service"] == "second"
+
+        wait(lambda: served_by_second(1) and served_by_second(2), 10, "both members route to the newer session")
+        self.members[1][0].wait_for(rf"serving hostname alice\.{DOMAIN} \(http\) here for member m2")
+
 
 class AcmeInAFleet(FleetProcesses):
     def test_an_http_01_challenge_reaching_an_edge_is_answered_by_the_home_which_gets_its_certificate(self) -> None:

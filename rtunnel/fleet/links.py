@@ -277,7 +277,10 @@ class EdgeSide:
             raise ProtocolViolation(f"unexpected {frame.type.name} on a member link")
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
-        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
+        handler = self.links.datagrams_out
+        if handler is None:
+            raise ProtocolViolation("this member carries no UDP datagrams on member links")
+        handler(session, datagram)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
         pass
@@ -295,7 +298,10 @@ class HomeSide:
         self.links.visitor_arrived(stream, info, self.edge)
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
-        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
+        handler = self.links.datagrams_in
+        if handler is None:
+            raise ProtocolViolation("this member takes no UDP datagrams on member links")
+        handler(session, datagram, self.edge)
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is not FrameType.GOAWAY:
@@ -596,6 +602,8 @@ class PeerLink:
         )
         waiting, self.waiting = self.waiting, {}
         assert link.session is not None
+        for callback in list(self.links.on_link_up):
+            callback(self.member, link.session)
         for visitor in waiting:
             cancel_call(visitor.wait_call)
             visitor.wait_call = None
@@ -655,6 +663,12 @@ class FleetLinks:
         #: Name class: told when such a name moves (`moved(name, home)`, home None: released), and
         #: given each visitor of it an edge carries here (`arrived(hop, name, src, dst, edge, info)`)
         self.kinds: dict[type, EdgeKind] = {}
+        #: DATAGRAM frames (rtunnel.fleet.udpedge): at an edge, the home's replies
+        #: (session, datagram); at a home, an edge's visitors' (session, datagram, edge)
+        self.datagrams_out: Callable[[Session, wire.Datagram], None] | None = None
+        self.datagrams_in: Callable[[Session, wire.Datagram, str], None] | None = None
+        #: told when a link to a home is up: (home, its session)
+        self.on_link_up: list[Callable[[str, Session], None]] = []
         server.fleet_links = self
         server.ports.adopt = self.hand_over
 
