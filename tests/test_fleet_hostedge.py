@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.etcd import TOKENS, FleetProcesses, start_etcd, wait
 from tests.harness import (
@@ -259,3 +259,17 @@ class AcmeInAFleet(FleetProcesses):
         self.assertNotEqual(code, 0)
         self.assertIn("unrecognized", err.lower())
         members[1][0].wait_for(rf"no certificate here for hostname app\.{DOMAIN} \(held at member m2\)")
+
+
+class ClaimRecordKindTests(SynchronousTestCase):
+    def test_a_hostname_claim_record_carries_its_kind_and_an_older_record_without_it_still_reads(self) -> None:
+        from rtunnel.fleet.keys import ClaimRecord
+
+        record = ClaimRecord("alice", "m1", "s1", 3, 42, "tls")
+        self.assertEqual(ClaimRecord.decode(record.encode()), record)
+        self.assertEqual(json.loads(record.encode())["kind"], "tls")
+        older = b'{"credential": "alice", "member": "m1", "serial": 42, "session": "s1", "tunnel": 3}'
+        decoded = ClaimRecord.decode(older)
+        self.assertEqual(decoded, ClaimRecord("alice", "m1", "s1", 3, 42))
+        assert decoded is not None
+        self.assertEqual(decoded.encode(), older, "a port's record is written as before (no kind)")
