@@ -50,7 +50,7 @@ class RemoteOwner:
 
     @property
     def detached(self) -> bool:
-        return self.tunnel.session() is None
+        return self.tunnel.claim is not None and self.tunnel.session() is None
 
     @property
     def expired(self) -> bool:
@@ -90,7 +90,10 @@ class RemoteHostTunnel:
         return self._name
 
     def session(self) -> Session | None:
-        """The member link's session to the home, if it is up (dialled if not)."""
+        """The member link's session to the home, if it is up (dialled if not,
+        while the name is held there: never once it moved or the edge stopped)."""
+        if self.claim is None:
+            return None
         return self.hosts.links.peer(self.home).session
 
     def room(self) -> str | None:
