@@ -55,7 +55,7 @@ from rtunnel.fleet.etcd import (
 )
 from rtunnel.fleet.keys import ClaimRecord, claim_key, claim_name
 from rtunnel.fleet.members import FleetMember
-from rtunnel.server.claims import Claim, Claimed, ClaimRefused, H, LocalClaims, Name
+from rtunnel.server.claims import Claim, Claimed, ClaimRefused, H, Hostname, LocalClaims, Name
 
 WRITE_ATTEMPTS = 5  # transactions per write before giving up on a contended key
 RETRY_DELAY = 1.0  # seconds before etcd is asked again after a failed write
@@ -70,6 +70,16 @@ def fleet_serials() -> Iterator[int]:
     while True:
         last = max(last + 1, time.time_ns() // 1000)
         yield last
+
+
+def hostname_kind(holder: Any, name: Name, tag: int) -> str:
+    """The kind ("http" or "tls") of `holder`'s tunnel `tag` if `name` is a
+    hostname it holds (ServerSession.hostnames), else ""."""
+    if not isinstance(name, Hostname):
+        return ""
+    tunnel = getattr(holder, "hostnames", {}).get(tag)
+    kind = getattr(tunnel, "kind", "")
+    return kind if isinstance(kind, str) else ""
 
 
 def unavailable(name: Name, why: str) -> ClaimRefused:
@@ -159,7 +169,10 @@ class FleetClaims(Generic[H]):
     def _write_claim(self, key: str, name: Name, holder: H, tag: int) -> Any:
         """Make the key say `holder` holds `name` as `tag`, by the rules."""
         full = self.prefix + key
-        record = ClaimRecord(holder.credential, self.member.name, str(getattr(holder, "id", "")), tag, holder.serial)
+        record = ClaimRecord(
+            holder.credential, self.member.name, str(getattr(holder, "id", "")), tag, holder.serial,
+            hostname_kind(holder, name, tag),
+        )
         value = record.encode()
         for _ in range(WRITE_ATTEMPTS):
             if not self.available:
@@ -299,10 +312,21 @@ class FleetClaims(Generic[H]):
         return result
 
     def _schedule_sync(self, key: str, name: Name) -> None:
-        """Queue one write (or delete) that makes `key` say what this member holds."""
+        """Queue one write (or delete) that makes `key` say what this member holds.
+        A hostname's is written in the next turn: its holder learns the tunnel's
+        kind just after its claim (HostRoutes.bind), and the record carries it."""
         if key in self._pending or self.stopped:
             return
         self._pending.add(key)
+        if isinstance(name, Hostname):
+            self.reactor.callLater(0, self._queue_sync, key, name)
+            return
+        self._queue_sync(key, name)
+
+    def _queue_sync(self, key: str, name: Name) -> None:
+        if self.stopped:
+            self._pending.discard(key)
+            return
         self._serial(key, lambda: self._sync(key, name)).addErrback(self._sync_failed, key, name)
 
     @defer.inlineCallbacks

@@ -16,8 +16,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from rtunnel.fleet.etcd import EtcdClient, KeyValue, Watch, WatchEvent
-from rtunnel.fleet.keys import ClaimRecord, claim_name
-from rtunnel.server.claims import Name
+from rtunnel.fleet.keys import ClaimRecord, claim_key, claim_name
+from rtunnel.server.claims import Hostname, Name
 
 
 class FleetDirectoryInterface(Protocol):
@@ -84,6 +84,12 @@ class FleetDirectory:
 
     def home_of(self, name: Name) -> str | None:
         return self._homes.get(name)
+
+    def claim_kind(self, name: Name) -> str:
+        """A claimed hostname's tunnel kind ("http" or "tls"; "" if not known)."""
+        key = claim_key(name, frozenset({self.public_host})) if isinstance(name, Hostname) else ""
+        entry = self.claims.get(key)
+        return entry[0].kind if entry is not None else ""
 
     def remote_names(self) -> Iterable[tuple[Name, str]]:
         for key, (record, _) in list(self.claims.items()):

@@ -3,7 +3,7 @@
     members/<member>                 {"link", "control", "pid", "started"}       under the member's lease
     claims/tcp/<host>/<port>         {"credential", "member", "session",         under the holding
     claims/udp/<host>/<port>          "tunnel", "serial"}                         member's lease
-    claims/host/<hostname>
+    claims/host/<hostname>            (a hostname's also "kind": "http" or "tls")
     sessions/<session id>            {"member", "credential"}                    under the home member's lease
 
 `<host>` is the address a client asked for, or `default` for a BIND
@@ -54,18 +54,24 @@ class ClaimRecord:
     session: str
     tunnel: int
     serial: int
+    #: a hostname's tunnel kind, "http" or "tls" (how an edge serves it); "" for ports, and
+    #: for a record written by an older member (an edge then takes it as "http")
+    kind: str = ""
 
     def encode(self) -> bytes:
-        return json.dumps({
+        value: dict[str, Any] = {
             "credential": self.credential, "member": self.member, "session": self.session,
             "tunnel": self.tunnel, "serial": self.serial,
-        }, sort_keys=True).encode()
+        }
+        if self.kind:
+            value["kind"] = self.kind
+        return json.dumps(value, sort_keys=True).encode()
 
     @classmethod
     def decode(cls, value: bytes) -> ClaimRecord | None:
         try:
             data: Any = json.loads(value)
             return cls(str(data["credential"]), str(data["member"]), str(data["session"]),
-                       int(data["tunnel"]), int(data["serial"]))
+                       int(data["tunnel"]), int(data["serial"]), str(data.get("kind", ""))[:8])
         except (ValueError, KeyError, TypeError):
             return None

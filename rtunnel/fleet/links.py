@@ -61,6 +61,16 @@ HAND_OVER_WAIT = 10.0
 DEFAULT_HOST = "default"
 
 
+class EdgeKind(TypingProtocol):
+    """The edge and home of one other kind of name (FleetLinks.kinds)."""
+
+    def moved(self, name: Name, home: str | None) -> None: ...
+
+    def arrived(
+        self, hop: Stream, name: Name, src: list[Any], dst: list[Any], edge: str, info: dict[str, Any],
+    ) -> None: ...
+
+
 class FleetDirectory(TypingProtocol):
     """What member links need of the fleet directory (rtunnel.fleet.directory)."""
 
@@ -267,7 +277,10 @@ class EdgeSide:
             raise ProtocolViolation(f"unexpected {frame.type.name} on a member link")
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
-        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
+        handler = self.links.datagrams_out
+        if handler is None:
+            raise ProtocolViolation("this member carries no UDP datagrams on member links")
+        handler(session, datagram)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
         pass
@@ -285,7 +298,10 @@ class HomeSide:
         self.links.visitor_arrived(stream, info, self.edge)
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
-        raise ProtocolViolation("member links carry no datagrams (UDP ports are served at their home only)")
+        handler = self.links.datagrams_in
+        if handler is None:
+            raise ProtocolViolation("this member takes no UDP datagrams on member links")
+        handler(session, datagram, self.edge)
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if frame.type is not FrameType.GOAWAY:
@@ -359,11 +375,14 @@ class Bridge:
     joined to the client session's stream (`visitor`), byte for byte, with
     credit passed back in both directions (docs/fleet.md "Member links")."""
 
+    #: the hop's end (a subclass may look at what the edge sends first)
+    hop_end_class: type[_BridgeEnd] = _BridgeEnd
+
     def __init__(self, hop: Stream, visitor: Stream, src: list[Any], on_end: Callable[[], None]) -> None:
         self.src = src
         self._on_end = on_end
         self._ends = 2
-        hop_end, visitor_end = _BridgeEnd(self), _BridgeEnd(self)
+        hop_end, visitor_end = self.hop_end_class(self), _BridgeEnd(self)
         hop_end.other, visitor_end.other = visitor_end, hop_end
         hop_end.stream, visitor_end.stream = hop, visitor
         # the hop first: its early bytes become the visitor stream's pending
@@ -583,6 +602,8 @@ class PeerLink:
         )
         waiting, self.waiting = self.waiting, {}
         assert link.session is not None
+        for callback in list(self.links.on_link_up):
+            callback(self.member, link.session)
         for visitor in waiting:
             cancel_call(visitor.wait_call)
             visitor.wait_call = None
@@ -638,6 +659,16 @@ class FleetLinks:
         self.visitors_forwarded: Counter[str] = Counter()  # home -> visitors this edge carried there
         self.visitors_received: Counter[str] = Counter()  # edge -> visitors carried here from it
         self.ended_link_bytes: Counter[tuple[str, str]] = Counter()  # (member, in|out) of links gone
+        #: the other kinds of names (hostnames, UDP ports: rtunnel.fleet.hostedge, udpedge), by their
+        #: Name class: told when such a name moves (`moved(name, home)`, home None: released), and
+        #: given each visitor of it an edge carries here (`arrived(hop, name, src, dst, edge, info)`)
+        self.kinds: dict[type, EdgeKind] = {}
+        #: DATAGRAM frames (rtunnel.fleet.udpedge): at an edge, the home's replies
+        #: (session, datagram); at a home, an edge's visitors' (session, datagram, edge)
+        self.datagrams_out: Callable[[Session, wire.Datagram], None] | None = None
+        self.datagrams_in: Callable[[Session, wire.Datagram, str], None] | None = None
+        #: told when a link to a home is up: (home, its session)
+        self.on_link_up: list[Callable[[str, Session], None]] = []
         server.fleet_links = self
         server.ports.adopt = self.hand_over
 
@@ -701,6 +732,10 @@ class FleetLinks:
                 peer.stop()
 
     def _serve(self, name: Name, home: str | None) -> None:
+        kind = self.kinds.get(type(name))
+        if kind is not None:
+            kind.moved(name, home)
+            return
         forward = self.forwards.get(name)
         if home == self.member and forward is not None and forward.port is not None:
             # a session here claimed it: etcd's watch event comes as the BIND's own transaction
@@ -718,8 +753,7 @@ class FleetLinks:
             forward.rehome(home)
             return
         if not isinstance(name, TcpPort):
-            # UDP ports and hostnames are served by their own listeners (#15, #16):
-            # their edge joins here, with the same member link and OPEN "name"
+            # a kind this member serves no edge of (a hostname without --http/--https here)
             self.log.info(
                 "{name} is held at member {home}; this member does not serve that kind at its edge yet",
                 name=name.describe(), home=home, event="edge_unsupported", member=home,
@@ -808,6 +842,10 @@ class FleetLinks:
         self.visitors_received[edge] += 1
         if self.directory.fenced:
             hop.reset(ResetCode.REFUSED, f"member {self.member} cannot prove its claims now (cut off from etcd)")
+            return
+        kind = self.kinds.get(type(name))
+        if kind is not None:
+            kind.arrived(hop, name, src, dst, edge, info)
             return
         listener = self.local_listener(name)
         if listener is None:

@@ -32,7 +32,7 @@ from rtunnel.fleet.etcd import EtcdClient, EtcdError
 from rtunnel.fleet.etcdtls import load_etcd_tls
 from rtunnel.fleet.keys import DEFAULT_HOST
 from rtunnel.fleet.members import FleetMember
-from rtunnel.server.claims import Claim, ClaimRefused, Name, TcpPort, UdpPort
+from rtunnel.server.claims import Claim, ClaimRefused, Hostname, Name, TcpPort, UdpPort
 from rtunnel.server.visitors import PublicListener
 
 if TYPE_CHECKING:
@@ -132,6 +132,9 @@ class LinkDirectory:
     def home_of(self, name: Name) -> str | None:
         return self.directory.home_of(self._from_link(name))
 
+    def claim_kind(self, name: Name) -> str:
+        return self.directory.claim_kind(name)
+
     def remote_names(self) -> Iterable[tuple[Name, str]]:
         return [(self._to_link(name), home) for name, home in self.directory.remote_names()]
 
@@ -144,6 +147,11 @@ class LinkDirectory:
     @property
     def fenced(self) -> bool:
         return self.directory.fenced
+
+
+def host_name(claim: Claim[Any]) -> str:
+    """The hostname a hostname claim is for ("" for other kinds)."""
+    return claim.name.name if isinstance(claim.name, Hostname) else ""
 
 
 class Fleet:
@@ -180,6 +188,8 @@ class Fleet:
         #: the member's certificate for member links (None without --fleet-listen: no member links)
         self.identity: MemberIdentity | None = None
         self.links: Any = None  # rtunnel.fleet.links.FleetLinks, once start_links() ran
+        self.hosts: Any = None  # rtunnel.fleet.hostedge.HostEdge, with --http/--https and member links
+        self.udp_edge: Any = None  # rtunnel.fleet.udpedge.UdpEdge, with member links
         self._paused: dict[str, Any] = {}  # claim key -> its listening port, not accepting while fenced
         self.member.on_fence.append(self._fenced)
         self.claims.on_confirmed.append(self._confirmed)
@@ -249,6 +259,9 @@ class Fleet:
                 f"cannot listen for member links on --fleet-listen {self.config.fleet_listen}: "
                 f"{e.socketError}. Choose another --fleet-listen port or stop the program using it"
             ) from None
+        from rtunnel.fleet.udpedge import UdpEdge
+
+        self.udp_edge = UdpEdge(self.links)
         self.log.info(
             "fleet member {name}: member links on {listen}, serving {n} name(s) held at other members",
             name=self.name, listen=self.config.fleet_listen, n=len(self.links.forwards),
@@ -256,8 +269,23 @@ class Fleet:
         )
         return port
 
+    def serve_hostnames(self, edge: Any) -> None:
+        """This member's HTTP edge (rtunnel.server.httpedge.HttpEdge) serves the
+        hostnames held at other members too, and takes their visitors carried
+        here from other edges (rtunnel.fleet.hostedge)."""
+        from rtunnel.fleet.hostedge import HostEdge
+
+        if self.links is not None:
+            self.hosts = HostEdge(self.links, edge)
+
     def stop_links(self) -> defer.Deferred[None]:
         """Close the member links and edge listeners (before the server shuts down)."""
+        udp_edge, self.udp_edge = self.udp_edge, None
+        if udp_edge is not None:
+            udp_edge.stop()
+        hosts, self.hosts = self.hosts, None
+        if hosts is not None:
+            hosts.stop()
         links, self.links = self.links, None
         return links.stop() if links is not None else defer.succeed(None)
 
@@ -306,6 +334,15 @@ class Fleet:
             for forward in list(links.forwards.values()):
                 edge_names.append({"name": forward.name.describe(), "home": forward.home,
                                    "listening": forward.port is not None})
+            if self.hosts is not None:
+                for name, tunnel in sorted(self.hosts.remote.items()):
+                    edge_names.append({"name": f"hostname {name} ({tunnel.kind})", "home": tunnel.home,
+                                       "listening": True})
+            if self.udp_edge is not None:
+                for port in list(self.udp_edge.ports.values()):
+                    edge_names.append({"name": port.name.describe(), "home": port.home,
+                                       "listening": port.port is not None, "flows": len(port.flows),
+                                       "drops": dict(port.drops)})
             forwarded = {
                 "now": links.forwarded_visitors, "to_home": dict(links.visitors_forwarded),
                 "from_edge": dict(links.visitors_received),
@@ -327,11 +364,25 @@ class Fleet:
             return
         listener = session.tunnels.get(claim.tag)
         if listener is None or listener.claim is not claim:
-            return
-        session.tunnels.pop(claim.tag, None)
-        if isinstance(listener, PublicListener):
+            udp = session.udp_tunnels.get(claim.tag)
+            host = session.hostnames.get(claim.tag)
+            if udp is not None and udp.claim is claim:
+                # a UDP port: its socket closes (the edge of the new home may open the port here)
+                session.udp_tunnels.pop(claim.tag, None)
+                server.udp.release(udp)
+            elif host is not None and host.claim is claim:
+                # a hostname: no longer routed here (this member's HTTP edge sends it to the new home)
+                session.hostnames.pop(claim.tag, None)
+                host.claim = None
+                if server.hostnames.tunnels.get(host_name(claim)) is host:
+                    del server.hostnames.tunnels[host_name(claim)]
+            else:
+                return
+        elif isinstance(listener, PublicListener):
+            session.tunnels.pop(claim.tag, None)
             server.ports.release(listener)
-        else:  # another kind's listener (UDP, hostnames): it closes itself the same way, if it can
+        else:  # another kind's listener: it closes itself the same way, if it can
+            session.tunnels.pop(claim.tag, None)
             closing = getattr(listener, "close", None)
             if callable(closing):
                 closing()
@@ -348,7 +399,7 @@ class Fleet:
                 f"{claim.name.describe()} is held by another client now (this fleet member lost its etcd "
                 "lease meanwhile); choose another port, or try again",
             )
-        if not session.tunnels and not session.attached:
+        if not session.tunnels and not session.udp_tunnels and not session.hostnames and not session.attached:
             session.expire("its ports are held at another fleet member")
 
     def _fenced(self, fenced: bool) -> None:

@@ -129,12 +129,21 @@ class HttpEdge:
         if certificates is not None:
             routes.certificates = certificates
         self.visitors: set[HttpVisitor] = set()
+        #: the route to a name held at another fleet member, or None (set by rtunnel.fleet.hostedge)
+        self.elsewhere: Callable[[str], Any] | None = None
         self._access = open(settings.access_log, "a", buffering=1) if settings.access_log else None  # noqa: SIM115
 
     @property
     def certificates(self) -> CertificateSource | None:
         """The server's certificate source now (TunnelServer.certificates may be set later, e.g. ACME)."""
         return self.routes.certificates
+
+    def route(self, name: str | None) -> Any:
+        """The tunnel serving `name`: held here, else (in a fleet) at another member."""
+        tunnel = self.routes.route(name)
+        if tunnel is None and name and self.elsewhere is not None:
+            tunnel = self.elsewhere(name)
+        return tunnel
 
     def stats(self, name: str) -> HostStats:
         return self.routes.stats[name]
@@ -451,7 +460,7 @@ class HttpVisitor(Protocol):
                     return
             if self.server_name and name != self.server_name:
                 raise EdgeError(421, "the request's Host is not the name this TLS connection was opened for")
-            tunnel = self.edge.routes.route(name)
+            tunnel = self.edge.route(name)
             if tunnel is None:
                 raise EdgeError(404, "no tunnel serves this hostname on this server")
             self.stats_name = tunnel.name  # the claim's name: "*.zone" for a name its wildcard serves
@@ -488,7 +497,7 @@ class HttpVisitor(Protocol):
         goes there already, else a new one; wait (bounded) while the owner
         is detached."""
         self.waiting = None
-        current = self.edge.routes.route(tunnel.name if tunnel.claim is not None else None) or tunnel
+        current = self.edge.route(tunnel.name if tunnel.claim is not None else None) or tunnel
         owner = current.owner
         if owner is not None and owner.detached and time.monotonic() < deadline:
             self._pause("waiting")  # the body waits in the socket, not here
@@ -975,7 +984,7 @@ class SniRouter(Protocol):
             return
         self._stop_timer()
         name = host_of(hello.server_name) if hello.server_name else None
-        tunnel = self.edge.routes.route(name)
+        tunnel = self.edge.route(name)
         if name is not None and tunnel is not None and tunnel.kind == "tls":
             self._pass_through(tunnel)
             return
@@ -991,6 +1000,10 @@ class SniRouter(Protocol):
 
     def _pass_through(self, tunnel: HostTunnel) -> None:
         self.edge.stats(tunnel.name).tls_passthrough += 1
+        carry = getattr(tunnel, "carry", None)  # held at another fleet member: its edge carries the bytes
+        if carry is not None:
+            self._hand_to(carry())
+            return
         why = tunnel.room()
         peer = list(host_port(self.transport.getPeer()))  # type: ignore[union-attr]
         local = list(host_port(self.transport.getHost()))  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +90,8 @@ class UdpTunnel(DatagramProtocol):
         # (IPv4-mapped sources of the dual-stack socket) are not served
         self.ipv6_only = False
         self._this_turn = 0  # datagrams read in this reactor turn
+        #: flows of visitors at other fleet members: where their replies go (rtunnel.fleet.udpedge)
+        self.carried: dict[tuple[str, int], Callable[[bytes], None]] = {}
 
     @property
     def owner(self) -> ServerSession | None:
@@ -191,7 +194,11 @@ class UdpTunnel(DatagramProtocol):
             return
         flow.last_seen = self.server.reactor.seconds()
         try:
-            self.transport.write(payload, self._to(flow.address))
+            carried = self.carried.get(flow.address) if self.carried else None
+            if carried is not None:
+                carried(payload)  # to the fleet member the visitor is at
+            else:
+                self.transport.write(payload, self._to(flow.address))
         except (OSError, error.MessageLengthError):
             self.drops["socket_error"] += 1
             return
@@ -228,6 +235,7 @@ class UdpTunnel(DatagramProtocol):
     def _close_flow(self, address: tuple[str, int], flow: Flow, owner: ServerSession | None, why: str) -> None:
         del self.flows[address]
         del self.by_id[flow.id]
+        self.carried.pop(address, None)
         self.log.info(
             "UDP flow {flow} from {visitor} closed ({why}): {din} datagrams in, {dout} out", flow=flow.id,
             visitor=format_host_port(*address), why=why, din=flow.datagrams_in, dout=flow.datagrams_out,
@@ -265,6 +273,9 @@ class UdpPorts:
         self.tunnels: dict[tuple[str, int], UdpTunnel] = {}
         self.shutting_down = False
         self.unknown_tunnel = 0  # client datagrams for a tunnel the session no longer has
+        #: a fleet member's socket of the port, open as the edge of another member, handed
+        #: to `tunnel` (its client moved here) instead of a new bind (rtunnel.fleet.udpedge)
+        self.adopt: Callable[[str, int, UdpTunnel], IListeningPort | None] | None = None
 
     def bind(self, owner: ServerSession, tunnel_id: int, host: str, port: int) -> UdpTunnel:
         """`host:port` ("" host: the server's default) as `owner`'s UDP
@@ -372,6 +383,9 @@ class UdpPorts:
 
     def _listen(self, tunnel: UdpTunnel, host: str, port: int) -> IListeningPort:
         reactor = self.server.reactor
+        adopted = self.adopt(host, port, tunnel) if self.adopt is not None and port else None
+        if adopted is not None:
+            return adopted
         try:
             listening = reactor.listenUDP(port, tunnel, interface=host, maxPacketSize=MAX_DATAGRAM)
         except error.CannotListenError as e:

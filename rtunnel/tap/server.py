@@ -358,6 +358,8 @@ class ServerService(service.Service):
             self.acme.startService()
             self.server.certificates = self.acme
         self.edge = HttpEdge(self.reactor, self.server, settings, self.server.hostnames, self.server.certificates)
+        if self.fleet is not None:  # hostnames held at other members too (docs/fleet.md)
+            self.fleet.serve_hostnames(self.edge)
         factories = edge_factories(self.edge)
         for scheme in ("http", "https"):
             endpoint = getattr(settings, scheme)
