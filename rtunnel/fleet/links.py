@@ -402,6 +402,22 @@ class Bridge:
 # ---------------------------------------------------------------- the edge
 
 
+class VisitorForward(TypingProtocol):
+    """Where an edge's visitor goes: a port's ForwardListener, or a
+    passthrough hostname's forward (rtunnel.fleet.hostedge.HostForward)."""
+
+    @property
+    def links(self) -> FleetLinks: ...
+
+    @property
+    def name(self) -> Name: ...
+
+    @property
+    def home(self) -> str: ...
+
+    def peer(self) -> PeerLink: ...
+
+
 class ForwardedVisitor(StreamProtocol):
     """A visitor at an edge: a stream of the member link to the name's home.
     While that link is not up it waits, unread (as for a detached session),
@@ -409,7 +425,7 @@ class ForwardedVisitor(StreamProtocol):
 
     stream: Stream | None  # type: ignore[assignment]
 
-    def __init__(self, forward: ForwardListener) -> None:
+    def __init__(self, forward: VisitorForward) -> None:
         self.forward = forward
         self.stream = None
         self.src: list[Any] = ["?", 0]
