@@ -254,6 +254,11 @@ class ControlLink(Protocol):
         self._ping_call = self.clock.callLater(delay, self._send_ping)
 
     def _send_ping(self) -> None:
+        # once a keepalive interval (the first tick follows the handshake):
+        # the TLS layer gives back buffers a past burst grew (rtunnel.tlslink)
+        release = getattr(self.transport, "release_idle_buffers", None)
+        if release is not None:
+            release()
         self._ping_seq += 1
         self._ping_sent_at = self.clock.seconds()
         self.send(wire.encode_ping(self._ping_seq))

@@ -7,6 +7,7 @@ fake clock decides when a reactor turn ends.
 
 from __future__ import annotations
 
+import ctypes
 import random
 from pathlib import Path
 
@@ -39,6 +40,23 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = reason
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def malloc_in_use() -> int:
+    """glibc's bytes in use: heap chunks and mmapped ones (large buffers)."""
+    info = _libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 class LinkTLSTests(unittest.TestCase):
@@ -162,6 +180,50 @@ class LinkTLSTests(unittest.TestCase):
         lost = self.app(self.server).lost
         self.assertIsNotNone(lost)
         self.assertFalse(lost.check(ConnectionDone))
+
+
+    def exchange(self, up: bytes, down: bytes) -> None:
+        """Send `up` and `down` and check both arrive whole."""
+        before_up, before_down = len(self.app(self.server).received), len(self.app(self.client).received)
+        self.client.write(up)
+        self.server.write(down)
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received[before_up:], up)
+        self.assertEqual(self.app(self.client).received[before_down:], down)
+
+    def test_buffers_a_burst_grew_are_given_back_once_idle(self) -> None:
+        self.handshake()
+        burst = random.Random(11).randbytes(1 << 20)
+        self.exchange(burst, burst)  # each memory BIO grows to hundreds of KB
+        in_use = malloc_in_use()
+        self.assertTrue(self.client.release_idle_buffers())
+        self.assertTrue(self.server.release_idle_buffers())
+        given_back = in_use - malloc_in_use()
+        self.assertGreater(given_back, 1 << 20, f"only {given_back} bytes given back")
+        self.exchange(b"still works" * 1000, b"both ways" * 1000)
+
+    def test_the_handshakes_buffers_are_given_back_at_the_first_release(self) -> None:
+        self.handshake()
+        self.assertTrue(self.server.release_idle_buffers())
+        self.assertTrue(self.client.release_idle_buffers())
+        self.exchange(b"after", b"the release")
+        # small traffic grows nothing: the next release has nothing to do
+        self.assertFalse(self.server.release_idle_buffers())
+        self.exchange(b"x" * 100_000, b"")
+        self.assertTrue(self.server.release_idle_buffers())
+
+    def test_ciphertext_waiting_in_a_bio_is_never_dropped(self) -> None:
+        self.handshake()
+        self.client.write(b"not yet read by the server")
+        self.clock.advance(0)
+        ciphertext = b"".join(self.client.transport.stream)
+        self.client.transport.stream.clear()
+        handle = self.server.getHandle()
+        handle.bio_write(ciphertext)  # in the receive BIO, not decrypted yet
+        self.assertFalse(self.server.release_idle_buffers())
+        self.server.decrypt_received()  # what the next read does first
+        self.assertEqual(self.app(self.server).received, b"not yet read by the server")
+        self.assertTrue(self.server.release_idle_buffers())
 
 
 class SegmentTests(unittest.SynchronousTestCase):
