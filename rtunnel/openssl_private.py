@@ -7,8 +7,11 @@ keeps the size of its ClientHello or server flight (about 3 KB per
 connection after the handshake) and, after a burst, the size of its
 largest read or flush (hundreds of KB) for as long as it lives, idle or
 not. `renew_memory_bios` replaces both BIOs with new, empty ones, as
-pyOpenSSL makes them. It uses `Connection._ssl`, `_into_ssl` and
-`_from_ssl` and pyOpenSSL's cffi bindings (`OpenSSL._util.lib`);
+pyOpenSSL makes them. Nor does pyOpenSSL set a context's key exchange
+groups: `set_key_exchange_groups` does (`SSL_CTX_set1_groups_list`, which
+cryptography's bindings name by its older name `SSL_CTX_set1_curves_list`).
+They use `Connection._ssl`, `_into_ssl` and `_from_ssl`, `Context._context`
+and pyOpenSSL's cffi bindings (`OpenSSL._util.lib`);
 tests/test_openssl_private.py checks that each name in `PRIVATE_NAMES`
 exists on the installed pyOpenSSL.
 """
@@ -25,11 +28,14 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("Connection", "_ssl"),
     ("Connection", "_into_ssl"),
     ("Connection", "_from_ssl"),
+    ("Context", "_context"),
     ("lib", "BIO_new"),
     ("lib", "BIO_s_mem"),
     ("lib", "BIO_free"),
     ("lib", "BIO_get_mem_data"),
     ("lib", "SSL_set_bio"),
+    ("lib", "SSL_CTX_set1_curves_list"),
+    ("lib", "ERR_clear_error"),
 )
 
 
@@ -59,3 +65,13 @@ def renew_memory_bios(connection: SSL.Connection) -> bool:
     _lib.SSL_set_bio(connection._ssl, new_into, new_out)
     connection._into_ssl, connection._from_ssl = new_into, new_out
     return True
+
+
+def set_key_exchange_groups(context: SSL.Context, groups: str) -> None:
+    """Offer and accept only `groups` (OpenSSL's syntax: names joined by
+    ':', e.g. "X25519MLKEM768:X25519"), in this order of preference.
+    Raises ValueError if this OpenSSL knows none of them or the list is
+    malformed."""
+    if _lib.SSL_CTX_set1_curves_list(context._context, groups.encode("ascii")) != 1:
+        _lib.ERR_clear_error()
+        raise ValueError(groups)
