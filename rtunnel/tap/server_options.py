@@ -251,12 +251,12 @@ SERVER_OPTIONS = OptionTable("server", [
     Option(
         "tls-groups", Kind.STR,
         "Key exchange groups of the control port, ':'-separated, preferred first (default: OpenSSL's, "
-        "the post-quantum hybrid X25519MLKEM768 first). X25519 alone saves about 7 KB per session and "
+        "the post-quantum hybrid X25519MLKEM768 first). X25519 alone saves about 6 KB per session and "
         "gives up the hybrid's protection of recorded traffic.", field="tls_groups",
         convert=lambda value: check_key_exchange_groups(value.strip()) if value and value.strip() else None,
         metavar="LIST", doc_default="OpenSSL's (`X25519MLKEM768` first)",
         doc="key exchange groups of the control port, `:`-separated, preferred first; `X25519` alone saves "
-        "about 7 KB per session (see [docs/performance.md](docs/performance.md)) and gives up the "
+        "about 6 KB per session (see [docs/performance.md](docs/performance.md)) and gives up the "
         "post-quantum hybrid's protection of recorded traffic",
     ),
     PING_INTERVAL,
