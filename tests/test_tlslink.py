@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -22,6 +23,7 @@ from twisted.trial import unittest
 
 from rtunnel.tls import PinnedCertificateCreator, load_server_identity, server_context
 from rtunnel.tlslink import FLUSH_AT, RECORD_PLAINTEXT, LinkTLSFactory, LinkTLSProtocol, _segments
+from tests.harness import Echo, Tunnel, Visitor, listen_target, visit, wait_until, with_timeout
 
 
 class Recorder(Protocol):
@@ -224,6 +226,28 @@ class LinkTLSTests(unittest.TestCase):
         self.server.decrypt_received()  # what the next read does first
         self.assertEqual(self.app(self.server).received, b"not yet read by the server")
         self.assertTrue(self.server.release_idle_buffers())
+
+
+class RealLinkTests(unittest.TestCase):
+    """A real server and client on loopback: the control link's keepalive
+    gives the TLS buffers back on both ends."""
+
+    @defer.inlineCallbacks
+    def test_both_ends_give_the_handshakes_buffers_back_and_keep_carrying_bytes(self) -> object:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        (public,) = yield tunnel.connect([(0, target)])
+        client_tls = tunnel.client_service.client.link.transport  # type: ignore[union-attr]
+        [server_link] = [link for link in tunnel.server.links if link.session is not None]
+        ends = [client_tls, server_link.transport]
+        self.assertTrue(all(isinstance(end, LinkTLSProtocol) for end in ends))
+        # the first keepalive tick follows the handshake: both ends renewed their BIOs
+        yield wait_until(lambda: not any(end.bios_grown for end in ends), 5)
+        payload = random.Random(9).randbytes(200_000)  # grows them again
+        received, _ = yield with_timeout(visit(public, Visitor(payload)), 10)
+        self.assertEqual(received, payload)
+        self.assertTrue(all(end.bios_grown for end in ends))
 
 
 class SegmentTests(unittest.SynchronousTestCase):
