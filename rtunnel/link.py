@@ -266,13 +266,15 @@ class ControlLink(Protocol):
             )
             self.abort()
             return
-        if now >= self._next_ping:
-            self._send_ping()
+        ping = now >= self._next_ping
+        if ping:
             self._next_ping = now + self.keepalive.interval
-            if self.closing:
-                return
+        # the next tick is set first: nothing the ping does (a write, a close)
+        # can leave the link without its dead check, closing links included
         due = min(self._next_ping, self._last_received + self.keepalive.dead_after)
         self._keepalive_call = self.clock.callLater(max(due - now, 0.0), self._keepalive_tick)
+        if ping:
+            self._send_ping()
 
     def _send_ping(self) -> None:
         # once a keepalive interval (the first tick follows the handshake):

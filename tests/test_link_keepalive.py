@@ -76,3 +76,13 @@ class KeepaliveTests(SynchronousTestCase):
         self.clock.advance(0)
         self.link.connectionLost()
         self.assertEqual(self.keepalive_timers(), [])
+
+    def test_a_link_closing_cleanly_is_still_aborted_if_the_peer_never_finishes_the_close(self) -> None:
+        aborted: list[bool] = []
+        self.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[attr-defined]
+        self.clock.advance(0)
+        self.link.lose()  # a clean close waits for the peer's part (TLS close_notify) ...
+        self.clock.advance(29.9)
+        self.assertEqual(aborted, [])
+        self.clock.advance(0.1)  # ... which never comes: 30 s of silence
+        self.assertEqual(aborted, [True])
