@@ -231,11 +231,6 @@ class LinkTLSProtocol(TLSProtocolBase):
 
     # ------------------------------------------------------------ reading
 
-    def dataReceived(self, data: bytes) -> None:
-        if len(data) > GROWN_ABOVE:
-            self.bios_grown = True
-        super().dataReceived(data)
-
     def decrypt_received(self) -> None:
         """Decrypt every complete record in the receive BIO and deliver the
         plaintext in one call (the base class delivers each record)."""
@@ -261,7 +256,10 @@ class LinkTLSProtocol(TLSProtocolBase):
 
     def _deliver(self, pieces: list[bytes]) -> None:
         if pieces and not self.tls_aborted:
-            ProtocolWrapper.dataReceived(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if len(data) > GROWN_ABOVE:  # its ciphertext went through the receive BIO
+                self.bios_grown = True
+            ProtocolWrapper.dataReceived(self, data)
 
 
 class LinkTLSFactory(TLSMemoryBIOFactory):
