@@ -14,7 +14,12 @@ starts one ``rtunnel_server`` on loopback, then
    again once the server has sent every OPEN.
 
 It prints one JSON object: the counts reached, RSS at each step and the
-differences per session and per stream (KB). Memory per session includes
+differences per session and per stream (KB). With ``--trace`` the server
+runs under tracemalloc (which makes it slower and larger: compare RSS only
+between runs without it) and the JSON also says where a session's memory
+goes: glibc's bytes in use (mallinfo2, every C and large Python allocation)
+and Python's traced bytes per session, and the source lines that allocated
+the most per session. Memory per session includes
 the TLS connection, the session's state and one bound port; per stream the
 visitor's socket on the server and the stream's state.
 
@@ -151,6 +156,66 @@ def hold_visitors(ports: list[int], count: int) -> None:
         time.sleep(60)
 
 
+# ---------------------------------------------------------------- the traced server (its own process)
+
+
+def traced_server(dump_dir: Path, argv: list[str]) -> None:
+    """Run rtunnel_server with `argv` under tracemalloc; each SIGUSR1 writes
+    a snapshot and glibc's bytes in use to `dump_dir` (snapshot-N.pickle,
+    malloc-N.txt, N = 0, 1, ...)."""
+    import ctypes
+    import itertools
+    import tracemalloc
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    counter = itertools.count()
+
+    def dump(_signum: int, _frame: object) -> None:
+        n = next(counter)
+        tracemalloc.take_snapshot().dump(str(dump_dir / f"snapshot-{n}.pickle"))
+        (dump_dir / f"malloc-{n}.txt").write_text(str(libc.mallinfo2().uordblks))
+
+    tracemalloc.start(1)
+    signal.signal(signal.SIGUSR1, dump)
+    from rtunnel.scripts import server_main
+
+    sys.argv = ["rtunnel_server", *argv]
+    server_main()
+
+
+def _dump_traces(pid: int, dump_dir: Path, n: int, timeout: float = 120) -> tuple[Path, int]:
+    """Ask the traced server for dump `n` and wait for it."""
+    os.kill(pid, signal.SIGUSR1)
+    done = dump_dir / f"malloc-{n}.txt"
+    wait_for(lambda: done.exists() and done.read_text().strip() != "", timeout, (), "the traced server's dump")
+    return dump_dir / f"snapshot-{n}.pickle", int(done.read_text())
+
+
+def _where_it_goes(before: tuple[Path, int], after: tuple[Path, int], sessions: int) -> dict[str, object]:
+    """Bytes per session: glibc's in use, Python's traced, the top lines."""
+    import tracemalloc
+
+    old = tracemalloc.Snapshot.load(str(before[0]))
+    new = tracemalloc.Snapshot.load(str(after[0]))
+    diff = new.compare_to(old, "lineno")
+    python = sum(d.size_diff for d in diff)
+    top = [
+        {"where": f"{d.traceback[0].filename.split('site-packages/')[-1]}:{d.traceback[0].lineno}",
+         "bytes_per_session": round(d.size_diff / sessions), "blocks_per_session": round(d.count_diff / sessions, 2)}
+        for d in diff[:25] if d.size_diff > 0
+    ]
+    return {
+        "malloc_in_use_kb_per_session": round((after[1] - before[1]) / sessions / 1024, 2),
+        "python_traced_kb_per_session": round(python / sessions / 1024, 2),
+        "top_lines": top,
+    }
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -209,6 +274,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "--session-buffer", str(1 << 30), *args.server_arg,
     ]  # fmt: skip
     procs: list[subprocess.Popen[str]] = []
+    dump_dir = tmp / "traces"
+    if args.trace:
+        dump_dir.mkdir()
+        server_cmd = [sys.executable, __file__, "--traced-server", str(dump_dir), "--", *server_cmd[1:]]
     server = subprocess.Popen(server_cmd, cwd=tmp, stdout=open(tmp / "server.log", "w"), stderr=subprocess.STDOUT, text=True)
     procs.append(server)
     try:
@@ -216,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         time.sleep(SETTLE)
         fingerprint = _fingerprint(tmp / "state" / "server.crt")
         base = rss_kb([server.pid])
+        traced_before = _dump_traces(server.pid, dump_dir, 0) if args.trace else None
         log(f"server pid {server.pid}, RSS {base} KB idle; opening {args.sessions} sessions")
         started = time.monotonic()
         generators = _spawn_split(args.sessions, lambda first, n: [
@@ -230,6 +300,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         time.sleep(SETTLE)
         with_sessions = rss_kb([server.pid])
         fds_sessions = _fds(server.pid)
+        traced = (
+            _where_it_goes(traced_before, _dump_traces(server.pid, dump_dir, 1), len(ports))
+            if traced_before is not None else None
+        )
         log(f"{len(ports)} sessions bound in {sessions_seconds:.1f} s; RSS {with_sessions} KB")
         started = time.monotonic()
         visitors = _spawn_split(args.streams, lambda first, n: [
@@ -266,6 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             "seconds": {"sessions": round(sessions_seconds, 1), "streams": round(streams_seconds, 1)},
             "server_args": args.server_arg,
             "nofile_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+            **({"traced_per_session": traced} if traced is not None else {}),
         }
     finally:
         for proc in reversed(procs):
@@ -284,7 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds for each step")
     parser.add_argument("--server-arg", action="append", default=[], help="one more rtunnel_server argument")
+    parser.add_argument("--trace", action="store_true",
+                        help="run the server under tracemalloc and report where a session's memory goes")
     parser.add_argument("--generate-sessions", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--traced-server", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--hold-visitors", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
@@ -294,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if args.traced_server is not None:
+        traced_server(args.traced_server, args.rest)
+        return 0
     if args.generate_sessions is not None:
         generate_sessions(args.port, args.token, args.fingerprint, args.generate_sessions, args.first_port)
         return 0

@@ -242,6 +242,7 @@ class ServerConfig:
     http: HttpSettings = field(default_factory=HttpSettings)  # the shared HTTP/HTTPS ports (#15)
     udp_idle_timeout: float = 60.0  # a UDP flow (one visitor address) silent this long is forgotten
     udp_max_flows: int = 4096  # flows per UDP tunnel; datagrams of further visitors are dropped
+    tls_groups: str | None = None  # the control port's key exchange groups (rtunnel.tls); None: OpenSSL's
 
     def port_allowed(self, port: int) -> bool:
         if port == 0:

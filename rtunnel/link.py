@@ -73,8 +73,8 @@ class ControlLink(Protocol):
         self.connected_at = clock.seconds()
         self._last_received = self.connected_at
         self._writes_watcher: Session | None = None
-        self._ping_call: IDelayedCall | None = None
-        self._dead_call: IDelayedCall | None = None
+        self._keepalive_call: IDelayedCall | None = None  # one timer: pings and the dead check
+        self._next_ping = 0.0
         self._ping_seq = 0
         self._ping_sent_at: float | None = None
         self._rtt_sampled = False
@@ -245,19 +245,46 @@ class ControlLink(Protocol):
         self.session = session
         self.decoder.max_frame = session.settings.max_frame
         session.attach(self, resuming, peer_max_frame)
-        self._schedule_ping(0)
-        self._dead_call = self.clock.callLater(self.keepalive.dead_after, self._check_dead)
+        self._next_ping = self.clock.seconds()  # the first ping goes out at once
+        self._keepalive_call = self.clock.callLater(0, self._keepalive_tick)
 
     # ------------------------------------------------------------ keepalive
 
-    def _schedule_ping(self, delay: float) -> None:
-        self._ping_call = self.clock.callLater(delay, self._send_ping)
+    def _keepalive_tick(self) -> None:
+        """Both keepalive jobs on one timer per link (a timer costs memory
+        in every idle session): end the link after `dead_after` of silence,
+        ping every `interval`; then wait for whichever is due first."""
+        self._keepalive_call = None
+        now = self.clock.seconds()
+        silent = now - self._last_received
+        if silent >= self.keepalive.dead_after:
+            self.log.warn(
+                "link to {peer} is dead: nothing received for {silent:.1f} s",
+                peer=self.peer_description(),
+                silent=silent,
+                event="link_dead",
+            )
+            self.abort()
+            return
+        ping = now >= self._next_ping
+        if ping:
+            self._next_ping = now + self.keepalive.interval
+        # the next tick is set first: nothing the ping does (a write, a close)
+        # can leave the link without its dead check, closing links included
+        due = min(self._next_ping, self._last_received + self.keepalive.dead_after)
+        self._keepalive_call = self.clock.callLater(max(due - now, 0.0), self._keepalive_tick)
+        if ping:
+            self._send_ping()
 
     def _send_ping(self) -> None:
+        # once a keepalive interval (the first tick follows the handshake):
+        # the TLS layer gives back buffers a past burst grew (rtunnel.tlslink)
+        release = getattr(self.transport, "release_idle_buffers", None)
+        if release is not None:
+            release()
         self._ping_seq += 1
         self._ping_sent_at = self.clock.seconds()
         self.send(wire.encode_ping(self._ping_seq))
-        self._schedule_ping(self.keepalive.interval)
 
     def _ping_received(self, frame: Frame) -> None:
         opaque = wire.decode_u64(frame)
@@ -269,22 +296,6 @@ class ControlLink(Protocol):
             self._rtt_sampled = True
             self._ping_sent_at = None
 
-    def _check_dead(self) -> None:
-        silent = self.clock.seconds() - self._last_received
-        remaining = self.keepalive.dead_after - silent
-        if remaining > 0:
-            self._dead_call = self.clock.callLater(remaining, self._check_dead)
-            return
-        self._dead_call = None
-        self.log.warn(
-            "link to {peer} is dead: nothing received for {silent:.1f} s",
-            peer=self.peer_description(),
-            silent=silent,
-            event="link_dead",
-        )
-        self.abort()
-
     def _stop_keepalive(self) -> None:
-        cancel_call(self._ping_call)
-        cancel_call(self._dead_call)
-        self._ping_call = self._dead_call = None
+        call, self._keepalive_call = self._keepalive_call, None
+        cancel_call(call)

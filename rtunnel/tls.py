@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from rtunnel.errors import ConfigError, StateDirError
 from rtunnel.files import load_or_create_secret, replace_private, write_private
+from rtunnel.openssl_private import set_key_exchange_groups
 
 MIN_TLS = ssl.TLSVersion.TLSv1_2
 
@@ -175,10 +176,14 @@ class _ServerOptions(ssl.CertificateOptions):
     a certificate connects exactly as before.
     """
 
+    groups: str | None = None  # key exchange groups (--tls-groups); None: OpenSSL's default
+
     def getContext(self) -> SSL.Context:
         ctx = super().getContext()  # made once, then shared by every connection
         if ctx.get_verify_mode() != SSL.VERIFY_PEER:
             ctx.set_verify(SSL.VERIFY_PEER, _accept_any_certificate)  # not FAIL_IF_NO_PEER_CERT
+            if self.groups is not None:
+                set_key_exchange_groups(ctx, self.groups)
         return ctx
 
 
@@ -186,16 +191,32 @@ def _accept_any_certificate(conn: SSL.Connection, cert: crypto.X509, errno: int,
     return True
 
 
-def server_context(identity: ServerIdentity) -> ssl.CertificateOptions:
+def server_context(identity: ServerIdentity, groups: str | None = None) -> ssl.CertificateOptions:
     """TLS 1.2+, Twisted's modern cipher list, no compression, no renegotiation;
-    a client certificate is requested but optional (see _ServerOptions)."""
+    a client certificate is requested but optional (see _ServerOptions).
+    `groups` (--tls-groups) replaces OpenSSL's key exchange groups."""
     cert = crypto.load_certificate(crypto.FILETYPE_PEM, identity.cert_pem)
     key = crypto.load_privatekey(crypto.FILETYPE_PEM, identity.key_pem)
-    return _ServerOptions(
+    options = _ServerOptions(
         privateKey=key,
         certificate=cert,
         raiseMinimumTo=MIN_TLS,
     )
+    options.groups = groups
+    return options
+
+
+def check_key_exchange_groups(groups: str) -> str:
+    """`groups` if this OpenSSL accepts it as a key exchange group list,
+    else ConfigError saying what to give."""
+    try:
+        set_key_exchange_groups(SSL.Context(SSL.TLS_METHOD), groups)
+    except (ValueError, UnicodeEncodeError):
+        raise ConfigError(
+            f"--tls-groups {groups!r}: this OpenSSL accepts none of these key exchange groups or the list is "
+            "malformed; give names joined by ':', e.g. X25519MLKEM768:X25519 or X25519"
+        ) from None
+    return groups
 
 
 @dataclass(frozen=True)

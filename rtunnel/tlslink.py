@@ -18,6 +18,13 @@ Before the handshake completes, while Twisted holds writes back, and on
 every error or shutdown path, the base class does the work exactly as
 before. The base class's private state is read through
 `rtunnel.twisted_private.TLSProtocolBase`.
+
+Memory: the memory BIOs between OpenSSL and the socket keep the largest
+buffer they ever held (the handshake's messages, a burst's 64 KiB reads
+and 256 KiB flushes). `release_idle_buffers` (which the control link calls
+at each keepalive tick) gives them back once they have grown and hold
+nothing (`rtunnel.openssl_private.renew_memory_bios`), so an idle
+connection holds no buffer sized by its past.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from rtunnel.mux import cancel_call
+from rtunnel.openssl_private import renew_memory_bios
 from rtunnel.transports import write_now
 from rtunnel.twisted_private import TLSProtocolBase
 
@@ -50,6 +58,10 @@ READ_CHUNK = RECORD_PLAINTEXT
 #: enough for few calls, small enough to stay clear of malloc's mmap
 #: threshold (a fresh mapping and page faults for every buffer).
 CIPHERTEXT_PIECE = 64 * 1024
+
+#: A read or a flush larger than this grows a memory BIO's buffer enough to
+#: be worth giving back (`LinkTLSProtocol.release_idle_buffers`).
+GROWN_ABOVE = 4 * 1024
 
 
 def _segments(pieces: list[bytes]) -> Iterator[bytes | memoryview]:
@@ -85,6 +97,10 @@ class LinkTLSProtocol(TLSProtocolBase):
     """`TLSMemoryBIOProtocol` with per-turn write batching and batched reads."""
 
     factory: LinkTLSFactory
+
+    #: The memory BIOs may hold grown buffers (the handshake grows them):
+    #: `release_idle_buffers` has something to give back.
+    bios_grown = True
 
     def __init__(self, factory: LinkTLSFactory, wrappedProtocol: Any, *args: Any) -> None:
         super().__init__(factory, wrappedProtocol, *args)
@@ -135,7 +151,7 @@ class LinkTLSProtocol(TLSProtocolBase):
 
     def flush(self) -> None:
         """Encrypt and send every write queued in this turn."""
-        outgoing = self._outgoing
+        outgoing, size = self._outgoing, self._outgoing_size
         self._drop_outgoing()
         if not outgoing or self.tls_lost:
             return
@@ -144,6 +160,8 @@ class LinkTLSProtocol(TLSProtocolBase):
             return
         # pyOpenSSL turns on partial writes: each SSL_write takes one record.
         # The records gather in the memory BIO and leave in 64 KiB bio_reads.
+        if size > GROWN_ABOVE:  # its ciphertext gathers in the send BIO
+            self.bios_grown = True
         tls = self.getHandle()
         segments = _segments(outgoing)
         for segment in segments:
@@ -198,6 +216,19 @@ class LinkTLSProtocol(TLSProtocolBase):
         cancel_call(call)
         self._outgoing, self._outgoing_size = [], 0
 
+    # ------------------------------------------------------------ memory
+
+    def release_idle_buffers(self) -> bool:
+        """Give back the memory BIOs' buffers if a past read, flush or the
+        handshake grew them and they hold nothing now; True if it did.
+        Cheap when there is nothing to give back (one attribute check)."""
+        if not self.bios_grown or not self.tls_ready:
+            return False
+        if renew_memory_bios(self.getHandle()):
+            self.bios_grown = False
+            return True
+        return False
+
     # ------------------------------------------------------------ reading
 
     def decrypt_received(self) -> None:
@@ -225,7 +256,10 @@ class LinkTLSProtocol(TLSProtocolBase):
 
     def _deliver(self, pieces: list[bytes]) -> None:
         if pieces and not self.tls_aborted:
-            ProtocolWrapper.dataReceived(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if len(data) > GROWN_ABOVE:  # its ciphertext went through the receive BIO
+                self.bios_grown = True
+            ProtocolWrapper.dataReceived(self, data)
 
 
 class LinkTLSFactory(TLSMemoryBIOFactory):

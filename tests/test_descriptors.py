@@ -21,9 +21,17 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from rtunnel.descriptors import CONTROL_MARGIN, MAX_RESERVE, DescriptorGate, raise_limit, reserve_for
+from rtunnel.descriptors import (
+    CONTROL_MARGIN,
+    MAX_RESERVE,
+    DescriptorGate,
+    listen_tcp,
+    raise_limit,
+    reserve_for,
+)
 from tests.harness import (
     TOKEN,
     TWISTD,
@@ -49,6 +57,25 @@ def cpu_seconds(pid: int) -> float:
 def limited(soft: int, hard: int) -> Any:
     """A preexec_fn: the child's open files limit is soft/hard."""
     return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class GatedPortTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_gated_listening_socket_carries_no_dict_of_its_own_and_accepts(self) -> Any:
+        accepted: defer.Deferred[None] = defer.Deferred()
+
+        class Accepted(Protocol):
+            def connectionMade(self) -> None:
+                accepted.callback(None)
+
+        port = listen_tcp(reactor, 0, Factory.forProtocol(Accepted), 16, "127.0.0.1", DescriptorGate(reactor, "visitor"))
+        self.addCleanup(port.stopListening)
+        listening = port.socket  # type: ignore[attr-defined]
+        self.assertIs(listening.port, port)
+        self.assertFalse(hasattr(listening, "__dict__"))  # one per tunnel: a dict cost 336 bytes
+        client = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+        self.addCleanup(client.close)
+        yield with_timeout(accepted, 5)
 
 
 class LimitTests(unittest.SynchronousTestCase):

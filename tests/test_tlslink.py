@@ -7,11 +7,13 @@ fake clock decides when a reactor turn ends.
 
 from __future__ import annotations
 
+import ctypes
 import random
 from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -21,6 +23,7 @@ from twisted.trial import unittest
 
 from rtunnel.tls import PinnedCertificateCreator, load_server_identity, server_context
 from rtunnel.tlslink import FLUSH_AT, RECORD_PLAINTEXT, LinkTLSFactory, LinkTLSProtocol, _segments
+from tests.harness import Echo, Tunnel, Visitor, listen_target, visit, wait_until, with_timeout
 
 
 class Recorder(Protocol):
@@ -39,6 +42,23 @@ class Recorder(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
         self.lost = reason
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()
+    ]
+
+
+_libc = ctypes.CDLL("libc.so.6")
+_libc.mallinfo2.restype = _MallInfo2
+
+
+def malloc_in_use() -> int:
+    """glibc's bytes in use: heap chunks and mmapped ones (large buffers)."""
+    info = _libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 class LinkTLSTests(unittest.TestCase):
@@ -162,6 +182,72 @@ class LinkTLSTests(unittest.TestCase):
         lost = self.app(self.server).lost
         self.assertIsNotNone(lost)
         self.assertFalse(lost.check(ConnectionDone))
+
+
+    def exchange(self, up: bytes, down: bytes) -> None:
+        """Send `up` and `down` and check both arrive whole."""
+        before_up, before_down = len(self.app(self.server).received), len(self.app(self.client).received)
+        self.client.write(up)
+        self.server.write(down)
+        self.pump.flush()
+        self.assertEqual(self.app(self.server).received[before_up:], up)
+        self.assertEqual(self.app(self.client).received[before_down:], down)
+
+    def test_buffers_a_burst_grew_are_given_back_once_idle(self) -> None:
+        self.handshake()
+        burst = random.Random(11).randbytes(1 << 20)
+        self.exchange(burst, burst)  # each memory BIO grows to hundreds of KB
+        in_use = malloc_in_use()
+        self.assertTrue(self.client.release_idle_buffers())
+        self.assertTrue(self.server.release_idle_buffers())
+        given_back = in_use - malloc_in_use()
+        self.assertGreater(given_back, 1 << 20, f"only {given_back} bytes given back")
+        self.exchange(b"still works" * 1000, b"both ways" * 1000)
+
+    def test_the_handshakes_buffers_are_given_back_at_the_first_release(self) -> None:
+        self.handshake()
+        self.assertTrue(self.server.release_idle_buffers())
+        self.assertTrue(self.client.release_idle_buffers())
+        self.exchange(b"after", b"the release")
+        # small traffic grows nothing: the next release has nothing to do
+        self.assertFalse(self.server.release_idle_buffers())
+        self.exchange(b"x" * 100_000, b"")
+        self.assertTrue(self.server.release_idle_buffers())
+
+    def test_ciphertext_waiting_in_a_bio_is_never_dropped(self) -> None:
+        self.handshake()
+        self.client.write(b"not yet read by the server")
+        self.clock.advance(0)
+        ciphertext = b"".join(self.client.transport.stream)
+        self.client.transport.stream.clear()
+        handle = self.server.getHandle()
+        handle.bio_write(ciphertext)  # in the receive BIO, not decrypted yet
+        self.assertFalse(self.server.release_idle_buffers())
+        self.server.decrypt_received()  # what the next read does first
+        self.assertEqual(self.app(self.server).received, b"not yet read by the server")
+        self.assertTrue(self.server.release_idle_buffers())
+
+
+class RealLinkTests(unittest.TestCase):
+    """A real server and client on loopback: the control link's keepalive
+    gives the TLS buffers back on both ends."""
+
+    @defer.inlineCallbacks
+    def test_both_ends_give_the_handshakes_buffers_back_and_keep_carrying_bytes(self) -> object:
+        tunnel = Tunnel(self)
+        yield tunnel.start_server()
+        _, target = listen_target(self, Echo)
+        (public,) = yield tunnel.connect([(0, target)])
+        client_tls = tunnel.client_service.client.link.transport  # type: ignore[union-attr]
+        [server_link] = [link for link in tunnel.server.links if link.session is not None]
+        ends = [client_tls, server_link.transport]
+        self.assertTrue(all(isinstance(end, LinkTLSProtocol) for end in ends))
+        # the first keepalive tick follows the handshake: both ends renewed their BIOs
+        yield wait_until(lambda: not any(end.bios_grown for end in ends), 5)
+        payload = random.Random(9).randbytes(200_000)  # grows them again
+        received, _ = yield with_timeout(visit(public, Visitor(payload)), 10)
+        self.assertEqual(received, payload)
+        self.assertTrue(all(end.bios_grown for end in ends))
 
 
 class SegmentTests(unittest.SynchronousTestCase):

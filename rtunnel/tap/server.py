@@ -274,7 +274,7 @@ class ServerService(service.Service):
         listening = GatedListening(self.reactor, self.control_gate, config.reuse_port)
         endpoint = serverFromString(listening, config.listen)
         factory = self.server.admitting(
-            LinkTLSFactory(server_context(identity), False, self.server.link_factory(), self.reactor)
+            LinkTLSFactory(server_context(identity, config.tls_groups), False, self.server.link_factory(), self.reactor)
         )
         listen = config.listen
         try:

@@ -31,6 +31,7 @@ from rtunnel.tap.options import (
     Option,
     OptionTable,
 )
+from rtunnel.tls import check_key_exchange_groups
 
 DEFAULT_STATE_DIR = "~/.local/state/rtunnel"
 MIN_MAX_FRAME = wire.MIN_MAX_FRAME  # 16 KiB
@@ -246,6 +247,17 @@ SERVER_OPTIONS = OptionTable("server", [
         "handshake-timeout", Kind.FLOAT, "Seconds a new connection has to complete TLS and authenticate.", 10.0,
         field="handshake_timeout", above=0, error=_GRACE, metavar="SECONDS",
         doc="time a new connection has to complete TLS and authenticate",
+    ),
+    Option(
+        "tls-groups", Kind.STR,
+        "Key exchange groups of the control port, ':'-separated, preferred first (default: OpenSSL's, "
+        "the post-quantum hybrid X25519MLKEM768 first). X25519 alone saves about 6 KB per session and "
+        "gives up the hybrid's protection of recorded traffic.", field="tls_groups",
+        convert=lambda value: check_key_exchange_groups(value.strip()) if value and value.strip() else None,
+        metavar="LIST", doc_default="OpenSSL's (`X25519MLKEM768` first)",
+        doc="key exchange groups of the control port, `:`-separated, preferred first; `X25519` alone saves "
+        "about 6 KB per session (see [docs/performance.md](docs/performance.md)) and gives up the "
+        "post-quantum hybrid's protection of recorded traffic",
     ),
     PING_INTERVAL,
     replace(
