@@ -197,3 +197,29 @@ class CertificatesAtEveryMemberTests(TestCase):
         seen = yield threads.deferToThread(flood, f"nowhere.{DOMAIN}")
         self.assertEqual(set(seen), {None})
         self.assertEqual(self.share.fetches, before, "a name held nowhere is never fetched")
+
+    @defer.inlineCallbacks
+    def test_a_refresh_that_finds_the_member_link_down_is_made_once_the_link_is_back(self) -> Any:
+        """The link to the home drops and cannot be made again (the home's
+        link endpoint is gone from the directory) when the refresh is due:
+        the edge keeps serving the certificate it has, and once the link is
+        back it fetches the home's renewed certificate."""
+        self.patch(certshare, "REFRESH_EVERY", 0.3)
+        stored, ca_file = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "first", NAME)
+        yield self.start(stored)
+        self.fleet.set_home(Hostname(NAME), "m1")
+        yield wait_until(lambda: NAME in self.share.held, 10)
+        endpoint = self.fleet.endpoints.pop("m1")
+        peer = self.links["m2"].peers["m1"]
+        assert peer.link is not None
+        peer.link.transport.abortConnection()
+        yield wait_until(lambda: peer.session is None, 10)
+        yield sleep(1.0)  # refreshes fall due while the link is down
+        renewed, renewed_ca = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "renewed", NAME)
+        self.tunnels["m1"].server_service.acme._issued(_certificate(NAME, renewed), NAME)
+        seen = yield threads.deferToThread(shown, self.https_port, NAME, ca_file)
+        self.assertEqual(seen, der(stored), "the certificate fetched before serves while the home is unreachable")
+        self.fleet.endpoints["m1"] = endpoint
+        yield wait_until(lambda: self.share.held[NAME][1].pem == renewed, 10)
+        seen = yield threads.deferToThread(shown, self.https_port, NAME, renewed_ca)
+        self.assertEqual(seen, der(renewed))

@@ -253,7 +253,7 @@ class CertificateShare:
             return
         session = self.links.peer(home).session
         if session is None:
-            return  # fetched when the link to the home is up (_link_up)
+            return  # fetched when the link to the home is up (_link_up; the peer dials it now)
         fetch = _Fetch(self, name, home)
         info = {
             "name": {"kind": "host", "hostname": name}, "src": _NO_ADDRESS, "dst": _NO_ADDRESS,
@@ -275,8 +275,12 @@ class CertificateShare:
         self.next_fetch[name] = self.links.reactor.callLater(delay, self._fetch, name)
 
     def _link_up(self, home: str, session: Any) -> None:
+        """The link to `home` is up: fetch what waited for it (a name without
+        a certificate, or one whose refresh found the link down)."""
         for name, where in list(self.wanted.items()):
-            if where == home and name not in self.held and name not in self.fetching and self._needed(name):
+            if where != home or name in self.fetching or not self._needed(name):
+                continue
+            if name not in self.held or name not in self.next_fetch:
                 self._fetch(name)
 
     def fetched(self, fetch: _Fetch, pem: bytes) -> None:
