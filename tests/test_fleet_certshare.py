@@ -74,9 +74,12 @@ class CertificatesAtEveryMemberTests(TestCase):
     timeout = 60
 
     @defer.inlineCallbacks
-    def start(self, stored: bytes | None) -> Any:
+    def start(self, stored: bytes | None, third: bytes | None = None) -> Any:
         """m1 (with `stored` as NAME's ACME certificate) and m2, both with
-        --https, member links between them, and a client at m1 claiming NAME."""
+        --https, member links between them, and a client at m1 claiming NAME;
+        with `third`, m3 too, with `third` as its certificate of NAME and a
+        client of its own claiming NAME (each member's claims are its own:
+        the StaticFleet decides which of m1 and m3 the fleet calls the home)."""
         self.fleet = StaticFleet()
         base = Path(tempfile.mkdtemp(prefix="rtunnel-certshare-"))
         ca_dir = base / "ca"
@@ -84,13 +87,15 @@ class CertificatesAtEveryMemberTests(TestCase):
         self.tunnels: dict[str, Tunnel] = {}
         self.hosts: dict[str, HostEdge] = {}
         self.links: dict[str, FleetLinks] = {}
-        for index, member in ((1, "m1"), (2, "m2")):
+        files_of = {"m1": stored, "m2": None, "m3": third}
+        for index, member in enumerate(["m1", "m2"] + (["m3"] if third is not None else []), start=1):
             address = f"127.0.0.{index}"
             tunnel = Tunnel(self)
-            if member == "m1" and stored is not None:
+            pem = files_of[member]
+            if pem is not None:
                 certificates = tunnel.state_dir / "acme" / "certificates"
                 certificates.mkdir(parents=True)
-                (certificates / f"{NAME}.pem").write_bytes(stored)
+                (certificates / f"{NAME}.pem").write_bytes(pem)
             yield tunnel.start_server(
                 listen=f"tcp:0:interface={address}", public_host=address,
                 http=HttpSettings(https=f"tcp:0:interface={address}", domain=DOMAIN),
@@ -110,18 +115,21 @@ class CertificatesAtEveryMemberTests(TestCase):
         self.https_port = self.tunnels["m2"].server_service.shared_ports["https"].getHost().port
         service = WhoAmIServer("app")
         serve_in_thread(self, service)
-        home = self.tunnels["m1"]
-        config = replace(
-            home.client_config([], server_host="127.0.0.1"),
-            tunnels=(
-                TunnelSpec(1, "", 0, "127.0.0.1", service.server_address[1], kind="http", hostname="app"),
-                TunnelSpec(2, "", 0, "127.0.0.1", service.server_address[1], kind="tls", hostname="secure"),
-            ),
-        )
-        client = home.start_client(config)
-        yield with_timeout(client.client.when_bound(), 10)
-        self.assertIn(NAME, home.server.hostnames.tunnels)
-        self.assertEqual(home.server.hostnames.tunnels[f"secure.{DOMAIN}"].kind, "tls")
+        for member in ("m1", "m3"):
+            if member not in self.tunnels:
+                continue
+            home = self.tunnels[member]
+            config = replace(
+                home.client_config([], server_host=f"127.0.0.{member[1]}"),
+                tunnels=(
+                    TunnelSpec(1, "", 0, "127.0.0.1", service.server_address[1], kind="http", hostname="app"),
+                    TunnelSpec(2, "", 0, "127.0.0.1", service.server_address[1], kind="tls", hostname="secure"),
+                ),
+            )
+            client = home.start_client(config)
+            yield with_timeout(client.client.when_bound(), 10)
+            self.assertIn(NAME, home.server.hostnames.tunnels)
+            self.assertEqual(home.server.hostnames.tunnels[f"secure.{DOMAIN}"].kind, "tls")
 
     @property
     def share(self) -> certshare.CertificateShare:
@@ -223,3 +231,20 @@ class CertificatesAtEveryMemberTests(TestCase):
         yield wait_until(lambda: self.share.held[NAME][1].pem == renewed, 10)
         seen = yield threads.deferToThread(shown, self.https_port, NAME, renewed_ca)
         self.assertEqual(seen, der(renewed))
+
+    @defer.inlineCallbacks
+    def test_a_name_that_moves_to_another_member_is_served_with_the_new_home_s_certificate(self) -> Any:
+        """NAME held at m1 (certificate A), then at m3 (certificate B): the
+        edge m2 forgets A at once and serves B, fetched from m3."""
+        first, first_ca = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "m1", NAME)
+        second, second_ca = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "m3", NAME)
+        yield self.start(first, third=second)
+        self.fleet.set_home(Hostname(NAME), "m1")
+        yield wait_until(lambda: NAME in self.share.held, 10)
+        seen = yield threads.deferToThread(shown, self.https_port, NAME, first_ca)
+        self.assertEqual(seen, der(first))
+        self.fleet.set_home(Hostname(NAME), "m3")
+        self.assertIsNone(self.share.context_for(NAME), "the old home's certificate served after the move")
+        yield wait_until(lambda: NAME in self.share.held and self.share.held[NAME][0] == "m3", 10)
+        seen = yield threads.deferToThread(shown, self.https_port, NAME, second_ca)
+        self.assertEqual(seen, der(second))
