@@ -180,6 +180,7 @@ class CertificateShare:
         self.stopped = True
         if self._link_up in self.links.on_link_up:
             self.links.on_link_up.remove(self._link_up)
+        self.held.clear()  # forgotten without a log line each: the member stops
         for name in list(self.wanted):
             self.released(name)
 
