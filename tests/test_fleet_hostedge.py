@@ -14,9 +14,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.etcd import TOKENS, FleetProcesses, start_etcd, wait
+from tests.etcd import TOKENS, FleetProcesses, scrape, start_etcd, wait
 from tests.harness import (
     DOMAIN,
     TWISTD,
@@ -227,9 +229,6 @@ def served_certificate(host: str, port: int, name: str, root: Path) -> bytes | N
 
 def leaf_der(pem_file: Path) -> bytes:
     """The first certificate of a stored key + chain file, as DER."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-
     return x509.load_pem_x509_certificates(pem_file.read_bytes())[0].public_bytes(serialization.Encoding.DER)
 
 
@@ -248,14 +247,14 @@ class AcmeInAFleet(FleetProcesses):
         if reason:
             raise SkipTest(reason)
         node = start_etcd(self, self.workdir / "etcd")
-        http1, http2, https1, https2 = free_ports(4)
+        http1, http2, https1, https2, metrics1 = free_ports(5)
         pebble = Pebble(http1)  # pebble's DNS says every name is 127.0.0.1: m1
         self.addCleanup(pebble.cleanup)
         pebble.start()
         members = {}
         for i, http_port, https_port in ((1, http1, https1), (2, http2, https2)):
             host = f"127.0.0.{i}"
-            members[i] = self.start_member(i, [node.url], more=(
+            members[i] = self.start_member(i, [node.url], metrics=metrics1 if i == 1 else None, more=(
                 "--domain", DOMAIN, "--http", f"tcp:{http_port}:interface={host}",
                 "--https", f"tcp:{https_port}:interface={host}", "--acme-directory", pebble.directory_url,
                 "--acme-ca", str(pebble.ca_file), "--acme-email", "ops@tunnel.test",
@@ -297,6 +296,12 @@ class AcmeInAFleet(FleetProcesses):
                          "the edge shows the very certificate the home obtained")
         self.assertEqual(served_certificate("127.0.0.2", https2, name, root), leaf_der(stored))
         members[1][0].wait_for(rf"certificate for hostname app\.{DOMAIN} fetched from member m2")
+        leaf = x509.load_der_x509_certificate(leaf_der(stored))
+        expiry = scrape(f"http://127.0.0.1:{metrics1}/metrics")[(
+            "rtunnel_fleet_edge_certificate_expiry_timestamp_seconds",
+            (("home", "m2"), ("hostname", name), ("member", "m1")),
+        )]
+        self.assertEqual(expiry, leaf.not_valid_after_utc.timestamp())
 
         client.popen.terminate()
         client.wait_exit()
