@@ -9,13 +9,16 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.etcd import TOKENS, FleetProcesses, start_etcd, wait
+from tests.etcd import TOKENS, FleetProcesses, scrape, start_etcd, wait
 from tests.harness import (
     DOMAIN,
     TWISTD,
@@ -212,25 +215,46 @@ class HostnamesAtEveryMember(FleetProcesses):
         self.members[1][0].wait_for(rf"serving hostname alice\.{DOMAIN} \(http\) here for member m2")
 
 
+def served_certificate(host: str, port: int, name: str, root: Path) -> bytes | None:
+    """The DER certificate `host:port` shows for SNI `name` (its chain checked
+    against `root`), or None if the handshake fails (e.g. an alert)."""
+    context = ssl.create_default_context(cafile=str(root))
+    try:
+        with socket.create_connection((host, port), timeout=10, source_address=(VISITOR, 0)) as sock:
+            with context.wrap_socket(sock, server_hostname=name) as tls:
+                return tls.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError):
+        return None
+
+
+def leaf_der(pem_file: Path) -> bytes:
+    """The first certificate of a stored key + chain file, as DER."""
+    return x509.load_pem_x509_certificates(pem_file.read_bytes())[0].public_bytes(serialization.Encoding.DER)
+
+
 class AcmeInAFleet(FleetProcesses):
-    def test_an_http_01_challenge_reaching_an_edge_is_answered_by_the_home_which_gets_its_certificate(self) -> None:
+    def test_an_edge_serves_the_acme_certificate_its_home_obtained_and_stops_when_the_name_is_released(
+        self,
+    ) -> None:
         """ACME (pebble) validates every name at m1's --http port; the client
         claims its name at m2, which orders the certificate: m1 carries the
-        challenge to m2, m2 answers it, and m2 serves HTTPS with the issued
-        certificate. m1 has no certificate for the name: its TLS visitors
-        get an alert and m1 says why in its log."""
+        challenge to m2, m2 answers it and gets the certificate. m1, the
+        edge, fetches it from m2 over the member link and serves HTTPS for
+        the name with the very same certificate (curl checks the chain and
+        reaches the client's page). The client stops (the name is released):
+        m1 no longer serves the certificate (alert)."""
         reason = pebble_missing()
         if reason:
             raise SkipTest(reason)
         node = start_etcd(self, self.workdir / "etcd")
-        http1, http2, https1, https2 = free_ports(4)
+        http1, http2, https1, https2, metrics1 = free_ports(5)
         pebble = Pebble(http1)  # pebble's DNS says every name is 127.0.0.1: m1
         self.addCleanup(pebble.cleanup)
         pebble.start()
         members = {}
         for i, http_port, https_port in ((1, http1, https1), (2, http2, https2)):
             host = f"127.0.0.{i}"
-            members[i] = self.start_member(i, [node.url], more=(
+            members[i] = self.start_member(i, [node.url], metrics=metrics1 if i == 1 else None, more=(
                 "--domain", DOMAIN, "--http", f"tcp:{http_port}:interface={host}",
                 "--https", f"tcp:{https_port}:interface={host}", "--acme-directory", pebble.directory_url,
                 "--acme-ca", str(pebble.ca_file), "--acme-email", "ops@tunnel.test",
@@ -239,26 +263,54 @@ class AcmeInAFleet(FleetProcesses):
         serve_in_thread(self, service)
         name = f"app.{DOMAIN}"
         control = members[2][1]
-        Process(
+        client = Process(
             self, "client",
             [*TWISTD, "--nodaemon", "--pidfile=", "rtunnel-client", "-c", f"127.0.0.2:{control}",
              "--token", TOKENS["alice"], "--fingerprint", cert_fingerprint(self.workdir / "state2" / "server.crt"),
              "--http", "app", "-t", str(service.server_address[1])],
             self.workdir,
-        ).wait_for(r"tunnel ready: ")
+        )
+        client.wait_for(r"tunnel ready: ")
         root = self.workdir / "pebble-root.pem"
         root.write_bytes(pebble.root_pem())
 
         def served(index: int, port: int) -> tuple[int, str, str]:
-            return curl("--cacert", str(root), "--resolve", f"{name}:{port}:127.0.0.{index}", f"https://{name}:{port}/")
+            return curl("--cacert", str(root), "--interface", VISITOR, "--resolve", f"{name}:{port}:127.0.0.{index}",
+                        f"https://{name}:{port}/")
 
         wait(lambda: served(2, https2)[0] == 0, 45, f"m2 serves {name} with its ACME certificate", step=0.5)
         self.assertEqual(json.loads(served(2, https2)[1])["service"], "acme-app")
-        self.assertTrue((self.workdir / "state2" / "acme" / "certificates" / f"{name}.pem").exists())
+        stored = self.workdir / "state2" / "acme" / "certificates" / f"{name}.pem"
+        self.assertTrue(stored.exists())
+        self.assertFalse((self.workdir / "state1" / "acme" / "certificates" / f"{name}.pem").exists(),
+                         "the edge stores no copy of the key")
+        # the first handshakes at the edge may get the alert while it fetches the certificate
+        wait(lambda: served(1, https1)[0] == 0, 20, f"m1 serves {name} with m2's certificate", step=0.25)
+        code, out, err = served(1, https1)
+        self.assertEqual(code, 0, err)
+        seen = json.loads(out)
+        self.assertEqual(seen["service"], "acme-app")
+        self.assertIn(["x-forwarded-proto", "https"], seen["headers"])
+        self.assertIn(["x-forwarded-for", VISITOR], seen["headers"])
+        self.assertEqual(served_certificate("127.0.0.1", https1, name, root), leaf_der(stored),
+                         "the edge shows the very certificate the home obtained")
+        self.assertEqual(served_certificate("127.0.0.2", https2, name, root), leaf_der(stored))
+        members[1][0].wait_for(rf"certificate for hostname app\.{DOMAIN} fetched from member m2")
+        leaf = x509.load_der_x509_certificate(leaf_der(stored))
+        expiry = scrape(f"http://127.0.0.1:{metrics1}/metrics")[(
+            "rtunnel_fleet_edge_certificate_expiry_timestamp_seconds",
+            (("home", "m2"), ("hostname", name), ("member", "m1")),
+        )]
+        self.assertEqual(expiry, leaf.not_valid_after_utc.timestamp())
+
+        client.popen.terminate()
+        client.wait_exit()
+        wait(lambda: served_certificate("127.0.0.1", https1, name, root) is None, 15,
+             "m1 stops serving the certificate of the released name")
         code, _, err = served(1, https1)
         self.assertNotEqual(code, 0)
         self.assertIn("unrecognized", err.lower())
-        members[1][0].wait_for(rf"no certificate here for hostname app\.{DOMAIN} \(held at member m2\)")
+        self.assertNotIn("Traceback", members[1][0].output + members[2][0].output)
 
 
 class ClaimRecordKindTests(SynchronousTestCase):

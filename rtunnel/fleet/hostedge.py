@@ -33,6 +33,7 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from rtunnel.fleet.certshare import VIA_CERT, CertificateShare
 from rtunnel.fleet.links import Bridge, FleetLinks, ForwardedVisitor, PeerLink, _BridgeEnd, name_to_json
 from rtunnel.mux import Session, SessionBufferFull, Stream, StreamIdsExhausted
 from rtunnel.server.claims import Hostname, Name
@@ -232,10 +233,11 @@ NO_CERTIFICATE_LOG_EVERY = 60.0
 
 
 class EdgeCertificates:
-    """This member's certificate source, unchanged, but saying (in the log)
-    why a TLS visitor of a name held at another member gets an
-    unrecognized_name alert here: this member has no certificate for it
-    (an ACME certificate is obtained by, and stays at, the name's home)."""
+    """This member's certificate source, with the certificates of names held
+    at other members fetched from their homes layered over it (HostEdge.certs,
+    rtunnel.fleet.certshare), saying (in the log) why a TLS visitor of a name
+    held elsewhere gets an unrecognized_name alert here: no certificate
+    here for it (yet: a miss asks the home, at a bounded rate)."""
 
     log = Logger()
 
@@ -248,10 +250,13 @@ class EdgeCertificates:
         return getattr(self.source, name)
 
     def context_for(self, hostname: str) -> Any:
-        context = self.source.context_for(hostname)
+        context = self.hosts.certs.context_for(hostname)  # held elsewhere: the home's certificate first
+        if context is None:
+            context = self.source.context_for(hostname)
         if context is None:
             tunnel = self.hosts.route(hostname)
             if tunnel is not None and tunnel.kind == "http":
+                self.hosts.certs.missed(hostname)
                 now = self.hosts.links.reactor.seconds()
                 if now - self._logged.get(hostname, -NO_CERTIFICATE_LOG_EVERY) >= NO_CERTIFICATE_LOG_EVERY:
                     self._logged[hostname] = now
@@ -259,9 +264,10 @@ class EdgeCertificates:
                         self._logged.clear()
                     self.log.warn(
                         "no certificate here for hostname {hostname} (held at member {home}): its HTTPS "
-                        "visitors at this member get an unrecognized_name alert; serve it at every member "
-                        "with a certificate every member has (--https-cert, e.g. a wildcard), or have "
-                        "visitors reach its home", hostname=hostname, home=tunnel.home,
+                        "visitors at this member get an unrecognized_name alert until it is fetched from "
+                        "its home (an ACME certificate the home has); if this lasts, check the home's "
+                        "acme_order_failed lines, or give every member a certificate that covers it "
+                        "(--https-cert, e.g. a wildcard)", hostname=hostname, home=tunnel.home,
                         event="edge_no_certificate", member=tunnel.home,
                     )
         return context
@@ -289,6 +295,9 @@ class HostEdge:
         self.remote: dict[str, RemoteHostTunnel] = {}  # normalised name (or "*.zone") -> its home's tunnel
         edge.elsewhere = self.route
         routes = edge.routes
+        local = routes.certificates.source if isinstance(routes.certificates, EdgeCertificates) else routes.certificates
+        #: the ACME certificates of names held elsewhere (fetched from their homes), and the home's answers
+        self.certs = CertificateShare(links, local)
         if routes.certificates is not None and not isinstance(routes.certificates, EdgeCertificates):
             routes.certificates = EdgeCertificates(routes.certificates, self)
         links.kinds[Hostname] = self
@@ -306,6 +315,7 @@ class HostEdge:
         for tunnel in self.remote.values():
             tunnel.claim = None
         self.remote.clear()
+        self.certs.stop()
 
     # ------------------------------------------------------------ the edge
 
@@ -322,6 +332,7 @@ class HostEdge:
         assert isinstance(name, Hostname)
         old = self.remote.get(name.name)
         if home is None or home == self.links.member:
+            self.certs.released(name.name)
             if old is not None:
                 del self.remote[name.name]
                 old.claim = None
@@ -333,6 +344,10 @@ class HostEdge:
             return
         claim_kind = getattr(self.links.directory, "claim_kind", None)
         kind = (claim_kind(name) if claim_kind is not None else "") or "http"
+        if kind == "http":
+            self.certs.held_at(name.name, home)
+        else:
+            self.certs.released(name.name)  # passthrough: the client's service holds its certificate
         if old is not None and old.home == home and old.kind == kind:
             return
         new = self.remote[name.name] = RemoteHostTunnel(self, name.name, home, kind)
@@ -368,6 +383,9 @@ class HostEdge:
         """An edge carried a visitor of hostname `name` here: bridge it into
         a stream of the session holding the name, opened as a local visitor's."""
         assert isinstance(name, Hostname)
+        if info.get("via") == VIA_CERT:  # not a visitor: an edge asks for the name's certificate
+            self.certs.answer(hop, name.name, edge)
+            return
         tunnel = self.links.server.hostnames.tunnels.get(name.name)
         if tunnel is None or tunnel.claim is None or tunnel.owner is None:
             hop.reset(ResetCode.REFUSED, f"hostname {name.name[:253]} is not held at member {self.links.member}")

@@ -855,7 +855,8 @@ class FleetLinks:
         name = name_from_json(info.get("name"))
         src = _address_field(info.get("src"), "src")
         dst = _address_field(info.get("dst"), "dst")
-        self.visitors_received[edge] += 1
+        if info.get("via") != "cert":  # a certificate fetch (rtunnel.fleet.certshare) is no visitor
+            self.visitors_received[edge] += 1
         if self.directory.fenced:
             hop.reset(ResetCode.REFUSED, f"member {self.member} cannot prove its claims now (cut off from etcd)")
             return

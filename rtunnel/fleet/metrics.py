@@ -110,3 +110,13 @@ class FleetCollector:
         )
         lost.add_metric([me], fleet.claims.lost)
         yield lost
+        expiry = GaugeMetricFamily(
+            "rtunnel_fleet_edge_certificate_expiry_timestamp_seconds", "When the ACME certificate this member "
+            "fetched from a hostname's home, and serves, expires (notAfter, Unix time).",
+            labels=["member", "hostname", "home"],
+        )
+        hosts = fleet.hosts  # rtunnel.fleet.hostedge.HostEdge, with --http/--https and member links
+        if hosts is not None:
+            for name, (home, certificate) in sorted(hosts.certs.held.items()):
+                expiry.add_metric([me, name, home], certificate.not_after)
+        yield expiry
