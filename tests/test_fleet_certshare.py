@@ -28,7 +28,7 @@ from rtunnel.fleet import ca, certshare
 from rtunnel.fleet.hostedge import HostEdge
 from rtunnel.fleet.links import FleetLinks
 from rtunnel.httpconfig import HttpSettings
-from rtunnel.server.acme import _certificate
+from rtunnel.server.acme import load_name_certificate
 from rtunnel.server.claims import Hostname
 from tests.harness import (
     DOMAIN,
@@ -155,7 +155,7 @@ class CertificatesAtEveryMemberTests(TestCase):
         # the home renews (its ACME order's end, as `_issued` is called): the edge's refresh takes it
         renewed, renewed_ca = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "renewed", NAME)
         home_source = self.tunnels["m1"].server_service.acme
-        home_source._issued(_certificate(NAME, renewed), NAME)
+        home_source._issued(load_name_certificate(NAME, renewed), NAME)
         yield wait_until(lambda: self.share.held[NAME][1].pem == renewed, 10)
         seen = yield threads.deferToThread(shown, self.https_port, NAME, renewed_ca)
         self.assertEqual(seen, der(renewed))
@@ -224,7 +224,7 @@ class CertificatesAtEveryMemberTests(TestCase):
         yield wait_until(lambda: peer.session is None, 10)
         yield sleep(1.0)  # refreshes fall due while the link is down
         renewed, renewed_ca = acme_file(Path(tempfile.mkdtemp(prefix="rtunnel-certshare-")) / "renewed", NAME)
-        self.tunnels["m1"].server_service.acme._issued(_certificate(NAME, renewed), NAME)
+        self.tunnels["m1"].server_service.acme._issued(load_name_certificate(NAME, renewed), NAME)
         seen = yield threads.deferToThread(shown, self.https_port, NAME, ca_file)
         self.assertEqual(seen, der(stored), "the certificate fetched before serves while the home is unreachable")
         self.fleet.endpoints["m1"] = endpoint

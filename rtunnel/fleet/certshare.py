@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from rtunnel.mux import SessionBufferFull, Stream, StreamIdsExhausted, cancel_call
-from rtunnel.server.acme import _Certificate, _certificate
+from rtunnel.server.acme import NameCertificate, load_name_certificate
 from rtunnel.wire import ResetCode
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class CertificateShare:
         self.links = links
         self.local = local  # this member's own certificate source (may be None)
         self.wanted: dict[str, str] = {}  # name -> home: held there with kind http
-        self.held: dict[str, tuple[str, _Certificate]] = {}  # name -> (home it came from, certificate)
+        self.held: dict[str, tuple[str, NameCertificate]] = {}  # name -> (home it came from, certificate)
         self.fetching: dict[str, _Fetch] = {}
         self.next_fetch: dict[str, IDelayedCall] = {}
         self.failures: dict[str, int] = {}
@@ -291,7 +291,7 @@ class CertificateShare:
         if self.wanted.get(fetch.name) != fetch.home:
             return
         try:
-            certificate = _certificate(fetch.name, pem)
+            certificate = load_name_certificate(fetch.name, pem)
         except ValueError as e:
             self.failed(fetch, f"its answer is not a key and certificate for the name ({e})")
             return

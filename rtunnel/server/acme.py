@@ -92,7 +92,7 @@ def normalise_hostname(hostname: str) -> str | None:
 
 
 @dataclass(frozen=True)
-class _Certificate:
+class NameCertificate:
     """One name's key and chain, as stored and as served."""
 
     name: str
@@ -108,7 +108,7 @@ class _Certificate:
         return self.not_after - now < min(renew_before, lifetime / 3)
 
 
-def _certificate(name: str, pem: bytes) -> _Certificate:
+def load_name_certificate(name: str, pem: bytes) -> NameCertificate:
     """Parse and check a stored (or just issued) key + chain; ValueError says what is wrong."""
     match = _PEM_KEY.search(pem)
     if match is None:
@@ -135,7 +135,7 @@ def _certificate(name: str, pem: bytes) -> _Certificate:
     )
     context = options.getContext()
     offer_http11(context)
-    return _Certificate(
+    return NameCertificate(
         name, pem, leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp(),
         leaf.serial_number, context,
     )
@@ -176,7 +176,7 @@ class _Job:
         self.name = name
         self.url = shared.directory_url
 
-    def run(self) -> _Certificate:
+    def run(self) -> NameCertificate:
         """Order, validate, finalize; the new certificate, already stored."""
         try:
             return self._run()
@@ -206,7 +206,7 @@ class _Job:
                 f"--acme-directory / DNS for {self.name}"
             ) from None
 
-    def _run(self) -> _Certificate:
+    def _run(self) -> NameCertificate:
         shared = self.shared
         deadline = time.monotonic() + shared.order_timeout
         acme, jwk = shared.acme_client()
@@ -247,7 +247,7 @@ class _Job:
         order = self._finalize(acme, order, deadline)
         pem = key_pem + order.fullchain_pem.encode()
         try:
-            certificate = _certificate(self.name, pem)
+            certificate = load_name_certificate(self.name, pem)
         except ValueError as e:
             raise AcmeError(
                 f"ACME server at {self.url} issued an unusable certificate for {self.name}: {e}; check "
@@ -434,7 +434,7 @@ class AcmeCertificates(service.Service):
             Path(state_dir) / "acme", directory_url, email, ca_file, order_timeout, poll_interval, network_timeout
         )
         self._pool = ThreadPool(minthreads=0, maxthreads=max_concurrent, name="rtunnel-acme")
-        self._certificates: dict[str, _Certificate] = {}
+        self._certificates: dict[str, NameCertificate] = {}
         self._claimed: Counter[str] = Counter()
         self._wanted: dict[str, None] = {}  # names waiting for an order, oldest first
         self._running: dict[str, defer.Deferred[Any]] = {}
@@ -481,7 +481,7 @@ class AcmeCertificates(service.Service):
             try:
                 if normalise_hostname(name) != name:
                     raise ValueError("the file name is not a normalised hostname")
-                self._certificates[name] = _certificate(name, path.read_bytes())
+                self._certificates[name] = load_name_certificate(name, path.read_bytes())
             except (OSError, ValueError) as e:
                 self.log.warn(
                     "ignoring the stored certificate {path}: {reason}; it is ordered again when its name is claimed",
@@ -602,7 +602,7 @@ class AcmeCertificates(service.Service):
         d.addBoth(self._ended, name)
         self._running[name] = d
 
-    def _issued(self, certificate: _Certificate, name: str) -> None:
+    def _issued(self, certificate: NameCertificate, name: str) -> None:
         self._certificates[name] = certificate
         self._failures.pop(name, None)
         self._failing.discard(name)
