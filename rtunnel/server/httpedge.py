@@ -38,6 +38,7 @@ from zope.interface import implementer
 
 from rtunnel.addresses import host_port
 from rtunnel.httpconfig import HttpSettings, host_of
+from rtunnel.server.deadlines import Deadlines
 from rtunnel.server.hostnames import HostRoutes, HostStats, HostTunnel
 from rtunnel.server.httpmessages import (
     ACME_PREFIX,
@@ -78,6 +79,7 @@ class HttpEdge:
         if certificates is not None:
             routes.certificates = certificates
         self.visitors: set[HttpVisitor] = set()
+        self.deadlines = Deadlines(reactor)  # every connection's head (and ClientHello) deadline, one timer
         self._access = open(settings.access_log, "a", buffering=1) if settings.access_log else None  # noqa: SIM115
 
     @property
@@ -89,6 +91,8 @@ class HttpEdge:
         return self.routes.stats[name]
 
     def trusted(self, ip: str) -> bool:
+        if not self.settings.trusted_proxies:
+            return False
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -116,6 +120,7 @@ class HttpEdge:
         return self._access is not None
 
     def close(self) -> None:
+        self.deadlines.stop()
         if self._access is not None:
             self._access.close()
             self._access = None
@@ -158,8 +163,8 @@ class HttpVisitor(Protocol):
         self.eof = False  # the visitor half-closed
         self.closed = False
         self.paused: set[str] = set()
-        self.head_timer: Any = None
-        self.head_deadline: float | None = None
+        self.deadline: float | None = None  # the next request head's (Deadlines)
+        self.deadline_watched = False
         self.trusted = False  # the visitor is one of --trusted-proxies
         self.keep_alive = True  # the current request lets the connection carry another
         self.framing = "raw"  # of the response to the visitor: raw (as the service framed it), chunked, close
@@ -182,7 +187,8 @@ class HttpVisitor(Protocol):
     # ------------------------------------------------------------ Twisted
 
     def connectionMade(self) -> None:
-        set_nodelay(self.transport)
+        if self.scheme == "http":  # behind TLS, SniRouter set it on the socket
+            set_nodelay(self.transport)
         self.peer = host_port(self.transport.getPeer())  # type: ignore[union-attr]
         self.local = host_port(self.transport.getHost())  # type: ignore[union-attr]
         self.trusted = self.edge.trusted(self.peer[0])
@@ -256,33 +262,24 @@ class HttpVisitor(Protocol):
                 self.transport.resumeProducing()  # type: ignore[union-attr]
 
     def _arm_head_timer(self) -> None:
-        """The next head must arrive within --request-head-timeout. One timer
-        per connection, moved lazily (not a callLater per request)."""
-        timeout = self.edge.settings.request_head_timeout
-        self.head_deadline = self.edge.reactor.seconds() + timeout
-        if self.head_timer is None:
-            self.head_timer = self.edge.reactor.callLater(timeout, self._head_timeout)
+        """The next head must arrive within --request-head-timeout (the edge's
+        Deadlines: no reactor timer per connection or request)."""
+        self.deadline = self.edge.reactor.seconds() + self.edge.settings.request_head_timeout
+        if not self.deadline_watched:
+            self.edge.deadlines.watch(self)
 
     def _cancel_head_timer(self) -> None:
-        self.head_deadline = None  # the timer, if any, finds nothing to do
+        self.deadline = None  # its entry, if any, finds nothing to do
 
     def _cancel_timers(self) -> None:
-        self.head_deadline = None
-        if self.head_timer is not None and self.head_timer.active():
-            self.head_timer.cancel()
-        self.head_timer = None
+        self.deadline = None
         if self.waiting is not None and self.waiting.active():
             self.waiting.cancel()
         self.waiting = None
 
-    def _head_timeout(self) -> None:
-        self.head_timer = None
-        deadline = self.head_deadline
-        if deadline is None or self.closed:
-            return
-        left = deadline - self.edge.reactor.seconds()
-        if left > 0:
-            self.head_timer = self.edge.reactor.callLater(left, self._head_timeout)
+    def deadline_passed(self) -> None:
+        self.deadline = None
+        if self.closed:
             return
         if self.buffer:
             self._fail(EdgeError(408, f"the request head did not arrive within "

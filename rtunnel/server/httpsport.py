@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IOpenSSLContextFactory
+from OpenSSL import SSL
+from twisted.internet.interfaces import IHalfCloseableProtocol, IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -27,15 +28,38 @@ if TYPE_CHECKING:
     from rtunnel.server.httpedge import HttpEdge
 
 
-@implementer(IOpenSSLContextFactory)
-class _ContextFactory:
-    """The old-style context factory TLSMemoryBIOFactory takes: one context."""
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerConnections:
+    """Server-side TLS connections of one (shared) context, as TLSMemoryBIOFactory
+    takes them: no per-connection conversion of an old-style context factory."""
 
-    def __init__(self, context: Any) -> None:
+    def __init__(self, context: SSL.Context) -> None:
         self.context = context
 
-    def getContext(self) -> Any:
-        return self.context
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+class TerminatedFactories:
+    """The TLS factory for each server name the port terminates, built once
+    per name and context (a renewed certificate's new context gets a new
+    one), not per connection; at most MAX entries (then it starts over)."""
+
+    MAX = 1024
+
+    def __init__(self, terminated: Callable[[str], Factory]) -> None:
+        self.terminated = terminated
+        self.factories: dict[str, tuple[SSL.Context, TLSMemoryBIOFactory]] = {}
+
+    def factory(self, name: str, context: SSL.Context) -> TLSMemoryBIOFactory:
+        known = self.factories.get(name)
+        if known is not None and known[0] is context:
+            return known[1]
+        if len(self.factories) >= self.MAX:
+            self.factories.clear()
+        factory = TLSMemoryBIOFactory(_ServerConnections(context), False, self.terminated(name))
+        self.factories[name] = (context, factory)
+        return factory
 
 
 @implementer(IHalfCloseableProtocol)
@@ -47,20 +71,23 @@ class SniRouter(Protocol):
 
     log = Logger()
 
-    def __init__(self, edge: HttpEdge, terminated: Callable[[str], Factory]) -> None:
+    def __init__(self, edge: HttpEdge, terminated: TerminatedFactories) -> None:
         self.edge = edge
-        self.terminated = terminated  # the HTTP factory behind TLS, for a server name
+        self.terminated = terminated
         self.buffer = b""
         self.inner: Protocol | None = None
-        self.timer: Any = None
+        self.deadline: float | None = None  # the ClientHello's (the edge's Deadlines)
+        self.deadline_watched = False
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.timer = self.edge.reactor.callLater(self.edge.settings.request_head_timeout, self._timeout)
+        self.deadline = self.edge.reactor.seconds() + self.edge.settings.request_head_timeout
+        self.edge.deadlines.watch(self)
 
-    def _timeout(self) -> None:
-        self.timer = None
-        self.transport.abortConnection()  # type: ignore[union-attr]
+    def deadline_passed(self) -> None:
+        self.deadline = None
+        if self.inner is None:
+            self.transport.abortConnection()  # type: ignore[union-attr]
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is not None:
@@ -89,7 +116,7 @@ class SniRouter(Protocol):
             self.transport.loseConnection()  # type: ignore[union-attr]
             return
         assert name is not None
-        factory = TLSMemoryBIOFactory(_ContextFactory(context), False, self.terminated(name))
+        factory = self.terminated.factory(name, context)
         self._hand_to(factory.buildProtocol(self.transport.getPeer()))  # type: ignore[union-attr]
 
     def _pass_through(self, tunnel: HostTunnel) -> None:
@@ -111,9 +138,7 @@ class SniRouter(Protocol):
             inner.dataReceived(data)
 
     def _stop_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.deadline = None
 
     def readConnectionLost(self) -> None:
         inner = self.inner
@@ -140,7 +165,7 @@ class HttpsFactory(Factory):
 
     def __init__(self, edge: HttpEdge, terminated: Callable[[str], Factory]) -> None:
         self.edge = edge
-        self.terminated = terminated
+        self.terminated = TerminatedFactories(terminated)
 
     def buildProtocol(self, addr: Any) -> Protocol:
         return SniRouter(self.edge, self.terminated)
