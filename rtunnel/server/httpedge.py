@@ -59,6 +59,8 @@ if TYPE_CHECKING:
     from rtunnel.server import TunnelServer
     from rtunnel.server.certificates import CertificateSource
 
+STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
+
 __all__ = ["EdgeError", "HttpEdge", "HttpFactory", "HttpVisitor", "check_head", "edge_factories", "page"]
 
 
@@ -347,8 +349,10 @@ class HttpVisitor(Protocol):
             elif event_type is h11.EndOfMessage:
                 if self.upstream is not None:
                     self.upstream.end_request()
-                if self._rest(conn)[0]:
+                if self.inbox or conn.trailing_data[0]:
                     self._pause("pipelined")
+                elif not self.eof:
+                    return  # nothing more to read until the response is out
             elif event_type is h11.ConnectionClosed:
                 if self.request is None:
                     self._close()
@@ -415,14 +419,15 @@ class HttpVisitor(Protocol):
             tunnel = self.edge.routes.route(name)
             if tunnel is None:
                 raise EdgeError(404, "no tunnel serves this hostname on this server")
-            self.stats_name = tunnel.name  # the claim's name: "*.zone" for a name its wildcard serves
-            self.edge.stats(tunnel.name).requests += 1
+            self.stats_name = tunnel_name = tunnel.name  # the claim's name: "*.zone" for a name its wildcard serves
+            stats = self.edge.stats(tunnel_name)
+            stats.requests += 1
             if self.scheme == "http" and self._redirect(name, request):
                 return
             if tunnel.kind == "tls":
                 raise EdgeError(404, "this hostname is served over TLS only (https)")
             self.tunnel = tunnel
-            self._connect(tunnel, time.monotonic() + self.edge.settings.offline_wait)
+            self._connect(tunnel, None, stats)
         except EdgeError as e:
             self._fail(e)
 
@@ -445,24 +450,31 @@ class HttpVisitor(Protocol):
         self._answer(308, page(308, "this site is served over https"), location=location)
         return True
 
-    def _connect(self, tunnel: HostTunnel, deadline: float) -> None:
+    def _connect(self, tunnel: HostTunnel, deadline: float | None, stats: HostStats | None = None) -> None:
         """Give the request a stream to `tunnel`'s owner: the open one if it
-        goes there already, else a new one; wait (bounded) while the owner
-        is detached."""
+        goes there already, else a new one; wait (bounded: `deadline`, set
+        on the first wait) while the owner is detached. `stats`: the
+        tunnel was routed just now (on a wait, the route is looked up again)."""
         self.waiting = None
-        current = self.edge.routes.route(tunnel.name if tunnel.claim is not None else None) or tunnel
+        if stats is None:
+            current = self.edge.routes.route(tunnel.name if tunnel.claim is not None else None) or tunnel
+        else:
+            current = tunnel
         owner = current.owner
-        if owner is not None and owner.detached and time.monotonic() < deadline:
-            self._pause("waiting")  # the body waits in the socket, not here
-            self.waiting = self.edge.reactor.callLater(0.05, self._connect, current, deadline)
-            return
+        if owner is not None and owner.detached:
+            if deadline is None:
+                deadline = time.monotonic() + self.edge.settings.offline_wait
+            if time.monotonic() < deadline:
+                self._pause("waiting")  # the body waits in the socket, not here
+                self.waiting = self.edge.reactor.callLater(0.05, self._connect, current, deadline)
+                return
         self._resume("waiting")
         if owner is None or owner.expired or owner.detached:
             self._fail(EdgeError(502, "the tunnel for this hostname is offline (its client is not connected); "
                                       "try again later"))
             return
         self.tunnel = current
-        self.stats = self.edge.stats(current.name)
+        self.stats = stats if stats is not None and current is tunnel else self.edge.stats(current.name)
         upstream = self.upstream
         if upstream is not None and upstream.tunnel is current and upstream.reusable():
             upstream.next_cycle()
@@ -638,7 +650,7 @@ class HttpVisitor(Protocol):
         name = self.stats_name
         routes = self.edge.routes
         if name and name in routes.stats:
-            routes.stats[name].statuses[f"{status // 100}xx"] += 1
+            routes.stats[name].statuses[STATUS_CLASSES.get(status // 100) or f"{status // 100}xx"] += 1
         if self.edge.access_log and self.request is not None:
             request, fields = self.request, self.fields
             self.edge.access({

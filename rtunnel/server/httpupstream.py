@@ -123,9 +123,11 @@ class Upstream:
         visitor.gather()
         try:
             self._response_bytes(data)
-        except BadResponse as e:
-            self.stream.reset(ResetCode.ABORTED, "malformed response")
+        except BadResponse as e:  # the visitor hears why (502), then the stream is reset
+            self.retired = True
             visitor.upstream_failed(self, f"malformed response: {e}")
+            if not self.stream.closed:
+                self.stream.reset(ResetCode.ABORTED, "malformed response")
         finally:
             visitor.flush()
 
