@@ -341,6 +341,8 @@ class HttpVisitor(Protocol):
             event_type = type(event)
             if event_type is h11.Request:
                 self._start(event)  # type: ignore[arg-type]
+                if conn.their_state is h11.DONE:
+                    return  # the request is whole and passed on (or answered): the rest waits for the response
             elif event_type is h11.Data:
                 data = event.data  # type: ignore[union-attr]
                 self._count_in(len(data))

@@ -168,13 +168,16 @@ def parse_response_head(head: bytes) -> ResponseHead:
         elif name == b"transfer-encoding":
             codings.append(line[2])
         elif name == b"connection":
-            tokens.update(t.strip().lower() for t in line[2].split(b","))
+            value = line[2].strip().lower()
+            if value not in (b"keep-alive", b"close"):  # the usual values name no header
+                tokens.update(t.strip() for t in value.split(b","))
         elif name == b"upgrade" and upgrade is None:
             upgrade = line[2].strip(b" \t")
     pieces.append(head[start:end - 2])
     block = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-    tokens -= HOP_BY_HOP
-    tokens.discard(b"close")
+    if tokens:
+        tokens -= HOP_BY_HOP
+        tokens.discard(b"close")
     if tokens:  # headers the service's Connection names are hop-by-hop too (RFC 9110 7.6.1)
         block = b"".join(b"\r\n" + line for line in block.split(b"\r\n")[1:]
                          if line.split(b":", 1)[0].lower() not in tokens)
@@ -187,8 +190,11 @@ def parse_response_head(head: bytes) -> ResponseHead:
             raise BadResponse("the response has a transfer coding other than chunked")
         chunked = True
     elif lengths:
-        values = {v.strip() for value in lengths for v in value.split(b",")}
-        value = values.pop()
+        if len(lengths) == 1 and b"," not in lengths[0]:
+            value, values = lengths[0].strip(), set()
+        else:
+            values = {v.strip() for value in lengths for v in value.split(b",")}
+            value = values.pop()
         if values or not value.isdigit() or len(value) > 18:
             raise BadResponse("the response's Content-Length is not one number")
         length = int(value)

@@ -21,7 +21,8 @@ from rtunnel.addresses import host_port
 from rtunnel.httpconfig import host_of
 from rtunnel.localsocket import StreamProtocol
 from rtunnel.server.sni import UNRECOGNIZED_NAME_ALERT, NotClientHello, parse_client_hello
-from rtunnel.transports import set_nodelay
+from rtunnel.transports import set_nodelay, write_now
+from rtunnel.twisted_private import TLSProtocolBase
 
 if TYPE_CHECKING:
     from rtunnel.server.hostnames import HostTunnel
@@ -40,6 +41,20 @@ class _ServerConnections:
         return SSL.Connection(self.context, None)
 
 
+class EdgeTLSProtocol(TLSProtocolBase):
+    """A terminated visitor connection's TLS: Twisted's, but its ciphertext
+    (the handshake flight, the responses, the close_notify) is sent at once
+    when the socket has nothing queued, as the link's TLS does, not a
+    reactor turn later with an epoll_ctl each way."""
+
+    def tls_send_ciphertext(self, data: bytes) -> None:
+        write_now(self.transport, data)
+
+
+class EdgeTLSFactory(TLSMemoryBIOFactory):
+    protocol = EdgeTLSProtocol
+
+
 class TerminatedFactories:
     """The TLS factory for each server name the port terminates, built once
     per name and context (a renewed certificate's new context gets a new
@@ -49,15 +64,15 @@ class TerminatedFactories:
 
     def __init__(self, terminated: Callable[[str], Factory]) -> None:
         self.terminated = terminated
-        self.factories: dict[str, tuple[SSL.Context, TLSMemoryBIOFactory]] = {}
+        self.factories: dict[str, tuple[SSL.Context, EdgeTLSFactory]] = {}
 
-    def factory(self, name: str, context: SSL.Context) -> TLSMemoryBIOFactory:
+    def factory(self, name: str, context: SSL.Context) -> EdgeTLSFactory:
         known = self.factories.get(name)
         if known is not None and known[0] is context:
             return known[1]
         if len(self.factories) >= self.MAX:
             self.factories.clear()
-        factory = TLSMemoryBIOFactory(_ServerConnections(context), False, self.terminated(name))
+        factory = EdgeTLSFactory(_ServerConnections(context), False, self.terminated(name))
         self.factories[name] = (context, factory)
         return factory
 
