@@ -37,29 +37,25 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from rtunnel.addresses import host_port
-from rtunnel.httpconfig import HttpSettings, host_of
+from rtunnel.httpconfig import HttpSettings
 from rtunnel.server.deadlines import Deadlines
 from rtunnel.server.hostnames import HostRoutes, HostStats, HostTunnel
 from rtunnel.server.httpmessages import (
-    ACME_PREFIX,
-    FORWARDING,
-    HOP_BY_HOP,
     REASONS,
     EdgeError,
-    ResponseHead,
     check_head,
     page,
 )
+from rtunnel.server.httpresponses import Responses
+from rtunnel.server.httprouting import Routing
 from rtunnel.server.httpsport import HttpsFactory
 from rtunnel.server.httpupstream import Upstream
-from rtunnel.transports import set_nodelay, write_now
+from rtunnel.transports import set_nodelay
 from rtunnel.wire import ResetCode
 
 if TYPE_CHECKING:
     from rtunnel.server import TunnelServer
     from rtunnel.server.certificates import CertificateSource
-
-STATUS_CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
 __all__ = ["EdgeError", "HttpEdge", "HttpFactory", "HttpVisitor", "check_head", "edge_factories", "page"]
 
@@ -143,7 +139,7 @@ class HttpFactory(Factory):
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class HttpVisitor(Protocol):
+class HttpVisitor(Routing, Responses, Protocol):
     """One visitor connection on a shared port: requests parsed, routed and
     relayed one at a time (a pipelined request waits for the response
     before it is read)."""
@@ -191,10 +187,10 @@ class HttpVisitor(Protocol):
     def connectionMade(self) -> None:
         if self.scheme == "http":  # behind TLS, SniRouter set it on the socket
             set_nodelay(self.transport)
-        self.peer = host_port(self.transport.getPeer())  # type: ignore[union-attr]
-        self.local = host_port(self.transport.getHost())  # type: ignore[union-attr]
+        self.peer = host_port(self.transport.getPeer())
+        self.local = host_port(self.transport.getHost())
         self.trusted = self.edge.trusted(self.peer[0])
-        self.transport.registerProducer(self, True)  # type: ignore[union-attr]
+        self.transport.registerProducer(self, True)
         self.edge.visitors.add(self)
         self._arm_head_timer()
 
@@ -254,14 +250,14 @@ class HttpVisitor(Protocol):
 
     def _pause(self, why: str) -> None:
         if not self.paused and not self.closed:
-            self.transport.pauseProducing()  # type: ignore[union-attr]
+            self.transport.pauseProducing()
         self.paused.add(why)
 
     def _resume(self, why: str) -> None:
         if why in self.paused:
             self.paused.discard(why)
             if not self.paused and not self.closed:
-                self.transport.resumeProducing()  # type: ignore[union-attr]
+                self.transport.resumeProducing()
 
     def _arm_head_timer(self) -> None:
         """The next head must arrive within --request-head-timeout (the edge's
@@ -386,320 +382,6 @@ class HttpVisitor(Protocol):
         if self.stats is not None and self.tunnel is not None and self.tunnel.claim is not None:
             self.stats.bytes_in += n
 
-    # ------------------------------------------------------------ routing
-
-    def _start(self, request: h11.Request) -> None:
-        self.request = request
-        self.stats_name = ""
-        self.status = self.sent = 0
-        self.response_started = False
-        self.headers = headers = list(request.headers)
-        self.fields = fields = {}  # the first value of each header, by (lower-case) name: one pass
-        for field_name, value in headers:
-            if field_name not in fields:
-                fields[field_name] = value
-        if self.edge.access_log:
-            self.started = time.time()
-        self.keep_alive = request.http_version == b"1.1" and b"close" not in fields.get(b"connection", b"").lower()
-        host_header = self._authority(request)
-        if self.names[0] != host_header:  # keep-alive requests mostly repeat their Host
-            self.names = (host_header, host_of(host_header.decode("latin-1")) if host_header else None)
-        name = self.names[1]
-        self.host_name = name or "-"
-        try:
-            if not host_header:
-                raise EdgeError(400, "the request names no host (Host header)")
-            if self.scheme == "http" and request.target.startswith(ACME_PREFIX):
-                certificates = self.edge.certificates
-                token = request.target[len(ACME_PREFIX):].decode("ascii", "replace")
-                answer = certificates.challenge_response(token) if certificates is not None else None
-                if answer is not None:
-                    self._answer(200, answer, content_type=b"application/octet-stream")
-                    return
-            if self.server_name and name != self.server_name:
-                raise EdgeError(421, "the request's Host is not the name this TLS connection was opened for")
-            tunnel = self.edge.routes.route(name)
-            if tunnel is None:
-                raise EdgeError(404, "no tunnel serves this hostname on this server")
-            self.stats_name = tunnel_name = tunnel.name  # the claim's name: "*.zone" for a name its wildcard serves
-            stats = self.edge.stats(tunnel_name)
-            stats.requests += 1
-            if self.scheme == "http" and self._redirect(name, request):
-                return
-            if tunnel.kind == "tls":
-                raise EdgeError(404, "this hostname is served over TLS only (https)")
-            self.tunnel = tunnel
-            self._connect(tunnel, None, stats)
-        except EdgeError as e:
-            self._fail(e)
-
-    def _authority(self, request: h11.Request) -> bytes:
-        target = request.target
-        if target[:1] != b"/":
-            for scheme in (b"http://", b"https://"):  # absolute-form: its authority is the host (RFC 9112 3.2.2)
-                if target[:len(scheme)].lower() == scheme:
-                    return target[len(scheme):].split(b"/", 1)[0]
-        return self.fields.get(b"host", b"")
-
-    def _redirect(self, name: str | None, request: h11.Request) -> bool:
-        settings, certificates = self.edge.settings, self.edge.certificates
-        if not (settings.redirect_https and settings.https and name and certificates is not None):
-            return False
-        if certificates.context_for(name) is None:
-            return False
-        port = self.edge.routes.https_port
-        location = f"https://{name}{'' if port in (0, 443) else f':{port}'}".encode() + request.target
-        self._answer(308, page(308, "this site is served over https"), location=location)
-        return True
-
-    def _connect(self, tunnel: HostTunnel, deadline: float | None, stats: HostStats | None = None) -> None:
-        """Give the request a stream to `tunnel`'s owner: the open one if it
-        goes there already, else a new one; wait (bounded: `deadline`, set
-        on the first wait) while the owner is detached. `stats`: the
-        tunnel was routed just now (on a wait, the route is looked up again)."""
-        self.waiting = None
-        if stats is None:
-            current = self.edge.routes.route(tunnel.name if tunnel.claim is not None else None) or tunnel
-        else:
-            current = tunnel
-        owner = current.owner
-        if owner is not None and owner.detached:
-            if deadline is None:
-                deadline = time.monotonic() + self.edge.settings.offline_wait
-            if time.monotonic() < deadline:
-                self._pause("waiting")  # the body waits in the socket, not here
-                self.waiting = self.edge.reactor.callLater(0.05, self._connect, current, deadline)
-                return
-        self._resume("waiting")
-        if owner is None or owner.expired or owner.detached:
-            self._fail(EdgeError(502, "the tunnel for this hostname is offline (its client is not connected); "
-                                      "try again later"))
-            return
-        self.tunnel = current
-        self.stats = stats if stats is not None and current is tunnel else self.edge.stats(current.name)
-        upstream = self.upstream
-        if upstream is not None and upstream.tunnel is current and upstream.reusable():
-            upstream.next_cycle()
-        else:
-            if upstream is not None:
-                self.upstream = None
-                upstream.retire()
-            why = current.room()
-            stream = current.open_stream(list(self.peer), list(self.local)) if why is None else None
-            if stream is None:
-                self._fail(EdgeError(503, f"the tunnel cannot take another connection now ({why or 'refused'}); "
-                                          "try again shortly"))
-                return
-            self.upstream = Upstream(self, current, stream)
-            stream.attach_local(self.upstream)
-            if self.closed or self.upstream is None:
-                return
-        self._send_head()
-
-    def _send_head(self) -> None:
-        """Write the request's head to the stream, in one join: the visitor's
-        headers but hop-by-hop ones and (unless it is a trusted proxy) its
-        forwarding ones, then the server's X-Forwarded-* and Forwarded."""
-        request, upstream = self.request, self.upstream
-        assert request is not None and upstream is not None
-        fields = self.fields
-        connection = fields.get(b"connection")
-        tokens = {t.strip().lower() for t in connection.split(b",")} if connection else set()
-        lines = [b"%b %b HTTP/1.1" % (request.method, request.target)]
-        trusted = self.trusted
-        forwarded_for: list[bytes] = []
-        for name, value in self.headers:
-            if name in HOP_BY_HOP or name in tokens:
-                continue
-            if name in FORWARDING:
-                if trusted and name == b"x-forwarded-for":
-                    forwarded_for.append(value)
-                elif trusted and name == b"forwarded":
-                    lines.append(b"forwarded: " + value)
-                continue
-            lines.append(name + b": " + value)
-        chunked = b"transfer-encoding" in fields
-        if chunked:
-            lines.append(b"transfer-encoding: chunked")
-        upgrade = fields.get(b"upgrade")
-        if upgrade and b"upgrade" in tokens:
-            lines += [b"connection: upgrade", b"upgrade: " + upgrade]
-        host = fields.get(b"host", b"")
-        if self.forwarding[0] != host or forwarded_for:
-            self.forwarding = (host, self._forwarding_lines(host, forwarded_for))
-        lines.append(self.forwarding[1])
-        if not host or b"host" in tokens:
-            lines.append(b"host: " + (self.host_name if self.host_name != "-" else "").encode())
-        upstream.send_head(b"\r\n".join(lines) + b"\r\n\r\n", chunked)
-        self._pump()
-
-    def _forwarding_lines(self, host_header: bytes, forwarded_for: list[bytes]) -> bytes:
-        """The server's X-Forwarded-For/Proto/Host and Forwarded lines (joined)."""
-        client = self.peer[0]
-        host = self.host_name if self.host_name != "-" else ""
-        node = f'"[{client}]"' if ":" in client else client
-        return b"\r\n".join([
-            b"x-forwarded-for: " + b", ".join([*forwarded_for, client.encode()]),
-            b"x-forwarded-proto: " + self.scheme.encode(),
-            b"x-forwarded-host: " + (host_header or host.encode()),
-            f"forwarded: for={node};proto={self.scheme};host=\"{host}\"".encode("latin-1"),
-        ])
-
-    def _to_upstream(self, data: bytes) -> None:
-        if self.upstream is not None:
-            self._count_in(len(data))
-            self.upstream.stream.local_data(data)
-
-    # ------------------------------------------------------------ responses (called by Upstream)
-
-    def is_head_request(self) -> bool:
-        return self.request is not None and self.request.method == b"HEAD"
-
-    def response_head(self, head: ResponseHead, has_body: bool) -> None:
-        """The service's response head, framed for the visitor: its own
-        Content-Length kept; otherwise chunked (HTTP/1.1) or until close."""
-        request = self.request
-        if self.conn is None or self.closed or request is None:
-            return
-        self.response_started = True
-        self.status = head.status
-        extra: list[bytes] = []
-        if not has_body or head.length is not None:
-            self.framing = "raw"
-            if head.length is not None:
-                extra.append(b"content-length: %d" % head.length)
-        elif request.http_version == b"1.1":
-            self.framing = "chunked"
-            extra.append(b"transfer-encoding: chunked")
-        else:
-            self.framing = "close"
-            self.keep_alive = False
-        if not self.keep_alive:
-            extra.append(b"connection: close")
-        self._to_visitor(head.to_visitor(extra))
-
-    def response_body(self, data: bytes) -> None:
-        if self.closed:
-            return
-        self.sent += len(data)
-        if self.framing == "chunked":
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self._to_visitor(data)
-
-    def response_end(self, upstream: Upstream) -> None:
-        if self.conn is None or self.closed or upstream is not self.upstream:
-            return
-        if self.framing == "chunked":
-            self._to_visitor(b"0\r\n\r\n")
-        self._finish()
-
-    def informational(self, head: ResponseHead) -> None:
-        """A 1xx other than 101 (100 Continue, 103 Early Hints): passed on; the response follows."""
-        if not self.closed:
-            self._to_visitor(head.to_visitor([]))
-
-    def switch(self, head: ResponseHead, rest: bytes) -> None:
-        """A 101: write it, then relay bytes both ways."""
-        conn, upstream = self.conn, self.upstream
-        if conn is None or upstream is None or self.closed:
-            return
-        asked = self.request is not None and b"upgrade" in self.fields
-        if not asked or conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
-            self._fail(EdgeError(502, "the service switched protocols without the visitor asking"))
-            return
-        self.response_started = True
-        self.status = 101
-        extra = [b"connection: Upgrade"] + ([b"upgrade: " + head.upgrade] if head.upgrade else [])
-        self._to_visitor(head.to_visitor(extra))
-        self.relaying = True
-        self._account(101)
-        self._resume("pipelined")
-        visitor_rest, _ = self._rest(conn)
-        self.inbox = b""
-        self._resume("inbox")
-        if rest:
-            self._to_visitor(rest)
-        if visitor_rest:
-            self._to_upstream(visitor_rest)
-
-    def _to_visitor(self, data: bytes) -> None:
-        if data and not self.closed:
-            if self.stats is not None and self.tunnel is not None and self.tunnel.claim is not None:
-                self.stats.bytes_out += len(data)
-            if self.out is not None:
-                self.out.append(data)
-            else:
-                self._send(data)
-
-    def gather(self) -> None:
-        """Hold what is written until `flush` (one write per turn, not per event)."""
-        if self.out is None:
-            self.out = []
-
-    def flush(self) -> None:
-        out, self.out = self.out, None
-        if out and not self.closed:
-            self._send(out[0] if len(out) == 1 else b"".join(out))
-
-    def _send(self, data: bytes) -> None:
-        if self.scheme == "http":  # a TCP socket: at once if nothing is queued
-            write_now(self.transport, data)
-        else:  # TLS: through the TLS layer, never the socket under it
-            self.transport.write(data)  # type: ignore[union-attr]
-
-    def _account(self, status: int) -> None:
-        """Count the response (and log it, with --access-log)."""
-        name = self.stats_name
-        routes = self.edge.routes
-        if name and name in routes.stats:
-            routes.stats[name].statuses[STATUS_CLASSES.get(status // 100) or f"{status // 100}xx"] += 1
-        if self.edge.access_log and self.request is not None:
-            request, fields = self.request, self.fields
-            self.edge.access({
-                "time": self.started, "client": self.peer[0], "method": request.method.decode("latin-1"),
-                "target": request.target.decode("latin-1")[:2000], "host": self.host_name, "status": status,
-                "bytes": self.sent, "referer": fields.get(b"referer", b"-").decode("latin-1") or "-",
-                "user_agent": fields.get(b"user-agent", b"-").decode("latin-1") or "-", "scheme": self.scheme,
-            })
-
-    def _finish(self) -> None:
-        """The response is complete: the next request, or the end."""
-        conn, upstream = self.conn, self.upstream
-        assert conn is not None
-        self._account(self.status)
-        self.request, self.tunnel, self.stats, self.response_started = None, None, None, False
-        if upstream is not None and not upstream.reusable():
-            self.upstream = None
-            upstream.retire()
-        if not self.keep_alive or self.framing == "close" or conn.their_state is not h11.DONE:
-            self._close()
-            return
-        rest, closed = self._rest(conn)
-        self.conn, self.inbox = None, b""
-        self.buffer = rest
-        self._resume("inbox")
-        self._resume("pipelined")
-        self._arm_head_timer()
-        if closed:
-            self.eof = True
-        if rest or closed:
-            self._next_request()
-
-    def upstream_failed(self, upstream: Upstream, why: str) -> None:
-        """The stream ended before a response did, or (between requests) the
-        service closed it: our half ends too (FIN), so the stream closes;
-        a request waiting for it gets 502."""
-        if upstream is not self.upstream:
-            upstream.retire()
-            return
-        if self.relaying or self.response_started:
-            self._close(abort=not self.relaying)  # resets the stream
-            return
-        self.upstream = None
-        upstream.retire()
-        if self.request is not None:
-            self._fail(EdgeError(502, f"the tunnel's service did not answer ({why})"))
-
     # ------------------------------------------------------------ the edge's own answers
 
     def _answer(self, status: int, body: bytes, content_type: bytes = b"text/html; charset=utf-8",
@@ -717,7 +399,7 @@ class HttpVisitor(Protocol):
             self._account(status)
         self.flush()
         if not self.closed:
-            self.transport.write(head + b"\r\n" + (b"" if self.is_head_request() else body))  # type: ignore[union-attr]
+            self.transport.write(head + b"\r\n" + (b"" if self.is_head_request() else body))
         self._close()
 
     def _fail(self, error: EdgeError) -> None:
@@ -752,7 +434,7 @@ class HttpVisitor(Protocol):
         if transport is None:
             return
         if abort:
-            transport.abortConnection()  # type: ignore[attr-defined]
+            transport.abortConnection()
         else:
             transport.loseConnection()
 

@@ -159,20 +159,20 @@ def parse_response_head(head: bytes) -> ResponseHead:
     tokens: set[bytes] = set()
     upgrade: bytes | None = None
     start = first
-    for line in FRAMING_LINE.finditer(head, first, end):
-        pieces.append(head[start:line.start()])
-        start = line.end()
-        name = line[1].lower()
+    for found in FRAMING_LINE.finditer(head, first, end):
+        pieces.append(head[start:found.start()])
+        start = found.end()
+        name = found[1].lower()
         if name == b"content-length":
-            lengths.append(line[2])
+            lengths.append(found[2])
         elif name == b"transfer-encoding":
-            codings.append(line[2])
+            codings.append(found[2])
         elif name == b"connection":
-            value = line[2].strip().lower()
+            value = found[2].strip().lower()
             if value not in (b"keep-alive", b"close"):  # the usual values name no header
                 tokens.update(t.strip() for t in value.split(b","))
         elif name == b"upgrade" and upgrade is None:
-            upgrade = line[2].strip(b" \t")
+            upgrade = found[2].strip(b" \t")
     pieces.append(head[start:end - 2])
     block = pieces[0] if len(pieces) == 1 else b"".join(pieces)
     if tokens:
