@@ -269,3 +269,30 @@ class ResponsesThroughTheEdge(unittest.TestCase):
         for visitor in visitors:
             visitor.transport.loseConnection()
         yield wait_until(lambda: not edge.visitors, 10)
+
+
+class TerminatedTlsFactories(unittest.SynchronousTestCase):
+    def test_one_tls_factory_per_name_and_context_bounded(self) -> None:
+        """The --https port builds a name's TLS factory once (not per
+        connection), a new one when the name's context changes (a renewed
+        certificate), and holds at most MAX of them."""
+        from OpenSSL import SSL
+
+        from rtunnel.server.httpsport import EdgeTLSFactory, TerminatedFactories
+
+        built: list[str] = []
+
+        def terminated(name: str) -> Factory:
+            built.append(name)
+            return Factory.forProtocol(Protocol)
+
+        factories = TerminatedFactories(terminated)
+        first, renewed = SSL.Context(SSL.TLS_SERVER_METHOD), SSL.Context(SSL.TLS_SERVER_METHOD)
+        factory = factories.factory("a.example", first)
+        self.assertIsInstance(factory, EdgeTLSFactory)
+        self.assertIs(factories.factory("a.example", first), factory)
+        self.assertIsNot(factories.factory("a.example", renewed), factory)
+        self.assertEqual(built, ["a.example", "a.example"])
+        for i in range(TerminatedFactories.MAX + 10):
+            factories.factory(f"n{i}.example", first)
+        self.assertLessEqual(len(factories.factories), TerminatedFactories.MAX)
