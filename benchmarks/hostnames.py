@@ -9,7 +9,9 @@ hostname (--http). wrk measures, for 1 KiB responses:
   connection),
 
 through: the port tunnel; --http; --https (TLS terminated by rtunnel); and
-nginx terminating TLS in front of the port tunnel (the --https target).
+nginx terminating TLS in front of the port tunnel (the --https target);
+with each end's CPU µs per request from /proc (rtunnel server and client,
+and the TLS nginx), which the machine's other load moves less than the rates.
 
 The hostname is `localhost` (it resolves to 127.0.0.1 without touching
 /etc/hosts, and wrk sends it as SNI), claimed by a clients-file client
@@ -36,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from measure import parse_wrk  # noqa: E402
-from procs import LOOP, Procs, free_port, listening, run_tool, wait_for  # noqa: E402
+from procs import LOOP, Procs, cpu_seconds, descendants, free_port, listening, run_tool, wait_for  # noqa: E402
 from services import start_nginx  # noqa: E402
 
 NAME = "localhost"
@@ -118,17 +120,27 @@ def probe(url: str, host: str | None) -> str:
     return run_tool(cmd, timeout=20).stdout.strip()
 
 
-def wrk(url: str, seconds: float, close: bool, host: str | None = None) -> dict:
+def wrk(url: str, seconds: float, close: bool, host: str | None = None,
+        ends: dict[str, list[int]] | None = None) -> dict:
+    """One wrk run; with `ends` (name -> pids), each one's CPU µs per request
+    too (from /proc: a figure the machine's other load disturbs less than the rate)."""
     cmd = ["wrk", "-t2", "-c32", f"-d{seconds:g}s", "--latency"]
     if host:
         cmd += ["-H", f"Host: {host}"]
     if close:
         cmd += ["-H", "Connection: close"]
+    ends = ends or {}
+    before = {name: cpu_seconds(pids) for name, pids in ends.items()}
     out = run_tool([*cmd, url], timeout=seconds + 30)
     try:
-        return parse_wrk(out.stdout)
+        result = parse_wrk(out.stdout)
     except Exception as e:  # a path that fails reads n/a, with why
         return {"error": str(e)}
+    if result.get("requests"):
+        result["cpu_us_per_request"] = {
+            name: round(1e6 * (cpu_seconds(pids) - before[name]) / result["requests"], 1) for name, pids in ends.items()
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: listening(pub), 20, [(client, procs), (server, procs)], "rtunnel_client")
         time.sleep(1.0)
         front = start_nginx_tls(procs, tmp, shutil.which("nginx") or "nginx", cert, key, pub)
+        front_proc = procs.procs[-1]
         paths = {
             "port tunnel (-f)": (f"http://{LOOP}:{pub}/1k.bin", None),
             "--http (Host routing)": (f"http://{LOOP}:{http_port}/1k.bin", NAME),
@@ -191,11 +204,15 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 return 0
         results: dict[str, dict] = {}
+        tunnel_ends = {"server": [server.pid], "client": [client.pid]}
         for label, (url, host) in paths.items():
+            ends = dict(tunnel_ends)
+            if url.endswith(f":{front}/1k.bin"):
+                ends["nginx TLS"] = [front_proc.pid, *descendants(front_proc.pid)]
             results[label] = {
                 "probe": probe(url, host),
-                "keepalive": wrk(url, args.seconds, False, host),
-                "close": wrk(url, args.seconds, True, host),
+                "keepalive": wrk(url, args.seconds, False, host, ends),
+                "close": wrk(url, args.seconds, True, host, ends),
             }
             print(f"measured {label} (a single request: HTTP {results[label]['probe']})", file=sys.stderr)
     finally:
@@ -213,9 +230,14 @@ def report(results: dict[str, dict]) -> str:
         return format(r[key], fmt) if key in r else "n/a"
 
     base = results["port tunnel (-f)"]["keepalive"].get("rps")
+    def cpu(r: dict) -> str:
+        us = r.get("cpu_us_per_request")
+        return " + ".join(f"{v:.0f}" for v in us.values()) if us else "n/a"
+
     lines = [
-        "| path | keep-alive req/s | vs port | p99 ms | new conn/s | p99 ms | errors (close) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| path | keep-alive req/s | vs port | p99 ms | new conn/s | p99 ms | errors (close) "
+        "| CPU µs/req keep-alive | CPU µs/conn new |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for label, r in results.items():
         ka, cl = r["keepalive"], r["close"]
@@ -223,8 +245,9 @@ def report(results: dict[str, dict]) -> str:
         errors = cl.get("socket_errors", {}) | ({"non_2xx": cl["non_2xx"]} if "non_2xx" in cl else {})
         lines.append(
             f"| {label} | {cell(ka, 'rps', ',.0f')} | {ratio} | {cell(ka, 'p99_ms', '.2f')} | "
-            f"{cell(cl, 'rps', ',.0f')} | {cell(cl, 'p99_ms', '.2f')} | {errors or '-'} |"
+            f"{cell(cl, 'rps', ',.0f')} | {cell(cl, 'p99_ms', '.2f')} | {errors or '-'} | {cpu(ka)} | {cpu(cl)} |"
         )
+    lines.append("\nCPU: rtunnel server + client (+ nginx terminating TLS, its master and worker), from /proc.")
     return "\n".join(lines)
 
 

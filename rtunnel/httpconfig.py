@@ -4,6 +4,7 @@ option table (`--http`, `--https`, `--domain`, ...)."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -83,9 +84,11 @@ def normalise(name: str, wildcard: bool = False) -> str:
     return result
 
 
+@functools.lru_cache(maxsize=4096)
 def host_of(authority: str) -> str | None:
     """The normalised name of a Host header or SNI value (port dropped), or
-    None if it is no DNS name (an IP literal, garbage)."""
+    None if it is no DNS name (an IP literal, garbage). Cached (bounded):
+    each new connection to the edge names one of a few hosts."""
     text = authority.strip()
     if text.startswith("["):
         return None  # an IPv6 literal: no tunnel has it

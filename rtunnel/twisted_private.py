@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL.SSL import WantReadError
 from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
@@ -128,6 +129,21 @@ class TLSProtocolBase(TLSMemoryBIOProtocol):
     def tls_flush_send_bio(self) -> None:
         """Send what OpenSSL put in the send BIO (an alert, a key update)."""
         self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        # Twisted's step that moves the send BIO's bytes (a handshake flight,
+        # an alert, the base class's writes) to the transport: as Twisted
+        # does it, but through tls_send_ciphertext.
+        try:
+            data = self.getHandle().bio_read(2**15)
+        except WantReadError:
+            return  # nothing in the send BIO now
+        self.tls_send_ciphertext(data)
+
+    def tls_send_ciphertext(self, data: bytes) -> None:
+        """Where the base class's ciphertext goes: `transport.write` (a
+        subclass may send it at once)."""
+        self.transport.write(data)  # type: ignore[union-attr]
 
     def tls_failed(self, failure: Failure) -> None:
         """OpenSSL raised: close the connection with `failure`."""
