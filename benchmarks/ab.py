@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
 from measure import percentile, ping_pong  # noqa: E402
-from paths import cert_fingerprint  # noqa: E402
+from paths import cert_fingerprint, free_udp_port  # noqa: E402
 from procs import (  # noqa: E402
     LOOP,
     SBIN_PATH,
@@ -86,7 +86,15 @@ LOADS = {
                (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
     "down": Load("iperf3, 1 stream, service->visitor (-R)", ("iperf3",), "iperf3", "MB",
                  (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
+    "udp": Load("iperf3 -u, 1,200 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
+                (("rate", "datagrams/s"), ("loss", "loss %"), ("srv", "server us/datagram"),
+                 ("cli", "client us/datagram"))),
+    "udp64": Load("iperf3 -u, 64 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
+                  (("rate", "datagrams/s"), ("loss", "loss %"), ("srv", "server us/datagram"),
+                   ("cli", "client us/datagram"))),
 }  # fmt: skip
+#: loads through a UDP tunnel (beside the TCP one, same port number: iperf3 -u's control connection)
+UDP_LOADS = {"udp", "udp64"}
 
 
 @dataclass
@@ -238,10 +246,12 @@ class Tunnel:
     pub_port: int
 
 
-def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
-    """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service."""
+def open_tunnel(bench: Bench, side: Side, service_port: int, udp: bool = False) -> Tunnel:
+    """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service
+    (with `udp`, a UDP tunnel of the same port number too)."""
     procs, token = bench.procs, secrets.token_hex(16)
-    ctrl, pub = free_port(), free_port()
+    ctrl, pub = free_port(), free_udp_port() if udp else free_port()
+    udp_args = ["-f", f"udp:{LOOP}:{pub}", "-t", f"udp:{LOOP}:{service_port}"] if udp else []
     server = procs.start(f"{side.name}-server", [
         *side.env, BIN / "rtunnel_server", "--port", ctrl, "--interface", LOOP,
         "--state-dir", side.state, "--token", token,
@@ -262,7 +272,7 @@ def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
         wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
         client = procs.start(f"{side.name}-client", [
             *side.env, BIN / "rtunnel_client", "-c", f"{LOOP}:{ctrl}", "-f", pub,
-            "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0],
+            "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0], *udp_args,
         ], cwd=side.state)  # fmt: skip
         wait_for(lambda: listening(pub), 15, [(client, procs), (server, procs)],
                  f"{side.name}: rtunnel_client -f")  # fmt: skip
@@ -338,15 +348,27 @@ def load_iperf(reverse: bool):
     return load
 
 
+def load_udp(size: int):
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+        meter.start()
+        r = bench.iperf_udp(port, size, args.udp_rate)
+        received = r["received_dps"] * bench.udp_secs
+        if not received:
+            raise BenchError("no datagram came through")
+        return {"rate": r["received_dps"], "loss": r["loss_percent"]}, received, ""
+
+    return load
+
+
 RUNNERS = {"rtt": load_rtt, "http": load_wrk(False), "close": load_wrk(True),
-           "up": load_iperf(False), "down": load_iperf(True)}  # fmt: skip
+           "up": load_iperf(False), "down": load_iperf(True), "udp": load_udp(1200), "udp64": load_udp(64)}  # fmt: skip
 
 
 def run_once(bench: Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
     """One run of one load through a fresh tunnel of one side; never raises BenchError."""
     result = Result(side.name)
     try:
-        tunnel = open_tunnel(bench, side, service_port)
+        tunnel = open_tunnel(bench, side, service_port, udp=name in UDP_LOADS)
         meter = Meter(bench, tunnel.server.pid, tunnel.client.pid, perf)
         try:
             figures, ops, result.note = RUNNERS[name](bench, tunnel.pub_port, meter, args)
@@ -461,6 +483,9 @@ def main(argv=None) -> int:
     ap.add_argument("--syscalls", action="store_true",
                     help="also count each end's syscalls per operation with perf stat (needs perf "
                     "and syscall tracepoints; perf slows the tunnel, compare such runs only with each other)")  # fmt: skip
+    ap.add_argument("--udp-rate", type=int, default=20000,
+                    help="datagrams/s iperf3 -u offers in the udp and udp64 loads (default 20000; CPU per "
+                    "datagram compares best below the rate where loss starts)")  # fmt: skip
     ap.add_argument("--keep-tmp", action="store_true", help="keep the state dirs and process logs")
     args = ap.parse_args(argv)
 
@@ -490,7 +515,7 @@ def main(argv=None) -> int:
 
     bench = Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
                                      rtunnel_window=None))  # fmt: skip
-    bench.wrk_secs = args.seconds
+    bench.wrk_secs = bench.udp_secs = args.seconds
     try:
         return measure(bench, base, loads, args)
     except BenchError as e:
