@@ -151,9 +151,11 @@ class UdpFlows:
         listens), `too_big`."""
         self._flush_call = None
         dirty, self._dirty = self._dirty, []
+        batches = [(flow, flow.pending) for flow in dirty]
+        for flow in dirty:  # first: a failure below cannot leave a flow unflushed for good
+            flow.pending = []
         flows, send_batch = self.flows, self.sender.send_batch
-        for flow in dirty:
-            pending, flow.pending = flow.pending, []
+        for flow, pending in batches:
             if flows.get(flow.key) is flow and flow.port is not None:
                 send_batch(flow.port.socket, pending, flow.dropped)
 

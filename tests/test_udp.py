@@ -283,7 +283,11 @@ class UdpTunnelTests(unittest.TestCase):
         yield wait_until(lambda: server_session.detached, 10)
         visitor.transport.write(b"during", ("127.0.0.1", public))
         yield wait_until(lambda: self.server_udp.drops["link_down"] == 1, 5)
-        yield wait_until(lambda: server_session.attached and self.service.client.session.can_send, 15)
+        # the resume is done on both ends (the two RESUMEs cross: the client may have the
+        # server's before the server has the client's, and until then a datagram is link_down)
+        yield wait_until(
+            lambda: server_session.mux_session.can_send and self.service.client.session.can_send, 15,
+        )
         visitor.transport.write(b"after", ("127.0.0.1", public))
         yield wait_until(lambda: b"re:after" in visitor.replies, 5)
         self.assertEqual(visitor.replies, [b"re:before", b"re:after"], "what was sent during the outage is dropped")

@@ -227,10 +227,14 @@ class UdpTunnel(DatagramProtocol):
         flows, self._replying = self._replying, []
         port = self.port
         if port is None:
+            for flow in flows:
+                flow.pending = []
             return
         skt = port.socket
-        for flow in flows:
-            pending, flow.pending = flow.pending, []
+        batches = [(flow, flow.pending) for flow in flows]
+        for flow in flows:  # first: a failure below cannot leave a flow unsent for good
+            flow.pending = []
+        for flow, pending in batches:
             if self.by_id.get(flow.id) is not flow:
                 continue  # forgotten meanwhile (a hand-over)
             self._lost = 0
