@@ -87,11 +87,11 @@ LOADS = {
     "down": Load("iperf3, 1 stream, service->visitor (-R)", ("iperf3",), "iperf3", "MB",
                  (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
     "udp": Load("iperf3 -u, 1,200 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
-                (("rate", "datagrams/s"), ("loss", "loss %"), ("srv", "server us/datagram"),
-                 ("cli", "client us/datagram"))),
+                (("rate", "datagrams/s"), ("loss", "loss %"), ("full", "public socket full"),
+                 ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
     "udp64": Load("iperf3 -u, 64 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
-                  (("rate", "datagrams/s"), ("loss", "loss %"), ("srv", "server us/datagram"),
-                   ("cli", "client us/datagram"))),
+                  (("rate", "datagrams/s"), ("loss", "loss %"), ("full", "public socket full"),
+                   ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
 }  # fmt: skip
 #: loads through a UDP tunnel (beside the TCP one, same port number: iperf3 -u's control connection)
 UDP_LOADS = {"udp", "udp64"}
@@ -348,14 +348,28 @@ def load_iperf(reverse: bool):
     return load
 
 
+def udp_socket_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped because the UDP socket on `port` was full
+    (/proc/net/udp's `drops`): loss before the tunnel read them."""
+    try:
+        with open("/proc/net/udp") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    return sum(int(fields[-1]) for fields in map(str.split, lines) if int(fields[1].split(":")[1], 16) == port)
+
+
 def load_udp(size: int):
     def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+        drops = udp_socket_drops(port)
         meter.start()
         r = bench.iperf_udp(port, size, args.udp_rate)
         received = r["received_dps"] * bench.udp_secs
         if not received:
             raise BenchError("no datagram came through")
-        return {"rate": r["received_dps"], "loss": r["loss_percent"]}, received, ""
+        after = udp_socket_drops(port)
+        full = after - drops if after is not None and drops is not None else None
+        return {"rate": r["received_dps"], "loss": r["loss_percent"], "full": full}, received, ""
 
     return load
 
