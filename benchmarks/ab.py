@@ -67,7 +67,7 @@ class Load:
 
     title: str
     tools: tuple[str, ...]
-    service: str  # "echo", "nginx" or "iperf3"
+    service: str  # "echo", "udpecho", "nginx" or "iperf3"
     per: str  # unit of one operation, for CPU and syscall counts
     columns: tuple[tuple[str, str], ...]  # (key, header)
 
@@ -86,6 +86,9 @@ LOADS = {
                (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
     "down": Load("iperf3, 1 stream, service->visitor (-R)", ("iperf3",), "iperf3", "MB",
                  (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
+    "udprtt": Load("64 B request/reply datagrams through a UDP tunnel to a UDP echo", (), "udpecho", "op",
+                   (("rate", "round trips/s"), ("p50", "p50 us"), ("p99", "p99 us"),
+                    ("srv", "server us/op"), ("cli", "client us/op"))),
     "udp": Load("iperf3 -u, 1,200 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
                 (("rate", "datagrams/s"), ("loss", "loss %"), ("full", "public socket full"),
                  ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
@@ -94,7 +97,7 @@ LOADS = {
                    ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
 }  # fmt: skip
 #: loads through a UDP tunnel (beside the TCP one, same port number: iperf3 -u's control connection)
-UDP_LOADS = {"udp", "udp64"}
+UDP_LOADS = {"udp", "udp64", "udprtt"}
 
 
 @dataclass
@@ -348,6 +351,47 @@ def load_iperf(reverse: bool):
     return load
 
 
+def load_udp_rtt(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    """As `rtt`, with datagrams (a lost one, after 1 s, is counted and not timed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.connect((LOOP, port))
+        msg = os.urandom(64)
+
+        def round_trip() -> bool:
+            s.send(msg)
+            try:
+                while s.recv(2048) != msg:
+                    pass
+            except TimeoutError:
+                return False
+            return True
+
+        for _ in range(RTT_WARMUP):
+            round_trip()
+        meter.start()
+        deadline = time.monotonic() + RTT_LIMIT
+        times, lost, note = [], 0, ""
+        t0 = time.perf_counter_ns()
+        for i in range(args.rounds):
+            a = time.perf_counter_ns()
+            if round_trip():
+                times.append((time.perf_counter_ns() - a) / 1000)
+            else:
+                lost += 1
+            if i % 256 == 255 and time.monotonic() > deadline:
+                note = f"stopped after {i + 1} round trips ({RTT_LIMIT:.0f} s)"
+                break
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+    if not times:
+        raise BenchError("no datagram came back")
+    times.sort()
+    if lost:
+        note = ", ".join(filter(None, [note, f"{lost} lost"]))
+    figures = {"rate": len(times) / elapsed, "p50": percentile(times, 50), "p99": percentile(times, 99)}
+    return figures, len(times) + lost, note
+
+
 def udp_socket_drops(port: int) -> int | None:
     """Datagrams the kernel dropped because the UDP socket on `port` was full
     (/proc/net/udp's `drops`): loss before the tunnel read them."""
@@ -375,7 +419,8 @@ def load_udp(size: int):
 
 
 RUNNERS = {"rtt": load_rtt, "http": load_wrk(False), "close": load_wrk(True),
-           "up": load_iperf(False), "down": load_iperf(True), "udp": load_udp(1200), "udp64": load_udp(64)}  # fmt: skip
+           "up": load_iperf(False), "down": load_iperf(True), "udp": load_udp(1200), "udp64": load_udp(64),
+           "udprtt": load_udp_rtt}  # fmt: skip
 
 
 def run_once(bench: Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
@@ -412,7 +457,7 @@ def median(values: list[float | None]) -> float | None:
 
 def load_table(name: str, results: list[Result], args) -> str:
     load = LOADS[name]
-    length = f"{args.rounds} round trips" if name == "rtt" else f"{args.seconds} s"
+    length = f"{args.rounds} round trips" if name in ("rtt", "udprtt") else f"{args.seconds} s"
     out = [f"### {name}: {load.title}, {length} per run"]
     keys = [k for k, _ in load.columns]
     header = ["run", *(h for _, h in load.columns)]
@@ -591,6 +636,10 @@ def measure(bench: Bench, base: Path, loads: list[str], args) -> int:
                 if load.service == "echo":
                     port = free_port()
                     bench.start_helper("echo", ["--serve-echo", str(port)], port)
+                elif load.service == "udpecho":
+                    port = free_udp_port()
+                    bench.procs.start("udp-echo", [sys.executable, HERE / "services.py", "--serve-udp-echo", str(port)])
+                    time.sleep(0.5)  # (nothing to poll: a UDP socket does not "listen")
                 elif load.service == "nginx":
                     port = bench.start_nginx()
                 else:
