@@ -38,7 +38,7 @@ sys.path.insert(0, str(HERE))
 
 from bench import Bench  # noqa: E402  (benchmarks/bench.py and its neighbours)
 from measure import percentile, ping_pong  # noqa: E402
-from paths import cert_fingerprint  # noqa: E402
+from paths import cert_fingerprint, free_udp_port  # noqa: E402
 from procs import (  # noqa: E402
     LOOP,
     SBIN_PATH,
@@ -67,7 +67,7 @@ class Load:
 
     title: str
     tools: tuple[str, ...]
-    service: str  # "echo", "nginx" or "iperf3"
+    service: str  # "echo", "udpecho", "nginx" or "iperf3"
     per: str  # unit of one operation, for CPU and syscall counts
     columns: tuple[tuple[str, str], ...]  # (key, header)
 
@@ -86,7 +86,18 @@ LOADS = {
                (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
     "down": Load("iperf3, 1 stream, service->visitor (-R)", ("iperf3",), "iperf3", "MB",
                  (("rate", "MB/s"), ("srv", "server s/GB"), ("cli", "client s/GB"))),
+    "udprtt": Load("64 B request/reply datagrams through a UDP tunnel to a UDP echo", (), "udpecho", "op",
+                   (("rate", "round trips/s"), ("p50", "p50 us"), ("p99", "p99 us"),
+                    ("srv", "server us/op"), ("cli", "client us/op"))),
+    "udp": Load("iperf3 -u, 1,200 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
+                (("rate", "datagrams/s"), ("loss", "loss %"), ("full", "public socket full"),
+                 ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
+    "udp64": Load("iperf3 -u, 64 B datagrams at --udp-rate, visitor->service", ("iperf3",), "iperf3", "datagram",
+                  (("rate", "datagrams/s"), ("loss", "loss %"), ("full", "public socket full"),
+                   ("srv", "server us/datagram"), ("cli", "client us/datagram"))),
 }  # fmt: skip
+#: loads through a UDP tunnel (beside the TCP one, same port number: iperf3 -u's control connection)
+UDP_LOADS = {"udp", "udp64", "udprtt"}
 
 
 @dataclass
@@ -238,10 +249,12 @@ class Tunnel:
     pub_port: int
 
 
-def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
-    """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service."""
+def open_tunnel(bench: Bench, side: Side, service_port: int, udp: bool = False) -> Tunnel:
+    """rtunnel_server + rtunnel_client of one side, forwarding a fresh port to the service
+    (with `udp`, a UDP tunnel of the same port number too)."""
     procs, token = bench.procs, secrets.token_hex(16)
-    ctrl, pub = free_port(), free_port()
+    ctrl, pub = free_port(), free_udp_port() if udp else free_port()
+    udp_args = ["-f", f"udp:{LOOP}:{pub}", "-t", f"udp:{LOOP}:{service_port}"] if udp else []
     server = procs.start(f"{side.name}-server", [
         *side.env, BIN / "rtunnel_server", "--port", ctrl, "--interface", LOOP,
         "--state-dir", side.state, "--token", token,
@@ -262,7 +275,7 @@ def open_tunnel(bench: Bench, side: Side, service_port: int) -> Tunnel:
         wait_for(server_ready, 15, [(server, procs)], f"{side.name}: rtunnel_server")
         client = procs.start(f"{side.name}-client", [
             *side.env, BIN / "rtunnel_client", "-c", f"{LOOP}:{ctrl}", "-f", pub,
-            "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0],
+            "-t", f"{LOOP}:{service_port}", "--token", token, "--fingerprint", fingerprint[0], *udp_args,
         ], cwd=side.state)  # fmt: skip
         wait_for(lambda: listening(pub), 15, [(client, procs), (server, procs)],
                  f"{side.name}: rtunnel_client -f")  # fmt: skip
@@ -338,15 +351,83 @@ def load_iperf(reverse: bool):
     return load
 
 
+def load_udp_rtt(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+    """As `rtt`, with datagrams (a lost one, after 1 s, is counted and not timed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.connect((LOOP, port))
+        msg = os.urandom(64)
+
+        def round_trip() -> bool:
+            s.send(msg)
+            try:
+                while s.recv(2048) != msg:
+                    pass
+            except TimeoutError:
+                return False
+            return True
+
+        for _ in range(RTT_WARMUP):
+            round_trip()
+        meter.start()
+        deadline = time.monotonic() + RTT_LIMIT
+        times, lost, note = [], 0, ""
+        t0 = time.perf_counter_ns()
+        for i in range(args.rounds):
+            a = time.perf_counter_ns()
+            if round_trip():
+                times.append((time.perf_counter_ns() - a) / 1000)
+            else:
+                lost += 1
+            if i % 256 == 255 and time.monotonic() > deadline:
+                note = f"stopped after {i + 1} round trips ({RTT_LIMIT:.0f} s)"
+                break
+        elapsed = (time.perf_counter_ns() - t0) / 1e9
+    if not times:
+        raise BenchError("no datagram came back")
+    times.sort()
+    if lost:
+        note = ", ".join(filter(None, [note, f"{lost} lost"]))
+    figures = {"rate": len(times) / elapsed, "p50": percentile(times, 50), "p99": percentile(times, 99)}
+    return figures, len(times) + lost, note
+
+
+def udp_socket_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped because the UDP socket on `port` was full
+    (/proc/net/udp's `drops`): loss before the tunnel read them."""
+    try:
+        with open("/proc/net/udp") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return None
+    return sum(int(fields[-1]) for fields in map(str.split, lines) if int(fields[1].split(":")[1], 16) == port)
+
+
+def load_udp(size: int):
+    def load(bench: Bench, port: int, meter: Meter, args) -> tuple[dict, float, str]:
+        drops = udp_socket_drops(port)
+        meter.start()
+        r = bench.iperf_udp(port, size, args.udp_rate)
+        received = r["received_dps"] * bench.udp_secs
+        if not received:
+            raise BenchError("no datagram came through")
+        after = udp_socket_drops(port)
+        full = after - drops if after is not None and drops is not None else None
+        return {"rate": r["received_dps"], "loss": r["loss_percent"], "full": full}, received, ""
+
+    return load
+
+
 RUNNERS = {"rtt": load_rtt, "http": load_wrk(False), "close": load_wrk(True),
-           "up": load_iperf(False), "down": load_iperf(True)}  # fmt: skip
+           "up": load_iperf(False), "down": load_iperf(True), "udp": load_udp(1200), "udp64": load_udp(64),
+           "udprtt": load_udp_rtt}  # fmt: skip
 
 
 def run_once(bench: Bench, side: Side, name: str, service_port: int, perf: str | None, args) -> Result:
     """One run of one load through a fresh tunnel of one side; never raises BenchError."""
     result = Result(side.name)
     try:
-        tunnel = open_tunnel(bench, side, service_port)
+        tunnel = open_tunnel(bench, side, service_port, udp=name in UDP_LOADS)
         meter = Meter(bench, tunnel.server.pid, tunnel.client.pid, perf)
         try:
             figures, ops, result.note = RUNNERS[name](bench, tunnel.pub_port, meter, args)
@@ -376,7 +457,7 @@ def median(values: list[float | None]) -> float | None:
 
 def load_table(name: str, results: list[Result], args) -> str:
     load = LOADS[name]
-    length = f"{args.rounds} round trips" if name == "rtt" else f"{args.seconds} s"
+    length = f"{args.rounds} round trips" if name in ("rtt", "udprtt") else f"{args.seconds} s"
     out = [f"### {name}: {load.title}, {length} per run"]
     keys = [k for k, _ in load.columns]
     header = ["run", *(h for _, h in load.columns)]
@@ -461,6 +542,9 @@ def main(argv=None) -> int:
     ap.add_argument("--syscalls", action="store_true",
                     help="also count each end's syscalls per operation with perf stat (needs perf "
                     "and syscall tracepoints; perf slows the tunnel, compare such runs only with each other)")  # fmt: skip
+    ap.add_argument("--udp-rate", type=int, default=20000,
+                    help="datagrams/s iperf3 -u offers in the udp and udp64 loads (default 20000; CPU per "
+                    "datagram compares best below the rate where loss starts)")  # fmt: skip
     ap.add_argument("--keep-tmp", action="store_true", help="keep the state dirs and process logs")
     args = ap.parse_args(argv)
 
@@ -490,7 +574,7 @@ def main(argv=None) -> int:
 
     bench = Bench(argparse.Namespace(quick=False, verbose=False, scale_levels=[], tests=[],
                                      rtunnel_window=None))  # fmt: skip
-    bench.wrk_secs = args.seconds
+    bench.wrk_secs = bench.udp_secs = args.seconds
     try:
         return measure(bench, base, loads, args)
     except BenchError as e:
@@ -552,6 +636,10 @@ def measure(bench: Bench, base: Path, loads: list[str], args) -> int:
                 if load.service == "echo":
                     port = free_port()
                     bench.start_helper("echo", ["--serve-echo", str(port)], port)
+                elif load.service == "udpecho":
+                    port = free_udp_port()
+                    bench.procs.start("udp-echo", [sys.executable, HERE / "services.py", "--serve-udp-echo", str(port)])
+                    time.sleep(0.5)  # (nothing to poll: a UDP socket does not "listen")
                 elif load.service == "nginx":
                     port = bench.start_nginx()
                 else:

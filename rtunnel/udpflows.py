@@ -7,13 +7,15 @@ A flow's socket is closed after `idle_timeout` without a datagram either
 way. Flows belong to the session: they survive a resume, and a new session
 (whose server numbers flows afresh) forgets them all. Nothing is queued:
 what the link or the target cannot take now is dropped and counted.
+Datagrams from the link are written at the end of the reactor turn they
+came in, a flow's together (rtunnel.udpsend: one system call for a run).
 """
 
 from __future__ import annotations
 
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import error
@@ -23,12 +25,17 @@ from twisted.logger import Logger
 from rtunnel import proxyproto, wire
 from rtunnel.addresses import format_host_port, is_ip_literal
 from rtunnel.config import TunnelSpec
+from rtunnel.udpsend import BatchSender
 
 #: send(tunnel, flow, payload) -> None if sent, else why it was dropped
 DATAGRAMS_PER_TURN = 8  # read from a flow's socket per reactor turn (as rtunnel.server.udp)
 READ_PER_TURN = 256 * 1024  # Twisted's maxThroughput, restored each turn
 Sender = Callable[[int, int, bytes], "str | None"]
 MAX_DATAGRAM = 65535
+
+
+#: rtunnel.udpsend's reasons -> the drop reasons of docs/udp.md
+_DROP_REASONS = {"too_big": "too_big", "full": "target_full", "refused": "target_refused"}
 
 
 class TunnelCounters:
@@ -53,6 +60,12 @@ class LocalFlow(DatagramProtocol):
         self.last_seen = now
         self.port: Any = None
         self._this_turn = 0
+        self.pending: list[bytes] = []  # datagrams for the target, written at the end of the turn
+
+    def dropped(self, reason: str, datagrams: Sequence[bytes]) -> None:
+        """`datagrams` for the target were not sent (rtunnel.udpsend's reasons)."""
+        drops = self.flows.counters(self.key[0]).drops
+        drops[_DROP_REASONS.get(reason, "target_full")] += len(datagrams)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self._this_turn += 1
@@ -95,6 +108,9 @@ class UdpFlows:
         # tunnel -> (its target as configured, resolved to (IP, port)): a retarget resolves again
         self._targets: dict[int, tuple[tuple[str, int], tuple[str, int]]] = {}
         self._sweep: Any = None
+        self.sender = BatchSender()
+        self._dirty: list[LocalFlow] = []  # flows with datagrams to write at the end of this turn
+        self._flush_call: Any = None
 
     def counters(self, tunnel_id: int) -> TunnelCounters:
         counters = self.tunnels.get(tunnel_id)
@@ -120,12 +136,28 @@ class UdpFlows:
         elif datagram.address is not None and spec.proxy_protocol == proxyproto.V2 and public is not None:
             flow.header = proxyproto.datagram_header(list(datagram.address), list(public))
         flow.last_seen = now
-        try:
-            flow.port.write(flow.header + datagram.payload if flow.header else datagram.payload)
-        except error.MessageLengthError:
-            counters.drops["too_big"] += 1
-        except OSError:
-            counters.drops["target_full"] += 1  # the socket's buffer is full, or the target refused
+        pending = flow.pending
+        pending.append(flow.header + datagram.payload if flow.header else datagram.payload)
+        if len(pending) == 1:
+            self._dirty.append(flow)
+            if self._flush_call is None:
+                self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write the datagrams that came in this turn, each flow's in order
+        and together (one system call per run of equal sizes where the
+        kernel has UDP GSO). What the socket refuses is dropped and counted:
+        `target_full` (its buffer is full), `target_refused` (nothing
+        listens), `too_big`."""
+        self._flush_call = None
+        dirty, self._dirty = self._dirty, []
+        batches = [(flow, flow.pending) for flow in dirty]
+        for flow in dirty:  # first: a failure below cannot leave a flow unflushed for good
+            flow.pending = []
+        flows, send_batch = self.flows, self.sender.send_batch
+        for flow, pending in batches:
+            if flows.get(flow.key) is flow and flow.port is not None:
+                send_batch(flow.port.socket, pending, flow.dropped)
 
     def _open(
         self, spec: TunnelSpec, public: tuple[str, int] | None, datagram: wire.Datagram,
@@ -234,6 +266,7 @@ class UdpFlows:
 
     def _close(self, key: tuple[int, int], flow: LocalFlow) -> None:
         del self.flows[key]  # first: socket_closed then knows it was us
+        flow.pending = []
         self.per_tunnel[key[0]] -= 1
         if flow.port is not None:
             flow.port.stopListening()
@@ -264,3 +297,7 @@ class UdpFlows:
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
+        self._dirty = []
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None

@@ -242,18 +242,21 @@ def encode_resume(state: ResumeState) -> bytes:
     return encode(FrameType.RESUME, 0, b"".join(parts))
 
 
+#: A DATAGRAM's frame header and head without an address, packed at once.
+_DATAGRAM_FRAME_HEAD = struct.Struct(">BBIIII")
+_DATAGRAM_TYPE = int(FrameType.DATAGRAM)
+
+
 def datagram_header(
     tunnel_id: int, flow_id: int, payload_size: int, address: tuple[str, int] | None = None,
 ) -> bytes:
     """The frame header and DATAGRAM head of a datagram of `payload_size`
     bytes (the payload follows unjoined): tunnel and flow id, and with
     `address` (an IP literal and a port) the FLAG_ADDRESS block."""
-    head = DATAGRAM_HEAD.pack(tunnel_id, flow_id)
-    flags = 0
-    if address is not None:
-        head += encode_address(*address)
-        flags = FLAG_ADDRESS
-    return HEADER.pack(FrameType.DATAGRAM, flags, 0, len(head) + payload_size) + head
+    if address is None:  # all but a flow's first datagram on a link: one pack
+        return _DATAGRAM_FRAME_HEAD.pack(_DATAGRAM_TYPE, 0, 0, DATAGRAM_HEAD.size + payload_size, tunnel_id, flow_id)
+    head = DATAGRAM_HEAD.pack(tunnel_id, flow_id) + encode_address(*address)
+    return HEADER.pack(FrameType.DATAGRAM, FLAG_ADDRESS, 0, len(head) + payload_size) + head
 
 
 def encode_datagram(
@@ -285,10 +288,10 @@ def max_datagram_payload(peer_max_frame: int) -> int:
 MAX_UDP_PAYLOAD = 65507  # the largest UDP payload over IPv4
 
 
-@dataclass(frozen=True, slots=True)
-class Datagram:
+class Datagram(NamedTuple):
     """A decoded DATAGRAM: `address` is the visitor's (host, port), present
-    only when the server sent FLAG_ADDRESS."""
+    only when the server sent FLAG_ADDRESS. (A named tuple: one is made per
+    datagram, cheaply.)"""
 
     tunnel: int
     flow: int
@@ -300,6 +303,8 @@ def decode_datagram(frame: Frame) -> Datagram:
     """Parse a DATAGRAM body; FrameError for a malformed address block."""
     body = frame.body
     tunnel, flow = DATAGRAM_HEAD.unpack_from(body)
+    if not frame.flags:
+        return Datagram(tunnel, flow, None, bytes(body[DATAGRAM_HEAD.size:]))
     pos = DATAGRAM_HEAD.size
     address = None
     if frame.flags & FLAG_ADDRESS:

@@ -80,3 +80,35 @@ class DatagramTests(SynchronousTestCase):
         self.assertIsNone(pair.server.send_datagram(1, 1, bytes(largest), ("2001:db8::7", 9)))
         pair.pump()
         self.assertEqual(len(pair.client_delegate.datagrams[0].payload), largest)
+
+    def test_held_datagrams_go_to_the_link_in_one_write_in_order_each_accepted_or_dropped_at_once(self) -> None:
+        pair = self.pair
+        link = pair.server_link
+        writes: list[int] = []
+        write, write_frame = link.write, link.write_frame
+
+        def counted_write(frame: bytes) -> None:
+            writes.append(len(frame))
+            write(frame)
+
+        def counted_write_frame(header: bytes, payload: bytes) -> None:
+            writes.append(len(header) + len(payload))
+            write_frame(header, payload)
+
+        link.write, link.write_frame = counted_write, counted_write_frame  # type: ignore[method-assign]
+        pair.server.hold_datagrams()  # one read of a UDP socket
+        for n in range(8):
+            self.assertIsNone(pair.server.send_datagram(1, 3, b"d%d" % n, ("192.0.2.9", 53) if n == 0 else None))
+        self.assertEqual(pair.server.send_datagram(1, 3, bytes(70000)), "too_big", "decided at once, held or not")
+        self.assertEqual(writes, [], "nothing is written while held")
+        big = bytes(20000)  # a large one is written unjoined, after those held before it
+        self.assertIsNone(pair.server.send_datagram(1, 3, big))
+        self.assertIsNone(pair.server.send_datagram(1, 3, b"last"))
+        pair.server.release_datagrams()
+        self.assertEqual(len(writes), 3, "the eight held, the large one, the last")
+        self.assertIsNone(pair.server.send_datagram(1, 3, b"not held"))
+        self.assertEqual(len(writes), 4, "after release_datagrams each datagram is written at once again")
+        pair.pump()
+        got = pair.client_delegate.datagrams
+        self.assertEqual([d.payload for d in got], [b"d%d" % n for n in range(8)] + [big, b"last", b"not held"])
+        self.assertEqual(got[0].address, ("192.0.2.9", 53))

@@ -11,6 +11,7 @@ datagram flood.
 from __future__ import annotations
 
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from rtunnel.admin import RateMeter, describe
 from rtunnel.config import TunnelSpec
 from rtunnel.metrics import ClientCollector, ServerCollector, registry_for
 from rtunnel.mux import SessionSettings
+from rtunnel.udpsend import can_segment
 from tests.faultproxy import FaultProxy
 from tests.harness import (
     Echo,
@@ -204,6 +206,36 @@ class UdpTunnelTests(unittest.TestCase):
         self.assertEqual(self.server_udp.drops["too_big"], 1)
 
     @defer.inlineCallbacks
+    def test_a_burst_reaches_the_target_as_the_same_datagrams_in_order_with_fewer_sends(self) -> None:
+        echo = UdpEcho()
+        public = yield self.start(echo)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.addCleanup(sender.close)
+        sender.bind(("127.0.0.1", 0))
+        sender.setblocking(False)
+        burst = [pattern(n, 1000) for n in range(63)] + [b"short"]
+        for datagram in burst:  # all in the public port's buffer before the server reads one
+            sender.sendto(datagram, ("127.0.0.1", public))
+        yield wait_until(lambda: len(echo.received) == len(burst), 10)
+        self.assertEqual([data for data, _ in echo.received], burst, "each datagram whole, alone, in order")
+        replies: list[bytes] = []
+
+        def all_replies() -> bool:
+            try:
+                while True:
+                    replies.append(sender.recv(70000))
+            except BlockingIOError:
+                return len(replies) == len(burst)
+
+        yield wait_until(all_replies, 10)
+        self.assertEqual(replies, [b"re:" + datagram for datagram in burst])
+        sends = self.service.client.udp.sender.syscalls
+        if can_segment():
+            self.assertLess(sends, len(burst) // 4, "the client wrote runs of a flow's datagrams in one sendmsg")
+        else:
+            self.assertEqual(sends, len(burst))
+
+    @defer.inlineCallbacks
     def test_the_largest_udp_datagram_goes_through_whole_both_ways(self) -> None:
         echo = UdpEcho()
         public = yield self.start(echo)
@@ -251,7 +283,11 @@ class UdpTunnelTests(unittest.TestCase):
         yield wait_until(lambda: server_session.detached, 10)
         visitor.transport.write(b"during", ("127.0.0.1", public))
         yield wait_until(lambda: self.server_udp.drops["link_down"] == 1, 5)
-        yield wait_until(lambda: server_session.attached and self.service.client.session.can_send, 15)
+        # the resume is done on both ends (the two RESUMEs cross: the client may have the
+        # server's before the server has the client's, and until then a datagram is link_down)
+        yield wait_until(
+            lambda: server_session.mux_session.can_send and self.service.client.session.can_send, 15,
+        )
         visitor.transport.write(b"after", ("127.0.0.1", public))
         yield wait_until(lambda: b"re:after" in visitor.replies, 5)
         self.assertEqual(visitor.replies, [b"re:before", b"re:after"], "what was sent during the outage is dropped")

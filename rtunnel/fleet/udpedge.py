@@ -34,7 +34,8 @@ from rtunnel.addresses import format_host_port, unmap
 from rtunnel.fleet.links import DEFAULT_HOST, FleetLinks, name_to_json
 from rtunnel.mux import Session, SessionBufferFull, Stream, StreamIdsExhausted
 from rtunnel.server.claims import Name, UdpPort
-from rtunnel.server.udp import MAX_DATAGRAM, UdpTunnel
+from rtunnel.server.udp import DATAGRAMS_PER_TURN, MAX_DATAGRAM, UdpTunnel
+from rtunnel.udpport import listen_udp
 from rtunnel.wire import ResetCode
 
 #: The home's answer on a channel stream: it serves the name; datagrams may flow.
@@ -158,6 +159,10 @@ class EdgeUdpPort(DatagramProtocol):
 
     # ------------------------------------------------------------ visitor -> home
 
+    def read_done(self) -> None:
+        """The end of one read of the socket (rtunnel.udpport.ReadPort): each
+        datagram went to the member link as it came."""
+
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         address = (unmap(addr[0]), addr[1])
         flow = self.flows.get(address)
@@ -265,6 +270,7 @@ class HomeChannel:
             return
         tunnel.carried[address] = functools.partial(self.reply, datagram.flow)
         tunnel.datagramReceived(datagram.payload, address)
+        tunnel.read_done()  # as a read of its own socket ends: what it holds goes to the link now
 
     def reply(self, flow_id: int, payload: bytes) -> None:
         dropped = self.session.send_datagram(self.channel, flow_id, payload)
@@ -330,8 +336,9 @@ class UdpEdge:
         if self.stopping or self.ports.get(port.name) is not port:
             return
         try:
-            port.port = self.links.reactor.listenUDP(
-                port.name.port, port, interface=port.host, maxPacketSize=MAX_DATAGRAM,
+            # read as the home's own port is (so that the session that may adopt it reads it so too)
+            port.port = listen_udp(
+                self.links.reactor, port.name.port, port, port.host, MAX_DATAGRAM, DATAGRAMS_PER_TURN,
             )
         except error.CannotListenError as e:
             if retries > 0:  # our own socket of the port may still be closing
@@ -366,7 +373,7 @@ class UdpEdge:
             self._forget(port)
             port.stop()
             port.doStop()
-            listening.protocol = tunnel  # twisted.internet.udp.Port: whom its datagrams go to
+            listening.protocol = tunnel  # rtunnel.udpport.ReadPort: whom its datagrams (and read_done) go to
             tunnel.makeConnection(listening)
             self.log.info(
                 "{name}, served here for member {home}, is now this member's own", name=port.name.describe(),

@@ -47,6 +47,11 @@ class SessionDelegate(TypingProtocol):
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None: ...
 
 
+#: Datagrams below this size are joined with their header (and their read's
+#: other datagrams) into one write to the link; larger ones are written as
+#: header and payload, unjoined (the TLS layer encrypts them where they lie).
+HELD_DATAGRAM = 16 * 1024
+
 #: The name the ends used for the link interface before it was LinkPort.
 Link = LinkPort
 
@@ -92,6 +97,7 @@ class Session:
         self.link_epoch = 0  # one more per attached link: a flow's address is told once per link
         self.datagram_backlog = 0  # bytes of datagrams written since the link backed up
         self._flow_backlog: dict[tuple[int, int], int] = {}
+        self._held_datagrams: list[bytes] | None = None  # frames of one socket read (hold_datagrams)
         # bandwidth limits (rtunnel.limits.Pacer), set by the server per client
         self.send_pacer: Pacer | None = None
         self.recv_pacer: Pacer | None = None
@@ -283,7 +289,8 @@ class Session:
         link is backed up and the session's, or this flow's, share of
         datagrams written since is used up). Datagrams are never kept for
         later, take no stream credit and are not replayed on resume."""
-        if not self.can_send:
+        link = self.link
+        if link is None or self._resuming:
             return "link_down"
         size = len(payload)
         if size > wire.max_datagram_payload(self.peer_max_frame):
@@ -298,8 +305,31 @@ class Session:
                 return "flow_backlog"
             self._flow_backlog[key] = held
             self.datagram_backlog += size
-        self.write_frame(wire.datagram_header(tunnel_id, flow_id, size, address), payload)
+        header = wire.datagram_header(tunnel_id, flow_id, size, address)
+        frames = self._held_datagrams
+        if frames is not None and size < HELD_DATAGRAM:
+            frames += (header, payload)
+            self.bytes_out += len(header) + size
+            return None
+        if frames:
+            self.release_datagrams(hold=True)  # a large one goes after those before it
+        self.write_frame(header, payload)
         return None
+
+    def hold_datagrams(self) -> None:
+        """The datagrams sent from now until `release_datagrams` (those of
+        one read of a UDP socket) go to the link in one write. Each is still
+        sent or dropped when `send_datagram` is called: only the write to
+        the link is put together."""
+        if self._held_datagrams is None:
+            self._held_datagrams = []
+
+    def release_datagrams(self, hold: bool = False) -> None:
+        """Write the held datagrams to the link; hold no more unless `hold`."""
+        frames = self._held_datagrams
+        self._held_datagrams = [] if hold else None
+        if frames and self.link is not None:
+            self.link.write(b"".join(frames))
 
     def _clear_datagram_backlog(self) -> None:
         self.datagram_backlog = 0

@@ -16,8 +16,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer, error
@@ -29,6 +29,8 @@ from rtunnel import wire
 from rtunnel.addresses import IPV4_ANY, NO_IPV6_ERRNOS, format_host_port, unmap
 from rtunnel.server.claims import Claim, ClaimRefused, ClaimRegistry, UdpPort
 from rtunnel.server.ports import PICK_PORT_ATTEMPTS, BindRefused, listen_refused
+from rtunnel.udpport import listen_udp
+from rtunnel.udpsend import BatchSender
 
 if TYPE_CHECKING:
     from rtunnel.server import TunnelServer
@@ -42,8 +44,11 @@ MAX_DATAGRAM = 65535  # what one recvfrom may return
 #: reads up to 256 KiB, 4,000 datagrams of 64 bytes): a datagram costs about
 #: what a 256 KiB read of a TCP stream costs, so 8 per turn keep the
 #: session's TCP streams going under a flood (docs/udp.md, "Fairness").
+#: The datagrams of one read go to the control link in one write.
 DATAGRAMS_PER_TURN = 8
-READ_PER_TURN = 256 * 1024  # bytes (Twisted's maxThroughput), restored each turn
+
+#: One per process: several replies to one visitor in one system call (rtunnel.udpsend).
+SENDER = BatchSender()
 
 #: Reasons a datagram is dropped (the metrics' `reason` label, docs/udp.md).
 DROP_REASONS = (
@@ -64,6 +69,8 @@ class Flow:
     bytes_in: int = 0
     datagrams_out: int = 0  # to the visitor
     bytes_out: int = 0
+    to: tuple[str, int] = ("", 0)  # the address as the port's socket writes it (IPv4 on `::`: mapped)
+    pending: list[bytes] = field(default_factory=list)  # replies, sent at the end of the turn
 
 
 class UdpTunnel(DatagramProtocol):
@@ -78,7 +85,7 @@ class UdpTunnel(DatagramProtocol):
         self.server = server
         self.host = host
         self.claim: Claim[ServerSession] | None = None
-        self.port: Any = None  # twisted.internet.udp.Port (its maxThroughput is set per turn)
+        self.port: Any = None  # rtunnel.udpport.ReadPort
         self.flows: dict[tuple[str, int], Flow] = {}
         self.by_id: dict[int, Flow] = {}
         self._next_flow = 1
@@ -89,9 +96,14 @@ class UdpTunnel(DatagramProtocol):
         # on `::` for a client that may not bind 0.0.0.0: IPv4 visitors
         # (IPv4-mapped sources of the dual-stack socket) are not served
         self.ipv6_only = False
-        self._this_turn = 0  # datagrams read in this reactor turn
         #: flows of visitors at other fleet members: where their replies go (rtunnel.fleet.udpedge)
         self.carried: dict[tuple[str, int], Callable[[bytes], None]] = {}
+        self._holding: Any = None  # the mux session holding this read's datagrams (Session.hold_datagrams)
+        self._replying: list[Flow] = []  # flows with replies to send at the end of the turn
+        self._reply_call: Any = None
+        self._lost = 0  # bytes of the flow's replies being sent that were dropped
+        self._key: tuple[str, int] = (host, 0)
+        self._key_of: Any = None  # the port `_key` was read from
 
     @property
     def owner(self) -> ServerSession | None:
@@ -103,21 +115,30 @@ class UdpTunnel(DatagramProtocol):
 
     @property
     def key(self) -> tuple[str, int]:
-        assert self.port is not None
-        return (self.host, self.port.getHost().port)
+        port = self.port
+        assert port is not None
+        if self._key_of is not port:  # asked per dropped datagram: getsockname() once per socket
+            self._key, self._key_of = (self.host, port.getHost().port), port
+        return self._key
 
     # ------------------------------------------------------------ visitor -> client
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self._count_turn()
-        owner = self.owner
-        if owner is None or owner.expired:
+        claim = self.claim
+        if claim is None:
             return
-        host = unmap(addr[0])
-        if self.ipv6_only and host != addr[0]:
-            self.drops["not_permitted"] += 1
+        owner = claim.holder
+        if owner.expired:
             return
-        address = (host, addr[1])
+        address = addr
+        host = addr[0]
+        if ":" in host:
+            host = unmap(host)
+            if host != addr[0]:
+                if self.ipv6_only:
+                    self.drops["not_permitted"] += 1
+                    return
+                address = (host, addr[1])
         flow = self.flows.get(address)
         now = self.server.reactor.seconds()
         if flow is None:
@@ -130,6 +151,10 @@ class UdpTunnel(DatagramProtocol):
         self.datagrams_in += 1
         self.bytes_in += len(data)
         mux = owner.mux_session
+        if self._holding is not mux:
+            self._release()
+            mux.hold_datagrams()  # this read's datagrams go to the link in one write (read_done)
+            self._holding = mux
         epoch = mux.link_epoch
         dropped = mux.send_datagram(
             self.tunnel_id, flow.id, data, address if flow.told_epoch != epoch else None,
@@ -139,27 +164,22 @@ class UdpTunnel(DatagramProtocol):
         else:
             self.drop(dropped, owner, address)
 
-    def _count_turn(self) -> None:
-        """At DATAGRAMS_PER_TURN, end this turn's reading (Twisted's read
-        loop stops at maxThroughput bytes): the rest waits in the socket's
-        buffer for the next turn."""
-        self._this_turn += 1
-        if self._this_turn == 1:
-            self.server.reactor.callLater(0, self._next_turn)
-        elif self._this_turn == DATAGRAMS_PER_TURN and self.port is not None:
-            self.port.maxThroughput = 0
+    def read_done(self) -> None:
+        """The end of one read of the socket (rtunnel.udpport): write its datagrams."""
+        if self._holding is not None:
+            self._release()
 
-    def _next_turn(self) -> None:
-        self._this_turn = 0
-        if self.port is not None:
-            self.port.maxThroughput = READ_PER_TURN
+    def _release(self) -> None:
+        mux, self._holding = self._holding, None
+        if mux is not None:
+            mux.release_datagrams()
 
     def _open_flow(self, owner: ServerSession, address: tuple[str, int], now: float) -> Flow | None:
         limit = self.server.config.udp_max_flows
         if len(self.flows) >= limit or self._next_flow > wire.MAX_U32:
             self.drop("flow_limit", owner, address, limit=limit)
             return None
-        flow = Flow(self._next_flow, address, now)
+        flow = Flow(self._next_flow, address, now, to=self._to(address))
         self._next_flow += 1
         self.flows[address] = self.by_id[flow.id] = flow
         self.flows_opened += 1
@@ -187,25 +207,56 @@ class UdpTunnel(DatagramProtocol):
     # ------------------------------------------------------------ client -> visitor
 
     def reply(self, flow_id: int, payload: bytes) -> None:
-        """The client's datagram for flow `flow_id`: to its visitor, now or never."""
+        """The client's datagram for flow `flow_id`: to its visitor, now or
+        never (at the end of this reactor turn, with the flow's others)."""
         flow = self.by_id.get(flow_id)
-        if flow is None or self.transport is None:
+        if flow is None or self.port is None:
             self.drops["unknown_flow"] += 1  # it idled out here: the visitor must send again
             return
         flow.last_seen = self.server.reactor.seconds()
-        try:
-            carried = self.carried.get(flow.address) if self.carried else None
-            if carried is not None:
+        carried = self.carried.get(flow.address) if self.carried else None
+        if carried is not None:
+            try:
                 carried(payload)  # to the fleet member the visitor is at
-            else:
-                self.transport.write(payload, self._to(flow.address))
-        except (OSError, error.MessageLengthError):
-            self.drops["socket_error"] += 1
+            except (OSError, error.MessageLengthError):
+                self.drops["socket_error"] += 1
             return
-        flow.datagrams_out += 1
-        flow.bytes_out += len(payload)
-        self.datagrams_out += 1
-        self.bytes_out += len(payload)
+        pending = flow.pending
+        pending.append(payload)
+        if len(pending) == 1:
+            self._replying.append(flow)
+            if self._reply_call is None:
+                self._reply_call = self.server.reactor.callLater(0, self.send_replies)
+
+    def send_replies(self) -> None:
+        """Send the turn's replies, each flow's together (one system call
+        per run of equal sizes, rtunnel.udpsend); what the socket refuses
+        is dropped and counted (`socket_error`, `too_big`)."""
+        self._reply_call = None
+        flows, self._replying = self._replying, []
+        port = self.port
+        if port is None:
+            for flow in flows:
+                flow.pending = []
+            return
+        skt = port.socket
+        batches = [(flow, flow.pending) for flow in flows]
+        for flow in flows:  # first: a failure below cannot leave a flow unsent for good
+            flow.pending = []
+        for flow, pending in batches:
+            if self.by_id.get(flow.id) is not flow:
+                continue  # forgotten meanwhile (a hand-over)
+            self._lost = 0
+            sent = SENDER.send_batch(skt, pending, self._reply_dropped, flow.to)
+            size = sum(map(len, pending)) - self._lost
+            flow.datagrams_out += sent
+            flow.bytes_out += size
+            self.datagrams_out += sent
+            self.bytes_out += size
+
+    def _reply_dropped(self, reason: str, datagrams: Sequence[bytes]) -> None:
+        self.drops["socket_error"] += len(datagrams)
+        self._lost += sum(map(len, datagrams))
 
     def _to(self, address: tuple[str, int]) -> tuple[str, int]:
         """The visitor's address as this socket writes it (IPv4 on `::`: mapped)."""
@@ -253,6 +304,9 @@ class UdpTunnel(DatagramProtocol):
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
+        if self._reply_call is not None and self._reply_call.active():
+            self._reply_call.cancel()
+        self._reply_call, self._replying = None, []
         self.forget_flows("port closed")
         port, self.port = self.port, None
         if port is None:
@@ -387,7 +441,7 @@ class UdpPorts:
         if adopted is not None:
             return adopted
         try:
-            listening = reactor.listenUDP(port, tunnel, interface=host, maxPacketSize=MAX_DATAGRAM)
+            listening = listen_udp(reactor, port, tunnel, host, MAX_DATAGRAM, DATAGRAMS_PER_TURN)
         except error.CannotListenError as e:
             raise listen_refused(e, host, port, udp=True) from None
         skt = getattr(listening, "socket", None)
