@@ -211,6 +211,34 @@ class LogAddressTests(unittest.SynchronousTestCase):
         self.assertIn("for a visitor from 198.51.100.1:5555:", formatEvent(failed))
 
 
+class LogNamespaceTests(unittest.SynchronousTestCase):
+    """The client's tunnels and moves are objects of their own
+    (rtunnel.tunnels, rtunnel.mover), but their events are still the
+    client's: namespace rtunnel.client.TunnelClient, source the client."""
+
+    def test_tunnel_and_move_events_keep_the_clients_namespace_and_source(self) -> None:
+        spec = replace(TARGET, bind_port=4000)
+        client = TunnelClient(MemoryReactorClock(), ClientConfig("server", 1, (spec,), token="t"), on_fatal=self.fail)
+        session = client.session = Session(client.reactor, client, is_server=False)
+        stream = Stream(session, 2, 1)
+        session.streams[2] = stream
+        bound = next(iter(wire.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(
+            wire.encode_json(FrameType.BOUND, {"tunnel": 1, "host": "::", "port": 4000})
+        )))
+        with capturedLogs() as events:
+            client.control_frame(session, bound)
+            client.stream_opened(session, stream, 1, INFO)
+            [(_, _, factory, _, _)] = client.reactor.tcpClients  # type: ignore[attr-defined]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+            client.moved("no address here")
+        logged = [(e["event"], e["log_namespace"], e["log_source"]) for e in events if "event" in e]
+        self.assertEqual(logged, [
+            ("tunnel_ready", "rtunnel.client.TunnelClient", client),
+            ("target_failed", "rtunnel.client.TunnelClient", client),
+            ("moved_ignored", "rtunnel.client.TunnelClient", client),
+        ])
+
+
 class BindRefusalTests(unittest.SynchronousTestCase):
     """Which BIND_FAILED codes end the client (docs/protocol.md)."""
 
