@@ -71,6 +71,7 @@ def name_from_json(value: Any) -> Name:
 
 
 def address_field(value: Any, what: str) -> list[Any]:
+    """OPEN's `src` or `dst`: [host, port], checked; ProtocolViolation if not."""
     if (
         isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and len(value[0]) <= 64
         and isinstance(value[1], int) and 0 <= value[1] < 65536
