@@ -140,7 +140,7 @@ def describe_session(session: ServerSession, now: float, meter: RateMeter) -> di
     streams = []
     for stream in list(mux.streams.values())[:MAX_STREAMS_LISTED]:
         visitor = None
-        get_peer = getattr(stream.local, "getPeer", None)  # a socket, or a fleet member's bridge (rtunnel.fleet.links)
+        get_peer = getattr(stream.local, "getPeer", None)  # a socket, or a fleet member's bridge (rtunnel.fleet.bridge)
         if get_peer is not None:
             try:
                 visitor = _address(get_peer())

@@ -5,6 +5,11 @@ new link first tries to resume the session, so a dropped link does not break
 the tunnelled connections. What each link event means (a failed attempt, a
 lost or resumed session, the end) is decided in one place: the client's
 transition table (ClientState, ClientInput, TunnelClient.TRANSITIONS).
+
+Two collaborators that TunnelClient owns do the rest: its tunnels
+(`rtunnel.tunnels.ClientTunnels`: BIND and its answers, live changes,
+targets and UDP flows) and its moves between fleet members
+(`rtunnel.mover.Mover`: MOVED hints, the old links that drain).
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any, ClassVar
 
 from OpenSSL import SSL
@@ -23,22 +27,21 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from rtunnel import PROTOCOL_VERSIONS, proxyproto, wire
-from rtunnel.addresses import bracket, format_host_port, format_peer, public_address
+from rtunnel import PROTOCOL_VERSIONS, wire
+from rtunnel.addresses import format_host_port
 from rtunnel.config import ClientConfig, TunnelSpec
-from rtunnel.counters import ClientEvents, Traffic, tunnel_name
+from rtunnel.counters import ClientEvents, Traffic
 from rtunnel.link import ControlLink
 from rtunnel.moved import parse_moved
+from rtunnel.mover import Mover
 from rtunnel.mux import ProtocolViolation, Session, Stream
 from rtunnel.servers import ServerListEndpoint
-from rtunnel.targets import TargetFactory, reset_code_for
 from rtunnel.tls import PinnedCertificateCreator, TrustOnFirstUseCreator, format_fingerprint
+from rtunnel.tunnels import ClientTunnels
 from rtunnel.udpflows import UdpFlows
 from rtunnel.wire import ErrorCode, Frame, FrameError, FrameType, ResetCode
 
 FATAL_ERRORS = {ErrorCode.AUTH_FAILED, ErrorCode.UNSUPPORTED_VERSION}
-FATAL_BIND_CODES = {"not_permitted", "bad_address", "limit", "unsupported"}
-BIND_RETRY_DELAY = 5.0
 
 
 def retry_policy(initial: float, maximum: float, rng: Callable[[], float] = random.random) -> Callable[[int], float]:
@@ -117,36 +120,20 @@ class TunnelClient:
         self.on_fatal = on_fatal
         self.tls_creator = tls_creator
         self.state = ClientState.CONNECTING
-        self.tunnels: dict[int, TunnelSpec] = {t.tunnel_id: t for t in config.tunnels}
         self.session: Session | None = None
         self.session_id: str | None = None
         self.session_secret: str | None = None
         self.link: ClientLink | None = None  # the link the session runs on (READY)
         self.handshaking: ClientLink | None = None  # the link waiting for WELCOME (HANDSHAKING, RESUMING)
-        self.bound: dict[int, tuple[str, int]] = {}
-        # tunnel id -> "host:port" from its BOUND, never popped (ids are never
-        # reused): a removed tunnel's connections keep their metrics label
-        self.tunnel_names: dict[int, str] = {}
-        self.bound_waiters: list[defer.Deferred[dict[int, tuple[str, int]]]] = []
-        self._connecting: dict[int, TargetFactory] = {}
-        self._bind_retries: list[Any] = []
-        # live tunnel changes (add_tunnel, remove_tunnel): ids are never reused
-        self._next_tunnel_id = max(self.tunnels, default=0) + 1
-        self._unbound: set[int] = set()  # removed ids whose BOUND/BIND_FAILED may still come
-        self._added_live: set[int] = set()  # added while running: a refusal drops only that tunnel
-        self._taken_over: set[int] = set()  # tunnels told (once, at warn) that a newer client holds the port
+        # the tunnels by id (a mapping), what the server bound, targets and UDP flows
+        self.tunnels = ClientTunnels(reactor, config, self.log, lambda: self.session, self.fatal)
         self.events = ClientEvents()  # event counts and closed streams' totals (rtunnel.metrics)
         self.traffic = Traffic(visitor_side=False)
         self.failed_attempts = 0  # connection attempts in a row that made no session
-        # UDP tunnels' flows (rtunnel.udpflows): one local socket per flow, kept across resumes
-        self.udp = UdpFlows(reactor, config.udp_idle_timeout, config.udp_max_flows, self._send_datagram)
         self.servers: ServerListEndpoint | None = None  # set by the service: follows MOVED hints
-        # links of sessions we moved away from (GOAWAY MOVED): their streams finish there
-        self.draining: dict[ClientLink, Session] = {}
-        self._closing: set[ClientLink] = set()  # old links we closed, until they are lost
-        # the service's: a new connection for the moved session (old link given) / an old link done
-        self.on_move: Callable[[ClientLink], None] | None = None
-        self.on_drained: Callable[[ClientLink], None] | None = None
+        # sessions we moved away from (GOAWAY MOVED), on their links until their streams end;
+        # the service sets its on_move (a new connection) and on_drained (an old link done)
+        self.mover: Mover[ClientLink] = Mover(reactor, self.log)
 
     def link_factory(self) -> Factory[ClientLink]:
         factory = Factory.forProtocol(lambda: ClientLink(self))
@@ -155,10 +142,22 @@ class TunnelClient:
 
     def when_bound(self) -> defer.Deferred[dict[int, tuple[str, int]]]:
         """Fires with {tunnel id: (host, port)} once every tunnel is bound."""
-        d: defer.Deferred[dict[int, tuple[str, int]]] = defer.Deferred()
-        self.bound_waiters.append(d)
-        self._check_all_bound()
-        return d
+        return self.tunnels.when_bound()
+
+    @property
+    def bound(self) -> dict[int, tuple[str, int]]:
+        """{tunnel id: (host, port)} the server bound on this session (a
+        hostname's is (hostname, 0))."""
+        return self.tunnels.bound
+
+    @property
+    def udp(self) -> UdpFlows:
+        return self.tunnels.udp
+
+    @property
+    def draining(self) -> dict[ClientLink, Session]:
+        """Old links of sessions we moved away from, until each is lost."""
+        return self.mover.draining
 
     # ------------------------------------------------------------ inputs
 
@@ -178,13 +177,13 @@ class TunnelClient:
         self._transition(ClientInput.HANDSHAKE_ABANDONED, link, why)
 
     def link_lost(self, link: ClientLink, reason: Failure) -> None:
-        if link in self.draining:
-            self._drained(link)
+        if self.mover.holds(link):
+            self.mover.link_lost(link)
             return
         self._transition(ClientInput.LINK_LOST, link, reason)
 
     def session_failed(self, link: ClientLink) -> None:
-        if link in self.draining:
+        if self.mover.holds(link):
             return  # the old session's link closes next (link_lost)
         self._transition(ClientInput.SESSION_FAILED, link)
 
@@ -224,7 +223,7 @@ class TunnelClient:
                 event="session_lost", session=(self.session_id or "")[:8], streams=len(self.session.streams),
             )
             self.abandon_session()
-        self.udp.clear()  # flow ids are the server's, per session
+        self.tunnels.udp.clear()  # flow ids are the server's, per session
         udp = sorted(spec.bind_port for spec in self.tunnels.values() if spec.kind == "udp")
         if udp and "udp" not in welcome.features:
             self.fatal(
@@ -240,9 +239,7 @@ class TunnelClient:
             server=self.server_name(),
             session=welcome.session[:8], event="connected",
         )
-        self.bound.clear()
-        self._unbound.clear()
-        self._taken_over.clear()
+        self.tunnels.session_started()
         link.start_session(self.session, False, welcome.max_frame)
         missing = sorted({spec.kind for spec in self.tunnels.values()} - set(welcome.features))
         if missing:
@@ -252,8 +249,7 @@ class TunnelClient:
                 f"the --{missing[0]} tunnels"
             )
             return
-        for spec in self.tunnels.values():
-            self._send_bind(spec)
+        self.tunnels.bind_all()
 
     def _resume_session(self, link: ClientLink, welcome: wire.Welcome) -> None:
         session = self.session
@@ -327,8 +323,7 @@ class TunnelClient:
         """Tell the server we are leaving (GOAWAY) while the link is up, and
         ready the link to close: the connector's disconnect then ends it."""
         self.say_goodbye()
-        for old in list(self.draining):
-            self._check_drained_now(old)
+        self.mover.close_all()
         if self.handshaking is not None:
             self.handshaking.abort()  # TLS cannot close cleanly mid-handshake
         link = self.link
@@ -369,32 +364,13 @@ class TunnelClient:
 
     def abandon_session(self) -> None:
         session, self.session = self.session, None
-        for call in self._bind_retries:
-            if call.active():
-                call.cancel()
-        self._bind_retries.clear()
-        self.udp.clear()
+        self.tunnels.session_ended()
         if session is not None:
             session.close(ResetCode.EXPIRED, "session abandoned")
 
     def moved(self, reason: str) -> None:
-        """The server says our session lives at another fleet member (ERROR
-        MOVED): the next attempt goes there first, at once. A hint from a
-        server we reached by a hint is not followed (no redirect loops)."""
-        hint = parse_moved(reason)
-        servers = self.servers
-        if hint is None or servers is None or servers.current_is_hint:
-            self.log.warn(
-                "the server says our session is elsewhere but {why}: {reason}; trying the servers in order",
-                why="names no address" if hint is None else "it was reached through such a hint already",
-                reason=reason, event="moved_ignored",
-            )
-            return
-        self.log.info(
-            "the server sends us to another fleet member, {where}: connecting there", where=format_host_port(*hint),
-            event="session_moved", server=format_host_port(*hint), reason=reason,
-        )
-        servers.move_to(hint[0], hint[1], servers.current)
+        """ERROR MOVED: the next attempt goes to the member it names (rtunnel.mover)."""
+        self.mover.follow(reason, self.servers)
 
     def server_name(self) -> str:
         """The server the link is (or was last) made to, for the log."""
@@ -402,111 +378,32 @@ class TunnelClient:
         return format_host_port(*(current or (self.config.server_host, self.config.server_port)))
 
     def _move_away(self, host: str, port: int) -> None:
-        """GOAWAY MOVED (the member is drained): start a new session at
-        `host:port` (its BINDs take the ports over: same credential, the newest
-        holds) while the old session's open streams finish on the old link,
-        which then closes (GOAWAY, so the old member ends the session)."""
+        """GOAWAY MOVED (the member is drained): a new session at `host:port`;
+        the old one finishes its streams on the old link (rtunnel.mover)."""
         link, session = self.link, self.session
         assert link is not None and session is not None
-        self.draining[link] = session
         self.link, self.session, self.session_id, self.session_secret = None, None, None, None
-        for call in self._bind_retries:
-            if call.active():
-                call.cancel()
-        self._bind_retries.clear()
-        self.udp.clear()  # UDP flows are per session: the next datagrams make new ones
-        self.bound.clear()
-        self.log.info(
-            "the server is being drained: moving to {where}; {n} open connections finish on the old link",
-            where=format_host_port(host, port), n=len(session.streams),
-            event="session_moving", server=format_host_port(host, port), streams=len(session.streams),
-        )
-        if self.servers is not None:
-            self.servers.move_to(host, port, self.servers.current)
-        if self.on_move is not None:
-            self.on_move(link)
-        self._check_drained(link)
-
-    def _check_drained(self, link: ClientLink) -> None:
-        """The old session has no stream left: say goodbye and close its
-        link (it stays in `draining` until it is lost, so that its loss is
-        never taken for the current link's)."""
-        session = self.draining.get(link)
-        if session is None or session.streams or link in self._closing:
-            return
-        self._closing.add(link)
-        if session.can_send:
-            link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client moved to another member"))
-        link.lose()
-
-    def _check_drained_now(self, link: ClientLink) -> None:
-        """Stopping: reset what is left on an old link and close it."""
-        session = self.draining.get(link)
-        if session is not None and session.can_send and link not in self._closing:
-            session.reset_all(ResetCode.SHUTDOWN, "client stopped")
-            link.send(wire.encode_coded(FrameType.GOAWAY, 0, ErrorCode.SHUTDOWN, "client stopped"))
-        self._closing.add(link)
-        link.lose()
-
-    def _drained(self, link: ClientLink) -> None:
-        """An old link is lost: its session ends (what is left on it is reset)."""
-        self._closing.discard(link)
-        session = self.draining.pop(link, None)
-        if session is None:
-            return
-        if session.streams:
-            session.close(ResetCode.ABORTED, "the old member closed the link")
-        self.log.info("the link of the session we moved away from is closed", event="old_link_closed")
-        if self.on_drained is not None:
-            self.on_drained(link)
-
-    def _send_bind(self, spec: TunnelSpec) -> None:
-        if self.session is None:
-            return
-        bind = wire.Bind(spec.tunnel_id, spec.bind_host, spec.bind_port, spec.kind, spec.hostname)
-        self.session.send_json(FrameType.BIND, bind.to_json())
-
-    def _send_datagram(self, tunnel_id: int, flow_id: int, payload: bytes) -> str | None:
-        """A target's datagram to the server, now or never (rtunnel.udpflows)."""
-        session = self.session
-        if session is None:
-            return "link_down"
-        return session.send_datagram(tunnel_id, flow_id, payload)
+        self.tunnels.session_ended()  # UDP flows are per session: the next datagrams make new ones
+        self.tunnels.bound.clear()
+        self.mover.move_away(link, session, host, port, self.servers)
 
     # ------------------------------------------------------------ live tunnel changes
 
     def add_tunnel(self, spec: TunnelSpec) -> TunnelSpec:
-        """Add a tunnel to the running client under a fresh id (returned).
-
-        With a session it is bound at once (BIND is reliable: sent while the
-        link is down, it reaches the server on resume); without one, the
-        next session binds it with the others."""
-        spec = replace(spec, tunnel_id=self._next_tunnel_id)
-        self._next_tunnel_id += 1
-        self.tunnels[spec.tunnel_id] = spec
-        self._added_live.add(spec.tunnel_id)
-        self._send_bind(spec)
-        return spec
+        """Add a tunnel under a fresh id (returned); bound at once with a session."""
+        return self.tunnels.add(spec)
 
     def remove_tunnel(self, tunnel_id: int) -> TunnelSpec:
-        """Close a tunnel's port on the server (UNBIND). Its open connections
-        carry on until they close; visitors arriving after it are refused."""
-        spec = self.tunnels.pop(tunnel_id)
-        self.bound.pop(tunnel_id, None)
-        self.udp.drop_tunnel(tunnel_id)
-        self._added_live.discard(tunnel_id)
-        if self.session is not None:
-            self._unbound.add(tunnel_id)
-            self.session.send_json(FrameType.UNBIND, {"tunnel": tunnel_id})
-        self._check_all_bound()
-        return spec
+        """Close a tunnel's port on the server (UNBIND); its open connections carry on."""
+        return self.tunnels.remove(tunnel_id)
 
     def retarget_tunnel(self, spec: TunnelSpec) -> None:
-        """Give a live tunnel a new target (or PROXY setting) under the same
-        id and port: new visitors reach the new target, open ones stay."""
-        if spec.tunnel_id not in self.tunnels:
-            raise KeyError(spec.tunnel_id)
-        self.tunnels[spec.tunnel_id] = spec
+        """New visitors of a live tunnel reach a new target; open ones stay."""
+        self.tunnels.retarget(spec)
+
+    def tunnel_name(self, tunnel_id: int) -> str:
+        """A tunnel's public "host:port" (its metrics label)."""
+        return self.tunnels.name(tunnel_id)
 
     def _explain_failed_handshake(self, reason: Failure) -> None:
         creator = self.tls_creator
@@ -546,44 +443,16 @@ class TunnelClient:
     # ------------------------------------------------------------ delegate
 
     def stream_opened(self, session: Session, stream: Stream, tunnel_id: int, info: dict[str, Any]) -> None:
-        spec = self.tunnels.get(tunnel_id)
-        if spec is None:
-            stream.reset(ResetCode.REFUSED, f"no tunnel {tunnel_id} on this client")
-            return
-        header = proxyproto.header(spec.proxy_protocol, info.get("src"), info.get("dst"))
-
-        def settled(failure: Failure | None) -> None:
-            self._connecting.pop(stream.id, None)
-            if failure is None or stream.closed:
-                return  # connected, or cancelled: the stream is gone
-            code, why = reset_code_for(failure)
-            self.log.warn(
-                "target {target} failed for a visitor from {visitor}: {why}",
-                target=spec.target, visitor=format_peer(info.get("src")), why=why,
-                host=spec.target_host, port=spec.target_port, src=info.get("src"),
-                event="target_failed", tunnel=tunnel_id, stream=stream.id, reason=why,
-            )
-            stream.local_failed(code, f"target {spec.target}: {why}")
-
-        factory = self._connecting[stream.id] = TargetFactory(stream, header, settled)
-        factory.connect(self.reactor, spec, self.config.connect_timeout)
+        self.tunnels.open_target(stream, tunnel_id, info)
 
     def stream_closed(self, session: Session, stream: Stream) -> None:
-        self.traffic.fold("", self.tunnel_name(stream.tunnel_id), stream)
-        connecting = self._connecting.pop(stream.id, None)
-        if connecting is not None:
-            connecting.cancel()
-        if session is not self.session and not session.streams:
-            for link, old in list(self.draining.items()):
-                if old is session:
-                    self.reactor.callLater(0, self._check_drained, link)
+        self.traffic.fold("", self.tunnels.name(stream.tunnel_id), stream)
+        self.tunnels.stream_closed(stream)
+        if session is not self.session:
+            self.mover.stream_closed(session)
 
     def datagram_received(self, session: Session, datagram: wire.Datagram) -> None:
-        spec = self.tunnels.get(datagram.tunnel)
-        if session is not self.session or spec is None or spec.kind != "udp":
-            self.udp.counters(datagram.tunnel).drops["unknown_tunnel"] += 1  # removed meanwhile
-            return
-        self.udp.deliver(spec, self.bound.get(spec.tunnel_id), datagram)
+        self.tunnels.datagram_received(session, datagram)
 
     def control_frame(self, session: Session, frame: Frame) -> None:
         if self.state is ClientState.FAILED:
@@ -591,121 +460,18 @@ class TunnelClient:
         if session is not self.session:
             return  # a session we moved away from: its ports are the new session's business
         if frame.type is FrameType.BOUND:
-            self._bound(wire.Bound.parse(frame))
+            self.tunnels.bound_received(wire.Bound.parse(frame))
         elif frame.type is FrameType.BIND_FAILED:
-            self._bind_failed(session, wire.BindFailed.parse(frame))
+            self.tunnels.bind_failed(session, wire.BindFailed.parse(frame))
         elif frame.type is FrameType.GOAWAY:
             code, reason = wire.decode_coded(frame)
             hint = parse_moved(reason) if code == ErrorCode.MOVED else None
-            if hint is not None and self.state is ClientState.READY and self.link is not None and self.on_move:
+            if hint is not None and self.state is ClientState.READY and self.link is not None and self.mover.on_move:
                 self._transition(ClientInput.MOVE, *hint)
                 return
             self.log.info("server says goodbye ({reason}); will reconnect", reason=reason, event="server_goaway", code=code)
         else:
             raise ProtocolViolation(f"unexpected {frame.type.name} from the server")
-
-    def _bound(self, answer: wire.Bound) -> None:
-        if answer.tunnel in self._unbound:
-            return  # bound before our UNBIND reached the server, which closes it
-        spec = self.tunnels.get(answer.tunnel)
-        if spec is None:
-            raise ProtocolViolation("BOUND for a tunnel this client did not ask for")
-        if answer.kind in ("http", "tls"):
-            self._bound_hostname(spec, answer)
-            return
-        host = answer.host if answer.host is not None else spec.bind_host
-        self.bound[spec.tunnel_id] = (host, answer.port)
-        self._taken_over.discard(spec.tunnel_id)
-        prefix = "udp:" if spec.kind == "udp" else ""
-        self.tunnel_names[spec.tunnel_id] = prefix + tunnel_name(host, answer.port)
-        self.log.info(
-            "tunnel ready: {address} -> {target}",
-            address=prefix + public_address(host, answer.port, self.config.server_host),
-            target=prefix + spec.target, kind=spec.kind,
-            server=bracket(self.config.server_host), port=answer.port,
-            event="tunnel_ready", tunnel=spec.tunnel_id, host=host,
-        )
-        self._check_all_bound()
-
-    def _bound_hostname(self, spec: TunnelSpec, answer: wire.Bound) -> None:
-        """A hostname is ours: log the public URLs the server gave."""
-        self.bound[spec.tunnel_id] = (answer.hostname, 0)
-        self._taken_over.discard(spec.tunnel_id)
-        self.tunnel_names[spec.tunnel_id] = answer.hostname
-        self.log.info(
-            "tunnel ready: {public} -> {target}", public=" ".join(answer.urls) or answer.hostname, target=spec.target,
-            event="tunnel_ready", tunnel=spec.tunnel_id, kind=answer.kind, hostname=answer.hostname,
-            urls=list(answer.urls),
-        )
-        self._check_all_bound()
-
-    def _bind_failed(self, session: Session, answer: wire.BindFailed) -> None:
-        spec = self.tunnels.get(answer.tunnel)
-        message, code = answer.message or "no reason given", answer.code
-        if spec is None and answer.tunnel in self._unbound:
-            return  # refused, and removed since: nothing to do
-        if spec is None:
-            raise ProtocolViolation("BIND_FAILED for a tunnel this client did not ask for")
-        if code == "taken_over":  # a newer client of our credential holds the port: wait for it
-            public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
-            level = self.log.debug if spec.tunnel_id in self._taken_over else self.log.warn
-            self._taken_over.add(spec.tunnel_id)
-            level(
-                "{what} is not ours now: {message}; asking again every {delay:.0f} s",
-                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}",
-                port=public[1], message=message, delay=BIND_RETRY_DELAY, event="bind_taken_over",
-                tunnel=spec.tunnel_id, host=public[0], code=code, reason=message,
-            )
-            self._retry_bind_later(session, spec)
-            return
-        if code == "closed":  # the server's administrator closed a bound port
-            public = self.bound.pop(spec.tunnel_id, (spec.bind_host, spec.bind_port))
-            self.log.warn(
-                "the server closed {what}: {message}; it opens again when this "
-                "client starts a new session (restart it to reopen it now)",
-                what=f"hostname {spec.hostname}" if spec.kind != "tcp" else f"port {public[1]}", port=public[1], message=message, event="tunnel_closed", tunnel=spec.tunnel_id, host=public[0], reason=message,
-            )
-            return
-        text = (
-            f"the server refused to open port {spec.bind_port}: {message}" if spec.kind == "tcp"
-            else f"the server refused hostname {spec.hostname} ({spec.kind}): {message}"
-        )
-        if code in FATAL_BIND_CODES and spec.tunnel_id in self._added_live:
-            # a tunnel added while running: drop it, keep the others up
-            self.log.error("{text}; tunnel not added", text=text, event="tunnel_add_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
-            self.tunnels.pop(spec.tunnel_id, None)
-            self._added_live.discard(spec.tunnel_id)
-            self._check_all_bound()
-        elif code in FATAL_BIND_CODES:
-            self.fatal(text)
-        else:
-            self.log.error("{text} (retrying in {delay:.0f} s)", text=text, delay=BIND_RETRY_DELAY, event="bind_failed", tunnel=spec.tunnel_id, host=spec.bind_host, port=spec.bind_port, code=code, reason=message)
-            self._retry_bind_later(session, spec)
-
-    def tunnel_name(self, tunnel_id: int) -> str:
-        """A tunnel's public "host:port" as the server bound it (the
-        server's label for it too), or as asked for until it is bound."""
-        name = self.tunnel_names.get(tunnel_id)
-        if name is not None:
-            return name
-        spec = self.tunnels.get(tunnel_id)
-        return tunnel_name(spec.bind_host or "*", spec.bind_port) if spec is not None else "?"
-
-    def _retry_bind_later(self, session: Session, spec: TunnelSpec) -> None:
-        self._bind_retries = [c for c in self._bind_retries if c.active()]
-        self._bind_retries.append(self.reactor.callLater(BIND_RETRY_DELAY, self._retry_bind, session, spec))
-
-    def _retry_bind(self, session: Session, spec: TunnelSpec) -> None:
-        if session is self.session and spec.tunnel_id in self.tunnels and spec.tunnel_id not in self.bound:
-            self._send_bind(self.tunnels[spec.tunnel_id])
-
-    def _check_all_bound(self) -> None:
-        if self.tunnels and len(self.bound) == len(self.tunnels):
-            waiters, self.bound_waiters = self.bound_waiters, []
-            for d in waiters:
-                d.callback(dict(self.bound))
-
-
 
 
 def _transitions() -> dict[tuple[ClientState, ClientInput], tuple[ClientState, Callable[..., None] | None]]:

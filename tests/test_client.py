@@ -15,9 +15,10 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from rtunnel import wire
-from rtunnel.client import BIND_RETRY_DELAY, ClientState, TunnelClient, retry_policy
+from rtunnel.client import ClientState, TunnelClient, retry_policy
 from rtunnel.config import ClientConfig, TunnelSpec
 from rtunnel.mux import Session, Stream, StreamProtocol
+from rtunnel.tunnels import BIND_RETRY_DELAY
 from rtunnel.wire import FrameType, ResetCode
 from tests.harness import Echo, Tunnel, listen_target, sleep
 
@@ -58,7 +59,7 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
         self.assertIs(type(protocol), StreamProtocol)
         protocol.makeConnection(StringTransport())
         self.assertIsNotNone(self.stream.local)
-        self.assertEqual(self.client._connecting, {})
+        self.assertEqual(self.client.tunnels._connecting, {})
         self.assertIsNone(factory._settled)  # type: ignore[attr-defined]
         self.assertIsNone(factory._cancel)  # type: ignore[attr-defined]
 
@@ -69,7 +70,7 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
         self.assertTrue(self.stream.closed)
         self.assertEqual([code for code, _ in self.resets()], [ResetCode.REFUSED])
         self.assertEqual([e.get("event") for e in events], ["target_failed"])
-        self.assertEqual(self.client._connecting, {})
+        self.assertEqual(self.client.tunnels._connecting, {})
 
     def test_timed_out_target_resets_the_stream(self) -> None:
         factory, connector = self.open()
@@ -86,10 +87,10 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
             factory.clientConnectionFailed(connector, Failure(error.UserError()))  # type: ignore[attr-defined]
         self.assertEqual([e.get("event") for e in events if e.get("event") == "target_failed"], [])
         self.assertEqual([code for code, _ in self.resets()], [ResetCode.ABORTED])
-        self.assertEqual(self.client._connecting, {})
+        self.assertEqual(self.client.tunnels._connecting, {})
 
     def test_proxy_header_is_written_first_and_not_kept(self) -> None:
-        self.client.tunnels[1] = replace(TARGET, proxy_protocol="v1")
+        self.client.retarget_tunnel(replace(TARGET, proxy_protocol="v1"))
         factory, _ = self.open()
         protocol = factory.buildProtocol(None)  # type: ignore[attr-defined]
         transport = StringTransport()
@@ -101,14 +102,14 @@ class TargetConnectionTests(unittest.SynchronousTestCase):
     def test_connect_raising_resets_the_stream(self) -> None:
         """connectTCP raising (say, a bad IPv6 scope) fails the stream, not
         the session (what TCP4ClientEndpoint did with it)."""
-        self.client.reactor = RaisingMemoryReactor(connectException=OSError("no such scope"))
+        self.client.tunnels.reactor = RaisingMemoryReactor(connectException=OSError("no such scope"))
         with capturedLogs():
             self.client.stream_opened(self.session, self.stream, TARGET.tunnel_id, INFO)
         self.assertTrue(self.stream.closed)
         [(code, reason)] = self.resets()
         self.assertEqual(code, ResetCode.UNREACHABLE)
         self.assertIn("no such scope", reason)
-        self.assertEqual(self.client._connecting, {})
+        self.assertEqual(self.client.tunnels._connecting, {})
 
 
 class RetryPolicyTests(unittest.SynchronousTestCase):
@@ -208,6 +209,34 @@ class LogAddressTests(unittest.SynchronousTestCase):
             factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
         [failed] = [e for e in events if e.get("event") == "target_failed"]
         self.assertIn("for a visitor from 198.51.100.1:5555:", formatEvent(failed))
+
+
+class LogNamespaceTests(unittest.SynchronousTestCase):
+    """The client's tunnels and moves are objects of their own
+    (rtunnel.tunnels, rtunnel.mover), but their events are still the
+    client's: namespace rtunnel.client.TunnelClient, source the client."""
+
+    def test_tunnel_and_move_events_keep_the_clients_namespace_and_source(self) -> None:
+        spec = replace(TARGET, bind_port=4000)
+        client = TunnelClient(MemoryReactorClock(), ClientConfig("server", 1, (spec,), token="t"), on_fatal=self.fail)
+        session = client.session = Session(client.reactor, client, is_server=False)
+        stream = Stream(session, 2, 1)
+        session.streams[2] = stream
+        bound = next(iter(wire.FrameDecoder(wire.DEFAULT_MAX_FRAME).feed(
+            wire.encode_json(FrameType.BOUND, {"tunnel": 1, "host": "::", "port": 4000})
+        )))
+        with capturedLogs() as events:
+            client.control_frame(session, bound)
+            client.stream_opened(session, stream, 1, INFO)
+            [(_, _, factory, _, _)] = client.reactor.tcpClients  # type: ignore[attr-defined]
+            factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+            client.moved("no address here")
+        logged = [(e["event"], e["log_namespace"], e["log_source"]) for e in events if "event" in e]
+        self.assertEqual(logged, [
+            ("tunnel_ready", "rtunnel.client.TunnelClient", client),
+            ("target_failed", "rtunnel.client.TunnelClient", client),
+            ("moved_ignored", "rtunnel.client.TunnelClient", client),
+        ])
 
 
 class BindRefusalTests(unittest.SynchronousTestCase):

@@ -18,7 +18,6 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from rtunnel import DEFAULT_CONTROL_PORT, auth, descriptors, guard, wire
-from rtunnel.client import BIND_RETRY_DELAY
 from rtunnel.config import ClientConfig
 from rtunnel.limits import MAX_KINDS
 from rtunnel.mux import SessionSettings
@@ -26,6 +25,7 @@ from rtunnel.server import sni, udp
 from rtunnel.tap import MIN_MAX_STREAM_WINDOW, MIN_SESSION_BUFFER
 from rtunnel.tap import client as tap_client
 from rtunnel.tap import server as tap_server
+from rtunnel.tunnels import BIND_RETRY_DELAY
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = SessionSettings()

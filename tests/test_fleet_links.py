@@ -25,13 +25,15 @@ from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from rtunnel.admin import RateMeter, describe_session
 from rtunnel.config import TunnelSpec
 from rtunnel.fleet import ca
+from rtunnel.fleet.edge import PeerLink
 from rtunnel.fleet.links import FleetLinks
+from rtunnel.fleet.memberlink import IncomingLink, MemberLink, OutgoingLink
 from rtunnel.metrics import ServerCollector, registry_for
 from rtunnel.mux import SessionSettings
 from rtunnel.server.claims import TcpPort
@@ -354,6 +356,15 @@ class MemberLinkCutTests(TestCase):
         self.assertEqual(reply, b"again")
 
 
+class LogNamespaceTests(SynchronousTestCase):
+    def test_member_link_events_keep_the_namespaces_they_had_in_one_module(self) -> None:
+        """The member link and the edge moved out of rtunnel.fleet.links
+        (memberlink, edge); the namespaces of their events did not (an
+        operator's log filters keep working)."""
+        for cls in (MemberLink, OutgoingLink, IncomingLink, PeerLink, FleetLinks):
+            self.assertEqual(cls.log.namespace, f"rtunnel.fleet.links.{cls.__name__}")
+
+
 class MemberCertificateTests(TestCase):
     timeout = 60
 
@@ -386,6 +397,7 @@ class MemberCertificateTests(TestCase):
         refused = logs.named("member_link_refused")
         self.assertTrue(refused, logs.text())
         self.assertIn("certificate names 'm3'", refused[0]["reason"])
+        self.assertIn(refused[0]["log_namespace"], ("rtunnel.fleet.links.OutgoingLink", "rtunnel.fleet.links.IncomingLink"))
 
     @defer.inlineCallbacks
     def test_a_member_the_directory_does_not_know_is_refused(self) -> Any:

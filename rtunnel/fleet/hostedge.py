@@ -19,7 +19,7 @@ its edge:
 
 The home's side (`HostEdge.arrived`) checks that it holds the name and
 that the edge carries what the tunnel serves (HTTP to an "http" tunnel,
-raw TLS to a "tls" one), then bridges (rtunnel.fleet.links.Bridge) with the
+raw TLS to a "tls" one), then bridges (rtunnel.fleet.bridge.Bridge) with the
 tunnel's stream opened as a local visitor's is, with the real `src`, the
 `dst` reached at the edge and the `edge`.
 """
@@ -33,8 +33,11 @@ from typing import Any
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
+from rtunnel.fleet.bridge import Bridge, _BridgeEnd
 from rtunnel.fleet.certshare import VIA_CERT, CertificateShare
-from rtunnel.fleet.links import Bridge, FleetLinks, ForwardedVisitor, PeerLink, _BridgeEnd, name_to_json
+from rtunnel.fleet.edge import ForwardedVisitor, PeerLink
+from rtunnel.fleet.links import FleetLinks
+from rtunnel.fleet.memberlink import name_to_json
 from rtunnel.mux import Session, SessionBufferFull, Stream, StreamIdsExhausted
 from rtunnel.server.claims import Hostname, Name
 from rtunnel.wire import ResetCode

@@ -31,7 +31,8 @@ from twisted.logger import Logger
 
 from rtunnel import wire
 from rtunnel.addresses import format_host_port, unmap
-from rtunnel.fleet.links import DEFAULT_HOST, FleetLinks, name_to_json
+from rtunnel.fleet.links import DEFAULT_HOST, FleetLinks
+from rtunnel.fleet.memberlink import name_to_json
 from rtunnel.mux import Session, SessionBufferFull, Stream, StreamIdsExhausted
 from rtunnel.server.claims import Name, UdpPort
 from rtunnel.server.udp import DATAGRAMS_PER_TURN, MAX_DATAGRAM, UdpTunnel

@@ -305,8 +305,8 @@ class ClientMainService(service.MultiService):
         self._retired: set[ClientService] = set()  # connectors of links we moved away from
         self._old_links: dict[Any, ClientService] = {}
         self.connector = self._new_connector()
-        self.client.on_move = self._moved
-        self.client.on_drained = self._drained
+        self.client.mover.on_move = self._moved
+        self.client.mover.on_drained = self._drained
         self.metrics: MetricsService | None = None
         if config.metrics:
             registry = registry_for(ClientCollector(self.client))
