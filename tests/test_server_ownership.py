@@ -19,7 +19,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from rtunnel import client as client_module
+from rtunnel import tunnels as tunnels_module
 from rtunnel.server import SessionState
 from tests.harness import (
     Echo,
@@ -91,13 +91,13 @@ class SameCredentialPortTests(unittest.TestCase):
         self.assertIsNone(first.fatal_error)
 
         # it keeps asking, and is told again without taking the port back
-        yield sleep(client_module.BIND_RETRY_DELAY + 0.5)
+        yield sleep(tunnels_module.BIND_RETRY_DELAY + 0.5)
         self.assertEqual(first.client.bound, {})
         self.assertEqual((yield self.answer()), b"B:?")
 
         left = time.monotonic()
         yield second.stopService()
-        yield wait_until(lambda: first.client.bound, client_module.BIND_RETRY_DELAY)
+        yield wait_until(lambda: first.client.bound, tunnels_module.BIND_RETRY_DELAY)
         print(f"\nthe port was back with the first client {time.monotonic() - left:.2f} s after the other left")
         self.assertEqual(first.client.bound[1][1], self.port)
         self.assertEqual((yield self.answer()), b"A:?")
@@ -108,7 +108,7 @@ class SameCredentialPortTests(unittest.TestCase):
         """When the port is closed outright (not handed over: here the
         administrator closes the holder's tunnel), the waiting client's own
         retries open it again."""
-        self.patch(client_module, "BIND_RETRY_DELAY", 0.5)
+        self.patch(tunnels_module, "BIND_RETRY_DELAY", 0.5)
         yield self.start([b"A:", b"B:"])
         first = self.client(self.targets[0])
         yield with_timeout(first.client.when_bound(), 10)
@@ -132,7 +132,7 @@ class SameCredentialPortTests(unittest.TestCase):
         yield with_timeout(second.client.when_bound(), 10)
         yield wait_until(lambda: self.logged("bind_taken_over"), 5)
         second.client.remove_tunnel(1)
-        yield wait_until(lambda: first.client.bound, client_module.BIND_RETRY_DELAY)
+        yield wait_until(lambda: first.client.bound, tunnels_module.BIND_RETRY_DELAY)
         self.assertEqual((yield self.answer()), b"A:?")
         self.assertTrue(self.logged("port_handed_over"))
 
