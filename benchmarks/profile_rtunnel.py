@@ -52,9 +52,9 @@ KINDS = [
     ("syscall recv() (tcp.py doRead)", re.compile(r"^Connection\.doRead \(twisted/internet/tcp\.py:278\)")),
     ("syscall epoll_ctl (start/stop reading/writing)", re.compile(r"^EPollReactor\.(_add|_remove) \(")),
     ("OpenSSL via pyOpenSSL (SSL_read/SSL_write/BIO)", re.compile(r"\(OpenSSL/SSL\.py")),
-    ("rtunnel mux.py", re.compile(r"\(rtunnel/mux\.py")),
+    ("rtunnel mux", re.compile(r"\(rtunnel/mux/")),
     ("rtunnel wire.py", re.compile(r"\(rtunnel/wire\.py")),
-    ("rtunnel link.py", re.compile(r"\(rtunnel/link\.py")),
+    ("rtunnel link.py, tlslink.py", re.compile(r"\(rtunnel/(tls)?link\.py")),
     ("rtunnel other", re.compile(r"\(rtunnel/")),
     ("twisted tls.py (Python)", re.compile(r"\(twisted/protocols/tls\.py")),
     ("twisted tcp.py (Python)", re.compile(r"\(twisted/internet/tcp\.py")),
@@ -66,10 +66,10 @@ KINDS = [
 
 # Components for inclusive time: a sample counts once per component on its stack.
 COMPONENTS = [
-    ("rtunnel mux.py", re.compile(r"^rtunnel/mux\.py")),
+    ("rtunnel mux", re.compile(r"^rtunnel/mux/")),
     ("rtunnel wire.py", re.compile(r"^rtunnel/wire\.py")),
-    ("rtunnel link.py", re.compile(r"^rtunnel/link\.py")),
-    ("rtunnel server.py/client.py", re.compile(r"^rtunnel/(server|client)\.py")),
+    ("rtunnel link.py, tlslink.py", re.compile(r"^rtunnel/(tls)?link\.py")),
+    ("rtunnel server, client", re.compile(r"^rtunnel/(server/|client\.py|tunnels\.py|mover\.py|targets\.py)")),
     ("twisted tls.py", re.compile(r"^twisted/protocols/tls\.py")),
     ("pyOpenSSL SSL.py", re.compile(r"^OpenSSL/SSL\.py")),
     ("twisted tcp.py", re.compile(r"^twisted/internet/tcp\.py")),
