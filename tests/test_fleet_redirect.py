@@ -98,6 +98,17 @@ class SessionLocatorTests(SynchronousTestCase):
         self.directory.members["m2"]["pid"] = os.getpid()
         self.assertEqual(locator("a" * 32, "alice"), ("127.0.0.2", 19052, "m2"))
 
+    def test_a_session_of_a_member_our_link_to_was_cut_is_not_redirected(self) -> None:
+        """Our member link to m2 went down and was not made again (m2 was
+        killed): "resume at m2" would send the client to a dead address
+        until m2's lease runs out, so it starts anew here."""
+        cut = {"m2"}
+        locator = SessionLocator(self.directory, siblings=frozenset(), lost_touch=lambda member: member in cut)
+        self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
+        self.assertIsNone(locator("a" * 32, "alice"))
+        cut.clear()  # the link is back: m2 lives
+        self.assertEqual(locator("a" * 32, "alice"), ("127.0.0.2", 19052, "m2"))
+
     def test_a_drain_goes_to_the_member_with_the_fewest_sessions(self) -> None:
         self.directory.sessions["a" * 32] = {"member": "m2", "credential": "alice"}
         self.directory.sessions["b" * 32] = {"member": "m1", "credential": "bob"}

@@ -204,6 +204,7 @@ class PeerLink:
         self.links = links
         self.member = member
         self.link: OutgoingLink | None = None
+        self.lost = False  # the link was up and is down now (its member is likely gone)
         self.waiting: dict[ForwardedVisitor, None] = {}  # oldest first
         factory = Factory.forProtocol(lambda: OutgoingLink(self))
         factory.noisy = False
@@ -244,6 +245,7 @@ class PeerLink:
 
     def link_up(self, link: OutgoingLink) -> None:
         self.link = link
+        self.lost = False
         self.log.info(
             "member link to {home} up ({n} visitors were waiting)", home=self.member, n=len(self.waiting),
             event="member_link_up", member=self.member, direction="out",
@@ -260,6 +262,7 @@ class PeerLink:
     def link_gone(self, link: OutgoingLink) -> None:
         if self.link is link:
             self.link = None
+            self.lost = True
 
     def stop(self) -> defer.Deferred[None]:
         for visitor in list(self.waiting):

@@ -168,6 +168,13 @@ class FleetLinks:
             waits.append(defer.maybeDeferred(self.port.stopListening))
         return defer.gatherResults(waits).addCallback(lambda _: None)
 
+    def lost_touch(self, member: str) -> bool:
+        """Whether our link to `member` was up and is down now, not made
+        again (it is redialled within about 2 s while the member lives): the
+        member is most likely gone, though its lease may not have run out."""
+        peer = self.peers.get(member)
+        return peer is not None and peer.lost and peer.link is None
+
     def peer(self, member: str) -> PeerLink:
         """The outgoing link to `member`, made on first use."""
         peer = self.peers.get(member)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from rtunnel.addresses import WILDCARD_HOSTS
@@ -68,14 +69,20 @@ class SessionLocator:
 
     A session is not sent on to a member known to have lost it: a run of
     that member other than the one that wrote the session (it restarted),
-    or a sibling worker of this machine whose process is gone (its lease has
-    not run out yet, and "there" is this very control port). Such a resume
-    fails here, and the client starts a new session and takes its ports back
-    at once instead of bouncing until the dead member's lease expires."""
+    a sibling worker of this machine whose process is gone (its lease has
+    not run out yet, and "there" is this very control port), or a member
+    our member link to was cut and not made again (`lost_touch`: killed, or
+    cut off from us). Such a resume fails here, and the client starts a new
+    session and takes its ports back at once instead of bouncing between
+    here and a dead address until the member's lease expires."""
 
-    def __init__(self, directory: FleetDirectory, siblings: frozenset[str] | None = None) -> None:
+    def __init__(
+        self, directory: FleetDirectory, siblings: frozenset[str] | None = None,
+        lost_touch: Callable[[str], bool] | None = None,
+    ) -> None:
         self.directory = directory
         self.siblings = _worker_siblings() if siblings is None else siblings
+        self.lost_touch = lost_touch
 
     def __call__(self, session_id: str, credential: str) -> tuple[str, int, str] | None:
         info = self.directory.sessions.get(session_id)
@@ -88,6 +95,8 @@ class SessionLocator:
             return None
         record = self.directory.members.get(member) or {}
         if member in self.siblings and _process_gone(record.get("pid")):
+            return None
+        if self.lost_touch is not None and self.lost_touch(member):
             return None
         return self.member_address(member)
 
@@ -120,8 +129,10 @@ class SessionLocator:
         return None
 
 
-def redirect_resumes(server: TunnelServer, directory: FleetDirectory) -> SessionLocator:
+def redirect_resumes(
+    server: TunnelServer, directory: FleetDirectory, lost_touch: Callable[[str], bool] | None = None,
+) -> SessionLocator:
     """Make `server` answer resumes of sessions held elsewhere with MOVED."""
-    locator = SessionLocator(directory)
+    locator = SessionLocator(directory, lost_touch=lost_touch)
     server.session_elsewhere = locator
     return locator

@@ -199,7 +199,10 @@ class ServerService(service.Service):
         from rtunnel.fleet.redirect import redirect_resumes
 
         assert self.server is not None and self.fleet is not None
-        locator = redirect_resumes(self.server, self.fleet.directory)
+        links = self.fleet.links
+        locator = redirect_resumes(
+            self.server, self.fleet.directory, links.lost_touch if links is not None else None,
+        )
         self.drain = Drain(
             self.reactor, self.server, locator, self.reactor.stop, timeout=self.config.fleet_drain_timeout,
         )
