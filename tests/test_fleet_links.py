@@ -180,6 +180,21 @@ class Fleet:
     def visit(self, member: str, visitor: Visitor) -> defer.Deferred[Any]:
         return visit_from("127.0.0.1", self.address(member), self.public_port, visitor)
 
+    @defer.inlineCallbacks
+    def cut_links_to(self, home: str) -> Any:
+        """Cut every edge's member link to `home` (edges dial their homes at
+        once): with `home`'s endpoint changed first, they are not made again."""
+        edges = [links for member, links in self.links.items() if member != home]
+        yield wait_until(lambda: all(links.peers.get(home) is not None and links.peers[home].link for links in edges))
+        for member, links in self.links.items():
+            peer = links.peers.get(home)
+            if member != home and peer is not None and peer.link is not None:
+                peer.link.transport.abortConnection()
+        yield wait_until(lambda: all(
+            links.peers.get(home) is None or links.peers[home].link is None
+            for member, links in self.links.items() if member != home
+        ))
+
 
 class AnyMemberServesEveryTunnelTests(TestCase):
     timeout = 60
@@ -291,6 +306,7 @@ class HomeUnreachableTests(TestCase):
         yield fleet.start(target, visitor_wait=10.0)
         endpoint = fleet.fleet.endpoints["m1"]
         fleet.fleet.endpoints["m1"] = f"tcp:host=127.0.0.1:port={free_port()}"  # nothing listens there
+        yield fleet.cut_links_to("m1")
         done = fleet.visit("m3", Visitor(b"waited"))
         yield wait_until(lambda: fleet.links["m3"].peers.get("m1") is not None and fleet.links["m3"].peers["m1"].waiting)
         yield sleep(0.5)
@@ -306,6 +322,7 @@ class HomeUnreachableTests(TestCase):
         first = yield fleet.start(target, visitor_wait=20.0)
         port = fleet.public_port
         del fleet.fleet.endpoints["m1"]  # m1 left the directory (as when its lease expires)
+        yield fleet.cut_links_to("m1")
         done = fleet.visit("m3", Visitor(b"rerouted"))
         yield wait_until(lambda: fleet.links["m3"].peers.get("m1") is not None and fleet.links["m3"].peers["m1"].waiting)
         yield first.stopService()
@@ -322,6 +339,7 @@ class HomeUnreachableTests(TestCase):
         fleet = Fleet(self)
         yield fleet.start(target, visitor_wait=1.0)
         fleet.fleet.endpoints["m1"] = f"tcp:host=127.0.0.1:port={free_port()}"
+        yield fleet.cut_links_to("m1")
         started = reactor.seconds()
         reply, reason = yield with_timeout(fleet.visit("m2", Visitor(b"lost")), 15)
         self.assertEqual(reply, b"")

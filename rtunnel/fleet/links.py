@@ -223,6 +223,7 @@ class FleetLinks:
             return
         if forward is not None:
             forward.rehome(home)
+            self.peer(home)  # dialled now (see below)
             return
         if not isinstance(name, TcpPort):
             # a kind this member serves no edge of (a hostname without --http/--https here)
@@ -234,6 +235,9 @@ class FleetLinks:
         host = self.server.config.public_host if name.host == DEFAULT_HOST else name.host
         forward = self.forwards[name] = ForwardListener(self, name, home, host)
         self._listen(forward)
+        # the link to the home is made now, not at the first visitor: that visitor does not wait
+        # for it, and a home that dies is noticed at once (its link is cut: lost_touch)
+        self.peer(home)
 
     def _listen(self, forward: ForwardListener) -> None:
         """Open `forward`'s port; if this member's own listener of the name
