@@ -24,6 +24,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
@@ -89,7 +90,7 @@ def read_file(path: Path, what: str) -> bytes:
 _read = read_file
 
 
-def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_key_pem(key: PrivateKeyTypes) -> bytes:
     """`key` as unencrypted PKCS#8 PEM (written 0600 by the caller)."""
     return key.private_bytes(
         serialization.Encoding.PEM,

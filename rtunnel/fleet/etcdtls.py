@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from OpenSSL.crypto import FILETYPE_PEM
-from twisted.internet.ssl import Certificate, KeyPair, PrivateCertificate, optionsForClientTLS
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
 
 from rtunnel.errors import ConfigError
+from rtunnel.tls import same_public_key
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,9 @@ def load_etcd_tls(
         )
     trust = None
     if ca is not None:
+        ca_pem = _read(ca, "--fleet-etcd-ca", "CA certificate")
         try:
-            trust = Certificate.loadPEM(_read(ca, "--fleet-etcd-ca", "CA certificate"))
-        except ConfigError:
-            raise
+            trust = Certificate.loadPEM(ca_pem)
         except Exception as e:
             raise ConfigError(f"--fleet-etcd-ca {ca}: not a PEM certificate ({e}); give the CA that signed etcd's server certificate") from e
     client = None
@@ -72,14 +73,14 @@ def load_etcd_tls(
         cert_pem = _read(cert, "--fleet-etcd-cert", "client certificate")
         key_pem = _read(key, "--fleet-etcd-key", "client key")
         try:
-            public = Certificate.loadPEM(cert_pem)
-        except Exception as e:
+            public = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as e:
             raise ConfigError(f"--fleet-etcd-cert {cert}: not a PEM certificate ({e})") from e
         try:
-            pair = KeyPair.load(key_pem, FILETYPE_PEM)
-        except Exception as e:
+            private = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
             raise ConfigError(f"--fleet-etcd-key {key}: not a PEM private key ({e})") from e
-        if not pair.keyHash() == public.getPublicKey().keyHash():
+        if not same_public_key(public.public_key(), private.public_key()):
             raise ConfigError(f"--fleet-etcd-key {key} is not the private key of --fleet-etcd-cert {cert}")
-        client = PrivateCertificate.fromCertificateAndKeyPair(public, pair)
+        client = PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
     return EtcdTls(trust, client)

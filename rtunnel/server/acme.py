@@ -63,6 +63,7 @@ from rtunnel.config import LETS_ENCRYPT
 from rtunnel.errors import RtunnelError, StateDirError
 from rtunnel.files import write_private
 from rtunnel.server.certificates import offer_http11
+from rtunnel.tls import private_key_pem, same_public_key
 
 RENEW_BEFORE = 30 * 86400.0  # renew when this much validity remains (or a third of the lifetime)
 HOUR = 3600.0
@@ -116,9 +117,7 @@ def load_name_certificate(name: str, pem: bytes) -> NameCertificate:
     key = serialization.load_pem_private_key(match.group(0), password=None)
     chain = x509.load_pem_x509_certificates(pem[: match.start()] + pem[match.end():])
     leaf = chain[0]
-    if leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
+    if not same_public_key(leaf.public_key(), key.public_key()):
         raise ValueError("the private key does not belong to the certificate")
     try:
         names = leaf.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
@@ -211,9 +210,7 @@ class _Job:
         deadline = time.monotonic() + shared.order_timeout
         acme, jwk = shared.acme_client()
         key = ec.generate_private_key(ec.SECP256R1())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key_pem = private_key_pem(key)
         csr = crypto_util.make_csr(key_pem, [self.name])
         try:
             order = acme.new_order(csr)
@@ -359,9 +356,7 @@ class _Shared:
                 key = serialization.load_pem_private_key(path.read_bytes(), password=None)
             except FileNotFoundError:
                 key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-                write_private(path, key.private_bytes(
-                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ))
+                write_private(path, private_key_pem(key))
             except (OSError, ValueError) as e:
                 raise AcmeError(
                     f"cannot read the ACME account key {path}: {e}; fix or remove it (a new account is then "
